@@ -1,0 +1,465 @@
+//! Shapes, memory layouts, element types and a plain host tensor.
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use std::fmt;
+
+/// Memory layout of a 4-d activation tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// `[n][c][h][w]`: each channel's plane is contiguous (PyTorch's default).
+    Nchw,
+    /// `[n][h][w][c]`: each pixel's channels are contiguous (channels-last).
+    Nhwc,
+}
+
+impl Layout {
+    /// Both layouts, for tests and benchmarks that sweep them.
+    pub const ALL: [Layout; 2] = [Layout::Nchw, Layout::Nhwc];
+
+    /// Lower-case name (`nchw`, `nhwc`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Nchw => "nchw",
+            Layout::Nhwc => "nhwc",
+        }
+    }
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Layout {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "nchw" => Ok(Layout::Nchw),
+            "nhwc" => Ok(Layout::Nhwc),
+            _ => Err(Error::Config(format!("unknown layout `{s}` (nchw or nhwc)"))),
+        }
+    }
+}
+
+/// Logical shape of an activation tensor: batch, channels, height, width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    /// Batch size.
+    pub n: usize,
+    /// Channels.
+    pub c: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+}
+
+impl Shape {
+    /// A shape; call [`Shape::validate`] (or use [`Shape::try_new`]) before trusting it.
+    pub const fn new(n: usize, c: usize, h: usize, w: usize) -> Self {
+        Shape { n, c, h, w }
+    }
+
+    /// A validated shape: every dimension non-zero and the element count fits in `usize`.
+    pub fn try_new(n: usize, c: usize, h: usize, w: usize) -> Result<Self> {
+        let s = Shape::new(n, c, h, w);
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks every dimension is non-zero and the element count does not overflow.
+    pub fn validate(&self) -> Result<()> {
+        if self.n == 0 || self.c == 0 || self.h == 0 || self.w == 0 {
+            return Err(Error::Shape(format!("{self} has a zero-sized dimension")));
+        }
+        self.n
+            .checked_mul(self.c)
+            .and_then(|v| v.checked_mul(self.h))
+            .and_then(|v| v.checked_mul(self.w))
+            .ok_or_else(|| Error::Shape(format!("{self} overflows the element count")))?;
+        Ok(())
+    }
+
+    /// Spatial size `h * w`.
+    pub const fn hw(&self) -> usize {
+        self.h * self.w
+    }
+
+    /// Number of elements.
+    pub const fn numel(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+
+    /// Elements in one sample (`c * h * w`).
+    pub const fn sample_numel(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// Flat offset of element `(n, c, p)` (`p = h * w_dim + w`) in `layout`.
+    #[inline(always)]
+    pub fn offset(&self, layout: Layout, n: usize, c: usize, p: usize) -> usize {
+        match layout {
+            Layout::Nchw => (n * self.c + c) * self.hw() + p,
+            Layout::Nhwc => (n * self.hw() + p) * self.c + c,
+        }
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}x{}x{}", self.n, self.c, self.h, self.w)
+    }
+}
+
+/// Run-time tag of an element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// 32-bit IEEE float.
+    F32,
+    /// 16-bit IEEE float (`half::f16`).
+    F16,
+    /// bfloat16 (`half::bf16`).
+    BF16,
+    /// 64-bit IEEE float (reference and gradient checks only).
+    F64,
+}
+
+impl DType {
+    /// Lower-case name (`f32`, `f16`, `bf16`, `f64`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F64 => "f64",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::F64 => 8,
+        }
+    }
+
+    /// The relative-L2 tolerance DESIGN.md sets for outputs in this type.
+    pub fn output_tolerance(self) -> f64 {
+        match self {
+            DType::F32 => 1e-5,
+            DType::F16 => 2e-3,
+            DType::BF16 => 1e-2,
+            DType::F64 => 1e-12,
+        }
+    }
+
+    /// The relative-L2 tolerance for gradients in this type.
+    pub fn grad_tolerance(self) -> f64 {
+        match self {
+            DType::F32 => 1e-4,
+            DType::F16 => 2e-3,
+            DType::BF16 => 1e-2,
+            DType::F64 => 1e-10,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(DType::F32),
+            "f16" => Ok(DType::F16),
+            "bf16" => Ok(DType::BF16),
+            "f64" => Ok(DType::F64),
+            _ => Err(Error::Config(format!("unknown dtype `{s}` (f32, f16, bf16)"))),
+        }
+    }
+}
+
+/// An activation element type: `f32`, `half::f16`, `half::bf16`, and `f64` for the reference.
+///
+/// Weights and accumulation are always f32 (f64 in the reference) whatever the element type.
+pub trait Element:
+    Copy + Default + Send + Sync + PartialEq + fmt::Debug + bytemuck::Pod + 'static
+{
+    /// The run-time tag.
+    const DTYPE: DType;
+    /// Widens to f32.
+    fn to_f32(self) -> f32;
+    /// Rounds from f32 (round to nearest even).
+    fn from_f32(v: f32) -> Self;
+    /// Widens to f64.
+    fn to_f64(self) -> f64;
+    /// Rounds from f64.
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Element for f64 {
+    const DTYPE: DType = DType::F64;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v as f64
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        f16::to_f64(self)
+    }
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        f16::from_f64(v)
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        bf16::from_f64(v)
+    }
+}
+
+/// A host tensor: a shape, a layout, and its elements in that layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor<T> {
+    shape: Shape,
+    layout: Layout,
+    data: Vec<T>,
+}
+
+impl<T: Element> Tensor<T> {
+    /// Wraps `data`, checking the shape and that `data` holds exactly `shape.numel()` elements.
+    pub fn from_vec(shape: Shape, layout: Layout, data: Vec<T>) -> Result<Self> {
+        shape.validate()?;
+        if data.len() != shape.numel() {
+            return Err(Error::Length {
+                what: "tensor data",
+                got: data.len(),
+                expected: shape.numel(),
+            });
+        }
+        Ok(Tensor {
+            shape,
+            layout,
+            data,
+        })
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: Shape, layout: Layout) -> Result<Self> {
+        shape.validate()?;
+        Ok(Tensor {
+            shape,
+            layout,
+            data: vec![T::default(); shape.numel()],
+        })
+    }
+
+    /// A tensor of values drawn uniformly from `[-1, 1)` with a seeded generator, rounded to `T`.
+    pub fn random(shape: Shape, layout: Layout, seed: u64) -> Result<Self> {
+        shape.validate()?;
+        let data = crate::rng::uniform_vec(shape.numel(), -1.0, 1.0, seed)
+            .into_iter()
+            .map(T::from_f32)
+            .collect();
+        Ok(Tensor {
+            shape,
+            layout,
+            data,
+        })
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The elements, in layout order.
+    pub fn data(&self) -> &[T] {
+        &self.data
+    }
+
+    /// The elements, mutable.
+    pub fn data_mut(&mut self) -> &mut [T] {
+        &mut self.data
+    }
+
+    /// Consumes the tensor, returning its elements.
+    pub fn into_vec(self) -> Vec<T> {
+        self.data
+    }
+
+    /// The element at `(n, c, h, w)`.
+    pub fn get(&self, n: usize, c: usize, h: usize, w: usize) -> T {
+        self.data[self.shape.offset(self.layout, n, c, h * self.shape.w + w)]
+    }
+
+    /// The same values in another layout (a copy; the same tensor if the layout matches).
+    pub fn to_layout(&self, layout: Layout) -> Tensor<T> {
+        if layout == self.layout {
+            return self.clone();
+        }
+        let s = self.shape;
+        let mut data = vec![T::default(); s.numel()];
+        for n in 0..s.n {
+            for c in 0..s.c {
+                for p in 0..s.hw() {
+                    data[s.offset(layout, n, c, p)] = self.data[s.offset(self.layout, n, c, p)];
+                }
+            }
+        }
+        Tensor {
+            shape: s,
+            layout,
+            data,
+        }
+    }
+
+    /// The same values converted to another element type (rounding through f64).
+    pub fn cast<U: Element>(&self) -> Tensor<U> {
+        Tensor {
+            shape: self.shape,
+            layout: self.layout,
+            data: self.data.iter().map(|v| U::from_f64(v.to_f64())).collect(),
+        }
+    }
+
+    /// The elements widened to f64.
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        self.data.iter().map(|v| v.to_f64()).collect()
+    }
+}
+
+/// Relative L2 error `||out - reference|| / ||reference||`; `inf` if any value is NaN or the
+/// lengths differ. A zero reference gives the absolute error norm.
+pub fn rel_l2_error(out: &[f64], reference: &[f64]) -> f64 {
+    if out.len() != reference.len() {
+        return f64::INFINITY;
+    }
+    let mut num = 0.0;
+    let mut den = 0.0;
+    for (&o, &r) in out.iter().zip(reference) {
+        if o.is_nan() || r.is_nan() {
+            return f64::INFINITY;
+        }
+        num += (o - r) * (o - r);
+        den += r * r;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_dims_and_overflow_are_errors() {
+        assert!(Shape::try_new(0, 3, 4, 4).is_err());
+        assert!(Shape::try_new(1, 3, 4, 0).is_err());
+        assert!(Shape::try_new(usize::MAX, 2, 1, 1).is_err());
+        assert!(Shape::try_new(2, 3, 4, 5).is_ok());
+    }
+
+    #[test]
+    fn offsets_follow_layouts() {
+        let s = Shape::new(2, 3, 2, 2);
+        assert_eq!(s.offset(Layout::Nchw, 1, 2, 3), (1 * 3 + 2) * 4 + 3);
+        assert_eq!(s.offset(Layout::Nhwc, 1, 2, 3), (1 * 4 + 3) * 3 + 2);
+    }
+
+    #[test]
+    fn layout_round_trip() {
+        let t = Tensor::<f32>::random(Shape::new(2, 5, 3, 3), Layout::Nchw, 7).unwrap();
+        let u = t.to_layout(Layout::Nhwc);
+        assert_ne!(t.data(), u.data());
+        assert_eq!(t.get(1, 4, 2, 1), u.get(1, 4, 2, 1));
+        assert_eq!(u.to_layout(Layout::Nchw), t);
+    }
+
+    #[test]
+    fn length_mismatch_is_an_error() {
+        let e = Tensor::<f32>::from_vec(Shape::new(1, 2, 2, 2), Layout::Nchw, vec![0.0; 7]);
+        assert!(matches!(e, Err(Error::Length { got: 7, expected: 8, .. })));
+    }
+
+    #[test]
+    fn rel_error_rejects_nan() {
+        assert_eq!(rel_l2_error(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!(rel_l2_error(&[f64::NAN, 2.0], &[1.0, 2.0]).is_infinite());
+        assert!(rel_l2_error(&[1.0], &[1.0, 2.0]).is_infinite());
+    }
+}
