@@ -71,7 +71,11 @@ fn main() {
                 let mod_archs: Vec<u32> = archs.iter().copied().filter(|a| *a >= min).collect();
                 let konst = name.to_uppercase();
                 if mod_archs.is_empty() {
-                    writeln!(generated, "/// `{name}.cu`: not built (no arch >= {min} requested).").unwrap();
+                    writeln!(
+                        generated,
+                        "/// `{name}.cu`: not built (no arch >= {min} requested)."
+                    )
+                    .unwrap();
                     writeln!(generated, "pub const {konst}: &[u8] = &[];").unwrap();
                     continue;
                 }
@@ -112,16 +116,28 @@ fn main() {
                 "cargo:warning=senet: no nvcc found, building without GPU kernels. Install the CUDA \
                  toolkit or run scripts/install-cuda-toolchain.sh (then set NVCC to the path it prints)."
             );
-            generated.push_str("/// nvcc that built the kernels.\npub const NVCC_VERSION: &str = \"\";\n");
-            generated.push_str("/// Whether the kernels were built.\npub const KERNELS_BUILT: bool = false;\n");
+            generated.push_str(
+                "/// nvcc that built the kernels.\npub const NVCC_VERSION: &str = \"\";\n",
+            );
+            generated.push_str(
+                "/// Whether the kernels were built.\npub const KERNELS_BUILT: bool = false;\n",
+            );
             for src in &sources {
                 let konst = src.file_stem().unwrap().to_string_lossy().to_uppercase();
-                writeln!(generated, "/// Not built (no nvcc).\npub const {konst}: &[u8] = &[];").unwrap();
+                writeln!(
+                    generated,
+                    "/// Not built (no nvcc).\npub const {konst}: &[u8] = &[];"
+                )
+                .unwrap();
             }
             report.push_str("kernels not built: no nvcc\n");
         }
     }
-    writeln!(generated, "/// Architectures requested (SASS for each, plus PTX for the newest).").unwrap();
+    writeln!(
+        generated,
+        "/// Architectures requested (SASS for each, plus PTX for the newest)."
+    )
+    .unwrap();
     writeln!(generated, "pub const ARCHS: &[u32] = &{archs:?};").unwrap();
     fs::write(out.join("ptxas-report.txt"), &report).expect("write ptxas report");
     writeln!(
@@ -149,7 +165,9 @@ fn archs() -> Vec<u32> {
                     t.trim()
                         .trim_start_matches("sm_")
                         .parse()
-                        .unwrap_or_else(|_| panic!("SENET_CUDA_ARCHS: `{t}` is not an arch like 90"))
+                        .unwrap_or_else(|_| {
+                            panic!("SENET_CUDA_ARCHS: `{t}` is not an arch like 90")
+                        })
                 })
                 .collect();
             v.sort();
@@ -200,13 +218,23 @@ fn nvcc_version(nvcc: &Path) -> String {
 
 fn compile(nvcc: &Path, src: &Path, fatbin: &Path, archs: &[u32]) -> String {
     let mut cmd = Command::new(nvcc);
-    cmd.args(["--fatbin", "-O3", "-std=c++17", "--threads", "0", "-Xptxas", "-v"])
-        .arg("-Ikernels");
+    cmd.args([
+        "--fatbin",
+        "-O3",
+        "-std=c++17",
+        "--threads",
+        "0",
+        "-Xptxas",
+        "-v",
+    ])
+    .arg("-Ikernels");
     for a in archs {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
     let newest = archs.iter().max().expect("at least one arch");
-    cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
+    cmd.arg(format!(
+        "-gencode=arch=compute_{newest},code=compute_{newest}"
+    ));
     cmd.arg("-o").arg(fatbin).arg(src);
     let shown = format!("{cmd:?}");
     let output = cmd
@@ -243,7 +271,12 @@ fn summarize(module: &str, log: &str) -> Summary {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let mut parts = rest.split('\'');
             let kernel = parts.next().unwrap_or("?").to_string();
-            let arch = rest.split("for '").nth(1).unwrap_or("?").trim_end_matches('\'').to_string();
+            let arch = rest
+                .split("for '")
+                .nth(1)
+                .unwrap_or("?")
+                .trim_end_matches('\'')
+                .to_string();
             current = Some((kernel, arch));
         } else if line.contains("bytes stack frame") {
             frame = line.trim().to_string();
@@ -285,7 +318,9 @@ fn bindgen_abi(out: &Path) {
     });
     match result {
         Ok(Ok(bindings)) => {
-            bindings.write_to_file(&target).expect("write abi_bindgen.rs");
+            bindings
+                .write_to_file(&target)
+                .expect("write abi_bindgen.rs");
             println!("cargo:rustc-env=SENET_ABI_BINDGEN={}", target.display());
         }
         other => {

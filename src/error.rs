@@ -67,7 +67,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// Wraps a driver error with the operation that produced it.
-    pub(crate) fn driver(context: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    pub(crate) fn driver(
+        context: impl Into<String>,
+    ) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
         let context = context.into();
         move |source| Error::Driver { context, source }
     }

@@ -38,7 +38,9 @@ impl std::str::FromStr for Layout {
         match s.to_ascii_lowercase().as_str() {
             "nchw" => Ok(Layout::Nchw),
             "nhwc" => Ok(Layout::Nhwc),
-            _ => Err(Error::Config(format!("unknown layout `{s}` (nchw or nhwc)"))),
+            _ => Err(Error::Config(format!(
+                "unknown layout `{s}` (nchw or nhwc)"
+            ))),
         }
     }
 }
@@ -181,7 +183,9 @@ impl std::str::FromStr for DType {
             "f16" => Ok(DType::F16),
             "bf16" => Ok(DType::BF16),
             "f64" => Ok(DType::F64),
-            _ => Err(Error::Config(format!("unknown dtype `{s}` (f32, f16, bf16)"))),
+            _ => Err(Error::Config(format!(
+                "unknown dtype `{s}` (f32, f16, bf16)"
+            ))),
         }
     }
 }
@@ -453,7 +457,14 @@ mod tests {
     #[test]
     fn length_mismatch_is_an_error() {
         let e = Tensor::<f32>::from_vec(Shape::new(1, 2, 2, 2), Layout::Nchw, vec![0.0; 7]);
-        assert!(matches!(e, Err(Error::Length { got: 7, expected: 8, .. })));
+        assert!(matches!(
+            e,
+            Err(Error::Length {
+                got: 7,
+                expected: 8,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -20,10 +20,22 @@ mod tests {
     #[test]
     fn struct_sizes_match_the_header() {
         // The same numbers abi.h static_asserts on the C side.
-        assert_eq!(std::mem::size_of::<SeParams>(), SENET_SE_PARAMS_SIZE as usize);
-        assert_eq!(std::mem::align_of::<SeParams>(), SENET_SE_PARAMS_ALIGN as usize);
-        assert_eq!(std::mem::size_of::<SeGemmParams>(), SENET_GEMM_PARAMS_SIZE as usize);
-        assert_eq!(std::mem::align_of::<SeGemmParams>(), SENET_GEMM_PARAMS_ALIGN as usize);
+        assert_eq!(
+            std::mem::size_of::<SeParams>(),
+            SENET_SE_PARAMS_SIZE as usize
+        );
+        assert_eq!(
+            std::mem::align_of::<SeParams>(),
+            SENET_SE_PARAMS_ALIGN as usize
+        );
+        assert_eq!(
+            std::mem::size_of::<SeGemmParams>(),
+            SENET_GEMM_PARAMS_SIZE as usize
+        );
+        assert_eq!(
+            std::mem::align_of::<SeGemmParams>(),
+            SENET_GEMM_PARAMS_ALIGN as usize
+        );
     }
 
     #[test]
@@ -34,7 +46,9 @@ mod tests {
                 std::env::var("SENET_REQUIRE_BINDGEN").as_deref() != Ok("1"),
                 "SENET_REQUIRE_BINDGEN=1 but the build had no libclang"
             );
-            println!("skipped: no libclang at build time, checked-in abi_generated.rs not compared");
+            println!(
+                "skipped: no libclang at build time, checked-in abi_generated.rs not compared"
+            );
             return;
         }
         let fresh = std::fs::read_to_string(generated).expect("read bindgen output");

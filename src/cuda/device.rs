@@ -50,7 +50,9 @@ pub struct CudaDevice {
 
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaDevice").field("info", &self.info).finish()
+        f.debug_struct("CudaDevice")
+            .field("info", &self.info)
+            .finish()
     }
 }
 
@@ -75,14 +77,19 @@ impl CudaDevice {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(Error::driver("creating a context"))?;
-        let attr = |a: Attr| ctx.attribute(a).map_err(Error::driver("reading device attributes"));
+        let attr = |a: Attr| {
+            ctx.attribute(a)
+                .map_err(Error::driver("reading device attributes"))
+        };
         let cc = (
             attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? as u32,
             attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)? as u32,
         );
         let info = DeviceInfo {
             ordinal,
-            name: ctx.name().map_err(Error::driver("reading the device name"))?,
+            name: ctx
+                .name()
+                .map_err(Error::driver("reading the device name"))?,
             compute_capability: cc,
             sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
             l2_bytes: attr(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
@@ -188,14 +195,21 @@ impl CudaDevice {
         let m = self
             .ctx
             .load_module(Ptx::from_binary(bytes.to_vec()))
-            .map_err(Error::driver(format!("loading kernel module {}", module.name())))?;
+            .map_err(Error::driver(format!(
+                "loading kernel module {}",
+                module.name()
+            )))?;
         mods[module.index()] = Some(m.clone());
         Ok(m)
     }
 
     /// Locks the scratch buffers, growing them to at least `ws_floats` partials and `tickets`
     /// tickets (new tickets are zeroed).
-    pub(crate) fn scratch(&self, ws_floats: usize, tickets: usize) -> Result<MutexGuard<'_, Scratch>> {
+    pub(crate) fn scratch(
+        &self,
+        ws_floats: usize,
+        tickets: usize,
+    ) -> Result<MutexGuard<'_, Scratch>> {
         let mut s = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let ws_floats = ws_floats.max(1);
         let tickets = tickets.max(1);

@@ -32,7 +32,14 @@ pub struct DeviceTensor<T: CudaElement> {
 
 impl<T: CudaElement> std::fmt::Debug for DeviceTensor<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeviceTensor<{}>({} {}, offset {})", T::DTYPE, self.shape, self.layout, self.offset)
+        write!(
+            f,
+            "DeviceTensor<{}>({} {}, offset {})",
+            T::DTYPE,
+            self.shape,
+            self.layout,
+            self.offset
+        )
     }
 }
 
@@ -43,7 +50,12 @@ impl<T: CudaElement> DeviceTensor<T> {
     }
 
     /// A zero-filled tensor whose first element sits `offset` elements into its allocation.
-    pub fn zeros_at_offset(dev: &CudaDevice, shape: Shape, layout: Layout, offset: usize) -> Result<Self> {
+    pub fn zeros_at_offset(
+        dev: &CudaDevice,
+        shape: Shape,
+        layout: Layout,
+        offset: usize,
+    ) -> Result<Self> {
         shape.validate()?;
         let buf = dev
             .stream()
@@ -76,7 +88,9 @@ impl<T: CudaElement> DeviceTensor<T> {
 
     /// Downloads to a host tensor (waits for the stream).
     pub fn to_host(&self, dev: &CudaDevice) -> Result<Tensor<T>> {
-        let view = self.buf.slice(self.offset..self.offset + self.shape.numel());
+        let view = self
+            .buf
+            .slice(self.offset..self.offset + self.shape.numel());
         let data = dev
             .stream()
             .clone_dtoh(&view)
@@ -91,8 +105,10 @@ impl<T: CudaElement> DeviceTensor<T> {
         let bytes = self.shape.numel() * std::mem::size_of::<T>();
         // SAFETY: the range lies inside this tensor's allocation, which lives on dev's stream;
         // all-ones bit patterns are NaN in f32, f16 and bf16, valid values of T.
-        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, dev.stream().cu_stream()) }
-            .map_err(Error::driver("poisoning a tensor"))
+        unsafe {
+            cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, dev.stream().cu_stream())
+        }
+        .map_err(Error::driver("poisoning a tensor"))
     }
 
     /// Copies another tensor's elements into this one (same shape and layout), on the device.

@@ -211,9 +211,17 @@ impl DeviceSeGrads {
         let (c, d) = (self.config.channels, self.config.hidden);
         Ok(SeGrads {
             dw1: dev.download_f32(&self.dw1, d * c)?,
-            db1: self.db1.as_ref().map(|b| dev.download_f32(b, d)).transpose()?,
+            db1: self
+                .db1
+                .as_ref()
+                .map(|b| dev.download_f32(b, d))
+                .transpose()?,
             dw2: dev.download_f32(&self.dw2, c * d)?,
-            db2: self.db2.as_ref().map(|b| dev.download_f32(b, c)).transpose()?,
+            db2: self
+                .db2
+                .as_ref()
+                .map(|b| dev.download_f32(b, c))
+                .transpose()?,
         })
     }
 
@@ -231,8 +239,10 @@ impl DeviceSeGrads {
 fn poison_f32(dev: &CudaDevice, b: &mut CudaSlice<f32>) -> Result<()> {
     let ptr = slice_ptr(dev, b);
     // SAFETY: the whole allocation of `b`, on dev's stream; all-ones is a NaN f32.
-    unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xff, b.len() * 4, dev.stream().cu_stream()) }
-        .map_err(Error::driver("poisoning a buffer"))
+    unsafe {
+        cudarc::driver::result::memset_d8_async(ptr, 0xff, b.len() * 4, dev.stream().cu_stream())
+    }
+    .map_err(Error::driver("poisoning a buffer"))
 }
 
 /// A forward pass's results.
@@ -273,7 +283,13 @@ pub enum Direction {
 }
 
 /// Dynamic shared memory the cluster kernel needs per CTA, in bytes.
-pub fn cluster_smem_bytes(cfg: &SeConfig, shape: Shape, layout: Layout, esize: usize, dir: Direction) -> usize {
+pub fn cluster_smem_bytes(
+    cfg: &SeConfig,
+    shape: Shape,
+    layout: Layout,
+    esize: usize,
+    dir: Direction,
+) -> usize {
     let round16 = |b: usize| b.div_ceil(16) * 16;
     let cap = match layout {
         Layout::Nchw => cfg.channels.div_ceil(CLUSTER) * shape.hw(),
@@ -284,8 +300,16 @@ pub fn cluster_smem_bytes(cfg: &SeConfig, shape: Shape, layout: Layout, esize: u
 }
 
 /// Whether the cluster path can run this shape on `dev`.
-pub fn cluster_fits(dev: &CudaDevice, cfg: &SeConfig, shape: Shape, layout: Layout, esize: usize, dir: Direction) -> bool {
-    dev.has_clusters() && cluster_smem_bytes(cfg, shape, layout, esize, dir) <= dev.info().max_smem_per_block
+pub fn cluster_fits(
+    dev: &CudaDevice,
+    cfg: &SeConfig,
+    shape: Shape,
+    layout: Layout,
+    esize: usize,
+    dir: Direction,
+) -> bool {
+    dev.has_clusters()
+        && cluster_smem_bytes(cfg, shape, layout, esize, dir) <= dev.info().max_smem_per_block
 }
 
 /// The path [`SePath::Auto`] resolves to.
@@ -293,10 +317,20 @@ pub fn cluster_fits(dev: &CudaDevice, cfg: &SeConfig, shape: Shape, layout: Layo
 /// The cluster kernel when it fits on chip and the per-sample weight reads stay small next to
 /// the sample (they come from L2 once per sample); otherwise L2-chunking when the tensors
 /// touched exceed half the L2; otherwise the three-kernel path.
-pub fn choose_path(dev: &CudaDevice, cfg: &SeConfig, shape: Shape, layout: Layout, esize: usize, dir: Direction) -> SePath {
+pub fn choose_path(
+    dev: &CudaDevice,
+    cfg: &SeConfig,
+    shape: Shape,
+    layout: Layout,
+    esize: usize,
+    dir: Direction,
+) -> SePath {
     let sample_bytes = shape.sample_numel() * esize;
     let weight_bytes = 2 * cfg.channels * cfg.hidden * 4;
-    if cluster_fits(dev, cfg, shape, layout, esize, dir) && weight_bytes * 4 <= sample_bytes && shape.n >= 2 {
+    if cluster_fits(dev, cfg, shape, layout, esize, dir)
+        && weight_bytes * 4 <= sample_bytes
+        && shape.n >= 2
+    {
         return SePath::Cluster;
     }
     let streams = if dir == Direction::Forward { 1 } else { 2 };
@@ -307,7 +341,15 @@ pub fn choose_path(dev: &CudaDevice, cfg: &SeConfig, shape: Shape, layout: Layou
     }
 }
 
-fn resolve(dev: &CudaDevice, cfg: &SeConfig, shape: Shape, layout: Layout, esize: usize, dir: Direction, path: SePath) -> Result<SePath> {
+fn resolve(
+    dev: &CudaDevice,
+    cfg: &SeConfig,
+    shape: Shape,
+    layout: Layout,
+    esize: usize,
+    dir: Direction,
+    path: SePath,
+) -> Result<SePath> {
     match path {
         SePath::Auto => Ok(choose_path(dev, cfg, shape, layout, esize, dir)),
         SePath::Cluster if !dev.has_clusters() => Err(Error::Unsupported(format!(
@@ -325,11 +367,20 @@ fn resolve(dev: &CudaDevice, cfg: &SeConfig, shape: Shape, layout: Layout, esize
     }
 }
 
-fn chunk_samples(dev: &CudaDevice, shape: Shape, esize: usize, streams: usize, opts: &SeOptions, path: SePath) -> usize {
+fn chunk_samples(
+    dev: &CudaDevice,
+    shape: Shape,
+    esize: usize,
+    streams: usize,
+    opts: &SeOptions,
+    path: SePath,
+) -> usize {
     match path {
         SePath::L2Chunked => opts
             .chunk_samples
-            .unwrap_or_else(|| (dev.info().l2_bytes * 2 / 5) / (streams * shape.sample_numel() * esize).max(1))
+            .unwrap_or_else(|| {
+                (dev.info().l2_bytes * 2 / 5) / (streams * shape.sample_numel() * esize).max(1)
+            })
             .clamp(1, shape.n),
         _ => shape.n,
     }
@@ -356,7 +407,8 @@ fn cfg1(grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32) -> LaunchConfi
 }
 
 fn u32_of(v: usize, what: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| Error::Shape(format!("{what} = {v} exceeds the kernels' 32-bit limit")))
+    u32::try_from(v)
+        .map_err(|_| Error::Shape(format!("{what} = {v} exceeds the kernels' 32-bit limit")))
 }
 
 /// True when every non-null pointer shares one 16-byte phase.
@@ -388,7 +440,11 @@ impl Ctx<'_> {
                 super::Gate::Sigmoid => abi::SENET_GATE_SIGMOID,
                 super::Gate::HardSigmoid => abi::SENET_GATE_HARDSIGMOID,
             },
-            flags: if self.cfg.bias { abi::SENET_FLAG_BIAS } else { 0 },
+            flags: if self.cfg.bias {
+                abi::SENET_FLAG_BIAS
+            } else {
+                0
+            },
             splits: 1,
             rows: 0,
             inv_hw: 1.0 / self.hw as f32,
@@ -403,7 +459,17 @@ impl Ctx<'_> {
     /// Squeeze (pool) or its gradient (dgate) over `n` samples.
     /// Pool: ins = [x], outs: out = z. Grad: ins = [dy, x, r, s], dres, out = dg.
     #[allow(clippy::too_many_arguments)]
-    fn reduce(&self, grad: bool, n: usize, dy: u64, x: u64, r: u64, s: u64, dres: u64, out: u64) -> Result<()> {
+    fn reduce(
+        &self,
+        grad: bool,
+        n: usize,
+        dy: u64,
+        x: u64,
+        r: u64,
+        s: u64,
+        dres: u64,
+        out: u64,
+    ) -> Result<()> {
         let mut p = self.base_params(n);
         let (c, hw, esize) = (self.cfg.channels, self.hw, self.esize);
         let v = 16 / esize;
@@ -421,10 +487,20 @@ impl Ctx<'_> {
                     let per = (STAGE_BYTES / (hw * esize)).max(1);
                     p.rows = u32_of(per, "rows per block")?;
                     let blocks = rows.div_ceil(per);
-                    (format!("{family}_nchw_staged_{}", self.suffix), (u32_of(blocks, "blocks")?, 1, 1), (256, 1, 1), 0, 0)
+                    (
+                        format!("{family}_nchw_staged_{}", self.suffix),
+                        (u32_of(blocks, "blocks")?, 1, 1),
+                        (256, 1, 1),
+                        0,
+                        0,
+                    )
                 } else {
                     let blocks = rows.div_ceil(8);
-                    let want = if blocks < 2 * self.sms() { (2 * self.sms()).div_ceil(blocks) } else { 1 };
+                    let want = if blocks < 2 * self.sms() {
+                        (2 * self.sms()).div_ceil(blocks)
+                    } else {
+                        1
+                    };
                     let max_splits = hw.div_ceil(32 * v * 4).max(1);
                     let splits = want.clamp(1, max_splits.min(65535));
                     let per = hw.div_ceil(splits).div_ceil(8) * 8;
@@ -432,7 +508,13 @@ impl Ctx<'_> {
                     p.splits = splits as u32;
                     p.hw_split = per as u64;
                     let ws = if splits > 1 { splits * rows } else { 0 };
-                    (format!("{family}_nchw_rows_{}", self.suffix), (u32_of(blocks, "blocks")?, splits as u32, 1), (256, 1, 1), blocks, ws)
+                    (
+                        format!("{family}_nchw_rows_{}", self.suffix),
+                        (u32_of(blocks, "blocks")?, splits as u32, 1),
+                        (256, 1, 1),
+                        blocks,
+                        ws,
+                    )
                 }
             }
             Layout::Nhwc => {
@@ -447,23 +529,45 @@ impl Ctx<'_> {
                 p.splits = splits as u32;
                 p.hw_split = per as u64;
                 let ws = if splits > 1 { splits * n * c } else { 0 };
-                let name = format!("{family}_nhwc{}_{}", if vec { "_vec" } else { "" }, self.suffix);
-                (name, (u32_of(blocks, "blocks")?, splits as u32, 1), (32, 8, 1), blocks, ws)
+                let name = format!(
+                    "{family}_nhwc{}_{}",
+                    if vec { "_vec" } else { "" },
+                    self.suffix
+                );
+                (
+                    name,
+                    (u32_of(blocks, "blocks")?, splits as u32, 1),
+                    (32, 8, 1),
+                    blocks,
+                    ws,
+                )
             }
         };
         let f = self.dev.function(Module::Squeeze, &name)?;
         let mut scratch = self.dev.scratch(ws, tickets)?;
         let wsp = slice_ptr(self.dev, scratch.ws.as_mut().expect("scratch allocated"));
-        let tkp = slice_ptr(self.dev, scratch.tickets.as_mut().expect("tickets allocated"));
+        let tkp = slice_ptr(
+            self.dev,
+            scratch.tickets.as_mut().expect("tickets allocated"),
+        );
         let mut b = self.dev.stream().launch_builder(&f);
         if grad {
-            b.arg(&p).arg(&dy).arg(&x).arg(&r).arg(&s).arg(&dres).arg(&out).arg(&wsp).arg(&tkp);
+            b.arg(&p)
+                .arg(&dy)
+                .arg(&x)
+                .arg(&r)
+                .arg(&s)
+                .arg(&dres)
+                .arg(&out)
+                .arg(&wsp)
+                .arg(&tkp);
         } else {
             b.arg(&p).arg(&x).arg(&out).arg(&wsp).arg(&tkp);
         }
         // SAFETY: argument types and count match the kernel's signature in squeeze.cu; every
         // pointer addresses a live buffer of the sizes `p` describes (checked by the callers).
-        unsafe { b.launch(cfg1(grid, block, 0)) }.map_err(Error::driver(format!("launching {name}")))?;
+        unsafe { b.launch(cfg1(grid, block, 0)) }
+            .map_err(Error::driver(format!("launching {name}")))?;
         drop(scratch);
         Ok(())
     }
@@ -509,19 +613,37 @@ impl Ctx<'_> {
         };
         let gy = m.div_ceil(32);
         if gy > 65535 {
-            return Err(Error::Shape(format!("gemm with {m} rows exceeds the grid limit")));
+            return Err(Error::Shape(format!(
+                "gemm with {m} rows exceeds the grid limit"
+            )));
         }
-        let grid = (u32_of(n.div_ceil(32), "gemm grid")?, gy as u32, splits as u32);
+        let grid = (
+            u32_of(n.div_ceil(32), "gemm grid")?,
+            gy as u32,
+            splits as u32,
+        );
         let f = self.dev.function(Module::Excite, "se_gemm_f32")?;
         let ws = if splits > 1 { splits * m * n } else { 0 };
         let mut scratch = self.dev.scratch(ws, grid.0 as usize * grid.1 as usize)?;
         let wsp = slice_ptr(self.dev, scratch.ws.as_mut().expect("scratch allocated"));
-        let tkp = slice_ptr(self.dev, scratch.tickets.as_mut().expect("tickets allocated"));
+        let tkp = slice_ptr(
+            self.dev,
+            scratch.tickets.as_mut().expect("tickets allocated"),
+        );
         let mut b = self.dev.stream().launch_builder(&f);
-        b.arg(&p).arg(&a).arg(&bmat).arg(&out).arg(&out2).arg(&bias).arg(&aux).arg(&wsp).arg(&tkp);
+        b.arg(&p)
+            .arg(&a)
+            .arg(&bmat)
+            .arg(&out)
+            .arg(&out2)
+            .arg(&bias)
+            .arg(&aux)
+            .arg(&wsp)
+            .arg(&tkp);
         // SAFETY: matches se_gemm_f32's signature; A, B, out (and out2 / bias / aux where the
         // epilogue reads them) cover the m x k, k x n and m x n ranges the strides describe.
-        unsafe { b.launch(cfg1(grid, (256, 1, 1), 0)) }.map_err(Error::driver("launching se_gemm_f32"))?;
+        unsafe { b.launch(cfg1(grid, (256, 1, 1), 0)) }
+            .map_err(Error::driver("launching se_gemm_f32"))?;
         drop(scratch);
         Ok(())
     }
@@ -539,7 +661,16 @@ impl Ctx<'_> {
 
     /// The element-wise pass: scale (forward) or dx (backward) over `n` samples.
     #[allow(clippy::too_many_arguments)]
-    fn elementwise(&self, dx: bool, n: usize, a: u64, r_or_dz: u64, s: u64, out: u64, accumulate: bool) -> Result<()> {
+    fn elementwise(
+        &self,
+        dx: bool,
+        n: usize,
+        a: u64,
+        r_or_dz: u64,
+        s: u64,
+        out: u64,
+        accumulate: bool,
+    ) -> Result<()> {
         let mut p = self.base_params(n);
         let total = n * self.cfg.channels * self.hw;
         let phase_ptrs = if dx { [a, out, 0] } else { [a, r_or_dz, out] };
@@ -581,7 +712,13 @@ pub fn forward<T: CudaElement>(
     residual: Option<&DeviceTensor<T>>,
     opts: SeOptions,
 ) -> Result<SeForwardOutput<T>> {
-    check_shapes(&w.config, x.shape(), x.layout(), residual.map(|r| (r.shape(), r.layout())), None)?;
+    check_shapes(
+        &w.config,
+        x.shape(),
+        x.layout(),
+        residual.map(|r| (r.shape(), r.layout())),
+        None,
+    )?;
     let mut y = DeviceTensor::zeros(dev, x.shape(), x.layout())?;
     let mut saved = DeviceSeSaved::new(dev, w.config, x.shape().n)?;
     let path = forward_into(dev, w, x, residual, &mut y, &mut saved, opts)?;
@@ -607,7 +744,17 @@ pub fn forward_into<T: CudaElement>(
         Some((y.shape(), y.layout())),
     )?;
     let yp = y.ptr(dev);
-    run_forward::<T>(dev, w, x.shape(), x.layout(), x.ptr(dev), residual.map_or(0, |r| r.ptr(dev)), yp, saved, opts)
+    run_forward::<T>(
+        dev,
+        w,
+        x.shape(),
+        x.layout(),
+        x.ptr(dev),
+        residual.map_or(0, |r| r.ptr(dev)),
+        yp,
+        saved,
+        opts,
+    )
 }
 
 /// SE forward writing y over x (inference; x is gone afterwards, so backward is not possible
@@ -620,14 +767,33 @@ pub fn forward_in_place<T: CudaElement>(
     saved: &mut DeviceSeSaved,
     opts: SeOptions,
 ) -> Result<SePath> {
-    check_shapes(&w.config, x.shape(), x.layout(), residual.map(|r| (r.shape(), r.layout())), None)?;
+    check_shapes(
+        &w.config,
+        x.shape(),
+        x.layout(),
+        residual.map(|r| (r.shape(), r.layout())),
+        None,
+    )?;
     let xp = x.ptr(dev);
-    run_forward::<T>(dev, w, x.shape(), x.layout(), xp, residual.map_or(0, |r| r.ptr(dev)), xp, saved, opts)
+    run_forward::<T>(
+        dev,
+        w,
+        x.shape(),
+        x.layout(),
+        xp,
+        residual.map_or(0, |r| r.ptr(dev)),
+        xp,
+        saved,
+        opts,
+    )
 }
 
 fn check_saved(saved: &DeviceSeSaved, cfg: &SeConfig, n: usize) -> Result<()> {
     if saved.config != *cfg {
-        return Err(Error::Config(format!("saved state is for {}, weights are {}", saved.config, cfg)));
+        return Err(Error::Config(format!(
+            "saved state is for {}, weights are {}",
+            saved.config, cfg
+        )));
     }
     check_len("saved batch", saved.n, n)
 }
@@ -647,7 +813,15 @@ fn run_forward<T: CudaElement>(
     let cfg = w.config;
     check_saved(saved, &cfg, shape.n)?;
     let esize = std::mem::size_of::<T>();
-    let path = resolve(dev, &cfg, shape, layout, esize, Direction::Forward, opts.path)?;
+    let path = resolve(
+        dev,
+        &cfg,
+        shape,
+        layout,
+        esize,
+        Direction::Forward,
+        opts.path,
+    )?;
     let cx = Ctx {
         dev,
         suffix: T::SUFFIX,
@@ -679,7 +853,14 @@ fn run_forward<T: CudaElement>(
         let f = dev.function(Module::Fused, &name)?;
         let grid = cluster_grid(dev, &f, smem, shape.n)?;
         let mut b = dev.stream().launch_builder(&f);
-        b.arg(&p).arg(&xp).arg(&rp).arg(&yp).arg(&w1).arg(&b1).arg(&w2).arg(&b2);
+        b.arg(&p)
+            .arg(&xp)
+            .arg(&rp)
+            .arg(&yp)
+            .arg(&w1)
+            .arg(&b1)
+            .arg(&w2)
+            .arg(&b2);
         b.arg(&zp).arg(&hp).arg(&up).arg(&sp);
         // SAFETY: matches se_fused_fwd_*; x, r, y hold n * c * hw elements, the saved buffers
         // n * c (z, s) and n * d (h, u) floats, the weights the config's sizes.
@@ -699,18 +880,48 @@ fn run_forward<T: CudaElement>(
         let (h_, u_) = (hp + (n0 * d * 4) as u64, up + (n0 * d * 4) as u64);
         cx.reduce(false, nc, 0, x_, 0, 0, 0, z_)?;
         // FC1: h = z W1^T + b1, u = act(h).  B(k = c, j) = W1[j][c].
-        cx.gemm((nc, d, c), z_, (c, 1), w1, (1, c), h_, u_, b1, 0, abi::SENET_EPI_FC1)?;
+        cx.gemm(
+            (nc, d, c),
+            z_,
+            (c, 1),
+            w1,
+            (1, c),
+            h_,
+            u_,
+            b1,
+            0,
+            abi::SENET_EPI_FC1,
+        )?;
         // FC2: s = gate(u W2^T + b2).  B(k = j, c) = W2[c][j].
-        cx.gemm((nc, c, d), u_, (d, 1), w2, (1, d), s_, 0, b2, 0, abi::SENET_EPI_FC2)?;
+        cx.gemm(
+            (nc, c, d),
+            u_,
+            (d, 1),
+            w2,
+            (1, d),
+            s_,
+            0,
+            b2,
+            0,
+            abi::SENET_EPI_FC2,
+        )?;
         cx.elementwise(false, nc, x_, r_, s_, y_, false)?;
         n0 += nc;
     }
     Ok(path)
 }
 
-fn cluster_grid(dev: &CudaDevice, f: &cudarc::driver::CudaFunction, smem: usize, n: usize) -> Result<u32> {
-    f.set_attribute(FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-        .map_err(Error::driver("raising the shared-memory limit"))?;
+fn cluster_grid(
+    dev: &CudaDevice,
+    f: &cudarc::driver::CudaFunction,
+    smem: usize,
+    n: usize,
+) -> Result<u32> {
+    f.set_attribute(
+        FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(Error::driver("raising the shared-memory limit"))?;
     let probe = cfg1((CLUSTER as u32, 1, 1), (FUSED_THREADS, 1, 1), smem as u32);
     let clusters = f
         .occupancy_max_active_clusters(probe, dev.stream())
@@ -736,11 +947,31 @@ pub fn backward<T: CudaElement>(
     dy: &DeviceTensor<T>,
     opts: SeOptions,
 ) -> Result<SeBackwardOutput<T>> {
-    check_shapes(&w.config, x.shape(), x.layout(), residual.map(|r| (r.shape(), r.layout())), Some((dy.shape(), dy.layout())))?;
+    check_shapes(
+        &w.config,
+        x.shape(),
+        x.layout(),
+        residual.map(|r| (r.shape(), r.layout())),
+        Some((dy.shape(), dy.layout())),
+    )?;
     let mut dx = DeviceTensor::zeros(dev, x.shape(), x.layout())?;
     let mut grads = DeviceSeGrads::new(dev, w.config)?;
-    let mut dres = residual.map(|_| DeviceTensor::zeros(dev, x.shape(), x.layout())).transpose()?;
-    let path = backward_into(dev, w, x, residual, saved, dy, &mut dx, false, &mut grads, dres.as_mut(), opts)?;
+    let mut dres = residual
+        .map(|_| DeviceTensor::zeros(dev, x.shape(), x.layout()))
+        .transpose()?;
+    let path = backward_into(
+        dev,
+        w,
+        x,
+        residual,
+        saved,
+        dy,
+        &mut dx,
+        false,
+        &mut grads,
+        dres.as_mut(),
+        opts,
+    )?;
     Ok(SeBackwardOutput {
         dx,
         grads,
@@ -769,17 +1000,42 @@ pub fn backward_into<T: CudaElement>(
     let cfg = w.config;
     let shape = x.shape();
     let layout = x.layout();
-    check_shapes(&cfg, shape, layout, residual.map(|r| (r.shape(), r.layout())), Some((dy.shape(), dy.layout())))?;
-    check_shapes(&cfg, shape, layout, dresidual.as_ref().map(|r| (r.shape(), r.layout())), Some((dx.shape(), dx.layout())))?;
+    check_shapes(
+        &cfg,
+        shape,
+        layout,
+        residual.map(|r| (r.shape(), r.layout())),
+        Some((dy.shape(), dy.layout())),
+    )?;
+    check_shapes(
+        &cfg,
+        shape,
+        layout,
+        dresidual.as_ref().map(|r| (r.shape(), r.layout())),
+        Some((dx.shape(), dx.layout())),
+    )?;
     if residual.is_some() != dresidual.is_some() {
-        return Err(Error::Config("d residual must be given exactly when the residual is".into()));
+        return Err(Error::Config(
+            "d residual must be given exactly when the residual is".into(),
+        ));
     }
     if grads.config != cfg {
-        return Err(Error::Config(format!("gradients are for {}, weights are {}", grads.config, cfg)));
+        return Err(Error::Config(format!(
+            "gradients are for {}, weights are {}",
+            grads.config, cfg
+        )));
     }
     check_saved(saved, &cfg, shape.n)?;
     let esize = std::mem::size_of::<T>();
-    let path = resolve(dev, &cfg, shape, layout, esize, Direction::Backward, opts.path)?;
+    let path = resolve(
+        dev,
+        &cfg,
+        shape,
+        layout,
+        esize,
+        Direction::Backward,
+        opts.path,
+    )?;
     let cx = Ctx {
         dev,
         suffix: T::SUFFIX,
@@ -819,7 +1075,14 @@ pub fn backward_into<T: CudaElement>(
         let f = dev.function(Module::Fused, &name)?;
         let grid = cluster_grid(dev, &f, smem, n)?;
         let mut b = dev.stream().launch_builder(&f);
-        b.arg(&p).arg(&dyp).arg(&xp).arg(&rp).arg(&sp).arg(&hp).arg(&w1).arg(&w2);
+        b.arg(&p)
+            .arg(&dyp)
+            .arg(&xp)
+            .arg(&rp)
+            .arg(&sp)
+            .arg(&hp)
+            .arg(&w1)
+            .arg(&w2);
         b.arg(&dresp).arg(&dxp).arg(&dgp).arg(&dup);
         // SAFETY: matches se_fused_bwd_*; activations hold n * c * hw elements, s and dg n * c,
         // h and du n * d floats.
@@ -837,11 +1100,42 @@ pub fn backward_into<T: CudaElement>(
             let off = n0 as u64 * per;
             let at = |p: u64| if p != 0 { p + off } else { 0 };
             let (nc4, nd4) = ((n0 * c * 4) as u64, (n0 * d * 4) as u64);
-            cx.reduce(true, nc, at(dyp), at(xp), at(rp), sp + nc4, at(dresp), dgp + nc4)?;
+            cx.reduce(
+                true,
+                nc,
+                at(dyp),
+                at(xp),
+                at(rp),
+                sp + nc4,
+                at(dresp),
+                dgp + nc4,
+            )?;
             // du = (dg W2) * act'(h): B(k = c, j) = W2[c][j].
-            cx.gemm((nc, d, c), dgp + nc4, (c, 1), w2, (d, 1), dup + nd4, 0, 0, hp + nd4, abi::SENET_EPI_DU)?;
+            cx.gemm(
+                (nc, d, c),
+                dgp + nc4,
+                (c, 1),
+                w2,
+                (d, 1),
+                dup + nd4,
+                0,
+                0,
+                hp + nd4,
+                abi::SENET_EPI_DU,
+            )?;
             // dz = du W1: B(k = j, c) = W1[j][c].
-            cx.gemm((nc, c, d), dup + nd4, (d, 1), w1, (c, 1), dzp + nc4, 0, 0, 0, abi::SENET_EPI_STORE)?;
+            cx.gemm(
+                (nc, c, d),
+                dup + nd4,
+                (d, 1),
+                w1,
+                (c, 1),
+                dzp + nc4,
+                0,
+                0,
+                0,
+                abi::SENET_EPI_STORE,
+            )?;
             let g = if rp != 0 { at(dresp) } else { at(dyp) };
             cx.elementwise(true, nc, g, dzp + nc4, sp + nc4, at(dxp), accumulate)?;
             n0 += nc;
@@ -850,9 +1144,31 @@ pub fn backward_into<T: CudaElement>(
     // Parameter gradients over the whole batch, in fixed order.
     let (dw1, dw2) = (slice_ptr(dev, &grads.dw1), slice_ptr(dev, &grads.dw2));
     // dW2 = dg^T u: A(m = c, k = n) = dg[n][c]; B(k = n, j) = u[n][j].
-    cx.gemm((c, d, n), dgp, (1, c), up, (d, 1), dw2, 0, 0, 0, abi::SENET_EPI_STORE)?;
+    cx.gemm(
+        (c, d, n),
+        dgp,
+        (1, c),
+        up,
+        (d, 1),
+        dw2,
+        0,
+        0,
+        0,
+        abi::SENET_EPI_STORE,
+    )?;
     // dW1 = du^T z: A(m = j, k = n) = du[n][j]; B(k = n, c) = z[n][c].
-    cx.gemm((d, c, n), dup, (1, d), zp, (c, 1), dw1, 0, 0, 0, abi::SENET_EPI_STORE)?;
+    cx.gemm(
+        (d, c, n),
+        dup,
+        (1, d),
+        zp,
+        (c, 1),
+        dw1,
+        0,
+        0,
+        0,
+        abi::SENET_EPI_STORE,
+    )?;
     if let (Some(db1), Some(db2)) = (&grads.db1, &grads.db2) {
         cx.colsum(dgp, slice_ptr(dev, db2), n, c)?;
         cx.colsum(dup, slice_ptr(dev, db1), n, d)?;

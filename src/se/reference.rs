@@ -156,7 +156,9 @@ pub fn backward<T: Element>(
         }
     }
 
-    let dg: Vec<f64> = (0..n_ * c_).map(|i| ds[i] * cfg.gate.derivative(a[i])).collect();
+    let dg: Vec<f64> = (0..n_ * c_)
+        .map(|i| ds[i] * cfg.gate.derivative(a[i]))
+        .collect();
     let mut dw2 = vec![0.0; c_ * d_];
     let mut db2 = vec![0.0; c_];
     let mut du = vec![0.0; n_ * d_];

@@ -143,14 +143,27 @@ mod tests {
         assert!(w.validate().is_ok());
         let w2 = SeWeights::init(cfg.bias(false), Init::KaimingNormal, 1).unwrap();
         assert!(w2.b1.is_none() && w2.b2.is_none());
-        assert_ne!(w.w1, SeWeights::init(cfg, Init::PyTorchDefault, 2).unwrap().w1);
+        assert_ne!(
+            w.w1,
+            SeWeights::init(cfg, Init::PyTorchDefault, 2).unwrap().w1
+        );
     }
 
     #[test]
     fn wrong_lengths_are_errors() {
         let cfg = SeConfig::with_hidden(8, 2).unwrap();
-        assert!(SeWeights::from_parts(cfg, vec![0.0; 15], Some(vec![0.0; 2]), vec![0.0; 16], Some(vec![0.0; 8])).is_err());
+        assert!(SeWeights::from_parts(
+            cfg,
+            vec![0.0; 15],
+            Some(vec![0.0; 2]),
+            vec![0.0; 16],
+            Some(vec![0.0; 8])
+        )
+        .is_err());
         assert!(SeWeights::from_parts(cfg, vec![0.0; 16], None, vec![0.0; 16], None).is_err());
-        assert!(SeWeights::from_parts(cfg.bias(false), vec![0.0; 16], None, vec![0.0; 16], None).is_ok());
+        assert!(
+            SeWeights::from_parts(cfg.bias(false), vec![0.0; 16], None, vec![0.0; 16], None)
+                .is_ok()
+        );
     }
 }

@@ -1,0 +1,38 @@
+//! `senet`: the command-line tool. Each subcommand lives in its own module.
+
+mod info;
+mod verify;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Squeeze-and-Excitation: verify kernels, benchmark them, train and evaluate SE networks.
+#[derive(Parser)]
+#[command(name = "senet", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check every backend against the f64 reference (and the reference by finite differences).
+    Verify(verify::Args),
+    /// Print the build (kernels, nvcc, ptxas report) and the devices found.
+    Info(info::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Verify(a) => verify::run(a),
+        Command::Info(a) => info::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
