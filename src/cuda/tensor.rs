@@ -86,6 +86,26 @@ impl<T: CudaElement> DeviceTensor<T> {
         Ok(d)
     }
 
+    /// Overwrites sample `n` with `data` (one sample's elements in this tensor's layout).
+    pub fn write_sample(&mut self, dev: &CudaDevice, n: usize, data: &[T]) -> Result<()> {
+        let per = self.shape.sample_numel();
+        if n >= self.shape.n {
+            return Err(Error::Shape(format!("sample {n} of a batch of {}", self.shape.n)));
+        }
+        if data.len() != per {
+            return Err(Error::Length {
+                what: "sample data",
+                got: data.len(),
+                expected: per,
+            });
+        }
+        let start = self.offset + n * per;
+        let mut view = self.buf.slice_mut(start..start + per);
+        dev.stream()
+            .memcpy_htod(data, &mut view)
+            .map_err(Error::driver("copying a sample to the device"))
+    }
+
     /// Downloads to a host tensor (waits for the stream).
     pub fn to_host(&self, dev: &CudaDevice) -> Result<Tensor<T>> {
         let view = self

@@ -1,5 +1,6 @@
 //! `senet`: the command-line tool. Each subcommand lives in its own module.
 
+mod gpu_bench;
 mod info;
 mod verify;
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Check every backend against the f64 reference (and the reference by finite differences).
     Verify(verify::Args),
+    /// Time SE forward and backward on the GPU against a device-to-device copy.
+    GpuBench(gpu_bench::Args),
     /// Print the build (kernels, nvcc, ptxas report) and the devices found.
     Info(info::Args),
 }
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Verify(a) => verify::run(a),
         Command::Info(a) => info::run(a),
+        Command::GpuBench(a) => gpu_bench::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every GPU check, from a folder made by scripts/pack-gpu.sh. Logs go to $OUT (default ./out).
+#
+#   PHASES="info tests sanitize bench torch ncu" ./gpu-checks.sh
+#
+# info:     nvidia-smi, `senet info --kernels`
+# tests:    the GPU test suite with SENET_REQUIRE_GPU=1 (a missing GPU fails)
+# sanitize: compute-sanitizer memcheck, racecheck and synccheck over a reduced case list
+# bench:    `senet gpu-bench` (CSV to $OUT/gpu-bench.csv)
+# torch:    benches/torch_se.py on the same card, with our CSV for the side-by-side ratios
+# ncu:      Nsight Compute counters (DRAM bytes, bandwidth, L2 hit rate) for the main kernels
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-$here/out}
+mkdir -p "$out"
+export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+export SENET_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
+phases=${PHASES:-"info tests sanitize bench torch ncu"}
+bin=$here/bin
+
+phase() { # name limit-seconds command...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== $name: $*" | tee -a "$out/$name.log"
+  timeout "$limit" "$@" >>"$out/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$out/$name.log"
+  return $rc
+}
+
+status=0
+for p in $phases; do
+  case $p in
+    info)
+      phase info 60 nvidia-smi
+      phase info 60 "$bin/senet" info --kernels
+      cat "$here/COMMIT" >>"$out/info.log"
+      grep -E "device|kernel builds" "$out/info.log" ;;
+    tests)
+      phase tests ${TESTS_LIMIT:-300} "$bin/gpu-tests" --test-threads 8 || status=1
+      grep -E "^test |FAIL|failures|test result|cases x" "$out/tests.log" | head -60 ;;
+    sanitize)
+      for tool in memcheck racecheck synccheck; do
+        SENET_GPU_CASES=small phase sanitize ${SANITIZE_LIMIT:-90} compute-sanitizer --tool $tool \
+          --error-exitcode 9 "$bin/gpu-tests" --test-threads 1 gpu_f32_nchw gpu_bf16_nhwc gpu_f16_nchw || status=1
+      done
+      grep -E "=== sanitize|ERROR SUMMARY|test result|error" "$out/sanitize.log" | head -30 ;;
+    bench)
+      phase bench ${BENCH_LIMIT:-180} "$bin/senet" gpu-bench --csv "$out/gpu-bench.csv" ${BENCH_ARGS:-} || status=1
+      grep -E "^\|" "$out/bench.log" | head -120 ;;
+    torch)
+      phase torch ${TORCH_LIMIT:-240} python3 "$here/torch_se.py" --ours "$out/gpu-bench.csv" --out "$out/torch.csv" \
+        ${TORCH_ARGS:-} || status=1
+      grep -E "^\|" "$out/torch.log" | head -60 ;;
+    ncu)
+      phase ncu ${NCU_LIMIT:-120} ncu --clock-control none --target-processes all -k regex:se_ \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__t_sector_hit_rate.pct \
+        "$bin/senet" gpu-bench --shapes 256x256x56x56,256x2048x7x7 --dtypes bf16 --layouts nchw,nhwc \
+        --iters 1 --warmup 0 ${NCU_ARGS:-} || status=1
+      grep -E "se_|dram__|lts__|gpu__time" "$out/ncu.log" | head -80 ;;
+    *) echo "unknown phase $p"; status=1 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds the GPU test binary and the `senet` tool (kernels embedded, SASS for every arch) in
+# release mode and packs them, stripped, with the runner scripts into gpu-pack/: a folder that
+# runs on any x86-64 Linux machine with an NVIDIA driver and no Rust toolchain.
+#
+#   scripts/pack-gpu.sh && (cd gpu-pack && OUT=/tmp/out ./gpu-checks.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export SENET_REQUIRE_NVCC=1
+cargo build --release --bin senet
+tests=$(cargo test --release --no-run --test gpu --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
+        print(m["executable"])')
+rm -rf gpu-pack
+mkdir -p gpu-pack/bin
+cp target/release/senet gpu-pack/bin/senet
+cp "$tests" gpu-pack/bin/gpu-tests
+strip gpu-pack/bin/senet gpu-pack/bin/gpu-tests
+cp scripts/gpu-checks.sh benches/torch_se.py gpu-pack/
+{ git rev-parse HEAD; git status --short; } > gpu-pack/COMMIT
+du -sh gpu-pack
