@@ -441,8 +441,14 @@ mod tests {
     #[test]
     fn offsets_follow_layouts() {
         let s = Shape::new(2, 3, 2, 2);
-        assert_eq!(s.offset(Layout::Nchw, 1, 2, 3), (1 * 3 + 2) * 4 + 3);
-        assert_eq!(s.offset(Layout::Nhwc, 1, 2, 3), (1 * 4 + 3) * 3 + 2);
+        assert_eq!(
+            s.offset(Layout::Nchw, 1, 2, 3),
+            (3 + 2) * 4 + 3 /* (n*C + c)*HW + p */
+        );
+        assert_eq!(
+            s.offset(Layout::Nhwc, 1, 2, 3),
+            (4 + 3) * 3 + 2 /* (n*HW + p)*C + c */
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ mod common;
 use common::*;
 use half::{bf16, f16};
 use senet::cuda::{CudaDevice, CudaElement, DeviceTensor};
-use senet::se::cuda::{self as secuda, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights, SeOptions, SePath};
+use senet::se::cuda::{
+    self as secuda, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights, SeOptions, SePath,
+};
 use senet::se::reference;
 use senet::{Activation, Element, Error, Gate, Layout, SeConfig, Shape, Tensor};
 
@@ -41,7 +43,10 @@ impl std::fmt::Display for Case {
 
 fn paths(dev: &CudaDevice) -> Vec<(SePath, SeOptions)> {
     let mut v = vec![
-        (SePath::ThreeKernel, SeOptions::with_path(SePath::ThreeKernel)),
+        (
+            SePath::ThreeKernel,
+            SeOptions::with_path(SePath::ThreeKernel),
+        ),
         // One sample per chunk: the most chunks, so every offset computation is exercised.
         (
             SePath::L2Chunked,
@@ -87,11 +92,15 @@ fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<Stri
     let [ox, or, ody, oo] = case.offsets;
     let dw = DeviceSeWeights::upload(dev, &w).unwrap();
     let xd = DeviceTensor::from_host_at_offset(dev, &x, ox).unwrap();
-    let rd = r.as_ref().map(|r| DeviceTensor::from_host_at_offset(dev, r, or).unwrap());
+    let rd = r
+        .as_ref()
+        .map(|r| DeviceTensor::from_host_at_offset(dev, r, or).unwrap());
     let dyd = DeviceTensor::from_host_at_offset(dev, &dy, ody).unwrap();
     let mut yd = DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo).unwrap();
     let mut dxd = DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo).unwrap();
-    let mut dresd = r.as_ref().map(|_| DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo + 1).unwrap());
+    let mut dresd = r
+        .as_ref()
+        .map(|_| DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo + 1).unwrap());
     let mut saved = DeviceSeSaved::new(dev, w.config, shape.n).unwrap();
     let mut grads = DeviceSeGrads::new(dev, w.config).unwrap();
 
@@ -102,19 +111,20 @@ fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<Stri
         for run in 0..2 {
             yd.poison(dev).unwrap();
             saved.poison(dev).unwrap();
-            let ran = match secuda::forward_into(dev, &dw, &xd, rd.as_ref(), &mut yd, &mut saved, opts) {
-                Ok(p) => p,
-                Err(Error::Unsupported(why)) if label == SePath::Cluster => {
-                    if run == 0 {
-                        println!("{tag}: cluster path not available for this shape: {why}");
+            let ran =
+                match secuda::forward_into(dev, &dw, &xd, rd.as_ref(), &mut yd, &mut saved, opts) {
+                    Ok(p) => p,
+                    Err(Error::Unsupported(why)) if label == SePath::Cluster => {
+                        if run == 0 {
+                            println!("{tag}: cluster path not available for this shape: {why}");
+                        }
+                        break;
                     }
-                    break;
-                }
-                Err(e) => {
-                    fails.push(format!("{tag} forward error: {e}"));
-                    break;
-                }
-            };
+                    Err(e) => {
+                        fails.push(format!("{tag} forward error: {e}"));
+                        break;
+                    }
+                };
             if label != SePath::Auto && ran != label {
                 fails.push(format!("{tag} forced path ran as {ran}"));
             }
@@ -149,7 +159,19 @@ fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<Stri
             if let Some(dr) = dresd.as_mut() {
                 dr.poison(dev).unwrap();
             }
-            if let Err(e) = secuda::backward_into(dev, &dw, &xd, rd.as_ref(), &saved, &dyd, &mut dxd, false, &mut grads, dresd.as_mut(), opts) {
+            if let Err(e) = secuda::backward_into(
+                dev,
+                &dw,
+                &xd,
+                rd.as_ref(),
+                &saved,
+                &dyd,
+                &mut dxd,
+                false,
+                &mut grads,
+                dresd.as_mut(),
+                opts,
+            ) {
                 fails.push(format!("{tag} backward error: {e}"));
                 break;
             }
@@ -172,12 +194,18 @@ fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<Stri
                     checks.push(("dresidual", a.to_f64_vec(), b, tol_dx));
                 }
                 if case.bias != g.db1.is_some() {
-                    fails.push(format!("{tag} bias gradients present={} expected={}", g.db1.is_some(), case.bias));
+                    fails.push(format!(
+                        "{tag} bias gradients present={} expected={}",
+                        g.db1.is_some(),
+                        case.bias
+                    ));
                 }
                 for (what, got, want, tol) in checks {
                     let e = senet::rel_l2_error(&got, want);
                     if e > tol {
-                        fails.push(format!("{tag} backward {what}: rel err {e:.3e} > {tol:.0e}"));
+                        fails.push(format!(
+                            "{tag} backward {what}: rel err {e:.3e} > {tol:.0e}"
+                        ));
                     }
                 }
                 bwd_bits = Some((bits(&dx), f32bits(&g.dw1), f32bits(&g.dw2)));
@@ -191,10 +219,27 @@ fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<Stri
             if let Some(dr) = dresd.as_mut() {
                 dr.poison(dev).unwrap();
             }
-            match secuda::backward_into(dev, &dw, &xd, rd.as_ref(), &saved, &dyd, &mut dxa, true, &mut grads, dresd.as_mut(), opts) {
+            match secuda::backward_into(
+                dev,
+                &dw,
+                &xd,
+                rd.as_ref(),
+                &saved,
+                &dyd,
+                &mut dxa,
+                true,
+                &mut grads,
+                dresd.as_mut(),
+                opts,
+            ) {
                 Ok(_) => {
                     let got = dxa.to_host(dev).unwrap().to_f64_vec();
-                    let want: Vec<f64> = rb.dx.iter().zip(acc0.data()).map(|(g, a)| g + a.to_f64()).collect();
+                    let want: Vec<f64> = rb
+                        .dx
+                        .iter()
+                        .zip(acc0.data())
+                        .map(|(g, a)| g + a.to_f64())
+                        .collect();
                     let e = senet::rel_l2_error(&got, &want);
                     if e > tol_dx {
                         fails.push(format!("{tag} accumulate dx: rel err {e:.3e}"));
@@ -238,12 +283,32 @@ fn small() -> bool {
 
 fn cases(layout: Layout) -> Vec<Case> {
     if small() {
-        let shapes = [Shape::new(2, 3, 1, 3), Shape::new(1, 17, 7, 7), Shape::new(2, 24, 45, 45), Shape::new(2, 512, 28, 28)];
+        let shapes = [
+            Shape::new(2, 3, 1, 3),
+            Shape::new(1, 17, 7, 7),
+            Shape::new(2, 24, 45, 45),
+            Shape::new(2, 512, 28, 28),
+        ];
         let mut out = Vec::new();
         for (i, shape) in shapes.into_iter().enumerate() {
-            for (j, (gate, epilogue)) in [(Gate::Sigmoid, false), (Gate::HardSigmoid, true)].into_iter().enumerate() {
-                let offsets = if (i + j) % 2 == 0 { [0; 4] } else { [1, 3, 2, 0] };
-                out.push(Case { shape, layout, gate, act: Activation::Relu, bias: (i + j) % 2 == 0, epilogue, offsets });
+            for (j, (gate, epilogue)) in [(Gate::Sigmoid, false), (Gate::HardSigmoid, true)]
+                .into_iter()
+                .enumerate()
+            {
+                let offsets = if (i + j) % 2 == 0 {
+                    [0; 4]
+                } else {
+                    [1, 3, 2, 0]
+                };
+                out.push(Case {
+                    shape,
+                    layout,
+                    gate,
+                    act: Activation::Relu,
+                    bias: (i + j) % 2 == 0,
+                    epilogue,
+                    offsets,
+                });
             }
         }
         return out;
@@ -256,9 +321,21 @@ fn cases(layout: Layout) -> Vec<Case> {
                 for epilogue in [false, true] {
                     // Offsets: aligned; all misaligned alike; misaligned differently.
                     let offsets = [[0, 0, 0, 0], [1, 1, 1, 1], [1, 3, 2, 0]][k % 3];
-                    let act = if k % 4 == 3 { Activation::Silu } else { Activation::Relu };
+                    let act = if k % 4 == 3 {
+                        Activation::Silu
+                    } else {
+                        Activation::Relu
+                    };
                     k += 1;
-                    out.push(Case { shape, layout, gate, act, bias, epilogue, offsets });
+                    out.push(Case {
+                        shape,
+                        layout,
+                        gate,
+                        act,
+                        bias,
+                        epilogue,
+                        offsets,
+                    });
                 }
             }
         }
@@ -267,7 +344,15 @@ fn cases(layout: Layout) -> Vec<Case> {
         for gate in Gate::ALL {
             for bias in [true, false] {
                 for epilogue in [false, true] {
-                    out.push(Case { shape, layout, gate, act: Activation::Relu, bias, epilogue, offsets: [0; 4] });
+                    out.push(Case {
+                        shape,
+                        layout,
+                        gate,
+                        act: Activation::Relu,
+                        bias,
+                        epilogue,
+                        offsets: [0; 4],
+                    });
                 }
             }
         }
@@ -281,9 +366,19 @@ fn run_all<T: CudaElement>(layout: Layout) {
     let mut fails = Vec::new();
     let all = cases(layout);
     for (i, case) in all.iter().enumerate() {
-        fails.extend(run_case::<T>(&dev, *case, seed.wrapping_add(i as u64 * 7919)));
+        fails.extend(run_case::<T>(
+            &dev,
+            *case,
+            seed.wrapping_add(i as u64 * 7919),
+        ));
     }
-    println!("{} {layout}: {} cases x {} paths, {} failures", T::DTYPE, all.len(), paths(&dev).len(), fails.len());
+    println!(
+        "{} {layout}: {} cases x {} paths, {} failures",
+        T::DTYPE,
+        all.len(),
+        paths(&dev).len(),
+        fails.len()
+    );
     for f in &fails {
         println!("FAIL {f}");
     }
@@ -351,7 +446,8 @@ fn gpu_invalid_inputs_are_errors() {
     let dw = DeviceSeWeights::upload(&dev, &w).unwrap();
     let x = DeviceTensor::<f32>::zeros(&dev, Shape::new(2, 8, 3, 3), Layout::Nchw).unwrap();
     let wrong_c = DeviceTensor::<f32>::zeros(&dev, Shape::new(2, 9, 3, 3), Layout::Nchw).unwrap();
-    let wrong_layout = DeviceTensor::<f32>::zeros(&dev, Shape::new(2, 8, 3, 3), Layout::Nhwc).unwrap();
+    let wrong_layout =
+        DeviceTensor::<f32>::zeros(&dev, Shape::new(2, 8, 3, 3), Layout::Nhwc).unwrap();
     let opts = SeOptions::default();
     assert!(secuda::forward(&dev, &dw, &wrong_c, None, opts).is_err());
     assert!(secuda::forward(&dev, &dw, &x, Some(&wrong_layout), opts).is_err());
@@ -363,7 +459,8 @@ fn gpu_invalid_inputs_are_errors() {
     assert!(DeviceTensor::<f32>::zeros(&dev, Shape::new(2, 0, 3, 3), Layout::Nchw).is_err());
     // A sample too large for the cluster path is refused with Unsupported, not run wrongly.
     if dev.has_clusters() {
-        let big = DeviceTensor::<f32>::zeros(&dev, Shape::new(1, 8, 512, 512), Layout::Nchw).unwrap();
+        let big =
+            DeviceTensor::<f32>::zeros(&dev, Shape::new(1, 8, 512, 512), Layout::Nchw).unwrap();
         let r = secuda::forward(&dev, &dw, &big, None, SeOptions::with_path(SePath::Cluster));
         assert!(matches!(r, Err(Error::Unsupported(_))), "{:?}", r.err());
     }
@@ -390,7 +487,14 @@ fn gpu_more_than_2_pow_31_elements() {
         let w = weights(4, 2, true, Activation::Relu, Gate::Sigmoid, 3);
         let dw = DeviceSeWeights::upload(&dev, &w).unwrap();
         let xd = DeviceTensor::from_host(&dev, &x).unwrap();
-        let out = secuda::forward(&dev, &dw, &xd, None, SeOptions::with_path(SePath::ThreeKernel)).unwrap();
+        let out = secuda::forward(
+            &dev,
+            &dw,
+            &xd,
+            None,
+            SeOptions::with_path(SePath::ThreeKernel),
+        )
+        .unwrap();
         let sv = out.saved.download(&dev).unwrap();
         // Reference means in f64, in parallel.
         let hw = shape.hw();
@@ -398,7 +502,10 @@ fn gpu_more_than_2_pow_31_elements() {
             .into_par_iter()
             .map(|nc| {
                 let (n, c) = (nc / shape.c, nc % shape.c);
-                (0..hw).map(|p| x.data()[shape.offset(layout, n, c, p)].to_f64()).sum::<f64>() / hw as f64
+                (0..hw)
+                    .map(|p| x.data()[shape.offset(layout, n, c, p)].to_f64())
+                    .sum::<f64>()
+                    / hw as f64
             })
             .collect();
         assert_close(&format!("{layout} z"), &f64s(&sv.z), &z, 1e-5);
@@ -414,7 +521,11 @@ fn gpu_more_than_2_pow_31_elements() {
                 };
                 let want = sv.s[n * shape.c + c] as f64 * x.data()[i].to_f64();
                 let got = y.data()[i].to_f64();
-                if got.is_nan() { f64::INFINITY } else { (got - want).abs() }
+                if got.is_nan() {
+                    f64::INFINITY
+                } else {
+                    (got - want).abs()
+                }
             })
             .reduce(|| 0.0, f64::max);
         assert!(worst <= 1e-2, "{layout}: worst |y - s x| = {worst}");

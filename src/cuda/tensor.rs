@@ -90,7 +90,10 @@ impl<T: CudaElement> DeviceTensor<T> {
     pub fn write_sample(&mut self, dev: &CudaDevice, n: usize, data: &[T]) -> Result<()> {
         let per = self.shape.sample_numel();
         if n >= self.shape.n {
-            return Err(Error::Shape(format!("sample {n} of a batch of {}", self.shape.n)));
+            return Err(Error::Shape(format!(
+                "sample {n} of a batch of {}",
+                self.shape.n
+            )));
         }
         if data.len() != per {
             return Err(Error::Length {

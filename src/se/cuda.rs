@@ -20,9 +20,10 @@ use cudarc::driver::sys::CUfunction_attribute as FnAttr;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 /// Which kernels run an SE pass.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum SePath {
     /// Let the heuristic choose (see [`choose_path`]).
+    #[default]
     Auto,
     /// Squeeze, excitation, scale over the whole batch.
     ThreeKernel,
@@ -75,12 +76,6 @@ pub struct SeOptions {
     pub path: SePath,
     /// Samples per chunk for [`SePath::L2Chunked`]; sized from the L2 cache when `None`.
     pub chunk_samples: Option<usize>,
-}
-
-impl Default for SePath {
-    fn default() -> Self {
-        SePath::Auto
-    }
 }
 
 impl SeOptions {

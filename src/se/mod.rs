@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod cuda;
+pub mod gradcheck;
 pub mod reference;
 pub mod weights;
 

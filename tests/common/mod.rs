@@ -35,7 +35,14 @@ pub fn gpu() -> Option<Arc<CudaDevice>> {
 }
 
 /// SE weights with random values (biases too), seeded.
-pub fn weights(c: usize, d: usize, bias: bool, act: Activation, gate: Gate, seed: u64) -> SeWeights {
+pub fn weights(
+    c: usize,
+    d: usize,
+    bias: bool,
+    act: Activation,
+    gate: Gate,
+    seed: u64,
+) -> SeWeights {
     let cfg = SeConfig::with_hidden(c, d)
         .unwrap()
         .bias(bias)

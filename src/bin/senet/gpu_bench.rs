@@ -11,7 +11,8 @@ use cudarc::driver::CudaEvent;
 use half::bf16;
 use senet::cuda::{CudaDevice, CudaElement, DeviceTensor};
 use senet::se::cuda::{
-    self as secuda, choose_path, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights, Direction, SeOptions, SePath,
+    self as secuda, choose_path, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights, Direction,
+    SeOptions, SePath,
 };
 use senet::{DType, Error, Init, Layout, Result, SeConfig, SeWeights, Shape, Tensor};
 use std::io::Write;
@@ -58,10 +59,15 @@ fn default_shapes() -> Vec<Shape> {
     v
 }
 
+/// Parses `NxCxHxW`.
 pub fn parse_shape(s: &str) -> Result<Shape> {
     let d: Vec<usize> = s
         .split('x')
-        .map(|t| t.trim().parse().map_err(|_| Error::Config(format!("bad shape `{s}` (NxCxHxW)"))))
+        .map(|t| {
+            t.trim()
+                .parse()
+                .map_err(|_| Error::Config(format!("bad shape `{s}` (NxCxHxW)")))
+        })
         .collect::<Result<_>>()?;
     if d.len() != 4 {
         return Err(Error::Config(format!("bad shape `{s}` (NxCxHxW)")));
@@ -79,10 +85,16 @@ impl Timer {
         let mk = || {
             dev.context()
                 .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| Error::Driver { context: "creating an event".into(), source: e })
+                .map_err(|e| Error::Driver {
+                    context: "creating an event".into(),
+                    source: e,
+                })
         };
         let events = (0..n).map(|_| Ok((mk()?, mk()?))).collect::<Result<_>>()?;
-        Ok(Timer { dev: dev.clone(), events })
+        Ok(Timer {
+            dev: dev.clone(),
+            events,
+        })
     }
 
     /// Median milliseconds of `f(i)` over the timer's iterations (after `warmup` untimed calls).
@@ -92,9 +104,15 @@ impl Timer {
         }
         let stream = self.dev.stream();
         for (i, (a, b)) in self.events.iter().enumerate() {
-            a.record(stream).map_err(|e| Error::Driver { context: "event".into(), source: e })?;
+            a.record(stream).map_err(|e| Error::Driver {
+                context: "event".into(),
+                source: e,
+            })?;
             f(warmup + i)?;
-            b.record(stream).map_err(|e| Error::Driver { context: "event".into(), source: e })?;
+            b.record(stream).map_err(|e| Error::Driver {
+                context: "event".into(),
+                source: e,
+            })?;
         }
         self.dev.synchronize()?;
         let mut t: Vec<f64> = self
@@ -102,7 +120,10 @@ impl Timer {
             .iter()
             .map(|(a, b)| a.elapsed_ms(b).map(|v| v as f64))
             .collect::<std::result::Result<_, _>>()
-            .map_err(|e| Error::Driver { context: "event timing".into(), source: e })?;
+            .map_err(|e| Error::Driver {
+                context: "event timing".into(),
+                source: e,
+            })?;
         t.sort_by(f64::total_cmp);
         Ok(t[t.len() / 2])
     }
@@ -160,9 +181,17 @@ fn bench_one<T: CudaElement>(
         Ok(t)
     };
     let xs: Vec<_> = (0..sets).map(mk).collect::<Result<_>>()?;
-    let dys: Vec<_> = if args.forward_only { Vec::new() } else { (0..sets).map(|i| mk(i + 101)).collect::<Result<_>>()? };
-    let mut ys: Vec<_> = (0..sets).map(|_| DeviceTensor::<T>::zeros(dev, shape, layout)).collect::<Result<_>>()?;
-    let mut saved: Vec<_> = (0..sets).map(|_| DeviceSeSaved::new(dev, cfg, shape.n)).collect::<Result<_>>()?;
+    let dys: Vec<_> = if args.forward_only {
+        Vec::new()
+    } else {
+        (0..sets).map(|i| mk(i + 101)).collect::<Result<_>>()?
+    };
+    let mut ys: Vec<_> = (0..sets)
+        .map(|_| DeviceTensor::<T>::zeros(dev, shape, layout))
+        .collect::<Result<_>>()?;
+    let mut saved: Vec<_> = (0..sets)
+        .map(|_| DeviceSeSaved::new(dev, cfg, shape.n))
+        .collect::<Result<_>>()?;
     let mut grads = DeviceSeGrads::new(dev, cfg)?;
     let timer = Timer::new(dev, args.iters.max(1))?;
 
@@ -174,7 +203,8 @@ fn bench_one<T: CudaElement>(
         let opts = SeOptions::with_path(path);
         let fwd = timer.median(args.warmup, |i| {
             let k = i % sets;
-            secuda::forward_into(dev, &dw, &xs[k], None, &mut ys[k], &mut saved[k], opts).map(|_| ())
+            secuda::forward_into(dev, &dw, &xs[k], None, &mut ys[k], &mut saved[k], opts)
+                .map(|_| ())
         });
         let fwd_ms = match fwd {
             Ok(t) => Some(t),
@@ -186,8 +216,11 @@ fn bench_one<T: CudaElement>(
             // ys doubles as dx: its values are no longer needed.
             let r = timer.median(args.warmup, |i| {
                 let k = i % sets;
-                secuda::backward_into(dev, &dw, &xs[k], None, &saved[k], &dys[k], &mut ys[k], false, &mut grads, None, opts)
-                    .map(|_| ())
+                secuda::backward_into(
+                    dev, &dw, &xs[k], None, &saved[k], &dys[k], &mut ys[k], false, &mut grads,
+                    None, opts,
+                )
+                .map(|_| ())
             });
             bwd_ms = match r {
                 Ok(t) => Some(t),
@@ -198,8 +231,22 @@ fn bench_one<T: CudaElement>(
         if fwd_ms.is_none() && bwd_ms.is_none() {
             continue;
         }
-        let name = if path == SePath::Auto { format!("auto={}/{}", auto_fwd, auto_bwd) } else { path.to_string() };
-        rows.push(Row { shape, layout, dtype: T::DTYPE, path: name, auto_fwd, auto_bwd, copy_ms, fwd_ms, bwd_ms });
+        let name = if path == SePath::Auto {
+            format!("auto={}/{}", auto_fwd, auto_bwd)
+        } else {
+            path.to_string()
+        };
+        rows.push(Row {
+            shape,
+            layout,
+            dtype: T::DTYPE,
+            path: name,
+            auto_fwd,
+            auto_bwd,
+            copy_ms,
+            fwd_ms,
+            bwd_ms,
+        });
     }
     Ok(())
 }
@@ -224,11 +271,26 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let shapes = if args.shapes.is_empty() {
         default_shapes()
     } else {
-        args.shapes.iter().map(|s| parse_shape(s)).collect::<Result<_>>()?
+        args.shapes
+            .iter()
+            .map(|s| parse_shape(s))
+            .collect::<Result<_>>()?
     };
-    let dtypes: Vec<DType> = args.dtypes.iter().map(|s| s.parse()).collect::<Result<_>>()?;
-    let layouts: Vec<Layout> = args.layouts.iter().map(|s| s.parse()).collect::<Result<_>>()?;
-    let paths: Vec<SePath> = args.paths.iter().map(|s| s.parse()).collect::<Result<_>>()?;
+    let dtypes: Vec<DType> = args
+        .dtypes
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_>>()?;
+    let layouts: Vec<Layout> = args
+        .layouts
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_>>()?;
+    let paths: Vec<SePath> = args
+        .paths
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_>>()?;
     let mut rows = Vec::new();
     let total = shapes.len() * dtypes.len() * layouts.len();
     let bar = indicatif::ProgressBar::new(total as u64);
@@ -238,8 +300,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 bar.set_message(format!("{shape} {dtype} {layout}"));
                 match dtype {
                     DType::F32 => bench_one::<f32>(&dev, shape, layout, &paths, &args, &mut rows)?,
-                    DType::BF16 => bench_one::<bf16>(&dev, shape, layout, &paths, &args, &mut rows)?,
-                    DType::F16 => bench_one::<half::f16>(&dev, shape, layout, &paths, &args, &mut rows)?,
+                    DType::BF16 => {
+                        bench_one::<bf16>(&dev, shape, layout, &paths, &args, &mut rows)?
+                    }
+                    DType::F16 => {
+                        bench_one::<half::f16>(&dev, shape, layout, &paths, &args, &mut rows)?
+                    }
                     DType::F64 => return Err(Error::Unsupported("f64 has no GPU kernels".into())),
                 }
                 bar.inc(1);
@@ -247,9 +313,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
     }
     bar.finish_and_clear();
-    let header = "| shape | layout | dtype | path | copy us | fwd us | fwd % copy | bwd us | bwd % copy |";
+    let header =
+        "| shape | layout | dtype | path | copy us | fwd us | fwd % copy | bwd us | bwd % copy |";
     println!("{header}\n|---|---|---|---|---|---|---|---|---|");
-    let mut csv = String::from("shape,layout,dtype,path,auto_fwd,auto_bwd,copy_us,fwd_us,fwd_frac,bwd_us,bwd_frac\n");
+    let mut csv = String::from(
+        "shape,layout,dtype,path,auto_fwd,auto_bwd,copy_us,fwd_us,fwd_frac,bwd_us,bwd_frac\n",
+    );
     for r in &rows {
         println!(
             "| {} | {} | {} | {} | {:.1} | {} | {} | {} | {} |",
