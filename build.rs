@@ -87,7 +87,7 @@ fn main() {
                     writeln!(report, "{line}").unwrap();
                 }
                 problems.extend(summary.problems);
-                writeln!(generated, "/// `{name}.cu` built for sm_{mod_archs:?}.").unwrap();
+                writeln!(generated, "/// `{name}.cu`, built for `sm_{mod_archs:?}`.").unwrap();
                 writeln!(
                     generated,
                     "pub static {konst}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.fatbin\"));"

@@ -1,12 +1,4 @@
-//! # senet
-//!
-//! Squeeze-and-Excitation (Hu et al., arXiv 1709.01507) made fast on NVIDIA GPUs and checked
-//! against an f64 oracle.
-//!
-//! - [`se::reference`]: the oracle every other backend is judged against.
-//! - [`se::cuda`] and [`cuda`]: hand-written CUDA kernels behind a safe API over `cudarc`.
-//!
-//! Shapes and layouts live in [`tensor`]; every fallible call returns [`Error`].
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 pub mod cuda;

@@ -1,6 +1,6 @@
 //! The SE op: configuration, weights, and its three implementations.
 //!
-//! - [`reference`]: the oracle (plain loops, f64 accumulation).
+//! - [`reference`](mod@reference): the oracle (plain loops, f64 accumulation).
 //! - [`cuda`]: the GPU kernels.
 
 pub mod config;
