@@ -50,6 +50,8 @@ __device__ __forceinline__ uint4 pack(const float (&f)[Vec<T>::N]) {
 // Global loads and stores. `ld_stream`/`st_stream` mark data used once (evict first); the
 // default path keeps lines in L2 for a second pass.
 __device__ __forceinline__ uint4 ld_vec(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+// A coherent load, for buffers the same kernel also writes (accumulation into dx).
+__device__ __forceinline__ uint4 ld_vec_rw(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 __device__ __forceinline__ uint4 ld_vec_stream(const void* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
 __device__ __forceinline__ void st_vec(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 __device__ __forceinline__ void st_vec_stream(void* p, uint4 v) { __stcs(reinterpret_cast<uint4*>(p), v); }

@@ -15,7 +15,7 @@
 
 namespace senet {
 
-constexpr int BM = 32, BN = 32, BK = 16;
+constexpr int BM = 32, BN = 32, BK = 32;
 
 __device__ __forceinline__ float epilogue(const SeGemmParams& p, float acc, uint32_t m, uint32_t n,
                                           const float* __restrict__ bias, const float* __restrict__ aux,
@@ -50,9 +50,9 @@ __device__ void gemm(const SeGemmParams& p, const float* __restrict__ A, const f
 
     float acc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
     for (uint32_t k0 = kb; k0 < ke; k0 += BK) {
-        // A tile: BM x BK = 512 elements, 2 per thread, along whichever stride is unit.
+        // A tile: BM x BK = 1024 elements, 4 per thread, along whichever stride is unit.
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < 4; ++i) {
             const int e = tid + i * 256;
             const int mm = a_k_fast ? e / BK : e % BM;
             const int kk = a_k_fast ? e % BK : e / BM;
@@ -60,7 +60,7 @@ __device__ void gemm(const SeGemmParams& p, const float* __restrict__ A, const f
             As[kk][mm] = (gm < p.m && gk < ke) ? A[gm * p.sa_m + gk * p.sa_k] : 0.0f;
         }
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < 4; ++i) {
             const int e = tid + i * 256;
             const int nn = b_n_fast ? e % BN : e / BK;
             const int kk = b_n_fast ? e / BN : e % BK;

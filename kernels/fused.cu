@@ -207,7 +207,7 @@ struct BwdDx {
         constexpr int V = Vec<T>::N;
         float g[V], old[V], out[V];
         unpack<T>(*reinterpret_cast<const uint4*>(gs + goff + i), g);
-        if (accumulate) unpack<T>(ld_vec(dx + e0 + i), old);
+        if (accumulate) unpack<T>(ld_vec_rw(dx + e0 + i), old);
 #pragma unroll
         for (int k = 0; k < V; ++k) out[k] = fmaf(g[k], s[cs[k]], dz[cs[k]]) + (accumulate ? old[k] : 0.0f);
         st_vec(dx + e0 + i, pack<T>(out));

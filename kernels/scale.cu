@@ -124,7 +124,7 @@ struct DxOp {
         for (int u = 0; u < U; ++u) {
             if (ok[u]) {
                 gv[u] = ld_vec_stream(g + idx[u]);
-                if (accumulate) ov[u] = ld_vec(dx + idx[u]);
+                if (accumulate) ov[u] = ld_vec_rw(dx + idx[u]);
             }
         }
 #pragma unroll

@@ -582,13 +582,15 @@ impl Ctx<'_> {
         aux: u64,
         epilogue: u32,
     ) -> Result<()> {
+        // Split K so that the grid fills the machine and each block runs a few K tiles: these
+        // GEMMs are small and latency-bound, not FLOP-bound.
         let tiles = m.div_ceil(32) * n.div_ceil(32);
-        let splits = if k > 256 && tiles < 2 * self.sms() {
-            (2 * self.sms()).div_ceil(tiles).min(k.div_ceil(64)).max(1)
+        let splits = if k > 128 && tiles < 4 * self.sms() {
+            (4 * self.sms()).div_ceil(tiles).min(k.div_ceil(128)).clamp(1, 64)
         } else {
             1
         };
-        let kps = k.div_ceil(splits).div_ceil(16) * 16;
+        let kps = k.div_ceil(splits).div_ceil(32) * 32;
         let splits = k.div_ceil(kps);
         let p = SeGemmParams {
             sa_m: sa_m as i64,
