@@ -586,7 +586,10 @@ impl Ctx<'_> {
         // GEMMs are small and latency-bound, not FLOP-bound.
         let tiles = m.div_ceil(32) * n.div_ceil(32);
         let splits = if k > 128 && tiles < 4 * self.sms() {
-            (4 * self.sms()).div_ceil(tiles).min(k.div_ceil(128)).clamp(1, 64)
+            (4 * self.sms())
+                .div_ceil(tiles)
+                .min(k.div_ceil(128))
+                .clamp(1, 64)
         } else {
             1
         };

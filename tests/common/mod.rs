@@ -30,7 +30,9 @@ pub fn gpu() -> Option<Arc<CudaDevice>> {
     if require {
         panic!("SENET_REQUIRE_GPU=1 but no usable CUDA device: {err}");
     }
-    println!("skipped: no CUDA device ({err})");
+    // Written to stderr directly (not through print!), so libtest's capture does not hide it.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({err})");
     None
 }
 
