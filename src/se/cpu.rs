@@ -1,0 +1,1275 @@
+//! The fast CPU path: SE forward, backward and the fused residual epilogue, multi-threaded with
+//! rayon, for every [`Element`] type (f32, f16 and bf16 in bulk; f64 works too) in NCHW and NHWC.
+//!
+//! # Contract
+//!
+//! The same math as [`super::reference`] (see DESIGN.md), with f32 weights and f32 accumulation
+//! whatever the element type: f16/bf16 activations are widened in bulk into small stack buffers,
+//! computed on in f32 and rounded (to nearest even) once on the way out. Results agree with the
+//! f64 reference within DESIGN.md's tolerances.
+//!
+//! # How it is fast
+//!
+//! SE is memory-bound: forward must read x and write y (2N bytes for an N-byte tensor), backward
+//! must read dy and x and write dx (3N). The pass over x that computes the channel means and the
+//! pass that scales it are split by the excitation, so the second pass only runs at memory speed
+//! if the sample is still in cache. The work is therefore cut by samples:
+//!
+//! - Many samples (at least two per thread): each rayon task owns a group of whole samples
+//!   (up to [`GROUP_BYTES`] of them, at most [`TILE`]) and runs squeeze, excitation and scale on
+//!   them back to back, so x comes from memory once and the excitation's small GEMMs read each
+//!   weight row once per group. No barriers: one thread's reads overlap another's writes.
+//! - Few samples (batch 1): one sample at a time, with the squeeze and the scale each split over
+//!   the threads (channel rows for NCHW, channel blocks or pixel rows for NHWC).
+//!
+//! Parameter gradients are batched GEMMs over all samples once every group is done.
+//!
+//! # Saved state
+//!
+//! [`CpuSaved`] keeps z, h (hidden pre-activation), u = act(h) and s, each `[n][..]` f32 (the
+//! device path's layout). The gate's derivative is taken from s: sigmoid' = s(1 - s),
+//! hard-sigmoid' = 1/6 where 0 < s < 1. The epilogue's ReLU mask is recomputed in backward as
+//! `s * x + residual > 0`, with the same f32 expression forward used.
+
+use super::{check_activation, check_saved_len, weights::check_len};
+use super::{Activation, Gate, SeConfig, SeGrads, SeWeights};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Element, Layout, Shape, Tensor};
+use half::{f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::mem::size_of;
+
+/// Elements converted at a time between f16/bf16 and the f32 stack buffers.
+const PIECE: usize = 512;
+/// Most samples one task owns: the excitation GEMMs are register-tiled over this many samples.
+pub const TILE: usize = 4;
+/// Bytes of input one task's sample group may span so that it stays in a core's L2 between the
+/// squeeze and the scale.
+pub const GROUP_BYTES: usize = 1 << 20;
+/// Smallest number of elements a parallel piece of one sample gets (batch-1 path).
+const MIN_TASK_ELEMS: usize = 16 * 1024;
+
+// ------------------------------------------------------------------------------ public types
+
+/// What [`forward`] keeps for [`backward`]: all `[n][..]`, row-major, f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuSaved {
+    /// Squeezed means, `[n][channels]`.
+    pub z: Vec<f32>,
+    /// Hidden pre-activation `W1 z + b1`, `[n][hidden]`.
+    pub h: Vec<f32>,
+    /// Hidden activation `act(h)`, `[n][hidden]`.
+    pub u: Vec<f32>,
+    /// Channel weights `gate(W2 u + b2)`, `[n][channels]`.
+    pub s: Vec<f32>,
+}
+
+impl CpuSaved {
+    /// Zeroed buffers sized for `n` samples of `config` (to pass to [`forward_into`]).
+    pub fn new(config: &SeConfig, n: usize) -> Self {
+        let (c, d) = (config.channels, config.hidden);
+        CpuSaved {
+            z: vec![0.0; n * c],
+            h: vec![0.0; n * d],
+            u: vec![0.0; n * d],
+            s: vec![0.0; n * c],
+        }
+    }
+
+    fn check(&self, n: usize, c: usize, d: usize) -> Result<()> {
+        check_saved_len(n, c, d, self.z.len(), self.h.len(), self.s.len())?;
+        check_len("saved u", self.u.len(), n * d)
+    }
+}
+
+/// [`forward`]'s results.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuForward<T> {
+    /// The output, in the input's shape and layout.
+    pub y: Tensor<T>,
+    /// What backward needs.
+    pub saved: CpuSaved,
+}
+
+/// [`backward`]'s results.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuBackward<T> {
+    /// d loss / d x, in the input's layout.
+    pub dx: Tensor<T>,
+    /// Parameter gradients (f32).
+    pub grads: SeGrads<f32>,
+    /// d loss / d residual (the epilogue only): dy through the ReLU mask.
+    pub dresidual: Option<Tensor<T>>,
+}
+
+/// Zeroed parameter gradients shaped for `config` (to pass to [`backward_into`]).
+pub fn zero_grads(config: &SeConfig) -> SeGrads<f32> {
+    let (c, d) = (config.channels, config.hidden);
+    SeGrads {
+        dw1: vec![0.0; d * c],
+        db1: config.bias.then(|| vec![0.0; d]),
+        dw2: vec![0.0; c * d],
+        db2: config.bias.then(|| vec![0.0; c]),
+    }
+}
+
+// ------------------------------------------------------------------------------ entry points
+
+/// SE forward. With `residual`, the fused epilogue `y = relu(s * x + residual)`; otherwise
+/// `y = s * x`.
+///
+/// Errors (never panics) when the weights are inconsistent, `x` does not have
+/// `config.channels` channels, or `residual` differs from `x` in shape or layout.
+pub fn forward<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    residual: Option<&Tensor<T>>,
+) -> Result<CpuForward<T>> {
+    check_activation(w, x, residual, None)?;
+    let mut y = Tensor::zeros(x.shape(), x.layout())?;
+    let mut saved = CpuSaved::new(&w.config, x.shape().n);
+    forward_into(w, x, residual, &mut y, &mut saved)?;
+    Ok(CpuForward { y, saved })
+}
+
+/// SE forward into caller buffers: `y` (the shape and layout of `x`) and `saved`
+/// ([`CpuSaved::new`] for `x`'s batch). Allocates nothing.
+///
+/// Errors as [`forward`] does, and when `y` or `saved` is sized for another shape.
+pub fn forward_into<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    residual: Option<&Tensor<T>>,
+    y: &mut Tensor<T>,
+    saved: &mut CpuSaved,
+) -> Result<()> {
+    check_activation(w, x, residual, None)?;
+    same_as_x("output y", x, y.shape(), y.layout())?;
+    let sh = x.shape();
+    saved.check(sh.n, sh.c, w.config.hidden)?;
+    let p = Problem::new(w, sh, x.layout());
+    let xs = x.data();
+    let rs = residual.map(|r| r.data());
+    let CpuSaved { z, h, u, s } = saved;
+    let ys = y.data_mut();
+    let (se, c, d) = (p.sample, p.c, p.d);
+
+    let threads = rayon::current_num_threads();
+    let g = p.group(threads, size_of::<T>() * if rs.is_some() { 2 } else { 1 });
+    if let Some(g) = g {
+        // Whole-sample groups, one task each: squeeze, excite, scale while the group is in L2.
+        ys.par_chunks_mut(g * se)
+            .zip(z.par_chunks_mut(g * c))
+            .zip(h.par_chunks_mut(g * d))
+            .zip(u.par_chunks_mut(g * d))
+            .zip(s.par_chunks_mut(g * c))
+            .enumerate()
+            .for_each(|(gi, ((((y, z), h), u), s))| {
+                let m = z.len() / c;
+                let x = &xs[gi * g * se..][..m * se];
+                let r = rs.map(|r| &r[gi * g * se..][..m * se]);
+                for k in 0..m {
+                    p.squeeze(&x[k * se..][..se], 0, &mut z[k * c..][..c]);
+                }
+                p.excite(z, h, u, s);
+                for k in 0..m {
+                    let xk = &x[k * se..][..se];
+                    let rk = r.map(|r| &r[k * se..][..se]);
+                    p.scale(xk, rk, &mut y[k * se..][..se], 0, &s[k * c..][..c]);
+                }
+            });
+    } else {
+        // Few samples: one at a time, each pass split over the threads.
+        for n in 0..sh.n {
+            let x = &xs[n * se..][..se];
+            let r = rs.map(|r| &r[n * se..][..se]);
+            let (zn, sn) = (&mut z[n * c..][..c], &mut s[n * c..][..c]);
+            p.squeeze_par(x, zn, threads);
+            p.excite(zn, &mut h[n * d..][..d], &mut u[n * d..][..d], sn);
+            p.scale_par(x, r, &mut ys[n * se..][..se], sn, threads);
+        }
+    }
+    Ok(())
+}
+
+/// SE backward, given the forward's inputs, what it saved, and `dy`.
+///
+/// Returns `dx`, the parameter gradients, and with the epilogue `d residual` (dy through the
+/// ReLU mask of `s * x + residual`). Errors (never panics) on inconsistent weights, shapes,
+/// layouts or saved lengths.
+pub fn backward<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    residual: Option<&Tensor<T>>,
+    saved: &CpuSaved,
+    dy: &Tensor<T>,
+) -> Result<CpuBackward<T>> {
+    check_activation(w, x, residual, Some(dy))?;
+    let mut dx = Tensor::zeros(x.shape(), x.layout())?;
+    let mut grads = zero_grads(&w.config);
+    let mut dres = residual
+        .map(|_| Tensor::zeros(x.shape(), x.layout()))
+        .transpose()?;
+    backward_into(
+        w,
+        x,
+        residual,
+        saved,
+        dy,
+        &mut dx,
+        false,
+        &mut grads,
+        dres.as_mut(),
+    )?;
+    Ok(CpuBackward {
+        dx,
+        grads,
+        dresidual: dres,
+    })
+}
+
+/// SE backward into caller buffers. With `accumulate`, `dx` gets the gradient added to what it
+/// holds (a residual network adds the identity path's gradient); otherwise it is overwritten.
+/// Parameter gradients are overwritten (`grads` shaped by [`zero_grads`]); `dresidual` must be
+/// given exactly when `residual` is. Reuses a per-thread scratch buffer (4 floats per channel
+/// and sample), so repeated calls allocate nothing.
+///
+/// Errors as [`backward`] does, and when an output is sized for another shape or config.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    residual: Option<&Tensor<T>>,
+    saved: &CpuSaved,
+    dy: &Tensor<T>,
+    dx: &mut Tensor<T>,
+    accumulate: bool,
+    grads: &mut SeGrads<f32>,
+    dresidual: Option<&mut Tensor<T>>,
+) -> Result<()> {
+    check_activation(w, x, residual, Some(dy))?;
+    same_as_x("gradient dx", x, dx.shape(), dx.layout())?;
+    if let Some(dr) = &dresidual {
+        same_as_x("gradient d residual", x, dr.shape(), dr.layout())?;
+    }
+    if residual.is_some() != dresidual.is_some() {
+        return Err(Error::Config(
+            "d residual must be given exactly when the residual is".into(),
+        ));
+    }
+    let cfg = w.config;
+    let sh = x.shape();
+    saved.check(sh.n, sh.c, cfg.hidden)?;
+    check_grads(grads, &cfg)?;
+    let p = Problem::new(w, sh, x.layout());
+    let stride = p.scratch_stride();
+    SCRATCH.with(|cell| {
+        // Take the buffer (a nested call on this thread, e.g. from a rayon join, then simply
+        // gets a fresh one) and put it back for the next call.
+        let mut scratch = std::mem::take(&mut *cell.borrow_mut());
+        scratch.clear();
+        scratch.resize(sh.n * stride, 0.0);
+        let args = BwdArgs {
+            x: x.data(),
+            r: residual.map(|r| r.data()),
+            dy: dy.data(),
+            saved,
+            accumulate,
+        };
+        p.backward(
+            &args,
+            dx.data_mut(),
+            dresidual.map(|t| t.data_mut()),
+            &mut scratch,
+        );
+        p.param_grads(saved, &scratch, grads);
+        *cell.borrow_mut() = scratch;
+    });
+    Ok(())
+}
+
+thread_local! {
+    /// Backward's per-sample scratch (ds, dg, dz, du), kept between calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn same_as_x<T: Element>(what: &str, x: &Tensor<T>, shape: Shape, layout: Layout) -> Result<()> {
+    if shape != x.shape() || layout != x.layout() {
+        return Err(Error::Shape(format!(
+            "{what} is {shape} {layout}, input is {} {}",
+            x.shape(),
+            x.layout()
+        )));
+    }
+    Ok(())
+}
+
+fn check_grads(g: &SeGrads<f32>, cfg: &SeConfig) -> Result<()> {
+    let (c, d) = (cfg.channels, cfg.hidden);
+    check_len("grad dw1", g.dw1.len(), d * c)?;
+    check_len("grad dw2", g.dw2.len(), c * d)?;
+    match (&g.db1, &g.db2, cfg.bias) {
+        (Some(b1), Some(b2), true) => {
+            check_len("grad db1", b1.len(), d)?;
+            check_len("grad db2", b2.len(), c)
+        }
+        (None, None, false) => Ok(()),
+        _ => Err(Error::Config(format!(
+            "bias gradients must be present iff config.bias ({})",
+            cfg.bias
+        ))),
+    }
+}
+
+// ------------------------------------------------------------------------------ the problem
+
+/// One call's shapes and weights, and the passes over one sample or group of samples.
+struct Problem<'a> {
+    w1: &'a [f32],
+    b1: Option<&'a [f32]>,
+    w2: &'a [f32],
+    b2: Option<&'a [f32]>,
+    act: Activation,
+    gate: Gate,
+    layout: Layout,
+    n: usize,
+    c: usize,
+    d: usize,
+    hw: usize,
+    /// Elements per sample.
+    sample: usize,
+}
+
+/// Backward's read-only inputs.
+struct BwdArgs<'a, T> {
+    x: &'a [T],
+    r: Option<&'a [T]>,
+    dy: &'a [T],
+    saved: &'a CpuSaved,
+    accumulate: bool,
+}
+
+impl<'a> Problem<'a> {
+    fn new(w: &'a SeWeights, sh: Shape, layout: Layout) -> Self {
+        Problem {
+            w1: &w.w1,
+            b1: w.b1.as_deref(),
+            w2: &w.w2,
+            b2: w.b2.as_deref(),
+            act: w.config.activation,
+            gate: w.config.gate,
+            layout,
+            n: sh.n,
+            c: sh.c,
+            d: w.config.hidden,
+            hw: sh.hw(),
+            sample: sh.sample_numel(),
+        }
+    }
+
+    /// Samples per task for the whole-sample path, or `None` for the few-samples path.
+    /// `bytes_per` is the input bytes per element the passes read (x, plus dy and residual).
+    fn group(&self, threads: usize, bytes_per: usize) -> Option<usize> {
+        if threads > 1 && self.n < 2 * threads {
+            return None;
+        }
+        let fit = (GROUP_BYTES / (self.sample * bytes_per).max(1)).clamp(1, TILE);
+        Some(fit.min((self.n / (2 * threads)).max(1)))
+    }
+
+    /// Backward scratch floats per sample: ds, dg, dz (`c` each) and du (`d`).
+    fn scratch_stride(&self) -> usize {
+        3 * self.c + self.d
+    }
+
+    /// Elements of one parallel unit of a sample: a channel row (NCHW) or a pixel (NHWC).
+    fn unit(&self) -> usize {
+        match self.layout {
+            Layout::Nchw => self.hw,
+            Layout::Nhwc => self.c,
+        }
+    }
+
+    /// Units per parallel piece of one sample, for `threads` threads.
+    fn units_per_task(&self, threads: usize) -> usize {
+        let units = self.sample / self.unit();
+        let by_size = MIN_TASK_ELEMS.div_ceil(self.unit());
+        let by_threads = units.div_ceil(4 * threads);
+        by_size.max(by_threads).max(1)
+    }
+
+    /// Channels per parallel piece of the NHWC squeeze (strided runs of this many elements).
+    fn channels_per_task(&self, threads: usize) -> usize {
+        self.c.div_ceil(2 * threads).max(64).next_multiple_of(16)
+    }
+
+    // ---------------------------------------------------------------- forward passes
+
+    /// z[k] = mean over pixels of channel `c0 + k` of one sample.
+    fn squeeze<T: Element>(&self, x: &[T], c0: usize, z: &mut [f32]) {
+        let inv = 1.0 / self.hw as f32;
+        let mut buf = [0f32; PIECE];
+        match self.layout {
+            Layout::Nchw => {
+                let rows = &x[c0 * self.hw..][..z.len() * self.hw];
+                for (zc, row) in z.iter_mut().zip(rows.chunks_exact(self.hw)) {
+                    let mut acc = 0.0;
+                    for piece in row.chunks(PIECE) {
+                        acc += sum(view(piece, &mut buf));
+                    }
+                    *zc = acc * inv;
+                }
+            }
+            Layout::Nhwc => {
+                let cb = z.len();
+                z.fill(0.0);
+                for pix in x.chunks_exact(self.c) {
+                    let seg = &pix[c0..][..cb];
+                    for (zp, piece) in z.chunks_mut(PIECE).zip(seg.chunks(PIECE)) {
+                        add_to(zp, view(piece, &mut buf));
+                    }
+                }
+                z.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+    }
+
+    /// [`Self::squeeze`] of a whole sample, split over the threads.
+    fn squeeze_par<T: Element>(&self, x: &[T], z: &mut [f32], threads: usize) {
+        let per = match self.layout {
+            Layout::Nchw => self.units_per_task(threads),
+            Layout::Nhwc => self.channels_per_task(threads),
+        };
+        z.par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(i, zc)| self.squeeze(x, i * per, zc));
+    }
+
+    /// The excitation for `m` samples: `z` is `[m][c]`; writes h, u (`[m][d]`) and s (`[m][c]`).
+    /// Loops run weight row outer, sample inner, so each weight row is read once per call.
+    fn excite(&self, z: &[f32], h: &mut [f32], u: &mut [f32], s: &mut [f32]) {
+        let (c, d) = (self.c, self.d);
+        let m = z.len() / c;
+        for j in 0..d {
+            let row = &self.w1[j * c..][..c];
+            let b = self.b1.map_or(0.0, |b| b[j]);
+            for k in 0..m {
+                h[k * d + j] = b + dot(row, &z[k * c..][..c]);
+            }
+        }
+        for (uk, &hk) in u.iter_mut().zip(h.iter()) {
+            *uk = act(self.act, hk);
+        }
+        for cc in 0..c {
+            let row = &self.w2[cc * d..][..d];
+            let b = self.b2.map_or(0.0, |b| b[cc]);
+            for k in 0..m {
+                s[k * c + cc] = gate(self.gate, b + dot(row, &u[k * d..][..d]));
+            }
+        }
+    }
+
+    /// y = s * x (or relu(s * x + r)) over whole units of one sample starting at unit `u0`;
+    /// `s` is the sample's `[c]` channel weights.
+    fn scale<T: Element>(&self, x: &[T], r: Option<&[T]>, y: &mut [T], u0: usize, s: &[f32]) {
+        let mut bufs = Bufs::new();
+        let unit = self.unit();
+        for (i, yu) in y.chunks_mut(unit).enumerate() {
+            let xu = &x[i * unit..][..unit];
+            let ru = r.map(|r| &r[i * unit..][..unit]);
+            match self.layout {
+                Layout::Nchw => fwd_seg(xu, ru, yu, s[u0 + i], &mut bufs),
+                Layout::Nhwc => fwd_seg(xu, ru, yu, s, &mut bufs),
+            }
+        }
+    }
+
+    /// [`Self::scale`] of a whole sample, split over the threads.
+    fn scale_par<T: Element>(
+        &self,
+        x: &[T],
+        r: Option<&[T]>,
+        y: &mut [T],
+        s: &[f32],
+        threads: usize,
+    ) {
+        let upt = self.units_per_task(threads);
+        let step = upt * self.unit();
+        y.par_chunks_mut(step).enumerate().for_each(|(i, yc)| {
+            let xc = &x[i * step..][..yc.len()];
+            let rc = r.map(|r| &r[i * step..][..yc.len()]);
+            self.scale(xc, rc, yc, i * upt, s);
+        });
+    }
+
+    // ---------------------------------------------------------------- backward passes
+
+    /// Backward over every sample: fills dx (and d residual) and the per-sample scratch rows
+    /// (ds, dg, dz, du) that [`Self::param_grads`] reads.
+    fn backward<T: Element>(
+        &self,
+        a: &BwdArgs<'_, T>,
+        dx: &mut [T],
+        dres: Option<&mut [T]>,
+        scratch: &mut [f32],
+    ) {
+        let (se, stride) = (self.sample, self.scratch_stride());
+        let threads = rayon::current_num_threads();
+        let inputs = if a.r.is_some() { 3 } else { 2 };
+        let Some(g) = self.group(threads, inputs * size_of::<T>()) else {
+            // Few samples: one at a time, each pass split over the threads.
+            let mut dres = dres;
+            for n in 0..self.n {
+                let one = Sample::of(a, n, se, self.c);
+                let scr = &mut scratch[n * stride..][..stride];
+                self.dsum_par(&one, &mut scr[..self.c], threads);
+                self.dexcite(&a.saved.h[n * self.d..][..self.d], one.s, scr);
+                let dzh = &scr[2 * self.c..][..self.c];
+                let dxn = &mut dx[n * se..][..se];
+                let drn = dres.as_deref_mut().map(|d| &mut d[n * se..][..se]);
+                self.dscale_par(&one, dzh, dxn, drn, a.accumulate, threads);
+            }
+            return;
+        };
+        let task = |gi: usize, dx: &mut [T], mut dres: Option<&mut [T]>, scr: &mut [f32]| {
+            let m = scr.len() / stride;
+            let n0 = gi * g;
+            for k in 0..m {
+                let one = Sample::of(a, n0 + k, se, self.c);
+                self.dsum(&one, 0, &mut scr[k * stride..][..self.c]);
+            }
+            let h = &a.saved.h[n0 * self.d..][..m * self.d];
+            let s = &a.saved.s[n0 * self.c..][..m * self.c];
+            self.dexcite(h, s, scr);
+            for k in 0..m {
+                let one = Sample::of(a, n0 + k, se, self.c);
+                let dzh = &scr[k * stride + 2 * self.c..][..self.c];
+                let dxk = &mut dx[k * se..][..se];
+                let drk = dres.as_deref_mut().map(|d| &mut d[k * se..][..se]);
+                self.dscale(&one, 0, dzh, dxk, drk, a.accumulate);
+            }
+        };
+        let scr = scratch.par_chunks_mut(g * stride);
+        match dres {
+            Some(dr) => dx
+                .par_chunks_mut(g * se)
+                .zip(dr.par_chunks_mut(g * se))
+                .zip(scr)
+                .enumerate()
+                .for_each(|(gi, ((dx, dr), sc))| task(gi, dx, Some(dr), sc)),
+            None => dx
+                .par_chunks_mut(g * se)
+                .zip(scr)
+                .enumerate()
+                .for_each(|(gi, (dx, sc))| task(gi, dx, None, sc)),
+        }
+    }
+
+    /// ds[k] = sum over pixels of g * x for channel `c0 + k` of one sample, g = dy through the
+    /// epilogue's mask.
+    fn dsum<T: Element>(&self, one: &Sample<'_, T>, c0: usize, ds: &mut [f32]) {
+        let mut bufs = Bufs::new();
+        let hw = self.hw;
+        match self.layout {
+            Layout::Nchw => {
+                for (k, dsk) in ds.iter_mut().enumerate() {
+                    let at = (c0 + k) * hw;
+                    let r = one.r.map(|r| &r[at..][..hw]);
+                    *dsk = dsum_seg(
+                        &one.x[at..][..hw],
+                        r,
+                        &one.dy[at..][..hw],
+                        one.s[c0 + k],
+                        &mut bufs,
+                    );
+                }
+            }
+            Layout::Nhwc => {
+                let (c, cb) = (self.c, ds.len());
+                ds.fill(0.0);
+                for p in 0..hw {
+                    let at = p * c + c0;
+                    let r = one.r.map(|r| &r[at..][..cb]);
+                    let s = &one.s[c0..][..cb];
+                    dsum_cols(&one.x[at..][..cb], r, &one.dy[at..][..cb], s, ds, &mut bufs);
+                }
+            }
+        }
+    }
+
+    /// [`Self::dsum`] of a whole sample, split over the threads.
+    fn dsum_par<T: Element>(&self, one: &Sample<'_, T>, ds: &mut [f32], threads: usize) {
+        let per = match self.layout {
+            Layout::Nchw => self.units_per_task(threads),
+            Layout::Nhwc => self.channels_per_task(threads),
+        };
+        ds.par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(i, dc)| self.dsum(one, i * per, dc));
+    }
+
+    /// The excitation's backward for the `m` samples whose scratch rows are `scr` (ds filled):
+    /// writes dg, du and dz / hw into the rows. `h` is `[m][d]`, `s` is `[m][c]`.
+    fn dexcite(&self, h: &[f32], s: &[f32], scr: &mut [f32]) {
+        let (c, d) = (self.c, self.d);
+        let stride = self.scratch_stride();
+        let m = scr.len() / stride;
+        for k in 0..m {
+            let row = &mut scr[k * stride..][..stride];
+            let (ds, rest) = row.split_at_mut(c);
+            let (dg, rest) = rest.split_at_mut(c);
+            let (dz, du) = rest.split_at_mut(c);
+            for ((g, &dsv), &sv) in dg.iter_mut().zip(ds.iter()).zip(&s[k * c..][..c]) {
+                *g = dsv * gate_grad(self.gate, sv);
+            }
+            du.fill(0.0);
+            dz.fill(0.0);
+        }
+        // du[k] = W2^T dg[k], weight row outer so each row is read once for the m samples.
+        for cc in 0..c {
+            let row = &self.w2[cc * d..][..d];
+            for k in 0..m {
+                let g = scr[k * stride + c + cc];
+                axpy(&mut scr[k * stride + 3 * c..][..d], g, row);
+            }
+        }
+        for k in 0..m {
+            let du = &mut scr[k * stride + 3 * c..][..d];
+            for (v, &hv) in du.iter_mut().zip(&h[k * d..][..d]) {
+                *v *= act_grad(self.act, hv);
+            }
+        }
+        // dz[k] = W1^T du[k] / hw.
+        let inv = 1.0 / self.hw as f32;
+        for j in 0..d {
+            let row = &self.w1[j * c..][..c];
+            for k in 0..m {
+                let v = scr[k * stride + 3 * c + j] * inv;
+                axpy(&mut scr[k * stride + 2 * c..][..c], v, row);
+            }
+        }
+    }
+
+    /// dx = g * s + dz / hw (plus dx's old value with `accumulate`) and d residual = g over
+    /// whole units of one sample starting at unit `u0`; `dzh` is the sample's `[c]` dz / hw.
+    fn dscale<T: Element>(
+        &self,
+        one: &Sample<'_, T>,
+        u0: usize,
+        dzh: &[f32],
+        dx: &mut [T],
+        mut dres: Option<&mut [T]>,
+        accumulate: bool,
+    ) {
+        let mut bufs = Bufs::new();
+        let unit = self.unit();
+        let base = u0 * unit;
+        for (i, dxu) in dx.chunks_mut(unit).enumerate() {
+            let at = base + i * unit;
+            let x = &one.x[at..][..unit];
+            let r = one.r.map(|r| &r[at..][..unit]);
+            let dy = &one.dy[at..][..unit];
+            let dr = dres.as_deref_mut().map(|d| &mut d[i * unit..][..unit]);
+            match self.layout {
+                Layout::Nchw => {
+                    let cc = u0 + i;
+                    dx_seg(x, r, dy, one.s[cc], dzh[cc], dxu, dr, accumulate, &mut bufs)
+                }
+                Layout::Nhwc => dx_seg(x, r, dy, one.s, dzh, dxu, dr, accumulate, &mut bufs),
+            }
+        }
+    }
+
+    /// [`Self::dscale`] of a whole sample, split over the threads.
+    fn dscale_par<T: Element>(
+        &self,
+        one: &Sample<'_, T>,
+        dzh: &[f32],
+        dx: &mut [T],
+        dres: Option<&mut [T]>,
+        accumulate: bool,
+        threads: usize,
+    ) {
+        let upt = self.units_per_task(threads);
+        let step = upt * self.unit();
+        match dres {
+            Some(dr) => dx
+                .par_chunks_mut(step)
+                .zip(dr.par_chunks_mut(step))
+                .enumerate()
+                .for_each(|(i, (dxc, drc))| {
+                    self.dscale(one, i * upt, dzh, dxc, Some(drc), accumulate)
+                }),
+            None => dx
+                .par_chunks_mut(step)
+                .enumerate()
+                .for_each(|(i, dxc)| self.dscale(one, i * upt, dzh, dxc, None, accumulate)),
+        }
+    }
+
+    /// dW1, dW2 (and the biases') from every sample's dg and du in `scratch`, batched over the
+    /// samples and split over the threads by output rows.
+    fn param_grads(&self, saved: &CpuSaved, scratch: &[f32], grads: &mut SeGrads<f32>) {
+        let (c, d, n) = (self.c, self.d, self.n);
+        let stride = self.scratch_stride();
+        let dg = |k: usize| &scratch[k * stride + c..][..c];
+        let du = |k: usize| &scratch[k * stride + 3 * c..][..d];
+        // dW2[cc] = sum_k dg[k][cc] u[k]: rows of d floats, u stays in L1.
+        let rows2 = (4096 / d.max(1)).max(1);
+        grads
+            .dw2
+            .par_chunks_mut(rows2 * d)
+            .enumerate()
+            .for_each(|(i, blk)| {
+                blk.fill(0.0);
+                for (r, row) in blk.chunks_mut(d).enumerate() {
+                    let cc = i * rows2 + r;
+                    for k in 0..n {
+                        axpy(row, dg(k)[cc], &saved.u[k * d..][..d]);
+                    }
+                }
+            });
+        // dW1[j] = sum_k du[k][j] z[k]: blocks of rows stay in L1 while each z[k] streams once.
+        let rows1 = (8192 / c.max(1)).clamp(1, 8);
+        grads
+            .dw1
+            .par_chunks_mut(rows1 * c)
+            .enumerate()
+            .for_each(|(i, blk)| {
+                blk.fill(0.0);
+                for k in 0..n {
+                    let zk = &saved.z[k * c..][..c];
+                    for (r, row) in blk.chunks_mut(c).enumerate() {
+                        axpy(row, du(k)[i * rows1 + r], zk);
+                    }
+                }
+            });
+        if let Some(db2) = grads.db2.as_mut() {
+            db2.fill(0.0);
+            for k in 0..n {
+                add_to(db2, dg(k));
+            }
+        }
+        if let Some(db1) = grads.db1.as_mut() {
+            db1.fill(0.0);
+            for k in 0..n {
+                add_to(db1, du(k));
+            }
+        }
+    }
+}
+
+/// One sample's backward inputs.
+struct Sample<'a, T> {
+    x: &'a [T],
+    r: Option<&'a [T]>,
+    dy: &'a [T],
+    s: &'a [f32],
+}
+
+impl<'a, T: Element> Sample<'a, T> {
+    fn of(a: &BwdArgs<'a, T>, n: usize, se: usize, c: usize) -> Self {
+        Sample {
+            x: &a.x[n * se..][..se],
+            r: a.r.map(|r| &r[n * se..][..se]),
+            dy: &a.dy[n * se..][..se],
+            s: &a.saved.s[n * c..][..c],
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ segments
+
+/// Per-channel values over a run of elements: one value for an NCHW channel row, a slice (one
+/// per channel) for an NHWC pixel.
+trait Scales: Copy {
+    /// The value for element `i` of the run.
+    fn get(self, i: usize) -> f32;
+    /// The values for elements `k0..k0 + n` of the run.
+    fn sub(self, k0: usize, n: usize) -> Self;
+}
+
+impl Scales for f32 {
+    #[inline(always)]
+    fn get(self, _: usize) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn sub(self, _: usize, _: usize) -> Self {
+        self
+    }
+}
+
+impl Scales for &[f32] {
+    #[inline(always)]
+    fn get(self, i: usize) -> f32 {
+        self[i]
+    }
+    #[inline(always)]
+    fn sub(self, k0: usize, n: usize) -> Self {
+        &self[k0..][..n]
+    }
+}
+
+/// Stack buffers for converting f16/bf16 pieces (unused, and optimised away, for f32).
+struct Bufs {
+    a: [f32; PIECE],
+    b: [f32; PIECE],
+    c: [f32; PIECE],
+    d: [f32; PIECE],
+}
+
+impl Bufs {
+    #[inline(always)]
+    fn new() -> Self {
+        Bufs {
+            a: [0.0; PIECE],
+            b: [0.0; PIECE],
+            c: [0.0; PIECE],
+            d: [0.0; PIECE],
+        }
+    }
+}
+
+/// The epilogue's pre-activation, one expression for forward and for backward's mask.
+#[inline(always)]
+fn epilogue_pre(s: f32, x: f32, r: f32) -> f32 {
+    s * x + r
+}
+
+/// y = s * x, or relu(s * x + r), over one run.
+#[inline(always)]
+fn fwd_seg<T: Element, S: Scales>(x: &[T], r: Option<&[T]>, y: &mut [T], s: S, bufs: &mut Bufs) {
+    let Bufs { a, b, c, .. } = bufs;
+    let len = y.len();
+    for k0 in (0..len).step_by(PIECE) {
+        let n = PIECE.min(len - k0);
+        let xv = view(&x[k0..][..n], a);
+        let sv = s.sub(k0, n);
+        match r {
+            None => emit(&mut y[k0..][..n], c, false, |yv| {
+                for i in 0..n {
+                    yv[i] = sv.get(i) * xv[i];
+                }
+            }),
+            Some(r) => {
+                let rv = view(&r[k0..][..n], b);
+                emit(&mut y[k0..][..n], c, false, |yv| {
+                    for i in 0..n {
+                        yv[i] = epilogue_pre(sv.get(i), xv[i], rv[i]).max(0.0);
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// sum of g * x over one NCHW channel row with weight `s` (g = dy through the mask).
+#[inline(always)]
+fn dsum_seg<T: Element>(x: &[T], r: Option<&[T]>, dy: &[T], s: f32, bufs: &mut Bufs) -> f32 {
+    let Bufs { a, b, c, .. } = bufs;
+    let len = x.len();
+    let mut acc = 0.0;
+    for k0 in (0..len).step_by(PIECE) {
+        let n = PIECE.min(len - k0);
+        let xv = view(&x[k0..][..n], a);
+        let gv = view(&dy[k0..][..n], c);
+        acc += match r {
+            None => dot(gv, xv),
+            Some(r) => {
+                let rv = view(&r[k0..][..n], b);
+                masked_dot(gv, xv, rv, s)
+            }
+        };
+    }
+    acc
+}
+
+/// ds[k] += g * x over one NHWC pixel's run of channels with weights `s`.
+#[inline(always)]
+fn dsum_cols<T: Element>(
+    x: &[T],
+    r: Option<&[T]>,
+    dy: &[T],
+    s: &[f32],
+    ds: &mut [f32],
+    bufs: &mut Bufs,
+) {
+    let Bufs { a, b, c, .. } = bufs;
+    let len = x.len();
+    for k0 in (0..len).step_by(PIECE) {
+        let n = PIECE.min(len - k0);
+        let xv = view(&x[k0..][..n], a);
+        let gv = view(&dy[k0..][..n], c);
+        let acc = &mut ds[k0..][..n];
+        match r {
+            None => {
+                for i in 0..n {
+                    acc[i] += gv[i] * xv[i];
+                }
+            }
+            Some(r) => {
+                let rv = view(&r[k0..][..n], b);
+                let sv = &s[k0..][..n];
+                for i in 0..n {
+                    let keep = epilogue_pre(sv[i], xv[i], rv[i]) > 0.0;
+                    acc[i] += if keep { gv[i] * xv[i] } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// dx = g * s + dzh (+ dx) and d residual = g over one run.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn dx_seg<T: Element, S: Scales>(
+    x: &[T],
+    r: Option<&[T]>,
+    dy: &[T],
+    s: S,
+    dzh: S,
+    dx: &mut [T],
+    mut dres: Option<&mut [T]>,
+    accumulate: bool,
+    bufs: &mut Bufs,
+) {
+    let Bufs { a, b, c, d } = bufs;
+    let len = dx.len();
+    for k0 in (0..len).step_by(PIECE) {
+        let n = PIECE.min(len - k0);
+        let sv = s.sub(k0, n);
+        let zv = dzh.sub(k0, n);
+        let g: &[f32] = match r {
+            None => view(&dy[k0..][..n], c),
+            Some(r) => {
+                let xv = view(&x[k0..][..n], a);
+                let rv = view(&r[k0..][..n], b);
+                let dyv: &[f32] = view(&dy[k0..][..n], c);
+                let gb = &mut d[..n];
+                for i in 0..n {
+                    let keep = epilogue_pre(sv.get(i), xv[i], rv[i]) > 0.0;
+                    gb[i] = if keep { dyv[i] } else { 0.0 };
+                }
+                if let Some(dr) = dres.as_deref_mut() {
+                    store(gb, &mut dr[k0..][..n]);
+                }
+                gb
+            }
+        };
+        // `a` and `b` are free again (their views are dead): reuse `a` for dx's conversion.
+        emit(&mut dx[k0..][..n], a, accumulate, |dv| {
+            if accumulate {
+                for i in 0..n {
+                    dv[i] += g[i] * sv.get(i) + zv.get(i);
+                }
+            } else {
+                for i in 0..n {
+                    dv[i] = g[i] * sv.get(i) + zv.get(i);
+                }
+            }
+        });
+    }
+}
+
+// ------------------------------------------------------------------------------ conversions
+
+/// True when `T` is f32 itself (so its slices are borrowed, not converted).
+#[inline(always)]
+fn is_f32<T: Element>() -> bool {
+    T::DTYPE == DType::F32 && size_of::<T>() == 4
+}
+
+/// Widens `src` into `dst` (same length), in bulk.
+#[inline(always)]
+fn load<T: Element>(src: &[T], dst: &mut [f32]) {
+    match T::DTYPE {
+        DType::F32 if size_of::<T>() == 4 => dst.copy_from_slice(bytemuck::cast_slice(src)),
+        DType::F16 if size_of::<T>() == 2 => {
+            bytemuck::cast_slice::<T, f16>(src).convert_to_f32_slice(dst)
+        }
+        DType::BF16 if size_of::<T>() == 2 => {
+            for (d, &b) in dst.iter_mut().zip(bytemuck::cast_slice::<T, u16>(src)) {
+                *d = f32::from_bits((b as u32) << 16);
+            }
+        }
+        _ => {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = s.to_f32();
+            }
+        }
+    }
+}
+
+/// Rounds `src` into `dst` (same length, round to nearest even), in bulk.
+#[inline(always)]
+fn store<T: Element>(src: &[f32], dst: &mut [T]) {
+    match T::DTYPE {
+        DType::F32 if size_of::<T>() == 4 => {
+            bytemuck::cast_slice_mut::<T, f32>(dst).copy_from_slice(src)
+        }
+        DType::F16 if size_of::<T>() == 2 => {
+            bytemuck::cast_slice_mut::<T, f16>(dst).convert_from_f32_slice(src)
+        }
+        DType::BF16 if size_of::<T>() == 2 => {
+            for (d, &v) in bytemuck::cast_slice_mut::<T, u16>(dst).iter_mut().zip(src) {
+                *d = bf16_bits(v);
+            }
+        }
+        _ => {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = T::from_f32(v);
+            }
+        }
+    }
+}
+
+/// `half::bf16::from_f32(v).to_bits()` in a form the compiler vectorises: round to nearest
+/// even by adding 0x7fff plus the kept lowest bit; NaNs stay quiet NaNs.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+    if x & 0x7fff_ffff > 0x7f80_0000 {
+        ((x >> 16) | 0x40) as u16
+    } else {
+        rounded
+    }
+}
+
+/// `src` as f32: borrowed when `T` is f32, else widened into `buf`.
+#[inline(always)]
+fn view<'b, T: Element>(src: &'b [T], buf: &'b mut [f32; PIECE]) -> &'b [f32] {
+    if is_f32::<T>() {
+        bytemuck::cast_slice(src)
+    } else {
+        let b = &mut buf[..src.len()];
+        load(src, b);
+        b
+    }
+}
+
+/// Runs `f` on `dst` as f32: directly when `T` is f32, else on `buf` (widened from `dst` first
+/// when `load_old`) and rounded back.
+#[inline(always)]
+fn emit<T: Element>(
+    dst: &mut [T],
+    buf: &mut [f32; PIECE],
+    load_old: bool,
+    f: impl FnOnce(&mut [f32]),
+) {
+    if is_f32::<T>() {
+        f(bytemuck::cast_slice_mut(dst))
+    } else {
+        let b = &mut buf[..dst.len()];
+        if load_old {
+            load(dst, b);
+        }
+        f(b);
+        store(b, dst);
+    }
+}
+
+// ------------------------------------------------------------------------------ small math
+
+/// Lanes of the vector accumulators (independent chains the compiler maps to SIMD registers).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn hsum(acc: [f32; LANES]) -> f32 {
+    let mut v = acc;
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            v[i] += v[i + w];
+        }
+        w /= 2;
+    }
+    v[0]
+}
+
+/// Sum of `v`, in f32 with [`LANES`] accumulators.
+#[inline(always)]
+fn sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut it = v.chunks_exact(LANES);
+    for ch in &mut it {
+        for i in 0..LANES {
+            acc[i] += ch[i];
+        }
+    }
+    it.remainder().iter().sum::<f32>() + hsum(acc)
+}
+
+/// Dot product of two equal-length slices.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (mut ia, mut ib) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (ca, cb) in (&mut ia).zip(&mut ib) {
+        for i in 0..LANES {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail: f32 = ia
+        .remainder()
+        .iter()
+        .zip(ib.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    tail + hsum(acc)
+}
+
+/// sum of g * x where `s * x + r > 0`.
+#[inline(always)]
+fn masked_dot(g: &[f32], x: &[f32], r: &[f32], s: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = g.len() / LANES * LANES;
+    for k in (0..n).step_by(LANES) {
+        let (gc, xc, rc) = (&g[k..][..LANES], &x[k..][..LANES], &r[k..][..LANES]);
+        for i in 0..LANES {
+            let keep = epilogue_pre(s, xc[i], rc[i]) > 0.0;
+            acc[i] += if keep { gc[i] * xc[i] } else { 0.0 };
+        }
+    }
+    let mut tail = 0.0;
+    for i in n..g.len() {
+        if epilogue_pre(s, x[i], r[i]) > 0.0 {
+            tail += g[i] * x[i];
+        }
+    }
+    tail + hsum(acc)
+}
+
+/// y += a * x.
+#[inline(always)]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// y += x.
+#[inline(always)]
+fn add_to(y: &mut [f32], x: &[f32]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += xi;
+    }
+}
+
+#[inline(always)]
+fn sigmoid32(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+#[inline(always)]
+fn act(a: Activation, h: f32) -> f32 {
+    match a {
+        Activation::Relu => h.max(0.0),
+        Activation::Silu => h * sigmoid32(h),
+    }
+}
+
+#[inline(always)]
+fn act_grad(a: Activation, h: f32) -> f32 {
+    match a {
+        Activation::Relu => {
+            if h > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Activation::Silu => {
+            let s = sigmoid32(h);
+            s * (1.0 + h * (1.0 - s))
+        }
+    }
+}
+
+#[inline(always)]
+fn gate(g: Gate, a: f32) -> f32 {
+    match g {
+        Gate::Sigmoid => sigmoid32(a),
+        Gate::HardSigmoid => (a + 3.0).clamp(0.0, 6.0) / 6.0,
+    }
+}
+
+/// gate'(a) from s = gate(a): s(1 - s) for the sigmoid; 1/6 where 0 < s < 1 (that is, strictly
+/// inside (-3, 3)) for the hard sigmoid.
+#[inline(always)]
+fn gate_grad(g: Gate, s: f32) -> f32 {
+    match g {
+        Gate::Sigmoid => s * (1.0 - s),
+        Gate::HardSigmoid => {
+            if s > 0.0 && s < 1.0 {
+                1.0 / 6.0
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let seed = crate::rng::fresh_seed();
+        println!("seed {seed}");
+        let mut vals = crate::rng::uniform_vec(10_000, -1e4, 1e4, seed);
+        vals.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1.0 + f32::EPSILON * 64.0, // a tie: rounds to even
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x7f7f_ffff),
+        ]);
+        for v in vals {
+            assert_eq!(
+                bf16_bits(v),
+                bf16::from_f32(v).to_bits(),
+                "{v:e} ({:#x})",
+                v.to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn sums_and_dots_match_plain_loops() {
+        let seed = crate::rng::fresh_seed();
+        println!("seed {seed}");
+        for len in [0, 1, 15, 16, 17, 49, 100] {
+            let a = crate::rng::uniform_vec(len, -1.0, 1.0, seed);
+            let b = crate::rng::uniform_vec(len, -1.0, 1.0, seed ^ 1);
+            let r = crate::rng::uniform_vec(len, -1.0, 1.0, seed ^ 2);
+            let plain_sum: f64 = a.iter().map(|&v| v as f64).sum();
+            let plain_dot: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let plain_masked: f64 = (0..len)
+                .filter(|&i| 0.7 * b[i] + r[i] > 0.0)
+                .map(|i| a[i] as f64 * b[i] as f64)
+                .sum();
+            assert!((sum(&a) as f64 - plain_sum).abs() < 1e-4, "len {len}");
+            assert!((dot(&a, &b) as f64 - plain_dot).abs() < 1e-4, "len {len}");
+            let m = masked_dot(&a, &b, &r, 0.7) as f64;
+            assert!((m - plain_masked).abs() < 1e-4, "len {len}");
+        }
+    }
+}
