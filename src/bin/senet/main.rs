@@ -1,5 +1,6 @@
 //! `senet`: the command-line tool. Each subcommand lives in its own module.
 
+mod bench;
 mod info;
 mod verify;
 
@@ -20,6 +21,8 @@ enum Command {
     Verify(verify::Args),
     /// Print the build (kernels, nvcc, ptxas report) and the devices found.
     Info(info::Args),
+    /// Time SE forward and backward per shape, layout, dtype and backend against a memcpy.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Verify(a) => verify::run(a),
         Command::Info(a) => info::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => code,
