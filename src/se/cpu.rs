@@ -993,82 +993,154 @@ fn fc(w: &[f32], b: Option<&[f32]>, k: usize, x: &[f32], y: &mut [f32], o: usize
         // just above); everything it touches is a bounds-checked safe slice.
         return unsafe { fc_fma(w, b, k, x, y, o) };
     }
-    fc_impl::<false>(w, b, k, x, y, o)
+    fc_impl(w, b, k, x, y, o, dot4::<false>)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn fc_fma(w: &[f32], b: Option<&[f32]>, k: usize, x: &[f32], y: &mut [f32], o: usize) {
-    fc_impl::<true>(w, b, k, x, y, o)
+    fc_impl(w, b, k, x, y, o, |w, x0, x1, x2, x3| {
+        avx2::dot4(w, [x0, x1, x2, x3])
+    })
 }
 
+/// The dot products of [`fc`] four samples at a time with `dot4` (see [`dot4`]).
 #[inline(always)]
-fn fc_impl<const FMA: bool>(
+fn fc_impl(
     w: &[f32],
     b: Option<&[f32]>,
     k: usize,
     x: &[f32],
     y: &mut [f32],
     o: usize,
+    dot4: impl Fn(&[f32], &[f32], &[f32], &[f32], &[f32]) -> [f32; 4],
 ) {
     let m = x.len() / k;
-    let mut i0 = 0;
-    while i0 < m {
+    for i0 in (0..m).step_by(4) {
+        // Four samples per pass over the weights; a short last tile repeats its last sample.
         let r = (m - i0).min(4);
-        match r {
-            4 => fc_tile::<FMA, 4>(w, b, k, x, y, o, i0),
-            3 => fc_tile::<FMA, 3>(w, b, k, x, y, o, i0),
-            2 => fc_tile::<FMA, 2>(w, b, k, x, y, o, i0),
-            _ => fc_tile::<FMA, 1>(w, b, k, x, y, o, i0),
-        }
-        i0 += r;
-    }
-}
-
-/// [`fc`] for samples `i0..i0 + R`: each weight row is loaded once for the R dot products.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn fc_tile<const FMA: bool, const R: usize>(
-    w: &[f32],
-    b: Option<&[f32]>,
-    k: usize,
-    x: &[f32],
-    y: &mut [f32],
-    o: usize,
-    i0: usize,
-) {
-    let xs: [&[f32]; R] = std::array::from_fn(|r| &x[(i0 + r) * k..][..k]);
-    for j in 0..o {
-        let d = dots::<FMA, R>(&w[j * k..][..k], xs);
-        let bj = b.map_or(0.0, |b| b[j]);
-        for (r, dr) in d.iter().enumerate() {
-            y[(i0 + r) * o + j] = bj + dr;
-        }
-    }
-}
-
-/// R dot products of `w` with `xs[r]` (all of `w`'s length).
-#[inline(always)]
-fn dots<const FMA: bool, const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] {
-    let k = w.len();
-    let full = k / LANES * LANES;
-    let mut acc = [[0f32; LANES]; R];
-    for k0 in (0..full).step_by(LANES) {
-        let wc = &w[k0..][..LANES];
-        for (a, x) in acc.iter_mut().zip(xs) {
-            let xc = &x[k0..][..LANES];
-            for l in 0..LANES {
-                a[l] = madd::<FMA>(wc[l], xc[l], a[l]);
+        let row = |t: usize| &x[(i0 + t.min(r - 1)) * k..][..k];
+        let (x0, x1, x2, x3) = (row(0), row(1), row(2), row(3));
+        for j in 0..o {
+            let d = dot4(&w[j * k..][..k], x0, x1, x2, x3);
+            let bj = b.map_or(0.0, |b| b[j]);
+            for (t, dt) in d.iter().enumerate().take(r) {
+                y[(i0 + t) * o + j] = bj + dt;
             }
         }
     }
-    std::array::from_fn(|r| {
-        let mut t = hsum(acc[r]);
-        for i in full..k {
-            t = madd::<FMA>(w[i], xs[r][i], t);
+}
+
+/// Eight f32 lanes: one AVX2 register.
+type V8 = [f32; 8];
+
+/// Lane-wise a * b + c.
+#[inline(always)]
+fn vfma<const FMA: bool>(a: V8, b: V8, c: V8) -> V8 {
+    let mut r = [0f32; 8];
+    for l in 0..8 {
+        r[l] = madd::<FMA>(a[l], b[l], c[l]);
+    }
+    r
+}
+
+/// The eight lanes at `s[at..at + 8]`.
+#[inline(always)]
+fn v8(s: &[f32], at: usize) -> V8 {
+    let mut v = [0f32; 8];
+    v.copy_from_slice(&s[at..at + 8]);
+    v
+}
+
+/// Four dot products of `w` with `x0..x3` (all of `w`'s length) sharing each load of `w`: eight
+/// accumulators of eight lanes (one AVX2 register each), as whole-register values so the compiler
+/// keeps them in registers.
+#[inline(always)]
+fn dot4<const FMA: bool>(w: &[f32], x0: &[f32], x1: &[f32], x2: &[f32], x3: &[f32]) -> [f32; 4] {
+    let k = w.len();
+    let (x0, x1, x2, x3) = (&x0[..k], &x1[..k], &x2[..k], &x3[..k]);
+    let n = k / 16 * 16;
+    let z = [0f32; 8];
+    let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5, mut a6, mut a7) = (z, z, z, z, z, z, z, z);
+    let mut k0 = 0;
+    while k0 < n {
+        let (wa, wb) = (v8(w, k0), v8(w, k0 + 8));
+        a0 = vfma::<FMA>(wa, v8(x0, k0), a0);
+        a1 = vfma::<FMA>(wb, v8(x0, k0 + 8), a1);
+        a2 = vfma::<FMA>(wa, v8(x1, k0), a2);
+        a3 = vfma::<FMA>(wb, v8(x1, k0 + 8), a3);
+        a4 = vfma::<FMA>(wa, v8(x2, k0), a4);
+        a5 = vfma::<FMA>(wb, v8(x2, k0 + 8), a5);
+        a6 = vfma::<FMA>(wa, v8(x3, k0), a6);
+        a7 = vfma::<FMA>(wb, v8(x3, k0 + 8), a7);
+        k0 += 16;
+    }
+    let pairs = [(a0, a1, x0), (a2, a3, x1), (a4, a5, x2), (a6, a7, x3)];
+    let mut out = [0f32; 4];
+    for (o, (a, b, x)) in out.iter_mut().zip(pairs) {
+        let mut v = 0.0;
+        for l in 0..8 {
+            v += a[l] + b[l];
         }
-        t
-    })
+        for i in n..k {
+            v = madd::<FMA>(w[i], x[i], v);
+        }
+        *o = v;
+    }
+    out
+}
+
+/// Hand-vectorised AVX2 kernels. The compiler's own vectoriser packs [`dot4`]'s four samples
+/// into the lanes of 128-bit registers (gathers and shuffles, measured 3x slower), so the dot
+/// products are written with intrinsics. No `unsafe` here: `__m256` is `bytemuck::Pod`, so loads
+/// are plain casts of `[f32; 8]`, and the arithmetic intrinsics are safe inside functions that
+/// enable their target features.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_setzero_ps};
+
+    #[inline(always)]
+    fn ld(v: &[f32; 8]) -> __m256 {
+        bytemuck::cast(*v)
+    }
+
+    /// The first `n` (a multiple of 8) elements of `s` as vectors.
+    #[inline(always)]
+    fn vecs(s: &[f32], n: usize) -> &[[f32; 8]] {
+        bytemuck::cast_slice(&s[..n])
+    }
+
+    /// Four dot products of `w` with `x[r]` (each at least `w`'s length), sharing each load of
+    /// `w`: two accumulators per sample.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+        let k = w.len();
+        let n = k / 16 * 16;
+        let wv = vecs(w, n);
+        let xv = [vecs(x[0], n), vecs(x[1], n), vecs(x[2], n), vecs(x[3], n)];
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for i in (0..wv.len()).step_by(2) {
+            let (wa, wb) = (ld(&wv[i]), ld(&wv[i + 1]));
+            for r in 0..4 {
+                acc[2 * r] = _mm256_fmadd_ps(wa, ld(&xv[r][i]), acc[2 * r]);
+                acc[2 * r + 1] = _mm256_fmadd_ps(wb, ld(&xv[r][i + 1]), acc[2 * r + 1]);
+            }
+        }
+        let mut out = [0f32; 4];
+        for (r, o) in out.iter_mut().enumerate() {
+            let a: [f32; 8] = bytemuck::cast(acc[2 * r]);
+            let b: [f32; 8] = bytemuck::cast(acc[2 * r + 1]);
+            let mut v = 0.0;
+            for l in 0..8 {
+                v += a[l] + b[l];
+            }
+            for i in n..k {
+                v = w[i].mul_add(x[r][i], v);
+            }
+            *o = v;
+        }
+        out
+    }
 }
 
 /// Columns per register block of [`lincomb`].
