@@ -1562,12 +1562,18 @@ mod tests {
     fn gemm_kernels_match_plain_loops() {
         let seed = crate::rng::fresh_seed();
         println!("seed {seed}");
-        for (m, k, o) in [(1, 1, 1), (3, 17, 5), (5, 70, 33), (4, 128, 9)] {
+        for (m, k, o) in [(1, 1, 1), (3, 17, 5), (5, 70, 33), (4, 128, 9), (6, 40, 70)] {
             let w = crate::rng::uniform_vec(o * k, -1.0, 1.0, seed);
             let x = crate::rng::uniform_vec(m * k, -1.0, 1.0, seed ^ 1);
             let b = crate::rng::uniform_vec(o, -1.0, 1.0, seed ^ 2);
+            // The dispatched kernels (AVX2 where the CPU has it) and the portable fallbacks.
             let mut y = vec![f32::NAN; m * o];
+            let mut y_portable = vec![f32::NAN; m * o];
             fc(&w, Some(&b), k, &x, &mut y, o);
+            fc_impl(&w, Some(&b), k, &x, &mut y_portable, o, dot4::<false>);
+            for (a, p) in y.iter().zip(&y_portable) {
+                assert!((a - p).abs() < 1e-4, "fc portable {m}x{k}x{o}");
+            }
             for i in 0..m {
                 for j in 0..o {
                     let want: f64 = b[j] as f64
@@ -1579,7 +1585,12 @@ mod tests {
             }
             // out[r][l] = sum_j x[r][j] w[j][l] with w as [k][o].
             let mut out = vec![f32::NAN; m * o];
+            let mut out_portable = vec![f32::NAN; m * o];
             lincomb(&mut out, m, o, &w, k, |r, j| x[r * k + j]);
+            lincomb_impl::<false, _>(&mut out_portable, m, o, &w, k, &|r, j| x[r * k + j]);
+            for (a, p) in out.iter().zip(&out_portable) {
+                assert!((a - p).abs() < 1e-4, "lincomb portable {m}x{k}x{o}");
+            }
             for r in 0..m {
                 for l in 0..o {
                     let want: f64 = (0..k)
