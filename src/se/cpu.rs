@@ -322,6 +322,34 @@ fn check_grads(g: &SeGrads<f32>, cfg: &SeConfig) -> Result<()> {
     }
 }
 
+/// Defines `$name`, which runs `$imp` for f16/bf16 through a copy compiled for AVX2, FMA and
+/// F16C when the CPU has them (`$fast`), else the portable build. Measured (benches/NOTES.md):
+/// the forward's conversions gain about a fifth in bf16; f32 gains nothing (memory-bound) and the
+/// backward passes lost time in such copies, so they stay portable.
+macro_rules! avx2_dispatch {
+    (
+        $(#[$doc:meta])*
+        fn $name:ident / $fast:ident => $imp:ident<$T:ident>(&self, $($a:ident: $t:ty),* $(,)?)
+    ) => {
+        $(#[$doc])*
+        fn $name<$T: Element>(&self, $($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            if !is_f32::<$T>() && fma_available() && std::arch::is_x86_feature_detected!("f16c") {
+                // SAFETY: the copy needs only AVX2, FMA and F16C, which this CPU has (checked
+                // just above); everything it touches is a bounds-checked safe slice.
+                return unsafe { self.$fast::<$T>($($a),*) };
+            }
+            self.$imp::<$T>($($a),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $fast<$T: Element>(&self, $($a: $t),*) {
+            self.$imp::<$T>($($a),*)
+        }
+    };
+}
+
 // ------------------------------------------------------------------------------ the problem
 
 /// One call's shapes and weights, and the passes over one sample or group of samples.
@@ -351,6 +379,17 @@ struct BwdArgs<'a, T> {
 }
 
 impl<'a> Problem<'a> {
+    avx2_dispatch! {
+        /// z[k] = mean over pixels of channel `c0 + k` of one sample.
+        fn squeeze / squeeze_avx2 => squeeze_impl<T>(&self, x: &[T], c0: usize, z: &mut [f32])
+    }
+    avx2_dispatch! {
+        /// y = s * x (or relu(s * x + r)) over whole units of one sample starting at unit
+        /// `u0`; `s` is the sample's `[c]` channel weights.
+        fn scale / scale_avx2 => scale_impl<T>(
+            &self, x: &[T], r: Option<&[T]>, y: &mut [T], u0: usize, s: &[f32]
+        )
+    }
     fn new(w: &'a SeWeights, sh: Shape, layout: Layout) -> Self {
         Problem {
             w1: &w.w1,
@@ -408,7 +447,8 @@ impl<'a> Problem<'a> {
     // ---------------------------------------------------------------- forward passes
 
     /// z[k] = mean over pixels of channel `c0 + k` of one sample.
-    fn squeeze<T: Element>(&self, x: &[T], c0: usize, z: &mut [f32]) {
+    #[inline(always)]
+    fn squeeze_impl<T: Element>(&self, x: &[T], c0: usize, z: &mut [f32]) {
         let inv = 1.0 / self.hw as f32;
         let mut buf = [0f32; PIECE];
         match self.layout {
@@ -460,7 +500,8 @@ impl<'a> Problem<'a> {
 
     /// y = s * x (or relu(s * x + r)) over whole units of one sample starting at unit `u0`;
     /// `s` is the sample's `[c]` channel weights.
-    fn scale<T: Element>(&self, x: &[T], r: Option<&[T]>, y: &mut [T], u0: usize, s: &[f32]) {
+    #[inline(always)]
+    fn scale_impl<T: Element>(&self, x: &[T], r: Option<&[T]>, y: &mut [T], u0: usize, s: &[f32]) {
         let mut bufs = Bufs::new();
         let unit = self.unit();
         for (i, yu) in y.chunks_mut(unit).enumerate() {
