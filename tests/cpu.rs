@@ -185,6 +185,7 @@ fn saved_magnitudes<T: Element>(
 /// with absolute values: M_ds = sum_hw |g x|, M_dg = |gate'| M_ds, M_du = |act'| |W2|^T M_dg,
 /// M_dW2 = sum_n M_dg M_u (M_u = max|act'| M_h: u carries h's error), M_dW1 = sum_n M_du M_z,
 /// M_dz = |W1|^T M_du. Returns the parameter gradients' magnitudes and M_dz / HW (`[n][c]`).
+#[allow(clippy::needless_range_loop)] // indices mirror the reference's loops
 fn grad_magnitudes<T: Element>(
     w: &SeWeights,
     x: &Tensor<T>,
