@@ -1057,16 +1057,29 @@ fn fc_impl(
     dot4: impl Fn(&[f32], &[f32], &[f32], &[f32], &[f32]) -> [f32; 4],
 ) {
     let m = x.len() / k;
-    for i0 in (0..m).step_by(4) {
-        // Four samples per pass over the weights; a short last tile repeats its last sample.
-        let r = (m - i0).min(4);
-        let row = |t: usize| &x[(i0 + t.min(r - 1)) * k..][..k];
+    let bias = |j: usize| b.map_or(0.0, |b| b[j]);
+    let full = m / 4 * 4;
+    // Four samples per pass over the weights.
+    for i0 in (0..full).step_by(4) {
+        let row = |t: usize| &x[(i0 + t) * k..][..k];
         let (x0, x1, x2, x3) = (row(0), row(1), row(2), row(3));
         for j in 0..o {
             let d = dot4(&w[j * k..][..k], x0, x1, x2, x3);
-            let bj = b.map_or(0.0, |b| b[j]);
-            for (t, dt) in d.iter().enumerate().take(r) {
-                y[(i0 + t) * o + j] = bj + dt;
+            for (t, dt) in d.iter().enumerate() {
+                y[(i0 + t) * o + j] = bias(j) + dt;
+            }
+        }
+    }
+    // The last samples one at a time, each against four weight rows (the dot products are
+    // symmetric); a short last group of rows repeats its last row.
+    for i in full..m {
+        let xi = &x[i * k..][..k];
+        for j0 in (0..o).step_by(4) {
+            let q = (o - j0).min(4);
+            let wr = |t: usize| &w[(j0 + t.min(q - 1)) * k..][..k];
+            let d = dot4(xi, wr(0), wr(1), wr(2), wr(3));
+            for (t, dt) in d.iter().enumerate().take(q) {
+                y[i * o + j0 + t] = bias(j0 + t) + dt;
             }
         }
     }
