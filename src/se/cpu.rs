@@ -1151,7 +1151,10 @@ fn dot4<const FMA: bool>(w: &[f32], x0: &[f32], x1: &[f32], x2: &[f32], x3: &[f3
 /// enable their target features.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use std::arch::x86_64::{__m256, _mm256_fmadd_ps, _mm256_setzero_ps};
+    use std::arch::x86_64::{
+        __m256, _mm256_add_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps,
+        _mm256_hadd_ps, _mm256_setzero_ps, _mm_add_ps,
+    };
 
     #[inline(always)]
     fn ld(v: &[f32; 8]) -> __m256 {
@@ -1180,18 +1183,16 @@ mod avx2 {
                 acc[2 * r + 1] = _mm256_fmadd_ps(wb, ld(&xv[r][i + 1]), acc[2 * r + 1]);
             }
         }
-        let mut out = [0f32; 4];
+        // Reduce the four samples' lanes together: two horizontal-add rounds leave each
+        // sample's partial sums in one lane of each 128-bit half; adding the halves finishes.
+        let s = |r: usize| _mm256_add_ps(acc[2 * r], acc[2 * r + 1]);
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(s(0), s(1)), _mm256_hadd_ps(s(2), s(3)));
+        let v = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        let mut out: [f32; 4] = bytemuck::cast(v);
         for (r, o) in out.iter_mut().enumerate() {
-            let a: [f32; 8] = bytemuck::cast(acc[2 * r]);
-            let b: [f32; 8] = bytemuck::cast(acc[2 * r + 1]);
-            let mut v = 0.0;
-            for l in 0..8 {
-                v += a[l] + b[l];
-            }
             for i in n..k {
-                v = w[i].mul_add(x[r][i], v);
+                *o = w[i].mul_add(x[r][i], *o);
             }
-            *o = v;
         }
         out
     }
