@@ -46,7 +46,7 @@ const PIECE: usize = 512;
 pub const TILE: usize = 4;
 /// Bytes of input one task's sample group may span so that it stays in a core's L2 between the
 /// squeeze and the scale.
-pub const GROUP_BYTES: usize = 1 << 20;
+pub const GROUP_BYTES: usize = 2 << 20;
 /// Smallest number of elements a parallel piece of one sample gets (batch-1 path).
 const MIN_TASK_ELEMS: usize = 16 * 1024;
 
