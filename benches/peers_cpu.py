@@ -14,7 +14,8 @@
   Reshape [N, 1, 1, C] -> Mul (broadcast over H, W). No Transpose anywhere.
 
 Usage: python3 benches/peers_cpu.py --threads 2 [--shapes 32x256x56x56,...] [--iters 20]
-Prints a Markdown table (median ms, GB/s with forward 2N and forward+backward 5N bytes).
+Prints a Markdown table (median and min ms; GB/s from the median, with forward 2N and
+forward+backward 5N bytes). On a shared machine the min is the time least disturbed by others.
 """
 
 import argparse
@@ -31,6 +32,7 @@ def make_divisible(v, divisor=8):
 
 
 def median_ms(fn, iters, warmup=2):
+    """(median, min) of `iters` timed calls in ms, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     t = []
@@ -38,7 +40,7 @@ def median_ms(fn, iters, warmup=2):
         s = time.perf_counter()
         fn()
         t.append(time.perf_counter() - s)
-    return statistics.median(t) * 1e3
+    return statistics.median(t) * 1e3, min(t) * 1e3
 
 
 def torch_rows(shape, layout, threads, iters):
@@ -197,8 +199,8 @@ def main():
         f"median of {a.iters}"
     )
     print()
-    print("| shape | layout | peer | dir | median ms | GB/s |")
-    print("|---|---|---|---|---|---|")
+    print("| shape | layout | peer | dir | median ms | min ms | GB/s |")
+    print("|---|---|---|---|---|---|---|")
     peers = a.peers.split(",")
     for s in a.shapes.split(","):
         shape = tuple(int(v) for v in s.split("x"))
@@ -209,10 +211,10 @@ def main():
                 rows += torch_rows(shape, layout, a.threads, a.iters)
             if "onnxruntime" in peers:
                 rows += ort_rows(shape, layout, a.threads, a.iters)
-            for peer, d, ms in rows:
+            for peer, d, (ms, mn) in rows:
                 moved = (2 if d == "fwd" else 5) * nbytes
                 print(
-                    f"| {s} | {layout} | {peer} | {d} | {ms:.3f} | "
+                    f"| {s} | {layout} | {peer} | {d} | {ms:.3f} | {mn:.3f} | "
                     f"{moved / ms / 1e6:.1f} |",
                     flush=True,
                 )

@@ -4,7 +4,8 @@
 //! Bytes moved (DESIGN.md's yardstick): forward 2N (read x, write y), backward 3N (read dy and
 //! x, write dx), N = tensor bytes; with `--residual` one more N each way (read the residual;
 //! write d residual). GB/s is those bytes over the median time; "of memcpy" divides it by the
-//! rate of a parallel memcpy (read + write counted) on the same threads.
+//! rate of a parallel memcpy (read + write counted) on the same threads. The minimum is printed
+//! too: on a shared machine it is the time least disturbed by other processes.
 
 use half::{bf16, f16};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -204,6 +205,7 @@ struct Row {
     backend: &'static str,
     dir: Direction,
     median: Duration,
+    min: Duration,
     bytes: usize,
     memcpy_gbs: f64,
 }
@@ -214,8 +216,8 @@ impl Row {
     }
 }
 
-/// Median of `iters` timed calls of `f` after one warm-up call.
-fn time_median(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
+/// Median and minimum of `iters` timed calls of `f` after one warm-up call.
+fn time_calls(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(Duration, Duration)> {
     f()?;
     let mut t = Vec::with_capacity(iters.max(1));
     for _ in 0..iters.max(1) {
@@ -224,7 +226,7 @@ fn time_median(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Durati
         t.push(start.elapsed());
     }
     t.sort();
-    Ok(t[t.len() / 2])
+    Ok((t[t.len() / 2], t[0]))
 }
 
 /// Read + write GB/s of a parallel memcpy of `bytes` bytes on the current rayon pool.
@@ -233,7 +235,7 @@ fn memcpy_gbs(bytes: usize, iters: usize) -> Result<f64> {
     let src = vec![1u8; bytes];
     let mut dst = vec![0u8; bytes];
     let chunk = (bytes / (4 * rayon::current_num_threads())).max(1 << 16);
-    let t = time_median(iters, || {
+    let (t, _) = time_calls(iters, || {
         dst.par_chunks_mut(chunk)
             .zip(src.par_chunks(chunk))
             .for_each(|(d, s)| d.copy_from_slice(s));
@@ -277,10 +279,10 @@ fn run_dtype<T: Element>(
                 T::DTYPE,
                 backend.name()
             ));
-            let (median, bytes) = match dir {
-                Direction::Fwd => (time_median(iters, &mut runner.fwd)?, (2 + extra) * n_bytes),
+            let ((median, min), bytes) = match dir {
+                Direction::Fwd => (time_calls(iters, &mut runner.fwd)?, (2 + extra) * n_bytes),
                 Direction::Bwd => (
-                    time_median(iters, &mut runner.bwd)?,
+                    time_calls(iters, &mut runner.bwd)?,
                     (3 + 2 * extra) * n_bytes,
                 ),
             };
@@ -291,6 +293,7 @@ fn run_dtype<T: Element>(
                 backend: backend.name(),
                 dir,
                 median,
+                min,
                 bytes,
                 memcpy_gbs: memcpy,
             });
@@ -366,10 +369,11 @@ fn print_table(rows: &[Row], markdown: bool) {
         "backend",
         "dir",
         "median ms",
+        "min ms",
         "GB/s",
         "of memcpy",
     ];
-    let cells: Vec<[String; 8]> = rows
+    let cells: Vec<[String; 9]> = rows
         .iter()
         .map(|r| {
             [
@@ -379,6 +383,7 @@ fn print_table(rows: &[Row], markdown: bool) {
                 r.backend.to_string(),
                 r.dir.to_string(),
                 format!("{:.3}", r.median.as_secs_f64() * 1e3),
+                format!("{:.3}", r.min.as_secs_f64() * 1e3),
                 format!("{:.1}", r.gbs()),
                 format!("{:.2}", r.gbs() / r.memcpy_gbs),
             ]
