@@ -18,7 +18,8 @@
 //! - Many samples (at least two per thread): each rayon task owns a group of whole samples
 //!   (up to [`GROUP_BYTES`] of them, at most [`TILE`]) and runs squeeze, excitation and scale on
 //!   them back to back, so x comes from memory once and the excitation's small GEMMs read each
-//!   weight row once per group. No barriers: one thread's reads overlap another's writes.
+//!   weight row once per group (AVX2+FMA kernels chosen at run time where the CPU has them). No
+//!   barriers: one thread's reads overlap another's writes.
 //! - Few samples (batch 1): one sample at a time, with the squeeze and the scale each split over
 //!   the threads (channel rows for NCHW, channel blocks or pixel rows for NHWC).
 //!
@@ -44,8 +45,9 @@ use std::mem::size_of;
 const PIECE: usize = 512;
 /// Most samples one task owns: the excitation GEMMs are register-tiled over this many samples.
 pub const TILE: usize = 4;
-/// Bytes of input one task's sample group may span so that it stays in a core's L2 between the
-/// squeeze and the scale.
+/// Bytes of input one task's sample group may span: small enough to stay cached (L2, else the
+/// L3) between the squeeze and the scale, large enough that ResNet-50's last stage (400 KB f32
+/// samples) fills a [`TILE`]-sample GEMM tile (measured in benches/NOTES.md).
 pub const GROUP_BYTES: usize = 2 << 20;
 /// Smallest number of elements a parallel piece of one sample gets (batch-1 path).
 const MIN_TASK_ELEMS: usize = 16 * 1024;
