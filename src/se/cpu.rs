@@ -1036,15 +1036,30 @@ fn fc(w: &[f32], b: Option<&[f32]>, k: usize, x: &[f32], y: &mut [f32], o: usize
         // just above); everything it touches is a bounds-checked safe slice.
         return unsafe { fc_fma(w, b, k, x, y, o) };
     }
-    fc_impl(w, b, k, x, y, o, dot4::<false>)
+    fc_impl(w, b, k, x, y, o, dot4::<false>, dot2x4_portable)
+}
+
+/// [`avx2::dot2x4`]'s portable form: two [`dot4`]s.
+fn dot2x4_portable(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    [
+        dot4::<false>(w0, x[0], x[1], x[2], x[3]),
+        dot4::<false>(w1, x[0], x[1], x[2], x[3]),
+    ]
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn fc_fma(w: &[f32], b: Option<&[f32]>, k: usize, x: &[f32], y: &mut [f32], o: usize) {
-    fc_impl(w, b, k, x, y, o, |w, x0, x1, x2, x3| {
-        avx2::dot4(w, [x0, x1, x2, x3])
-    })
+    fc_impl(
+        w,
+        b,
+        k,
+        x,
+        y,
+        o,
+        |w, x0, x1, x2, x3| avx2::dot4(w, [x0, x1, x2, x3]),
+        |w0, w1, xs| avx2::dot2x4(w0, w1, xs),
+    )
 }
 
 /// The dot products of [`fc`] four samples at a time with `dot4` (see [`dot4`]).
@@ -1057,6 +1072,7 @@ fn fc_impl(
     y: &mut [f32],
     o: usize,
     dot4: impl Fn(&[f32], &[f32], &[f32], &[f32], &[f32]) -> [f32; 4],
+    dot2x4: impl Fn(&[f32], &[f32], [&[f32]; 4]) -> [[f32; 4]; 2],
 ) {
     let m = x.len() / k;
     let bias = |j: usize| b.map_or(0.0, |b| b[j]);
@@ -1065,7 +1081,16 @@ fn fc_impl(
     for i0 in (0..full).step_by(4) {
         let row = |t: usize| &x[(i0 + t) * k..][..k];
         let (x0, x1, x2, x3) = (row(0), row(1), row(2), row(3));
-        for j in 0..o {
+        // Two weight rows at a time share each load of the samples.
+        for j in (0..o / 2 * 2).step_by(2) {
+            let d = dot2x4(&w[j * k..][..k], &w[(j + 1) * k..][..k], [x0, x1, x2, x3]);
+            for (q, dq) in d.iter().enumerate() {
+                for (t, dt) in dq.iter().enumerate() {
+                    y[(i0 + t) * o + j + q] = bias(j + q) + dt;
+                }
+            }
+        }
+        for j in o / 2 * 2..o {
             let d = dot4(&w[j * k..][..k], x0, x1, x2, x3);
             for (t, dt) in d.iter().enumerate() {
                 y[(i0 + t) * o + j] = bias(j) + dt;
@@ -1194,6 +1219,45 @@ mod avx2 {
         for (r, o) in out.iter_mut().enumerate() {
             for i in n..k {
                 *o = w[i].mul_add(x[r][i], *o);
+            }
+        }
+        out
+    }
+
+    /// Eight dot products: rows `w0` and `w1` (equal lengths) with each of `x[r]` (at least that
+    /// long). Each load of a sample feeds two multiply-adds: 6 loads per 8 FMAs against
+    /// [`dot4`]'s 10.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot2x4(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+        let k = w0.len();
+        let n = k / 8 * 8;
+        let (u, v) = (vecs(w0, n), vecs(&w1[..k], n));
+        let xv = [vecs(x[0], n), vecs(x[1], n), vecs(x[2], n), vecs(x[3], n)];
+        let mut a = [_mm256_setzero_ps(); 8];
+        for i in 0..u.len() {
+            let (p, q) = (ld(&u[i]), ld(&v[i]));
+            for r in 0..4 {
+                let xr = ld(&xv[r][i]);
+                a[r] = _mm256_fmadd_ps(p, xr, a[r]);
+                a[4 + r] = _mm256_fmadd_ps(q, xr, a[4 + r]);
+            }
+        }
+        let reduce = |b: usize| -> [f32; 4] {
+            let h = _mm256_hadd_ps(
+                _mm256_hadd_ps(a[b], a[b + 1]),
+                _mm256_hadd_ps(a[b + 2], a[b + 3]),
+            );
+            bytemuck::cast(_mm_add_ps(
+                _mm256_castps256_ps128(h),
+                _mm256_extractf128_ps::<1>(h),
+            ))
+        };
+        let mut out = [reduce(0), reduce(4)];
+        for (row, w) in out.iter_mut().zip([w0, w1]) {
+            for (r, o) in row.iter_mut().enumerate() {
+                for i in n..k {
+                    *o = w[i].mul_add(x[r][i], *o);
+                }
             }
         }
         out
@@ -1627,7 +1691,16 @@ mod tests {
             let mut y = vec![f32::NAN; m * o];
             let mut y_portable = vec![f32::NAN; m * o];
             fc(&w, Some(&b), k, &x, &mut y, o);
-            fc_impl(&w, Some(&b), k, &x, &mut y_portable, o, dot4::<false>);
+            fc_impl(
+                &w,
+                Some(&b),
+                k,
+                &x,
+                &mut y_portable,
+                o,
+                dot4::<false>,
+                dot2x4_portable,
+            );
             for (a, p) in y.iter().zip(&y_portable) {
                 assert!((a - p).abs() < 1e-4, "fc portable {m}x{k}x{o}");
             }
