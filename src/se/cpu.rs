@@ -1062,7 +1062,9 @@ fn fc_fma(w: &[f32], b: Option<&[f32]>, k: usize, x: &[f32], y: &mut [f32], o: u
     )
 }
 
-/// The dot products of [`fc`] four samples at a time with `dot4` (see [`dot4`]).
+/// The dot products of [`fc`]: four samples at a time with `dot2x4` (two weight rows) and
+/// `dot4` (an odd last row); samples beyond a multiple of four against four weight rows.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn fc_impl(
     w: &[f32],
