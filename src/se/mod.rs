@@ -1,9 +1,11 @@
 //! The SE op: configuration, weights, and its three implementations.
 //!
 //! - [`reference`](mod@reference): the oracle (plain loops, f64 accumulation).
+//! - [`cpu`]: the fast multi-threaded CPU path.
 //! - [`cuda`]: the GPU kernels.
 
 pub mod config;
+pub mod cpu;
 pub mod cuda;
 pub mod gradcheck;
 pub mod reference;

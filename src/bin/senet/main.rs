@@ -1,5 +1,6 @@
 //! `senet`: the command-line tool. Each subcommand lives in its own module.
 
+mod bench;
 mod gpu_bench;
 mod info;
 mod verify;
@@ -23,6 +24,8 @@ enum Command {
     GpuBench(gpu_bench::Args),
     /// Print the build (kernels, nvcc, ptxas report) and the devices found.
     Info(info::Args),
+    /// Time SE forward and backward per shape, layout, dtype and backend against a memcpy.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => verify::run(a),
         Command::Info(a) => info::run(a),
         Command::GpuBench(a) => gpu_bench::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,1760 @@
+//! The fast CPU path: SE forward, backward and the fused residual epilogue, multi-threaded with
+//! rayon, for every [`Element`] type (f32, f16 and bf16 in bulk; f64 works too) in NCHW and NHWC.
+//!
+//! # Contract
+//!
+//! The same math as [`super::reference`] (see DESIGN.md), with f32 weights and f32 accumulation
+//! whatever the element type: f16/bf16 activations are widened in bulk into small stack buffers,
+//! computed on in f32 and rounded (to nearest even) once on the way out. Results agree with the
+//! f64 reference within DESIGN.md's tolerances.
+//!
+//! # How it is fast
+//!
+//! SE is memory-bound: forward must read x and write y (2N bytes for an N-byte tensor), backward
+//! must read dy and x and write dx (3N). The pass over x that computes the channel means and the
+//! pass that scales it are split by the excitation, so the second pass only runs at memory speed
+//! if the sample is still in cache. The work is therefore cut by samples:
+//!
+//! - Many samples (at least two per thread): each rayon task owns a group of whole samples
+//!   (up to [`GROUP_BYTES`] of them, at most [`TILE`]) and runs squeeze, excitation and scale on
+//!   them back to back, so x comes from memory once and the excitation's small GEMMs read each
+//!   weight row once per group (AVX2+FMA kernels chosen at run time where the CPU has them). No
+//!   barriers: one thread's reads overlap another's writes.
+//! - Few samples (batch 1): one sample at a time, with the squeeze and the scale each split over
+//!   the threads (channel rows for NCHW, channel blocks or pixel rows for NHWC).
+//!
+//! Parameter gradients are batched GEMMs over all samples once every group is done.
+//!
+//! # Saved state
+//!
+//! [`CpuSaved`] keeps z, h (hidden pre-activation), u = act(h) and s, each `[n][..]` f32 (the
+//! device path's layout). The gate's derivative is taken from s: sigmoid' = s(1 - s),
+//! hard-sigmoid' = 1/6 where 0 < s < 1. The epilogue's ReLU mask is recomputed in backward as
+//! `s * x + residual > 0`, with the same f32 expression forward used.
+
+use super::{check_activation, check_saved_len, weights::check_len};
+use super::{Activation, Gate, SeConfig, SeGrads, SeWeights};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Element, Layout, Shape, Tensor};
+use half::{f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::mem::size_of;
+
+/// Elements converted at a time between f16/bf16 and the f32 stack buffers.
+const PIECE: usize = 512;
+/// Most samples one task owns: the excitation GEMMs are register-tiled over this many samples.
+pub const TILE: usize = 4;
+/// Bytes of input one task's sample group may span: small enough to stay cached (L2, else the
+/// L3) between the squeeze and the scale, large enough that ResNet-50's last stage (400 KB f32
+/// samples) fills a [`TILE`]-sample GEMM tile (measured in benches/NOTES.md).
+pub const GROUP_BYTES: usize = 2 << 20;
+/// Smallest number of elements a parallel piece of one sample gets (batch-1 path).
+const MIN_TASK_ELEMS: usize = 16 * 1024;
+
+// ------------------------------------------------------------------------------ public types
+
+/// What [`forward`] keeps for [`backward`]: all `[n][..]`, row-major, f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuSaved {
+    /// Squeezed means, `[n][channels]`.
+    pub z: Vec<f32>,
+    /// Hidden pre-activation `W1 z + b1`, `[n][hidden]`.
+    pub h: Vec<f32>,
+    /// Hidden activation `act(h)`, `[n][hidden]`.
+    pub u: Vec<f32>,
+    /// Channel weights `gate(W2 u + b2)`, `[n][channels]`.
+    pub s: Vec<f32>,
+}
+
+impl CpuSaved {
+    /// Zeroed buffers sized for `n` samples of `config` (to pass to [`forward_into`]).
+    pub fn new(config: &SeConfig, n: usize) -> Self {
+        let (c, d) = (config.channels, config.hidden);
+        CpuSaved {
+            z: vec![0.0; n * c],
+            h: vec![0.0; n * d],
+            u: vec![0.0; n * d],
+            s: vec![0.0; n * c],
+        }
+    }
+
+    fn check(&self, n: usize, c: usize, d: usize) -> Result<()> {
+        check_saved_len(n, c, d, self.z.len(), self.h.len(), self.s.len())?;
+        check_len("saved u", self.u.len(), n * d)
+    }
+}
+
+/// [`forward`]'s results.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuForward<T> {
+    /// The output, in the input's shape and layout.
+    pub y: Tensor<T>,
+    /// What backward needs.
+    pub saved: CpuSaved,
+}
+
+/// [`backward`]'s results.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuBackward<T> {
+    /// d loss / d x, in the input's layout.
+    pub dx: Tensor<T>,
+    /// Parameter gradients (f32).
+    pub grads: SeGrads<f32>,
+    /// d loss / d residual (the epilogue only): dy through the ReLU mask.
+    pub dresidual: Option<Tensor<T>>,
+}
+
+/// Zeroed parameter gradients shaped for `config` (to pass to [`backward_into`]).
+pub fn zero_grads(config: &SeConfig) -> SeGrads<f32> {
+    let (c, d) = (config.channels, config.hidden);
+    SeGrads {
+        dw1: vec![0.0; d * c],
+        db1: config.bias.then(|| vec![0.0; d]),
+        dw2: vec![0.0; c * d],
+        db2: config.bias.then(|| vec![0.0; c]),
+    }
+}
+
+// ------------------------------------------------------------------------------ entry points
+
+/// SE forward. With `residual`, the fused epilogue `y = relu(s * x + residual)`; otherwise
+/// `y = s * x`.
+///
+/// Errors (never panics) when the weights are inconsistent, `x` does not have
+/// `config.channels` channels, or `residual` differs from `x` in shape or layout.
+pub fn forward<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    residual: Option<&Tensor<T>>,
+) -> Result<CpuForward<T>> {
+    check_activation(w, x, residual, None)?;
+    let mut y = Tensor::zeros(x.shape(), x.layout())?;
+    let mut saved = CpuSaved::new(&w.config, x.shape().n);
+    forward_into(w, x, residual, &mut y, &mut saved)?;
+    Ok(CpuForward { y, saved })
+}
+
+/// SE forward into caller buffers: `y` (the shape and layout of `x`) and `saved`
+/// ([`CpuSaved::new`] for `x`'s batch). Allocates nothing.
+///
+/// Errors as [`forward`] does, and when `y` or `saved` is sized for another shape.
+pub fn forward_into<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    residual: Option<&Tensor<T>>,
+    y: &mut Tensor<T>,
+    saved: &mut CpuSaved,
+) -> Result<()> {
+    check_activation(w, x, residual, None)?;
+    same_as_x("output y", x, y.shape(), y.layout())?;
+    let sh = x.shape();
+    saved.check(sh.n, sh.c, w.config.hidden)?;
+    let p = Problem::new(w, sh, x.layout());
+    let xs = x.data();
+    let rs = residual.map(|r| r.data());
+    let CpuSaved { z, h, u, s } = saved;
+    let ys = y.data_mut();
+    let (se, c, d) = (p.sample, p.c, p.d);
+
+    let threads = rayon::current_num_threads();
+    let g = p.group(threads, size_of::<T>() * if rs.is_some() { 2 } else { 1 });
+    if let Some(g) = g {
+        // Whole-sample groups, one task each: squeeze, excite, scale while the group is in L2.
+        ys.par_chunks_mut(g * se)
+            .zip(z.par_chunks_mut(g * c))
+            .zip(h.par_chunks_mut(g * d))
+            .zip(u.par_chunks_mut(g * d))
+            .zip(s.par_chunks_mut(g * c))
+            .enumerate()
+            .for_each(|(gi, ((((y, z), h), u), s))| {
+                let m = z.len() / c;
+                let x = &xs[gi * g * se..][..m * se];
+                let r = rs.map(|r| &r[gi * g * se..][..m * se]);
+                for k in 0..m {
+                    p.squeeze(&x[k * se..][..se], 0, &mut z[k * c..][..c]);
+                }
+                p.excite(z, h, u, s);
+                for k in 0..m {
+                    let xk = &x[k * se..][..se];
+                    let rk = r.map(|r| &r[k * se..][..se]);
+                    p.scale(xk, rk, &mut y[k * se..][..se], 0, &s[k * c..][..c]);
+                }
+            });
+    } else {
+        // Few samples: one at a time, each pass split over the threads.
+        for n in 0..sh.n {
+            let x = &xs[n * se..][..se];
+            let r = rs.map(|r| &r[n * se..][..se]);
+            let (zn, sn) = (&mut z[n * c..][..c], &mut s[n * c..][..c]);
+            p.squeeze_par(x, zn, threads);
+            p.excite(zn, &mut h[n * d..][..d], &mut u[n * d..][..d], sn);
+            p.scale_par(x, r, &mut ys[n * se..][..se], sn, threads);
+        }
+    }
+    Ok(())
+}
+
+/// SE backward, given the forward's inputs, what it saved, and `dy`.
+///
+/// Returns `dx`, the parameter gradients, and with the epilogue `d residual` (dy through the
+/// ReLU mask of `s * x + residual`). Errors (never panics) on inconsistent weights, shapes,
+/// layouts or saved lengths.
+pub fn backward<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    residual: Option<&Tensor<T>>,
+    saved: &CpuSaved,
+    dy: &Tensor<T>,
+) -> Result<CpuBackward<T>> {
+    check_activation(w, x, residual, Some(dy))?;
+    let mut dx = Tensor::zeros(x.shape(), x.layout())?;
+    let mut grads = zero_grads(&w.config);
+    let mut dres = residual
+        .map(|_| Tensor::zeros(x.shape(), x.layout()))
+        .transpose()?;
+    backward_into(
+        w,
+        x,
+        residual,
+        saved,
+        dy,
+        &mut dx,
+        false,
+        &mut grads,
+        dres.as_mut(),
+    )?;
+    Ok(CpuBackward {
+        dx,
+        grads,
+        dresidual: dres,
+    })
+}
+
+/// SE backward into caller buffers. With `accumulate`, `dx` gets the gradient added to what it
+/// holds (a residual network adds the identity path's gradient); otherwise it is overwritten.
+/// Parameter gradients are overwritten (`grads` shaped by [`zero_grads`]); `dresidual` must be
+/// given exactly when `residual` is. Reuses a per-thread scratch buffer (4 floats per channel
+/// and sample), so repeated calls allocate nothing.
+///
+/// Errors as [`backward`] does, and when an output is sized for another shape or config.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    residual: Option<&Tensor<T>>,
+    saved: &CpuSaved,
+    dy: &Tensor<T>,
+    dx: &mut Tensor<T>,
+    accumulate: bool,
+    grads: &mut SeGrads<f32>,
+    dresidual: Option<&mut Tensor<T>>,
+) -> Result<()> {
+    check_activation(w, x, residual, Some(dy))?;
+    same_as_x("gradient dx", x, dx.shape(), dx.layout())?;
+    if let Some(dr) = &dresidual {
+        same_as_x("gradient d residual", x, dr.shape(), dr.layout())?;
+    }
+    if residual.is_some() != dresidual.is_some() {
+        return Err(Error::Config(
+            "d residual must be given exactly when the residual is".into(),
+        ));
+    }
+    let cfg = w.config;
+    let sh = x.shape();
+    saved.check(sh.n, sh.c, cfg.hidden)?;
+    check_grads(grads, &cfg)?;
+    let p = Problem::new(w, sh, x.layout());
+    let stride = p.scratch_stride();
+    SCRATCH.with(|cell| {
+        // Take the buffer (a nested call on this thread, e.g. from a rayon join, then simply
+        // gets a fresh one) and put it back for the next call.
+        let mut scratch = std::mem::take(&mut *cell.borrow_mut());
+        scratch.clear();
+        scratch.resize(sh.n * stride, 0.0);
+        let args = BwdArgs {
+            x: x.data(),
+            r: residual.map(|r| r.data()),
+            dy: dy.data(),
+            saved,
+            accumulate,
+        };
+        p.backward(
+            &args,
+            dx.data_mut(),
+            dresidual.map(|t| t.data_mut()),
+            &mut scratch,
+        );
+        p.param_grads(saved, &scratch, grads);
+        *cell.borrow_mut() = scratch;
+    });
+    Ok(())
+}
+
+thread_local! {
+    /// Backward's per-sample scratch (ds, dg, dz, du), kept between calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn same_as_x<T: Element>(what: &str, x: &Tensor<T>, shape: Shape, layout: Layout) -> Result<()> {
+    if shape != x.shape() || layout != x.layout() {
+        return Err(Error::Shape(format!(
+            "{what} is {shape} {layout}, input is {} {}",
+            x.shape(),
+            x.layout()
+        )));
+    }
+    Ok(())
+}
+
+fn check_grads(g: &SeGrads<f32>, cfg: &SeConfig) -> Result<()> {
+    let (c, d) = (cfg.channels, cfg.hidden);
+    check_len("grad dw1", g.dw1.len(), d * c)?;
+    check_len("grad dw2", g.dw2.len(), c * d)?;
+    match (&g.db1, &g.db2, cfg.bias) {
+        (Some(b1), Some(b2), true) => {
+            check_len("grad db1", b1.len(), d)?;
+            check_len("grad db2", b2.len(), c)
+        }
+        (None, None, false) => Ok(()),
+        _ => Err(Error::Config(format!(
+            "bias gradients must be present iff config.bias ({})",
+            cfg.bias
+        ))),
+    }
+}
+
+/// Defines `$name`, which runs `$imp` for f16/bf16 through a copy compiled for AVX2, FMA and
+/// F16C when the CPU has them (`$fast`), else the portable build. Measured (benches/NOTES.md):
+/// the forward's conversions gain about a fifth in bf16; f32 gains nothing (memory-bound) and the
+/// backward passes lost time in such copies, so they stay portable.
+macro_rules! avx2_dispatch {
+    (
+        $(#[$doc:meta])*
+        fn $name:ident / $fast:ident => $imp:ident<$T:ident>(&self, $($a:ident: $t:ty),* $(,)?)
+    ) => {
+        $(#[$doc])*
+        fn $name<$T: Element>(&self, $($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            if !is_f32::<$T>() && fma_available() && std::arch::is_x86_feature_detected!("f16c") {
+                // SAFETY: the copy needs only AVX2, FMA and F16C, which this CPU has (checked
+                // just above); everything it touches is a bounds-checked safe slice.
+                return unsafe { self.$fast::<$T>($($a),*) };
+            }
+            self.$imp::<$T>($($a),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $fast<$T: Element>(&self, $($a: $t),*) {
+            self.$imp::<$T>($($a),*)
+        }
+    };
+}
+
+// ------------------------------------------------------------------------------ the problem
+
+/// One call's shapes and weights, and the passes over one sample or group of samples.
+struct Problem<'a> {
+    w1: &'a [f32],
+    b1: Option<&'a [f32]>,
+    w2: &'a [f32],
+    b2: Option<&'a [f32]>,
+    act: Activation,
+    gate: Gate,
+    layout: Layout,
+    n: usize,
+    c: usize,
+    d: usize,
+    hw: usize,
+    /// Elements per sample.
+    sample: usize,
+}
+
+/// Backward's read-only inputs.
+struct BwdArgs<'a, T> {
+    x: &'a [T],
+    r: Option<&'a [T]>,
+    dy: &'a [T],
+    saved: &'a CpuSaved,
+    accumulate: bool,
+}
+
+impl<'a> Problem<'a> {
+    avx2_dispatch! {
+        /// z[k] = mean over pixels of channel `c0 + k` of one sample.
+        fn squeeze / squeeze_avx2 => squeeze_impl<T>(&self, x: &[T], c0: usize, z: &mut [f32])
+    }
+    avx2_dispatch! {
+        /// y = s * x (or relu(s * x + r)) over whole units of one sample starting at unit
+        /// `u0`; `s` is the sample's `[c]` channel weights.
+        fn scale / scale_avx2 => scale_impl<T>(
+            &self, x: &[T], r: Option<&[T]>, y: &mut [T], u0: usize, s: &[f32]
+        )
+    }
+    fn new(w: &'a SeWeights, sh: Shape, layout: Layout) -> Self {
+        Problem {
+            w1: &w.w1,
+            b1: w.b1.as_deref(),
+            w2: &w.w2,
+            b2: w.b2.as_deref(),
+            act: w.config.activation,
+            gate: w.config.gate,
+            layout,
+            n: sh.n,
+            c: sh.c,
+            d: w.config.hidden,
+            hw: sh.hw(),
+            sample: sh.sample_numel(),
+        }
+    }
+
+    /// Samples per task for the whole-sample path, or `None` for the few-samples path.
+    /// `bytes_per` is the input bytes per element the passes read (x, plus dy and residual).
+    fn group(&self, threads: usize, bytes_per: usize) -> Option<usize> {
+        if threads > 1 && self.n < 2 * threads {
+            return None;
+        }
+        let fit = (GROUP_BYTES / (self.sample * bytes_per).max(1)).clamp(1, TILE);
+        Some(fit.min((self.n / (2 * threads)).max(1)))
+    }
+
+    /// Backward scratch floats per sample: ds, dg, dz (`c` each) and du (`d`), stored as four
+    /// `[n][..]` regions.
+    fn scratch_stride(&self) -> usize {
+        3 * self.c + self.d
+    }
+
+    /// Elements of one parallel unit of a sample: a channel row (NCHW) or a pixel (NHWC).
+    fn unit(&self) -> usize {
+        match self.layout {
+            Layout::Nchw => self.hw,
+            Layout::Nhwc => self.c,
+        }
+    }
+
+    /// Units per parallel piece of one sample, for `threads` threads.
+    fn units_per_task(&self, threads: usize) -> usize {
+        let units = self.sample / self.unit();
+        let by_size = MIN_TASK_ELEMS.div_ceil(self.unit());
+        let by_threads = units.div_ceil(4 * threads);
+        by_size.max(by_threads).max(1)
+    }
+
+    /// Channels per parallel piece of the NHWC squeeze (strided runs of this many elements).
+    fn channels_per_task(&self, threads: usize) -> usize {
+        self.c.div_ceil(2 * threads).max(64).next_multiple_of(16)
+    }
+
+    // ---------------------------------------------------------------- forward passes
+
+    /// z[k] = mean over pixels of channel `c0 + k` of one sample.
+    #[inline(always)]
+    fn squeeze_impl<T: Element>(&self, x: &[T], c0: usize, z: &mut [f32]) {
+        let inv = 1.0 / self.hw as f32;
+        let mut buf = [0f32; PIECE];
+        match self.layout {
+            Layout::Nchw => {
+                let rows = &x[c0 * self.hw..][..z.len() * self.hw];
+                for (zc, row) in z.iter_mut().zip(rows.chunks_exact(self.hw)) {
+                    let mut acc = 0.0;
+                    for piece in row.chunks(PIECE) {
+                        acc += sum(view(piece, &mut buf));
+                    }
+                    *zc = acc * inv;
+                }
+            }
+            Layout::Nhwc => {
+                let cb = z.len();
+                z.fill(0.0);
+                for pix in x.chunks_exact(self.c) {
+                    let seg = &pix[c0..][..cb];
+                    for (zp, piece) in z.chunks_mut(PIECE).zip(seg.chunks(PIECE)) {
+                        add_to(zp, view(piece, &mut buf));
+                    }
+                }
+                z.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+    }
+
+    /// [`Self::squeeze`] of a whole sample, split over the threads.
+    fn squeeze_par<T: Element>(&self, x: &[T], z: &mut [f32], threads: usize) {
+        let per = match self.layout {
+            Layout::Nchw => self.units_per_task(threads),
+            Layout::Nhwc => self.channels_per_task(threads),
+        };
+        z.par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(i, zc)| self.squeeze(x, i * per, zc));
+    }
+
+    /// The excitation for `m` samples: `z` is `[m][c]`; writes h, u (`[m][d]`) and s (`[m][c]`).
+    /// Each weight row is read once per call and shared by up to four samples' dot products.
+    fn excite(&self, z: &[f32], h: &mut [f32], u: &mut [f32], s: &mut [f32]) {
+        let (c, d) = (self.c, self.d);
+        fc(self.w1, self.b1, c, z, h, d);
+        u.copy_from_slice(h);
+        act_slice(self.act, u);
+        fc(self.w2, self.b2, d, u, s, c);
+        gate_slice(self.gate, s);
+    }
+
+    /// y = s * x (or relu(s * x + r)) over whole units of one sample starting at unit `u0`;
+    /// `s` is the sample's `[c]` channel weights.
+    #[inline(always)]
+    fn scale_impl<T: Element>(&self, x: &[T], r: Option<&[T]>, y: &mut [T], u0: usize, s: &[f32]) {
+        let mut bufs = Bufs::new();
+        let unit = self.unit();
+        for (i, yu) in y.chunks_mut(unit).enumerate() {
+            let xu = &x[i * unit..][..unit];
+            let ru = r.map(|r| &r[i * unit..][..unit]);
+            match self.layout {
+                Layout::Nchw => fwd_seg(xu, ru, yu, s[u0 + i], &mut bufs),
+                Layout::Nhwc => fwd_seg(xu, ru, yu, s, &mut bufs),
+            }
+        }
+    }
+
+    /// [`Self::scale`] of a whole sample, split over the threads.
+    fn scale_par<T: Element>(
+        &self,
+        x: &[T],
+        r: Option<&[T]>,
+        y: &mut [T],
+        s: &[f32],
+        threads: usize,
+    ) {
+        let upt = self.units_per_task(threads);
+        let step = upt * self.unit();
+        y.par_chunks_mut(step).enumerate().for_each(|(i, yc)| {
+            let xc = &x[i * step..][..yc.len()];
+            let rc = r.map(|r| &r[i * step..][..yc.len()]);
+            self.scale(xc, rc, yc, i * upt, s);
+        });
+    }
+
+    // ---------------------------------------------------------------- backward passes
+
+    /// Backward over every sample: fills dx (and d residual) and the per-sample scratch rows
+    /// (ds, dg, dz, du) that [`Self::param_grads`] reads.
+    fn backward<T: Element>(
+        &self,
+        a: &BwdArgs<'_, T>,
+        dx: &mut [T],
+        dres: Option<&mut [T]>,
+        scratch: &mut [f32],
+    ) {
+        let (se, c, d) = (self.sample, self.c, self.d);
+        let threads = rayon::current_num_threads();
+        let inputs = if a.r.is_some() { 3 } else { 2 };
+        let (ds, rest) = scratch.split_at_mut(self.n * c);
+        let (dg, rest) = rest.split_at_mut(self.n * c);
+        let (dz, du) = rest.split_at_mut(self.n * c);
+        let Some(g) = self.group(threads, inputs * size_of::<T>()) else {
+            // Few samples: one at a time, each pass split over the threads.
+            let mut dres = dres;
+            for n in 0..self.n {
+                let one = Sample::of(a, n, se, c);
+                let (rc, rd) = (n * c..(n + 1) * c, n * d..(n + 1) * d);
+                let mut e = Excited {
+                    ds: &mut ds[rc.clone()],
+                    dg: &mut dg[rc.clone()],
+                    dz: &mut dz[rc],
+                    du: &mut du[rd.clone()],
+                };
+                self.dsum_par(&one, e.ds, threads);
+                self.dexcite(&a.saved.h[rd], one.s, &mut e);
+                let dxn = &mut dx[n * se..][..se];
+                let drn = dres.as_deref_mut().map(|d| &mut d[n * se..][..se]);
+                self.dscale_par(&one, e.dz, dxn, drn, a.accumulate, threads);
+            }
+            return;
+        };
+        let task = |gi: usize, dx: &mut [T], mut dres: Option<&mut [T]>, mut e: Excited<'_>| {
+            let n0 = gi * g;
+            let m = e.dg.len() / c;
+            for k in 0..m {
+                let one = Sample::of(a, n0 + k, se, c);
+                self.dsum(&one, 0, &mut e.ds[k * c..][..c]);
+            }
+            let h = &a.saved.h[n0 * d..][..m * d];
+            let s = &a.saved.s[n0 * c..][..m * c];
+            self.dexcite(h, s, &mut e);
+            for k in 0..m {
+                let one = Sample::of(a, n0 + k, se, c);
+                let dxk = &mut dx[k * se..][..se];
+                let drk = dres.as_deref_mut().map(|d| &mut d[k * se..][..se]);
+                self.dscale(&one, 0, &e.dz[k * c..][..c], dxk, drk, a.accumulate);
+            }
+        };
+        let regions = ds
+            .par_chunks_mut(g * c)
+            .zip(dg.par_chunks_mut(g * c))
+            .zip(dz.par_chunks_mut(g * c))
+            .zip(du.par_chunks_mut(g * d))
+            .map(|(((ds, dg), dz), du)| Excited { ds, dg, dz, du });
+        match dres {
+            Some(dr) => dx
+                .par_chunks_mut(g * se)
+                .zip(dr.par_chunks_mut(g * se))
+                .zip(regions)
+                .enumerate()
+                .for_each(|(gi, ((dx, dr), e))| task(gi, dx, Some(dr), e)),
+            None => dx
+                .par_chunks_mut(g * se)
+                .zip(regions)
+                .enumerate()
+                .for_each(|(gi, (dx, e))| task(gi, dx, None, e)),
+        }
+    }
+
+    /// ds[k] = sum over pixels of g * x for channel `c0 + k` of one sample, g = dy through the
+    /// epilogue's mask.
+    fn dsum<T: Element>(&self, one: &Sample<'_, T>, c0: usize, ds: &mut [f32]) {
+        let mut bufs = Bufs::new();
+        let hw = self.hw;
+        match self.layout {
+            Layout::Nchw => {
+                for (k, dsk) in ds.iter_mut().enumerate() {
+                    let at = (c0 + k) * hw;
+                    let r = one.r.map(|r| &r[at..][..hw]);
+                    *dsk = dsum_seg(
+                        &one.x[at..][..hw],
+                        r,
+                        &one.dy[at..][..hw],
+                        one.s[c0 + k],
+                        &mut bufs,
+                    );
+                }
+            }
+            Layout::Nhwc => {
+                let (c, cb) = (self.c, ds.len());
+                ds.fill(0.0);
+                for p in 0..hw {
+                    let at = p * c + c0;
+                    let r = one.r.map(|r| &r[at..][..cb]);
+                    let s = &one.s[c0..][..cb];
+                    dsum_cols(&one.x[at..][..cb], r, &one.dy[at..][..cb], s, ds, &mut bufs);
+                }
+            }
+        }
+    }
+
+    /// [`Self::dsum`] of a whole sample, split over the threads.
+    fn dsum_par<T: Element>(&self, one: &Sample<'_, T>, ds: &mut [f32], threads: usize) {
+        let per = match self.layout {
+            Layout::Nchw => self.units_per_task(threads),
+            Layout::Nhwc => self.channels_per_task(threads),
+        };
+        ds.par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(i, dc)| self.dsum(one, i * per, dc));
+    }
+
+    /// The excitation's backward for `m` samples (`e.ds` filled, `[m][c]`): writes dg, du and
+    /// dz / hw. `h` is `[m][d]`, `s` is `[m][c]`.
+    fn dexcite(&self, h: &[f32], s: &[f32], e: &mut Excited<'_>) {
+        let (c, d) = (self.c, self.d);
+        let m = e.dg.len() / c;
+        for ((g, &dsv), &sv) in e.dg.iter_mut().zip(e.ds.iter()).zip(s) {
+            *g = dsv * gate_grad(self.gate, sv);
+        }
+        // du[k] = W2^T dg[k] (rows of W2 combined with dg[k]'s weights), then act'(h).
+        let dg = &*e.dg;
+        lincomb(e.du, m, d, self.w2, c, |k, cc| dg[k * c + cc]);
+        for (v, &hv) in e.du.iter_mut().zip(h) {
+            *v *= act_grad(self.act, hv);
+        }
+        // dz[k] = W1^T du[k] / hw.
+        let (du, inv) = (&*e.du, 1.0 / self.hw as f32);
+        lincomb(e.dz, m, c, self.w1, d, |k, j| du[k * d + j] * inv);
+    }
+
+    /// dx = g * s + dz / hw (plus dx's old value with `accumulate`) and d residual = g over
+    /// whole units of one sample starting at unit `u0`; `dzh` is the sample's `[c]` dz / hw.
+    fn dscale<T: Element>(
+        &self,
+        one: &Sample<'_, T>,
+        u0: usize,
+        dzh: &[f32],
+        dx: &mut [T],
+        mut dres: Option<&mut [T]>,
+        accumulate: bool,
+    ) {
+        let mut bufs = Bufs::new();
+        let unit = self.unit();
+        let base = u0 * unit;
+        for (i, dxu) in dx.chunks_mut(unit).enumerate() {
+            let at = base + i * unit;
+            let x = &one.x[at..][..unit];
+            let r = one.r.map(|r| &r[at..][..unit]);
+            let dy = &one.dy[at..][..unit];
+            let dr = dres.as_deref_mut().map(|d| &mut d[i * unit..][..unit]);
+            match self.layout {
+                Layout::Nchw => {
+                    let cc = u0 + i;
+                    dx_seg(x, r, dy, one.s[cc], dzh[cc], dxu, dr, accumulate, &mut bufs)
+                }
+                Layout::Nhwc => dx_seg(x, r, dy, one.s, dzh, dxu, dr, accumulate, &mut bufs),
+            }
+        }
+    }
+
+    /// [`Self::dscale`] of a whole sample, split over the threads.
+    fn dscale_par<T: Element>(
+        &self,
+        one: &Sample<'_, T>,
+        dzh: &[f32],
+        dx: &mut [T],
+        dres: Option<&mut [T]>,
+        accumulate: bool,
+        threads: usize,
+    ) {
+        let upt = self.units_per_task(threads);
+        let step = upt * self.unit();
+        match dres {
+            Some(dr) => dx
+                .par_chunks_mut(step)
+                .zip(dr.par_chunks_mut(step))
+                .enumerate()
+                .for_each(|(i, (dxc, drc))| {
+                    self.dscale(one, i * upt, dzh, dxc, Some(drc), accumulate)
+                }),
+            None => dx
+                .par_chunks_mut(step)
+                .enumerate()
+                .for_each(|(i, dxc)| self.dscale(one, i * upt, dzh, dxc, None, accumulate)),
+        }
+    }
+
+    /// dW1, dW2 (and the biases') from every sample's dg and du in `scratch`, batched over the
+    /// samples and split over the threads by blocks of output rows.
+    fn param_grads(&self, saved: &CpuSaved, scratch: &[f32], grads: &mut SeGrads<f32>) {
+        let (c, d, n) = (self.c, self.d, self.n);
+        let dg = &scratch[n * c..][..n * c];
+        let du = &scratch[3 * n * c..][..n * d];
+        let threads = rayon::current_num_threads();
+        let rows_per = |rows: usize| rows.div_ceil(4 * threads).next_multiple_of(4);
+        // dW2[cc] = sum_k dg[k][cc] u[k].
+        let r2 = rows_per(c);
+        grads
+            .dw2
+            .par_chunks_mut(r2 * d)
+            .enumerate()
+            .for_each(|(i, blk)| {
+                let c0 = i * r2;
+                lincomb(blk, blk.len() / d, d, &saved.u, n, |r, k| {
+                    dg[k * c + c0 + r]
+                });
+            });
+        // dW1[j] = sum_k du[k][j] z[k].
+        let r1 = rows_per(d);
+        grads
+            .dw1
+            .par_chunks_mut(r1 * c)
+            .enumerate()
+            .for_each(|(i, blk)| {
+                let j0 = i * r1;
+                lincomb(blk, blk.len() / c, c, &saved.z, n, |r, k| {
+                    du[k * d + j0 + r]
+                });
+            });
+        if let Some(db2) = grads.db2.as_mut() {
+            db2.fill(0.0);
+            for k in 0..n {
+                add_to(db2, &dg[k * c..][..c]);
+            }
+        }
+        if let Some(db1) = grads.db1.as_mut() {
+            db1.fill(0.0);
+            for k in 0..n {
+                add_to(db1, &du[k * d..][..d]);
+            }
+        }
+    }
+}
+
+/// Backward's per-sample excitation gradients for a run of samples, each `[m][..]`.
+struct Excited<'e> {
+    /// sum over pixels of g * x, `[m][c]`.
+    ds: &'e mut [f32],
+    /// ds * gate', `[m][c]`.
+    dg: &'e mut [f32],
+    /// dz / hw, `[m][c]`.
+    dz: &'e mut [f32],
+    /// d loss / d h, `[m][d]`.
+    du: &'e mut [f32],
+}
+
+/// One sample's backward inputs.
+struct Sample<'a, T> {
+    x: &'a [T],
+    r: Option<&'a [T]>,
+    dy: &'a [T],
+    s: &'a [f32],
+}
+
+impl<'a, T: Element> Sample<'a, T> {
+    fn of(a: &BwdArgs<'a, T>, n: usize, se: usize, c: usize) -> Self {
+        Sample {
+            x: &a.x[n * se..][..se],
+            r: a.r.map(|r| &r[n * se..][..se]),
+            dy: &a.dy[n * se..][..se],
+            s: &a.saved.s[n * c..][..c],
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ segments
+
+/// Per-channel values over a run of elements: one value for an NCHW channel row, a slice (one
+/// per channel) for an NHWC pixel.
+trait Scales: Copy {
+    /// The value for element `i` of the run.
+    fn get(self, i: usize) -> f32;
+    /// The values for elements `k0..k0 + n` of the run.
+    fn sub(self, k0: usize, n: usize) -> Self;
+}
+
+impl Scales for f32 {
+    #[inline(always)]
+    fn get(self, _: usize) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn sub(self, _: usize, _: usize) -> Self {
+        self
+    }
+}
+
+impl Scales for &[f32] {
+    #[inline(always)]
+    fn get(self, i: usize) -> f32 {
+        self[i]
+    }
+    #[inline(always)]
+    fn sub(self, k0: usize, n: usize) -> Self {
+        &self[k0..][..n]
+    }
+}
+
+/// Stack buffers for converting f16/bf16 pieces (unused, and optimised away, for f32).
+struct Bufs {
+    a: [f32; PIECE],
+    b: [f32; PIECE],
+    c: [f32; PIECE],
+    d: [f32; PIECE],
+}
+
+impl Bufs {
+    #[inline(always)]
+    fn new() -> Self {
+        Bufs {
+            a: [0.0; PIECE],
+            b: [0.0; PIECE],
+            c: [0.0; PIECE],
+            d: [0.0; PIECE],
+        }
+    }
+}
+
+/// The epilogue's pre-activation, one expression for forward and for backward's mask.
+#[inline(always)]
+fn epilogue_pre(s: f32, x: f32, r: f32) -> f32 {
+    s * x + r
+}
+
+/// y = s * x, or relu(s * x + r), over one run.
+#[inline(always)]
+fn fwd_seg<T: Element, S: Scales>(x: &[T], r: Option<&[T]>, y: &mut [T], s: S, bufs: &mut Bufs) {
+    let Bufs { a, b, c, .. } = bufs;
+    let len = y.len();
+    for k0 in (0..len).step_by(PIECE) {
+        let n = PIECE.min(len - k0);
+        let xv = view(&x[k0..][..n], a);
+        let sv = s.sub(k0, n);
+        match r {
+            None => emit(&mut y[k0..][..n], c, false, |yv| {
+                for i in 0..n {
+                    yv[i] = sv.get(i) * xv[i];
+                }
+            }),
+            Some(r) => {
+                let rv = view(&r[k0..][..n], b);
+                emit(&mut y[k0..][..n], c, false, |yv| {
+                    for i in 0..n {
+                        yv[i] = epilogue_pre(sv.get(i), xv[i], rv[i]).max(0.0);
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// sum of g * x over one NCHW channel row with weight `s` (g = dy through the mask).
+#[inline(always)]
+fn dsum_seg<T: Element>(x: &[T], r: Option<&[T]>, dy: &[T], s: f32, bufs: &mut Bufs) -> f32 {
+    let Bufs { a, b, c, .. } = bufs;
+    let len = x.len();
+    let mut acc = 0.0;
+    for k0 in (0..len).step_by(PIECE) {
+        let n = PIECE.min(len - k0);
+        let xv = view(&x[k0..][..n], a);
+        let gv = view(&dy[k0..][..n], c);
+        acc += match r {
+            None => dot(gv, xv),
+            Some(r) => {
+                let rv = view(&r[k0..][..n], b);
+                masked_dot(gv, xv, rv, s)
+            }
+        };
+    }
+    acc
+}
+
+/// ds[k] += g * x over one NHWC pixel's run of channels with weights `s`.
+#[inline(always)]
+fn dsum_cols<T: Element>(
+    x: &[T],
+    r: Option<&[T]>,
+    dy: &[T],
+    s: &[f32],
+    ds: &mut [f32],
+    bufs: &mut Bufs,
+) {
+    let Bufs { a, b, c, .. } = bufs;
+    let len = x.len();
+    for k0 in (0..len).step_by(PIECE) {
+        let n = PIECE.min(len - k0);
+        let xv = view(&x[k0..][..n], a);
+        let gv = view(&dy[k0..][..n], c);
+        let acc = &mut ds[k0..][..n];
+        match r {
+            None => {
+                for i in 0..n {
+                    acc[i] += gv[i] * xv[i];
+                }
+            }
+            Some(r) => {
+                let rv = view(&r[k0..][..n], b);
+                let sv = &s[k0..][..n];
+                for i in 0..n {
+                    let keep = epilogue_pre(sv[i], xv[i], rv[i]) > 0.0;
+                    acc[i] += if keep { gv[i] * xv[i] } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// dx = g * s + dzh (+ dx) and d residual = g over one run.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn dx_seg<T: Element, S: Scales>(
+    x: &[T],
+    r: Option<&[T]>,
+    dy: &[T],
+    s: S,
+    dzh: S,
+    dx: &mut [T],
+    mut dres: Option<&mut [T]>,
+    accumulate: bool,
+    bufs: &mut Bufs,
+) {
+    let Bufs { a, b, c, d } = bufs;
+    let len = dx.len();
+    for k0 in (0..len).step_by(PIECE) {
+        let n = PIECE.min(len - k0);
+        let sv = s.sub(k0, n);
+        let zv = dzh.sub(k0, n);
+        let g: &[f32] = match r {
+            None => view(&dy[k0..][..n], c),
+            Some(r) => {
+                let xv = view(&x[k0..][..n], a);
+                let rv = view(&r[k0..][..n], b);
+                let dyv: &[f32] = view(&dy[k0..][..n], c);
+                let gb = &mut d[..n];
+                for i in 0..n {
+                    let keep = epilogue_pre(sv.get(i), xv[i], rv[i]) > 0.0;
+                    gb[i] = if keep { dyv[i] } else { 0.0 };
+                }
+                if let Some(dr) = dres.as_deref_mut() {
+                    store(gb, &mut dr[k0..][..n]);
+                }
+                gb
+            }
+        };
+        // `a` and `b` are free again (their views are dead): reuse `a` for dx's conversion.
+        emit(&mut dx[k0..][..n], a, accumulate, |dv| {
+            if accumulate {
+                for i in 0..n {
+                    dv[i] += g[i] * sv.get(i) + zv.get(i);
+                }
+            } else {
+                for i in 0..n {
+                    dv[i] = g[i] * sv.get(i) + zv.get(i);
+                }
+            }
+        });
+    }
+}
+
+// ------------------------------------------------------------------------------ excitation GEMMs
+
+/// True when the CPU has AVX2 and FMA: the excitation's small GEMMs then run a copy of their
+/// kernels compiled for those (8-wide fused multiply-adds instead of the baseline's 4-wide SSE2
+/// multiplies and adds; measured in benches/NOTES.md).
+#[inline]
+fn fma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// a * b + c, fused when `FMA` (only instantiated inside AVX2+FMA code; elsewhere `mul_add`
+/// would be a slow library call).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// y[i][j] = b[j] + dot(w[j], x[i]): `w` is `[o][k]`, `x` is `[m][k]`, `y` is `[m][o]`.
+fn fc(w: &[f32], b: Option<&[f32]>, k: usize, x: &[f32], y: &mut [f32], o: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        // SAFETY: `fc_fma` needs only the AVX2 and FMA instructions, which this CPU has (checked
+        // just above); everything it touches is a bounds-checked safe slice.
+        return unsafe { fc_fma(w, b, k, x, y, o) };
+    }
+    fc_impl(w, b, k, x, y, o, dot4::<false>, dot2x4_portable)
+}
+
+/// [`avx2::dot2x4`]'s portable form: two [`dot4`]s.
+fn dot2x4_portable(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+    [
+        dot4::<false>(w0, x[0], x[1], x[2], x[3]),
+        dot4::<false>(w1, x[0], x[1], x[2], x[3]),
+    ]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fc_fma(w: &[f32], b: Option<&[f32]>, k: usize, x: &[f32], y: &mut [f32], o: usize) {
+    fc_impl(
+        w,
+        b,
+        k,
+        x,
+        y,
+        o,
+        |w, x0, x1, x2, x3| avx2::dot4(w, [x0, x1, x2, x3]),
+        |w0, w1, xs| avx2::dot2x4(w0, w1, xs),
+    )
+}
+
+/// The dot products of [`fc`]: four samples at a time with `dot2x4` (two weight rows) and
+/// `dot4` (an odd last row); samples beyond a multiple of four against four weight rows.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn fc_impl(
+    w: &[f32],
+    b: Option<&[f32]>,
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+    o: usize,
+    dot4: impl Fn(&[f32], &[f32], &[f32], &[f32], &[f32]) -> [f32; 4],
+    dot2x4: impl Fn(&[f32], &[f32], [&[f32]; 4]) -> [[f32; 4]; 2],
+) {
+    let m = x.len() / k;
+    let bias = |j: usize| b.map_or(0.0, |b| b[j]);
+    let full = m / 4 * 4;
+    // Four samples per pass over the weights.
+    for i0 in (0..full).step_by(4) {
+        let row = |t: usize| &x[(i0 + t) * k..][..k];
+        let (x0, x1, x2, x3) = (row(0), row(1), row(2), row(3));
+        // Two weight rows at a time share each load of the samples.
+        for j in (0..o / 2 * 2).step_by(2) {
+            let d = dot2x4(&w[j * k..][..k], &w[(j + 1) * k..][..k], [x0, x1, x2, x3]);
+            for (q, dq) in d.iter().enumerate() {
+                for (t, dt) in dq.iter().enumerate() {
+                    y[(i0 + t) * o + j + q] = bias(j + q) + dt;
+                }
+            }
+        }
+        for j in o / 2 * 2..o {
+            let d = dot4(&w[j * k..][..k], x0, x1, x2, x3);
+            for (t, dt) in d.iter().enumerate() {
+                y[(i0 + t) * o + j] = bias(j) + dt;
+            }
+        }
+    }
+    // The last samples one at a time, each against four weight rows (the dot products are
+    // symmetric); a short last group of rows repeats its last row.
+    for i in full..m {
+        let xi = &x[i * k..][..k];
+        for j0 in (0..o).step_by(4) {
+            let q = (o - j0).min(4);
+            let wr = |t: usize| &w[(j0 + t.min(q - 1)) * k..][..k];
+            let d = dot4(xi, wr(0), wr(1), wr(2), wr(3));
+            for (t, dt) in d.iter().enumerate().take(q) {
+                y[i * o + j0 + t] = bias(j0 + t) + dt;
+            }
+        }
+    }
+}
+
+/// Eight f32 lanes: one AVX2 register.
+type V8 = [f32; 8];
+
+/// Lane-wise a * b + c.
+#[inline(always)]
+fn vfma<const FMA: bool>(a: V8, b: V8, c: V8) -> V8 {
+    let mut r = [0f32; 8];
+    for l in 0..8 {
+        r[l] = madd::<FMA>(a[l], b[l], c[l]);
+    }
+    r
+}
+
+/// The eight lanes at `s[at..at + 8]`.
+#[inline(always)]
+fn v8(s: &[f32], at: usize) -> V8 {
+    let mut v = [0f32; 8];
+    v.copy_from_slice(&s[at..at + 8]);
+    v
+}
+
+/// Four dot products of `w` with `x0..x3` (all of `w`'s length) sharing each load of `w`: eight
+/// accumulators of eight lanes (one AVX2 register each), as whole-register values so the compiler
+/// keeps them in registers.
+#[inline(always)]
+fn dot4<const FMA: bool>(w: &[f32], x0: &[f32], x1: &[f32], x2: &[f32], x3: &[f32]) -> [f32; 4] {
+    let k = w.len();
+    let (x0, x1, x2, x3) = (&x0[..k], &x1[..k], &x2[..k], &x3[..k]);
+    let n = k / 16 * 16;
+    let z = [0f32; 8];
+    let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5, mut a6, mut a7) = (z, z, z, z, z, z, z, z);
+    let mut k0 = 0;
+    while k0 < n {
+        let (wa, wb) = (v8(w, k0), v8(w, k0 + 8));
+        a0 = vfma::<FMA>(wa, v8(x0, k0), a0);
+        a1 = vfma::<FMA>(wb, v8(x0, k0 + 8), a1);
+        a2 = vfma::<FMA>(wa, v8(x1, k0), a2);
+        a3 = vfma::<FMA>(wb, v8(x1, k0 + 8), a3);
+        a4 = vfma::<FMA>(wa, v8(x2, k0), a4);
+        a5 = vfma::<FMA>(wb, v8(x2, k0 + 8), a5);
+        a6 = vfma::<FMA>(wa, v8(x3, k0), a6);
+        a7 = vfma::<FMA>(wb, v8(x3, k0 + 8), a7);
+        k0 += 16;
+    }
+    let pairs = [(a0, a1, x0), (a2, a3, x1), (a4, a5, x2), (a6, a7, x3)];
+    let mut out = [0f32; 4];
+    for (o, (a, b, x)) in out.iter_mut().zip(pairs) {
+        let mut v = 0.0;
+        for l in 0..8 {
+            v += a[l] + b[l];
+        }
+        for i in n..k {
+            v = madd::<FMA>(w[i], x[i], v);
+        }
+        *o = v;
+    }
+    out
+}
+
+/// Hand-vectorised AVX2 kernels. The compiler's own vectoriser packs [`dot4`]'s four samples
+/// into the lanes of 128-bit registers (gathers and shuffles, measured 3x slower), so the dot
+/// products are written with intrinsics. No `unsafe` here: `__m256` is `bytemuck::Pod`, so loads
+/// are plain casts of `[f32; 8]`, and the arithmetic intrinsics are safe inside functions that
+/// enable their target features.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::{
+        __m256, _mm256_add_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps,
+        _mm256_hadd_ps, _mm256_setzero_ps, _mm_add_ps,
+    };
+
+    #[inline(always)]
+    fn ld(v: &[f32; 8]) -> __m256 {
+        bytemuck::cast(*v)
+    }
+
+    /// The first `n` (a multiple of 8) elements of `s` as vectors.
+    #[inline(always)]
+    fn vecs(s: &[f32], n: usize) -> &[[f32; 8]] {
+        bytemuck::cast_slice(&s[..n])
+    }
+
+    /// Four dot products of `w` with `x[r]` (each at least `w`'s length), sharing each load of
+    /// `w`: two accumulators per sample.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+        let k = w.len();
+        let n = k / 16 * 16;
+        let wv = vecs(w, n);
+        let xv = [vecs(x[0], n), vecs(x[1], n), vecs(x[2], n), vecs(x[3], n)];
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for i in (0..wv.len()).step_by(2) {
+            let (wa, wb) = (ld(&wv[i]), ld(&wv[i + 1]));
+            for r in 0..4 {
+                acc[2 * r] = _mm256_fmadd_ps(wa, ld(&xv[r][i]), acc[2 * r]);
+                acc[2 * r + 1] = _mm256_fmadd_ps(wb, ld(&xv[r][i + 1]), acc[2 * r + 1]);
+            }
+        }
+        // Reduce the four samples' lanes together: two horizontal-add rounds leave each
+        // sample's partial sums in one lane of each 128-bit half; adding the halves finishes.
+        let s = |r: usize| _mm256_add_ps(acc[2 * r], acc[2 * r + 1]);
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(s(0), s(1)), _mm256_hadd_ps(s(2), s(3)));
+        let v = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        let mut out: [f32; 4] = bytemuck::cast(v);
+        for (r, o) in out.iter_mut().enumerate() {
+            for i in n..k {
+                *o = w[i].mul_add(x[r][i], *o);
+            }
+        }
+        out
+    }
+
+    /// Eight dot products: rows `w0` and `w1` (equal lengths) with each of `x[r]` (at least that
+    /// long). Each load of a sample feeds two multiply-adds: 6 loads per 8 FMAs against
+    /// [`dot4`]'s 10.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot2x4(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+        let k = w0.len();
+        let n = k / 8 * 8;
+        let (u, v) = (vecs(w0, n), vecs(&w1[..k], n));
+        let xv = [vecs(x[0], n), vecs(x[1], n), vecs(x[2], n), vecs(x[3], n)];
+        let mut a = [_mm256_setzero_ps(); 8];
+        for i in 0..u.len() {
+            let (p, q) = (ld(&u[i]), ld(&v[i]));
+            for r in 0..4 {
+                let xr = ld(&xv[r][i]);
+                a[r] = _mm256_fmadd_ps(p, xr, a[r]);
+                a[4 + r] = _mm256_fmadd_ps(q, xr, a[4 + r]);
+            }
+        }
+        let reduce = |b: usize| -> [f32; 4] {
+            let h = _mm256_hadd_ps(
+                _mm256_hadd_ps(a[b], a[b + 1]),
+                _mm256_hadd_ps(a[b + 2], a[b + 3]),
+            );
+            bytemuck::cast(_mm_add_ps(
+                _mm256_castps256_ps128(h),
+                _mm256_extractf128_ps::<1>(h),
+            ))
+        };
+        let mut out = [reduce(0), reduce(4)];
+        for (row, w) in out.iter_mut().zip([w0, w1]) {
+            for (r, o) in row.iter_mut().enumerate() {
+                for i in n..k {
+                    *o = w[i].mul_add(x[r][i], *o);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Columns per register block of [`lincomb`].
+const KB: usize = 32;
+
+/// out[r][l] = sum over j < jn of coef(r, j) * w[j][l], for `rows` rows of `len`: `out` is
+/// `[rows][len]`, `w` is `[jn][len]`. Register-blocked: four output rows by [`KB`] columns stay
+/// in registers over all j, so each w element loaded feeds four multiply-adds.
+fn lincomb<F: Fn(usize, usize) -> f32>(
+    out: &mut [f32],
+    rows: usize,
+    len: usize,
+    w: &[f32],
+    jn: usize,
+    coef: F,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        // SAFETY: `lincomb_fma` needs only the AVX2 and FMA instructions, which this CPU has
+        // (checked just above); everything it touches is a bounds-checked safe slice.
+        return unsafe { lincomb_fma(out, rows, len, w, jn, &coef) };
+    }
+    lincomb_impl::<false, F>(out, rows, len, w, jn, &coef)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn lincomb_fma<F: Fn(usize, usize) -> f32>(
+    out: &mut [f32],
+    rows: usize,
+    len: usize,
+    w: &[f32],
+    jn: usize,
+    coef: &F,
+) {
+    lincomb_impl::<true, F>(out, rows, len, w, jn, coef)
+}
+
+#[inline(always)]
+fn lincomb_impl<const FMA: bool, F: Fn(usize, usize) -> f32>(
+    out: &mut [f32],
+    rows: usize,
+    len: usize,
+    w: &[f32],
+    jn: usize,
+    coef: &F,
+) {
+    let mut r0 = 0;
+    while r0 < rows {
+        let r = (rows - r0).min(4);
+        match r {
+            4 => lincomb_tile::<FMA, 4, F>(out, len, w, jn, coef, r0),
+            3 => lincomb_tile::<FMA, 3, F>(out, len, w, jn, coef, r0),
+            2 => lincomb_tile::<FMA, 2, F>(out, len, w, jn, coef, r0),
+            _ => lincomb_tile::<FMA, 1, F>(out, len, w, jn, coef, r0),
+        }
+        r0 += r;
+    }
+}
+
+/// [`lincomb`] for output rows `r0..r0 + R`.
+#[inline(always)]
+fn lincomb_tile<const FMA: bool, const R: usize, F: Fn(usize, usize) -> f32>(
+    out: &mut [f32],
+    len: usize,
+    w: &[f32],
+    jn: usize,
+    coef: &F,
+    r0: usize,
+) {
+    let mut l0 = 0;
+    while l0 + KB <= len {
+        let mut acc = [[0f32; KB]; R];
+        for j in 0..jn {
+            let wr = &w[j * len + l0..][..KB];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let cf = coef(r0 + r, j);
+                for l in 0..KB {
+                    a[l] = madd::<FMA>(cf, wr[l], a[l]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            out[(r0 + r) * len + l0..][..KB].copy_from_slice(a);
+        }
+        l0 += KB;
+    }
+    if l0 < len {
+        let n = len - l0;
+        let mut acc = [[0f32; KB]; R];
+        for j in 0..jn {
+            let wr = &w[j * len + l0..][..n];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let cf = coef(r0 + r, j);
+                for (al, &wl) in a[..n].iter_mut().zip(wr) {
+                    *al = madd::<FMA>(cf, wl, *al);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            out[(r0 + r) * len + l0..][..n].copy_from_slice(&a[..n]);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ conversions
+
+/// True when `T` is f32 itself (so its slices are borrowed, not converted).
+#[inline(always)]
+fn is_f32<T: Element>() -> bool {
+    T::DTYPE == DType::F32 && size_of::<T>() == 4
+}
+
+/// Widens `src` into `dst` (same length), in bulk.
+#[inline(always)]
+fn load<T: Element>(src: &[T], dst: &mut [f32]) {
+    match T::DTYPE {
+        DType::F32 if size_of::<T>() == 4 => dst.copy_from_slice(bytemuck::cast_slice(src)),
+        DType::F16 if size_of::<T>() == 2 => {
+            bytemuck::cast_slice::<T, f16>(src).convert_to_f32_slice(dst)
+        }
+        DType::BF16 if size_of::<T>() == 2 => {
+            for (d, &b) in dst.iter_mut().zip(bytemuck::cast_slice::<T, u16>(src)) {
+                *d = f32::from_bits((b as u32) << 16);
+            }
+        }
+        _ => {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = s.to_f32();
+            }
+        }
+    }
+}
+
+/// Rounds `src` into `dst` (same length, round to nearest even), in bulk.
+#[inline(always)]
+fn store<T: Element>(src: &[f32], dst: &mut [T]) {
+    match T::DTYPE {
+        DType::F32 if size_of::<T>() == 4 => {
+            bytemuck::cast_slice_mut::<T, f32>(dst).copy_from_slice(src)
+        }
+        DType::F16 if size_of::<T>() == 2 => {
+            bytemuck::cast_slice_mut::<T, f16>(dst).convert_from_f32_slice(src)
+        }
+        DType::BF16 if size_of::<T>() == 2 => {
+            for (d, &v) in bytemuck::cast_slice_mut::<T, u16>(dst).iter_mut().zip(src) {
+                *d = bf16_bits(v);
+            }
+        }
+        _ => {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = T::from_f32(v);
+            }
+        }
+    }
+}
+
+/// `half::bf16::from_f32(v).to_bits()` in a form the compiler vectorises: round to nearest
+/// even by adding 0x7fff plus the kept lowest bit; NaNs stay quiet NaNs.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+    if x & 0x7fff_ffff > 0x7f80_0000 {
+        ((x >> 16) | 0x40) as u16
+    } else {
+        rounded
+    }
+}
+
+/// `src` as f32: borrowed when `T` is f32, else widened into `buf`.
+#[inline(always)]
+fn view<'b, T: Element>(src: &'b [T], buf: &'b mut [f32; PIECE]) -> &'b [f32] {
+    if is_f32::<T>() {
+        bytemuck::cast_slice(src)
+    } else {
+        let b = &mut buf[..src.len()];
+        load(src, b);
+        b
+    }
+}
+
+/// Runs `f` on `dst` as f32: directly when `T` is f32, else on `buf` (widened from `dst` first
+/// when `load_old`) and rounded back.
+#[inline(always)]
+fn emit<T: Element>(
+    dst: &mut [T],
+    buf: &mut [f32; PIECE],
+    load_old: bool,
+    f: impl FnOnce(&mut [f32]),
+) {
+    if is_f32::<T>() {
+        f(bytemuck::cast_slice_mut(dst))
+    } else {
+        let b = &mut buf[..dst.len()];
+        if load_old {
+            load(dst, b);
+        }
+        f(b);
+        store(b, dst);
+    }
+}
+
+// ------------------------------------------------------------------------------ small math
+
+/// Lanes of the vector accumulators (independent chains the compiler maps to SIMD registers).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn hsum(acc: [f32; LANES]) -> f32 {
+    let mut v = acc;
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            v[i] += v[i + w];
+        }
+        w /= 2;
+    }
+    v[0]
+}
+
+/// Sum of `v`, in f32 with [`LANES`] accumulators.
+#[inline(always)]
+fn sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut it = v.chunks_exact(LANES);
+    for ch in &mut it {
+        for i in 0..LANES {
+            acc[i] += ch[i];
+        }
+    }
+    it.remainder().iter().sum::<f32>() + hsum(acc)
+}
+
+/// Dot product of two equal-length slices.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (mut ia, mut ib) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (ca, cb) in (&mut ia).zip(&mut ib) {
+        for i in 0..LANES {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail: f32 = ia
+        .remainder()
+        .iter()
+        .zip(ib.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    tail + hsum(acc)
+}
+
+/// sum of g * x where `s * x + r > 0`.
+#[inline(always)]
+fn masked_dot(g: &[f32], x: &[f32], r: &[f32], s: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = g.len() / LANES * LANES;
+    for k in (0..n).step_by(LANES) {
+        let (gc, xc, rc) = (&g[k..][..LANES], &x[k..][..LANES], &r[k..][..LANES]);
+        for i in 0..LANES {
+            let keep = epilogue_pre(s, xc[i], rc[i]) > 0.0;
+            acc[i] += if keep { gc[i] * xc[i] } else { 0.0 };
+        }
+    }
+    let mut tail = 0.0;
+    for i in n..g.len() {
+        if epilogue_pre(s, x[i], r[i]) > 0.0 {
+            tail += g[i] * x[i];
+        }
+    }
+    tail + hsum(acc)
+}
+
+/// y += x.
+#[inline(always)]
+fn add_to(y: &mut [f32], x: &[f32]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += xi;
+    }
+}
+
+/// e^x, branch-free so loops over slices vectorise: x = k ln 2 + r with |r| <= ln 2 / 2, e^r
+/// by its Taylor series to r^7 (truncation below 5e-9), 2^k by building the exponent. Inputs are
+/// clamped to [-87, 88], where e^x stays a normal f32. Relative error about 2e-7 (see tests).
+#[inline(always)]
+fn exp_fast(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4; // ln 2 split in two (Cephes) so k * LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to integer
+    let x = x.clamp(-87.0, 88.0);
+    let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+}
+
+/// The logistic function without overflow: e = e^-|x|, then 1 / (1 + e) or e / (1 + e).
+#[inline(always)]
+fn sigmoid_fast(x: f32) -> f32 {
+    let e = exp_fast(-x.abs());
+    let t = 1.0 / (1.0 + e);
+    if x >= 0.0 {
+        t
+    } else {
+        e * t
+    }
+}
+
+/// act(h) in place.
+fn act_slice(a: Activation, v: &mut [f32]) {
+    match a {
+        Activation::Relu => v.iter_mut().for_each(|h| *h = h.max(0.0)),
+        Activation::Silu => v.iter_mut().for_each(|h| *h *= sigmoid_fast(*h)),
+    }
+}
+
+/// gate(a) in place.
+fn gate_slice(g: Gate, v: &mut [f32]) {
+    match g {
+        Gate::Sigmoid => v.iter_mut().for_each(|a| *a = sigmoid_fast(*a)),
+        Gate::HardSigmoid => v
+            .iter_mut()
+            .for_each(|a| *a = (*a + 3.0).clamp(0.0, 6.0) / 6.0),
+    }
+}
+
+#[inline(always)]
+fn act_grad(a: Activation, h: f32) -> f32 {
+    match a {
+        Activation::Relu => {
+            if h > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Activation::Silu => {
+            let s = sigmoid_fast(h);
+            s * (1.0 + h * (1.0 - s))
+        }
+    }
+}
+
+/// gate'(a) from s = gate(a): s(1 - s) for the sigmoid; 1/6 where 0 < s < 1 (that is, strictly
+/// inside (-3, 3)) for the hard sigmoid.
+#[inline(always)]
+fn gate_grad(g: Gate, s: f32) -> f32 {
+    match g {
+        Gate::Sigmoid => s * (1.0 - s),
+        Gate::HardSigmoid => {
+            if s > 0.0 && s < 1.0 {
+                1.0 / 6.0
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let seed = crate::rng::fresh_seed();
+        println!("seed {seed}");
+        let mut vals = crate::rng::uniform_vec(10_000, -1e4, 1e4, seed);
+        vals.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1.0 + f32::EPSILON * 64.0, // a tie: rounds to even
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x7f7f_ffff),
+        ]);
+        for v in vals {
+            assert_eq!(
+                bf16_bits(v),
+                bf16::from_f32(v).to_bits(),
+                "{v:e} ({:#x})",
+                v.to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn fast_exp_and_sigmoid_are_accurate() {
+        let mut worst_exp = 0f64;
+        let mut worst_sig = 0f64;
+        for i in -86_900..=87_900 {
+            let x = i as f32 * 1e-3;
+            let e = (x as f64).exp();
+            worst_exp = worst_exp.max(((exp_fast(x) as f64) - e).abs() / e);
+            let s = crate::se::sigmoid(x as f64);
+            worst_sig = worst_sig.max(((sigmoid_fast(x) as f64) - s).abs() / s);
+        }
+        assert!(worst_exp < 5e-7, "exp rel error {worst_exp:e}");
+        assert!(worst_sig < 5e-7, "sigmoid rel error {worst_sig:e}");
+        assert!(sigmoid_fast(1e4) == 1.0 && sigmoid_fast(-1e4) >= 0.0);
+        assert!(exp_fast(1000.0).is_finite() && exp_fast(-1000.0) >= 0.0);
+    }
+
+    #[test]
+    fn gemm_kernels_match_plain_loops() {
+        let seed = crate::rng::fresh_seed();
+        println!("seed {seed}");
+        for (m, k, o) in [(1, 1, 1), (3, 17, 5), (5, 70, 33), (4, 128, 9), (6, 40, 70)] {
+            let w = crate::rng::uniform_vec(o * k, -1.0, 1.0, seed);
+            let x = crate::rng::uniform_vec(m * k, -1.0, 1.0, seed ^ 1);
+            let b = crate::rng::uniform_vec(o, -1.0, 1.0, seed ^ 2);
+            // The dispatched kernels (AVX2 where the CPU has it) and the portable fallbacks.
+            let mut y = vec![f32::NAN; m * o];
+            let mut y_portable = vec![f32::NAN; m * o];
+            fc(&w, Some(&b), k, &x, &mut y, o);
+            fc_impl(
+                &w,
+                Some(&b),
+                k,
+                &x,
+                &mut y_portable,
+                o,
+                dot4::<false>,
+                dot2x4_portable,
+            );
+            for (a, p) in y.iter().zip(&y_portable) {
+                assert!((a - p).abs() < 1e-4, "fc portable {m}x{k}x{o}");
+            }
+            for i in 0..m {
+                for j in 0..o {
+                    let want: f64 = b[j] as f64
+                        + (0..k)
+                            .map(|t| w[j * k + t] as f64 * x[i * k + t] as f64)
+                            .sum::<f64>();
+                    assert!((y[i * o + j] as f64 - want).abs() < 1e-4, "fc {m}x{k}x{o}");
+                }
+            }
+            // out[r][l] = sum_j x[r][j] w[j][l] with w as [k][o].
+            let mut out = vec![f32::NAN; m * o];
+            let mut out_portable = vec![f32::NAN; m * o];
+            lincomb(&mut out, m, o, &w, k, |r, j| x[r * k + j]);
+            lincomb_impl::<false, _>(&mut out_portable, m, o, &w, k, &|r, j| x[r * k + j]);
+            for (a, p) in out.iter().zip(&out_portable) {
+                assert!((a - p).abs() < 1e-4, "lincomb portable {m}x{k}x{o}");
+            }
+            for r in 0..m {
+                for l in 0..o {
+                    let want: f64 = (0..k)
+                        .map(|j| x[r * k + j] as f64 * w[j * o + l] as f64)
+                        .sum();
+                    assert!(
+                        (out[r * o + l] as f64 - want).abs() < 1e-4,
+                        "lincomb {m}x{k}x{o}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sums_and_dots_match_plain_loops() {
+        let seed = crate::rng::fresh_seed();
+        println!("seed {seed}");
+        for len in [0, 1, 15, 16, 17, 49, 100] {
+            let a = crate::rng::uniform_vec(len, -1.0, 1.0, seed);
+            let b = crate::rng::uniform_vec(len, -1.0, 1.0, seed ^ 1);
+            let r = crate::rng::uniform_vec(len, -1.0, 1.0, seed ^ 2);
+            let plain_sum: f64 = a.iter().map(|&v| v as f64).sum();
+            let plain_dot: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let plain_masked: f64 = (0..len)
+                .filter(|&i| 0.7 * b[i] + r[i] > 0.0)
+                .map(|i| a[i] as f64 * b[i] as f64)
+                .sum();
+            assert!((sum(&a) as f64 - plain_sum).abs() < 1e-4, "len {len}");
+            assert!((dot(&a, &b) as f64 - plain_dot).abs() < 1e-4, "len {len}");
+            let m = masked_dot(&a, &b, &r, 0.7) as f64;
+            assert!((m - plain_masked).abs() < 1e-4, "len {len}");
+        }
+    }
+}
