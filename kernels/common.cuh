@@ -7,6 +7,13 @@
 
 #include "abi.h"
 
+// Under the CPU emulator (kernels/emu, SENET_EMU) these register each kernel by name and map
+// dynamic shared memory; on the GPU they are the plain CUDA forms.
+#ifndef SENET_EMU
+#define SENET_EMU_REGISTER(fn)
+#define SENET_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "senet kernels need compute capability 8.0 or newer (bf16 arithmetic)"
 #endif

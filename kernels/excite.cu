@@ -123,6 +123,7 @@ extern "C" __global__ void __launch_bounds__(256)
                 float* __restrict__ ws, unsigned int* __restrict__ tickets) {
     gemm(p, A, B, C, C2, bias, aux, ws, tickets);
 }
+SENET_EMU_REGISTER(se_gemm_f32)
 
 // out[j] = sum_i in[i * cols + j] (+ out[j] with accumulate), rows summed in order.
 extern "C" __global__ void __launch_bounds__(256)
@@ -134,3 +135,4 @@ extern "C" __global__ void __launch_bounds__(256)
     for (uint32_t i = 0; i < rows; ++i) t += in[static_cast<uint64_t>(i) * cols + j];
     out[j] = accumulate ? out[j] + t : t;
 }
+SENET_EMU_REGISTER(se_colsum_f32)

@@ -271,7 +271,7 @@ __device__ void fused_forward(const SeParams& p, const T* x, const T* r, T* y, c
                               const float* __restrict__ b2, float* __restrict__ z_out, float* __restrict__ h_out,
                               float* __restrict__ u_out, float* __restrict__ s_out) {
     cg::cluster_group cl = cg::this_cluster();
-    extern __shared__ __align__(16) unsigned char smem[];
+    SENET_DYNAMIC_SMEM(smem);
     const uint32_t C = p.c, D = p.hidden;
     float* va = reinterpret_cast<float*>(smem);  // NCHW: own z; NHWC: own partial sums
     float* vb = va + C;                          // full z
@@ -336,7 +336,7 @@ __device__ void fused_backward(const SeParams& p, const T* dy, const T* x, const
                                const float* __restrict__ w2, T* dres, T* dx, float* __restrict__ dg_out,
                                float* __restrict__ du_out) {
     cg::cluster_group cl = cg::this_cluster();
-    extern __shared__ __align__(16) unsigned char smem[];
+    SENET_DYNAMIC_SMEM(smem);
     const uint32_t C = p.c, D = p.hidden;
     float* va = reinterpret_cast<float*>(smem);  // own ds partials (exchange), then own dz
     float* vb = va + C;                          // dg for every channel
@@ -423,20 +423,24 @@ using namespace senet;
                                  const float* w2, const float* b2, float* z, float* h, float* u, float* s) {     \
         fused_forward<T, false>(p, x, r, y, w1, b1, w2, b2, z, h, u, s);                                        \
     }                                                                                                            \
+    SENET_EMU_REGISTER(se_fused_fwd_nchw_##NAME) \
     extern "C" __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kFusedThreads, 1)              \
         se_fused_fwd_nhwc_##NAME(SeParams p, const T* x, const T* r, T* y, const float* w1, const float* b1,     \
                                  const float* w2, const float* b2, float* z, float* h, float* u, float* s) {     \
         fused_forward<T, true>(p, x, r, y, w1, b1, w2, b2, z, h, u, s);                                         \
     }                                                                                                            \
+    SENET_EMU_REGISTER(se_fused_fwd_nhwc_##NAME) \
     extern "C" __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kFusedThreads, 1)              \
         se_fused_bwd_nchw_##NAME(SeParams p, const T* dy, const T* x, const T* r, const float* s, const float* h, \
                                  const float* w1, const float* w2, T* dres, T* dx, float* dg, float* du) {       \
         fused_backward<T, false>(p, dy, x, r, s, h, w1, w2, dres, dx, dg, du);                                  \
     }                                                                                                            \
+    SENET_EMU_REGISTER(se_fused_bwd_nchw_##NAME) \
     extern "C" __global__ void __cluster_dims__(kCluster, 1, 1) __launch_bounds__(kFusedThreads, 1)              \
         se_fused_bwd_nhwc_##NAME(SeParams p, const T* dy, const T* x, const T* r, const float* s, const float* h, \
                                  const float* w1, const float* w2, T* dres, T* dx, float* dg, float* du) {       \
         fused_backward<T, true>(p, dy, x, r, s, h, w1, w2, dres, dx, dg, du);                                   \
-    }
+    }                                                                                                            \
+    SENET_EMU_REGISTER(se_fused_bwd_nhwc_##NAME)
 
 SENET_FOR_EACH_DTYPE(SENET_FUSED_KERNELS)

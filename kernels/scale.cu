@@ -179,10 +179,12 @@ using namespace senet;
         ScaleOp<T> op{x, r, s, y, (p.flags & SENET_FLAG_RESIDUAL) != 0};                                \
         elementwise<T>(p, op, x);                                                                       \
     }                                                                                                   \
+    SENET_EMU_REGISTER(se_scale_##NAME)                                                                 \
     extern "C" __global__ void __launch_bounds__(256) se_dx_##NAME(                                     \
         SeParams p, const T* g, const float* __restrict__ s, const float* __restrict__ dz, T* dx) {     \
         DxOp<T> op{g, s, dz, dx, p.inv_hw, (p.flags & SENET_FLAG_ACCUMULATE) != 0};                     \
         elementwise<T>(p, op, g);                                                                       \
-    }
+    }                                                                                                   \
+    SENET_EMU_REGISTER(se_dx_##NAME)
 
 SENET_FOR_EACH_DTYPE(SENET_SCALE_KERNELS)

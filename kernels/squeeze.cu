@@ -301,44 +301,52 @@ using namespace senet;
         unsigned int* __restrict__ tickets) {                                                                  \
         reduce_nchw_rows<T, false>(p, SENET_POOL_ARGS(T));                                                     \
     }                                                                                                          \
+    SENET_EMU_REGISTER(se_pool_nchw_rows_##NAME) \
     extern "C" __global__ void __launch_bounds__(256) se_pool_nchw_staged_##NAME(                              \
         SeParams p, const T* __restrict__ x, float* __restrict__ z, float* __restrict__ ws,                    \
         unsigned int* __restrict__ tickets) {                                                                  \
         reduce_nchw_staged<T, false>(p, SENET_POOL_ARGS(T));                                                   \
     }                                                                                                          \
+    SENET_EMU_REGISTER(se_pool_nchw_staged_##NAME) \
     extern "C" __global__ void __launch_bounds__(256) se_pool_nhwc_##NAME(                                     \
         SeParams p, const T* __restrict__ x, float* __restrict__ z, float* __restrict__ ws,                    \
         unsigned int* __restrict__ tickets) {                                                                  \
         reduce_nhwc<T, false, 1>(p, SENET_POOL_ARGS(T));                                                       \
     }                                                                                                          \
+    SENET_EMU_REGISTER(se_pool_nhwc_##NAME) \
     extern "C" __global__ void __launch_bounds__(256) se_pool_nhwc_vec_##NAME(                                 \
         SeParams p, const T* __restrict__ x, float* __restrict__ z, float* __restrict__ ws,                    \
         unsigned int* __restrict__ tickets) {                                                                  \
         reduce_nhwc<T, false, Vec<T>::N>(p, SENET_POOL_ARGS(T));                                               \
     }                                                                                                          \
+    SENET_EMU_REGISTER(se_pool_nhwc_vec_##NAME) \
     extern "C" __global__ void __launch_bounds__(256) se_dgate_nchw_rows_##NAME(                               \
         SeParams p, const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,                \
         const float* __restrict__ s, T* __restrict__ dres, float* __restrict__ dg, float* __restrict__ ws,     \
         unsigned int* __restrict__ tickets) {                                                                  \
         reduce_nchw_rows<T, true>(p, SENET_GRAD_ARGS(T));                                                      \
     }                                                                                                          \
+    SENET_EMU_REGISTER(se_dgate_nchw_rows_##NAME) \
     extern "C" __global__ void __launch_bounds__(256) se_dgate_nchw_staged_##NAME(                             \
         SeParams p, const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,                \
         const float* __restrict__ s, T* __restrict__ dres, float* __restrict__ dg, float* __restrict__ ws,     \
         unsigned int* __restrict__ tickets) {                                                                  \
         reduce_nchw_staged<T, true>(p, SENET_GRAD_ARGS(T));                                                    \
     }                                                                                                          \
+    SENET_EMU_REGISTER(se_dgate_nchw_staged_##NAME) \
     extern "C" __global__ void __launch_bounds__(256) se_dgate_nhwc_##NAME(                                    \
         SeParams p, const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,                \
         const float* __restrict__ s, T* __restrict__ dres, float* __restrict__ dg, float* __restrict__ ws,     \
         unsigned int* __restrict__ tickets) {                                                                  \
         reduce_nhwc<T, true, 1>(p, SENET_GRAD_ARGS(T));                                                        \
     }                                                                                                          \
+    SENET_EMU_REGISTER(se_dgate_nhwc_##NAME) \
     extern "C" __global__ void __launch_bounds__(256) se_dgate_nhwc_vec_##NAME(                                \
         SeParams p, const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,                \
         const float* __restrict__ s, T* __restrict__ dres, float* __restrict__ dg, float* __restrict__ ws,     \
         unsigned int* __restrict__ tickets) {                                                                  \
         reduce_nhwc<T, true, Vec<T>::N>(p, SENET_GRAD_ARGS(T));                                                \
-    }
+    }                                                                                                          \
+    SENET_EMU_REGISTER(se_dgate_nhwc_vec_##NAME)
 
 SENET_FOR_EACH_DTYPE(SENET_SQUEEZE_KERNELS)

@@ -45,6 +45,10 @@ pub enum Error {
         #[source]
         source: cudarc::driver::DriverError,
     },
+    /// A kernel failed while running (reported by the CPU emulator: a divergent barrier, an
+    /// invalid shared-memory mapping).
+    #[error("kernel failed: {0}")]
+    KernelFailed(String),
     /// The request is valid in principle but not supported by this build or path.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -1,11 +1,15 @@
-//! A handle on one CUDA device: its context, one stream, cached kernel modules and scratch.
+//! A handle on one CUDA device (or on the CPU emulator of the kernels): its context, one stream,
+//! cached kernel modules, scratch memory, and the few memory and launch operations the crate
+//! needs.
 
+use super::buf::{Buf, DevElem, HostBuf};
 use super::Module;
 use crate::error::{Error, Result};
-use cudarc::driver::sys::CUdevice_attribute as Attr;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+use cudarc::driver::sys::{CUdevice_attribute as Attr, CUfunction_attribute as FnAttr};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What the crate needs to know about a device to pick kernels and launch shapes.
@@ -25,7 +29,7 @@ pub struct DeviceInfo {
     pub max_smem_per_block: usize,
     /// Global memory in bytes.
     pub total_memory: usize,
-    /// Driver version as reported by the driver (e.g. 13000 for CUDA 13.0).
+    /// Driver version as reported by the driver (e.g. 13000 for CUDA 13.0); 0 for the emulator.
     pub driver_version: i32,
 }
 
@@ -33,27 +37,42 @@ pub struct DeviceInfo {
 /// pick the block that combines them (zeroed once, reset by the kernels after each use).
 #[derive(Default)]
 pub(crate) struct Scratch {
-    pub(crate) ws: Option<CudaSlice<f32>>,
-    pub(crate) tickets: Option<CudaSlice<u32>>,
+    pub(crate) ws: Option<Buf<f32>>,
+    pub(crate) tickets: Option<Buf<u32>>,
+}
+
+struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<[Option<Arc<CudaModule>>; Module::COUNT]>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+enum Backend {
+    Cuda(Cuda),
+    Emulator,
 }
 
 /// A CUDA device handle. Cheap to share (`Arc`); every operation runs on its one stream, in
 /// order, and the host waits only where it needs data back.
+///
+/// [`CudaDevice::emulator`] gives a handle whose kernels run on the CPU: the same kernel
+/// sources compiled by the host C++ compiler, run one fiber per CUDA thread. It exists so the
+/// kernels and their launch logic are tested on machines without a GPU; it is slow.
 pub struct CudaDevice {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    backend: Backend,
     info: DeviceInfo,
-    modules: Mutex<[Option<Arc<CudaModule>>; Module::COUNT]>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
     scratch: Mutex<Scratch>,
 }
 
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaDevice")
-            .field("info", &self.info)
-            .finish()
+        f.debug_struct("CudaDevice").field("info", &self.info).finish()
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl CudaDevice {
@@ -72,49 +91,35 @@ impl CudaDevice {
             return Err(Error::NoDevice("the driver reports 0 devices".into()));
         }
         if ordinal >= count as usize {
-            return Err(Error::NoDevice(format!(
-                "device {ordinal} requested, {count} present"
-            )));
+            return Err(Error::NoDevice(format!("device {ordinal} requested, {count} present")));
         }
         let ctx = CudaContext::new(ordinal).map_err(Error::driver("creating a context"))?;
-        let attr = |a: Attr| {
-            ctx.attribute(a)
-                .map_err(Error::driver("reading device attributes"))
-        };
+        let attr = |a: Attr| ctx.attribute(a).map_err(Error::driver("reading device attributes"));
         let cc = (
             attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? as u32,
             attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)? as u32,
         );
+        let mut total_memory = 0usize;
+        let mut driver_version = 0i32;
+        // SAFETY: the context is bound to this thread by CudaContext::new; each call writes one
+        // value through a valid pointer.
+        unsafe {
+            cudarc::driver::sys::cuDeviceTotalMem_v2(&mut total_memory, ctx.cu_device())
+                .result()
+                .map_err(Error::driver("reading total memory"))?;
+            cudarc::driver::sys::cuDriverGetVersion(&mut driver_version)
+                .result()
+                .map_err(Error::driver("reading the driver version"))?;
+        }
         let info = DeviceInfo {
             ordinal,
-            name: ctx
-                .name()
-                .map_err(Error::driver("reading the device name"))?,
+            name: ctx.name().map_err(Error::driver("reading the device name"))?,
             compute_capability: cc,
             sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
             l2_bytes: attr(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
-            max_smem_per_block: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
-                as usize,
-            total_memory: {
-                let mut bytes = 0usize;
-                // SAFETY: ctx is bound to this thread by CudaContext::new; writes one usize.
-                unsafe {
-                    cudarc::driver::sys::cuDeviceTotalMem_v2(&mut bytes, ctx.cu_device())
-                        .result()
-                        .map_err(Error::driver("reading total memory"))?
-                };
-                bytes
-            },
-            driver_version: {
-                let mut v = 0i32;
-                // SAFETY: writes one int.
-                unsafe {
-                    cudarc::driver::sys::cuDriverGetVersion(&mut v)
-                        .result()
-                        .map_err(Error::driver("reading the driver version"))?
-                };
-                v
-            },
+            max_smem_per_block: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize,
+            total_memory,
+            driver_version,
         };
         if cc.0 < 8 {
             return Err(Error::UnsupportedDevice(format!(
@@ -122,15 +127,41 @@ impl CudaDevice {
                 info.name, cc.0, cc.1
             )));
         }
-        let stream = ctx
-            .new_stream()
-            .map_err(Error::driver("creating a stream"))?;
+        let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;
         Ok(Arc::new(CudaDevice {
-            ctx,
-            stream,
+            backend: Backend::Cuda(Cuda {
+                ctx,
+                stream,
+                modules: Mutex::new(Default::default()),
+                functions: Mutex::new(HashMap::new()),
+            }),
             info,
-            modules: Mutex::new(Default::default()),
-            functions: Mutex::new(HashMap::new()),
+            scratch: Mutex::new(Scratch::default()),
+        }))
+    }
+
+    /// A handle on the CPU emulator of the kernels: it presents itself as a small sm_90 device
+    /// (4 SMs, 4 MiB of L2, 227 KiB of shared memory per block) so every path, the cluster
+    /// kernels included, runs. [`Error::Unsupported`] if this build has no emulator (no host
+    /// C++ compiler at build time).
+    pub fn emulator() -> Result<Arc<Self>> {
+        if !super::emu::available() {
+            return Err(Error::Unsupported(
+                "this build has no kernel emulator (no C++ compiler at build time)".into(),
+            ));
+        }
+        Ok(Arc::new(CudaDevice {
+            backend: Backend::Emulator,
+            info: DeviceInfo {
+                ordinal: 0,
+                name: "senet CPU emulator".into(),
+                compute_capability: (9, 0),
+                sm_count: 4,
+                l2_bytes: 4 << 20,
+                max_smem_per_block: 227 << 10,
+                total_memory: 16 << 30,
+                driver_version: 0,
+            },
             scratch: Mutex::new(Scratch::default()),
         }))
     }
@@ -140,120 +171,268 @@ impl CudaDevice {
         &self.info
     }
 
-    /// The stream every operation of this handle runs on.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    /// True for the CPU emulator.
+    pub fn is_emulator(&self) -> bool {
+        matches!(self.backend, Backend::Emulator)
     }
 
-    /// The cudarc context.
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+    /// The stream every operation of this handle runs on (`None` for the emulator).
+    pub fn stream(&self) -> Option<&Arc<CudaStream>> {
+        match &self.backend {
+            Backend::Cuda(c) => Some(&c.stream),
+            Backend::Emulator => None,
+        }
+    }
+
+    /// The cudarc context (`None` for the emulator).
+    pub fn context(&self) -> Option<&Arc<CudaContext>> {
+        match &self.backend {
+            Backend::Cuda(c) => Some(&c.ctx),
+            Backend::Emulator => None,
+        }
     }
 
     /// Blocks until all work queued on this handle's stream has finished.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(Error::driver("synchronizing the stream"))
+        match &self.backend {
+            Backend::Cuda(c) => c.stream.synchronize().map_err(Error::driver("synchronizing the stream")),
+            Backend::Emulator => Ok(()),
+        }
     }
 
-    /// True for Hopper (sm_90) and newer, where the cluster kernels run.
+    /// True for Hopper (sm_90) and newer with the cluster kernels built (always for the
+    /// emulator).
     pub fn has_clusters(&self) -> bool {
-        self.info.compute_capability.0 >= 9 && !Module::Fused.fatbin().is_empty()
+        match self.backend {
+            Backend::Cuda(_) => self.info.compute_capability.0 >= 9 && !Module::Fused.fatbin().is_empty(),
+            Backend::Emulator => true,
+        }
     }
 
-    /// A kernel by name, loading (once) the module that holds it.
-    pub(crate) fn function(&self, module: Module, name: &str) -> Result<CudaFunction> {
-        let mut fns = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+    fn function(c: &Cuda, module: Module, name: &str) -> Result<CudaFunction> {
+        let mut fns = lock(&c.functions);
         if let Some(f) = fns.get(name) {
             return Ok(f.clone());
         }
-        let m = self.module(module)?;
-        let f = m
-            .load_function(name)
-            .map_err(Error::driver(format!("loading kernel {name}")))?;
+        let m = {
+            let mut mods = lock(&c.modules);
+            match &mods[module.index()] {
+                Some(m) => m.clone(),
+                None => {
+                    let bytes = module.fatbin();
+                    if bytes.is_empty() {
+                        if !super::kernels_built() {
+                            return Err(Error::KernelsNotBuilt);
+                        }
+                        return Err(Error::Unsupported(format!(
+                            "kernel module `{}` was not built for any arch this build targets ({:?})",
+                            module.name(),
+                            super::kernels::ARCHS
+                        )));
+                    }
+                    let m = c
+                        .ctx
+                        .load_module(Ptx::from_binary(bytes.to_vec()))
+                        .map_err(Error::driver(format!("loading kernel module {}", module.name())))?;
+                    mods[module.index()] = Some(m.clone());
+                    m
+                }
+            }
+        };
+        let f = m.load_function(name).map_err(Error::driver(format!("loading kernel {name}")))?;
         fns.insert(name.to_string(), f.clone());
         Ok(f)
     }
 
-    fn module(&self, module: Module) -> Result<Arc<CudaModule>> {
-        let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = &mods[module.index()] {
-            return Ok(m.clone());
-        }
-        let bytes = module.fatbin();
-        if bytes.is_empty() {
-            if !super::kernels_built() {
-                return Err(Error::KernelsNotBuilt);
+    /// Launches kernel `name` of `module`. `cluster` is the kernel's compile-time cluster size
+    /// (1 for none); `smem` the dynamic shared memory, which raises the kernel's limit first
+    /// when above 48 KiB.
+    ///
+    /// # Safety
+    /// `args` must point to values whose types and order match the kernel's parameters, and
+    /// every device address among them must cover what the kernel reads and writes.
+    pub(crate) unsafe fn launch(
+        &self,
+        module: Module,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        cluster: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        match &self.backend {
+            Backend::Cuda(c) => {
+                let f = Self::function(c, module, name)?;
+                if smem > 48 << 10 {
+                    f.set_attribute(FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                        .map_err(Error::driver(format!("raising {name}'s shared-memory limit")))?;
+                }
+                c.ctx.bind_to_thread().map_err(Error::driver("binding the context"))?;
+                // SAFETY: forwarded from the caller's contract; the stream belongs to ctx.
+                unsafe {
+                    cudarc::driver::result::launch_kernel(f.cu_function(), grid, block, smem, c.stream.cu_stream(), args)
+                }
+                .map_err(Error::driver(format!("launching {name}")))
             }
-            return Err(Error::Unsupported(format!(
-                "kernel module `{}` was not built for any arch this build targets ({:?})",
-                module.name(),
-                super::kernels::ARCHS
-            )));
+            Backend::Emulator => {
+                // SAFETY: forwarded from the caller's contract; emulator addresses are host
+                // allocations owned by live buffers.
+                unsafe { super::emu::launch(name, grid, block, smem, cluster, args) }
+            }
         }
-        let m = self
-            .ctx
-            .load_module(Ptx::from_binary(bytes.to_vec()))
-            .map_err(Error::driver(format!(
-                "loading kernel module {}",
-                module.name()
-            )))?;
-        mods[module.index()] = Some(m.clone());
-        Ok(m)
+    }
+
+    /// How many clusters of `kernel` with `smem` bytes of dynamic shared memory per CTA can be
+    /// resident at once (0 if none fits).
+    pub(crate) fn max_active_clusters(&self, module: Module, name: &str, cluster: u32, threads: u32, smem: u32) -> Result<usize> {
+        match &self.backend {
+            Backend::Cuda(c) => {
+                let f = Self::function(c, module, name)?;
+                f.set_attribute(FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                    .map_err(Error::driver("raising the shared-memory limit"))?;
+                let probe = LaunchConfig {
+                    grid_dim: (cluster, 1, 1),
+                    block_dim: (threads, 1, 1),
+                    shared_mem_bytes: smem,
+                };
+                Ok(f.occupancy_max_active_clusters(probe, &c.stream)
+                    .map_err(Error::driver("querying cluster occupancy"))? as usize)
+            }
+            Backend::Emulator => Ok(if smem as usize <= self.info.max_smem_per_block { 2 } else { 0 }),
+        }
+    }
+
+    // -------------------------------------------------------------------------- memory
+
+    /// A zeroed buffer of `len` elements.
+    pub(crate) fn alloc_zeros<T: DevElem>(&self, len: usize) -> Result<Buf<T>> {
+        let len = len.max(1);
+        match &self.backend {
+            Backend::Cuda(c) => c.stream.alloc_zeros::<T>(len).map(Buf::Cuda).map_err(Error::driver("allocating device memory")),
+            Backend::Emulator => HostBuf::zeros(len)
+                .map(Buf::Host)
+                .ok_or_else(|| Error::Unsupported(format!("emulator: cannot allocate {len} elements"))),
+        }
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub(crate) fn upload<T: DevElem>(&self, data: &[T]) -> Result<Buf<T>> {
+        let mut b = self.alloc_zeros::<T>(data.len())?;
+        self.write(&mut b, 0, data)?;
+        Ok(b)
+    }
+
+    /// Copies `data` into `buf[offset..]`.
+    pub(crate) fn write<T: DevElem>(&self, buf: &mut Buf<T>, offset: usize, data: &[T]) -> Result<()> {
+        check_range(buf, offset, data.len())?;
+        match (&self.backend, buf) {
+            (Backend::Cuda(c), Buf::Cuda(s)) => {
+                let mut view = s.slice_mut(offset..offset + data.len());
+                c.stream.memcpy_htod(data, &mut view).map_err(Error::driver("copying to the device"))
+            }
+            (Backend::Emulator, Buf::Host(h)) => {
+                h.write(offset, data);
+                Ok(())
+            }
+            _ => Err(foreign()),
+        }
+    }
+
+    /// Copies `buf[offset..offset + len]` to the host (waits for the stream).
+    pub(crate) fn read<T: DevElem>(&self, buf: &Buf<T>, offset: usize, len: usize) -> Result<Vec<T>> {
+        check_range(buf, offset, len)?;
+        match (&self.backend, buf) {
+            (Backend::Cuda(c), Buf::Cuda(s)) => {
+                let view = s.slice(offset..offset + len);
+                c.stream.clone_dtoh(&view).map_err(Error::driver("copying to the host"))
+            }
+            (Backend::Emulator, Buf::Host(h)) => Ok(h.read(offset, len)),
+            _ => Err(foreign()),
+        }
+    }
+
+    /// Copies `len` elements from `src[src_off..]` to `dst[dst_off..]` on the device.
+    pub(crate) fn copy<T: DevElem>(&self, src: &Buf<T>, src_off: usize, dst: &mut Buf<T>, dst_off: usize, len: usize) -> Result<()> {
+        check_range(src, src_off, len)?;
+        check_range(dst, dst_off, len)?;
+        match (&self.backend, src, dst) {
+            (Backend::Cuda(c), Buf::Cuda(s), Buf::Cuda(d)) => {
+                let from = s.slice(src_off..src_off + len);
+                let mut to = d.slice_mut(dst_off..dst_off + len);
+                c.stream.memcpy_dtod(&from, &mut to).map_err(Error::driver("device-to-device copy"))
+            }
+            (Backend::Emulator, Buf::Host(s), Buf::Host(d)) => {
+                d.copy_from(dst_off, s, src_off, len);
+                Ok(())
+            }
+            _ => Err(foreign()),
+        }
+    }
+
+    /// Sets elements `[offset, offset + len)` to the byte pattern `byte` (0xff: NaN in every
+    /// float type, the poison the tests use).
+    pub(crate) fn fill_bytes<T: DevElem>(&self, buf: &mut Buf<T>, offset: usize, len: usize, byte: u8) -> Result<()> {
+        check_range(buf, offset, len)?;
+        match (&self.backend, buf) {
+            (Backend::Cuda(c), Buf::Cuda(s)) => {
+                let (p, _sync) = s.device_ptr(&c.stream);
+                let at = p + (offset * std::mem::size_of::<T>()) as u64;
+                c.ctx.bind_to_thread().map_err(Error::driver("binding the context"))?;
+                // SAFETY: the range lies inside the allocation (checked) on this stream; every
+                // bit pattern is a valid T.
+                unsafe {
+                    cudarc::driver::result::memset_d8_async(at, byte, len * std::mem::size_of::<T>(), c.stream.cu_stream())
+                }
+                .map_err(Error::driver("filling device memory"))
+            }
+            (Backend::Emulator, Buf::Host(h)) => {
+                h.fill_bytes(offset, len, byte);
+                Ok(())
+            }
+            _ => Err(foreign()),
+        }
+    }
+
+    /// The address of the buffer's first element, for kernel arguments.
+    pub(crate) fn addr<T: DevElem>(&self, buf: &Buf<T>) -> u64 {
+        match (&self.backend, buf) {
+            (Backend::Cuda(c), Buf::Cuda(s)) => {
+                let (p, _sync) = s.device_ptr(&c.stream);
+                p
+            }
+            (_, Buf::Host(h)) => h.addr(),
+            // A device buffer handed to the emulator: no address it could use.
+            (Backend::Emulator, Buf::Cuda(_)) => 0,
+        }
     }
 
     /// Locks the scratch buffers, growing them to at least `ws_floats` partials and `tickets`
     /// tickets (new tickets are zeroed).
-    pub(crate) fn scratch(
-        &self,
-        ws_floats: usize,
-        tickets: usize,
-    ) -> Result<MutexGuard<'_, Scratch>> {
-        let mut s = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let ws_floats = ws_floats.max(1);
-        let tickets = tickets.max(1);
-        if s.ws.as_ref().is_none_or(|b| b.len() < ws_floats) {
-            s.ws = Some(
-                self.stream
-                    .alloc_zeros::<f32>(ws_floats.next_power_of_two())
-                    .map_err(Error::driver("allocating scratch"))?,
-            );
+    pub(crate) fn scratch(&self, ws_floats: usize, tickets: usize) -> Result<MutexGuard<'_, Scratch>> {
+        let mut s = lock(&self.scratch);
+        if s.ws.as_ref().is_none_or(|b| b.len() < ws_floats.max(1)) {
+            s.ws = Some(self.alloc_zeros::<f32>(ws_floats.max(1).next_power_of_two())?);
         }
-        if s.tickets.as_ref().is_none_or(|b| b.len() < tickets) {
-            s.tickets = Some(
-                self.stream
-                    .alloc_zeros::<u32>(tickets.next_power_of_two())
-                    .map_err(Error::driver("allocating tickets"))?,
-            );
+        if s.tickets.as_ref().is_none_or(|b| b.len() < tickets.max(1)) {
+            s.tickets = Some(self.alloc_zeros::<u32>(tickets.max(1).next_power_of_two())?);
         }
         Ok(s)
     }
+}
 
-    /// Allocates `len` zeroed f32s on the device.
-    pub(crate) fn zeros_f32(&self, len: usize) -> Result<CudaSlice<f32>> {
-        self.stream
-            .alloc_zeros::<f32>(len.max(1))
-            .map_err(Error::driver("allocating device memory"))
+fn check_range<T: DevElem>(buf: &Buf<T>, offset: usize, len: usize) -> Result<()> {
+    if offset.checked_add(len).is_some_and(|end| end <= buf.len()) {
+        Ok(())
+    } else {
+        Err(Error::Length {
+            what: "device buffer range",
+            got: buf.len(),
+            expected: offset.saturating_add(len),
+        })
     }
+}
 
-    /// Copies host f32s to a new device buffer.
-    pub(crate) fn upload_f32(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
-        if data.is_empty() {
-            return self.zeros_f32(1);
-        }
-        self.stream
-            .clone_htod(data)
-            .map_err(Error::driver("copying to the device"))
-    }
-
-    /// Copies the first `len` elements of a device f32 buffer to the host.
-    pub(crate) fn download_f32(&self, buf: &CudaSlice<f32>, len: usize) -> Result<Vec<f32>> {
-        let mut v = self
-            .stream
-            .clone_dtoh(buf)
-            .map_err(Error::driver("copying to the host"))?;
-        v.truncate(len);
-        Ok(v)
-    }
+fn foreign() -> Error {
+    Error::Config("a buffer was used with a device handle of another kind (CUDA vs emulator)".into())
 }

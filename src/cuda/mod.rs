@@ -2,12 +2,16 @@
 //!
 //! Nothing here panics on a machine without a GPU: [`CudaDevice::new`] reports a missing driver,
 //! a missing device, or kernels that were not built as typed [`Error`](crate::Error)s.
+//! [`CudaDevice::emulator`] runs the same kernels on the CPU, for tests.
 
 pub mod abi;
+mod buf;
 mod device;
+mod emu;
 mod tensor;
-pub(crate) use tensor::slice_ptr;
 
+pub(crate) use buf::Buf;
+pub use buf::DevElem;
 pub use device::{CudaDevice, DeviceInfo};
 pub use tensor::{CudaElement, DeviceTensor};
 
@@ -20,6 +24,11 @@ pub mod kernels {
 /// True if this build carries GPU kernels (nvcc was found at build time).
 pub fn kernels_built() -> bool {
     kernels::KERNELS_BUILT
+}
+
+/// True if this build carries the CPU emulator of the kernels.
+pub fn emulator_built() -> bool {
+    emu::available()
 }
 
 /// ptxas's resource report for every kernel and arch: registers, shared memory, stack frame,

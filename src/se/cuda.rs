@@ -13,11 +13,15 @@
 
 use super::{check_shapes, weights::check_len, SeConfig, SeGrads, SeWeights};
 use crate::cuda::abi::{self, SeGemmParams, SeParams};
-use crate::cuda::{slice_ptr, CudaDevice, CudaElement, DeviceTensor, Module};
+use crate::cuda::{Buf, CudaDevice, CudaElement, DeviceTensor, Module};
 use crate::error::{Error, Result};
 use crate::tensor::{Layout, Shape};
-use cudarc::driver::sys::CUfunction_attribute as FnAttr;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+
+/// A kernel argument: the address of a value the launch copies.
+fn arg<T>(v: &T) -> *mut c_void {
+    v as *const T as *mut c_void
+}
 
 /// Which kernels run an SE pass.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -91,10 +95,10 @@ impl SeOptions {
 /// SE weights on a device (f32, PyTorch layout).
 pub struct DeviceSeWeights {
     config: SeConfig,
-    w1: CudaSlice<f32>,
-    b1: Option<CudaSlice<f32>>,
-    w2: CudaSlice<f32>,
-    b2: Option<CudaSlice<f32>>,
+    w1: Buf<f32>,
+    b1: Option<Buf<f32>>,
+    w2: Buf<f32>,
+    b2: Option<Buf<f32>>,
 }
 
 impl DeviceSeWeights {
@@ -103,10 +107,10 @@ impl DeviceSeWeights {
         w.validate()?;
         Ok(DeviceSeWeights {
             config: w.config,
-            w1: dev.upload_f32(&w.w1)?,
-            b1: w.b1.as_deref().map(|b| dev.upload_f32(b)).transpose()?,
-            w2: dev.upload_f32(&w.w2)?,
-            b2: w.b2.as_deref().map(|b| dev.upload_f32(b)).transpose()?,
+            w1: dev.upload(&w.w1)?,
+            b1: w.b1.as_deref().map(|b| dev.upload(b)).transpose()?,
+            w2: dev.upload(&w.w2)?,
+            b2: w.b2.as_deref().map(|b| dev.upload(b)).transpose()?,
         })
     }
 
@@ -121,10 +125,10 @@ impl DeviceSeWeights {
 pub struct DeviceSeSaved {
     n: usize,
     config: SeConfig,
-    z: CudaSlice<f32>,
-    h: CudaSlice<f32>,
-    u: CudaSlice<f32>,
-    s: CudaSlice<f32>,
+    z: Buf<f32>,
+    h: Buf<f32>,
+    u: Buf<f32>,
+    s: Buf<f32>,
 }
 
 /// [`DeviceSeSaved`] copied to the host.
@@ -151,10 +155,10 @@ impl DeviceSeSaved {
         Ok(DeviceSeSaved {
             n,
             config,
-            z: dev.zeros_f32(n * c)?,
-            h: dev.zeros_f32(n * d)?,
-            u: dev.zeros_f32(n * d)?,
-            s: dev.zeros_f32(n * c)?,
+            z: dev.alloc_zeros::<f32>(n * c)?,
+            h: dev.alloc_zeros::<f32>(n * d)?,
+            u: dev.alloc_zeros::<f32>(n * d)?,
+            s: dev.alloc_zeros::<f32>(n * c)?,
         })
     }
 
@@ -162,10 +166,10 @@ impl DeviceSeSaved {
     pub fn download(&self, dev: &CudaDevice) -> Result<HostSeSaved> {
         let (c, d) = (self.config.channels, self.config.hidden);
         Ok(HostSeSaved {
-            z: dev.download_f32(&self.z, self.n * c)?,
-            h: dev.download_f32(&self.h, self.n * d)?,
-            u: dev.download_f32(&self.u, self.n * d)?,
-            s: dev.download_f32(&self.s, self.n * c)?,
+            z: dev.read(&self.z, 0, self.n * c)?,
+            h: dev.read(&self.h, 0, self.n * d)?,
+            u: dev.read(&self.u, 0, self.n * d)?,
+            s: dev.read(&self.s, 0, self.n * c)?,
         })
     }
 
@@ -181,10 +185,10 @@ impl DeviceSeSaved {
 /// Parameter gradients on the device.
 pub struct DeviceSeGrads {
     config: SeConfig,
-    dw1: CudaSlice<f32>,
-    db1: Option<CudaSlice<f32>>,
-    dw2: CudaSlice<f32>,
-    db2: Option<CudaSlice<f32>>,
+    dw1: Buf<f32>,
+    db1: Option<Buf<f32>>,
+    dw2: Buf<f32>,
+    db2: Option<Buf<f32>>,
 }
 
 impl DeviceSeGrads {
@@ -194,10 +198,10 @@ impl DeviceSeGrads {
         let (c, d) = (config.channels, config.hidden);
         Ok(DeviceSeGrads {
             config,
-            dw1: dev.zeros_f32(d * c)?,
-            db1: config.bias.then(|| dev.zeros_f32(d)).transpose()?,
-            dw2: dev.zeros_f32(c * d)?,
-            db2: config.bias.then(|| dev.zeros_f32(c)).transpose()?,
+            dw1: dev.alloc_zeros::<f32>(d * c)?,
+            db1: config.bias.then(|| dev.alloc_zeros::<f32>(d)).transpose()?,
+            dw2: dev.alloc_zeros::<f32>(c * d)?,
+            db2: config.bias.then(|| dev.alloc_zeros::<f32>(c)).transpose()?,
         })
     }
 
@@ -205,17 +209,17 @@ impl DeviceSeGrads {
     pub fn download(&self, dev: &CudaDevice) -> Result<SeGrads<f32>> {
         let (c, d) = (self.config.channels, self.config.hidden);
         Ok(SeGrads {
-            dw1: dev.download_f32(&self.dw1, d * c)?,
+            dw1: dev.read(&self.dw1, 0, d * c)?,
             db1: self
                 .db1
                 .as_ref()
-                .map(|b| dev.download_f32(b, d))
+                .map(|b| dev.read(b, 0, d))
                 .transpose()?,
-            dw2: dev.download_f32(&self.dw2, c * d)?,
+            dw2: dev.read(&self.dw2, 0, c * d)?,
             db2: self
                 .db2
                 .as_ref()
-                .map(|b| dev.download_f32(b, c))
+                .map(|b| dev.read(b, 0, c))
                 .transpose()?,
         })
     }
@@ -231,13 +235,9 @@ impl DeviceSeGrads {
     }
 }
 
-fn poison_f32(dev: &CudaDevice, b: &mut CudaSlice<f32>) -> Result<()> {
-    let ptr = slice_ptr(dev, b);
-    // SAFETY: the whole allocation of `b`, on dev's stream; all-ones is a NaN f32.
-    unsafe {
-        cudarc::driver::result::memset_d8_async(ptr, 0xff, b.len() * 4, dev.stream().cu_stream())
-    }
-    .map_err(Error::driver("poisoning a buffer"))
+fn poison_f32(dev: &CudaDevice, b: &mut Buf<f32>) -> Result<()> {
+    let n = b.len();
+    dev.fill_bytes(b, 0, n, 0xff)
 }
 
 /// A forward pass's results.
@@ -393,14 +393,6 @@ struct Ctx<'a> {
     layout: Layout,
 }
 
-fn cfg1(grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: grid,
-        block_dim: block,
-        shared_mem_bytes: smem,
-    }
-}
-
 fn u32_of(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v)
         .map_err(|_| Error::Shape(format!("{what} = {v} exceeds the kernels' 32-bit limit")))
@@ -538,31 +530,17 @@ impl Ctx<'_> {
                 )
             }
         };
-        let f = self.dev.function(Module::Squeeze, &name)?;
-        let mut scratch = self.dev.scratch(ws, tickets)?;
-        let wsp = slice_ptr(self.dev, scratch.ws.as_mut().expect("scratch allocated"));
-        let tkp = slice_ptr(
-            self.dev,
-            scratch.tickets.as_mut().expect("tickets allocated"),
-        );
-        let mut b = self.dev.stream().launch_builder(&f);
-        if grad {
-            b.arg(&p)
-                .arg(&dy)
-                .arg(&x)
-                .arg(&r)
-                .arg(&s)
-                .arg(&dres)
-                .arg(&out)
-                .arg(&wsp)
-                .arg(&tkp);
+        let scratch = self.dev.scratch(ws, tickets)?;
+        let wsp = self.dev.addr(scratch.ws.as_ref().expect("scratch allocated"));
+        let tkp = self.dev.addr(scratch.tickets.as_ref().expect("tickets allocated"));
+        let mut args: Vec<*mut c_void> = if grad {
+            vec![arg(&p), arg(&dy), arg(&x), arg(&r), arg(&s), arg(&dres), arg(&out), arg(&wsp), arg(&tkp)]
         } else {
-            b.arg(&p).arg(&x).arg(&out).arg(&wsp).arg(&tkp);
-        }
-        // SAFETY: argument types and count match the kernel's signature in squeeze.cu; every
-        // pointer addresses a live buffer of the sizes `p` describes (checked by the callers).
-        unsafe { b.launch(cfg1(grid, block, 0)) }
-            .map_err(Error::driver(format!("launching {name}")))?;
+            vec![arg(&p), arg(&x), arg(&out), arg(&wsp), arg(&tkp)]
+        };
+        // SAFETY: argument types and order match the kernel's signature in squeeze.cu; every
+        // address covers the sizes `p` describes (checked by the callers); scratch stays locked.
+        unsafe { self.dev.launch(Module::Squeeze, &name, grid, block, 0, 1, &mut args) }?;
         drop(scratch);
         Ok(())
     }
@@ -622,41 +600,24 @@ impl Ctx<'_> {
             gy as u32,
             splits as u32,
         );
-        let f = self.dev.function(Module::Excite, "se_gemm_f32")?;
         let ws = if splits > 1 { splits * m * n } else { 0 };
-        let mut scratch = self.dev.scratch(ws, grid.0 as usize * grid.1 as usize)?;
-        let wsp = slice_ptr(self.dev, scratch.ws.as_mut().expect("scratch allocated"));
-        let tkp = slice_ptr(
-            self.dev,
-            scratch.tickets.as_mut().expect("tickets allocated"),
-        );
-        let mut b = self.dev.stream().launch_builder(&f);
-        b.arg(&p)
-            .arg(&a)
-            .arg(&bmat)
-            .arg(&out)
-            .arg(&out2)
-            .arg(&bias)
-            .arg(&aux)
-            .arg(&wsp)
-            .arg(&tkp);
+        let scratch = self.dev.scratch(ws, grid.0 as usize * grid.1 as usize)?;
+        let wsp = self.dev.addr(scratch.ws.as_ref().expect("scratch allocated"));
+        let tkp = self.dev.addr(scratch.tickets.as_ref().expect("tickets allocated"));
+        let mut args = [arg(&p), arg(&a), arg(&bmat), arg(&out), arg(&out2), arg(&bias), arg(&aux), arg(&wsp), arg(&tkp)];
         // SAFETY: matches se_gemm_f32's signature; A, B, out (and out2 / bias / aux where the
         // epilogue reads them) cover the m x k, k x n and m x n ranges the strides describe.
-        unsafe { b.launch(cfg1(grid, (256, 1, 1), 0)) }
-            .map_err(Error::driver("launching se_gemm_f32"))?;
+        unsafe { self.dev.launch(Module::Excite, "se_gemm_f32", grid, (256, 1, 1), 0, 1, &mut args) }?;
         drop(scratch);
         Ok(())
     }
 
     fn colsum(&self, input: u64, out: u64, rows: usize, cols: usize) -> Result<()> {
-        let f = self.dev.function(Module::Excite, "se_colsum_f32")?;
         let (rows32, cols32, acc) = (u32_of(rows, "rows")?, u32_of(cols, "cols")?, 0u32);
-        let mut b = self.dev.stream().launch_builder(&f);
-        b.arg(&input).arg(&out).arg(&rows32).arg(&cols32).arg(&acc);
+        let mut args = [arg(&input), arg(&out), arg(&rows32), arg(&cols32), arg(&acc)];
+        let grid = (cols32.div_ceil(256), 1, 1);
         // SAFETY: matches se_colsum_f32; `input` holds rows x cols floats, `out` cols.
-        unsafe { b.launch(cfg1((cols32.div_ceil(256), 1, 1), (256, 1, 1), 0)) }
-            .map_err(Error::driver("launching se_colsum_f32"))?;
-        Ok(())
+        unsafe { self.dev.launch(Module::Excite, "se_colsum_f32", grid, (256, 1, 1), 0, 1, &mut args) }
     }
 
     /// The element-wise pass: scale (forward) or dx (backward) over `n` samples.
@@ -686,18 +647,14 @@ impl Ctx<'_> {
         let v = 16 / self.esize;
         let blocks = total.div_ceil(v * 256 * 4).clamp(1, self.sms() * 8);
         let name = format!("{}_{}", if dx { "se_dx" } else { "se_scale" }, self.suffix);
-        let f = self.dev.function(Module::Scale, &name)?;
-        let mut b = self.dev.stream().launch_builder(&f);
-        if dx {
-            b.arg(&p).arg(&a).arg(&s).arg(&r_or_dz).arg(&out);
+        let mut args = if dx {
+            [arg(&p), arg(&a), arg(&s), arg(&r_or_dz), arg(&out)]
         } else {
-            b.arg(&p).arg(&a).arg(&r_or_dz).arg(&s).arg(&out);
-        }
+            [arg(&p), arg(&a), arg(&r_or_dz), arg(&s), arg(&out)]
+        };
         // SAFETY: matches se_scale_* (p, x, r, s, y) / se_dx_* (p, g, s, dz, dx); the tensors
         // hold n * c * hw elements, s and dz n * c floats.
-        unsafe { b.launch(cfg1((blocks as u32, 1, 1), (256, 1, 1), 0)) }
-            .map_err(Error::driver(format!("launching {name}")))?;
-        Ok(())
+        unsafe { self.dev.launch(Module::Scale, &name, (blocks as u32, 1, 1), (256, 1, 1), 0, 1, &mut args) }
     }
 }
 
@@ -743,14 +700,14 @@ pub fn forward_into<T: CudaElement>(
         residual.map(|r| (r.shape(), r.layout())),
         Some((y.shape(), y.layout())),
     )?;
-    let yp = y.ptr(dev);
+    let yp = y.addr_mut(dev);
     run_forward::<T>(
         dev,
         w,
         x.shape(),
         x.layout(),
-        x.ptr(dev),
-        residual.map_or(0, |r| r.ptr(dev)),
+        x.addr(dev),
+        residual.map_or(0, |r| r.addr(dev)),
         yp,
         saved,
         opts,
@@ -774,14 +731,14 @@ pub fn forward_in_place<T: CudaElement>(
         residual.map(|r| (r.shape(), r.layout())),
         None,
     )?;
-    let xp = x.ptr(dev);
+    let xp = x.addr_mut(dev);
     run_forward::<T>(
         dev,
         w,
         x.shape(),
         x.layout(),
         xp,
-        residual.map_or(0, |r| r.ptr(dev)),
+        residual.map_or(0, |r| r.addr(dev)),
         xp,
         saved,
         opts,
@@ -831,14 +788,14 @@ fn run_forward<T: CudaElement>(
         layout,
     };
     let (c, d) = (cfg.channels, cfg.hidden);
-    let (w1, w2) = (slice_ptr(dev, &w.w1), slice_ptr(dev, &w.w2));
-    let b1 = w.b1.as_ref().map_or(0, |b| slice_ptr(dev, b));
-    let b2 = w.b2.as_ref().map_or(0, |b| slice_ptr(dev, b));
+    let (w1, w2) = (dev.addr(&w.w1), dev.addr(&w.w2));
+    let b1 = w.b1.as_ref().map_or(0, |b| dev.addr(b));
+    let b2 = w.b2.as_ref().map_or(0, |b| dev.addr(b));
     let (zp, hp, up, sp) = (
-        slice_ptr(dev, &saved.z),
-        slice_ptr(dev, &saved.h),
-        slice_ptr(dev, &saved.u),
-        slice_ptr(dev, &saved.s),
+        dev.addr(&saved.z),
+        dev.addr(&saved.h),
+        dev.addr(&saved.u),
+        dev.addr(&saved.s),
     );
     if path == SePath::Cluster {
         let mut p = cx.base_params(shape.n);
@@ -850,22 +807,14 @@ fn run_forward<T: CudaElement>(
         }
         let name = format!("se_fused_fwd_{}_{}", layout.name(), T::SUFFIX);
         let smem = cluster_smem_bytes(&cfg, shape, layout, esize, Direction::Forward);
-        let f = dev.function(Module::Fused, &name)?;
-        let grid = cluster_grid(dev, &f, smem, shape.n)?;
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&p)
-            .arg(&xp)
-            .arg(&rp)
-            .arg(&yp)
-            .arg(&w1)
-            .arg(&b1)
-            .arg(&w2)
-            .arg(&b2);
-        b.arg(&zp).arg(&hp).arg(&up).arg(&sp);
+        let grid = cluster_grid(dev, &name, smem, shape.n)?;
+        let mut args = [
+            arg(&p), arg(&xp), arg(&rp), arg(&yp), arg(&w1), arg(&b1), arg(&w2), arg(&b2),
+            arg(&zp), arg(&hp), arg(&up), arg(&sp),
+        ];
         // SAFETY: matches se_fused_fwd_*; x, r, y hold n * c * hw elements, the saved buffers
         // n * c (z, s) and n * d (h, u) floats, the weights the config's sizes.
-        unsafe { b.launch(cfg1((grid, 1, 1), (FUSED_THREADS, 1, 1), smem as u32)) }
-            .map_err(Error::driver(format!("launching {name}")))?;
+        unsafe { dev.launch(Module::Fused, &name, (grid, 1, 1), (FUSED_THREADS, 1, 1), smem as u32, CLUSTER as u32, &mut args) }?;
         return Ok(path);
     }
     let streams = if rp != 0 { 2 } else { 1 };
@@ -911,21 +860,8 @@ fn run_forward<T: CudaElement>(
     Ok(path)
 }
 
-fn cluster_grid(
-    dev: &CudaDevice,
-    f: &cudarc::driver::CudaFunction,
-    smem: usize,
-    n: usize,
-) -> Result<u32> {
-    f.set_attribute(
-        FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem as i32,
-    )
-    .map_err(Error::driver("raising the shared-memory limit"))?;
-    let probe = cfg1((CLUSTER as u32, 1, 1), (FUSED_THREADS, 1, 1), smem as u32);
-    let clusters = f
-        .occupancy_max_active_clusters(probe, dev.stream())
-        .map_err(Error::driver("querying cluster occupancy"))? as usize;
+fn cluster_grid(dev: &CudaDevice, name: &str, smem: usize, n: usize) -> Result<u32> {
+    let clusters = dev.max_active_clusters(Module::Fused, name, CLUSTER as u32, FUSED_THREADS, smem as u32)?;
     if clusters == 0 {
         return Err(Error::Unsupported(format!(
             "no cluster of {CLUSTER} CTAs with {smem} bytes of shared memory fits on {}",
@@ -1045,19 +981,19 @@ pub fn backward_into<T: CudaElement>(
         layout,
     };
     let (n, c, d) = (shape.n, cfg.channels, cfg.hidden);
-    let (xp, dyp, dxp) = (x.ptr(dev), dy.ptr(dev), dx.ptr(dev));
-    let rp = residual.map_or(0, |r| r.ptr(dev));
-    let dresp = dresidual.map_or(0, |r| r.ptr(dev));
-    let (w1, w2) = (slice_ptr(dev, &w.w1), slice_ptr(dev, &w.w2));
+    let (xp, dyp, dxp) = (x.addr(dev), dy.addr(dev), dx.addr_mut(dev));
+    let rp = residual.map_or(0, |r| r.addr(dev));
+    let dresp = dresidual.map_or(0, |r| r.addr_mut(dev));
+    let (w1, w2) = (dev.addr(&w.w1), dev.addr(&w.w2));
     let (zp, hp, up, sp) = (
-        slice_ptr(dev, &saved.z),
-        slice_ptr(dev, &saved.h),
-        slice_ptr(dev, &saved.u),
-        slice_ptr(dev, &saved.s),
+        dev.addr(&saved.z),
+        dev.addr(&saved.h),
+        dev.addr(&saved.u),
+        dev.addr(&saved.s),
     );
-    let dg = dev.zeros_f32(n * c)?;
-    let du = dev.zeros_f32(n * d)?;
-    let (dgp, dup) = (slice_ptr(dev, &dg), slice_ptr(dev, &du));
+    let dg = dev.alloc_zeros::<f32>(n * c)?;
+    let du = dev.alloc_zeros::<f32>(n * d)?;
+    let (dgp, dup) = (dev.addr(&dg), dev.addr(&du));
 
     if path == SePath::Cluster {
         let mut p = cx.base_params(n);
@@ -1072,25 +1008,17 @@ pub fn backward_into<T: CudaElement>(
         }
         let name = format!("se_fused_bwd_{}_{}", layout.name(), T::SUFFIX);
         let smem = cluster_smem_bytes(&cfg, shape, layout, esize, Direction::Backward);
-        let f = dev.function(Module::Fused, &name)?;
-        let grid = cluster_grid(dev, &f, smem, n)?;
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&p)
-            .arg(&dyp)
-            .arg(&xp)
-            .arg(&rp)
-            .arg(&sp)
-            .arg(&hp)
-            .arg(&w1)
-            .arg(&w2);
-        b.arg(&dresp).arg(&dxp).arg(&dgp).arg(&dup);
+        let grid = cluster_grid(dev, &name, smem, n)?;
+        let mut args = [
+            arg(&p), arg(&dyp), arg(&xp), arg(&rp), arg(&sp), arg(&hp), arg(&w1), arg(&w2),
+            arg(&dresp), arg(&dxp), arg(&dgp), arg(&dup),
+        ];
         // SAFETY: matches se_fused_bwd_*; activations hold n * c * hw elements, s and dg n * c,
         // h and du n * d floats.
-        unsafe { b.launch(cfg1((grid, 1, 1), (FUSED_THREADS, 1, 1), smem as u32)) }
-            .map_err(Error::driver(format!("launching {name}")))?;
+        unsafe { dev.launch(Module::Fused, &name, (grid, 1, 1), (FUSED_THREADS, 1, 1), smem as u32, CLUSTER as u32, &mut args) }?;
     } else {
-        let dz = dev.zeros_f32(n * c)?;
-        let dzp = slice_ptr(dev, &dz);
+        let dz = dev.alloc_zeros::<f32>(n * c)?;
+        let dzp = dev.addr(&dz);
         let streams = if rp != 0 { 3 } else { 2 };
         let chunk = chunk_samples(dev, shape, esize, streams, &opts, path);
         let per = (shape.sample_numel() * esize) as u64;
@@ -1142,7 +1070,7 @@ pub fn backward_into<T: CudaElement>(
         }
     }
     // Parameter gradients over the whole batch, in fixed order.
-    let (dw1, dw2) = (slice_ptr(dev, &grads.dw1), slice_ptr(dev, &grads.dw2));
+    let (dw1, dw2) = (dev.addr(&grads.dw1), dev.addr(&grads.dw2));
     // dW2 = dg^T u: A(m = c, k = n) = dg[n][c]; B(k = n, j) = u[n][j].
     cx.gemm(
         (c, d, n),
@@ -1170,8 +1098,8 @@ pub fn backward_into<T: CudaElement>(
         abi::SENET_EPI_STORE,
     )?;
     if let (Some(db1), Some(db2)) = (&grads.db1, &grads.db2) {
-        cx.colsum(dgp, slice_ptr(dev, db2), n, c)?;
-        cx.colsum(dup, slice_ptr(dev, db1), n, d)?;
+        cx.colsum(dgp, dev.addr(db2), n, c)?;
+        cx.colsum(dup, dev.addr(db1), n, d)?;
     }
     drop((dg, du));
     Ok(path)

@@ -4,6 +4,7 @@
 //! - [`cpu`]: the fast multi-threaded CPU path.
 //! - [`cuda`]: the GPU kernels.
 
+pub mod check;
 pub mod config;
 pub mod cpu;
 pub mod cuda;

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod cases;
+
 use senet::cuda::CudaDevice;
 use senet::{Activation, Gate, Init, Layout, SeConfig, SeWeights, Shape, Tensor};
 use std::sync::Arc;

@@ -76,25 +76,21 @@ pub fn parse_shape(s: &str) -> Result<Shape> {
 }
 
 struct Timer {
-    dev: Arc<CudaDevice>,
+    stream: Arc<cudarc::driver::CudaStream>,
     events: Vec<(CudaEvent, CudaEvent)>,
 }
 
 impl Timer {
     fn new(dev: &Arc<CudaDevice>, n: usize) -> Result<Self> {
+        let (Some(ctx), Some(stream)) = (dev.context(), dev.stream()) else {
+            return Err(Error::Unsupported("gpu-bench times a real CUDA device, not the emulator".into()));
+        };
         let mk = || {
-            dev.context()
-                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| Error::Driver {
-                    context: "creating an event".into(),
-                    source: e,
-                })
+            ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| Error::Driver { context: "creating an event".into(), source: e })
         };
         let events = (0..n).map(|_| Ok((mk()?, mk()?))).collect::<Result<_>>()?;
-        Ok(Timer {
-            dev: dev.clone(),
-            events,
-        })
+        Ok(Timer { stream: stream.clone(), events })
     }
 
     /// Median milliseconds of `f(i)` over the timer's iterations (after `warmup` untimed calls).
@@ -102,7 +98,7 @@ impl Timer {
         for i in 0..warmup {
             f(i)?;
         }
-        let stream = self.dev.stream();
+        let stream = &self.stream;
         for (i, (a, b)) in self.events.iter().enumerate() {
             a.record(stream).map_err(|e| Error::Driver {
                 context: "event".into(),
@@ -114,7 +110,9 @@ impl Timer {
                 source: e,
             })?;
         }
-        self.dev.synchronize()?;
+        stream
+            .synchronize()
+            .map_err(|e| Error::Driver { context: "synchronizing".into(), source: e })?;
         let mut t: Vec<f64> = self
             .events
             .iter()

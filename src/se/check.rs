@@ -1,0 +1,317 @@
+//! Judging a backend against the reference: the expected values, the size of what each
+//! expected value sums, and the errors DESIGN.md's contract is stated in.
+//!
+//! Errors are relative L2 with DESIGN.md's tolerances. A value computed as a sum is measured
+//! against the magnitudes of its summands rather than its own size: when a sum cancels (a
+//! parameter gradient over a batch whose terms have both signs, a pooled mean of values of both
+//! signs), f32 rounding of each term legitimately exceeds 1e-5 of the tiny result, and no f32
+//! implementation could pass. The magnitude of a sum is the same sum over absolute values,
+//! propagated through |W| the way the value itself is computed (the classical bound
+//! |fl(sum) - sum| <= gamma_n sum |terms|); it equals |value| when nothing cancels, so where
+//! there is no cancellation this is exactly DESIGN.md's relative error.
+//!
+//! Inputs from [`input`] never hold zeros (nor f16 subnormals), and [`residual_off_kink`] keeps
+//! the epilogue's pre-activation away from the ReLU's kink, where f32 and f64 may legitimately
+//! take different sides.
+
+use super::reference::{self, SeBackward, SeForward, SeSaved};
+use super::{Activation, SeGrads, SeWeights};
+use crate::error::Result;
+use crate::tensor::{rel_l2_error, DType, Element, Layout, Shape, Tensor};
+
+/// Random inputs with magnitudes in `[1/64, 1)` and random signs: never zero, never an f16
+/// subnormal.
+pub fn input<T: Element>(shape: Shape, layout: Layout, seed: u64) -> Result<Tensor<T>> {
+    let u = crate::rng::uniform_vec(shape.numel(), -1.0, 1.0, seed);
+    let v = u
+        .iter()
+        .map(|&u| T::from_f32(u.signum() * (1.0 / 64.0 + u.abs() * 63.0 / 64.0)))
+        .collect();
+    Tensor::from_vec(shape, layout, v)
+}
+
+/// `r` with the sign flipped wherever the epilogue's pre-activation `s x + r` lies within 1e-3
+/// of its summands' size from the ReLU's kink: there f32 and the f64 reference may round to
+/// different sides, and both masks are right. `s` does not depend on the residual.
+pub fn residual_off_kink<T: Element>(w: &SeWeights, x: &Tensor<T>, mut r: Tensor<T>) -> Result<Tensor<T>> {
+    let s = reference::forward(w, x, None)?.saved.s;
+    let sh = x.shape();
+    for n in 0..sh.n {
+        for c in 0..sh.c {
+            for p in 0..sh.hw() {
+                let i = sh.offset(x.layout(), n, c, p);
+                let sx = s[n * sh.c + c] * x.data()[i].to_f64();
+                let rv = r.data()[i].to_f64();
+                if (sx + rv).abs() < 1e-3 * (sx.abs() + rv.abs()) {
+                    r.data_mut()[i] = T::from_f64(-rv);
+                }
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// Magnitudes (elementwise bounds on the summands) of every value a backend produces.
+#[derive(Clone, Debug)]
+pub struct Magnitudes {
+    /// Of z (`[n][c]`).
+    pub z: Vec<f64>,
+    /// Of h and u (`[n][d]`).
+    pub h: Vec<f64>,
+    /// Of s (`[n][c]`).
+    pub s: Vec<f64>,
+    /// Of y.
+    pub y: Vec<f64>,
+    /// Of dx.
+    pub dx: Vec<f64>,
+    /// Of the parameter gradients.
+    pub grads: SeGrads<f64>,
+}
+
+/// The reference's results on one set of inputs, with their magnitudes.
+pub struct Expected {
+    /// Reference forward.
+    pub forward: SeForward,
+    /// Reference backward.
+    pub backward: SeBackward,
+    /// u = act(h).
+    pub u: Vec<f64>,
+    /// Magnitudes for the sum-aware errors.
+    pub mag: Magnitudes,
+}
+
+/// Runs the reference forward and backward and computes the magnitudes.
+pub fn expected<T: Element>(w: &SeWeights, x: &Tensor<T>, r: Option<&Tensor<T>>, dy: &Tensor<T>) -> Result<Expected> {
+    let forward = reference::forward(w, x, r)?;
+    let backward = reference::backward(w, x, r, &forward.saved, dy)?;
+    let u = forward.saved.h.iter().map(|&h| w.config.activation.apply(h)).collect();
+    let mag = magnitudes(w, x, r, dy, &forward.saved)?;
+    Ok(Expected {
+        forward,
+        backward,
+        u,
+        mag,
+    })
+}
+
+#[allow(clippy::needless_range_loop)] // indices mirror the reference's loops
+fn magnitudes<T: Element>(w: &SeWeights, x: &Tensor<T>, r: Option<&Tensor<T>>, dy: &Tensor<T>, saved: &SeSaved) -> Result<Magnitudes> {
+    let sh = x.shape();
+    let cfg = w.config;
+    let (n, c, d, hw) = (sh.n, sh.c, cfg.hidden, sh.hw());
+    let xd = x.to_f64_vec();
+    let bias = |b: &Option<Vec<f32>>, i: usize| b.as_ref().map_or(0.0, |b| (b[i] as f64).abs());
+    let mut mz = vec![0.0; n * c];
+    for nn in 0..n {
+        for cc in 0..c {
+            let t: f64 = (0..hw).map(|p| xd[sh.offset(x.layout(), nn, cc, p)].abs()).sum();
+            mz[nn * c + cc] = t / hw as f64;
+        }
+    }
+    let mut mh = vec![0.0; n * d];
+    let mut ms = vec![0.0; n * c];
+    for nn in 0..n {
+        for j in 0..d {
+            let t: f64 = (0..c).map(|cc| (w.w1[j * c + cc] as f64).abs() * mz[nn * c + cc]).sum();
+            mh[nn * d + j] = bias(&w.b1, j) + t;
+        }
+        for cc in 0..c {
+            let t: f64 = (0..d).map(|j| (w.w2[cc * d + j] as f64).abs() * mh[nn * d + j]).sum();
+            let a = nn * c + cc;
+            ms[a] = (cfg.gate.derivative(saved.a[a]) * (bias(&w.b2, cc) + t)).max(saved.s[a].abs());
+        }
+    }
+    // y = s x (+ r): |x| M_s (+ |r|).
+    let mut my = vec![0.0; sh.numel()];
+    let mut g = vec![0.0; sh.numel()];
+    for nn in 0..n {
+        for cc in 0..c {
+            for p in 0..hw {
+                let i = sh.offset(x.layout(), nn, cc, p);
+                my[i] = xd[i].abs() * ms[nn * c + cc] + r.map_or(0.0, |r| r.data()[i].to_f64().abs());
+                // g = dy through the mask (the mask of the reference, off the kink by input choice).
+                let masked = r.is_some_and(|r| saved.s[nn * c + cc] * xd[i] + r.data()[i].to_f64() <= 0.0);
+                g[i] = if masked { 0.0 } else { dy.data()[i].to_f64() };
+            }
+        }
+    }
+    let act_max = match cfg.activation {
+        Activation::Relu => 1.0,
+        Activation::Silu => 1.1, // max of SiLU' is 1.0998
+    };
+    let mut mg = SeGrads {
+        dw1: vec![0.0; d * c],
+        db1: cfg.bias.then(|| vec![0.0; d]),
+        dw2: vec![0.0; c * d],
+        db2: cfg.bias.then(|| vec![0.0; c]),
+    };
+    let mut mdx = vec![0.0; sh.numel()];
+    for nn in 0..n {
+        let mut m_dg = vec![0.0; c];
+        for cc in 0..c {
+            let ds: f64 = (0..hw)
+                .map(|p| {
+                    let i = sh.offset(x.layout(), nn, cc, p);
+                    (g[i] * xd[i]).abs()
+                })
+                .sum();
+            m_dg[cc] = ds * cfg.gate.derivative(saved.a[nn * c + cc]).abs();
+        }
+        let mut m_du = vec![0.0; d];
+        for j in 0..d {
+            let t: f64 = (0..c).map(|cc| (w.w2[cc * d + j] as f64).abs() * m_dg[cc]).sum();
+            m_du[j] = t * cfg.activation.derivative(saved.h[nn * d + j]).abs();
+        }
+        for cc in 0..c {
+            for j in 0..d {
+                mg.dw2[cc * d + j] += m_dg[cc] * act_max * mh[nn * d + j];
+                mg.dw1[j * c + cc] += m_du[j] * mz[nn * c + cc];
+            }
+            let m_dz: f64 = (0..d).map(|j| (w.w1[j * c + cc] as f64).abs() * m_du[j]).sum::<f64>() / hw as f64;
+            for p in 0..hw {
+                let i = sh.offset(x.layout(), nn, cc, p);
+                mdx[i] = g[i].abs() * ms[nn * c + cc] + m_dz;
+            }
+        }
+        if let Some(b) = mg.db2.as_mut() {
+            b.iter_mut().zip(&m_dg).for_each(|(a, v)| *a += v);
+        }
+        if let Some(b) = mg.db1.as_mut() {
+            b.iter_mut().zip(&m_du).for_each(|(a, v)| *a += v);
+        }
+    }
+    Ok(Magnitudes {
+        z: mz,
+        h: mh,
+        s: ms,
+        y: my,
+        dx: mdx,
+        grads: mg,
+    })
+}
+
+/// `||got - want|| / ||magnitude||`: relative L2 against the size of the summands (`inf` on
+/// NaN or a length mismatch).
+pub fn sum_error(got: &[f64], want: &[f64], magnitude: &[f64]) -> f64 {
+    if got.len() != want.len() || magnitude.len() != want.len() || got.iter().any(|v| v.is_nan()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
+    let den: f64 = magnitude.iter().map(|m| m * m).sum();
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// What a backend produced (any subset), widened to f64.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// Output.
+    pub y: Option<Vec<f64>>,
+    /// Saved means.
+    pub z: Option<Vec<f64>>,
+    /// Saved hidden pre-activations.
+    pub h: Option<Vec<f64>>,
+    /// Saved hidden activations.
+    pub u: Option<Vec<f64>>,
+    /// Saved channel weights.
+    pub s: Option<Vec<f64>>,
+    /// Input gradient.
+    pub dx: Option<Vec<f64>>,
+    /// Parameter gradients.
+    pub grads: Option<SeGrads<f64>>,
+    /// Residual gradient.
+    pub dresidual: Option<Vec<f64>>,
+}
+
+/// One compared quantity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Check {
+    /// Which value.
+    pub what: &'static str,
+    /// Its error (relative L2, against summand magnitudes for sums).
+    pub err: f64,
+    /// DESIGN.md's tolerance for it.
+    pub tol: f64,
+}
+
+impl Check {
+    /// Within tolerance (NaN never is).
+    pub fn pass(&self) -> bool {
+        self.err <= self.tol
+    }
+}
+
+/// Compares what a backend produced for activations of `dtype` with the reference: outputs
+/// (y) at the dtype's output tolerance, gradients through activations (dx, d residual) at its
+/// gradient tolerance, f32 intermediates (z, h, u, s) at 1e-5 and f32 parameter gradients at
+/// 1e-4.
+pub fn compare(exp: &Expected, obs: &Observed, dtype: DType) -> Vec<Check> {
+    let mut out = Vec::new();
+    let (ty, tg) = (dtype.output_tolerance(), dtype.grad_tolerance());
+    let (ts, tw) = (DType::F32.output_tolerance(), DType::F32.grad_tolerance());
+    let f = &exp.forward;
+    let b = &exp.backward;
+    let m = &exp.mag;
+    fn push(out: &mut Vec<Check>, what: &'static str, got: &Option<Vec<f64>>, want: &[f64], mag: &[f64], tol: f64) {
+        if let Some(g) = got {
+            out.push(Check {
+                what,
+                err: sum_error(g, want, mag),
+                tol,
+            });
+        }
+    }
+    push(&mut out, "y", &obs.y, &f.y, &m.y, ty);
+    push(&mut out, "z", &obs.z, &f.saved.z, &m.z, ts);
+    push(&mut out, "h", &obs.h, &f.saved.h, &m.h, ts);
+    push(&mut out, "u", &obs.u, &exp.u, &m.h, ts);
+    push(&mut out, "s", &obs.s, &f.saved.s, &m.s, ts);
+    push(&mut out, "dx", &obs.dx, &b.dx, &m.dx, tg);
+    if let Some(g) = &obs.grads {
+        push(&mut out, "dw1", &Some(g.dw1.clone()), &b.grads.dw1, &m.grads.dw1, tw);
+        push(&mut out, "dw2", &Some(g.dw2.clone()), &b.grads.dw2, &m.grads.dw2, tw);
+        match (&g.db1, &b.grads.db1, &m.grads.db1) {
+            (Some(got), Some(want), Some(mag)) => push(&mut out, "db1", &Some(got.clone()), want, mag, tw),
+            (None, None, _) => {}
+            _ => out.push(Check { what: "db1 present", err: f64::INFINITY, tol: 0.0 }),
+        }
+        match (&g.db2, &b.grads.db2, &m.grads.db2) {
+            (Some(got), Some(want), Some(mag)) => push(&mut out, "db2", &Some(got.clone()), want, mag, tw),
+            (None, None, _) => {}
+            _ => out.push(Check { what: "db2 present", err: f64::INFINITY, tol: 0.0 }),
+        }
+    }
+    match (&obs.dresidual, &b.dresidual) {
+        (Some(got), Some(want)) => out.push(Check {
+            what: "dresidual",
+            err: rel_l2_error(got, want),
+            tol: tg,
+        }),
+        (None, None) => {}
+        (Some(_), None) | (None, Some(_)) if obs.dx.is_some() => out.push(Check {
+            what: "dresidual present",
+            err: f64::INFINITY,
+            tol: 0.0,
+        }),
+        _ => {}
+    }
+    out
+}
+
+/// Widens f32s.
+pub fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Widens f32 gradients.
+pub fn widen_grads(g: &SeGrads<f32>) -> SeGrads<f64> {
+    SeGrads {
+        dw1: widen(&g.dw1),
+        db1: g.db1.as_deref().map(widen),
+        dw2: widen(&g.dw2),
+        db2: g.db2.as_deref().map(widen),
+    }
+}

@@ -1,0 +1,85 @@
+//! The GPU kernels and every path run on the CPU emulator (kernels/emu) against the reference:
+//! the same kernel sources and launch code as on a GPU, so indexing, vector-path and alignment
+//! logic, split reductions, barriers and the cluster kernels' DSMEM exchanges are checked on
+//! machines without one. Timing and the hardware memory model are not; tests/gpu.rs is the
+//! real thing.
+
+mod common;
+
+use common::cases;
+use common::*;
+use half::{bf16, f16};
+use senet::cuda::{CudaDevice, CudaElement};
+use senet::{Layout, Shape};
+use std::sync::Arc;
+
+fn emulator() -> Option<Arc<CudaDevice>> {
+    match CudaDevice::emulator() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: {e}");
+            None
+        }
+    }
+}
+
+/// Unfriendly shapes (C = 1, 3, 17, 1000; HW = 1, 3, 49; N = 1 and 300) and mid-sized ones
+/// whose samples span several CTAs of a cluster and several chunks.
+fn shapes() -> Vec<Shape> {
+    vec![
+        Shape::new(1, 1, 1, 1),
+        Shape::new(2, 3, 1, 3),
+        Shape::new(1, 17, 7, 7),
+        Shape::new(3, 17, 1, 1),
+        Shape::new(2, 1000, 1, 3),
+        Shape::new(2, 24, 45, 45),
+        Shape::new(300, 40, 2, 3),
+        Shape::new(2, 64, 28, 28),
+        Shape::new(1, 72, 56, 57),
+    ]
+}
+
+fn run<T: CudaElement>(layout: Layout) {
+    let Some(dev) = emulator() else { return };
+    let seed = seed(&format!("emulated {} {layout}", T::DTYPE));
+    let list = cases::cases(layout, &shapes(), 20_000);
+    cases::run_all::<T>(&dev, &format!("emulated {layout}"), &list, seed);
+}
+
+#[test]
+fn emulated_f32_nchw() {
+    run::<f32>(Layout::Nchw);
+}
+#[test]
+fn emulated_f32_nhwc() {
+    run::<f32>(Layout::Nhwc);
+}
+#[test]
+fn emulated_f16_nchw() {
+    run::<f16>(Layout::Nchw);
+}
+#[test]
+fn emulated_f16_nhwc() {
+    run::<f16>(Layout::Nhwc);
+}
+#[test]
+fn emulated_bf16_nchw() {
+    run::<bf16>(Layout::Nchw);
+}
+#[test]
+fn emulated_bf16_nhwc() {
+    run::<bf16>(Layout::Nhwc);
+}
+
+#[test]
+fn emulated_in_place_forward() {
+    let Some(dev) = emulator() else { return };
+    cases::in_place_matches(&dev, seed("emulated in_place"));
+}
+
+#[test]
+fn emulated_invalid_inputs_are_errors() {
+    let Some(dev) = emulator() else { return };
+    cases::invalid_inputs_are_errors(&dev);
+}
