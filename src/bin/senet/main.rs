@@ -1,6 +1,7 @@
 //! `senet`: the command-line tool. Each subcommand lives in its own module.
 
 mod info;
+mod models;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,8 @@ enum Command {
     Verify(verify::Args),
     /// Print the build (kernels, nvcc, ptxas report) and the devices found.
     Info(info::Args),
+    /// List the model registry: parameters, GFLOPs and input size of each network.
+    Models(models::Args),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Verify(a) => verify::run(a),
         Command::Info(a) => info::run(a),
+        Command::Models(a) => models::run(a),
     };
     match result {
         Ok(code) => code,
