@@ -65,11 +65,27 @@ fn convolution_matches_reference() {
         dw.iter_mut().for_each(|v| *v = 0.25);
         dwr.iter_mut().for_each(|v| *v = 0.25);
         let dx = Cpu
-            .conv2d_backward(&x32, &w32, &dy32, &geom, &mut dw, bias.then_some(&mut db[..]), true)
+            .conv2d_backward(
+                &x32,
+                &w32,
+                &dy32,
+                &geom,
+                &mut dw,
+                bias.then_some(&mut db[..]),
+                true,
+            )
             .unwrap()
             .unwrap();
         let dxr = Reference
-            .conv2d_backward(&x64, &w64, &dy64, &geom, &mut dwr, bias.then_some(&mut dbr[..]), true)
+            .conv2d_backward(
+                &x64,
+                &w64,
+                &dy64,
+                &geom,
+                &mut dwr,
+                bias.then_some(&mut dbr[..]),
+                true,
+            )
             .unwrap()
             .unwrap();
         close(&format!("{label} dx"), &f64s(&dx), dxr.data(), GRAD_TOL);
@@ -109,7 +125,9 @@ fn pointwise_ops_match_reference() {
     let b64: Vec<f64> = b32.iter().map(|&v| v as f64).collect();
     for relu in [false, true] {
         let y = Cpu.channel_affine(x32.clone(), &a32, &b32, relu).unwrap();
-        let yr = Reference.channel_affine(x64.clone(), &a64, &b64, relu).unwrap();
+        let yr = Reference
+            .channel_affine(x64.clone(), &a64, &b64, relu)
+            .unwrap();
         close("channel affine", &f64s(&y), yr.data(), OUT_TOL);
     }
     let invstd: Vec<f64> = str_.var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
@@ -117,14 +135,42 @@ fn pointwise_ops_match_reference() {
         let (mut dg, mut db) = (vec![0.0f32; 5], vec![0.0f32; 5]);
         let (mut dgr, mut dbr) = (vec![0.0f64; 5], vec![0.0f64; 5]);
         let dx = Cpu
-            .batch_norm_backward(&x32, &dy32, &str_.mean, &invstd, &a32, batch_stats, &mut dg, &mut db)
+            .batch_norm_backward(
+                &x32,
+                &dy32,
+                &str_.mean,
+                &invstd,
+                &a32,
+                batch_stats,
+                &mut dg,
+                &mut db,
+            )
             .unwrap();
         let dxr = Reference
-            .batch_norm_backward(&x64, &dy64, &str_.mean, &invstd, &a64, batch_stats, &mut dgr, &mut dbr)
+            .batch_norm_backward(
+                &x64,
+                &dy64,
+                &str_.mean,
+                &invstd,
+                &a64,
+                batch_stats,
+                &mut dgr,
+                &mut dbr,
+            )
             .unwrap();
         close("bn dx", &f64s(&dx), dxr.data(), GRAD_TOL);
-        close("bn dgamma", &dg.iter().map(|&v| v as f64).collect::<Vec<_>>(), &dgr, GRAD_TOL);
-        close("bn dbeta", &db.iter().map(|&v| v as f64).collect::<Vec<_>>(), &dbr, GRAD_TOL);
+        close(
+            "bn dgamma",
+            &dg.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            &dgr,
+            GRAD_TOL,
+        );
+        close(
+            "bn dbeta",
+            &db.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            &dbr,
+            GRAD_TOL,
+        );
     }
 
     let y = Cpu.relu(x32.clone()).unwrap();
@@ -139,7 +185,12 @@ fn pointwise_ops_match_reference() {
         close("add", &f64s(&y), yr.data(), OUT_TOL);
     }
 
-    for (k, st, p, ceil) in [(3, 2, 1, false), (3, 2, 0, true), (3, 1, 1, true), (2, 2, 0, false)] {
+    for (k, st, p, ceil) in [
+        (3, 2, 1, false),
+        (3, 2, 0, true),
+        (3, 1, 1, true),
+        (2, 2, 0, false),
+    ] {
         let g = PoolGeom::new(k, st, p, ceil).unwrap();
         let (y, arg) = Cpu.max_pool2d(&x32, &g).unwrap();
         let (yr, argr) = Reference.max_pool2d(&x64, &g).unwrap();
@@ -147,7 +198,9 @@ fn pointwise_ops_match_reference() {
         assert_eq!(arg, argr, "max pool indices");
         let dy: Tensor<f32> = random_tensor(y.shape(), s ^ 9);
         let dx = Cpu.max_pool2d_backward(&dy, &arg, xs).unwrap();
-        let dxr = Reference.max_pool2d_backward(&dy.cast(), &argr, xs).unwrap();
+        let dxr = Reference
+            .max_pool2d_backward(&dy.cast(), &argr, xs)
+            .unwrap();
         close("max pool backward", &f64s(&dx), dxr.data(), GRAD_TOL);
         for include in [true, false] {
             let g = PoolGeom {
@@ -182,23 +235,39 @@ fn pointwise_ops_match_reference() {
     let dy: Tensor<f32> = random_tensor(y.shape(), s ^ 13);
     let (mut dw, mut db) = (vec![0.0f32; w32.len()], vec![0.0f32; 11]);
     let (mut dwr, mut dbr) = (vec![0.0f64; w32.len()], vec![0.0f64; 11]);
-    let dx = Cpu.linear_backward(&x32, &w32, &dy, &mut dw, Some(&mut db)).unwrap();
+    let dx = Cpu
+        .linear_backward(&x32, &w32, &dy, &mut dw, Some(&mut db))
+        .unwrap();
     let dxr = Reference
         .linear_backward(&x64, &w64, &dy.cast(), &mut dwr, Some(&mut dbr))
         .unwrap();
     close("linear dx", &f64s(&dx), dxr.data(), GRAD_TOL);
-    close("linear dw", &dw.iter().map(|&v| v as f64).collect::<Vec<_>>(), &dwr, GRAD_TOL);
-    close("linear db", &db.iter().map(|&v| v as f64).collect::<Vec<_>>(), &dbr, GRAD_TOL);
+    close(
+        "linear dw",
+        &dw.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        &dwr,
+        GRAD_TOL,
+    );
+    close(
+        "linear db",
+        &db.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        &dbr,
+        GRAD_TOL,
+    );
 }
 
 #[test]
 fn shape_errors_are_errors() {
     let x: Tensor<f32> = random_tensor(Shape::new(1, 3, 4, 4), 1);
     let g = ConvGeom::new(4, 4, 3, 1, 1, 1).unwrap();
-    assert!(Cpu.conv2d(&x, &vec![0.0; g.weight_len()], None, &g).is_err());
+    assert!(Cpu
+        .conv2d(&x, &vec![0.0; g.weight_len()], None, &g)
+        .is_err());
     let g = ConvGeom::new(3, 4, 3, 1, 1, 1).unwrap();
     assert!(Cpu.conv2d(&x, &[0.0; 5], None, &g).is_err());
-    assert!(Cpu.channel_affine(x.clone(), &[1.0; 2], &[0.0; 3], false).is_err());
+    assert!(Cpu
+        .channel_affine(x.clone(), &[1.0; 2], &[0.0; 3], false)
+        .is_err());
     let y: Tensor<f32> = random_tensor(Shape::new(1, 3, 4, 5), 1);
     assert!(Cpu.add(x.clone(), &y, true).is_err());
     assert!(Cpu.linear(&x, &[0.0; 10], None, 2).is_err());
@@ -219,20 +288,32 @@ fn compare_networks(
     s: u64,
 ) {
     randomize_network(&mut net, s);
-    reference.load_state_dict(&net.state_dict().unwrap()).unwrap();
+    reference
+        .load_state_dict(&net.state_dict().unwrap())
+        .unwrap();
     let x32: Tensor<f32> = random_tensor(x, s ^ 5);
     net.reseed_dropout(3);
     reference.reseed_dropout(3);
     let y = net.forward(&Cpu, x32.clone(), mode).unwrap();
     let yr = reference.forward(&Reference, x32.cast(), mode).unwrap();
-    close(&format!("{label} {mode} logits"), &f64s(&y), yr.data(), OUT_TOL);
+    close(
+        &format!("{label} {mode} logits"),
+        &f64s(&y),
+        yr.data(),
+        OUT_TOL,
+    );
     if mode == Mode::Infer {
         return;
     }
     let dy: Tensor<f32> = random_tensor(y.shape(), s ^ 6);
     let dx = net.backward(&Cpu, dy.clone()).unwrap();
     let dxr = reference.backward(&Reference, dy.cast()).unwrap();
-    close(&format!("{label} {mode} dx"), &f64s(&dx), dxr.data(), GRAD_TOL);
+    close(
+        &format!("{label} {mode} dx"),
+        &f64s(&dx),
+        dxr.data(),
+        GRAD_TOL,
+    );
     let g = common::grads(&mut net);
     let gr = common::grads(&mut reference);
     assert_eq!(g.len(), gr.len());
@@ -254,7 +335,9 @@ fn compare_networks(
     }
     let (sd, sdr) = (net.state_dict().unwrap(), reference.state_dict().unwrap());
     for (k, v) in &sd {
-        if let (senet::nn::StateData::F32(a), senet::nn::StateData::F32(b)) = (&v.data, &sdr[k].data) {
+        if let (senet::nn::StateData::F32(a), senet::nn::StateData::F32(b)) =
+            (&v.data, &sdr[k].data)
+        {
             let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
             let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
             close(&format!("{label} {mode} state {k}"), &a, &b, OUT_TOL);
@@ -278,7 +361,10 @@ fn small_configs() -> Vec<(&'static str, ResNetConfig, Shape)> {
     caffe.stem = Stem::Conv7 { width: 8 };
     caffe.stem_pool = Some(PoolGeom::new(3, 2, 0, true).unwrap());
     caffe.stride_on = StrideOn::FirstConv1x1;
-    caffe.se = vec![Some(se(SePosition::Identity, true)), Some(se(SePosition::Post, false))];
+    caffe.se = vec![
+        Some(se(SePosition::Identity, true)),
+        Some(se(SePosition::Post, false)),
+    ];
     caffe.num_classes = 5;
     let mut senet = ResNetConfig::imagenet(BlockKind::Bottleneck, &[1, 1]);
     senet.channels = vec![4, 8];
@@ -288,7 +374,10 @@ fn small_configs() -> Vec<(&'static str, ResNetConfig, Shape)> {
     senet.down_kernel = 3;
     senet.stem = Stem::Deep { width: 4 };
     senet.drop_rate = 0.2;
-    senet.se = vec![Some(se(SePosition::After3x3, true)), Some(se(SePosition::Pre, true))];
+    senet.se = vec![
+        Some(se(SePosition::After3x3, true)),
+        Some(se(SePosition::Pre, true)),
+    ];
     senet.num_classes = 6;
     vec![
         ("basic", basic, Shape::new(3, 3, 20, 20)),
@@ -350,8 +439,14 @@ fn inception_net<E: senet::nn::Real>(
     let c1 = a.out_channels(3);
     let c2 = b.out_channels(c1);
     let body = Seq::new()
-        .with("", Layer::Inception(Box::new(InceptionModule::new(a, 3, se).unwrap())))
-        .with("", Layer::Inception(Box::new(InceptionModule::new(b, c1, se).unwrap())))
+        .with(
+            "",
+            Layer::Inception(Box::new(InceptionModule::new(a, 3, se).unwrap())),
+        )
+        .with(
+            "",
+            Layer::Inception(Box::new(InceptionModule::new(b, c1, se).unwrap())),
+        )
         .with("pool", Layer::GlobalAvgPool(GlobalAvgPool::new()))
         .with("fc", Layer::Linear(Linear::new(c2, 4, true)));
     Network::new(name, (3, 8, 8), 4, body).unwrap()

@@ -37,14 +37,20 @@ fn round_trip_restores_every_tensor_and_the_outputs() {
     let bytes = a.to_safetensors_bytes().unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("layer1.0.se.fc1.weight").unwrap();
-    assert_eq!((t.dtype(), t.shape()), (Dtype::F32, &[4usize, 16, 1, 1][..]));
+    assert_eq!(
+        (t.dtype(), t.shape()),
+        (Dtype::F32, &[4usize, 16, 1, 1][..])
+    );
     let t = st.tensor("bn1.num_batches_tracked").unwrap();
     assert_eq!((t.dtype(), t.shape()), (Dtype::I64, &[][..]));
     assert_eq!(i64::from_le_bytes(t.data().try_into().unwrap()), 3);
 }
 
 /// Re-serialises `bytes` after `edit` changes the list of `(name, dtype, shape, data)`.
-fn edited(bytes: &[u8], edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) -> Vec<u8> {
+fn edited(
+    bytes: &[u8],
+    edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>),
+) -> Vec<u8> {
     let st = SafeTensors::deserialize(bytes).unwrap();
     let mut list: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
         .tensors()
@@ -76,7 +82,10 @@ fn bad_checkpoints_are_clear_errors() {
 
     let missing = edited(&good, |l| l.retain(|(n, ..)| n != "layer2.1.se.fc2.bias"));
     let e = load_err(&missing);
-    assert!(e.contains("missing") && e.contains("layer2.1.se.fc2.bias"), "{e}");
+    assert!(
+        e.contains("missing") && e.contains("layer2.1.se.fc2.bias"),
+        "{e}"
+    );
 
     let extra = edited(&good, |l| {
         l.push(("head.extra".into(), Dtype::F32, vec![2], vec![0; 8]))
@@ -105,7 +114,9 @@ fn bad_checkpoints_are_clear_errors() {
     // An uninitialised network cannot be saved.
     assert!(small().to_safetensors_bytes().is_err());
     // A missing file is an I/O error naming the path.
-    let e = small().load_safetensors("/nonexistent/x.safetensors").unwrap_err();
+    let e = small()
+        .load_safetensors("/nonexistent/x.safetensors")
+        .unwrap_err();
     assert!(e.to_string().contains("/nonexistent/x.safetensors"), "{e}");
 }
 

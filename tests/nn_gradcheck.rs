@@ -16,8 +16,7 @@ use senet::nn::backend::{ConvGeom, PoolGeom, Reference};
 use senet::nn::blocks::{BlockConfig, BlockKind, ResidualBlock, SeOptions, SePosition, StrideOn};
 use senet::nn::inception::{InceptionModule, InceptionPool, InceptionSpec};
 use senet::nn::layers::{
-    AvgPool2d, BatchNorm2d, Conv2d, Dropout, GlobalAvgPool, Linear, MaxPool2d, Relu,
-    SqueezeExcite,
+    AvgPool2d, BatchNorm2d, Conv2d, Dropout, GlobalAvgPool, Linear, MaxPool2d, Relu, SqueezeExcite,
 };
 use senet::nn::{Mode, Module, Network, ResNetConfig, Slot, Stem};
 use senet::se::SeConfig;
@@ -92,7 +91,10 @@ fn probe(n: usize, max: usize, seed: u64) -> Vec<usize> {
         return (0..n).collect();
     }
     let u = rng::uniform_vec(max, 0.0, 1.0, seed);
-    let mut v: Vec<usize> = u.iter().map(|&f| ((f as f64 * n as f64) as usize).min(n - 1)).collect();
+    let mut v: Vec<usize> = u
+        .iter()
+        .map(|&f| ((f as f64 * n as f64) as usize).min(n - 1))
+        .collect();
     v.sort_unstable();
     v.dedup();
     v
@@ -129,7 +131,12 @@ fn compare(
             None => t.kinks += 1,
         }
     }
-    let diff: f64 = a.iter().zip(&n).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let diff: f64 = a
+        .iter()
+        .zip(&n)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let norm: f64 = n.iter().map(|y| y * y).sum::<f64>().sqrt();
     let bound = TOL * norm + atol * (a.len() as f64).sqrt();
     assert!(
@@ -153,10 +160,19 @@ fn gradcheck<S: Subject>(label: &str, s: &mut S, x: Tensor<f64>, seed: u64) {
             p.zero_grad();
         }
     });
-    let atol = 1e-8 * y.data().iter().zip(&r).map(|(a, b)| (a * b).abs()).sum::<f64>().max(1.0);
+    let atol = 1e-8
+        * y.data()
+            .iter()
+            .zip(&r)
+            .map(|(a, b)| (a * b).abs())
+            .sum::<f64>()
+            .max(1.0);
     let dx = s.bwd(dy);
     assert_eq!(dx.shape(), x.shape(), "{label}: dx shape");
-    assert!(dx.data().iter().all(|v| v.is_finite()), "{label}: dx not finite");
+    assert!(
+        dx.data().iter().all(|v| v.is_finite()),
+        "{label}: dx not finite"
+    );
     let mut t = Tally {
         checked: 0,
         kinks: 0,
@@ -229,7 +245,12 @@ fn conv2d() {
     for (i, o, k, st, p, g, bias, x) in cases {
         let conv = Conv2d::new(ConvGeom::new(i, o, k, st, p, g).unwrap(), bias);
         for mode in [Mode::Eval, Mode::Train] {
-            check_module(&format!("conv {i}->{o} k{k} s{st} p{p} g{g} {mode}"), conv.clone(), x, mode);
+            check_module(
+                &format!("conv {i}->{o} k{k} s{st} p{p} g{g} {mode}"),
+                conv.clone(),
+                x,
+                mode,
+            );
         }
     }
 }
@@ -250,20 +271,45 @@ fn batch_norm() {
 fn pointwise_and_pooling_layers() {
     let x = Shape::new(2, 3, 7, 6);
     check_module("relu", Relu::new(), x, Mode::Train);
-    for (k, s, p, ceil) in [(3, 2, 1, false), (3, 2, 0, true), (2, 2, 0, false), (3, 1, 1, true)] {
+    for (k, s, p, ceil) in [
+        (3, 2, 1, false),
+        (3, 2, 0, true),
+        (2, 2, 0, false),
+        (3, 1, 1, true),
+    ] {
         let g = PoolGeom::new(k, s, p, ceil).unwrap();
-        check_module(&format!("max pool {g:?}"), MaxPool2d::new(g), x, Mode::Train);
+        check_module(
+            &format!("max pool {g:?}"),
+            MaxPool2d::new(g),
+            x,
+            Mode::Train,
+        );
         for include in [true, false] {
             let g = PoolGeom {
                 count_include_pad: include,
                 ..g
             };
-            check_module(&format!("avg pool {g:?}"), AvgPool2d::new(g), x, Mode::Train);
+            check_module(
+                &format!("avg pool {g:?}"),
+                AvgPool2d::new(g),
+                x,
+                Mode::Train,
+            );
         }
     }
     check_module("global avg pool", GlobalAvgPool::new(), x, Mode::Train);
-    check_module("linear", Linear::new(3 * 2 * 2, 5, true), Shape::new(3, 3, 2, 2), Mode::Train);
-    check_module("linear no bias", Linear::new(4, 3, false), Shape::new(2, 4, 1, 1), Mode::Train);
+    check_module(
+        "linear",
+        Linear::new(3 * 2 * 2, 5, true),
+        Shape::new(3, 3, 2, 2),
+        Mode::Train,
+    );
+    check_module(
+        "linear no bias",
+        Linear::new(4, 3, false),
+        Shape::new(2, 4, 1, 1),
+        Mode::Train,
+    );
 }
 
 #[test]
@@ -296,14 +342,27 @@ fn dropout() {
             Ok(0)
         }
     }
-    check_module("dropout", Fixed(Dropout::new(0.4).unwrap()), Shape::new(2, 3, 4, 4), Mode::Train);
+    check_module(
+        "dropout",
+        Fixed(Dropout::new(0.4).unwrap()),
+        Shape::new(2, 3, 4, 4),
+        Mode::Train,
+    );
     // And the mask really drops about p of the values, scaling the rest by 1/(1-p).
     let mut d = Dropout::<f64>::new(0.4).unwrap();
-    let x = Tensor::from_vec(Shape::new(1, 1, 100, 100), senet::Layout::Nchw, vec![1.0; 10_000]).unwrap();
+    let x = Tensor::from_vec(
+        Shape::new(1, 1, 100, 100),
+        senet::Layout::Nchw,
+        vec![1.0; 10_000],
+    )
+    .unwrap();
     let y = d.forward(&Reference, x, Mode::Train).unwrap();
     let zeros = y.data().iter().filter(|&&v| v == 0.0).count();
     assert!((3_500..4_500).contains(&zeros), "{zeros} dropped");
-    assert!(y.data().iter().all(|&v| v == 0.0 || (v - 1.0 / 0.6).abs() < 1e-12));
+    assert!(y
+        .data()
+        .iter()
+        .all(|&v| v == 0.0 || (v - 1.0 / 0.6).abs() < 1e-12));
 }
 
 #[test]
@@ -403,7 +462,11 @@ fn bottleneck_blocks_with_every_se_position() {
 
 #[test]
 fn inception_module_with_se() {
-    for (pool, proj, stride) in [(InceptionPool::Avg, 2, 1), (InceptionPool::Max, 0, 2), (InceptionPool::Max, 3, 1)] {
+    for (pool, proj, stride) in [
+        (InceptionPool::Avg, 2, 1),
+        (InceptionPool::Max, 0, 2),
+        (InceptionPool::Max, 3, 1),
+    ] {
         let spec = InceptionSpec {
             name: "t",
             n1x1: if stride == 1 { 2 } else { 0 },
@@ -413,7 +476,8 @@ fn inception_module_with_se() {
             proj,
             stride,
         };
-        let m = InceptionModule::<f64>::new(&spec, 3, Some(se(SePosition::Standard, true))).unwrap();
+        let m =
+            InceptionModule::<f64>::new(&spec, 3, Some(se(SePosition::Standard, true))).unwrap();
         check_module(
             &format!("inception {pool:?} proj {proj} s{stride}"),
             m,
@@ -437,7 +501,12 @@ fn small_networks() {
         let mut net = cfg.build::<f64>("tiny").unwrap();
         randomize_network(&mut net, s);
         let x = random_tensor(Shape::new(2, 3, 12, 12), s ^ 7);
-        gradcheck(&format!("tiny seresnet {mode}"), &mut Net { net, mode }, x, s);
+        gradcheck(
+            &format!("tiny seresnet {mode}"),
+            &mut Net { net, mode },
+            x,
+            s,
+        );
     }
     // Bottleneck network with a strided first 1x1 (Caffe layout), ceil-mode stem pool.
     let mut cfg = ResNetConfig::imagenet(BlockKind::Bottleneck, &[1, 1]);
@@ -446,10 +515,21 @@ fn small_networks() {
     cfg.stem_pool = Some(PoolGeom::new(3, 2, 0, true).unwrap());
     cfg.stride_on = StrideOn::FirstConv1x1;
     cfg.num_classes = 3;
-    cfg.se = vec![Some(se(SePosition::Pre, true)), Some(se(SePosition::Post, false))];
+    cfg.se = vec![
+        Some(se(SePosition::Pre, true)),
+        Some(se(SePosition::Post, false)),
+    ];
     let s = seed("caffe network");
     let mut net = cfg.build::<f64>("tiny-caffe").unwrap();
     randomize_network(&mut net, s);
     let x = random_tensor(Shape::new(2, 3, 13, 13), s ^ 7);
-    gradcheck("tiny caffe seresnet", &mut Net { net, mode: Mode::Train }, x, s);
+    gradcheck(
+        "tiny caffe seresnet",
+        &mut Net {
+            net,
+            mode: Mode::Train,
+        },
+        x,
+        s,
+    );
 }

@@ -75,8 +75,14 @@ fn timm_names_and_shapes() {
     assert_eq!(get("fc.weight"), vec![1000, 2048]);
     // timm's seresnet50 state dict has 53 convs/BNs... count entries: 5 per BN, 1 per conv,
     // 4 per SE, 2 for fc.
-    let bns = s.iter().filter(|(k, _)| k.ends_with("running_mean")).count();
-    let convs = s.iter().filter(|(k, v)| k.ends_with("weight") && v.len() == 4).count();
+    let bns = s
+        .iter()
+        .filter(|(k, _)| k.ends_with("running_mean"))
+        .count();
+    let convs = s
+        .iter()
+        .filter(|(k, v)| k.ends_with("weight") && v.len() == 4)
+        .count();
     assert_eq!(bns, 53);
     assert_eq!(convs, 53 + 16 * 2);
 
@@ -100,7 +106,10 @@ fn timm_names_and_shapes() {
         .find(|(k, _)| k == "layer2.0.downsample.0.weight")
         .unwrap();
     assert_eq!(ds.1, vec![512, 256, 3, 3]);
-    let c2 = s.iter().find(|(k, _)| k == "layer1.0.conv2.weight").unwrap();
+    let c2 = s
+        .iter()
+        .find(|(k, _)| k == "layer1.0.conv2.weight")
+        .unwrap();
     // width 256 in 64 groups; first 1x1 is width / 2 = 128.
     assert_eq!(c2.1, vec![256, 2, 3, 3]);
 }
@@ -111,7 +120,10 @@ fn macs_match_published_figures() {
     // about 0.01.
     let r50: Network<f32> = models::build("resnet50").unwrap();
     let se50: Network<f32> = models::build("seresnet50").unwrap();
-    let (a, b) = (r50.macs().unwrap() as f64 / 1e9, se50.macs().unwrap() as f64 / 1e9);
+    let (a, b) = (
+        r50.macs().unwrap() as f64 / 1e9,
+        se50.macs().unwrap() as f64 / 1e9,
+    );
     assert!((a - 4.09).abs() < 0.03, "resnet50 {a} GMACs");
     assert!(b > a && b - a < 0.03, "seresnet50 {b} vs {a}");
 }

@@ -70,7 +70,11 @@ fn f64_tensor(st: &SafeTensors<'_>, name: &str) -> Vec<f64> {
 
 #[test]
 fn logits_match_timm() {
-    for name in ["tiny_seresnet_basic", "tiny_senet", "tiny_resnet_bottleneck"] {
+    for name in [
+        "tiny_seresnet_basic",
+        "tiny_senet",
+        "tiny_resnet_bottleneck",
+    ] {
         let weights = fixture(&format!("{name}.safetensors"));
         let io_bytes = fixture(&format!("{name}_io.safetensors"));
         let io = SafeTensors::deserialize(&io_bytes).unwrap();

@@ -70,7 +70,9 @@ impl SeOptions {
     /// The SE configuration for `channels`.
     pub fn config(&self, channels: usize) -> Result<SeConfig> {
         if self.reduction == 0 {
-            return Err(Error::Config("SE reduction ratio must be at least 1".into()));
+            return Err(Error::Config(
+                "SE reduction ratio must be at least 1".into(),
+            ));
         }
         let hidden = if self.divisor <= 1 {
             (channels / self.reduction).max(1)
@@ -196,7 +198,10 @@ impl<E: Real> ResidualBlock<E> {
         };
         let relu = || Layer::Relu(Relu::new());
         let conv = |i, o, k, s, p, g| -> Result<Layer<E>> {
-            Ok(Layer::Conv2d(Conv2d::new(ConvGeom::new(i, o, k, s, p, g)?, false)))
+            Ok(Layer::Conv2d(Conv2d::new(
+                ConvGeom::new(i, o, k, s, p, g)?,
+                false,
+            )))
         };
         let se_pos = cfg.se.map(|s| s.position);
         match cfg.kind {
@@ -284,7 +289,12 @@ impl<E: Real> ResidualBlock<E> {
         self.se.as_ref().and(self.config.se.map(|s| s.position))
     }
 
-    fn run_shortcut<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn run_shortcut<B: Backend<E>>(
+        &mut self,
+        b: &B,
+        x: Tensor<E>,
+        mode: Mode,
+    ) -> Result<Tensor<E>> {
         match &mut self.shortcut {
             Some(s) => s.forward(b, x, mode),
             None => Ok(x),

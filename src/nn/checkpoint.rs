@@ -316,9 +316,9 @@ impl<'a> Entry<'a> {
             Entry::Bytes(d, _, _) | Entry::Other(d, _) => Err(Error::Format(format!(
                 "tensor `{name}` has unsupported dtype {d}"
             ))),
-            Entry::F32(_) | Entry::I64(_) => Err(Error::Format(format!(
-                "tensor `{name}` has no shape"
-            ))),
+            Entry::F32(_) | Entry::I64(_) => {
+                Err(Error::Format(format!("tensor `{name}` has no shape")))
+            }
         }
     }
 }

@@ -90,14 +90,12 @@ pub const BN_INCEPTION: [InceptionSpec; 10] = {
 };
 
 /// Appends `conv -> bn -> relu` named `<name>`, `<name>_bn`, `<relu>`.
-fn conv_bn_relu<E: Real>(
-    s: &mut Seq<E>,
-    name: &str,
-    relu: &str,
-    g: ConvGeom,
-) -> Result<()> {
+fn conv_bn_relu<E: Real>(s: &mut Seq<E>, name: &str, relu: &str, g: ConvGeom) -> Result<()> {
     s.push(name, Layer::Conv2d(Conv2d::new(g, true)));
-    s.push(format!("{name}_bn"), Layer::BatchNorm2d(BatchNorm2d::new(g.out_ch)));
+    s.push(
+        format!("{name}_bn"),
+        Layer::BatchNorm2d(BatchNorm2d::new(g.out_ch)),
+    );
     s.push(relu, Layer::Relu(Relu::new()));
     Ok(())
 }
@@ -286,7 +284,11 @@ impl<E: Real> Module<E> for InceptionModule<E> {
 
 /// BN-Inception (with SE on every module's output when `se` is set), for `classes` classes
 /// at 224x224.
-pub fn bn_inception<E: Real>(name: &str, se: Option<SeOptions>, classes: usize) -> Result<Network<E>> {
+pub fn bn_inception<E: Real>(
+    name: &str,
+    se: Option<SeOptions>,
+    classes: usize,
+) -> Result<Network<E>> {
     let mut body = Seq::new();
     conv_bn_relu(
         &mut body,
@@ -294,7 +296,11 @@ pub fn bn_inception<E: Real>(name: &str, se: Option<SeOptions>, classes: usize) 
         "conv1_relu_7x7",
         ConvGeom::new(3, 64, 7, 2, 3, 1)?,
     )?;
-    let pool = || -> Result<Layer<E>> { Ok(Layer::MaxPool2d(MaxPool2d::new(PoolGeom::new(3, 2, 0, true)?))) };
+    let pool = || -> Result<Layer<E>> {
+        Ok(Layer::MaxPool2d(MaxPool2d::new(PoolGeom::new(
+            3, 2, 0, true,
+        )?)))
+    };
     body.push("pool1_3x3_s2", pool()?);
     conv_bn_relu(
         &mut body,

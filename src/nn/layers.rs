@@ -616,7 +616,12 @@ impl<E: Real> Dropout<E> {
 }
 
 impl<E: Real> Module<E> for Dropout<E> {
-    fn forward<B: Backend<E>>(&mut self, _b: &B, mut x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(
+        &mut self,
+        _b: &B,
+        mut x: Tensor<E>,
+        mode: Mode,
+    ) -> Result<Tensor<E>> {
         if !mode.is_train() || self.p == 0.0 {
             self.cache = mode.records().then_some(None);
             return Ok(x);
@@ -636,7 +641,7 @@ impl<E: Real> Module<E> for Dropout<E> {
         x.data_mut()
             .iter_mut()
             .zip(&mask)
-            .for_each(|(v, &m)| *v = *v * m);
+            .for_each(|(v, &m)| *v *= m);
         self.cache = Some(Some(mask));
         Ok(x)
     }
@@ -655,7 +660,7 @@ impl<E: Real> Module<E> for Dropout<E> {
                 dy.data_mut()
                     .iter_mut()
                     .zip(&mask)
-                    .for_each(|(v, &m)| *v = *v * m);
+                    .for_each(|(v, &m)| *v *= m);
                 Ok(dy)
             }
         }
@@ -835,11 +840,17 @@ impl<E: Real> Module<E> for SqueezeExcite<E> {
     }
 
     fn visit<'a>(&'a self, prefix: &str, f: Visit<'a, '_, E>) {
-        f(format!("{prefix}fc1.weight"), SlotRef::Param(&self.fc1_weight));
+        f(
+            format!("{prefix}fc1.weight"),
+            SlotRef::Param(&self.fc1_weight),
+        );
         if let Some(p) = &self.fc1_bias {
             f(format!("{prefix}fc1.bias"), SlotRef::Param(p));
         }
-        f(format!("{prefix}fc2.weight"), SlotRef::Param(&self.fc2_weight));
+        f(
+            format!("{prefix}fc2.weight"),
+            SlotRef::Param(&self.fc2_weight),
+        );
         if let Some(p) = &self.fc2_bias {
             f(format!("{prefix}fc2.bias"), SlotRef::Param(p));
         }

@@ -134,11 +134,7 @@ pub fn build<E: Real>(name: &str) -> Result<Network<E>> {
         "se_bn_inception" => bn_inception(name, Some(SeOptions::default()), 1000),
         _ => Err(Error::Config(format!(
             "unknown model `{name}`; known: {}",
-            MODELS
-                .iter()
-                .map(|m| m.name)
-                .collect::<Vec<_>>()
-                .join(", ")
+            MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
         ))),
     }
 }

@@ -179,7 +179,10 @@ impl ResNetConfig {
         self.validate()?;
         let mut body = Seq::new();
         let conv = |i, o, k, s, p| -> Result<Layer<E>> {
-            Ok(Layer::Conv2d(Conv2d::new(ConvGeom::new(i, o, k, s, p, 1)?, false)))
+            Ok(Layer::Conv2d(Conv2d::new(
+                ConvGeom::new(i, o, k, s, p, 1)?,
+                false,
+            )))
         };
         let bn = |c| Layer::BatchNorm2d(BatchNorm2d::new(c));
         let relu = || Layer::Relu(Relu::new());

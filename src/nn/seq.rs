@@ -157,7 +157,8 @@ impl<E: Real> Module<E> for Seq<E> {
         let mut i = 0;
         while i < self.layers.len() {
             if mode == Mode::Infer && i + 1 < self.layers.len() {
-                if let [(_, Layer::BatchNorm2d(bn)), (_, Layer::Relu(_)), ..] = &mut self.layers[i..]
+                if let [(_, Layer::BatchNorm2d(bn)), (_, Layer::Relu(_)), ..] =
+                    &mut self.layers[i..]
                 {
                     x = bn.forward_relu(b, x)?;
                     i += 2;

@@ -196,6 +196,7 @@ fn is_pointwise(g: &ConvGeom) -> bool {
 }
 
 /// Builds the column matrix of one sample and group (`[cig * k * k][ho * wo]`).
+#[allow(clippy::too_many_arguments)]
 fn im2col(
     xs: Shape,
     xn: &[f32],
@@ -211,7 +212,17 @@ fn im2col(
         let ci = r / (k * k);
         let (kh, kw) = ((r / k) % k, r % k);
         let c = grp * cig + ci;
-        im2col_row(&xn[c * hw..(c + 1) * hw], xs.h, xs.w, kh, kw, g, ho, wo, out);
+        im2col_row(
+            &xn[c * hw..(c + 1) * hw],
+            xs.h,
+            xs.w,
+            kh,
+            kw,
+            g,
+            ho,
+            wo,
+            out,
+        );
     };
     if parallel {
         col.par_chunks_mut(ho * wo).enumerate().for_each(row);
@@ -257,6 +268,22 @@ fn col2im(
     } else {
         planes.chunks_mut(hw).enumerate().for_each(plane);
     }
+}
+
+thread_local! {
+    /// Per-thread scratch for column matrices, reused across calls so the large im2col
+    /// buffers are not reallocated (and page-faulted in) for every convolution.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's two scratch buffers (taken out for the call, so a nested
+/// call on the same thread sees fresh, empty ones rather than a borrow conflict).
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
+    let (mut a, mut b) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let r = f(&mut a, &mut b);
+    SCRATCH.with(|s| *s.borrow_mut() = (a, b));
+    r
 }
 
 /// True when there are enough independent GEMMs to give each thread whole ones.
@@ -326,12 +353,13 @@ impl Backend<f32> for Cpu {
         if split {
             y.par_chunks_mut(cog * howo)
                 .enumerate()
-                .for_each_init(Vec::new, |col, (item, yg)| run(item, yg, col, false));
+                .for_each(|(item, yg)| with_scratch(|col, _| run(item, yg, col, false)));
         } else {
-            let mut col = Vec::new();
-            for (item, yg) in y.chunks_mut(cog * howo).enumerate() {
-                run(item, yg, &mut col, true);
-            }
+            with_scratch(|col, _| {
+                for (item, yg) in y.chunks_mut(cog * howo).enumerate() {
+                    run(item, yg, col, true);
+                }
+            });
         }
         tensor(ys, y)
     }
@@ -451,39 +479,40 @@ impl Backend<f32> for Cpu {
                 dx.par_chunks_mut(sn)
                     .enumerate()
                     .fold(
-                        || (vec![0.0f32; wlen], Vec::new(), Vec::new()),
-                        |(mut acc, mut col, mut dcol), (n, dxn)| {
-                            sample(n, &mut acc, dxn, &mut col, &mut dcol, false);
-                            (acc, col, dcol)
+                        || vec![0.0f32; wlen],
+                        |mut acc, (n, dxn)| {
+                            with_scratch(|col, dcol| sample(n, &mut acc, dxn, col, dcol, false));
+                            acc
                         },
                     )
-                    .map(|(acc, _, _)| acc)
                     .reduce(|| vec![0.0f32; wlen], add_vecs)
             } else {
                 (0..ys.n)
                     .into_par_iter()
                     .fold(
-                        || (vec![0.0f32; wlen], Vec::new(), Vec::new()),
-                        |(mut acc, mut col, mut dcol), n| {
-                            sample(n, &mut acc, &mut [], &mut col, &mut dcol, false);
-                            (acc, col, dcol)
+                        || vec![0.0f32; wlen],
+                        |mut acc, n| {
+                            with_scratch(|col, dcol| {
+                                sample(n, &mut acc, &mut [], col, dcol, false)
+                            });
+                            acc
                         },
                     )
-                    .map(|(acc, _, _)| acc)
                     .reduce(|| vec![0.0f32; wlen], add_vecs)
             };
             dw.iter_mut().zip(&partial).for_each(|(d, p)| *d += p);
         } else {
-            let (mut col, mut dcol) = (Vec::new(), Vec::new());
             let sn = xs.sample_numel();
-            for n in 0..ys.n {
-                let dxn: &mut [f32] = if need_dx {
-                    &mut dx[n * sn..(n + 1) * sn]
-                } else {
-                    &mut []
-                };
-                sample(n, dw, dxn, &mut col, &mut dcol, true);
-            }
+            with_scratch(|col, dcol| {
+                for n in 0..ys.n {
+                    let dxn: &mut [f32] = if need_dx {
+                        &mut dx[n * sn..(n + 1) * sn]
+                    } else {
+                        &mut []
+                    };
+                    sample(n, dw, dxn, col, dcol, true);
+                }
+            });
         }
         if need_dx {
             Ok(Some(tensor(xs, dx)?))
@@ -635,7 +664,9 @@ impl Backend<f32> for Cpu {
             .zip(b.data().par_chunks(1 << 14))
             .for_each(|(x, y)| {
                 if relu {
-                    x.iter_mut().zip(y).for_each(|(x, &y)| *x = (*x + y).max(0.0));
+                    x.iter_mut()
+                        .zip(y)
+                        .for_each(|(x, &y)| *x = (*x + y).max(0.0));
                 } else {
                     x.iter_mut().zip(y).for_each(|(x, &y)| *x += y);
                 }

@@ -136,7 +136,9 @@ impl PoolGeom {
     /// A validated geometry (`padding <= kernel / 2`, as PyTorch requires).
     pub fn new(kernel: usize, stride: usize, padding: usize, ceil_mode: bool) -> Result<Self> {
         if kernel == 0 || stride == 0 {
-            return Err(Error::Config("pooling kernel and stride must be non-zero".into()));
+            return Err(Error::Config(
+                "pooling kernel and stride must be non-zero".into(),
+            ));
         }
         if padding > kernel / 2 {
             return Err(Error::Config(format!(
@@ -176,7 +178,12 @@ impl PoolGeom {
 
     /// The output shape for input `x`.
     pub fn output_shape(&self, x: Shape) -> Result<Shape> {
-        Ok(Shape::new(x.n, x.c, self.out_size(x.h)?, self.out_size(x.w)?))
+        Ok(Shape::new(
+            x.n,
+            x.c,
+            self.out_size(x.h)?,
+            self.out_size(x.w)?,
+        ))
     }
 
     /// The window of output index `o` along an axis of `size`: `(start, end)` clipped to the
@@ -275,8 +282,12 @@ pub trait Backend<E: Real>: Sync {
     fn max_pool2d(&self, x: &Tensor<E>, g: &PoolGeom) -> Result<(Tensor<E>, Vec<u32>)>;
 
     /// Max pooling backward: routes `dy` to the recorded maxima of an input of `input` shape.
-    fn max_pool2d_backward(&self, dy: &Tensor<E>, argmax: &[u32], input: Shape)
-        -> Result<Tensor<E>>;
+    fn max_pool2d_backward(
+        &self,
+        dy: &Tensor<E>,
+        argmax: &[u32],
+        input: Shape,
+    ) -> Result<Tensor<E>>;
 
     /// Average pooling.
     fn avg_pool2d(&self, x: &Tensor<E>, g: &PoolGeom) -> Result<Tensor<E>>;
@@ -374,9 +385,15 @@ mod tests {
         assert_eq!(caffe.out_size(111).unwrap(), 55);
         assert_eq!(caffe.out_size(6).unwrap(), 3);
         // floor mode on 6: (6-3)/2+1 = 2.
-        assert_eq!(PoolGeom::new(3, 2, 0, false).unwrap().out_size(6).unwrap(), 2);
+        assert_eq!(
+            PoolGeom::new(3, 2, 0, false).unwrap().out_size(6).unwrap(),
+            2
+        );
         // ceil mode never starts a window in the right padding: 5, k2 s2 p1 -> 3 + 1 -> 3.
-        assert_eq!(PoolGeom::new(2, 2, 1, true).unwrap().out_size(5).unwrap(), 3);
+        assert_eq!(
+            PoolGeom::new(2, 2, 1, true).unwrap().out_size(5).unwrap(),
+            3
+        );
         assert!(PoolGeom::new(3, 2, 2, false).is_err());
         assert!(PoolGeom::new(3, 1, 0, false).unwrap().out_size(2).is_err());
     }
@@ -387,7 +404,10 @@ mod tests {
         assert_eq!(g.weight_shape(), [16, 2, 3, 3]);
         let y = g.output_shape(Shape::new(2, 8, 7, 6)).unwrap();
         assert_eq!(y, Shape::new(2, 16, 4, 3));
-        assert_eq!(g.macs(Shape::new(2, 8, 7, 6)).unwrap(), (2 * 16 * 12 * 18) as u64);
+        assert_eq!(
+            g.macs(Shape::new(2, 8, 7, 6)).unwrap(),
+            (2 * 16 * 12 * 18) as u64
+        );
         assert!(g.output_shape(Shape::new(1, 7, 7, 7)).is_err());
         assert!(ConvGeom::new(6, 16, 3, 1, 1, 4).is_err());
         assert!(ConvGeom::new(8, 16, 0, 1, 1, 1).is_err());

@@ -108,8 +108,7 @@ impl<E: Real> Backend<E> for Reference {
                                     let Some(iw) = tap(ow, kw, g.stride, g.padding, xs.w) else {
                                         continue;
                                     };
-                                    acc += dyd[((n * ys.c + co) * ys.h + oh) * ys.w + ow]
-                                        .to_f64()
+                                    acc += dyd[((n * ys.c + co) * ys.h + oh) * ys.w + ow].to_f64()
                                         * xd[((n * xs.c + c) * xs.h + ih) * xs.w + iw].to_f64();
                                 }
                             }
@@ -255,7 +254,8 @@ impl<E: Real> Backend<E> for Reference {
     fn relu_backward(&self, y: &Tensor<E>, mut dy: Tensor<E>) -> Result<Tensor<E>> {
         same_shape(nchw(&dy, "relu gradient")?, nchw(y, "relu output")?, "relu")?;
         for (d, &v) in dy.data_mut().iter_mut().zip(y.data()) {
-            if !(v > E::ZERO) {
+            // Only a positive output passes the gradient (not zero, not NaN).
+            if v.partial_cmp(&E::ZERO) != Some(std::cmp::Ordering::Greater) {
                 *d = E::ZERO;
             }
         }
@@ -315,9 +315,9 @@ impl<E: Real> Backend<E> for Reference {
         check_len("max pool indices", argmax.len(), ys.numel())?;
         let mut dx = vec![0.0f64; input.numel()];
         for (&i, d) in argmax.iter().zip(dy.data()) {
-            let slot = dx.get_mut(i as usize).ok_or_else(|| {
-                Error::Shape(format!("max pool index {i} outside input {input}"))
-            })?;
+            let slot = dx
+                .get_mut(i as usize)
+                .ok_or_else(|| Error::Shape(format!("max pool index {i} outside input {input}")))?;
             *slot += d.to_f64();
         }
         tensor(input, dx.into_iter().map(E::from_f64).collect())
