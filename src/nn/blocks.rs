@@ -319,10 +319,11 @@ impl<E: Real> ResidualBlock<E> {
         &mut self,
         b: &B,
         a: Tensor<E>,
-        r: &Tensor<E>,
+        r: Tensor<E>,
         mode: Mode,
     ) -> Result<Tensor<E>> {
-        let y = b.add(a, r, true)?;
+        let y = b.add(a, &r, true)?;
+        b.recycle(r);
         self.add_out = mode.records().then(|| y.clone());
         Ok(y)
     }
@@ -342,7 +343,7 @@ impl<E: Real> Module<E> for ResidualBlock<E> {
             None => {
                 let id = self.run_shortcut(b, x.clone(), mode)?;
                 let br = self.branch.forward(b, x, mode)?;
-                self.add_relu(b, br, &id, mode)
+                self.add_relu(b, br, id, mode)
             }
             Some(SePosition::Standard) => {
                 let id = self.run_shortcut(b, x.clone(), mode)?;
@@ -353,19 +354,19 @@ impl<E: Real> Module<E> for ResidualBlock<E> {
                 let id = self.run_shortcut(b, x.clone(), mode)?;
                 let xs = self.se_mut()?.forward(b, x, mode)?;
                 let br = self.branch.forward(b, xs, mode)?;
-                self.add_relu(b, br, &id, mode)
+                self.add_relu(b, br, id, mode)
             }
             Some(SePosition::Post) => {
                 let id = self.run_shortcut(b, x.clone(), mode)?;
                 let br = self.branch.forward(b, x, mode)?;
-                let t = self.add_relu(b, br, &id, mode)?;
+                let t = self.add_relu(b, br, id, mode)?;
                 self.se_mut()?.forward(b, t, mode)
             }
             Some(SePosition::Identity) => {
                 let id = self.run_shortcut(b, x.clone(), mode)?;
                 let ids = self.se_mut()?.forward(b, id, mode)?;
                 let br = self.branch.forward(b, x, mode)?;
-                self.add_relu(b, br, &ids, mode)
+                self.add_relu(b, br, ids, mode)
             }
             Some(SePosition::After3x3) => Err(Error::Config(
                 "SE after the 3x3 convolution lives in the branch".into(),
@@ -406,7 +407,9 @@ impl<E: Real> Module<E> for ResidualBlock<E> {
             }
         };
         let dshort = self.shortcut_backward(b, dshort_in)?;
-        b.add(dbranch_in, &dshort, false)
+        let dx = b.add(dbranch_in, &dshort, false)?;
+        b.recycle(dshort);
+        Ok(dx)
     }
 
     fn visit<'a>(&'a self, prefix: &str, f: Visit<'a, '_, E>) {

@@ -52,6 +52,16 @@ fn nchw_tensor<E: Real>(shape: Shape, data: Vec<E>) -> Result<Tensor<E>> {
     Tensor::from_vec(shape, Layout::Nchw, data)
 }
 
+/// Keeps `x` for backward when `mode` records; otherwise hands it back to the backend.
+fn keep<E: Real, B: Backend<E>>(b: &B, x: Tensor<E>, mode: Mode) -> Option<Tensor<E>> {
+    if mode.records() {
+        Some(x)
+    } else {
+        b.recycle(x);
+        None
+    }
+}
+
 /// `nn.Conv2d`: square kernel, stride, padding, groups, optional bias.
 #[derive(Clone, Debug)]
 pub struct Conv2d<E> {
@@ -94,7 +104,7 @@ impl<E: Real> Module<E> for Conv2d<E> {
             None => None,
         };
         let y = b.conv2d(&x, self.weight.values("conv weight")?, bias, &self.geom)?;
-        self.cache = mode.records().then_some(x);
+        self.cache = keep(b, x, mode);
         Ok(y)
     }
 
@@ -103,8 +113,12 @@ impl<E: Real> Module<E> for Conv2d<E> {
         let (w, dw) = self.weight.value_and_grad("conv weight")?;
         let db = self.bias.as_mut().map(|p| p.grad_mut());
         let dx = b.conv2d_backward(&x, w, &dy, &self.geom, dw, db, self.input_grad)?;
+        b.recycle(dy);
         match dx {
-            Some(dx) => Ok(dx),
+            Some(dx) => {
+                b.recycle(x);
+                Ok(dx)
+            }
             // The caller asked for no input gradient: hand back zeros of the right shape.
             None => Tensor::zeros(x.shape(), Layout::Nchw),
         }
@@ -397,6 +411,7 @@ impl<E: Real> Module<E> for MaxPool2d {
     fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
         let (y, arg) = b.max_pool2d(&x, &self.geom)?;
         self.cache = mode.records().then_some((arg, x.shape()));
+        b.recycle(x);
         Ok(y)
     }
 
@@ -435,6 +450,7 @@ impl<E: Real> Module<E> for AvgPool2d {
     fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
         let y = b.avg_pool2d(&x, &self.geom)?;
         self.cache = mode.records().then_some(x.shape());
+        b.recycle(x);
         Ok(y)
     }
 
@@ -472,6 +488,7 @@ impl<E: Real> Module<E> for GlobalAvgPool {
     fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
         let y = b.global_avg_pool(&x)?;
         self.cache = mode.records().then_some(x.shape());
+        b.recycle(x);
         Ok(y)
     }
 
@@ -780,11 +797,19 @@ impl<E: Real> SqueezeExcite<E> {
     ) -> Result<Tensor<E>> {
         let w = self.weights()?;
         let (y, saved) = b.se_forward(&w, &x, residual.as_ref())?;
-        self.cache = mode.records().then(|| SeCache {
-            x,
-            residual,
-            saved: Arc::new(saved),
-        });
+        if mode.records() {
+            self.cache = Some(SeCache {
+                x,
+                residual,
+                saved: Arc::new(saved),
+            });
+        } else {
+            self.cache = None;
+            b.recycle(x);
+            if let Some(r) = residual {
+                b.recycle(r);
+            }
+        }
         Ok(y)
     }
 

@@ -14,6 +14,7 @@ use crate::se::{reference as se_ref, SeGrads, SeWeights};
 use crate::tensor::{Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// The fast CPU backend, for `f32` networks. Uses rayon's global thread pool (set its size with
 /// `RAYON_NUM_THREADS`).
@@ -36,7 +37,9 @@ fn se_op_forward(
     residual: Option<&Tensor<f32>>,
 ) -> Result<(Vec<f32>, CpuSeSaved)> {
     let f = se_ref::forward(w, x, residual)?;
-    Ok((f.y.into_iter().map(|v| v as f32).collect(), f.saved))
+    let mut y = zeroed(f.y.len());
+    y.iter_mut().zip(&f.y).for_each(|(o, &v)| *o = v as f32);
+    Ok((y, f.saved))
 }
 
 /// SE backward for the CPU backend: `(dx, grads, dresidual)`.
@@ -270,6 +273,34 @@ fn col2im(
     }
 }
 
+/// Activation buffers handed back through [`Backend::recycle`], reused by later ops so large
+/// outputs are not freshly mapped (and page-faulted in) for every layer.
+static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+/// At most this many buffers wait in the pool.
+const POOL_BUFFERS: usize = 16;
+
+/// A zeroed buffer of `n` elements, from the pool when a large enough one is there.
+fn zeroed(n: usize) -> Vec<f32> {
+    let reused = POOL.lock().ok().and_then(|mut pool| {
+        // The smallest buffer that fits, so big ones stay for big requests.
+        let i = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= n)
+            .min_by_key(|(_, b)| b.capacity())?
+            .0;
+        Some(pool.swap_remove(i))
+    });
+    match reused {
+        Some(mut v) => {
+            v.clear();
+            v.resize(n, 0.0);
+            v
+        }
+        None => vec![0.0; n],
+    }
+}
+
 thread_local! {
     /// Per-thread scratch for column matrices, reused across calls so the large im2col
     /// buffers are not reallocated (and page-faulted in) for every convolution.
@@ -314,7 +345,7 @@ impl Backend<f32> for Cpu {
         let (cig, cog, k) = (g.in_per_group(), g.out_per_group(), g.kernel);
         let (ho, wo, howo) = (ys.h, ys.w, ys.hw());
         let kk = cig * k * k;
-        let mut y = vec![0.0f32; ys.numel()];
+        let mut y = zeroed(ys.numel());
         let items = ys.n * g.groups;
         let split = split_items(items);
         let run = |item: usize, yg: &mut [f32], col: &mut Vec<f32>, par: bool| {
@@ -402,7 +433,7 @@ impl Backend<f32> for Cpu {
             db.iter_mut().zip(sums).for_each(|(d, s)| *d += s as f32);
         }
         let mut dx = if need_dx {
-            vec![0.0f32; xs.numel()]
+            zeroed(xs.numel())
         } else {
             Vec::new()
         };
@@ -608,7 +639,7 @@ impl Backend<f32> for Cpu {
             dgamma[c] += sdx as f32;
             dbeta[c] += sd as f32;
         }
-        let mut dx = vec![0.0f32; s.numel()];
+        let mut dx = zeroed(s.numel());
         dx.par_chunks_mut(hw).enumerate().for_each(|(nc, out)| {
             let c = nc % s.c;
             let base = nc * hw;
@@ -678,7 +709,7 @@ impl Backend<f32> for Cpu {
         let xs = nchw(x, "max pool input")?;
         let ys = g.output_shape(xs)?;
         index_fits(xs)?;
-        let mut y = vec![0.0f32; ys.numel()];
+        let mut y = zeroed(ys.numel());
         let mut arg = vec![0u32; ys.numel()];
         let (ihw, ohw) = (xs.hw(), ys.hw());
         y.par_chunks_mut(ohw)
@@ -728,7 +759,7 @@ impl Backend<f32> for Cpu {
             )));
         }
         let (ihw, ohw) = (input.hw(), ys.hw());
-        let mut dx = vec![0.0f32; input.numel()];
+        let mut dx = zeroed(input.numel());
         dx.par_chunks_mut(ihw)
             .enumerate()
             .try_for_each(|(nc, dp)| {
@@ -750,7 +781,7 @@ impl Backend<f32> for Cpu {
     fn avg_pool2d(&self, x: &Tensor<f32>, g: &PoolGeom) -> Result<Tensor<f32>> {
         let xs = nchw(x, "avg pool input")?;
         let ys = g.output_shape(xs)?;
-        let mut y = vec![0.0f32; ys.numel()];
+        let mut y = zeroed(ys.numel());
         let (ihw, ohw) = (xs.hw(), ys.hw());
         y.par_chunks_mut(ohw).enumerate().for_each(|(nc, yp)| {
             let xp = &x.data()[nc * ihw..(nc + 1) * ihw];
@@ -778,7 +809,7 @@ impl Backend<f32> for Cpu {
         let ys = nchw(dy, "avg pool gradient")?;
         same_shape(ys, g.output_shape(input)?, "avg pool gradient vs output")?;
         let (ihw, ohw) = (input.hw(), ys.hw());
-        let mut dx = vec![0.0f32; input.numel()];
+        let mut dx = zeroed(input.numel());
         dx.par_chunks_mut(ihw).enumerate().for_each(|(nc, dp)| {
             let dyp = &dy.data()[nc * ohw..(nc + 1) * ohw];
             for oh in 0..ys.h {
@@ -814,7 +845,7 @@ impl Backend<f32> for Cpu {
             "global pool gradient",
         )?;
         let hw = input.hw();
-        let mut dx = vec![0.0f32; input.numel()];
+        let mut dx = zeroed(input.numel());
         dx.par_chunks_mut(hw)
             .zip(dy.data().par_iter())
             .for_each(|(p, &d)| p.fill(d / hw as f32));
@@ -882,7 +913,7 @@ impl Backend<f32> for Cpu {
             Parallelism::Rayon(0),
         );
         // dX (n x k) = dY (n x out) * W (out x k)
-        let mut dx = vec![0.0f32; s.numel()];
+        let mut dx = zeroed(s.numel());
         sgemm(
             s.n,
             k,
@@ -894,6 +925,27 @@ impl Backend<f32> for Cpu {
             Parallelism::Rayon(0),
         );
         tensor(s, dx)
+    }
+
+    fn recycle(&self, t: Tensor<f32>) {
+        let v = t.into_vec();
+        // Small buffers are cheap to allocate; keep the large ones.
+        if v.capacity() < 1 << 14 {
+            return;
+        }
+        if let Ok(mut pool) = POOL.lock() {
+            if pool.len() == POOL_BUFFERS {
+                // Drop the smallest to make room.
+                if let Some((i, _)) = pool.iter().enumerate().min_by_key(|(_, b)| b.capacity()) {
+                    if pool[i].capacity() < v.capacity() {
+                        pool.swap_remove(i);
+                    }
+                }
+            }
+            if pool.len() < POOL_BUFFERS {
+                pool.push(v);
+            }
+        }
     }
 
     fn se_forward(

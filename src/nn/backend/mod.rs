@@ -315,6 +315,12 @@ pub trait Backend<E: Real>: Sync {
         db: Option<&mut [E]>,
     ) -> Result<Tensor<E>>;
 
+    /// Takes back a tensor its owner no longer needs, so the backend may reuse its buffer for
+    /// a later output. The default drops it.
+    fn recycle(&self, t: Tensor<E>) {
+        drop(t);
+    }
+
     /// SE forward through the crate's SE op: `y = s * x`, or with `residual` the fused
     /// epilogue `y = relu(s * x + residual)`.
     fn se_forward(
