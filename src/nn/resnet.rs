@@ -131,10 +131,17 @@ impl ResNetConfig {
         self
     }
 
-    /// The configuration of block `index` of stage `stage`, given its input channels.
-    pub fn block_config(&self, stage: usize, index: usize, in_ch: usize) -> BlockConfig {
+    /// The configuration of block `index` of stage `stage`, given its input channels; an error
+    /// for a stage the configuration does not have.
+    pub fn block_config(&self, stage: usize, index: usize, in_ch: usize) -> Result<BlockConfig> {
+        if stage >= self.channels.len() || stage >= self.se.len() {
+            return Err(Error::Config(format!(
+                "stage {stage} out of range ({} stages)",
+                self.channels.len()
+            )));
+        }
         let stride = if stage == 0 || index > 0 { 1 } else { 2 };
-        BlockConfig {
+        Ok(BlockConfig {
             kind: self.block,
             in_ch,
             planes: self.channels[stage],
@@ -146,7 +153,7 @@ impl ResNetConfig {
             down_kernel: self.down_kernel,
             se: self.se[stage],
             zero_init_last: self.zero_init_last,
-        }
+        })
     }
 
     /// Checks the lists agree and every size is non-zero.
@@ -208,7 +215,7 @@ impl ResNetConfig {
         let mut in_ch = stem_out;
         for (stage, &blocks) in self.layers.iter().enumerate() {
             for index in 0..blocks {
-                let cfg = self.block_config(stage, index, in_ch);
+                let cfg = self.block_config(stage, index, in_ch)?;
                 in_ch = cfg.out_ch();
                 body.push(
                     format!("layer{}.{index}", stage + 1),
