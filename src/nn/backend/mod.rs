@@ -7,7 +7,7 @@
 //! - [`Cpu`]: fast and multi-threaded (`f32`): im2col + GEMM convolutions on rayon.
 //!
 //! Activations are host tensors in NCHW. Every op validates its shapes and returns
-//! [`Error::Shape`](crate::Error::Shape) instead of panicking.
+//! [`Error::Shape`](crate::Error) instead of panicking.
 
 mod cpu;
 mod reference;
