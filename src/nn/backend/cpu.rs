@@ -37,7 +37,7 @@ fn se_op_forward(
     residual: Option<&Tensor<f32>>,
 ) -> Result<(Vec<f32>, CpuSeSaved)> {
     let f = se_ref::forward(w, x, residual)?;
-    let mut y = zeroed(f.y.len());
+    let mut y = overwritten(f.y.len());
     y.iter_mut().zip(&f.y).for_each(|(o, &v)| *o = v as f32);
     Ok((y, f.saved))
 }
@@ -281,6 +281,23 @@ const POOL_BUFFERS: usize = 16;
 
 /// A zeroed buffer of `n` elements, from the pool when a large enough one is there.
 fn zeroed(n: usize) -> Vec<f32> {
+    let mut v = pooled(n);
+    v.clear();
+    v.resize(n, 0.0);
+    v
+}
+
+/// A buffer of `n` elements with unspecified (but initialised) contents: stale values from
+/// the pool, or zeros. Only for outputs the caller then overwrites entirely.
+fn overwritten(n: usize) -> Vec<f32> {
+    let mut v = pooled(n);
+    v.resize(n, 0.0);
+    v.truncate(n);
+    v
+}
+
+/// The smallest pooled buffer with room for `n` elements, or a new empty one.
+fn pooled(n: usize) -> Vec<f32> {
     let reused = POOL.lock().ok().and_then(|mut pool| {
         // The smallest buffer that fits, so big ones stay for big requests.
         let i = pool
@@ -291,14 +308,7 @@ fn zeroed(n: usize) -> Vec<f32> {
             .0;
         Some(pool.swap_remove(i))
     });
-    match reused {
-        Some(mut v) => {
-            v.clear();
-            v.resize(n, 0.0);
-            v
-        }
-        None => vec![0.0; n],
-    }
+    reused.unwrap_or_default()
 }
 
 thread_local! {
@@ -345,7 +355,7 @@ impl Backend<f32> for Cpu {
         let (cig, cog, k) = (g.in_per_group(), g.out_per_group(), g.kernel);
         let (ho, wo, howo) = (ys.h, ys.w, ys.hw());
         let kk = cig * k * k;
-        let mut y = zeroed(ys.numel());
+        let mut y = overwritten(ys.numel());
         let items = ys.n * g.groups;
         let split = split_items(items);
         let run = |item: usize, yg: &mut [f32], col: &mut Vec<f32>, par: bool| {
@@ -639,7 +649,7 @@ impl Backend<f32> for Cpu {
             dgamma[c] += sdx as f32;
             dbeta[c] += sd as f32;
         }
-        let mut dx = zeroed(s.numel());
+        let mut dx = overwritten(s.numel());
         dx.par_chunks_mut(hw).enumerate().for_each(|(nc, out)| {
             let c = nc % s.c;
             let base = nc * hw;
@@ -709,7 +719,7 @@ impl Backend<f32> for Cpu {
         let xs = nchw(x, "max pool input")?;
         let ys = g.output_shape(xs)?;
         index_fits(xs)?;
-        let mut y = zeroed(ys.numel());
+        let mut y = overwritten(ys.numel());
         let mut arg = vec![0u32; ys.numel()];
         let (ihw, ohw) = (xs.hw(), ys.hw());
         y.par_chunks_mut(ohw)
@@ -781,7 +791,7 @@ impl Backend<f32> for Cpu {
     fn avg_pool2d(&self, x: &Tensor<f32>, g: &PoolGeom) -> Result<Tensor<f32>> {
         let xs = nchw(x, "avg pool input")?;
         let ys = g.output_shape(xs)?;
-        let mut y = zeroed(ys.numel());
+        let mut y = overwritten(ys.numel());
         let (ihw, ohw) = (xs.hw(), ys.hw());
         y.par_chunks_mut(ohw).enumerate().for_each(|(nc, yp)| {
             let xp = &x.data()[nc * ihw..(nc + 1) * ihw];
