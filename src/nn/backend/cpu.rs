@@ -1,6 +1,9 @@
 //! The fast CPU backend (`f32`): convolutions as im2col + GEMM (the `gemm` crate), every op
 //! multi-threaded with rayon.
 //!
+//! The SE op goes through one adapter (`se_op_forward` / `se_op_backward` below), which for
+//! now calls the reference op (`crate::se::reference`); the fast CPU SE op replaces it there.
+//!
 //! Work is split one of two ways: with at least as many independent GEMMs (samples x groups)
 //! as threads, each thread takes whole GEMMs and runs them single-threaded; otherwise (batch 1,
 //! dense convolutions) the GEMM itself is parallel.
