@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo run --release --example seresnet50_cpu -- [--model seresnet50]
-//!     [--batch 1] [--size 224] [--warmup 3] [--iters 20] [--export DIR]
+//!     [--batch 1] [--size 224] [--warmup 3] [--iters 20] [--train] [--export DIR]
 //! ```
+//! `--train` times a training step instead: forward in train mode plus backward.
 //! `--export DIR` also writes `DIR/weights.safetensors` (timm names) and `DIR/io.safetensors`
 //! (`input`, `logits`), so a script can load the weights into timm and compare;
 //! `--random-bn` randomizes BatchNorm scales and statistics first (timm's initialisation zeroes
@@ -19,6 +20,7 @@ fn main() -> senet::Result<()> {
     let (mut batch, mut size, mut warmup, mut iters) = (1usize, 224usize, 3usize, 20usize);
     let mut export: Option<String> = None;
     let mut random_bn = false;
+    let mut train = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -33,6 +35,7 @@ fn main() -> senet::Result<()> {
             "--iters" => iters = parse(&val()?)?,
             "--export" => export = Some(val()?),
             "--random-bn" => random_bn = true,
+            "--train" => train = true,
             other => return Err(senet::Error::Config(format!("unknown argument {other}"))),
         }
     }
@@ -58,7 +61,14 @@ fn main() -> senet::Result<()> {
     let mut logits = None;
     for i in 0..warmup + iters {
         let t = Instant::now();
-        let y = net.forward(&Cpu, x.clone(), Mode::Infer)?;
+        let y = if train {
+            let y = net.forward(&Cpu, x.clone(), Mode::Train)?;
+            let dy = Tensor::random(y.shape(), Layout::Nchw, 2)?;
+            net.backward(&Cpu, dy)?;
+            y
+        } else {
+            net.forward(&Cpu, x.clone(), Mode::Infer)?
+        };
         let dt = t.elapsed().as_secs_f64() * 1e3;
         if i >= warmup {
             times.push(dt);
@@ -69,7 +79,8 @@ fn main() -> senet::Result<()> {
     let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
     let min = times.first().copied().unwrap_or(f64::NAN);
     println!(
-        "senet {model} batch {batch} {size}x{size} f32 cpu threads {}: median {median:.2} ms, min {min:.2} ms over {iters} runs",
+        "senet {model} {} batch {batch} {size}x{size} f32 cpu threads {}: median {median:.2} ms, min {min:.2} ms over {iters} runs",
+        if train { "train step" } else { "forward" },
         rayon::current_num_threads()
     );
     if let (Some(dir), Some(y)) = (export, logits) {

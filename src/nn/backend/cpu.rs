@@ -179,8 +179,14 @@ fn col2im_row(
         let src = &col[oh * wo..(oh + 1) * wo];
         let dst = &mut x[ih * w..(ih + 1) * w];
         let i0 = lo * s + kw - p;
-        for (j, &v) in src[lo..hi].iter().enumerate() {
-            dst[i0 + j * s] += v;
+        if s == 1 {
+            for (d, &v) in dst[i0..i0 + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                *d += v;
+            }
+        } else {
+            for (j, &v) in src[lo..hi].iter().enumerate() {
+                dst[i0 + j * s] += v;
+            }
         }
     }
 }
@@ -574,8 +580,9 @@ impl Backend<f32> for Cpu {
             .map(|c| {
                 let planes = || (0..s.n).map(move |n| &x.data()[(n * s.c + c) * hw..][..hw]);
                 let mu = planes().map(sum_f64).sum::<f64>() / m;
+                let muf = mu as f32;
                 let sq: f64 = planes()
-                    .map(|p| p.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>())
+                    .map(|p| chunked_sum(p, |v| (v - muf) * (v - muf)))
                     .sum();
                 (mu, sq / m)
             })
@@ -634,16 +641,13 @@ impl Backend<f32> for Cpu {
         let sums: Vec<(f64, f64)> = (0..s.c)
             .into_par_iter()
             .map(|c| {
+                let (mu, is) = (mean[c] as f32, invstd[c] as f32);
                 let (mut sd, mut sdx) = (0.0f64, 0.0f64);
                 for n in 0..s.n {
                     let base = (n * s.c + c) * hw;
-                    for (xv, dv) in x.data()[base..base + hw]
-                        .iter()
-                        .zip(&dy.data()[base..base + hw])
-                    {
-                        sd += *dv as f64;
-                        sdx += *dv as f64 * (*xv as f64 - mean[c]) * invstd[c];
-                    }
+                    let (xp, dp) = (&x.data()[base..base + hw], &dy.data()[base..base + hw]);
+                    sd += sum_f64(dp);
+                    sdx += chunked_sum2(xp, dp, |xv, dv| dv * (xv - mu)) * is as f64;
                 }
                 (sd, sdx)
             })
@@ -990,8 +994,56 @@ impl Backend<f32> for Cpu {
     }
 }
 
+/// Elements summed in f32 before the partial sum joins the f64 total: short enough to keep
+/// f32 rounding near 1e-7 relative, long enough to vectorise.
+const CHUNK: usize = 256;
+/// Independent f32 accumulators per chunk (one AVX-512 register).
+const LANES: usize = 16;
+
+/// `sum(f(v))` over `p`: 16 f32 lanes within chunks of 256 elements, chunks added in f64.
+#[inline]
+fn chunked_sum(p: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    p.chunks(CHUNK)
+        .map(|c| {
+            let mut acc = [0.0f32; LANES];
+            let mut it = c.chunks_exact(LANES);
+            for v in &mut it {
+                for (a, &x) in acc.iter_mut().zip(v) {
+                    *a += f(x);
+                }
+            }
+            let tail: f32 = it.remainder().iter().map(|&x| f(x)).sum();
+            acc.iter().sum::<f32>() as f64 + tail as f64
+        })
+        .sum()
+}
+
+/// `sum(f(a, b))` over two equally long slices, accumulated like [`chunked_sum`].
+#[inline]
+fn chunked_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    a.chunks(CHUNK)
+        .zip(b.chunks(CHUNK))
+        .map(|(ca, cb)| {
+            let mut acc = [0.0f32; LANES];
+            let (mut ia, mut ib) = (ca.chunks_exact(LANES), cb.chunks_exact(LANES));
+            for (va, vb) in (&mut ia).zip(&mut ib) {
+                for ((s, &x), &y) in acc.iter_mut().zip(va).zip(vb) {
+                    *s += f(x, y);
+                }
+            }
+            let tail: f32 = ia
+                .remainder()
+                .iter()
+                .zip(ib.remainder())
+                .map(|(&x, &y)| f(x, y))
+                .sum();
+            acc.iter().sum::<f32>() as f64 + tail as f64
+        })
+        .sum()
+}
+
 fn sum_f64(p: &[f32]) -> f64 {
-    p.iter().map(|&v| v as f64).sum()
+    chunked_sum(p, |v| v)
 }
 
 fn add_vecs(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
