@@ -451,3 +451,35 @@ fn inception_net<E: senet::nn::Real>(
         .with("fc", Layer::Linear(Linear::new(c2, 4, true)));
     Network::new(name, (3, 8, 8), 4, body).unwrap()
 }
+
+#[test]
+fn invalid_geometries_are_errors_not_panics() {
+    let x: Tensor<f32> = random_tensor(Shape::new(1, 4, 5, 5), 2);
+    let bad = ConvGeom {
+        in_ch: 4,
+        out_ch: 4,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+        groups: 0,
+    };
+    assert!(Cpu.conv2d(&x, &[0.0; 36], None, &bad).is_err());
+    assert!(Reference
+        .conv2d(&x.cast::<f64>(), &[0.0; 36], None, &bad)
+        .is_err());
+    let bad = PoolGeom {
+        kernel: 3,
+        stride: 0,
+        padding: 1,
+        ceil_mode: false,
+        count_include_pad: true,
+    };
+    assert!(Cpu.max_pool2d(&x, &bad).is_err());
+    assert!(Cpu.avg_pool2d(&x, &bad).is_err());
+    let mut cfg = senet::nn::BlockConfig::new(BlockKind::Bottleneck, 4, 2, 2);
+    cfg.down_kernel = 0;
+    assert!(senet::nn::ResidualBlock::<f32>::new(cfg).is_err());
+    cfg.down_kernel = 3;
+    cfg.cardinality = 0;
+    assert!(senet::nn::ResidualBlock::<f32>::new(cfg).is_err());
+}

@@ -185,7 +185,12 @@ pub struct ResidualBlock<E> {
 impl<E: Real> ResidualBlock<E> {
     /// Builds the block; allocates no parameter values.
     pub fn new(cfg: BlockConfig) -> Result<Self> {
-        if cfg.in_ch == 0 || cfg.planes == 0 || cfg.stride == 0 || cfg.reduce_first == 0 {
+        if cfg.in_ch == 0
+            || cfg.planes == 0
+            || cfg.stride == 0
+            || cfg.reduce_first == 0
+            || cfg.down_kernel == 0
+        {
             return Err(Error::Config(format!("invalid block {cfg:?}")));
         }
         let out = cfg.out_ch();

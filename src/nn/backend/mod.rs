@@ -55,15 +55,32 @@ impl ConvGeom {
             padding,
             groups,
         };
+        g.validate()?;
+        Ok(g)
+    }
+
+    /// Checks every size is non-zero and both channel counts are divisible by `groups` (the
+    /// fields are public, so ops check again before using a geometry).
+    pub fn validate(&self) -> Result<()> {
+        let ConvGeom {
+            in_ch,
+            out_ch,
+            kernel,
+            stride,
+            groups,
+            ..
+        } = *self;
         if in_ch == 0 || out_ch == 0 || kernel == 0 || stride == 0 || groups == 0 {
-            return Err(Error::Config(format!("convolution {g:?} has a zero size")));
+            return Err(Error::Config(format!(
+                "convolution {self:?} has a zero size"
+            )));
         }
         if in_ch % groups != 0 || out_ch % groups != 0 {
             return Err(Error::Config(format!(
                 "convolution channels {in_ch} -> {out_ch} are not divisible by {groups} groups"
             )));
         }
-        Ok(g)
+        Ok(())
     }
 
     /// Input channels per group.
@@ -89,6 +106,7 @@ impl ConvGeom {
     /// The output shape for input `x`; an error if the channels differ or the kernel does not
     /// fit the padded input.
     pub fn output_shape(&self, x: Shape) -> Result<Shape> {
+        self.validate()?;
         if x.c != self.in_ch {
             return Err(Error::Shape(format!(
                 "convolution expects {} input channels, got {x}",
@@ -135,28 +153,38 @@ pub struct PoolGeom {
 impl PoolGeom {
     /// A validated geometry (`padding <= kernel / 2`, as PyTorch requires).
     pub fn new(kernel: usize, stride: usize, padding: usize, ceil_mode: bool) -> Result<Self> {
-        if kernel == 0 || stride == 0 {
-            return Err(Error::Config(
-                "pooling kernel and stride must be non-zero".into(),
-            ));
-        }
-        if padding > kernel / 2 {
-            return Err(Error::Config(format!(
-                "pooling padding {padding} exceeds half the kernel {kernel}"
-            )));
-        }
-        Ok(PoolGeom {
+        let g = PoolGeom {
             kernel,
             stride,
             padding,
             ceil_mode,
             count_include_pad: true,
-        })
+        };
+        g.validate()?;
+        Ok(g)
+    }
+
+    /// Checks kernel and stride are non-zero and the padding at most half the kernel (the
+    /// fields are public, so ops check again before using a geometry).
+    pub fn validate(&self) -> Result<()> {
+        if self.kernel == 0 || self.stride == 0 {
+            return Err(Error::Config(
+                "pooling kernel and stride must be non-zero".into(),
+            ));
+        }
+        if self.padding > self.kernel / 2 {
+            return Err(Error::Config(format!(
+                "pooling padding {} exceeds half the kernel {}",
+                self.padding, self.kernel
+            )));
+        }
+        Ok(())
     }
 
     /// Output size along one axis of `size`, as PyTorch computes it (a window must start inside
     /// the input or its left padding).
     pub fn out_size(&self, size: usize) -> Result<usize> {
+        self.validate()?;
         let (k, s, p) = (self.kernel, self.stride, self.padding);
         let padded = size + 2 * p;
         if padded < k {
