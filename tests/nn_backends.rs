@@ -9,7 +9,7 @@ use senet::nn::backend::{Backend, ConvGeom, Cpu, PoolGeom, Reference};
 use senet::nn::blocks::{BlockKind, SeOptions, SePosition, StrideOn};
 use senet::nn::inception::{InceptionModule, InceptionPool, InceptionSpec};
 use senet::nn::layers::{GlobalAvgPool, Linear};
-use senet::nn::{Layer, Mode, Network, ResNetConfig, Seq, Stem};
+use senet::nn::{Layer, Mode, Module, Network, ResNetConfig, Seq, Stem};
 use senet::{rel_l2_error, rng, Shape, Tensor};
 
 const OUT_TOL: f64 = 1e-5;
@@ -277,8 +277,59 @@ fn shape_errors_are_errors() {
     assert!(Cpu.relu(nhwc).is_err());
 }
 
-/// Runs `net` (f32, CPU) and the same weights in f64 on the reference, forward in `mode` and
-/// backward, and compares logits, input gradients, parameter gradients and running stats.
+/// True when any element is positive in one output and not in the other: a ReLU decision
+/// that f32 rounding flipped (the gradient is discontinuous there, so comparing backward passes
+/// across it is meaningless).
+fn sign_flip(a: &Tensor<f32>, b: &Tensor<f64>) -> bool {
+    a.data()
+        .iter()
+        .zip(b.data())
+        .any(|(x, y)| (*x > 0.0) != (*y > 0.0))
+}
+
+/// Runs the layers of `s32` and `s64` forward on clones from the same input and reports a
+/// ReLU flip at any layer output (looking inside residual blocks' branches and shortcuts).
+fn seq_flips(s32: &Seq<f32>, s64: &Seq<f64>, x: &Tensor<f32>, mode: Mode) -> bool {
+    let mut x = x.clone();
+    for ((_, l32), (_, l64)) in s32.layers().iter().zip(s64.layers()) {
+        if layer_flips(l32, l64, &x, mode) {
+            return true;
+        }
+        let y = l64.clone().forward(&Reference, x.cast(), mode).unwrap();
+        x = y.cast();
+    }
+    false
+}
+
+fn layer_flips(l32: &Layer<f32>, l64: &Layer<f64>, x: &Tensor<f32>, mode: Mode) -> bool {
+    // Only these layers end in a ReLU (blocks and Inception modules possibly followed by an SE
+    // scale, which keeps signs).
+    if !matches!(
+        l32,
+        Layer::Relu(_) | Layer::Residual(_) | Layer::Inception(_)
+    ) {
+        return false;
+    }
+    let y32 = l32.clone().forward(&Cpu, x.clone(), mode).unwrap();
+    let y64 = l64.clone().forward(&Reference, x.cast(), mode).unwrap();
+    if sign_flip(&y32, &y64) {
+        return true;
+    }
+    match (l32, l64) {
+        (Layer::Residual(a), Layer::Residual(b)) => {
+            seq_flips(a.branch(), b.branch(), x, mode)
+                || matches!((a.shortcut(), b.shortcut()), (Some(p), Some(q)) if seq_flips(p, q, x, mode))
+        }
+        _ => false,
+    }
+}
+
+/// Compares `net` (f32 on the CPU backend) with the same weights in f64 on the reference:
+/// logits of a whole forward pass in `mode`; then, layer by layer, each layer's forward and
+/// backward from the same (f32-representable) input and output gradient, with its input
+/// gradient, parameter gradients and updated running statistics. Comparing layer by layer
+/// keeps one layer's rounding from moving a ReLU decision in another; a layer whose own f32
+/// rounding flips a ReLU decision is skipped (at most one per network).
 fn compare_networks(
     label: &str,
     mut net: Network<f32>,
@@ -294,8 +345,11 @@ fn compare_networks(
     let x32: Tensor<f32> = random_tensor(x, s ^ 5);
     net.reseed_dropout(3);
     reference.reseed_dropout(3);
-    let y = net.forward(&Cpu, x32.clone(), mode).unwrap();
-    let yr = reference.forward(&Reference, x32.cast(), mode).unwrap();
+    let y = net.clone().forward(&Cpu, x32.clone(), mode).unwrap();
+    let yr = reference
+        .clone()
+        .forward(&Reference, x32.cast(), mode)
+        .unwrap();
     close(
         &format!("{label} {mode} logits"),
         &f64s(&y),
@@ -305,32 +359,91 @@ fn compare_networks(
     if mode == Mode::Infer {
         return;
     }
-    let dy: Tensor<f32> = random_tensor(y.shape(), s ^ 6);
-    let dx = net.backward(&Cpu, dy.clone()).unwrap();
-    let dxr = reference.backward(&Reference, dy.cast()).unwrap();
-    close(
-        &format!("{label} {mode} dx"),
-        &f64s(&dx),
-        dxr.data(),
-        GRAD_TOL,
-    );
+
+    // Layer by layer: inputs and output gradients from the f64 run, rounded to f32 for both.
+    let n = net.body().layers().len();
+    let mut inputs = Vec::with_capacity(n);
+    let mut h: Tensor<f32> = x32;
+    // On a copy, so the reference's running statistics are updated once, in the loop below.
+    let mut probe = reference.clone();
+    for i in 0..n {
+        inputs.push(h.clone());
+        let (_, l) = &mut probe.body_mut().layers_mut()[i];
+        if let Layer::Dropout(d) = l {
+            d.reseed(3);
+        }
+        h = l.forward(&Reference, h.cast(), mode).unwrap().cast();
+    }
+    let mut dy: Tensor<f32> = random_tensor(h.shape(), s ^ 6);
+    let mut skipped: Option<String> = None;
+    for i in (0..n).rev() {
+        let name = net.body().layers()[i].0.clone();
+        let what = format!("{label} {mode} {name}");
+        let flipped = layer_flips(
+            &net.body().layers()[i].1,
+            &reference.body().layers()[i].1,
+            &inputs[i],
+            mode,
+        );
+        let (_, l32) = &mut net.body_mut().layers_mut()[i];
+        let (_, l64) = &mut reference.body_mut().layers_mut()[i];
+        if let (Layer::Dropout(a), Layer::Dropout(b)) = (&mut *l32, &mut *l64) {
+            a.reseed(3);
+            b.reseed(3);
+        }
+        // Re-run both forward (the reference's recorded run above saw the same input), then
+        // backward from the same gradient.
+        let y32 = l32.forward(&Cpu, inputs[i].clone(), mode).unwrap();
+        let y64 = l64.forward(&Reference, inputs[i].cast(), mode).unwrap();
+        close(&format!("{what} output"), &f64s(&y32), y64.data(), OUT_TOL);
+        let dx32 = l32.backward(&Cpu, dy.clone()).unwrap();
+        let dx64 = l64.backward(&Reference, dy.cast()).unwrap();
+        dy = dx64.cast();
+        if flipped {
+            assert!(
+                skipped.is_none(),
+                "{what}: a second layer with a flipped ReLU decision"
+            );
+            eprintln!("{what}: f32 rounding flips a ReLU decision; backward not compared");
+            skipped = Some(format!("{name}."));
+            continue;
+        }
+        close(&format!("{what} dx"), &f64s(&dx32), dx64.data(), GRAD_TOL);
+    }
+
+    // Parameter gradients, per layer: all of a layer's gradients together within GRAD_TOL
+    // (relative L2). Not tensor by tensor: some are sums with heavy cancellation (a bias
+    // feeding a training-mode BatchNorm, an SE bias behind one), whose f32 rounding is
+    // relative to their terms rather than their value. The per-op tests above check each
+    // gradient op on its own, and the f64 gradient checks check the formulas.
     let g = common::grads(&mut net);
     let gr = common::grads(&mut reference);
     assert_eq!(g.len(), gr.len());
-    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let scale = gr.iter().map(|(_, b)| norm(b)).fold(0.0, f64::max);
-    for ((n, a), (_, b)) in g.iter().zip(&gr) {
-        assert!(!a.is_empty(), "{label}: {n} has no gradient");
-        if norm(b) < 1e-9 * scale {
-            // A structurally zero gradient (a bias feeding a training-mode BatchNorm): f32
-            // leaves only rounding noise.
-            assert!(
-                norm(a) <= 1e-5 * scale,
-                "{label} {mode} grad {n}: {} should be ~0 (scale {scale})",
-                norm(a)
-            );
-        } else {
-            close(&format!("{label} {mode} grad {n}"), a, b, GRAD_TOL);
+    for (name, _) in net.body().layers() {
+        let prefix = format!("{name}.");
+        if skipped.as_deref() == Some(prefix.as_str()) {
+            continue;
+        }
+        let own: Vec<(&String, &Vec<f64>, &Vec<f64>)> = g
+            .iter()
+            .zip(&gr)
+            .filter(|((n, _), _)| n.starts_with(&prefix))
+            .map(|((n, a), (_, b))| (n, a, b))
+            .collect();
+        if own.is_empty() {
+            continue;
+        }
+        let all_a: Vec<f64> = own.iter().flat_map(|(_, a, _)| a.iter().copied()).collect();
+        let all_b: Vec<f64> = own.iter().flat_map(|(_, _, b)| b.iter().copied()).collect();
+        close(
+            &format!("{label} {mode} {name} gradients"),
+            &all_a,
+            &all_b,
+            GRAD_TOL,
+        );
+        for (n, a, b) in own {
+            assert_eq!(a.len(), b.len(), "{label}: {n} gradient length");
+            assert!(a.iter().all(|v| v.is_finite()), "{label}: {n} not finite");
         }
     }
     let (sd, sdr) = (net.state_dict().unwrap(), reference.state_dict().unwrap());
@@ -482,4 +595,35 @@ fn invalid_geometries_are_errors_not_panics() {
     cfg.down_kernel = 3;
     cfg.cardinality = 0;
     assert!(senet::nn::ResidualBlock::<f32>::new(cfg).is_err());
+}
+
+#[test]
+fn se_op_matches_reference() {
+    let s = seed("se op");
+    let xs = Shape::new(2, 12, 5, 3);
+    let cfg = senet::SeConfig::with_hidden(12, 3).unwrap();
+    let w = senet::SeWeights::init(cfg, senet::Init::PyTorchDefault, s).unwrap();
+    let x32: Tensor<f32> = random_tensor(xs, s ^ 1);
+    let r32: Tensor<f32> = random_tensor(xs, s ^ 2);
+    let dy32: Tensor<f32> = random_tensor(xs, s ^ 3);
+    for residual in [false, true] {
+        let r = residual.then_some(&r32);
+        let r64 = r.map(|t| t.cast::<f64>());
+        let (y, saved) = Cpu.se_forward(&w, &x32, r).unwrap();
+        let (yr, savedr) = Reference
+            .se_forward(&w, &x32.cast::<f64>(), r64.as_ref())
+            .unwrap();
+        close("se forward", &f64s(&y), yr.data(), OUT_TOL);
+        let b = Cpu.se_backward(&w, &x32, r, &saved, &dy32).unwrap();
+        let br = Reference
+            .se_backward(&w, &x32.cast(), r64.as_ref(), &savedr, &dy32.cast())
+            .unwrap();
+        close("se dx", &f64s(&b.dx), br.dx.data(), GRAD_TOL);
+        close("se dw1", &b.grads.dw1, &br.grads.dw1, GRAD_TOL);
+        close("se dw2", &b.grads.dw2, &br.grads.dw2, GRAD_TOL);
+        assert_eq!(b.dresidual.is_some(), residual);
+        if let (Some(d), Some(dr)) = (&b.dresidual, &br.dresidual) {
+            close("se dresidual", &f64s(d), dr.data(), GRAD_TOL);
+        }
+    }
 }

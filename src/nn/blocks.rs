@@ -290,6 +290,16 @@ impl<E: Real> ResidualBlock<E> {
         &self.config
     }
 
+    /// The residual branch (convolutions, BNs, ReLUs, and SE when it sits after the 3x3).
+    pub fn branch(&self) -> &Seq<E> {
+        &self.branch
+    }
+
+    /// The projection shortcut, if the block has one.
+    pub fn shortcut(&self) -> Option<&Seq<E>> {
+        self.shortcut.as_ref()
+    }
+
     fn position(&self) -> Option<SePosition> {
         self.se.as_ref().and(self.config.se.map(|s| s.position))
     }
