@@ -103,12 +103,16 @@ fn probe(n: usize, max: usize, seed: u64) -> Vec<usize> {
 /// A central difference whose steps `h` and `h / 2` agree, trying `h` = 2^-20 down to 2^-22
 /// (a ReLU or max-pool kink closer than the step makes the two disagree); `None` when no
 /// pair agrees.
-fn numeric(mut f: impl FnMut(f64) -> f64) -> Option<f64> {
+///
+/// "Agree" is as strict as the comparison itself: within half of [`TOL`] relative plus the
+/// absolute rounding allowance `atol`, so a kink too small to tell apart from smoothness at
+/// that level cannot bias the check.
+fn numeric(atol: f64, mut f: impl FnMut(f64) -> f64) -> Option<f64> {
     let mut d = |h: f64| (f(h) - f(-h)) / (2.0 * h);
     let mut prev = d(EPS);
     for k in 1..=3 {
         let next = d(EPS / (1u64 << k) as f64);
-        if (prev - next).abs() <= 1e-5 * (1.0 + prev.abs()) {
+        if (prev - next).abs() <= 0.5 * TOL * prev.abs() + atol {
             return Some(prev);
         }
         prev = next;
@@ -192,7 +196,7 @@ fn gradcheck<S: Subject>(label: &str, s: &mut S, x: Tensor<f64>, seed: u64) {
     let num: Vec<Option<f64>> = idx
         .iter()
         .map(|&i| {
-            numeric(|d| {
+            numeric(atol, |d| {
                 let mut xp = x.clone();
                 xp.data_mut()[i] += d;
                 loss(&s.fwd(xp), &r)
@@ -215,7 +219,7 @@ fn gradcheck<S: Subject>(label: &str, s: &mut S, x: Tensor<f64>, seed: u64) {
         let num: Vec<Option<f64>> = idx
             .iter()
             .map(|&i| {
-                numeric(|d| {
+                numeric(atol, |d| {
                     nudge(s, k, i, d);
                     let l = loss(&s.fwd(x.clone()), &r);
                     nudge(s, k, i, -d);
