@@ -3,6 +3,7 @@
 
 pub mod cuda;
 pub mod error;
+pub mod nn;
 pub mod rng;
 pub mod se;
 pub mod tensor;

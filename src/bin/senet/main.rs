@@ -3,6 +3,7 @@
 mod bench;
 mod gpu_bench;
 mod info;
+mod models;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ enum Command {
     Info(info::Args),
     /// Time SE forward and backward per shape, layout, dtype and backend against a memcpy.
     Bench(bench::Args),
+    /// List the model registry: parameters, GFLOPs and input size of each network.
+    Models(models::Args),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Command::Info(a) => info::run(a),
         Command::GpuBench(a) => gpu_bench::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Models(a) => models::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,449 @@
+//! The backend seam: the primitive operations every layer is written against.
+//!
+//! Layers hold parameters and caches and call a [`Backend`] for the arithmetic, so one network
+//! runs on every backend:
+//! - [`Reference`]: plain loops with f64 accumulation, for any [`Real`] (`f32` or `f64`). The
+//!   oracle, and the backend of the gradient checks (in f64).
+//! - [`Cpu`]: fast and multi-threaded (`f32`): im2col + GEMM convolutions on rayon.
+//!
+//! Activations are host tensors in NCHW. Every op validates its shapes and returns
+//! [`Error::Shape`](crate::Error) instead of panicking.
+
+mod cpu;
+mod reference;
+
+pub use cpu::Cpu;
+pub use reference::Reference;
+
+use crate::error::{Error, Result};
+use crate::nn::param::Real;
+use crate::se::{SeGrads, SeWeights};
+use crate::tensor::{Layout, Shape, Tensor};
+
+/// A 2-d convolution's geometry (square kernel, stride and padding, no dilation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvGeom {
+    /// Input channels.
+    pub in_ch: usize,
+    /// Output channels.
+    pub out_ch: usize,
+    /// Kernel size (square).
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Groups (1: dense; `in_ch`: depthwise; ResNeXt's cardinality).
+    pub groups: usize,
+}
+
+impl ConvGeom {
+    /// A validated geometry: every size non-zero and both channel counts divisible by `groups`.
+    pub fn new(
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        groups: usize,
+    ) -> Result<Self> {
+        let g = ConvGeom {
+            in_ch,
+            out_ch,
+            kernel,
+            stride,
+            padding,
+            groups,
+        };
+        g.validate()?;
+        Ok(g)
+    }
+
+    /// Checks every size is non-zero and both channel counts are divisible by `groups` (the
+    /// fields are public, so ops check again before using a geometry).
+    pub fn validate(&self) -> Result<()> {
+        let ConvGeom {
+            in_ch,
+            out_ch,
+            kernel,
+            stride,
+            groups,
+            ..
+        } = *self;
+        if in_ch == 0 || out_ch == 0 || kernel == 0 || stride == 0 || groups == 0 {
+            return Err(Error::Config(format!(
+                "convolution {self:?} has a zero size"
+            )));
+        }
+        if in_ch % groups != 0 || out_ch % groups != 0 {
+            return Err(Error::Config(format!(
+                "convolution channels {in_ch} -> {out_ch} are not divisible by {groups} groups"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Input channels per group.
+    pub fn in_per_group(&self) -> usize {
+        self.in_ch / self.groups
+    }
+
+    /// Output channels per group.
+    pub fn out_per_group(&self) -> usize {
+        self.out_ch / self.groups
+    }
+
+    /// The weight's shape, `[out, in / groups, k, k]`.
+    pub fn weight_shape(&self) -> [usize; 4] {
+        [self.out_ch, self.in_per_group(), self.kernel, self.kernel]
+    }
+
+    /// Elements of the weight.
+    pub fn weight_len(&self) -> usize {
+        self.weight_shape().iter().product()
+    }
+
+    /// The output shape for input `x`; an error if the channels differ or the kernel does not
+    /// fit the padded input.
+    pub fn output_shape(&self, x: Shape) -> Result<Shape> {
+        self.validate()?;
+        if x.c != self.in_ch {
+            return Err(Error::Shape(format!(
+                "convolution expects {} input channels, got {x}",
+                self.in_ch
+            )));
+        }
+        let oh = conv_out(x.h, self.kernel, self.stride, self.padding)?;
+        let ow = conv_out(x.w, self.kernel, self.stride, self.padding)?;
+        Ok(Shape::new(x.n, self.out_ch, oh, ow))
+    }
+
+    /// Multiply-accumulates of one forward pass at input `x`.
+    pub fn macs(&self, x: Shape) -> Result<u64> {
+        let y = self.output_shape(x)?;
+        Ok(y.numel() as u64 * (self.in_per_group() * self.kernel * self.kernel) as u64)
+    }
+}
+
+fn conv_out(size: usize, k: usize, s: usize, p: usize) -> Result<usize> {
+    let padded = size + 2 * p;
+    if padded < k {
+        return Err(Error::Shape(format!(
+            "kernel {k} does not fit input {size} with padding {p}"
+        )));
+    }
+    Ok((padded - k) / s + 1)
+}
+
+/// A 2-d pooling window's geometry (PyTorch's `MaxPool2d` / `AvgPool2d` semantics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PoolGeom {
+    /// Window size (square).
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Implicit padding on each side (`-inf` for max, zeros for average).
+    pub padding: usize,
+    /// Round the output size up (Caffe, Cadene's SE-ResNet and BN-Inception) instead of down.
+    pub ceil_mode: bool,
+    /// Average pooling only: count padded zeros in the divisor (PyTorch's default).
+    pub count_include_pad: bool,
+}
+
+impl PoolGeom {
+    /// A validated geometry (`padding <= kernel / 2`, as PyTorch requires).
+    pub fn new(kernel: usize, stride: usize, padding: usize, ceil_mode: bool) -> Result<Self> {
+        let g = PoolGeom {
+            kernel,
+            stride,
+            padding,
+            ceil_mode,
+            count_include_pad: true,
+        };
+        g.validate()?;
+        Ok(g)
+    }
+
+    /// Checks kernel and stride are non-zero and the padding at most half the kernel (the
+    /// fields are public, so ops check again before using a geometry).
+    pub fn validate(&self) -> Result<()> {
+        if self.kernel == 0 || self.stride == 0 {
+            return Err(Error::Config(
+                "pooling kernel and stride must be non-zero".into(),
+            ));
+        }
+        if self.padding > self.kernel / 2 {
+            return Err(Error::Config(format!(
+                "pooling padding {} exceeds half the kernel {}",
+                self.padding, self.kernel
+            )));
+        }
+        Ok(())
+    }
+
+    /// Output size along one axis of `size`, as PyTorch computes it (a window must start inside
+    /// the input or its left padding).
+    pub fn out_size(&self, size: usize) -> Result<usize> {
+        self.validate()?;
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let padded = size + 2 * p;
+        if padded < k {
+            return Err(Error::Shape(format!(
+                "pooling window {k} does not fit input {size} with padding {p}"
+            )));
+        }
+        let span = padded - k;
+        let mut out = if self.ceil_mode {
+            span.div_ceil(s) + 1
+        } else {
+            span / s + 1
+        };
+        if self.ceil_mode && (out - 1) * s >= size + p {
+            out -= 1;
+        }
+        Ok(out)
+    }
+
+    /// The output shape for input `x`.
+    pub fn output_shape(&self, x: Shape) -> Result<Shape> {
+        Ok(Shape::new(
+            x.n,
+            x.c,
+            self.out_size(x.h)?,
+            self.out_size(x.w)?,
+        ))
+    }
+
+    /// The window of output index `o` along an axis of `size`: `(start, end)` clipped to the
+    /// input, and the average's divisor extent (clipped to the padded input only).
+    #[inline]
+    pub(crate) fn window(&self, o: usize, size: usize) -> (usize, usize, usize) {
+        let start = (o * self.stride) as isize - self.padding as isize;
+        let end_padded = (start + self.kernel as isize).min((size + self.padding) as isize);
+        let extent = (end_padded - start) as usize;
+        let lo = start.max(0) as usize;
+        let hi = (start + self.kernel as isize).min(size as isize).max(0) as usize;
+        (lo, hi.max(lo), extent)
+    }
+}
+
+/// Batch statistics of a BatchNorm input: per-channel mean and biased variance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BnStats {
+    /// Mean per channel.
+    pub mean: Vec<f64>,
+    /// Biased variance per channel (divided by `N * H * W`).
+    pub var: Vec<f64>,
+}
+
+/// Gradients from [`Backend::se_backward`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeBackward<E> {
+    /// d loss / d x.
+    pub dx: Tensor<E>,
+    /// Parameter gradients (f64 from the reference op, widened from f32 otherwise).
+    pub grads: SeGrads<f64>,
+    /// d loss / d residual (the fused epilogue only).
+    pub dresidual: Option<Tensor<E>>,
+}
+
+/// The primitive operations of a network, on NCHW host tensors of `E`.
+///
+/// Ops that take a tensor by value may reuse its buffer for the result. Weights use PyTorch's
+/// layouts (convolution `[out, in / groups, k, k]`, linear `[out, in]`). Gradient outputs that
+/// are slices are *accumulated into* (`+=`), so parameter gradients sum over calls.
+pub trait Backend<E: Real>: Sync {
+    /// What the SE forward keeps for its backward.
+    type SeSaved: Clone + Send + Sync + std::fmt::Debug + 'static;
+
+    /// A short name for reports (`reference`, `cpu`).
+    fn name(&self) -> &'static str;
+
+    /// `y = conv(x, w) + b`.
+    fn conv2d(&self, x: &Tensor<E>, w: &[E], b: Option<&[E]>, g: &ConvGeom) -> Result<Tensor<E>>;
+
+    /// Convolution backward: accumulates `dw` (and `db`), returns `dx` when `need_dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_backward(
+        &self,
+        x: &Tensor<E>,
+        w: &[E],
+        dy: &Tensor<E>,
+        g: &ConvGeom,
+        dw: &mut [E],
+        db: Option<&mut [E]>,
+        need_dx: bool,
+    ) -> Result<Option<Tensor<E>>>;
+
+    /// Per-channel mean and biased variance over `N, H, W`.
+    fn batch_norm_stats(&self, x: &Tensor<E>) -> Result<BnStats>;
+
+    /// `y = a[c] * x + b[c]`, then ReLU when `relu` (BatchNorm's affine, optionally fused).
+    fn channel_affine(&self, x: Tensor<E>, a: &[E], b: &[E], relu: bool) -> Result<Tensor<E>>;
+
+    /// BatchNorm backward given its input `x`, the statistics it normalised with (`mean`,
+    /// `invstd`), and whether those were batch statistics (train) or running ones (eval).
+    /// Accumulates `dgamma`, `dbeta`; returns `dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_backward(
+        &self,
+        x: &Tensor<E>,
+        dy: &Tensor<E>,
+        mean: &[f64],
+        invstd: &[f64],
+        gamma: &[E],
+        batch_stats: bool,
+        dgamma: &mut [E],
+        dbeta: &mut [E],
+    ) -> Result<Tensor<E>>;
+
+    /// `max(x, 0)`, in place.
+    fn relu(&self, x: Tensor<E>) -> Result<Tensor<E>>;
+
+    /// ReLU backward from its output `y`: `dy * (y > 0)`.
+    fn relu_backward(&self, y: &Tensor<E>, dy: Tensor<E>) -> Result<Tensor<E>>;
+
+    /// `a + b`, then ReLU when `relu` (the residual add).
+    fn add(&self, a: Tensor<E>, b: &Tensor<E>, relu: bool) -> Result<Tensor<E>>;
+
+    /// Max pooling; returns the output and, per output, the flat input index of its maximum.
+    fn max_pool2d(&self, x: &Tensor<E>, g: &PoolGeom) -> Result<(Tensor<E>, Vec<u32>)>;
+
+    /// Max pooling backward: routes `dy` to the recorded maxima of an input of `input` shape.
+    fn max_pool2d_backward(
+        &self,
+        dy: &Tensor<E>,
+        argmax: &[u32],
+        input: Shape,
+    ) -> Result<Tensor<E>>;
+
+    /// Average pooling.
+    fn avg_pool2d(&self, x: &Tensor<E>, g: &PoolGeom) -> Result<Tensor<E>>;
+
+    /// Average pooling backward to an input of `input` shape.
+    fn avg_pool2d_backward(&self, dy: &Tensor<E>, g: &PoolGeom, input: Shape) -> Result<Tensor<E>>;
+
+    /// Global average pooling: `[n, c, h, w] -> [n, c, 1, 1]`.
+    fn global_avg_pool(&self, x: &Tensor<E>) -> Result<Tensor<E>>;
+
+    /// Global average pooling backward to an input of `input` shape.
+    fn global_avg_pool_backward(&self, dy: &Tensor<E>, input: Shape) -> Result<Tensor<E>>;
+
+    /// Fully connected: `x` is `[n, k, h, w]` flattened to `[n, k*h*w]`, `w` is `[out, k*h*w]`;
+    /// returns `[n, out, 1, 1]`.
+    fn linear(&self, x: &Tensor<E>, w: &[E], b: Option<&[E]>, out: usize) -> Result<Tensor<E>>;
+
+    /// Fully connected backward: accumulates `dw`, `db`; returns `dx` shaped like `x`.
+    fn linear_backward(
+        &self,
+        x: &Tensor<E>,
+        w: &[E],
+        dy: &Tensor<E>,
+        dw: &mut [E],
+        db: Option<&mut [E]>,
+    ) -> Result<Tensor<E>>;
+
+    /// Takes back a tensor its owner no longer needs, so the backend may reuse its buffer for
+    /// a later output. The default drops it.
+    fn recycle(&self, t: Tensor<E>) {
+        drop(t);
+    }
+
+    /// SE forward through the crate's SE op: `y = s * x`, or with `residual` the fused
+    /// epilogue `y = relu(s * x + residual)`.
+    fn se_forward(
+        &self,
+        w: &SeWeights,
+        x: &Tensor<E>,
+        residual: Option<&Tensor<E>>,
+    ) -> Result<(Tensor<E>, Self::SeSaved)>;
+
+    /// SE backward through the crate's SE op.
+    fn se_backward(
+        &self,
+        w: &SeWeights,
+        x: &Tensor<E>,
+        residual: Option<&Tensor<E>>,
+        saved: &Self::SeSaved,
+        dy: &Tensor<E>,
+    ) -> Result<SeBackward<E>>;
+}
+
+/// Checks `t` is NCHW and returns its shape.
+pub(crate) fn nchw<E: Real>(t: &Tensor<E>, what: &str) -> Result<Shape> {
+    if t.layout() != Layout::Nchw {
+        return Err(Error::Shape(format!(
+            "{what} must be NCHW, got {}",
+            t.layout()
+        )));
+    }
+    Ok(t.shape())
+}
+
+/// Checks two shapes are equal.
+pub(crate) fn same_shape(a: Shape, b: Shape, what: &str) -> Result<()> {
+    if a != b {
+        return Err(Error::Shape(format!("{what}: {a} vs {b}")));
+    }
+    Ok(())
+}
+
+/// Checks a slice length.
+pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> Result<()> {
+    if got != expected {
+        return Err(Error::Length {
+            what,
+            got,
+            expected,
+        });
+    }
+    Ok(())
+}
+
+/// A new NCHW tensor from data (the length was computed from `shape`).
+pub(crate) fn tensor<E: Real>(shape: Shape, data: Vec<E>) -> Result<Tensor<E>> {
+    Tensor::from_vec(shape, Layout::Nchw, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_sizes_follow_pytorch() {
+        // timm stem pool: 3x3 s2 p1 on 112 -> 56; Cadene: 3x3 s2 ceil on 112 -> 56, on 111 -> 55.
+        let timm = PoolGeom::new(3, 2, 1, false).unwrap();
+        assert_eq!(timm.out_size(112).unwrap(), 56);
+        let caffe = PoolGeom::new(3, 2, 0, true).unwrap();
+        assert_eq!(caffe.out_size(112).unwrap(), 56);
+        assert_eq!(caffe.out_size(111).unwrap(), 55);
+        assert_eq!(caffe.out_size(6).unwrap(), 3);
+        // floor mode on 6: (6-3)/2+1 = 2.
+        assert_eq!(
+            PoolGeom::new(3, 2, 0, false).unwrap().out_size(6).unwrap(),
+            2
+        );
+        // ceil mode never starts a window in the right padding: 5, k2 s2 p1 -> 3 + 1 -> 3.
+        assert_eq!(
+            PoolGeom::new(2, 2, 1, true).unwrap().out_size(5).unwrap(),
+            3
+        );
+        assert!(PoolGeom::new(3, 2, 2, false).is_err());
+        assert!(PoolGeom::new(3, 1, 0, false).unwrap().out_size(2).is_err());
+    }
+
+    #[test]
+    fn conv_geometry() {
+        let g = ConvGeom::new(8, 16, 3, 2, 1, 4).unwrap();
+        assert_eq!(g.weight_shape(), [16, 2, 3, 3]);
+        let y = g.output_shape(Shape::new(2, 8, 7, 6)).unwrap();
+        assert_eq!(y, Shape::new(2, 16, 4, 3));
+        assert_eq!(
+            g.macs(Shape::new(2, 8, 7, 6)).unwrap(),
+            (2 * 16 * 12 * 18) as u64
+        );
+        assert!(g.output_shape(Shape::new(1, 7, 7, 7)).is_err());
+        assert!(ConvGeom::new(6, 16, 3, 1, 1, 4).is_err());
+        assert!(ConvGeom::new(8, 16, 0, 1, 1, 1).is_err());
+    }
+}
