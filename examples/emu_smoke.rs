@@ -6,7 +6,10 @@ use senet::*;
 
 fn main() -> Result<()> {
     let dev = CudaDevice::emulator()?;
-    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().unwrap()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().unwrap())
+        .collect();
     let shape = Shape::new(args[0], args[1], args[2], args[3]);
     let off = args[4];
     for layout in Layout::ALL {
@@ -21,7 +24,9 @@ fn main() -> Result<()> {
             let sv = out.saved.download(&dev)?;
             let y = out.y.to_host(&dev)?;
             let z = check::widen(&sv.z);
-            let bad: Vec<usize> = (0..z.len()).filter(|&i| (z[i] - rf.saved.z[i]).abs() > 1e-5).collect();
+            let bad: Vec<usize> = (0..z.len())
+                .filter(|&i| (z[i] - rf.saved.z[i]).abs() > 1e-5)
+                .collect();
             if !bad.is_empty() {
                 println!("  z got {:?}\n  z want {:?}", &z[..4], &rf.saved.z[..4]);
             }

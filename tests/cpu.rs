@@ -3,7 +3,8 @@
 //! (dx, every parameter gradient, d residual), with fresh random inputs and NaN-poisoned outputs;
 //! plus invalid inputs, which must be errors.
 //!
-//! Errors are DESIGN.md's relative L2 with its tolerances. Sums that cancel are the one place
+//! Errors are judged by `senet::se::check` (DESIGN.md's relative L2 and tolerances, sums measured
+//! against their summands' magnitudes). Why: sums that cancel are the one place
 //! where ||ref|| is the wrong yardstick: a parameter gradient of C = 1 is a single sum of N
 //! per-sample terms, and f32 rounding of those terms (about 1e-7 of each) can exceed 1e-4 of a
 //! sum that cancels to 1/2000 of them (seen: dW1 terms ~0.05 summing to 2.7e-5), and ds sums
@@ -21,11 +22,12 @@
 //! whole-sample groups (with a partial last group).
 
 use half::{bf16, f16};
+use senet::se::check::{self, Observed};
 use senet::se::cpu::{self, CpuSaved};
 use senet::se::reference;
 use senet::{
-    rel_l2_error, Activation, DType, Element, Gate, Init, Layout, SeConfig, SeGrads, SeWeights,
-    Shape, Tensor,
+    rel_l2_error, Activation, Element, Gate, Init, Layout, SeConfig, SeGrads, SeWeights, Shape,
+    Tensor,
 };
 
 /// (n, c, h, w): C of 1, 3, 17; HW of 1, 3, 49; N of 1 and 5; then shapes that cross the
@@ -52,10 +54,6 @@ fn pool() -> rayon::ThreadPool {
         .expect("a 2-thread pool")
 }
 
-fn f64s(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
-}
-
 fn weights(cfg: SeConfig, seed: u64) -> SeWeights {
     let mut w = SeWeights::init(cfg, Init::PyTorchDefault, seed).unwrap();
     if cfg.gate == Gate::HardSigmoid {
@@ -80,171 +78,9 @@ struct Tally {
 /// Fresh inputs with magnitudes in [1/64, 1) and random signs: never zero, and never in f16's
 /// subnormal range, whose absolute spacing (6e-8) no relative tolerance can meet when a tensor
 /// has a single element.
-fn input<T: Element>(shape: Shape, layout: Layout, seed: u64) -> Tensor<T> {
-    let u = senet::rng::uniform_vec(shape.numel(), -1.0, 1.0, seed);
-    let v = u
-        .iter()
-        .map(|&u| T::from_f32(u.signum() * (1.0 / 64.0 + u.abs() * 63.0 / 64.0)))
-        .collect();
-    Tensor::from_vec(shape, layout, v).unwrap()
-}
-
-/// `r` with the sign flipped wherever the epilogue's pre-activation s x + r lies within 1e-3 of
-/// its summands' size from the ReLU's kink: there f32 and the f64 reference may round to
-/// different sides (seen: f32 0 against f64 4e-9), and both masks are right. s does not depend
-/// on the residual, so the reference computes it first.
-fn residual_off_kink<T: Element>(w: &SeWeights, x: &Tensor<T>, r: Tensor<T>) -> Tensor<T> {
-    let s = reference::forward(w, x, None).unwrap().saved.s;
-    let sh = x.shape();
-    let mut r = r;
-    for n in 0..sh.n {
-        for c in 0..sh.c {
-            for p in 0..sh.hw() {
-                let i = sh.offset(x.layout(), n, c, p);
-                let sx = s[n * sh.c + c] * x.data()[i].to_f64();
-                let rv = r.data()[i].to_f64();
-                if (sx + rv).abs() < 1e-3 * (sx.abs() + rv.abs()) {
-                    r.data_mut()[i] = T::from_f64(-rv);
-                }
-            }
-        }
-    }
-    r
-}
-
 fn check(what: &str, got: &[f64], want: &[f64], tol: f64, ctx: &str) {
     let e = rel_l2_error(got, want);
     assert!(e <= tol, "{what}: rel L2 {e:e} > {tol:e} ({ctx})");
-}
-
-/// ||got - want|| / ||magnitude|| <= tol, where `magnitude` bounds the summands of `want`
-/// elementwise (|want| <= magnitude). NaN never passes.
-fn check_sum(what: &str, got: &[f64], want: &[f64], magnitude: &[f64], tol: f64, ctx: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length ({ctx})");
-    assert!(got.iter().all(|v| !v.is_nan()), "{what}: NaN ({ctx})");
-    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
-    let den: f64 = magnitude.iter().map(|m| m * m).sum();
-    let e = if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    };
-    assert!(e <= tol, "{what}: rel L2 {e:e} > {tol:e} ({ctx})");
-}
-
-struct SavedMagnitudes {
-    z: Vec<f64>,
-    h: Vec<f64>,
-    s: Vec<f64>,
-}
-
-/// Magnitudes of the summands behind z, h (and u) and s, propagated from |x| through |W|.
-fn saved_magnitudes<T: Element>(
-    w: &SeWeights,
-    x: &Tensor<T>,
-    saved: &reference::SeSaved,
-) -> SavedMagnitudes {
-    let sh = x.shape();
-    let (n, c, d, hw) = (sh.n, sh.c, w.config.hidden, sh.hw());
-    let abs_x = Tensor::<f64>::from_vec(
-        sh,
-        x.layout(),
-        x.to_f64_vec().iter().map(|v| v.abs()).collect(),
-    )
-    .unwrap();
-    let mut z = vec![0.0; n * c];
-    for nn in 0..n {
-        for cc in 0..c {
-            let t: f64 = (0..hw).map(|p| abs_x.get(nn, cc, p / sh.w, p % sh.w)).sum();
-            z[nn * c + cc] = t / hw as f64;
-        }
-    }
-    let bias = |b: &Option<Vec<f32>>, i: usize| b.as_ref().map_or(0.0, |b| (b[i] as f64).abs());
-    let mut h = vec![0.0; n * d];
-    let mut s = vec![0.0; n * c];
-    for nn in 0..n {
-        for j in 0..d {
-            let t: f64 = (0..c)
-                .map(|cc| (w.w1[j * c + cc] as f64).abs() * z[nn * c + cc])
-                .sum();
-            h[nn * d + j] = bias(&w.b1, j) + t;
-        }
-        for cc in 0..c {
-            let t: f64 = (0..d)
-                .map(|j| (w.w2[cc * d + j] as f64).abs() * h[nn * d + j])
-                .sum();
-            let a = nn * c + cc;
-            let ma = bias(&w.b2, cc) + t;
-            s[a] = (w.config.gate.derivative(saved.a[a]) * ma).max(saved.s[a].abs());
-        }
-    }
-    SavedMagnitudes { z, h, s }
-}
-
-/// Magnitudes of the summands behind every backward sum, propagated like the backward itself
-/// with absolute values: M_ds = sum_hw |g x|, M_dg = |gate'| M_ds, M_du = |act'| |W2|^T M_dg,
-/// M_dW2 = sum_n M_dg M_u (M_u = max|act'| M_h: u carries h's error), M_dW1 = sum_n M_du M_z,
-/// M_dz = |W1|^T M_du. Returns the parameter gradients' magnitudes and M_dz / HW (`[n][c]`).
-#[allow(clippy::needless_range_loop)] // indices mirror the reference's loops
-fn grad_magnitudes<T: Element>(
-    w: &SeWeights,
-    x: &Tensor<T>,
-    g: &[f64],
-    saved: &reference::SeSaved,
-    ms: &SavedMagnitudes,
-) -> (SeGrads<f64>, Vec<f64>) {
-    let act_max = match w.config.activation {
-        Activation::Relu => 1.0,
-        Activation::Silu => 1.1, // max of SiLU' is 1.0998
-    };
-    let sh = x.shape();
-    let cfg = w.config;
-    let (n, c, d, hw) = (sh.n, sh.c, cfg.hidden, sh.hw());
-    let xd = x.to_f64_vec();
-    let mut m = SeGrads {
-        dw1: vec![0.0; d * c],
-        db1: cfg.bias.then(|| vec![0.0; d]),
-        dw2: vec![0.0; c * d],
-        db2: cfg.bias.then(|| vec![0.0; c]),
-    };
-    let mut m_dzh = vec![0.0; n * c];
-    for nn in 0..n {
-        let mut m_dg = vec![0.0; c];
-        for cc in 0..c {
-            let ds: f64 = (0..hw)
-                .map(|p| {
-                    let i = sh.offset(x.layout(), nn, cc, p);
-                    (g[i] * xd[i]).abs()
-                })
-                .sum();
-            m_dg[cc] = ds * cfg.gate.derivative(saved.a[nn * c + cc]).abs();
-        }
-        let mut m_du = vec![0.0; d];
-        for j in 0..d {
-            let t: f64 = (0..c)
-                .map(|cc| (w.w2[cc * d + j] as f64).abs() * m_dg[cc])
-                .sum();
-            m_du[j] = t * cfg.activation.derivative(saved.h[nn * d + j]).abs();
-        }
-        for cc in 0..c {
-            for j in 0..d {
-                let m_u = act_max * ms.h[nn * d + j];
-                m.dw2[cc * d + j] += m_dg[cc] * m_u;
-                m.dw1[j * c + cc] += m_du[j] * ms.z[nn * c + cc];
-            }
-            let dz: f64 = (0..d)
-                .map(|j| (w.w1[j * c + cc] as f64).abs() * m_du[j])
-                .sum();
-            m_dzh[nn * c + cc] = dz / hw as f64;
-        }
-        if let Some(b) = m.db2.as_mut() {
-            b.iter_mut().zip(&m_dg).for_each(|(a, v)| *a += v);
-        }
-        if let Some(b) = m.db1.as_mut() {
-            b.iter_mut().zip(&m_du).for_each(|(a, v)| *a += v);
-        }
-    }
-    (m, m_dzh)
 }
 
 /// One case: forward and backward through `_into` with poisoned outputs, against the reference.
@@ -261,14 +97,30 @@ fn one_case<T: Element>(
         T::DTYPE
     );
     let w = weights(cfg, seed);
-    let x = input::<T>(shape, layout, seed ^ 0x11);
-    let r = residual_off_kink(&w, &x, input::<T>(shape, layout, seed ^ 0x22));
-    let dy = input::<T>(shape, layout, seed ^ 0x33);
+    let x = check::input::<T>(shape, layout, seed ^ 0x11).unwrap();
+    let r = check::residual_off_kink(
+        &w,
+        &x,
+        check::input::<T>(shape, layout, seed ^ 0x22).unwrap(),
+    )
+    .unwrap();
+    let dy = check::input::<T>(shape, layout, seed ^ 0x33).unwrap();
     let res = epi.then_some(&r);
     let (n, c, d) = (shape.n, shape.c, cfg.hidden);
     let nan = T::from_f32(f32::NAN);
+    let exp = check::expected(&w, &x, res, &dy).unwrap();
+    let judge = |obs: &Observed, what: &str| {
+        for k in check::compare(&exp, obs, T::DTYPE) {
+            assert!(
+                k.pass(),
+                "{} ({what}): error {:e} > {:e} ({ctx})",
+                k.what,
+                k.err,
+                k.tol
+            );
+        }
+    };
 
-    let want = reference::forward(&w, &x, res).unwrap();
     let mut y = Tensor::from_vec(shape, layout, vec![nan; shape.numel()]).unwrap();
     let mut saved = CpuSaved {
         z: vec![f32::NAN; n * c],
@@ -277,56 +129,28 @@ fn one_case<T: Element>(
         s: vec![f32::NAN; n * c],
     };
     cpu::forward_into(&w, &x, res, &mut y, &mut saved).unwrap();
-    let out_tol = T::DTYPE.output_tolerance();
-    let f32_tol = DType::F32.output_tolerance();
-    let m = saved_magnitudes(&w, &x, &want.saved);
-    // y = s x (+ r): magnitude |x| M_s (+ |r|).
-    let (xd, rd) = (x.to_f64_vec(), r.to_f64_vec());
-    let y_mag: Vec<f64> = (0..shape.numel())
-        .map(|i| {
-            let (nn, cc) = match layout {
-                Layout::Nchw => (i / shape.sample_numel(), (i / shape.hw()) % c),
-                Layout::Nhwc => (i / shape.sample_numel(), i % c),
-            };
-            xd[i].abs() * m.s[nn * c + cc] + if epi { rd[i].abs() } else { 0.0 }
-        })
-        .collect();
-    check_sum("y", &y.to_f64_vec(), &want.y, &y_mag, out_tol, &ctx);
-    check_sum("z", &f64s(&saved.z), &want.saved.z, &m.z, f32_tol, &ctx);
-    check_sum("h", &f64s(&saved.h), &want.saved.h, &m.h, f32_tol, &ctx);
-    let want_u: Vec<f64> = want
-        .saved
-        .h
-        .iter()
-        .map(|&h| cfg.activation.apply(h))
-        .collect();
-    check_sum("u", &f64s(&saved.u), &want_u, &m.h, f32_tol, &ctx);
-    check_sum("s", &f64s(&saved.s), &want.saved.s, &m.s, f32_tol, &ctx);
-    t.saturated_gates += want
+    judge(
+        &Observed {
+            y: Some(y.to_f64_vec()),
+            z: Some(check::widen(&saved.z)),
+            h: Some(check::widen(&saved.h)),
+            u: Some(check::widen(&saved.u)),
+            s: Some(check::widen(&saved.s)),
+            ..Default::default()
+        },
+        "forward",
+    );
+    t.saturated_gates += exp
+        .forward
         .saved
         .s
         .iter()
         .filter(|&&s| s == 0.0 || s == 1.0)
         .count();
 
-    let wantb = reference::backward(&w, &x, res, &want.saved, &dy).unwrap();
-    // g = dy through the mask; dx = g s + dz / HW elementwise: its magnitude is |g| M_s + M_dz / HW.
-    let g_ref: Vec<f64> = wantb.dresidual.clone().unwrap_or_else(|| dy.to_f64_vec());
-    let (mag, m_dzh) = grad_magnitudes(&w, &x, &g_ref, &want.saved, &m);
-    let dx_mag: Vec<f64> = (0..shape.numel())
-        .map(|i| {
-            let (nn, cc) = match layout {
-                Layout::Nchw => (i / shape.sample_numel(), (i / shape.hw()) % c),
-                Layout::Nhwc => (i / shape.sample_numel(), i % c),
-            };
-            g_ref[i].abs() * m.s[nn * c + cc] + m_dzh[nn * c + cc]
-        })
-        .collect();
-    let grad_tol = T::DTYPE.grad_tolerance();
-    let f32_grad_tol = DType::F32.grad_tolerance();
     // Poisoned outputs; one accumulate run on top of known values.
     for accumulate in [false, true] {
-        let base = input::<T>(shape, layout, seed ^ 0x44);
+        let base = check::input::<T>(shape, layout, seed ^ 0x44).unwrap();
         let mut dx = if accumulate {
             base.clone()
         } else {
@@ -352,51 +176,38 @@ fn one_case<T: Element>(
             dres.as_mut(),
         )
         .unwrap();
-        let (want_dx, dx_mag) = if accumulate {
+        let mut dxv = dx.to_f64_vec();
+        if accumulate {
+            // Judge the gradient part: subtract the base exactly as the reference would add it.
             let b = base.to_f64_vec();
-            let sum = b.iter().zip(&wantb.dx).map(|(a, v)| a + v).collect();
-            let mag = b.iter().zip(&dx_mag).map(|(a, m)| a.abs() + m).collect();
-            (sum, mag)
-        } else {
-            (wantb.dx.clone(), dx_mag.clone())
-        };
-        let ctx = format!("{ctx} accumulate={accumulate}");
-        check_sum("dx", &dx.to_f64_vec(), &want_dx, &dx_mag, grad_tol, &ctx);
-        // Parameter gradients are f32 whatever T: the f32 tolerance.
-        let tol = f32_grad_tol;
-        check_sum(
-            "dW1",
-            &f64s(&grads.dw1),
-            &wantb.grads.dw1,
-            &mag.dw1,
-            tol,
-            &ctx,
-        );
-        check_sum(
-            "dW2",
-            &f64s(&grads.dw2),
-            &wantb.grads.dw2,
-            &mag.dw2,
-            tol,
-            &ctx,
-        );
-        match (&grads.db1, &wantb.grads.db1, &mag.db1) {
-            (Some(g), Some(w), Some(m)) => check_sum("db1", &f64s(g), w, m, tol, &ctx),
-            (None, None, None) => {}
-            _ => panic!("db1 presence differs ({ctx})"),
+            let want: Vec<f64> = b.iter().zip(&exp.backward.dx).map(|(a, v)| a + v).collect();
+            let mag: Vec<f64> = b
+                .iter()
+                .zip(&exp.mag.dx)
+                .map(|(a, m)| a.abs() + m)
+                .collect();
+            let e = check::sum_error(&dxv, &want, &mag);
+            assert!(
+                e <= T::DTYPE.grad_tolerance(),
+                "accumulated dx: error {e:e} ({ctx})"
+            );
+            dxv = exp.backward.dx.clone();
         }
-        match (&grads.db2, &wantb.grads.db2, &mag.db2) {
-            (Some(g), Some(w), Some(m)) => check_sum("db2", &f64s(g), w, m, tol, &ctx),
-            (None, None, None) => {}
-            _ => panic!("db2 presence differs ({ctx})"),
-        }
-        match (&dres, &wantb.dresidual) {
-            (Some(g), Some(w)) => {
-                check("dresidual", &g.to_f64_vec(), w, grad_tol, &ctx);
-                t.masked += w.iter().filter(|&&v| v == 0.0).count();
-            }
-            (None, None) => {}
-            _ => panic!("d residual presence differs ({ctx})"),
+        judge(
+            &Observed {
+                dx: Some(dxv),
+                grads: Some(check::widen_grads(&grads)),
+                dresidual: dres.as_ref().map(|t| t.to_f64_vec()),
+                ..Default::default()
+            },
+            if accumulate {
+                "backward, accumulate"
+            } else {
+                "backward"
+            },
+        );
+        if let Some(w) = &exp.backward.dresidual {
+            t.masked += w.iter().filter(|&&v| v == 0.0).count();
         }
     }
     t.cases += 1;

@@ -47,7 +47,12 @@ fn run_all<T: CudaElement>(layout: Layout) {
     let Some(dev) = gpu() else { return };
     let seed = seed(&format!("gpu {} {layout}", T::DTYPE));
     let list = if small() {
-        let shapes = [Shape::new(2, 3, 1, 3), Shape::new(1, 17, 7, 7), Shape::new(2, 24, 45, 45), Shape::new(2, 512, 28, 28)];
+        let shapes = [
+            Shape::new(2, 3, 1, 3),
+            Shape::new(1, 17, 7, 7),
+            Shape::new(2, 24, 45, 45),
+            Shape::new(2, 512, 28, 28),
+        ];
         cases::cases(layout, &shapes, 0)
     } else {
         let mut shapes = unfriendly_shapes();

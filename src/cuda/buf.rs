@@ -6,7 +6,10 @@ use std::alloc::{self, Layout};
 use std::marker::PhantomData;
 
 /// Element types of device buffers: plain old data with an all-zeros value.
-pub trait DevElem: DeviceRepr + ValidAsZeroBits + bytemuck::Pod + Default + Send + Sync + 'static {}
+pub trait DevElem:
+    DeviceRepr + ValidAsZeroBits + bytemuck::Pod + Default + Send + Sync + 'static
+{
+}
 impl DevElem for f32 {}
 impl DevElem for u32 {}
 impl DevElem for half::f16 {}
@@ -66,10 +69,15 @@ impl<T: DevElem> HostBuf<T> {
 
     /// Copies `src` to elements `[offset, offset + src.len())`.
     pub(crate) fn write(&mut self, offset: usize, src: &[T]) {
-        assert!(offset + src.len() <= self.len, "host buffer write out of bounds");
+        assert!(
+            offset + src.len() <= self.len,
+            "host buffer write out of bounds"
+        );
         // SAFETY: in bounds (checked), T is Pod, and the allocation is 256-byte aligned so
         // element `offset` is aligned for T.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), (self.ptr as *mut T).add(offset), src.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), (self.ptr as *mut T).add(offset), src.len())
+        }
     }
 
     /// Copies elements `[offset, offset + len)` out.
@@ -77,7 +85,9 @@ impl<T: DevElem> HostBuf<T> {
         assert!(offset + len <= self.len, "host buffer read out of bounds");
         let mut v = vec![T::default(); len];
         // SAFETY: in bounds (checked); T is Pod.
-        unsafe { std::ptr::copy_nonoverlapping((self.ptr as *const T).add(offset), v.as_mut_ptr(), len) }
+        unsafe {
+            std::ptr::copy_nonoverlapping((self.ptr as *const T).add(offset), v.as_mut_ptr(), len)
+        }
         v
     }
 
@@ -89,10 +99,25 @@ impl<T: DevElem> HostBuf<T> {
     }
 
     /// Copies `len` elements from `src[src_off..]` to `self[dst_off..]`.
-    pub(crate) fn copy_from(&mut self, dst_off: usize, src: &HostBuf<T>, src_off: usize, len: usize) {
-        assert!(dst_off + len <= self.len && src_off + len <= src.len, "host buffer copy out of bounds");
+    pub(crate) fn copy_from(
+        &mut self,
+        dst_off: usize,
+        src: &HostBuf<T>,
+        src_off: usize,
+        len: usize,
+    ) {
+        assert!(
+            dst_off + len <= self.len && src_off + len <= src.len,
+            "host buffer copy out of bounds"
+        );
         // SAFETY: both ranges in bounds; `ptr::copy` allows overlap.
-        unsafe { std::ptr::copy((src.ptr as *const T).add(src_off), (self.ptr as *mut T).add(dst_off), len) }
+        unsafe {
+            std::ptr::copy(
+                (src.ptr as *const T).add(src_off),
+                (self.ptr as *mut T).add(dst_off),
+                len,
+            )
+        }
     }
 }
 

@@ -67,7 +67,9 @@ pub struct CudaDevice {
 
 impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaDevice").field("info", &self.info).finish()
+        f.debug_struct("CudaDevice")
+            .field("info", &self.info)
+            .finish()
     }
 }
 
@@ -91,10 +93,15 @@ impl CudaDevice {
             return Err(Error::NoDevice("the driver reports 0 devices".into()));
         }
         if ordinal >= count as usize {
-            return Err(Error::NoDevice(format!("device {ordinal} requested, {count} present")));
+            return Err(Error::NoDevice(format!(
+                "device {ordinal} requested, {count} present"
+            )));
         }
         let ctx = CudaContext::new(ordinal).map_err(Error::driver("creating a context"))?;
-        let attr = |a: Attr| ctx.attribute(a).map_err(Error::driver("reading device attributes"));
+        let attr = |a: Attr| {
+            ctx.attribute(a)
+                .map_err(Error::driver("reading device attributes"))
+        };
         let cc = (
             attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? as u32,
             attr(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)? as u32,
@@ -113,11 +120,14 @@ impl CudaDevice {
         }
         let info = DeviceInfo {
             ordinal,
-            name: ctx.name().map_err(Error::driver("reading the device name"))?,
+            name: ctx
+                .name()
+                .map_err(Error::driver("reading the device name"))?,
             compute_capability: cc,
             sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
             l2_bytes: attr(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
-            max_smem_per_block: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize,
+            max_smem_per_block: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+                as usize,
             total_memory,
             driver_version,
         };
@@ -127,7 +137,9 @@ impl CudaDevice {
                 info.name, cc.0, cc.1
             )));
         }
-        let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(Error::driver("creating a stream"))?;
         Ok(Arc::new(CudaDevice {
             backend: Backend::Cuda(Cuda {
                 ctx,
@@ -195,7 +207,10 @@ impl CudaDevice {
     /// Blocks until all work queued on this handle's stream has finished.
     pub fn synchronize(&self) -> Result<()> {
         match &self.backend {
-            Backend::Cuda(c) => c.stream.synchronize().map_err(Error::driver("synchronizing the stream")),
+            Backend::Cuda(c) => c
+                .stream
+                .synchronize()
+                .map_err(Error::driver("synchronizing the stream")),
             Backend::Emulator => Ok(()),
         }
     }
@@ -204,7 +219,9 @@ impl CudaDevice {
     /// emulator).
     pub fn has_clusters(&self) -> bool {
         match self.backend {
-            Backend::Cuda(_) => self.info.compute_capability.0 >= 9 && !Module::Fused.fatbin().is_empty(),
+            Backend::Cuda(_) => {
+                self.info.compute_capability.0 >= 9 && !Module::Fused.fatbin().is_empty()
+            }
             Backend::Emulator => true,
         }
     }
@@ -233,13 +250,18 @@ impl CudaDevice {
                     let m = c
                         .ctx
                         .load_module(Ptx::from_binary(bytes.to_vec()))
-                        .map_err(Error::driver(format!("loading kernel module {}", module.name())))?;
+                        .map_err(Error::driver(format!(
+                            "loading kernel module {}",
+                            module.name()
+                        )))?;
                     mods[module.index()] = Some(m.clone());
                     m
                 }
             }
         };
-        let f = m.load_function(name).map_err(Error::driver(format!("loading kernel {name}")))?;
+        let f = m
+            .load_function(name)
+            .map_err(Error::driver(format!("loading kernel {name}")))?;
         fns.insert(name.to_string(), f.clone());
         Ok(f)
     }
@@ -265,13 +287,27 @@ impl CudaDevice {
             Backend::Cuda(c) => {
                 let f = Self::function(c, module, name)?;
                 if smem > 48 << 10 {
-                    f.set_attribute(FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                        .map_err(Error::driver(format!("raising {name}'s shared-memory limit")))?;
+                    f.set_attribute(
+                        FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                    .map_err(Error::driver(format!(
+                        "raising {name}'s shared-memory limit"
+                    )))?;
                 }
-                c.ctx.bind_to_thread().map_err(Error::driver("binding the context"))?;
+                c.ctx
+                    .bind_to_thread()
+                    .map_err(Error::driver("binding the context"))?;
                 // SAFETY: forwarded from the caller's contract; the stream belongs to ctx.
                 unsafe {
-                    cudarc::driver::result::launch_kernel(f.cu_function(), grid, block, smem, c.stream.cu_stream(), args)
+                    cudarc::driver::result::launch_kernel(
+                        f.cu_function(),
+                        grid,
+                        block,
+                        smem,
+                        c.stream.cu_stream(),
+                        args,
+                    )
                 }
                 .map_err(Error::driver(format!("launching {name}")))
             }
@@ -285,21 +321,36 @@ impl CudaDevice {
 
     /// How many clusters of `kernel` with `smem` bytes of dynamic shared memory per CTA can be
     /// resident at once (0 if none fits).
-    pub(crate) fn max_active_clusters(&self, module: Module, name: &str, cluster: u32, threads: u32, smem: u32) -> Result<usize> {
+    pub(crate) fn max_active_clusters(
+        &self,
+        module: Module,
+        name: &str,
+        cluster: u32,
+        threads: u32,
+        smem: u32,
+    ) -> Result<usize> {
         match &self.backend {
             Backend::Cuda(c) => {
                 let f = Self::function(c, module, name)?;
-                f.set_attribute(FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                    .map_err(Error::driver("raising the shared-memory limit"))?;
+                f.set_attribute(
+                    FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(Error::driver("raising the shared-memory limit"))?;
                 let probe = LaunchConfig {
                     grid_dim: (cluster, 1, 1),
                     block_dim: (threads, 1, 1),
                     shared_mem_bytes: smem,
                 };
                 Ok(f.occupancy_max_active_clusters(probe, &c.stream)
-                    .map_err(Error::driver("querying cluster occupancy"))? as usize)
+                    .map_err(Error::driver("querying cluster occupancy"))?
+                    as usize)
             }
-            Backend::Emulator => Ok(if smem as usize <= self.info.max_smem_per_block { 2 } else { 0 }),
+            Backend::Emulator => Ok(if smem as usize <= self.info.max_smem_per_block {
+                2
+            } else {
+                0
+            }),
         }
     }
 
@@ -309,10 +360,14 @@ impl CudaDevice {
     pub(crate) fn alloc_zeros<T: DevElem>(&self, len: usize) -> Result<Buf<T>> {
         let len = len.max(1);
         match &self.backend {
-            Backend::Cuda(c) => c.stream.alloc_zeros::<T>(len).map(Buf::Cuda).map_err(Error::driver("allocating device memory")),
-            Backend::Emulator => HostBuf::zeros(len)
-                .map(Buf::Host)
-                .ok_or_else(|| Error::Unsupported(format!("emulator: cannot allocate {len} elements"))),
+            Backend::Cuda(c) => c
+                .stream
+                .alloc_zeros::<T>(len)
+                .map(Buf::Cuda)
+                .map_err(Error::driver("allocating device memory")),
+            Backend::Emulator => HostBuf::zeros(len).map(Buf::Host).ok_or_else(|| {
+                Error::Unsupported(format!("emulator: cannot allocate {len} elements"))
+            }),
         }
     }
 
@@ -324,12 +379,19 @@ impl CudaDevice {
     }
 
     /// Copies `data` into `buf[offset..]`.
-    pub(crate) fn write<T: DevElem>(&self, buf: &mut Buf<T>, offset: usize, data: &[T]) -> Result<()> {
+    pub(crate) fn write<T: DevElem>(
+        &self,
+        buf: &mut Buf<T>,
+        offset: usize,
+        data: &[T],
+    ) -> Result<()> {
         check_range(buf, offset, data.len())?;
         match (&self.backend, buf) {
             (Backend::Cuda(c), Buf::Cuda(s)) => {
                 let mut view = s.slice_mut(offset..offset + data.len());
-                c.stream.memcpy_htod(data, &mut view).map_err(Error::driver("copying to the device"))
+                c.stream
+                    .memcpy_htod(data, &mut view)
+                    .map_err(Error::driver("copying to the device"))
             }
             (Backend::Emulator, Buf::Host(h)) => {
                 h.write(offset, data);
@@ -340,12 +402,19 @@ impl CudaDevice {
     }
 
     /// Copies `buf[offset..offset + len]` to the host (waits for the stream).
-    pub(crate) fn read<T: DevElem>(&self, buf: &Buf<T>, offset: usize, len: usize) -> Result<Vec<T>> {
+    pub(crate) fn read<T: DevElem>(
+        &self,
+        buf: &Buf<T>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<T>> {
         check_range(buf, offset, len)?;
         match (&self.backend, buf) {
             (Backend::Cuda(c), Buf::Cuda(s)) => {
                 let view = s.slice(offset..offset + len);
-                c.stream.clone_dtoh(&view).map_err(Error::driver("copying to the host"))
+                c.stream
+                    .clone_dtoh(&view)
+                    .map_err(Error::driver("copying to the host"))
             }
             (Backend::Emulator, Buf::Host(h)) => Ok(h.read(offset, len)),
             _ => Err(foreign()),
@@ -353,14 +422,23 @@ impl CudaDevice {
     }
 
     /// Copies `len` elements from `src[src_off..]` to `dst[dst_off..]` on the device.
-    pub(crate) fn copy<T: DevElem>(&self, src: &Buf<T>, src_off: usize, dst: &mut Buf<T>, dst_off: usize, len: usize) -> Result<()> {
+    pub(crate) fn copy<T: DevElem>(
+        &self,
+        src: &Buf<T>,
+        src_off: usize,
+        dst: &mut Buf<T>,
+        dst_off: usize,
+        len: usize,
+    ) -> Result<()> {
         check_range(src, src_off, len)?;
         check_range(dst, dst_off, len)?;
         match (&self.backend, src, dst) {
             (Backend::Cuda(c), Buf::Cuda(s), Buf::Cuda(d)) => {
                 let from = s.slice(src_off..src_off + len);
                 let mut to = d.slice_mut(dst_off..dst_off + len);
-                c.stream.memcpy_dtod(&from, &mut to).map_err(Error::driver("device-to-device copy"))
+                c.stream
+                    .memcpy_dtod(&from, &mut to)
+                    .map_err(Error::driver("device-to-device copy"))
             }
             (Backend::Emulator, Buf::Host(s), Buf::Host(d)) => {
                 d.copy_from(dst_off, s, src_off, len);
@@ -372,17 +450,30 @@ impl CudaDevice {
 
     /// Sets elements `[offset, offset + len)` to the byte pattern `byte` (0xff: NaN in every
     /// float type, the poison the tests use).
-    pub(crate) fn fill_bytes<T: DevElem>(&self, buf: &mut Buf<T>, offset: usize, len: usize, byte: u8) -> Result<()> {
+    pub(crate) fn fill_bytes<T: DevElem>(
+        &self,
+        buf: &mut Buf<T>,
+        offset: usize,
+        len: usize,
+        byte: u8,
+    ) -> Result<()> {
         check_range(buf, offset, len)?;
         match (&self.backend, buf) {
             (Backend::Cuda(c), Buf::Cuda(s)) => {
                 let (p, _sync) = s.device_ptr(&c.stream);
                 let at = p + (offset * std::mem::size_of::<T>()) as u64;
-                c.ctx.bind_to_thread().map_err(Error::driver("binding the context"))?;
+                c.ctx
+                    .bind_to_thread()
+                    .map_err(Error::driver("binding the context"))?;
                 // SAFETY: the range lies inside the allocation (checked) on this stream; every
                 // bit pattern is a valid T.
                 unsafe {
-                    cudarc::driver::result::memset_d8_async(at, byte, len * std::mem::size_of::<T>(), c.stream.cu_stream())
+                    cudarc::driver::result::memset_d8_async(
+                        at,
+                        byte,
+                        len * std::mem::size_of::<T>(),
+                        c.stream.cu_stream(),
+                    )
                 }
                 .map_err(Error::driver("filling device memory"))
             }
@@ -409,7 +500,11 @@ impl CudaDevice {
 
     /// Locks the scratch buffers, growing them to at least `ws_floats` partials and `tickets`
     /// tickets (new tickets are zeroed).
-    pub(crate) fn scratch(&self, ws_floats: usize, tickets: usize) -> Result<MutexGuard<'_, Scratch>> {
+    pub(crate) fn scratch(
+        &self,
+        ws_floats: usize,
+        tickets: usize,
+    ) -> Result<MutexGuard<'_, Scratch>> {
         let mut s = lock(&self.scratch);
         if s.ws.as_ref().is_none_or(|b| b.len() < ws_floats.max(1)) {
             s.ws = Some(self.alloc_zeros::<f32>(ws_floats.max(1).next_power_of_two())?);
@@ -434,5 +529,7 @@ fn check_range<T: DevElem>(buf: &Buf<T>, offset: usize, len: usize) -> Result<()
 }
 
 fn foreign() -> Error {
-    Error::Config("a buffer was used with a device handle of another kind (CUDA vs emulator)".into())
+    Error::Config(
+        "a buffer was used with a device handle of another kind (CUDA vs emulator)".into(),
+    )
 }

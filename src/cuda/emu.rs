@@ -38,7 +38,8 @@ pub(crate) unsafe fn launch(
 ) -> Result<()> {
     #[cfg(senet_emu)]
     {
-        let cname = CString::new(name).map_err(|_| Error::Config(format!("kernel name {name:?}")))?;
+        let cname =
+            CString::new(name).map_err(|_| Error::Config(format!("kernel name {name:?}")))?;
         let g = [grid.0, grid.1, grid.2];
         let b = [block.0, block.1, block.2];
         let mut err = vec![0u8; 512];
@@ -58,13 +59,17 @@ pub(crate) unsafe fn launch(
         };
         if rc != 0 {
             let end = err.iter().position(|&c| c == 0).unwrap_or(err.len());
-            return Err(Error::KernelFailed(String::from_utf8_lossy(&err[..end]).into_owned()));
+            return Err(Error::KernelFailed(
+                String::from_utf8_lossy(&err[..end]).into_owned(),
+            ));
         }
         Ok(())
     }
     #[cfg(not(senet_emu))]
     {
         let _ = CString::new(name);
-        Err(Error::Unsupported("this build has no kernel emulator".into()))
+        Err(Error::Unsupported(
+            "this build has no kernel emulator".into(),
+        ))
     }
 }

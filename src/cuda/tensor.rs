@@ -32,7 +32,14 @@ pub struct DeviceTensor<T: CudaElement> {
 
 impl<T: CudaElement> std::fmt::Debug for DeviceTensor<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeviceTensor<{}>({} {}, offset {})", T::DTYPE, self.shape, self.layout, self.offset)
+        write!(
+            f,
+            "DeviceTensor<{}>({} {}, offset {})",
+            T::DTYPE,
+            self.shape,
+            self.layout,
+            self.offset
+        )
     }
 }
 
@@ -43,7 +50,12 @@ impl<T: CudaElement> DeviceTensor<T> {
     }
 
     /// A zero-filled tensor whose first element sits `offset` elements into its allocation.
-    pub fn zeros_at_offset(dev: &CudaDevice, shape: Shape, layout: Layout, offset: usize) -> Result<Self> {
+    pub fn zeros_at_offset(
+        dev: &CudaDevice,
+        shape: Shape,
+        layout: Layout,
+        offset: usize,
+    ) -> Result<Self> {
         shape.validate()?;
         let len = shape
             .numel()
@@ -74,7 +86,10 @@ impl<T: CudaElement> DeviceTensor<T> {
     pub fn write_sample(&mut self, dev: &CudaDevice, n: usize, data: &[T]) -> Result<()> {
         let per = self.shape.sample_numel();
         if n >= self.shape.n {
-            return Err(Error::Shape(format!("sample {n} of a batch of {}", self.shape.n)));
+            return Err(Error::Shape(format!(
+                "sample {n} of a batch of {}",
+                self.shape.n
+            )));
         }
         if data.len() != per {
             return Err(Error::Length {
@@ -106,7 +121,13 @@ impl<T: CudaElement> DeviceTensor<T> {
                 src.shape, src.layout, self.shape, self.layout
             )));
         }
-        dev.copy(&src.buf, src.offset, &mut self.buf, self.offset, self.shape.numel())
+        dev.copy(
+            &src.buf,
+            src.offset,
+            &mut self.buf,
+            self.offset,
+            self.shape.numel(),
+        )
     }
 
     /// The logical shape.

@@ -33,7 +33,11 @@ pub fn input<T: Element>(shape: Shape, layout: Layout, seed: u64) -> Result<Tens
 /// `r` with the sign flipped wherever the epilogue's pre-activation `s x + r` lies within 1e-3
 /// of its summands' size from the ReLU's kink: there f32 and the f64 reference may round to
 /// different sides, and both masks are right. `s` does not depend on the residual.
-pub fn residual_off_kink<T: Element>(w: &SeWeights, x: &Tensor<T>, mut r: Tensor<T>) -> Result<Tensor<T>> {
+pub fn residual_off_kink<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    mut r: Tensor<T>,
+) -> Result<Tensor<T>> {
     let s = reference::forward(w, x, None)?.saved.s;
     let sh = x.shape();
     for n in 0..sh.n {
@@ -81,10 +85,20 @@ pub struct Expected {
 }
 
 /// Runs the reference forward and backward and computes the magnitudes.
-pub fn expected<T: Element>(w: &SeWeights, x: &Tensor<T>, r: Option<&Tensor<T>>, dy: &Tensor<T>) -> Result<Expected> {
+pub fn expected<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    r: Option<&Tensor<T>>,
+    dy: &Tensor<T>,
+) -> Result<Expected> {
     let forward = reference::forward(w, x, r)?;
     let backward = reference::backward(w, x, r, &forward.saved, dy)?;
-    let u = forward.saved.h.iter().map(|&h| w.config.activation.apply(h)).collect();
+    let u = forward
+        .saved
+        .h
+        .iter()
+        .map(|&h| w.config.activation.apply(h))
+        .collect();
     let mag = magnitudes(w, x, r, dy, &forward.saved)?;
     Ok(Expected {
         forward,
@@ -95,7 +109,13 @@ pub fn expected<T: Element>(w: &SeWeights, x: &Tensor<T>, r: Option<&Tensor<T>>,
 }
 
 #[allow(clippy::needless_range_loop)] // indices mirror the reference's loops
-fn magnitudes<T: Element>(w: &SeWeights, x: &Tensor<T>, r: Option<&Tensor<T>>, dy: &Tensor<T>, saved: &SeSaved) -> Result<Magnitudes> {
+fn magnitudes<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    r: Option<&Tensor<T>>,
+    dy: &Tensor<T>,
+    saved: &SeSaved,
+) -> Result<Magnitudes> {
     let sh = x.shape();
     let cfg = w.config;
     let (n, c, d, hw) = (sh.n, sh.c, cfg.hidden, sh.hw());
@@ -104,7 +124,9 @@ fn magnitudes<T: Element>(w: &SeWeights, x: &Tensor<T>, r: Option<&Tensor<T>>, d
     let mut mz = vec![0.0; n * c];
     for nn in 0..n {
         for cc in 0..c {
-            let t: f64 = (0..hw).map(|p| xd[sh.offset(x.layout(), nn, cc, p)].abs()).sum();
+            let t: f64 = (0..hw)
+                .map(|p| xd[sh.offset(x.layout(), nn, cc, p)].abs())
+                .sum();
             mz[nn * c + cc] = t / hw as f64;
         }
     }
@@ -112,11 +134,15 @@ fn magnitudes<T: Element>(w: &SeWeights, x: &Tensor<T>, r: Option<&Tensor<T>>, d
     let mut ms = vec![0.0; n * c];
     for nn in 0..n {
         for j in 0..d {
-            let t: f64 = (0..c).map(|cc| (w.w1[j * c + cc] as f64).abs() * mz[nn * c + cc]).sum();
+            let t: f64 = (0..c)
+                .map(|cc| (w.w1[j * c + cc] as f64).abs() * mz[nn * c + cc])
+                .sum();
             mh[nn * d + j] = bias(&w.b1, j) + t;
         }
         for cc in 0..c {
-            let t: f64 = (0..d).map(|j| (w.w2[cc * d + j] as f64).abs() * mh[nn * d + j]).sum();
+            let t: f64 = (0..d)
+                .map(|j| (w.w2[cc * d + j] as f64).abs() * mh[nn * d + j])
+                .sum();
             let a = nn * c + cc;
             ms[a] = (cfg.gate.derivative(saved.a[a]) * (bias(&w.b2, cc) + t)).max(saved.s[a].abs());
         }
@@ -128,9 +154,11 @@ fn magnitudes<T: Element>(w: &SeWeights, x: &Tensor<T>, r: Option<&Tensor<T>>, d
         for cc in 0..c {
             for p in 0..hw {
                 let i = sh.offset(x.layout(), nn, cc, p);
-                my[i] = xd[i].abs() * ms[nn * c + cc] + r.map_or(0.0, |r| r.data()[i].to_f64().abs());
+                my[i] =
+                    xd[i].abs() * ms[nn * c + cc] + r.map_or(0.0, |r| r.data()[i].to_f64().abs());
                 // g = dy through the mask (the mask of the reference, off the kink by input choice).
-                let masked = r.is_some_and(|r| saved.s[nn * c + cc] * xd[i] + r.data()[i].to_f64() <= 0.0);
+                let masked =
+                    r.is_some_and(|r| saved.s[nn * c + cc] * xd[i] + r.data()[i].to_f64() <= 0.0);
                 g[i] = if masked { 0.0 } else { dy.data()[i].to_f64() };
             }
         }
@@ -159,7 +187,9 @@ fn magnitudes<T: Element>(w: &SeWeights, x: &Tensor<T>, r: Option<&Tensor<T>>, d
         }
         let mut m_du = vec![0.0; d];
         for j in 0..d {
-            let t: f64 = (0..c).map(|cc| (w.w2[cc * d + j] as f64).abs() * m_dg[cc]).sum();
+            let t: f64 = (0..c)
+                .map(|cc| (w.w2[cc * d + j] as f64).abs() * m_dg[cc])
+                .sum();
             m_du[j] = t * cfg.activation.derivative(saved.h[nn * d + j]).abs();
         }
         for cc in 0..c {
@@ -167,7 +197,10 @@ fn magnitudes<T: Element>(w: &SeWeights, x: &Tensor<T>, r: Option<&Tensor<T>>, d
                 mg.dw2[cc * d + j] += m_dg[cc] * act_max * mh[nn * d + j];
                 mg.dw1[j * c + cc] += m_du[j] * mz[nn * c + cc];
             }
-            let m_dz: f64 = (0..d).map(|j| (w.w1[j * c + cc] as f64).abs() * m_du[j]).sum::<f64>() / hw as f64;
+            let m_dz: f64 = (0..d)
+                .map(|j| (w.w1[j * c + cc] as f64).abs() * m_du[j])
+                .sum::<f64>()
+                / hw as f64;
             for p in 0..hw {
                 let i = sh.offset(x.layout(), nn, cc, p);
                 mdx[i] = g[i].abs() * ms[nn * c + cc] + m_dz;
@@ -255,7 +288,14 @@ pub fn compare(exp: &Expected, obs: &Observed, dtype: DType) -> Vec<Check> {
     let f = &exp.forward;
     let b = &exp.backward;
     let m = &exp.mag;
-    fn push(out: &mut Vec<Check>, what: &'static str, got: &Option<Vec<f64>>, want: &[f64], mag: &[f64], tol: f64) {
+    fn push(
+        out: &mut Vec<Check>,
+        what: &'static str,
+        got: &Option<Vec<f64>>,
+        want: &[f64],
+        mag: &[f64],
+        tol: f64,
+    ) {
         if let Some(g) = got {
             out.push(Check {
                 what,
@@ -271,17 +311,43 @@ pub fn compare(exp: &Expected, obs: &Observed, dtype: DType) -> Vec<Check> {
     push(&mut out, "s", &obs.s, &f.saved.s, &m.s, ts);
     push(&mut out, "dx", &obs.dx, &b.dx, &m.dx, tg);
     if let Some(g) = &obs.grads {
-        push(&mut out, "dw1", &Some(g.dw1.clone()), &b.grads.dw1, &m.grads.dw1, tw);
-        push(&mut out, "dw2", &Some(g.dw2.clone()), &b.grads.dw2, &m.grads.dw2, tw);
+        push(
+            &mut out,
+            "dw1",
+            &Some(g.dw1.clone()),
+            &b.grads.dw1,
+            &m.grads.dw1,
+            tw,
+        );
+        push(
+            &mut out,
+            "dw2",
+            &Some(g.dw2.clone()),
+            &b.grads.dw2,
+            &m.grads.dw2,
+            tw,
+        );
         match (&g.db1, &b.grads.db1, &m.grads.db1) {
-            (Some(got), Some(want), Some(mag)) => push(&mut out, "db1", &Some(got.clone()), want, mag, tw),
+            (Some(got), Some(want), Some(mag)) => {
+                push(&mut out, "db1", &Some(got.clone()), want, mag, tw)
+            }
             (None, None, _) => {}
-            _ => out.push(Check { what: "db1 present", err: f64::INFINITY, tol: 0.0 }),
+            _ => out.push(Check {
+                what: "db1 present",
+                err: f64::INFINITY,
+                tol: 0.0,
+            }),
         }
         match (&g.db2, &b.grads.db2, &m.grads.db2) {
-            (Some(got), Some(want), Some(mag)) => push(&mut out, "db2", &Some(got.clone()), want, mag, tw),
+            (Some(got), Some(want), Some(mag)) => {
+                push(&mut out, "db2", &Some(got.clone()), want, mag, tw)
+            }
             (None, None, _) => {}
-            _ => out.push(Check { what: "db2 present", err: f64::INFINITY, tol: 0.0 }),
+            _ => out.push(Check {
+                what: "db2 present",
+                err: f64::INFINITY,
+                tol: 0.0,
+            }),
         }
     }
     match (&obs.dresidual, &b.dresidual) {

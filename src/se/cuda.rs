@@ -210,17 +210,9 @@ impl DeviceSeGrads {
         let (c, d) = (self.config.channels, self.config.hidden);
         Ok(SeGrads {
             dw1: dev.read(&self.dw1, 0, d * c)?,
-            db1: self
-                .db1
-                .as_ref()
-                .map(|b| dev.read(b, 0, d))
-                .transpose()?,
+            db1: self.db1.as_ref().map(|b| dev.read(b, 0, d)).transpose()?,
             dw2: dev.read(&self.dw2, 0, c * d)?,
-            db2: self
-                .db2
-                .as_ref()
-                .map(|b| dev.read(b, 0, c))
-                .transpose()?,
+            db2: self.db2.as_ref().map(|b| dev.read(b, 0, c)).transpose()?,
         })
     }
 
@@ -531,16 +523,33 @@ impl Ctx<'_> {
             }
         };
         let scratch = self.dev.scratch(ws, tickets)?;
-        let wsp = self.dev.addr(scratch.ws.as_ref().expect("scratch allocated"));
-        let tkp = self.dev.addr(scratch.tickets.as_ref().expect("tickets allocated"));
+        let wsp = self
+            .dev
+            .addr(scratch.ws.as_ref().expect("scratch allocated"));
+        let tkp = self
+            .dev
+            .addr(scratch.tickets.as_ref().expect("tickets allocated"));
         let mut args: Vec<*mut c_void> = if grad {
-            vec![arg(&p), arg(&dy), arg(&x), arg(&r), arg(&s), arg(&dres), arg(&out), arg(&wsp), arg(&tkp)]
+            vec![
+                arg(&p),
+                arg(&dy),
+                arg(&x),
+                arg(&r),
+                arg(&s),
+                arg(&dres),
+                arg(&out),
+                arg(&wsp),
+                arg(&tkp),
+            ]
         } else {
             vec![arg(&p), arg(&x), arg(&out), arg(&wsp), arg(&tkp)]
         };
         // SAFETY: argument types and order match the kernel's signature in squeeze.cu; every
         // address covers the sizes `p` describes (checked by the callers); scratch stays locked.
-        unsafe { self.dev.launch(Module::Squeeze, &name, grid, block, 0, 1, &mut args) }?;
+        unsafe {
+            self.dev
+                .launch(Module::Squeeze, &name, grid, block, 0, 1, &mut args)
+        }?;
         drop(scratch);
         Ok(())
     }
@@ -602,22 +611,62 @@ impl Ctx<'_> {
         );
         let ws = if splits > 1 { splits * m * n } else { 0 };
         let scratch = self.dev.scratch(ws, grid.0 as usize * grid.1 as usize)?;
-        let wsp = self.dev.addr(scratch.ws.as_ref().expect("scratch allocated"));
-        let tkp = self.dev.addr(scratch.tickets.as_ref().expect("tickets allocated"));
-        let mut args = [arg(&p), arg(&a), arg(&bmat), arg(&out), arg(&out2), arg(&bias), arg(&aux), arg(&wsp), arg(&tkp)];
+        let wsp = self
+            .dev
+            .addr(scratch.ws.as_ref().expect("scratch allocated"));
+        let tkp = self
+            .dev
+            .addr(scratch.tickets.as_ref().expect("tickets allocated"));
+        let mut args = [
+            arg(&p),
+            arg(&a),
+            arg(&bmat),
+            arg(&out),
+            arg(&out2),
+            arg(&bias),
+            arg(&aux),
+            arg(&wsp),
+            arg(&tkp),
+        ];
         // SAFETY: matches se_gemm_f32's signature; A, B, out (and out2 / bias / aux where the
         // epilogue reads them) cover the m x k, k x n and m x n ranges the strides describe.
-        unsafe { self.dev.launch(Module::Excite, "se_gemm_f32", grid, (256, 1, 1), 0, 1, &mut args) }?;
+        unsafe {
+            self.dev.launch(
+                Module::Excite,
+                "se_gemm_f32",
+                grid,
+                (256, 1, 1),
+                0,
+                1,
+                &mut args,
+            )
+        }?;
         drop(scratch);
         Ok(())
     }
 
     fn colsum(&self, input: u64, out: u64, rows: usize, cols: usize) -> Result<()> {
         let (rows32, cols32, acc) = (u32_of(rows, "rows")?, u32_of(cols, "cols")?, 0u32);
-        let mut args = [arg(&input), arg(&out), arg(&rows32), arg(&cols32), arg(&acc)];
+        let mut args = [
+            arg(&input),
+            arg(&out),
+            arg(&rows32),
+            arg(&cols32),
+            arg(&acc),
+        ];
         let grid = (cols32.div_ceil(256), 1, 1);
         // SAFETY: matches se_colsum_f32; `input` holds rows x cols floats, `out` cols.
-        unsafe { self.dev.launch(Module::Excite, "se_colsum_f32", grid, (256, 1, 1), 0, 1, &mut args) }
+        unsafe {
+            self.dev.launch(
+                Module::Excite,
+                "se_colsum_f32",
+                grid,
+                (256, 1, 1),
+                0,
+                1,
+                &mut args,
+            )
+        }
     }
 
     /// The element-wise pass: scale (forward) or dx (backward) over `n` samples.
@@ -654,7 +703,17 @@ impl Ctx<'_> {
         };
         // SAFETY: matches se_scale_* (p, x, r, s, y) / se_dx_* (p, g, s, dz, dx); the tensors
         // hold n * c * hw elements, s and dz n * c floats.
-        unsafe { self.dev.launch(Module::Scale, &name, (blocks as u32, 1, 1), (256, 1, 1), 0, 1, &mut args) }
+        unsafe {
+            self.dev.launch(
+                Module::Scale,
+                &name,
+                (blocks as u32, 1, 1),
+                (256, 1, 1),
+                0,
+                1,
+                &mut args,
+            )
+        }
     }
 }
 
@@ -809,12 +868,32 @@ fn run_forward<T: CudaElement>(
         let smem = cluster_smem_bytes(&cfg, shape, layout, esize, Direction::Forward);
         let grid = cluster_grid(dev, &name, smem, shape.n)?;
         let mut args = [
-            arg(&p), arg(&xp), arg(&rp), arg(&yp), arg(&w1), arg(&b1), arg(&w2), arg(&b2),
-            arg(&zp), arg(&hp), arg(&up), arg(&sp),
+            arg(&p),
+            arg(&xp),
+            arg(&rp),
+            arg(&yp),
+            arg(&w1),
+            arg(&b1),
+            arg(&w2),
+            arg(&b2),
+            arg(&zp),
+            arg(&hp),
+            arg(&up),
+            arg(&sp),
         ];
         // SAFETY: matches se_fused_fwd_*; x, r, y hold n * c * hw elements, the saved buffers
         // n * c (z, s) and n * d (h, u) floats, the weights the config's sizes.
-        unsafe { dev.launch(Module::Fused, &name, (grid, 1, 1), (FUSED_THREADS, 1, 1), smem as u32, CLUSTER as u32, &mut args) }?;
+        unsafe {
+            dev.launch(
+                Module::Fused,
+                &name,
+                (grid, 1, 1),
+                (FUSED_THREADS, 1, 1),
+                smem as u32,
+                CLUSTER as u32,
+                &mut args,
+            )
+        }?;
         return Ok(path);
     }
     let streams = if rp != 0 { 2 } else { 1 };
@@ -861,7 +940,13 @@ fn run_forward<T: CudaElement>(
 }
 
 fn cluster_grid(dev: &CudaDevice, name: &str, smem: usize, n: usize) -> Result<u32> {
-    let clusters = dev.max_active_clusters(Module::Fused, name, CLUSTER as u32, FUSED_THREADS, smem as u32)?;
+    let clusters = dev.max_active_clusters(
+        Module::Fused,
+        name,
+        CLUSTER as u32,
+        FUSED_THREADS,
+        smem as u32,
+    )?;
     if clusters == 0 {
         return Err(Error::Unsupported(format!(
             "no cluster of {CLUSTER} CTAs with {smem} bytes of shared memory fits on {}",
@@ -1010,12 +1095,32 @@ pub fn backward_into<T: CudaElement>(
         let smem = cluster_smem_bytes(&cfg, shape, layout, esize, Direction::Backward);
         let grid = cluster_grid(dev, &name, smem, n)?;
         let mut args = [
-            arg(&p), arg(&dyp), arg(&xp), arg(&rp), arg(&sp), arg(&hp), arg(&w1), arg(&w2),
-            arg(&dresp), arg(&dxp), arg(&dgp), arg(&dup),
+            arg(&p),
+            arg(&dyp),
+            arg(&xp),
+            arg(&rp),
+            arg(&sp),
+            arg(&hp),
+            arg(&w1),
+            arg(&w2),
+            arg(&dresp),
+            arg(&dxp),
+            arg(&dgp),
+            arg(&dup),
         ];
         // SAFETY: matches se_fused_bwd_*; activations hold n * c * hw elements, s and dg n * c,
         // h and du n * d floats.
-        unsafe { dev.launch(Module::Fused, &name, (grid, 1, 1), (FUSED_THREADS, 1, 1), smem as u32, CLUSTER as u32, &mut args) }?;
+        unsafe {
+            dev.launch(
+                Module::Fused,
+                &name,
+                (grid, 1, 1),
+                (FUSED_THREADS, 1, 1),
+                smem as u32,
+                CLUSTER as u32,
+                &mut args,
+            )
+        }?;
     } else {
         let dz = dev.alloc_zeros::<f32>(n * c)?;
         let dzp = dev.addr(&dz);

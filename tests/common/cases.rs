@@ -10,7 +10,9 @@ use super::{tensor, weights};
 use half::bf16;
 use senet::cuda::{CudaDevice, CudaElement, DeviceTensor};
 use senet::se::check::{self, Observed};
-use senet::se::cuda::{self as secuda, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights, SeOptions, SePath};
+use senet::se::cuda::{
+    self as secuda, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights, SeOptions, SePath,
+};
 use senet::{Activation, Element, Error, Gate, Layout, SeConfig, Shape, Tensor};
 
 /// One configuration to run.
@@ -40,8 +42,17 @@ impl std::fmt::Display for Case {
 /// chunks), auto, and the cluster kernel where available.
 pub fn paths(dev: &CudaDevice) -> Vec<(SePath, SeOptions)> {
     let mut v = vec![
-        (SePath::ThreeKernel, SeOptions::with_path(SePath::ThreeKernel)),
-        (SePath::L2Chunked, SeOptions { path: SePath::L2Chunked, chunk_samples: Some(1) }),
+        (
+            SePath::ThreeKernel,
+            SeOptions::with_path(SePath::ThreeKernel),
+        ),
+        (
+            SePath::L2Chunked,
+            SeOptions {
+                path: SePath::L2Chunked,
+                chunk_samples: Some(1),
+            },
+        ),
         (SePath::Auto, SeOptions::default()),
     ];
     if dev.has_clusters() {
@@ -60,13 +71,25 @@ pub fn cases(layout: Layout, shapes: &[Shape], all_combos_up_to: usize) -> Vec<C
             for bias in [true, false] {
                 for epilogue in [false, true] {
                     let offsets = [[0, 0, 0, 0], [1, 1, 1, 1], [1, 3, 2, 0]][k % 3];
-                    let act = if k % 4 == 3 { Activation::Silu } else { Activation::Relu };
+                    let act = if k % 4 == 3 {
+                        Activation::Silu
+                    } else {
+                        Activation::Relu
+                    };
                     k += 1;
                     // Large shapes: two combinations each, rotating, so all appear overall.
                     if shape.numel() > all_combos_up_to && (k % 4) > 1 {
                         continue;
                     }
-                    out.push(Case { shape, layout, gate, act, bias, epilogue, offsets });
+                    out.push(Case {
+                        shape,
+                        layout,
+                        gate,
+                        act,
+                        bias,
+                        epilogue,
+                        offsets,
+                    });
                 }
             }
         }
@@ -82,10 +105,20 @@ fn f32bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-fn judge(tag: &str, stage: &str, exp: &check::Expected, obs: &Observed, dtype: senet::DType, fails: &mut Vec<String>) {
+fn judge(
+    tag: &str,
+    stage: &str,
+    exp: &check::Expected,
+    obs: &Observed,
+    dtype: senet::DType,
+    fails: &mut Vec<String>,
+) {
     for c in check::compare(exp, obs, dtype) {
         if !c.pass() {
-            fails.push(format!("{tag} {stage} {}: error {:.3e} > {:.0e}", c.what, c.err, c.tol));
+            fails.push(format!(
+                "{tag} {stage} {}: error {:.3e} > {:.0e}",
+                c.what, c.err, c.tol
+            ));
         }
     }
 }
@@ -98,9 +131,10 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
     let d = SeConfig::with_reduction(c, 16).unwrap().hidden;
     let w = weights(c, d, case.bias, case.act, case.gate, seed);
     let x = check::input::<T>(shape, layout, seed + 1).unwrap();
-    let r = case
-        .epilogue
-        .then(|| check::residual_off_kink(&w, &x, check::input::<T>(shape, layout, seed + 2).unwrap()).unwrap());
+    let r = case.epilogue.then(|| {
+        check::residual_off_kink(&w, &x, check::input::<T>(shape, layout, seed + 2).unwrap())
+            .unwrap()
+    });
     let dy = check::input::<T>(shape, layout, seed + 3).unwrap();
     let acc0 = check::input::<T>(shape, layout, seed + 4).unwrap();
     let exp = check::expected(&w, &x, r.as_ref(), &dy).unwrap();
@@ -108,11 +142,15 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
     let [ox, or, ody, oo] = case.offsets;
     let dw = DeviceSeWeights::upload(dev, &w).unwrap();
     let xd = DeviceTensor::from_host_at_offset(dev, &x, ox).unwrap();
-    let rd = r.as_ref().map(|r| DeviceTensor::from_host_at_offset(dev, r, or).unwrap());
+    let rd = r
+        .as_ref()
+        .map(|r| DeviceTensor::from_host_at_offset(dev, r, or).unwrap());
     let dyd = DeviceTensor::from_host_at_offset(dev, &dy, ody).unwrap();
     let mut yd = DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo).unwrap();
     let mut dxd = DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo).unwrap();
-    let mut dresd = r.as_ref().map(|_| DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo + 1).unwrap());
+    let mut dresd = r
+        .as_ref()
+        .map(|_| DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo + 1).unwrap());
     let mut saved = DeviceSeSaved::new(dev, w.config, shape.n).unwrap();
     let mut grads = DeviceSeGrads::new(dev, w.config).unwrap();
 
@@ -123,25 +161,32 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
         for run in 0..2 {
             yd.poison(dev).unwrap();
             saved.poison(dev).unwrap();
-            let ran = match secuda::forward_into(dev, &dw, &xd, rd.as_ref(), &mut yd, &mut saved, opts) {
-                Ok(p) => p,
-                Err(Error::Unsupported(why)) if label == SePath::Cluster => {
-                    if run == 0 {
-                        println!("{tag}: cluster path not available for this shape: {why}");
+            let ran =
+                match secuda::forward_into(dev, &dw, &xd, rd.as_ref(), &mut yd, &mut saved, opts) {
+                    Ok(p) => p,
+                    Err(Error::Unsupported(why)) if label == SePath::Cluster => {
+                        if run == 0 {
+                            println!("{tag}: cluster path not available for this shape: {why}");
+                        }
+                        break;
                     }
-                    break;
-                }
-                Err(e) => {
-                    fails.push(format!("{tag} forward error: {e}"));
-                    break;
-                }
-            };
+                    Err(e) => {
+                        fails.push(format!("{tag} forward error: {e}"));
+                        break;
+                    }
+                };
             if label != SePath::Auto && ran != label {
                 fails.push(format!("{tag} forced path ran as {ran}"));
             }
             let y = yd.to_host(dev).unwrap();
             let sv = saved.download(dev).unwrap();
-            let this_fwd = (bits(&y), f32bits(&sv.s), f32bits(&sv.z), f32bits(&sv.h), f32bits(&sv.u));
+            let this_fwd = (
+                bits(&y),
+                f32bits(&sv.s),
+                f32bits(&sv.z),
+                f32bits(&sv.h),
+                f32bits(&sv.u),
+            );
             if run == 0 {
                 let obs = Observed {
                     y: Some(y.to_f64_vec()),
@@ -163,16 +208,32 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
             if let Some(dr) = dresd.as_mut() {
                 dr.poison(dev).unwrap();
             }
-            if let Err(e) =
-                secuda::backward_into(dev, &dw, &xd, rd.as_ref(), &saved, &dyd, &mut dxd, false, &mut grads, dresd.as_mut(), opts)
-            {
+            if let Err(e) = secuda::backward_into(
+                dev,
+                &dw,
+                &xd,
+                rd.as_ref(),
+                &saved,
+                &dyd,
+                &mut dxd,
+                false,
+                &mut grads,
+                dresd.as_mut(),
+                opts,
+            ) {
                 fails.push(format!("{tag} backward error: {e}"));
                 break;
             }
             let dx = dxd.to_host(dev).unwrap();
             let g = grads.download(dev).unwrap();
             let dres = dresd.as_ref().map(|t| t.to_host(dev).unwrap());
-            let this_bwd = (bits(&dx), f32bits(&g.dw1), f32bits(&g.dw2), g.db1.as_deref().map(f32bits), g.db2.as_deref().map(f32bits));
+            let this_bwd = (
+                bits(&dx),
+                f32bits(&g.dw1),
+                f32bits(&g.dw2),
+                g.db1.as_deref().map(f32bits),
+                g.db2.as_deref().map(f32bits),
+            );
             if run == 0 {
                 let obs = Observed {
                     dx: Some(dx.to_f64_vec()),
@@ -192,11 +253,35 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
             if let Some(dr) = dresd.as_mut() {
                 dr.poison(dev).unwrap();
             }
-            match secuda::backward_into(dev, &dw, &xd, rd.as_ref(), &saved, &dyd, &mut dxa, true, &mut grads, dresd.as_mut(), opts) {
+            match secuda::backward_into(
+                dev,
+                &dw,
+                &xd,
+                rd.as_ref(),
+                &saved,
+                &dyd,
+                &mut dxa,
+                true,
+                &mut grads,
+                dresd.as_mut(),
+                opts,
+            ) {
                 Ok(_) => {
                     let got = dxa.to_host(dev).unwrap().to_f64_vec();
-                    let want: Vec<f64> = exp.backward.dx.iter().zip(acc0.data()).map(|(g, a)| g + a.to_f64()).collect();
-                    let mag: Vec<f64> = exp.mag.dx.iter().zip(acc0.data()).map(|(m, a)| m + a.to_f64().abs()).collect();
+                    let want: Vec<f64> = exp
+                        .backward
+                        .dx
+                        .iter()
+                        .zip(acc0.data())
+                        .map(|(g, a)| g + a.to_f64())
+                        .collect();
+                    let mag: Vec<f64> = exp
+                        .mag
+                        .dx
+                        .iter()
+                        .zip(acc0.data())
+                        .map(|(m, a)| m + a.to_f64().abs())
+                        .collect();
                     let e = check::sum_error(&got, &want, &mag);
                     if e > T::DTYPE.grad_tolerance() {
                         fails.push(format!("{tag} accumulate dx: error {e:.3e}"));
@@ -213,7 +298,11 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
 pub fn run_all<T: CudaElement>(dev: &CudaDevice, label: &str, cases: &[Case], seed: u64) {
     let mut fails = Vec::new();
     for (i, case) in cases.iter().enumerate() {
-        fails.extend(run_case::<T>(dev, *case, seed.wrapping_add(i as u64 * 7919)));
+        fails.extend(run_case::<T>(
+            dev,
+            *case,
+            seed.wrapping_add(i as u64 * 7919),
+        ));
     }
     println!(
         "{label} {}: {} cases x {} paths on {}, {} failures",
@@ -279,4 +368,3 @@ pub fn invalid_inputs_are_errors(dev: &CudaDevice) {
         assert!(matches!(r, Err(Error::Unsupported(_))), "{:?}", r.err());
     }
 }
-

@@ -83,14 +83,22 @@ struct Timer {
 impl Timer {
     fn new(dev: &Arc<CudaDevice>, n: usize) -> Result<Self> {
         let (Some(ctx), Some(stream)) = (dev.context(), dev.stream()) else {
-            return Err(Error::Unsupported("gpu-bench times a real CUDA device, not the emulator".into()));
+            return Err(Error::Unsupported(
+                "gpu-bench times a real CUDA device, not the emulator".into(),
+            ));
         };
         let mk = || {
             ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| Error::Driver { context: "creating an event".into(), source: e })
+                .map_err(|e| Error::Driver {
+                    context: "creating an event".into(),
+                    source: e,
+                })
         };
         let events = (0..n).map(|_| Ok((mk()?, mk()?))).collect::<Result<_>>()?;
-        Ok(Timer { stream: stream.clone(), events })
+        Ok(Timer {
+            stream: stream.clone(),
+            events,
+        })
     }
 
     /// Median milliseconds of `f(i)` over the timer's iterations (after `warmup` untimed calls).
@@ -110,9 +118,10 @@ impl Timer {
                 source: e,
             })?;
         }
-        stream
-            .synchronize()
-            .map_err(|e| Error::Driver { context: "synchronizing".into(), source: e })?;
+        stream.synchronize().map_err(|e| Error::Driver {
+            context: "synchronizing".into(),
+            source: e,
+        })?;
         let mut t: Vec<f64> = self
             .events
             .iter()

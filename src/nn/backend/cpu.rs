@@ -1,8 +1,8 @@
 //! The fast CPU backend (`f32`): convolutions as im2col + GEMM (the `gemm` crate), every op
 //! multi-threaded with rayon.
 //!
-//! The SE op goes through one adapter (`se_op_forward` / `se_op_backward` below), which for
-//! now calls the reference op (`crate::se::reference`); the fast CPU SE op replaces it there.
+//! The SE op goes through one adapter (`se_op_forward` / `se_op_backward` below) into the fast
+//! CPU SE op, `crate::se::cpu`.
 //!
 //! Work is split one of two ways: with at least as many independent GEMMs (samples x groups)
 //! as threads, each thread takes whole GEMMs and runs them single-threaded; otherwise (batch 1,
@@ -13,7 +13,7 @@ use super::{
     PoolGeom, SeBackward,
 };
 use crate::error::{Error, Result};
-use crate::se::{reference as se_ref, SeGrads, SeWeights};
+use crate::se::{cpu as se_cpu, SeGrads, SeWeights};
 use crate::tensor::{Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -25,13 +25,9 @@ use std::sync::Mutex;
 pub struct Cpu;
 
 /// What the SE op keeps between forward and backward on this backend.
-pub type CpuSeSaved = se_ref::SeSaved;
+pub type CpuSeSaved = se_cpu::CpuSaved;
 
-// ---------------------------------------------------------------------------------------------
-// The SE op adapter. The fast CPU SE op (`crate::se::cpu`) is being written alongside this
-// backend; until it lands, these two functions call the reference op. Switching is a change
-// here only (and of `CpuSeSaved` above).
-// ---------------------------------------------------------------------------------------------
+// The SE op adapter: the fast CPU SE op, with its f32 gradients widened for the network.
 
 /// SE forward for the CPU backend.
 fn se_op_forward(
@@ -39,10 +35,8 @@ fn se_op_forward(
     x: &Tensor<f32>,
     residual: Option<&Tensor<f32>>,
 ) -> Result<(Vec<f32>, CpuSeSaved)> {
-    let f = se_ref::forward(w, x, residual)?;
-    let mut y = overwritten(f.y.len());
-    y.iter_mut().zip(&f.y).for_each(|(o, &v)| *o = v as f32);
-    Ok((y, f.saved))
+    let f = se_cpu::forward(w, x, residual)?;
+    Ok((f.y.into_vec(), f.saved))
 }
 
 /// SE backward for the CPU backend: `(dx, grads, dresidual)`.
@@ -54,9 +48,12 @@ fn se_op_backward(
     saved: &CpuSeSaved,
     dy: &Tensor<f32>,
 ) -> Result<(Vec<f32>, SeGrads<f64>, Option<Vec<f32>>)> {
-    let b = se_ref::backward(w, x, residual, saved, dy)?;
-    let cast = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
-    Ok((cast(b.dx), b.grads, b.dresidual.map(cast)))
+    let b = se_cpu::backward(w, x, residual, saved, dy)?;
+    Ok((
+        b.dx.into_vec(),
+        crate::se::check::widen_grads(&b.grads),
+        b.dresidual.map(Tensor::into_vec),
+    ))
 }
 
 /// `c (m x n) = a (m x k) * b (k x n)` (or `c += ...` with `acc`), each operand given by its
