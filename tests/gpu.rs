@@ -12,7 +12,7 @@ use common::*;
 use half::{bf16, f16};
 use senet::cuda::{CudaElement, DeviceTensor};
 use senet::se::cuda::{self as secuda, DeviceSeWeights, SeOptions, SePath};
-use senet::{Activation, Error, Gate, Layout, Shape, Tensor};
+use senet::{Activation, Gate, Layout, Shape, Tensor};
 
 fn unfriendly_shapes() -> Vec<Shape> {
     vec![

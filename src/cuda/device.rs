@@ -273,6 +273,7 @@ impl CudaDevice {
     /// # Safety
     /// `args` must point to values whose types and order match the kernel's parameters, and
     /// every device address among them must cover what the kernel reads and writes.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn launch(
         &self,
         module: Module,

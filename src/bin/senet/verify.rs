@@ -1,11 +1,17 @@
 //! `senet verify`: every backend against the f64 reference on fresh random inputs, and the
 //! reference's gradients against finite differences. Exits non-zero on any failure.
+//!
+//! Backends: `reference` (its gradients by central differences), `cpu` (the fast CPU path),
+//! `cuda` (every GPU path, when a device is present) and `emulator` (the same kernels on the
+//! CPU emulator). Outputs and gradients are judged by `senet::se::check` with DESIGN.md's
+//! tolerances.
 
 use half::{bf16, f16};
 use senet::cuda::{CudaDevice, CudaElement, DeviceTensor};
+use senet::se::check::{self, Check, Observed};
 use senet::se::cuda::{self as secuda, DeviceSeWeights, SeOptions, SePath};
 use senet::se::gradcheck::finite_differences;
-use senet::se::reference;
+use senet::se::{cpu, reference};
 use senet::{
     rel_l2_error, Activation, DType, Element, Error, Gate, Init, Layout, Result, SeConfig,
     SeWeights, Shape, Tensor,
@@ -24,20 +30,13 @@ pub struct Args {
     /// Layouts.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["nchw".to_string(), "nhwc".to_string()])]
     layouts: Vec<String>,
-    /// Backends: reference (finite differences), cuda (when a device is present).
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["reference".to_string(), "cuda".to_string()])]
+    /// Backends: reference (finite differences), cpu, cuda (when a device is present),
+    /// emulator (the CUDA kernels on the CPU emulator), or all.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["all".to_string()])]
     backends: Vec<String>,
     /// Seed (default: fresh each run, printed).
     #[arg(long)]
     seed: Option<u64>,
-}
-
-/// One checked quantity.
-struct Check {
-    what: &'static str,
-    got: Vec<f64>,
-    want: Vec<f64>,
-    tol: f64,
 }
 
 struct Row {
@@ -45,42 +44,19 @@ struct Row {
     dtype: String,
     layout: String,
     backend: String,
-    worst: String,
-    err: f64,
-    tol: f64,
-}
-
-impl Row {
-    fn pass(&self) -> bool {
-        self.err <= self.tol
-    }
+    worst: Check,
 }
 
 /// The check with the largest error relative to its tolerance.
-fn worst(checks: &[Check]) -> (&'static str, f64, f64) {
+fn worst(checks: Vec<Check>) -> Check {
     checks
-        .iter()
-        .map(|c| (c.what, rel_l2_error(&c.got, &c.want), c.tol))
-        .max_by(|a, b| (a.1 / a.2).total_cmp(&(b.1 / b.2)))
-        .unwrap_or(("-", 0.0, 1.0))
-}
-
-fn random_weights(
-    c: usize,
-    bias: bool,
-    act: Activation,
-    gate: Gate,
-    seed: u64,
-) -> Result<SeWeights> {
-    let cfg = SeConfig::with_reduction(c, 16)?
-        .bias(bias)
-        .activation(act)
-        .gate(gate);
-    let mut w = SeWeights::init(cfg, Init::PyTorchDefault, seed)?;
-    for v in w.w1.iter_mut().chain(w.w2.iter_mut()) {
-        *v *= 2.0;
-    }
-    Ok(w)
+        .into_iter()
+        .max_by(|a, b| (a.err / a.tol).total_cmp(&(b.err / b.tol)))
+        .unwrap_or(Check {
+            what: "-",
+            err: 0.0,
+            tol: 1.0,
+        })
 }
 
 /// The variants every backend runs: (gate, bias, epilogue, activation).
@@ -99,6 +75,44 @@ fn variants() -> Vec<(Gate, bool, bool, Activation)> {
         }
     }
     v
+}
+
+/// One variant's weights and inputs.
+struct Inputs<T: Element> {
+    w: SeWeights,
+    x: Tensor<T>,
+    r: Option<Tensor<T>>,
+    dy: Tensor<T>,
+    exp: check::Expected,
+}
+
+fn inputs<T: Element>(
+    shape: Shape,
+    layout: Layout,
+    (gate, bias, epilogue, act): (Gate, bool, bool, Activation),
+    seed: u64,
+) -> Result<Inputs<T>> {
+    let cfg = SeConfig::with_reduction(shape.c, 16)?
+        .bias(bias)
+        .activation(act)
+        .gate(gate);
+    let mut w = SeWeights::init(cfg, Init::PyTorchDefault, seed)?;
+    for v in w.w1.iter_mut().chain(w.w2.iter_mut()) {
+        *v *= 2.0;
+    }
+    let x = check::input::<T>(shape, layout, seed + 1)?;
+    let r = if epilogue {
+        Some(check::residual_off_kink(
+            &w,
+            &x,
+            check::input::<T>(shape, layout, seed + 2)?,
+        )?)
+    } else {
+        None
+    };
+    let dy = check::input::<T>(shape, layout, seed + 3)?;
+    let exp = check::expected(&w, &x, r.as_ref(), &dy)?;
+    Ok(Inputs { w, x, r, dy, exp })
 }
 
 fn reference_rows(seed: u64, rows: &mut Vec<Row>) -> Result<()> {
@@ -124,20 +138,17 @@ fn reference_rows(seed: u64, rows: &mut Vec<Row>) -> Result<()> {
         let mut checks = vec![
             Check {
                 what: "dx",
-                got: b.dx,
-                want: fd.dx,
+                err: rel_l2_error(&b.dx, &fd.dx),
                 tol,
             },
             Check {
                 what: "dw1",
-                got: b.grads.dw1,
-                want: fd.grads.dw1,
+                err: rel_l2_error(&b.grads.dw1, &fd.grads.dw1),
                 tol,
             },
             Check {
                 what: "dw2",
-                got: b.grads.dw2,
-                want: fd.grads.dw2,
+                err: rel_l2_error(&b.grads.dw2, &fd.grads.dw2),
                 tol,
             },
         ];
@@ -146,37 +157,69 @@ fn reference_rows(seed: u64, rows: &mut Vec<Row>) -> Result<()> {
             ("db2", b.grads.db2, fd.grads.db2),
             ("dresidual", b.dresidual, fd.dresidual),
         ] {
-            if let (Some(g), Some(f)) = (g, f) {
-                checks.push(Check {
+            match (g, f) {
+                (Some(g), Some(f)) => checks.push(Check {
                     what,
-                    got: g,
-                    want: f,
+                    err: rel_l2_error(&g, &f),
                     tol,
-                });
+                }),
+                (None, None) => {}
+                _ => checks.push(Check {
+                    what,
+                    err: f64::INFINITY,
+                    tol,
+                }),
             }
         }
-        let (name, err, tol) = worst(&checks);
         rows.push(Row {
             shape: shape.to_string(),
             dtype: "f64".into(),
             layout: "nchw".into(),
             backend: format!(
-                "reference vs finite diff ({gate}, {act}, bias={bias}, epilogue={epilogue})"
+                "reference vs finite differences ({gate}, {act}, bias={bias}, epilogue={epilogue})"
             ),
-            worst: name.into(),
-            err,
-            tol,
+            worst: worst(checks),
         });
     }
     Ok(())
 }
 
-fn f64s(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
+fn cpu_rows<T: Element>(
+    shape: Shape,
+    layout: Layout,
+    seed: u64,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let mut all = Vec::new();
+    for (k, v) in variants().into_iter().enumerate() {
+        let i = inputs::<T>(shape, layout, v, seed.wrapping_add(k as u64 * 131))?;
+        let f = cpu::forward(&i.w, &i.x, i.r.as_ref())?;
+        let b = cpu::backward(&i.w, &i.x, i.r.as_ref(), &f.saved, &i.dy)?;
+        let obs = Observed {
+            y: Some(f.y.to_f64_vec()),
+            z: Some(check::widen(&f.saved.z)),
+            h: Some(check::widen(&f.saved.h)),
+            u: Some(check::widen(&f.saved.u)),
+            s: Some(check::widen(&f.saved.s)),
+            dx: Some(b.dx.to_f64_vec()),
+            grads: Some(check::widen_grads(&b.grads)),
+            dresidual: b.dresidual.as_ref().map(Tensor::to_f64_vec),
+        };
+        all.extend(check::compare(&i.exp, &obs, T::DTYPE));
+    }
+    rows.push(Row {
+        shape: shape.to_string(),
+        dtype: T::DTYPE.to_string(),
+        layout: layout.to_string(),
+        backend: "cpu".into(),
+        worst: worst(all),
+    });
+    Ok(())
 }
 
 fn cuda_rows<T: CudaElement>(
     dev: &CudaDevice,
+    label: &str,
     shape: Shape,
     layout: Layout,
     seed: u64,
@@ -186,27 +229,21 @@ fn cuda_rows<T: CudaElement>(
     if dev.has_clusters() {
         paths.push(SePath::Cluster);
     }
+    let cases: Vec<Inputs<T>> = variants()
+        .into_iter()
+        .enumerate()
+        .map(|(k, v)| inputs::<T>(shape, layout, v, seed.wrapping_add(k as u64 * 131)))
+        .collect::<Result<_>>()?;
     for path in paths {
         let mut all = Vec::new();
-        for (k, (gate, bias, epilogue, act)) in variants().into_iter().enumerate() {
-            let s = seed.wrapping_add(k as u64 * 131);
-            let w = random_weights(shape.c, bias, act, gate, s)?;
-            let x = Tensor::<T>::random(shape, layout, s + 1)?;
-            let r = if epilogue {
-                Some(Tensor::<T>::random(shape, layout, s + 2)?)
-            } else {
-                None
-            };
-            let dy = Tensor::<T>::random(shape, layout, s + 3)?;
-            let rf = reference::forward(&w, &x, r.as_ref())?;
-            let rb = reference::backward(&w, &x, r.as_ref(), &rf.saved, &dy)?;
-            let dw = DeviceSeWeights::upload(dev, &w)?;
-            let xd = DeviceTensor::from_host(dev, &x)?;
-            let rd = r
-                .as_ref()
-                .map(|t| DeviceTensor::from_host(dev, t))
-                .transpose()?;
-            let dyd = DeviceTensor::from_host(dev, &dy)?;
+        for i in &cases {
+            let dw = DeviceSeWeights::upload(dev, &i.w)?;
+            let xd = DeviceTensor::from_host(dev, &i.x)?;
+            let rd =
+                i.r.as_ref()
+                    .map(|t| DeviceTensor::from_host(dev, t))
+                    .transpose()?;
+            let dyd = DeviceTensor::from_host(dev, &i.dy)?;
             let opts = SeOptions {
                 path,
                 chunk_samples: (path == SePath::L2Chunked).then_some(1),
@@ -217,76 +254,39 @@ fn cuda_rows<T: CudaElement>(
             };
             let back = secuda::backward(dev, &dw, &xd, rd.as_ref(), &out.saved, &dyd, opts)?;
             let sv = out.saved.download(dev)?;
-            let g = back.grads.download(dev)?;
-            let (ty, tg) = (T::DTYPE.output_tolerance(), T::DTYPE.grad_tolerance());
-            all.push(Check {
-                what: "y",
-                got: out.y.to_host(dev)?.to_f64_vec(),
-                want: rf.y,
-                tol: ty,
-            });
-            all.push(Check {
-                what: "s",
-                got: f64s(&sv.s),
-                want: rf.saved.s,
-                tol: 1e-5,
-            });
-            all.push(Check {
-                what: "dx",
-                got: back.dx.to_host(dev)?.to_f64_vec(),
-                want: rb.dx,
-                tol: tg,
-            });
-            all.push(Check {
-                what: "dw1",
-                got: f64s(&g.dw1),
-                want: rb.grads.dw1,
-                tol: 1e-4,
-            });
-            all.push(Check {
-                what: "dw2",
-                got: f64s(&g.dw2),
-                want: rb.grads.dw2,
-                tol: 1e-4,
-            });
-            if let (Some(a), Some(b)) = (&g.db1, rb.grads.db1) {
-                all.push(Check {
-                    what: "db1",
-                    got: f64s(a),
-                    want: b,
-                    tol: 1e-4,
-                });
-            }
-            if let (Some(a), Some(b)) = (&g.db2, rb.grads.db2) {
-                all.push(Check {
-                    what: "db2",
-                    got: f64s(a),
-                    want: b,
-                    tol: 1e-4,
-                });
-            }
-            if let (Some(a), Some(b)) = (&back.dresidual, rb.dresidual) {
-                all.push(Check {
-                    what: "dresidual",
-                    got: a.to_host(dev)?.to_f64_vec(),
-                    want: b,
-                    tol: tg,
-                });
-            }
+            let obs = Observed {
+                y: Some(out.y.to_host(dev)?.to_f64_vec()),
+                z: Some(check::widen(&sv.z)),
+                h: Some(check::widen(&sv.h)),
+                u: Some(check::widen(&sv.u)),
+                s: Some(check::widen(&sv.s)),
+                dx: Some(back.dx.to_host(dev)?.to_f64_vec()),
+                grads: Some(check::widen_grads(&back.grads.download(dev)?)),
+                dresidual: back
+                    .dresidual
+                    .as_ref()
+                    .map(|t| t.to_host(dev).map(|h| h.to_f64_vec()))
+                    .transpose()?,
+            };
+            all.extend(check::compare(&i.exp, &obs, T::DTYPE));
         }
         if all.is_empty() {
             continue;
         }
-        let (name, err, tol) = worst(&all);
         rows.push(Row {
             shape: shape.to_string(),
             dtype: T::DTYPE.to_string(),
             layout: layout.to_string(),
-            backend: format!("cuda {path}"),
-            worst: name.into(),
-            err,
-            tol,
+            backend: format!("{label} {path}"),
+            worst: worst(all),
         });
+    }
+    Ok(())
+}
+
+fn each_dtype(dtypes: &[DType], mut f: impl FnMut(DType) -> Result<()>) -> Result<()> {
+    for &d in dtypes {
+        f(d)?;
     }
     Ok(())
 }
@@ -314,35 +314,46 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if want("reference") {
         reference_rows(seed, &mut rows)?;
     }
+    let mut devices = Vec::new();
     if want("cuda") {
         match CudaDevice::new(0) {
-            Ok(dev) => {
-                for &shape in &shapes {
-                    for &dtype in &dtypes {
-                        for &layout in &layouts {
-                            match dtype {
-                                DType::F32 => {
-                                    cuda_rows::<f32>(&dev, shape, layout, seed, &mut rows)?
-                                }
-                                DType::F16 => {
-                                    cuda_rows::<f16>(&dev, shape, layout, seed, &mut rows)?
-                                }
-                                DType::BF16 => {
-                                    cuda_rows::<bf16>(&dev, shape, layout, seed, &mut rows)?
-                                }
-                                DType::F64 => {}
-                            }
-                        }
-                    }
-                }
-            }
+            Ok(dev) => devices.push(("cuda", dev)),
             Err(e) if e.is_no_gpu() => println!("cuda: skipped ({e})"),
             Err(e) => return Err(e),
         }
     }
-    println!(
-        "| shape | dtype | layout | backend | worst check | rel. error | tolerance | result |"
-    );
+    if want("emulator") {
+        match CudaDevice::emulator() {
+            Ok(dev) => devices.push(("emulated cuda", dev)),
+            Err(e) => println!("emulator: skipped ({e})"),
+        }
+    }
+    for &shape in &shapes {
+        for &layout in &layouts {
+            each_dtype(&dtypes, |dtype| {
+                if want("cpu") {
+                    match dtype {
+                        DType::F32 => cpu_rows::<f32>(shape, layout, seed, &mut rows)?,
+                        DType::F16 => cpu_rows::<f16>(shape, layout, seed, &mut rows)?,
+                        DType::BF16 => cpu_rows::<bf16>(shape, layout, seed, &mut rows)?,
+                        DType::F64 => {}
+                    }
+                }
+                for (label, dev) in &devices {
+                    match dtype {
+                        DType::F32 => cuda_rows::<f32>(dev, label, shape, layout, seed, &mut rows)?,
+                        DType::F16 => cuda_rows::<f16>(dev, label, shape, layout, seed, &mut rows)?,
+                        DType::BF16 => {
+                            cuda_rows::<bf16>(dev, label, shape, layout, seed, &mut rows)?
+                        }
+                        DType::F64 => {}
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+    println!("| shape | dtype | layout | backend | worst check | error | tolerance | result |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
@@ -351,15 +362,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
             r.dtype,
             r.layout,
             r.backend,
-            r.worst,
-            r.err,
-            r.tol,
-            if r.pass() { "pass" } else { "FAIL" }
+            r.worst.what,
+            r.worst.err,
+            r.worst.tol,
+            if r.worst.pass() { "pass" } else { "FAIL" }
         );
     }
-    let failed = rows.iter().filter(|r| !r.pass()).count();
-    println!("{} checks, {} failed", rows.len(), failed);
-    let _ = <f32 as Element>::DTYPE;
+    let failed = rows.iter().filter(|r| !r.worst.pass()).count();
+    println!("{} rows, {} failed", rows.len(), failed);
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
