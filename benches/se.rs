@@ -7,16 +7,26 @@
 //! (read x, write y), backward 3N (read dy and x, write dx), N = tensor bytes.
 //!
 //! The reference (the f64 oracle, plain loops) runs at batch 1 only: at batch 32 one call takes
-//! seconds. A CUDA backend joins as one more [`Backend`] variant whose `skip` says why it cannot
-//! run here (no device, no kernels built).
+//! seconds. The CUDA backend runs when a device is present (each iteration waits for the
+//! stream); without one its `skip` says why. `senet gpu-bench` is the finer GPU measurement
+//! (CUDA events, rotating inputs, every path, a copy of the same bytes in the same run).
 //!
 //! `cargo bench --bench se -- --quick` runs the whole suite in a few minutes.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
+use senet::cuda::{CudaDevice, CudaElement, DeviceTensor};
+use senet::se::cuda::{self as secuda, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights, SeOptions};
 use senet::se::{cpu, reference};
 use senet::{Element, Init, Layout, SeConfig, SeWeights, Shape, Tensor};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+/// The CUDA device, opened once (None without one).
+fn gpu() -> Option<&'static Arc<CudaDevice>> {
+    static DEV: OnceLock<Option<Arc<CudaDevice>>> = OnceLock::new();
+    DEV.get_or_init(|| CudaDevice::new(0).ok()).as_ref()
+}
 
 /// ResNet-50's SE stage shapes (C, H, W).
 const STAGES: [(usize, usize, usize); 4] =
@@ -27,15 +37,17 @@ const BATCHES: [usize; 2] = [32, 1];
 enum Backend {
     Reference,
     Cpu,
+    Cuda,
 }
 
 impl Backend {
-    const ALL: [Backend; 2] = [Backend::Cpu, Backend::Reference];
+    const ALL: [Backend; 3] = [Backend::Cuda, Backend::Cpu, Backend::Reference];
 
     fn name(self) -> &'static str {
         match self {
             Backend::Reference => "reference",
             Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
         }
     }
 
@@ -43,6 +55,7 @@ impl Backend {
     fn skip(self, shape: Shape) -> Option<&'static str> {
         match self {
             Backend::Reference if shape.n > 1 => Some("the f64 reference runs at batch 1 only"),
+            Backend::Cuda if gpu().is_none() => Some("no CUDA device (or no kernels built)"),
             _ => None,
         }
     }
@@ -72,7 +85,7 @@ impl<T: Element> Case<T> {
     }
 }
 
-fn bench_one<T: Element>(
+fn bench_one<T: CudaElement>(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     backend: Backend,
     dir: Direction,
@@ -110,6 +123,32 @@ fn bench_one<T: Element>(
             let saved = reference::forward(w, x, None).expect("forward").saved;
             g.bench_function(id, |b| {
                 b.iter(|| reference::backward(w, x, None, &saved, dy).expect("backward"))
+            });
+        }
+        (Backend::Cuda, dir) => {
+            let dev = gpu().expect("skip() checked the device");
+            let dw = DeviceSeWeights::upload(dev, w).expect("weights");
+            let xd = DeviceTensor::from_host(dev, x).expect("x");
+            let dyd = DeviceTensor::from_host(dev, dy).expect("dy");
+            let mut out = DeviceTensor::<T>::zeros(dev, shape, layout).expect("y");
+            let mut saved = DeviceSeSaved::new(dev, w.config, shape.n).expect("saved");
+            let mut grads = DeviceSeGrads::new(dev, w.config).expect("grads");
+            let opts = SeOptions::default();
+            secuda::forward_into(dev, &dw, &xd, None, &mut out, &mut saved, opts).expect("forward");
+            g.bench_function(id, |b| {
+                b.iter(|| {
+                    match dir {
+                        Direction::Fwd => {
+                            secuda::forward_into(dev, &dw, &xd, None, &mut out, &mut saved, opts)
+                        }
+                        Direction::Bwd => secuda::backward_into(
+                            dev, &dw, &xd, None, &saved, &dyd, &mut out, false, &mut grads, None,
+                            opts,
+                        ),
+                    }
+                    .expect("cuda");
+                    dev.synchronize().expect("synchronize");
+                })
             });
         }
     }
