@@ -148,9 +148,10 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
     let dyd = DeviceTensor::from_host_at_offset(dev, &dy, ody).unwrap();
     let mut yd = DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo).unwrap();
     let mut dxd = DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo).unwrap();
+    // d residual shares the outputs' alignment, so its 16-byte store paths run too.
     let mut dresd = r
         .as_ref()
-        .map(|_| DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo + 1).unwrap());
+        .map(|_| DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo).unwrap());
     let mut saved = DeviceSeSaved::new(dev, w.config, shape.n).unwrap();
     let mut grads = DeviceSeGrads::new(dev, w.config).unwrap();
 
@@ -158,6 +159,7 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
         let tag = format!("[{} {} {case}]", T::DTYPE, label);
         let mut fwd_bits = None;
         let mut bwd_bits = None;
+        let mut backward_ran = true;
         for run in 0..2 {
             yd.poison(dev).unwrap();
             saved.poison(dev).unwrap();
@@ -208,7 +210,7 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
             if let Some(dr) = dresd.as_mut() {
                 dr.poison(dev).unwrap();
             }
-            if let Err(e) = secuda::backward_into(
+            match secuda::backward_into(
                 dev,
                 &dw,
                 &xd,
@@ -221,8 +223,20 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
                 dresd.as_mut(),
                 opts,
             ) {
-                fails.push(format!("{tag} backward error: {e}"));
-                break;
+                Ok(_) => {}
+                // The backward stages dy and x (twice the forward's shared memory): a shape whose
+                // forward fits the cluster path may not fit its backward.
+                Err(Error::Unsupported(why)) if label == SePath::Cluster => {
+                    if run == 0 {
+                        println!("{tag}: cluster backward not available for this shape: {why}");
+                    }
+                    backward_ran = false;
+                    break;
+                }
+                Err(e) => {
+                    fails.push(format!("{tag} backward error: {e}"));
+                    break;
+                }
             }
             let dx = dxd.to_host(dev).unwrap();
             let g = grads.download(dev).unwrap();
@@ -248,7 +262,7 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
             }
         }
         // Accumulating into an existing gradient: dx = acc0 + gradient.
-        if fwd_bits.is_some() {
+        if fwd_bits.is_some() && backward_ran {
             let mut dxa = DeviceTensor::from_host_at_offset(dev, &acc0, oo).unwrap();
             if let Some(dr) = dresd.as_mut() {
                 dr.poison(dev).unwrap();
