@@ -41,6 +41,13 @@ pub(crate) struct Scratch {
     pub(crate) tickets: Option<Buf<u32>>,
 }
 
+/// Per-call intermediates of the SE backward (dg, du, dz), kept between calls. Locked for a
+/// whole backward pass; separate from [`Scratch`], which each launch locks briefly.
+#[derive(Default)]
+pub(crate) struct BackwardScratch {
+    pub(crate) bufs: [Option<Buf<f32>>; 3],
+}
+
 struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -63,6 +70,8 @@ pub struct CudaDevice {
     backend: Backend,
     info: DeviceInfo,
     scratch: Mutex<Scratch>,
+    backward: Mutex<BackwardScratch>,
+    clusters: Mutex<HashMap<(String, u32), usize>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -149,6 +158,8 @@ impl CudaDevice {
             }),
             info,
             scratch: Mutex::new(Scratch::default()),
+            backward: Mutex::new(BackwardScratch::default()),
+            clusters: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -175,6 +186,8 @@ impl CudaDevice {
                 driver_version: 0,
             },
             scratch: Mutex::new(Scratch::default()),
+            backward: Mutex::new(BackwardScratch::default()),
+            clusters: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -323,6 +336,23 @@ impl CudaDevice {
     /// How many clusters of `kernel` with `smem` bytes of dynamic shared memory per CTA can be
     /// resident at once (0 if none fits).
     pub(crate) fn max_active_clusters(
+        &self,
+        module: Module,
+        name: &str,
+        cluster: u32,
+        threads: u32,
+        smem: u32,
+    ) -> Result<usize> {
+        let key = (name.to_string(), smem);
+        if let Some(&n) = lock(&self.clusters).get(&key) {
+            return Ok(n);
+        }
+        let n = self.query_active_clusters(module, name, cluster, threads, smem)?;
+        lock(&self.clusters).insert(key, n);
+        Ok(n)
+    }
+
+    fn query_active_clusters(
         &self,
         module: Module,
         name: &str,
@@ -497,6 +527,20 @@ impl CudaDevice {
             // A device buffer handed to the emulator: no address it could use.
             (Backend::Emulator, Buf::Cuda(_)) => 0,
         }
+    }
+
+    /// Locks the backward's intermediates, growing buffer `i` to at least `lens[i]` floats.
+    pub(crate) fn backward_scratch(
+        &self,
+        lens: [usize; 3],
+    ) -> Result<MutexGuard<'_, BackwardScratch>> {
+        let mut s = lock(&self.backward);
+        for (slot, len) in s.bufs.iter_mut().zip(lens) {
+            if slot.as_ref().is_none_or(|b| b.len() < len.max(1)) {
+                *slot = Some(self.alloc_zeros::<f32>(len.max(1))?);
+            }
+        }
+        Ok(s)
     }
 
     /// Locks the scratch buffers, growing them to at least `ws_floats` partials and `tickets`

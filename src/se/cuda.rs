@@ -1076,9 +1076,12 @@ pub fn backward_into<T: CudaElement>(
         dev.addr(&saved.u),
         dev.addr(&saved.s),
     );
-    let dg = dev.alloc_zeros::<f32>(n * c)?;
-    let du = dev.alloc_zeros::<f32>(n * d)?;
-    let (dgp, dup) = (dev.addr(&dg), dev.addr(&du));
+    // dg [n][c], du [n][d], dz [n][c]: every element is written before it is read.
+    let bwd = dev.backward_scratch([n * c, n * d, n * c])?;
+    let [Some(dg), Some(du), Some(dz)] = &bwd.bufs else {
+        return Err(Error::Config("backward scratch was not allocated".into()));
+    };
+    let (dgp, dup) = (dev.addr(dg), dev.addr(du));
 
     if path == SePath::Cluster {
         let mut p = cx.base_params(n);
@@ -1122,8 +1125,7 @@ pub fn backward_into<T: CudaElement>(
             )
         }?;
     } else {
-        let dz = dev.alloc_zeros::<f32>(n * c)?;
-        let dzp = dev.addr(&dz);
+        let dzp = dev.addr(dz);
         let streams = if rp != 0 { 3 } else { 2 };
         let chunk = chunk_samples(dev, shape, esize, streams, &opts, path);
         let per = (shape.sample_numel() * esize) as u64;
@@ -1206,6 +1208,6 @@ pub fn backward_into<T: CudaElement>(
         cx.colsum(dgp, dev.addr(db2), n, c)?;
         cx.colsum(dup, dev.addr(db1), n, d)?;
     }
-    drop((dg, du));
+    drop(bwd);
     Ok(path)
 }

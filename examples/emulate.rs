@@ -1,4 +1,8 @@
-//! Focused emulator check (development aid): one shape, every path, forward z/y errors.
+//! Runs SE forward on the CPU emulator of the kernels for one shape, on the three-kernel and
+//! cluster paths, and prints z and y errors against the reference (a development aid for
+//! kernel work without a GPU).
+//!
+//!     cargo run --release --example emulate -- N C H W OFFSET
 use senet::cuda::{CudaDevice, DeviceTensor};
 use senet::se::check;
 use senet::se::cuda::{self as secuda, DeviceSeWeights, SeOptions, SePath};
