@@ -41,6 +41,16 @@ pub(crate) struct Scratch {
     pub(crate) tickets: Option<Buf<u32>>,
 }
 
+impl Scratch {
+    /// The device addresses of the partials and tickets buffers.
+    pub(crate) fn addrs(&self, dev: &CudaDevice) -> Result<(u64, u64)> {
+        match (&self.ws, &self.tickets) {
+            (Some(ws), Some(t)) => Ok((dev.addr(ws), dev.addr(t))),
+            _ => Err(Error::Config("scratch buffers were not allocated".into())),
+        }
+    }
+}
+
 /// Per-call intermediates of the SE backward (dg, du, dz), kept between calls. Locked for a
 /// whole backward pass; separate from [`Scratch`], which each launch locks briefly.
 #[derive(Default)]

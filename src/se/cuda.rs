@@ -523,12 +523,7 @@ impl Ctx<'_> {
             }
         };
         let scratch = self.dev.scratch(ws, tickets)?;
-        let wsp = self
-            .dev
-            .addr(scratch.ws.as_ref().expect("scratch allocated"));
-        let tkp = self
-            .dev
-            .addr(scratch.tickets.as_ref().expect("tickets allocated"));
+        let (wsp, tkp) = scratch.addrs(self.dev)?;
         let mut args: Vec<*mut c_void> = if grad {
             vec![
                 arg(&p),
@@ -611,12 +606,7 @@ impl Ctx<'_> {
         );
         let ws = if splits > 1 { splits * m * n } else { 0 };
         let scratch = self.dev.scratch(ws, grid.0 as usize * grid.1 as usize)?;
-        let wsp = self
-            .dev
-            .addr(scratch.ws.as_ref().expect("scratch allocated"));
-        let tkp = self
-            .dev
-            .addr(scratch.tickets.as_ref().expect("tickets allocated"));
+        let (wsp, tkp) = scratch.addrs(self.dev)?;
         let mut args = [
             arg(&p),
             arg(&a),
