@@ -109,6 +109,22 @@ impl Shape {
     }
 }
 
+impl std::str::FromStr for Shape {
+    type Err = Error;
+    /// Parses `NxCxHxW` (as printed by `Display`), validated.
+    fn from_str(s: &str) -> Result<Self> {
+        let dims: Vec<usize> = s
+            .split('x')
+            .map(|d| d.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::Config(format!("shape `{s}`: expected NxCxHxW")))?;
+        match dims[..] {
+            [n, c, h, w] => Shape::try_new(n, c, h, w),
+            _ => Err(Error::Config(format!("shape `{s}`: expected NxCxHxW"))),
+        }
+    }
+}
+
 impl fmt::Display for Shape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}x{}x{}x{}", self.n, self.c, self.h, self.w)
@@ -436,6 +452,16 @@ mod tests {
         assert!(Shape::try_new(1, 3, 4, 0).is_err());
         assert!(Shape::try_new(usize::MAX, 2, 1, 1).is_err());
         assert!(Shape::try_new(2, 3, 4, 5).is_ok());
+    }
+
+    #[test]
+    fn shapes_parse_and_print() {
+        let s: Shape = "2x3x4x5".parse().unwrap();
+        assert_eq!(s, Shape::new(2, 3, 4, 5));
+        assert_eq!(s.to_string().parse::<Shape>().unwrap(), s);
+        assert!("2x3x4".parse::<Shape>().is_err());
+        assert!("2x0x4x5".parse::<Shape>().is_err());
+        assert!("2xax4x5".parse::<Shape>().is_err());
     }
 
     #[test]

@@ -61,15 +61,7 @@ struct ShapeArg(Shape);
 impl FromStr for ShapeArg {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let dims: Vec<usize> = s
-            .split('x')
-            .map(|d| d.trim().parse::<usize>())
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|_| Error::Config(format!("shape `{s}`: expected NxCxHxW")))?;
-        match dims[..] {
-            [n, c, h, w] => Ok(ShapeArg(Shape::try_new(n, c, h, w)?)),
-            _ => Err(Error::Config(format!("shape `{s}`: expected NxCxHxW"))),
-        }
+        s.parse().map(ShapeArg)
     }
 }
 

@@ -59,22 +59,6 @@ fn default_shapes() -> Vec<Shape> {
     v
 }
 
-/// Parses `NxCxHxW`.
-pub fn parse_shape(s: &str) -> Result<Shape> {
-    let d: Vec<usize> = s
-        .split('x')
-        .map(|t| {
-            t.trim()
-                .parse()
-                .map_err(|_| Error::Config(format!("bad shape `{s}` (NxCxHxW)")))
-        })
-        .collect::<Result<_>>()?;
-    if d.len() != 4 {
-        return Err(Error::Config(format!("bad shape `{s}` (NxCxHxW)")));
-    }
-    Shape::try_new(d[0], d[1], d[2], d[3])
-}
-
 struct Timer {
     stream: Arc<cudarc::driver::CudaStream>,
     events: Vec<(CudaEvent, CudaEvent)>,
@@ -280,7 +264,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     } else {
         args.shapes
             .iter()
-            .map(|s| parse_shape(s))
+            .map(|s| s.parse())
             .collect::<Result<_>>()?
     };
     let dtypes: Vec<DType> = args

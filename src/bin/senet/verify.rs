@@ -297,7 +297,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let shapes: Vec<Shape> = args
         .shapes
         .iter()
-        .map(|s| crate::gpu_bench::parse_shape(s))
+        .map(|s| s.parse())
         .collect::<Result<_>>()?;
     let dtypes: Vec<DType> = args
         .dtypes
