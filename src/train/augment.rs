@@ -119,6 +119,25 @@ impl Augment {
     /// Checks the sizes (non-zero; the crop fits every resize) and that `mean` and `std` have
     /// one positive-std entry per channel.
     pub fn validate(&self, channels: usize) -> Result<()> {
+        self.validate_sizes()?;
+        if self.mean.len() != channels || self.std.len() != channels {
+            return Err(Error::Config(format!(
+                "normalisation has {} means and {} stds for {channels} channels",
+                self.mean.len(),
+                self.std.len()
+            )));
+        }
+        if self.std.iter().any(|&s| s.is_nan() || s <= 0.0) {
+            return Err(Error::Config(format!(
+                "normalisation stds must be positive: {:?}",
+                self.std
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks the sizes: a positive crop that fits every training and evaluation resize.
+    pub fn validate_sizes(&self) -> Result<()> {
         if self.crop == 0 {
             return Err(Error::Config("crop size must be positive".into()));
         }
@@ -132,19 +151,6 @@ impl Augment {
             return Err(Error::Config(format!(
                 "evaluation resize {} is smaller than the crop {}",
                 self.eval_resize, self.crop
-            )));
-        }
-        if self.mean.len() != channels || self.std.len() != channels {
-            return Err(Error::Config(format!(
-                "normalisation has {} means and {} stds for {channels} channels",
-                self.mean.len(),
-                self.std.len()
-            )));
-        }
-        if self.std.iter().any(|&s| s.is_nan() || s <= 0.0) {
-            return Err(Error::Config(format!(
-                "normalisation stds must be positive: {:?}",
-                self.std
             )));
         }
         Ok(())
@@ -167,36 +173,61 @@ impl Augment {
 
     /// Draws a training crop for an `h x w` image: a shorter side uniform in
     /// `[scale_min, scale_max]`, a crop position uniform over the resized image, and each
-    /// enabled flip with probability 1/2.
-    pub fn train_params(&self, size: (usize, usize), rng: &mut SeedRng) -> CropParams {
+    /// enabled flip with probability 1/2. An error if the sizes are invalid
+    /// ([`Augment::validate_sizes`]) or the image is empty.
+    pub fn train_params(&self, size: (usize, usize), rng: &mut SeedRng) -> Result<CropParams> {
+        self.check_image(size)?;
         let side = rng.gen_range(self.scale_min..=self.scale_max);
         let scaled = Augment::resized(size, side);
         let oy = rng.gen_range(0..=scaled.0 - self.crop);
         let ox = rng.gen_range(0..=scaled.1 - self.crop);
         let hflip = self.hflip && rng.gen_bool(0.5);
         let vflip = self.vflip && rng.gen_bool(0.5);
-        CropParams {
+        Ok(CropParams {
             scaled,
             offset: (oy, ox),
             hflip,
             vflip,
-        }
+        })
     }
 
     /// The evaluation crop: shorter side resized to `eval_resize`, centred crop, no flips.
-    pub fn eval_params(&self, size: (usize, usize)) -> CropParams {
+    /// Errors as [`Augment::train_params`].
+    pub fn eval_params(&self, size: (usize, usize)) -> Result<CropParams> {
+        self.check_image(size)?;
         let scaled = Augment::resized(size, self.eval_resize);
-        CropParams {
+        Ok(CropParams {
             scaled,
             offset: ((scaled.0 - self.crop) / 2, (scaled.1 - self.crop) / 2),
             hflip: false,
             vflip: false,
+        })
+    }
+
+    fn check_image(&self, (h, w): (usize, usize)) -> Result<()> {
+        self.validate_sizes()?;
+        if h == 0 || w == 0 {
+            return Err(Error::Shape(format!("image {h}x{w} is empty")));
         }
+        Ok(())
     }
 
     /// Renders the crop `p` of `img` into `out` (`channels x crop x crop`), normalised.
     pub fn render(&self, img: &Image, p: &CropParams, out: &mut [f32]) -> Result<()> {
         self.validate(img.channels)?;
+        // The fields are public: check the image is consistent before indexing it.
+        if img.height == 0
+            || img.width == 0
+            || img.data.len() != img.channels * img.height * img.width
+        {
+            return Err(Error::Shape(format!(
+                "image {}x{}x{} holds {} bytes",
+                img.channels,
+                img.height,
+                img.width,
+                img.data.len()
+            )));
+        }
         let c = self.crop;
         if out.len() != self.sample_len(img.channels) {
             return Err(Error::Length {
@@ -249,13 +280,13 @@ impl Augment {
 
     /// A training sample: [`Augment::train_params`] then [`Augment::render`].
     pub fn train_sample(&self, img: &Image, rng: &mut SeedRng, out: &mut [f32]) -> Result<()> {
-        let p = self.train_params((img.height, img.width), rng);
+        let p = self.train_params((img.height, img.width), rng)?;
         self.render(img, &p, out)
     }
 
     /// An evaluation sample: [`Augment::eval_params`] then [`Augment::render`].
     pub fn eval_sample(&self, img: &Image, out: &mut [f32]) -> Result<()> {
-        let p = self.eval_params((img.height, img.width));
+        let p = self.eval_params((img.height, img.width))?;
         self.render(img, &p, out)
     }
 }

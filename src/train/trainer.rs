@@ -15,7 +15,7 @@
 //!   order that work stealing decides, so two runs, resumed or not, agree only to rounding).
 
 use crate::error::{Error, Result};
-use crate::nn::{models, Backend, Mode, Network, SeOptions, SePosition};
+use crate::nn::{models, Backend, Mode, Network, SeOptions, SePosition, Stem};
 use crate::train::augment::Augment;
 use crate::train::data::{DataSpec, DataSplit, Dataset, Subset};
 use crate::train::loader::{epoch_order, num_batches, Loader, Sampling};
@@ -144,6 +144,14 @@ pub struct ModelSpec {
     /// (PyTorch shows the same). ResNet-family models only.
     #[serde(default)]
     pub zero_init_last: bool,
+    /// Blocks in every stage, replacing the model's (1 makes the CIFAR-style ResNet-20 a
+    /// ResNet-8); ResNet-family models only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<usize>,
+    /// Width of the stem and the first stage, each later stage doubling it, replacing the
+    /// model's (16 for the CIFAR-style models); ResNet-family models only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
 }
 
 impl ModelSpec {
@@ -153,6 +161,8 @@ impl ModelSpec {
             name: name.into(),
             se: None,
             zero_init_last: false,
+            blocks: None,
+            width: None,
         }
     }
 
@@ -165,6 +175,17 @@ impl ModelSpec {
             cfg.num_classes = classes;
             cfg.input_size = (crop, crop);
             cfg.zero_init_last = self.zero_init_last;
+            if let Some(b) = self.blocks {
+                cfg.layers = vec![b; cfg.layers.len()];
+            }
+            if let Some(w) = self.width {
+                cfg.channels = (0..cfg.channels.len()).map(|i| w << i).collect();
+                cfg.stem = match cfg.stem {
+                    Stem::Conv7 { .. } => Stem::Conv7 { width: w },
+                    Stem::Conv3 { .. } => Stem::Conv3 { width: w },
+                    Stem::Deep { .. } => Stem::Deep { width: w },
+                };
+            }
             if let Some(se) = &self.se {
                 if se.len() != cfg.layers.len() {
                     return Err(Error::Config(format!(
@@ -181,9 +202,9 @@ impl ModelSpec {
             }
             return cfg.build(&self.name);
         }
-        if self.se.is_some() {
+        if self.se.is_some() || self.blocks.is_some() || self.width.is_some() {
             return Err(Error::Config(format!(
-                "`{}` is not a ResNet-family model; SE cannot be set per stage",
+                "`{}` is not a ResNet-family model; SE per stage, blocks and width cannot be set",
                 self.name
             )));
         }

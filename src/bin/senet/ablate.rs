@@ -32,6 +32,12 @@ pub struct Args {
     /// paper).
     #[arg(long)]
     zero_init_last: bool,
+    /// Blocks per stage, replacing the model's (ResNet family; 1 turns ResNet-20 into ResNet-8).
+    #[arg(long)]
+    blocks: Option<usize>,
+    /// Stem and first-stage width, doubling per stage, replacing the model's (ResNet family).
+    #[arg(long)]
+    width: Option<usize>,
     #[command(flatten)]
     recipe: Recipe,
     /// Output folder [default: runs/ablate-<UTC time>].
@@ -114,6 +120,8 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
             name: args.model.clone(),
             se: Some(v.se.iter().map(|s| s.map(SeSpec::from_options)).collect()),
             zero_init_last: args.zero_init_last,
+            blocks: args.blocks,
+            width: args.width,
         };
         let config = args.recipe.config(spec, &split, EPOCHS, BATCH);
         first_config.get_or_insert_with(|| config.clone());

@@ -167,6 +167,12 @@ pub struct Args {
     /// paper).
     #[arg(long)]
     zero_init_last: bool,
+    /// Blocks per stage, replacing the model's (ResNet family; 1 turns ResNet-20 into ResNet-8).
+    #[arg(long)]
+    blocks: Option<usize>,
+    /// Stem and first-stage width, doubling per stage, replacing the model's (ResNet family).
+    #[arg(long)]
+    width: Option<usize>,
     #[command(flatten)]
     recipe: Recipe,
     /// Run folder name under runs/ [default: <UTC time>-<model>].
@@ -346,6 +352,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let split = args.recipe.data.load()?;
             let model = ModelSpec {
                 zero_init_last: args.zero_init_last,
+                blocks: args.blocks,
+                width: args.width,
                 ..ModelSpec::named(&args.model)
             };
             let config = args
