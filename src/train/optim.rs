@@ -26,7 +26,7 @@ pub struct Sgd {
 impl Sgd {
     /// An optimiser with no momentum history yet.
     pub fn new(momentum: f32, weight_decay: f32) -> Result<Self> {
-        if !(0.0..1.0).contains(&momentum) || !(weight_decay >= 0.0) {
+        if !(0.0..1.0).contains(&momentum) || weight_decay.is_nan() || weight_decay < 0.0 {
             return Err(Error::Config(format!(
                 "momentum {momentum} must be in [0, 1) and weight decay {weight_decay} >= 0"
             )));

@@ -498,7 +498,7 @@ mod tests {
         let px = vec![0u8, 255, 0, 255, 10, 10, 10, 10];
         assert!(InMemory::new("t", (1, 2, 2), 2, px.clone(), vec![0]).is_err());
         assert!(InMemory::new("t", (1, 2, 2), 2, px.clone(), vec![0, 2]).is_err());
-        let m = InMemory::new("t", (2, 1, 2), 2, px.clone(), vec![1]).unwrap();
+        let m = InMemory::new("t", (2, 1, 2), 2, px[2..6].to_vec(), vec![1]).unwrap();
         let (mean, std) = m.channel_stats();
         assert!((mean[0] - 0.5).abs() < 1e-6 && (std[0] - 0.5).abs() < 1e-6);
         assert!((mean[1] - 10.0 / 255.0).abs() < 1e-6 && std[1] <= 1e-3);
