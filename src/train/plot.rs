@@ -45,6 +45,22 @@ fn font_ready() -> Result<()> {
     }
 }
 
+/// 1-2-5 ticks from `lo` to `hi`.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut t = Vec::new();
+    let mut decade = 10f64.powi(lo.log10().floor() as i32);
+    while decade <= hi {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * decade;
+            if v >= lo && v <= hi {
+                t.push(v);
+            }
+        }
+        decade *= 10.0;
+    }
+    t
+}
+
 fn plot_err<E: std::fmt::Debug>(e: E) -> Error {
     Error::Format(format!("drawing the chart: {e:?}"))
 }
@@ -95,13 +111,30 @@ pub fn curves(series: &[Series], title: &str, path: &Path) -> Result<()> {
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(1f64..max_epoch, (lo..hi).log_scale())
+            .build_cartesian_2d(
+                1f64..max_epoch,
+                (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
+            )
             .map_err(plot_err)?;
+        let epochs = max_epoch as usize;
+        let x_fmt = |v: &f64| format!("{v:.0}");
+        let y_fmt = |v: &f64| {
+            if *v >= 10.0 {
+                format!("{v:.0}")
+            } else if *v >= 1.0 {
+                format!("{v:.1}")
+            } else {
+                format!("{v:.2}")
+            }
+        };
         err_chart
             .configure_mesh()
             .x_desc("epoch")
-            .y_desc("top-1 error (%)")
-            .y_label_formatter(&|v| format!("{v:.2}"))
+            .y_desc("top-1 error (%), log scale")
+            .x_labels(epochs)
+            .x_label_formatter(&x_fmt)
+            .y_label_formatter(&y_fmt)
+            .light_line_style(WHITE)
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(plot_err)?;
@@ -115,6 +148,9 @@ pub fn curves(series: &[Series], title: &str, path: &Path) -> Result<()> {
             .configure_mesh()
             .x_desc("epoch")
             .y_desc("loss")
+            .x_labels(epochs)
+            .x_label_formatter(&x_fmt)
+            .light_line_style(WHITE)
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(plot_err)?;
