@@ -455,6 +455,22 @@ pub fn evaluate<B: Backend<f32>>(
     })
 }
 
+/// The seed that picks `train_size` training samples.
+pub const TRAIN_SUBSET: u64 = 1;
+/// The seed that picks `test_size` test samples.
+pub const TEST_SUBSET: u64 = 2;
+
+/// `n` samples of `ds` chosen by a shuffle seeded with `which` ([`TRAIN_SUBSET`] or
+/// [`TEST_SUBSET`]), or all of `ds` when `n` is `None` or not smaller. Subsets are a property
+/// of the data, not of the run: the seed is fixed, so every run (and `senet eval`) with the
+/// same size sees the same samples.
+pub fn subset(ds: &Arc<dyn Dataset>, n: Option<usize>, which: u64) -> Result<Arc<dyn Dataset>> {
+    Ok(match n {
+        Some(n) if n < ds.len() => Arc::new(Subset::random(ds.clone(), n, which)?),
+        _ => ds.clone(),
+    })
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, so a crash never leaves a
 /// half-written file under the final name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -493,16 +509,8 @@ impl<B: Backend<f32>> Trainer<B> {
         }
         let channels = data.train.channels();
         config.augment.validate(channels)?;
-        // Subsets are a property of the data, not of the run: a fixed seed.
-        let pick =
-            |ds: &Arc<dyn Dataset>, n: Option<usize>, which: u64| -> Result<Arc<dyn Dataset>> {
-                Ok(match n {
-                    Some(n) if n < ds.len() => Arc::new(Subset::random(ds.clone(), n, which)?),
-                    _ => ds.clone(),
-                })
-            };
-        let train = pick(&data.train, config.train_size, 1)?;
-        let test = pick(&data.test, config.test_size, 2)?;
+        let train = subset(&data.train, config.train_size, TRAIN_SUBSET)?;
+        let test = subset(&data.test, config.test_size, TEST_SUBSET)?;
         if train.len() < config.batch_size {
             return Err(Error::Config(format!(
                 "{} training samples do not fill one batch of {}",

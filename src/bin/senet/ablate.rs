@@ -164,9 +164,10 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
     let mut md = format!(
         "# SE ablations: {} on {}\n\n\
          {} training / {} test samples, {} epochs, batch {}, lr {} ({:?}), label smoothing {}, \
-         seed {}; reference SE: r = {}, standard position, every stage. One run per variant: \
-         differences below a few tenths of a percent are within run-to-run noise at this \
-         scale. Command: `senet {}`\n\n",
+         seed {}; reference SE: r = {}, standard position, every stage. One run per variant, \
+         and a run is not exactly repeatable on the multi-threaded CPU backend (it sums \
+         gradients in a work-stealing order): at the default scale a repeated run moved test \
+         top-1 by up to 0.9%, so smaller differences are noise. Command: `senet {}`\n\n",
         args.model,
         c.data,
         c.train_size.map_or("all".into(), |n| n.to_string()),

@@ -2,8 +2,7 @@
 
 use crate::train::Progress;
 use senet::nn::Cpu;
-use senet::train::data::Subset;
-use senet::train::trainer::evaluate;
+use senet::train::trainer::{evaluate, subset, TEST_SUBSET, TRAIN_SUBSET};
 use senet::train::{Augment, DataSpec, Dataset, Device, ModelSpec, TrainConfig};
 use senet::{Error, Result};
 use std::path::PathBuf;
@@ -29,7 +28,8 @@ pub struct Args {
     /// Evaluate the training split instead of the test split (evaluation transform).
     #[arg(long)]
     train_split: bool,
-    /// Evaluate a fixed random subset of this many samples.
+    /// Evaluate a fixed random subset of this many samples [default: the run's train_size or
+    /// test_size (the same samples it was measured on), or all].
     #[arg(long)]
     size: Option<usize>,
     /// Batch size.
@@ -42,7 +42,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     args.device.check()?;
-    let (model, data, augment, smoothing, checkpoint) = if args.path.is_dir() {
+    let (model, data, augment, smoothing, checkpoint, sizes) = if args.path.is_dir() {
         let c = TrainConfig::load(&args.path)?;
         let file = if args.best {
             "best.safetensors"
@@ -64,6 +64,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Some(c.augment),
             c.label_smoothing,
             args.path.join(file),
+            (c.train_size, c.test_size),
         )
     } else {
         let model = args.model.clone().ok_or_else(|| {
@@ -78,6 +79,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             None,
             0.0,
             args.path.clone(),
+            (None, None),
         )
     };
     let split = data.load()?;
@@ -92,14 +94,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     });
     let mut net = model.build(split.train.channels(), split.num_classes(), augment.crop)?;
     net.load_safetensors(&checkpoint)?;
-    let mut ds: Arc<dyn Dataset> = if args.train_split {
-        split.train.clone()
+    let ds: Arc<dyn Dataset> = if args.train_split {
+        subset(&split.train, args.size.or(sizes.0), TRAIN_SUBSET)?
     } else {
-        split.test.clone()
+        subset(&split.test, args.size.or(sizes.1), TEST_SUBSET)?
     };
-    if let Some(n) = args.size {
-        ds = Arc::new(Subset::random(ds, n, 3)?);
-    }
     println!(
         "evaluating {} ({}, {} parameters) on {}",
         checkpoint.display(),

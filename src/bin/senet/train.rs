@@ -374,9 +374,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 width: args.width,
                 ..ModelSpec::named(&args.model)
             };
-            let config = args
-                .recipe
-                .config(model, &split, DEFAULTS);
+            let config = args.recipe.config(model, &split, DEFAULTS);
             let dir = match (&args.run_dir, &args.name) {
                 (Some(d), _) => d.clone(),
                 (None, Some(n)) => PathBuf::from("runs").join(n),
