@@ -237,7 +237,8 @@ pub fn bars(rows: &[(String, f64)], title: &str, x_desc: &str, path: &Path) -> R
             .margin(14)
             .x_label_area_size(40)
             .y_label_area_size(230)
-            .build_cartesian_2d(0f64..max, (0..n).into_segmented())
+            // A segmented range 0..m has m + 1 slots: 0..n - 1 gives one per bar.
+            .build_cartesian_2d(0f64..max, (0..n - 1).into_segmented())
             .map_err(plot_err)?;
         let fmt = |v: &SegmentValue<i32>| match v {
             SegmentValue::CenterOf(i) => labels
@@ -249,6 +250,7 @@ pub fn bars(rows: &[(String, f64)], title: &str, x_desc: &str, path: &Path) -> R
         chart
             .configure_mesh()
             .disable_y_mesh()
+            .light_line_style(WHITE)
             .x_desc(x_desc)
             .y_labels(rows.len())
             .y_label_formatter(&fmt)
