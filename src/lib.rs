@@ -7,6 +7,7 @@ pub mod nn;
 pub mod rng;
 pub mod se;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use se::{Activation, Gate, Init, SeConfig, SeGrads, SeWeights};

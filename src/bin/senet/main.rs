@@ -1,9 +1,13 @@
 //! `senet`: the command-line tool. Each subcommand lives in its own module.
 
+mod ablate;
 mod bench;
+mod eval;
 mod gpu_bench;
 mod info;
 mod models;
+mod plot;
+mod train;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +33,14 @@ enum Command {
     Bench(bench::Args),
     /// List the model registry: parameters, GFLOPs and input size of each network.
     Models(models::Args),
+    /// Train a network with the paper's recipe (scaled by options) into a run folder.
+    Train(train::Args),
+    /// Top-1 / top-5 of a checkpoint or run on a data set.
+    Eval(eval::Args),
+    /// The paper's ablations at small scale: no SE vs SE, ratio r, SE per stage, integration.
+    Ablate(ablate::Args),
+    /// Training curves of one or several runs on one chart.
+    Plot(plot::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +51,10 @@ fn main() -> ExitCode {
         Command::GpuBench(a) => gpu_bench::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Models(a) => models::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Ablate(a) => ablate::run(a),
+        Command::Plot(a) => plot::run(a),
     };
     match result {
         Ok(code) => code,

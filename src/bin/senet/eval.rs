@@ -1,0 +1,134 @@
+//! `senet eval`: top-1 / top-5 of a checkpoint on a data set.
+
+use crate::train::Progress;
+use senet::nn::Cpu;
+use senet::train::trainer::{evaluate, subset, TEST_SUBSET, TRAIN_SUBSET};
+use senet::train::{Augment, DataSpec, Dataset, Device, ModelSpec, TrainConfig};
+use senet::{Error, Result};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Options of `senet eval`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A run folder (its config gives model, data and normalisation; its model.safetensors is
+    /// evaluated, or best.safetensors with --best), or a .safetensors checkpoint (then --model
+    /// is needed, and the normalisation is measured on --data's training set).
+    path: PathBuf,
+    /// Evaluate the run's best.safetensors instead of its last model.safetensors.
+    #[arg(long)]
+    best: bool,
+    /// Model for a bare checkpoint (a run folder's config names it).
+    #[arg(long)]
+    model: Option<String>,
+    /// Data set [default: the run's, or digits].
+    #[arg(long)]
+    data: Option<DataSpec>,
+    /// Evaluate the training split instead of the test split (evaluation transform).
+    #[arg(long)]
+    train_split: bool,
+    /// Evaluate a fixed random subset of this many samples [default: the run's train_size or
+    /// test_size (the same samples it was measured on), or all].
+    #[arg(long)]
+    size: Option<usize>,
+    /// Batch size.
+    #[arg(long, default_value_t = 250)]
+    batch_size: usize,
+    /// cpu, or cuda (not available yet for whole networks: a clear error).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    args.device.check()?;
+    let (model, data, augment, smoothing, checkpoint, sizes) = if args.path.is_dir() {
+        let c = TrainConfig::load(&args.path)?;
+        let file = if args.best {
+            "best.safetensors"
+        } else {
+            "model.safetensors"
+        };
+        let model = match &args.model {
+            Some(m) if *m != c.model.name => {
+                return Err(Error::Config(format!(
+                    "the run trained `{}`, not `{m}`",
+                    c.model.name
+                )))
+            }
+            _ => c.model,
+        };
+        (
+            model,
+            args.data.clone().unwrap_or(c.data),
+            Some(c.augment),
+            c.label_smoothing,
+            args.path.join(file),
+            (c.train_size, c.test_size),
+        )
+    } else {
+        let model = args.model.clone().ok_or_else(|| {
+            Error::Config(format!(
+                "{} is not a run folder: pass --model for a bare checkpoint",
+                args.path.display()
+            ))
+        })?;
+        (
+            ModelSpec::named(model),
+            args.data.clone().unwrap_or(DataSpec::Digits),
+            None,
+            0.0,
+            args.path.clone(),
+            (None, None),
+        )
+    };
+    let split = data.load()?;
+    let augment = augment.unwrap_or_else(|| {
+        Augment::defaults(
+            split.kind,
+            split.image_size,
+            None,
+            split.mean.clone(),
+            split.std.clone(),
+        )
+    });
+    let mut net = model.build(split.train.channels(), split.num_classes(), augment.crop)?;
+    net.load_safetensors(&checkpoint)?;
+    let ds: Arc<dyn Dataset> = if args.train_split {
+        subset(&split.train, args.size.or(sizes.0), TRAIN_SUBSET)?
+    } else {
+        subset(&split.test, args.size.or(sizes.1), TEST_SUBSET)?
+    };
+    println!(
+        "evaluating {} ({}, {} parameters) on {}",
+        checkpoint.display(),
+        model.name,
+        net.num_params(),
+        ds.describe()
+    );
+    let mut progress = Progress::new("eval", false);
+    let r = evaluate(
+        &Cpu,
+        &mut net,
+        ds,
+        &augment,
+        args.batch_size,
+        smoothing,
+        2,
+        &mut progress,
+    );
+    progress.finish();
+    let r = r?;
+    println!(
+        "top-1 {:.2}% (error {:.2}%), top-5 {:.2}% (error {:.2}%), loss {:.4} over {} images in {:.1} s ({:.0} img/s)",
+        100.0 * r.top1,
+        100.0 * (1.0 - r.top1),
+        100.0 * r.top5,
+        100.0 * (1.0 - r.top5),
+        r.loss,
+        r.images,
+        r.seconds,
+        r.images as f64 / r.seconds.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}

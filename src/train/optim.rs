@@ -1,0 +1,167 @@
+//! SGD with momentum and weight decay, PyTorch's update rule (no dampening, no Nesterov):
+//! `g = grad + weight_decay * w;  buf = momentum * buf + g;  w -= lr * buf` (the first step
+//! sets `buf = g`). Weight decay applies to every parameter, as PyTorch's `SGD` does by default.
+//!
+//! The momentum buffers save to and load from safetensors under `<parameter>.momentum_buffer`,
+//! so a resumed run continues exactly where it stopped.
+
+use crate::error::{Error, Result};
+use crate::nn::Network;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const SUFFIX: &str = ".momentum_buffer";
+
+/// SGD state: hyper-parameters and one momentum buffer per parameter (by timm name).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sgd {
+    /// Momentum (the paper: 0.9).
+    pub momentum: f32,
+    /// L2 weight decay (the paper: 1e-4).
+    pub weight_decay: f32,
+    buffers: BTreeMap<String, Vec<f32>>,
+}
+
+impl Sgd {
+    /// An optimiser with no momentum history yet.
+    pub fn new(momentum: f32, weight_decay: f32) -> Result<Self> {
+        if !(0.0..1.0).contains(&momentum) || weight_decay.is_nan() || weight_decay < 0.0 {
+            return Err(Error::Config(format!(
+                "momentum {momentum} must be in [0, 1) and weight decay {weight_decay} >= 0"
+            )));
+        }
+        Ok(Sgd {
+            momentum,
+            weight_decay,
+            buffers: BTreeMap::new(),
+        })
+    }
+
+    /// The momentum buffers by parameter name.
+    pub fn buffers(&self) -> &BTreeMap<String, Vec<f32>> {
+        &self.buffers
+    }
+
+    /// One update of every parameter of `net` that has a gradient, with learning rate `lr`.
+    /// Parameters without a gradient (never reached by backward) are left alone, as PyTorch
+    /// skips parameters whose `grad` is `None`.
+    pub fn step(&mut self, net: &mut Network<f32>, lr: f32) -> Result<()> {
+        let (m, wd) = (self.momentum, self.weight_decay);
+        for (name, p) in net.parameters_mut() {
+            if p.grad.is_empty() {
+                continue;
+            }
+            if p.grad.len() != p.value.len() {
+                return Err(Error::Length {
+                    what: "parameter gradient",
+                    got: p.grad.len(),
+                    expected: p.value.len(),
+                });
+            }
+            match self.buffers.get_mut(&name) {
+                Some(buf) => {
+                    if buf.len() != p.value.len() {
+                        return Err(Error::Length {
+                            what: "momentum buffer",
+                            got: buf.len(),
+                            expected: p.value.len(),
+                        });
+                    }
+                    for ((w, &g), b) in p.value.iter_mut().zip(&p.grad).zip(buf.iter_mut()) {
+                        let g = g + wd * *w;
+                        *b = m * *b + g;
+                        *w -= lr * *b;
+                    }
+                }
+                None => {
+                    let mut buf = Vec::with_capacity(p.value.len());
+                    for (w, &g) in p.value.iter_mut().zip(&p.grad) {
+                        let g = g + wd * *w;
+                        buf.push(g);
+                        *w -= lr * g;
+                    }
+                    self.buffers.insert(name, buf);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The momentum buffers as safetensors bytes (`<parameter>.momentum_buffer`, F32, flat).
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
+        let bytes: Vec<(String, Vec<u8>, usize)> = self
+            .buffers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    format!("{k}{SUFFIX}"),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    v.len(),
+                )
+            })
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(name, data, n)| {
+                TensorView::new(Dtype::F32, vec![*n], data)
+                    .map(|v| (name.as_str(), v))
+                    .map_err(|e| Error::Format(format!("momentum buffer `{name}`: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        safetensors::serialize(views, None)
+            .map_err(|e| Error::Format(format!("serialising the optimiser state: {e}")))
+    }
+
+    /// Replaces the momentum buffers with those in safetensors `bytes`, checking each against
+    /// the parameter of that name in `net` (every buffer must name a parameter and match its
+    /// size); on error the optimiser is unchanged.
+    pub fn load_safetensors_bytes(&mut self, bytes: &[u8], net: &Network<f32>) -> Result<()> {
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::Format(format!("optimiser state is not safetensors: {e}")))?;
+        let sizes: BTreeMap<String, usize> =
+            net.parameters().map(|(n, p)| (n, p.numel())).collect();
+        let mut buffers = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let param = name.strip_suffix(SUFFIX).ok_or_else(|| {
+                Error::Format(format!("optimiser state: unexpected tensor `{name}`"))
+            })?;
+            let want = *sizes.get(param).ok_or_else(|| {
+                Error::Format(format!(
+                    "optimiser state: `{param}` is not a parameter of `{}`",
+                    net.name()
+                ))
+            })?;
+            if view.dtype() != Dtype::F32 || view.data().len() != 4 * want {
+                return Err(Error::Format(format!(
+                    "optimiser state: `{name}` is {:?} with {} bytes, expected F32 x {want}",
+                    view.dtype(),
+                    view.data().len()
+                )));
+            }
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            buffers.insert(param.to_string(), v);
+        }
+        self.buffers = buffers;
+        Ok(())
+    }
+
+    /// Writes the momentum buffers to a safetensors file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.to_safetensors_bytes()?)
+            .map_err(Error::io(format!("writing {}", path.display())))
+    }
+
+    /// Loads the momentum buffers from a safetensors file (see
+    /// [`Sgd::load_safetensors_bytes`]).
+    pub fn load(&mut self, path: &Path, net: &Network<f32>) -> Result<()> {
+        let bytes =
+            std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))?;
+        self.load_safetensors_bytes(&bytes, net)
+            .map_err(|e| Error::Format(format!("{}: {e}", path.display())))
+    }
+}
