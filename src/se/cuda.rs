@@ -131,18 +131,8 @@ pub struct DeviceSeSaved {
     s: Buf<f32>,
 }
 
-/// [`DeviceSeSaved`] copied to the host.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HostSeSaved {
-    /// `[n][channels]` means.
-    pub z: Vec<f32>,
-    /// `[n][hidden]` pre-activations.
-    pub h: Vec<f32>,
-    /// `[n][hidden]` activations.
-    pub u: Vec<f32>,
-    /// `[n][channels]` channel weights.
-    pub s: Vec<f32>,
-}
+/// [`DeviceSeSaved`] copied to the host: the same f32 values the CPU path saves.
+pub type HostSeSaved = super::cpu::CpuSaved;
 
 impl DeviceSeSaved {
     /// Buffers for a batch of `n` samples.

@@ -262,26 +262,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let shapes = if args.shapes.is_empty() {
         default_shapes()
     } else {
-        args.shapes
-            .iter()
-            .map(|s| s.parse())
-            .collect::<Result<_>>()?
+        crate::parse_all(&args.shapes)?
     };
-    let dtypes: Vec<DType> = args
-        .dtypes
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_>>()?;
-    let layouts: Vec<Layout> = args
-        .layouts
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_>>()?;
-    let paths: Vec<SePath> = args
-        .paths
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_>>()?;
+    let dtypes: Vec<DType> = crate::parse_all(&args.dtypes)?;
+    let layouts: Vec<Layout> = crate::parse_all(&args.layouts)?;
+    let paths: Vec<SePath> = crate::parse_all(&args.paths)?;
     let mut rows = Vec::new();
     let total = shapes.len() * dtypes.len() * layouts.len();
     let bar = indicatif::ProgressBar::new(total as u64);

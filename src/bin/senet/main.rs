@@ -43,6 +43,13 @@ enum Command {
     Plot(plot::Args),
 }
 
+/// Parses every string of a list option (`--dtypes f32,bf16`).
+pub fn parse_all<T: std::str::FromStr<Err = senet::Error>>(
+    items: &[String],
+) -> senet::Result<Vec<T>> {
+    items.iter().map(|s| s.parse()).collect()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

@@ -294,21 +294,9 @@ fn each_dtype(dtypes: &[DType], mut f: impl FnMut(DType) -> Result<()>) -> Resul
 pub fn run(args: Args) -> Result<ExitCode> {
     let seed = args.seed.unwrap_or_else(senet::rng::fresh_seed);
     println!("senet verify: seed {seed} (replay with --seed {seed})");
-    let shapes: Vec<Shape> = args
-        .shapes
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_>>()?;
-    let dtypes: Vec<DType> = args
-        .dtypes
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_>>()?;
-    let layouts: Vec<Layout> = args
-        .layouts
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_>>()?;
+    let shapes: Vec<Shape> = crate::parse_all(&args.shapes)?;
+    let dtypes: Vec<DType> = crate::parse_all(&args.dtypes)?;
+    let layouts: Vec<Layout> = crate::parse_all(&args.layouts)?;
     let want = |b: &str| args.backends.iter().any(|x| x == b || x == "all");
     let mut rows = Vec::new();
     if want("reference") {
