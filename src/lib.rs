@@ -3,6 +3,7 @@
 
 pub mod cuda;
 pub mod error;
+mod linalg;
 pub mod nn;
 pub mod rng;
 pub mod se;

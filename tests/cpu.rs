@@ -17,9 +17,9 @@
 //! tolerances are DESIGN.md's; y = s x + r against |x| M_s + |r|. d residual (dy or 0) keeps
 //! plain rel L2.
 //!
-//! Runs inside a 2-thread rayon pool so both of the CPU path's schedules are exercised whatever
-//! the machine: batch < 2 x threads takes the split-each-sample path, larger batches the
-//! whole-sample groups (with a partial last group).
+//! Runs inside a 2-thread rayon pool, and every case under each of the CPU path's schedules
+//! (`Auto`, and `Grouped`, `Batched`, `PerSample` forced), so each one is checked whatever the
+//! machine and whichever `Auto` would pick.
 
 use half::{bf16, f16};
 use senet::se::check::{self, Observed};
@@ -106,8 +106,6 @@ fn one_case<T: Element>(
     .unwrap();
     let dy = check::input::<T>(shape, layout, seed ^ 0x33).unwrap();
     let res = epi.then_some(&r);
-    let (n, c, d) = (shape.n, shape.c, cfg.hidden);
-    let nan = T::from_f32(f32::NAN);
     let exp = check::expected(&w, &x, res, &dy).unwrap();
     let judge = |obs: &Observed, what: &str| {
         for k in check::compare(&exp, obs, T::DTYPE) {
@@ -121,6 +119,40 @@ fn one_case<T: Element>(
         }
     };
 
+    for schedule in SCHEDULES {
+        cpu::with_schedule(schedule, || {
+            scheduled_case(&w, &x, res, &dy, &exp, &judge, t, seed, schedule)
+        });
+    }
+    t.cases += 1;
+}
+
+/// Every schedule the CPU path has: each must give the reference's values on every case.
+const SCHEDULES: [cpu::Schedule; 4] = [
+    cpu::Schedule::Auto,
+    cpu::Schedule::Grouped,
+    cpu::Schedule::Batched,
+    cpu::Schedule::PerSample,
+];
+
+/// [`one_case`]'s forward and backward under one schedule.
+#[allow(clippy::too_many_arguments)]
+fn scheduled_case<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    res: Option<&Tensor<T>>,
+    dy: &Tensor<T>,
+    exp: &check::Expected,
+    judge: &dyn Fn(&Observed, &str),
+    t: &mut Tally,
+    seed: u64,
+    schedule: cpu::Schedule,
+) {
+    let epi = res.is_some();
+    let (shape, layout, cfg) = (x.shape(), x.layout(), w.config);
+    let (n, c, d) = (shape.n, shape.c, cfg.hidden);
+    let nan = T::from_f32(f32::NAN);
+    let judge = |obs: &Observed, what: &str| judge(obs, &format!("{what}, {schedule:?}"));
     let mut y = Tensor::from_vec(shape, layout, vec![nan; shape.numel()]).unwrap();
     let mut saved = CpuSaved {
         z: vec![f32::NAN; n * c],
@@ -128,7 +160,7 @@ fn one_case<T: Element>(
         u: vec![f32::NAN; n * d],
         s: vec![f32::NAN; n * c],
     };
-    cpu::forward_into(&w, &x, res, &mut y, &mut saved).unwrap();
+    cpu::forward_into(w, x, res, &mut y, &mut saved).unwrap();
     judge(
         &Observed {
             y: Some(y.to_f64_vec()),
@@ -165,11 +197,11 @@ fn one_case<T: Element>(
             db2: cfg.bias.then(|| vec![f32::NAN; c]),
         };
         cpu::backward_into(
-            &w,
-            &x,
+            w,
+            x,
             res,
             &saved,
-            &dy,
+            dy,
             &mut dx,
             accumulate,
             &mut grads,
@@ -189,7 +221,7 @@ fn one_case<T: Element>(
             let e = check::sum_error(&dxv, &want, &mag);
             assert!(
                 e <= T::DTYPE.grad_tolerance(),
-                "accumulated dx: error {e:e} ({ctx})"
+                "accumulated dx: error {e:e} ({schedule:?}, seed={seed}, {shape} {layout} {cfg})"
             );
             dxv = exp.backward.dx.clone();
         }
@@ -210,7 +242,6 @@ fn one_case<T: Element>(
             t.masked += w.iter().filter(|&&v| v == 0.0).count();
         }
     }
-    t.cases += 1;
 }
 
 /// (activation, gate, bias) settings for `shape`: every combination at the small shapes; the

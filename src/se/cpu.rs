@@ -18,12 +18,16 @@
 //! - Many samples (at least two per thread): each rayon task owns a group of whole samples
 //!   (up to [`GROUP_BYTES`] of them, at most [`TILE`]) and runs squeeze, excitation and scale on
 //!   them back to back, so x comes from memory once and the excitation's small GEMMs read each
-//!   weight row once per group (AVX2+FMA kernels chosen at run time where the CPU has them). No
-//!   barriers: one thread's reads overlap another's writes.
+//!   weight row once per group (AVX-512 or AVX2+FMA kernels chosen at run time where the CPU
+//!   has them). No barriers: one thread's reads overlap another's writes.
+//! - Backward where the weights outweigh a group's activations (ResNet-50's last stage): each
+//!   pass over the whole batch instead, with the excitation's four GEMMs (du, dz, dW1, dW2)
+//!   over all samples at once, so the weights are read once per call.
 //! - Few samples (batch 1): one sample at a time, with the squeeze and the scale each split over
 //!   the threads (channel rows for NCHW, channel blocks or pixel rows for NHWC).
 //!
-//! Parameter gradients are batched GEMMs over all samples once every group is done.
+//! [`Schedule`] names these orders; [`with_schedule`] forces one (benchmarks, tests). Parameter
+//! gradients are GEMMs over all samples once every group is done (the `gemm` crate).
 //!
 //! # Saved state
 //!
@@ -35,7 +39,9 @@
 use super::{check_activation, check_saved_len, weights::check_len};
 use super::{Activation, Gate, SeConfig, SeGrads, SeWeights};
 use crate::error::{Error, Result};
+use crate::linalg::{sgemm, sgemm_scaled};
 use crate::tensor::{DType, Element, Layout, Shape, Tensor};
+use gemm::Parallelism;
 use half::{f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -116,6 +122,58 @@ pub fn zero_grads(config: &SeConfig) -> SeGrads<f32> {
     }
 }
 
+/// How the CPU path orders its passes over a batch (see the module docs). [`Schedule::Auto`]
+/// picks from the shape; the others force one order, for benchmarks and tests
+/// ([`with_schedule`]). Every schedule computes the same values up to f32 rounding order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Schedule {
+    /// Chosen per call from the shape and the thread count.
+    #[default]
+    Auto,
+    /// Each task owns a group of whole samples and runs squeeze, excitation and scale on it
+    /// while it is cached; the weights are read once per group.
+    Grouped,
+    /// Each pass over the whole batch: squeeze every sample, then each FC as one GEMM over all
+    /// samples (weights read once), then scale every sample. Pays a second read of x, from the
+    /// cache when the batch fits in it.
+    Batched,
+    /// One sample at a time, each pass split over the threads.
+    PerSample,
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Schedule::Auto),
+            "grouped" => Ok(Schedule::Grouped),
+            "batched" => Ok(Schedule::Batched),
+            "per-sample" | "per_sample" | "persample" => Ok(Schedule::PerSample),
+            _ => Err(Error::Config(format!(
+                "unknown CPU schedule `{s}` (auto, grouped, batched, per-sample)"
+            ))),
+        }
+    }
+}
+
+thread_local! {
+    /// The schedule [`with_schedule`] forces on this thread's calls.
+    static SCHEDULE: std::cell::Cell<Schedule> = const { std::cell::Cell::new(Schedule::Auto) };
+}
+
+/// Runs `f` with every CPU SE call made from this thread forced to `schedule` (restored
+/// afterwards, also when `f` panics). Calls made on other threads are not affected.
+pub fn with_schedule<R>(schedule: Schedule, f: impl FnOnce() -> R) -> R {
+    struct Restore(Schedule);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SCHEDULE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(SCHEDULE.with(|c| c.replace(schedule)));
+    f()
+}
+
 // ------------------------------------------------------------------------------ entry points
 
 /// SE forward. With `residual`, the fused epilogue `y = relu(s * x + residual)`; otherwise
@@ -158,38 +216,56 @@ pub fn forward_into<T: Element>(
     let (se, c, d) = (p.sample, p.c, p.d);
 
     let threads = rayon::current_num_threads();
-    let g = p.group(threads, size_of::<T>() * if rs.is_some() { 2 } else { 1 });
-    if let Some(g) = g {
-        // Whole-sample groups, one task each: squeeze, excite, scale while the group is in L2.
-        ys.par_chunks_mut(g * se)
-            .zip(z.par_chunks_mut(g * c))
-            .zip(h.par_chunks_mut(g * d))
-            .zip(u.par_chunks_mut(g * d))
-            .zip(s.par_chunks_mut(g * c))
-            .enumerate()
-            .for_each(|(gi, ((((y, z), h), u), s))| {
-                let m = z.len() / c;
-                let x = &xs[gi * g * se..][..m * se];
-                let r = rs.map(|r| &r[gi * g * se..][..m * se]);
-                for k in 0..m {
-                    p.squeeze(&x[k * se..][..se], 0, &mut z[k * c..][..c]);
-                }
-                p.excite(z, h, u, s);
-                for k in 0..m {
-                    let xk = &x[k * se..][..se];
-                    let rk = r.map(|r| &r[k * se..][..se]);
-                    p.scale(xk, rk, &mut y[k * se..][..se], 0, &s[k * c..][..c]);
-                }
-            });
-    } else {
-        // Few samples: one at a time, each pass split over the threads.
-        for n in 0..sh.n {
-            let x = &xs[n * se..][..se];
-            let r = rs.map(|r| &r[n * se..][..se]);
-            let (zn, sn) = (&mut z[n * c..][..c], &mut s[n * c..][..c]);
-            p.squeeze_par(x, zn, threads);
-            p.excite(zn, &mut h[n * d..][..d], &mut u[n * d..][..d], sn);
-            p.scale_par(x, r, &mut ys[n * se..][..se], sn, threads);
+    let inputs = if rs.is_some() { 2 } else { 1 };
+    match p.plan(threads, size_of::<T>(), inputs, false) {
+        Plan::Grouped(g) => {
+            // Whole-sample groups, one task each: squeeze, excite, scale while the group is
+            // cached.
+            ys.par_chunks_mut(g * se)
+                .zip(z.par_chunks_mut(g * c))
+                .zip(h.par_chunks_mut(g * d))
+                .zip(u.par_chunks_mut(g * d))
+                .zip(s.par_chunks_mut(g * c))
+                .enumerate()
+                .for_each(|(gi, ((((y, z), h), u), s))| {
+                    let m = z.len() / c;
+                    let x = &xs[gi * g * se..][..m * se];
+                    let r = rs.map(|r| &r[gi * g * se..][..m * se]);
+                    for k in 0..m {
+                        p.squeeze(&x[k * se..][..se], 0, &mut z[k * c..][..c]);
+                    }
+                    p.excite(z, h, u, s);
+                    for k in 0..m {
+                        let xk = &x[k * se..][..se];
+                        let rk = r.map(|r| &r[k * se..][..se]);
+                        p.scale(xk, rk, &mut y[k * se..][..se], 0, &s[k * c..][..c]);
+                    }
+                });
+        }
+        Plan::Batched => {
+            // Squeeze every sample, both FCs as GEMMs over the batch, scale every sample.
+            z.par_chunks_mut(c)
+                .enumerate()
+                .for_each(|(n, zn)| p.squeeze(&xs[n * se..][..se], 0, zn));
+            p.excite_batch(z, h, u, s, threads);
+            ys.par_chunks_mut(se)
+                .zip(s.par_chunks(c))
+                .enumerate()
+                .for_each(|(n, (y, sn))| {
+                    let r = rs.map(|r| &r[n * se..][..se]);
+                    p.scale(&xs[n * se..][..se], r, y, 0, sn);
+                });
+        }
+        Plan::PerSample => {
+            // One at a time, each pass split over the threads.
+            for n in 0..sh.n {
+                let x = &xs[n * se..][..se];
+                let r = rs.map(|r| &r[n * se..][..se]);
+                let (zn, sn) = (&mut z[n * c..][..c], &mut s[n * c..][..c]);
+                p.squeeze_par(x, zn, threads);
+                p.excite(zn, &mut h[n * d..][..d], &mut u[n * d..][..d], sn);
+                p.scale_par(x, r, &mut ys[n * se..][..se], sn, threads);
+            }
         }
     }
     Ok(())
@@ -354,6 +430,17 @@ macro_rules! avx2_dispatch {
 
 // ------------------------------------------------------------------------------ the problem
 
+/// The pass order one call runs (a resolved [`Schedule`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    /// Groups of this many whole samples per task.
+    Grouped(usize),
+    /// Each pass over the whole batch.
+    Batched,
+    /// One sample at a time, each pass split over the threads.
+    PerSample,
+}
+
 /// One call's shapes and weights, and the passes over one sample or group of samples.
 struct Problem<'a> {
     w1: &'a [f32],
@@ -409,14 +496,28 @@ impl<'a> Problem<'a> {
         }
     }
 
-    /// Samples per task for the whole-sample path, or `None` for the few-samples path.
-    /// `bytes_per` is the input bytes per element the passes read (x, plus dy and residual).
-    fn group(&self, threads: usize, bytes_per: usize) -> Option<usize> {
-        if threads > 1 && self.n < 2 * threads {
-            return None;
+    /// How to order the passes (see [`Schedule`]): forced by [`with_schedule`], else chosen
+    /// from the shape. `elem` is the element size in bytes, `inputs` the number of
+    /// activation-sized tensors the passes read (x, plus dy and the residual).
+    ///
+    /// `Auto` runs few samples one at a time and otherwise groups, except that the backward
+    /// turns to `Batched` when a group's share of the weights (W1 and W2, 8 C D bytes, read
+    /// by the grouped schedule once per group) is at least the group's activation bytes: there
+    /// its four GEMMs over the batch beat re-reading the weights per group (ResNet-50's last
+    /// stage: 0.89 vs 1.15 ms, benches/NOTES.md). The forward keeps its groups at every
+    /// ResNet-50 shape (its batched form re-reads x and measured 15-25% slower).
+    fn plan(&self, threads: usize, elem: usize, inputs: usize, backward: bool) -> Plan {
+        let group_bytes = |g: usize| g * self.sample * elem * inputs;
+        let g = (GROUP_BYTES / group_bytes(1).max(1)).clamp(1, TILE);
+        let g = g.min((self.n / (2 * threads)).max(1));
+        match SCHEDULE.with(|c| c.get()) {
+            Schedule::Grouped => Plan::Grouped(g),
+            Schedule::Batched => Plan::Batched,
+            Schedule::PerSample => Plan::PerSample,
+            Schedule::Auto if threads > 1 && self.n < 2 * threads => Plan::PerSample,
+            Schedule::Auto if backward && 8 * self.c * self.d >= group_bytes(g) => Plan::Batched,
+            Schedule::Auto => Plan::Grouped(g),
         }
-        let fit = (GROUP_BYTES / (self.sample * bytes_per).max(1)).clamp(1, TILE);
-        Some(fit.min((self.n / (2 * threads)).max(1)))
     }
 
     /// Backward scratch floats per sample: ds, dg, dz (`c` each) and du (`d`), stored as four
@@ -500,6 +601,17 @@ impl<'a> Problem<'a> {
         gate_slice(self.gate, s);
     }
 
+    /// [`Self::excite`] for the whole batch: each FC reads its weights once for all samples
+    /// ([`fc_batch`]), split over the threads by blocks of weight rows.
+    fn excite_batch(&self, z: &[f32], h: &mut [f32], u: &mut [f32], s: &mut [f32], threads: usize) {
+        let (c, d) = (self.c, self.d);
+        fc_batch(self.w1, self.b1, c, z, h, d, threads);
+        u.copy_from_slice(h);
+        act_slice(self.act, u);
+        fc_batch(self.w2, self.b2, d, u, s, c, threads);
+        gate_slice(self.gate, s);
+    }
+
     /// y = s * x (or relu(s * x + r)) over whole units of one sample starting at unit `u0`;
     /// `s` is the sample's `[c]` channel weights.
     #[inline(always)]
@@ -551,25 +663,54 @@ impl<'a> Problem<'a> {
         let (ds, rest) = scratch.split_at_mut(self.n * c);
         let (dg, rest) = rest.split_at_mut(self.n * c);
         let (dz, du) = rest.split_at_mut(self.n * c);
-        let Some(g) = self.group(threads, inputs * size_of::<T>()) else {
-            // Few samples: one at a time, each pass split over the threads.
-            let mut dres = dres;
-            for n in 0..self.n {
-                let one = Sample::of(a, n, se, c);
-                let (rc, rd) = (n * c..(n + 1) * c, n * d..(n + 1) * d);
-                let mut e = Excited {
-                    ds: &mut ds[rc.clone()],
-                    dg: &mut dg[rc.clone()],
-                    dz: &mut dz[rc],
-                    du: &mut du[rd.clone()],
+        let g = match self.plan(threads, size_of::<T>(), inputs, true) {
+            Plan::Grouped(g) => g,
+            Plan::Batched => {
+                // ds for every sample, the excitation's backward as GEMMs over the batch, then
+                // dx (and d residual) for every sample.
+                ds.par_chunks_mut(c)
+                    .enumerate()
+                    .for_each(|(n, dsn)| self.dsum(&Sample::of(a, n, se, c), 0, dsn));
+                let mut e = Excited { ds, dg, dz, du };
+                self.dexcite_batch(&a.saved.h, &a.saved.s, &mut e, threads);
+                let dz = &*e.dz;
+                let one = |n: usize, dxn: &mut [T], drn: Option<&mut [T]>| {
+                    let dzn = &dz[n * c..][..c];
+                    self.dscale(&Sample::of(a, n, se, c), 0, dzn, dxn, drn, a.accumulate)
                 };
-                self.dsum_par(&one, e.ds, threads);
-                self.dexcite(&a.saved.h[rd], one.s, &mut e);
-                let dxn = &mut dx[n * se..][..se];
-                let drn = dres.as_deref_mut().map(|d| &mut d[n * se..][..se]);
-                self.dscale_par(&one, e.dz, dxn, drn, a.accumulate, threads);
+                match dres {
+                    Some(dr) => dx
+                        .par_chunks_mut(se)
+                        .zip(dr.par_chunks_mut(se))
+                        .enumerate()
+                        .for_each(|(n, (dxn, drn))| one(n, dxn, Some(drn))),
+                    None => dx
+                        .par_chunks_mut(se)
+                        .enumerate()
+                        .for_each(|(n, dxn)| one(n, dxn, None)),
+                }
+                return;
             }
-            return;
+            Plan::PerSample => {
+                // One sample at a time, each pass split over the threads.
+                let mut dres = dres;
+                for n in 0..self.n {
+                    let one = Sample::of(a, n, se, c);
+                    let (rc, rd) = (n * c..(n + 1) * c, n * d..(n + 1) * d);
+                    let mut e = Excited {
+                        ds: &mut ds[rc.clone()],
+                        dg: &mut dg[rc.clone()],
+                        dz: &mut dz[rc],
+                        du: &mut du[rd.clone()],
+                    };
+                    self.dsum_par(&one, e.ds, threads);
+                    self.dexcite(&a.saved.h[rd], one.s, &mut e, threads);
+                    let dxn = &mut dx[n * se..][..se];
+                    let drn = dres.as_deref_mut().map(|d| &mut d[n * se..][..se]);
+                    self.dscale_par(&one, e.dz, dxn, drn, a.accumulate, threads);
+                }
+                return;
+            }
         };
         let task = |gi: usize, dx: &mut [T], mut dres: Option<&mut [T]>, mut e: Excited<'_>| {
             let n0 = gi * g;
@@ -580,7 +721,7 @@ impl<'a> Problem<'a> {
             }
             let h = &a.saved.h[n0 * d..][..m * d];
             let s = &a.saved.s[n0 * c..][..m * c];
-            self.dexcite(h, s, &mut e);
+            self.dexcite(h, s, &mut e, 1);
             for k in 0..m {
                 let one = Sample::of(a, n0 + k, se, c);
                 let dxk = &mut dx[k * se..][..se];
@@ -654,21 +795,40 @@ impl<'a> Problem<'a> {
 
     /// The excitation's backward for `m` samples (`e.ds` filled, `[m][c]`): writes dg, du and
     /// dz / hw. `h` is `[m][d]`, `s` is `[m][c]`.
-    fn dexcite(&self, h: &[f32], s: &[f32], e: &mut Excited<'_>) {
+    fn dexcite(&self, h: &[f32], s: &[f32], e: &mut Excited<'_>, threads: usize) {
         let (c, d) = (self.c, self.d);
         let m = e.dg.len() / c;
         for ((g, &dsv), &sv) in e.dg.iter_mut().zip(e.ds.iter()).zip(s) {
             *g = dsv * gate_grad(self.gate, sv);
         }
-        // du[k] = W2^T dg[k] (rows of W2 combined with dg[k]'s weights), then act'(h).
-        let dg = &*e.dg;
-        lincomb(e.du, m, d, self.w2, c, |k, cc| dg[k * c + cc]);
+        // du = (dg W2) * act'(h), then dz / hw = (du W1) / hw: W2 is [c][d], W1 is [d][c].
+        let w2 = (self.w2, d as isize, 1);
+        let par = gemm_par(m * c * d, threads);
+        sgemm(m, d, c, e.du, (&*e.dg, c as isize, 1), w2, false, par);
         for (v, &hv) in e.du.iter_mut().zip(h) {
             *v *= act_grad(self.act, hv);
         }
-        // dz[k] = W1^T du[k] / hw.
-        let (du, inv) = (&*e.du, 1.0 / self.hw as f32);
-        lincomb(e.dz, m, c, self.w1, d, |k, j| du[k * d + j] * inv);
+        let (w1, inv) = ((self.w1, c as isize, 1), 1.0 / self.hw as f32);
+        sgemm_scaled(m, c, d, e.dz, (&*e.du, d as isize, 1), w1, false, inv, par);
+    }
+
+    /// [`Self::dexcite`] for the whole batch, du and dz each as one GEMM over all samples.
+    fn dexcite_batch(&self, h: &[f32], s: &[f32], e: &mut Excited<'_>, threads: usize) {
+        let (c, d) = (self.c, self.d);
+        let n = e.dg.len() / c;
+        for ((g, &dsv), &sv) in e.dg.iter_mut().zip(e.ds.iter()).zip(s) {
+            *g = dsv * gate_grad(self.gate, sv);
+        }
+        let par = gemm_par(n * c * d, threads);
+        // du = (dg W2) * act'(h): W2 is [c][d].
+        let w2 = (self.w2, d as isize, 1);
+        sgemm(n, d, c, e.du, (&*e.dg, c as isize, 1), w2, false, par);
+        for (v, &hv) in e.du.iter_mut().zip(h) {
+            *v *= act_grad(self.act, hv);
+        }
+        // dz / hw = (du W1) / hw: W1 is [d][c].
+        let (w1, inv) = ((self.w1, c as isize, 1), 1.0 / self.hw as f32);
+        sgemm_scaled(n, c, d, e.dz, (&*e.du, d as isize, 1), w1, false, inv, par);
     }
 
     /// dx = g * s + dz / hw (plus dx's old value with `accumulate`) and d residual = g over
@@ -734,32 +894,29 @@ impl<'a> Problem<'a> {
         let (c, d, n) = (self.c, self.d, self.n);
         let dg = &scratch[n * c..][..n * c];
         let du = &scratch[3 * n * c..][..n * d];
-        let threads = rayon::current_num_threads();
-        let rows_per = |rows: usize| rows.div_ceil(4 * threads).next_multiple_of(4);
-        // dW2[cc] = sum_k dg[k][cc] u[k].
-        let r2 = rows_per(c);
-        grads
-            .dw2
-            .par_chunks_mut(r2 * d)
-            .enumerate()
-            .for_each(|(i, blk)| {
-                let c0 = i * r2;
-                lincomb(blk, blk.len() / d, d, &saved.u, n, |r, k| {
-                    dg[k * c + c0 + r]
-                });
-            });
-        // dW1[j] = sum_k du[k][j] z[k].
-        let r1 = rows_per(d);
-        grads
-            .dw1
-            .par_chunks_mut(r1 * c)
-            .enumerate()
-            .for_each(|(i, blk)| {
-                let j0 = i * r1;
-                lincomb(blk, blk.len() / c, c, &saved.z, n, |r, k| {
-                    du[k * d + j0 + r]
-                });
-            });
+        let par = gemm_par(n * c * d, rayon::current_num_threads());
+        // dW2 = dg^T u ([c][d]) and dW1 = du^T z ([d][c]), the transposes read in place.
+        let (ci, di) = (c as isize, d as isize);
+        sgemm(
+            c,
+            d,
+            n,
+            &mut grads.dw2,
+            (dg, 1, ci),
+            (&saved.u, di, 1),
+            false,
+            par,
+        );
+        sgemm(
+            d,
+            c,
+            n,
+            &mut grads.dw1,
+            (du, 1, di),
+            (&saved.z, ci, 1),
+            false,
+            par,
+        );
         if let Some(db2) = grads.db2.as_mut() {
             db2.fill(0.0);
             for k in 0..n {
@@ -1002,6 +1159,29 @@ fn dx_seg<T: Element, S: Scales>(
 
 // ------------------------------------------------------------------------------ excitation GEMMs
 
+/// The `gemm` crate's parallelism for an `m x n x k` product of `macs` multiply-adds: split
+/// over the threads only when each gets enough work to pay for the hand-off.
+fn gemm_par(macs: usize, threads: usize) -> Parallelism {
+    if threads > 1 && macs >= 1 << 18 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// True when the CPU has AVX-512F: [`fc`] then runs 16-wide dot kernels ([`avx512`]).
+#[inline]
+fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// True when the CPU has AVX2 and FMA: the excitation's small GEMMs then run a copy of their
 /// kernels compiled for those (8-wide fused multiply-adds instead of the baseline's 4-wide SSE2
 /// multiplies and adds; measured in benches/NOTES.md).
@@ -1031,12 +1211,63 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// y[i][j] = b[j] + dot(w[j], x[i]): `w` is `[o][k]`, `x` is `[m][k]`, `y` is `[m][o]`.
 fn fc(w: &[f32], b: Option<&[f32]>, k: usize, x: &[f32], y: &mut [f32], o: usize) {
     #[cfg(target_arch = "x86_64")]
+    if avx512_available() {
+        // SAFETY: `fc_avx512` needs only AVX-512F, which this CPU has (checked just above);
+        // everything it touches is a bounds-checked safe slice.
+        return unsafe { fc_avx512(w, b, k, x, y, o) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if fma_available() {
         // SAFETY: `fc_fma` needs only the AVX2 and FMA instructions, which this CPU has (checked
         // just above); everything it touches is a bounds-checked safe slice.
         return unsafe { fc_fma(w, b, k, x, y, o) };
     }
     fc_impl(w, b, k, x, y, o, dot4::<false>, dot2x4_portable)
+}
+
+/// [`fc`] over a whole batch: `y = x w^T + b` with `w` `[o][k]`, `x` `[n][k]`, `y` `[n][o]`.
+/// Each task takes a block of weight rows (small enough to stay in L2) and computes their dot
+/// products with every sample into its own `[n][rows]` block, so each weight row comes from
+/// memory once per call; the blocks are then copied into `y` row by row. (The `gemm` crate
+/// measured 3-6x slower here: both operands are contiguous along k, which its packing handles
+/// poorly.)
+fn fc_batch(
+    w: &[f32],
+    b: Option<&[f32]>,
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+    o: usize,
+    threads: usize,
+) {
+    let n = x.len() / k;
+    let rows = o.div_ceil(4 * threads).next_multiple_of(4);
+    FC_SCRATCH.with(|cell| {
+        // Taken and put back, as backward's scratch is; a nested call gets a fresh buffer.
+        let mut blocks = std::mem::take(&mut *cell.borrow_mut());
+        blocks.clear();
+        blocks.resize(o * n, 0.0);
+        blocks
+            .par_chunks_mut(rows * n)
+            .enumerate()
+            .for_each(|(i, blk)| {
+                let (j0, r) = (i * rows, blk.len() / n);
+                let bias = b.map(|b| &b[j0..][..r]);
+                fc(&w[j0 * k..][..r * k], bias, k, x, blk, r);
+            });
+        for (blk, j0) in blocks.chunks(rows * n).zip((0..o).step_by(rows)) {
+            let r = blk.len() / n;
+            for (yi, bi) in y.chunks_exact_mut(o).zip(blk.chunks_exact(r)) {
+                yi[j0..][..r].copy_from_slice(bi);
+            }
+        }
+        *cell.borrow_mut() = blocks;
+    });
+}
+
+thread_local! {
+    /// [`fc_batch`]'s per-task output blocks, kept between calls.
+    static FC_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// [`avx2::dot2x4`]'s portable form: two [`dot4`]s.
@@ -1059,6 +1290,21 @@ fn fc_fma(w: &[f32], b: Option<&[f32]>, k: usize, x: &[f32], y: &mut [f32], o: u
         o,
         |w, x0, x1, x2, x3| avx2::dot4(w, [x0, x1, x2, x3]),
         |w0, w1, xs| avx2::dot2x4(w0, w1, xs),
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fc_avx512(w: &[f32], b: Option<&[f32]>, k: usize, x: &[f32], y: &mut [f32], o: usize) {
+    fc_impl(
+        w,
+        b,
+        k,
+        x,
+        y,
+        o,
+        |w, x0, x1, x2, x3| avx512::dot4(w, [x0, x1, x2, x3]),
+        |w0, w1, xs| avx512::dot2x4(w0, w1, xs),
     )
 }
 
@@ -1266,106 +1512,77 @@ mod avx2 {
     }
 }
 
-/// Columns per register block of [`lincomb`].
-const KB: usize = 32;
-
-/// out[r][l] = sum over j < jn of coef(r, j) * w[j][l], for `rows` rows of `len`: `out` is
-/// `[rows][len]`, `w` is `[jn][len]`. Register-blocked: four output rows by [`KB`] columns stay
-/// in registers over all j, so each w element loaded feeds four multiply-adds.
-fn lincomb<F: Fn(usize, usize) -> f32>(
-    out: &mut [f32],
-    rows: usize,
-    len: usize,
-    w: &[f32],
-    jn: usize,
-    coef: F,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if fma_available() {
-        // SAFETY: `lincomb_fma` needs only the AVX2 and FMA instructions, which this CPU has
-        // (checked just above); everything it touches is a bounds-checked safe slice.
-        return unsafe { lincomb_fma(out, rows, len, w, jn, &coef) };
-    }
-    lincomb_impl::<false, F>(out, rows, len, w, jn, &coef)
-}
-
+/// AVX-512 forms of [`avx2`]'s dot kernels: sixteen lanes per register, so half the
+/// instructions for the same products (Zen 4/5 and recent Intel cores run them at full width).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn lincomb_fma<F: Fn(usize, usize) -> f32>(
-    out: &mut [f32],
-    rows: usize,
-    len: usize,
-    w: &[f32],
-    jn: usize,
-    coef: &F,
-) {
-    lincomb_impl::<true, F>(out, rows, len, w, jn, coef)
-}
+mod avx512 {
+    use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_reduce_add_ps, _mm512_setzero_ps};
 
-#[inline(always)]
-fn lincomb_impl<const FMA: bool, F: Fn(usize, usize) -> f32>(
-    out: &mut [f32],
-    rows: usize,
-    len: usize,
-    w: &[f32],
-    jn: usize,
-    coef: &F,
-) {
-    let mut r0 = 0;
-    while r0 < rows {
-        let r = (rows - r0).min(4);
-        match r {
-            4 => lincomb_tile::<FMA, 4, F>(out, len, w, jn, coef, r0),
-            3 => lincomb_tile::<FMA, 3, F>(out, len, w, jn, coef, r0),
-            2 => lincomb_tile::<FMA, 2, F>(out, len, w, jn, coef, r0),
-            _ => lincomb_tile::<FMA, 1, F>(out, len, w, jn, coef, r0),
-        }
-        r0 += r;
+    #[inline(always)]
+    fn ld(v: &[f32; 16]) -> __m512 {
+        bytemuck::cast(*v)
     }
-}
 
-/// [`lincomb`] for output rows `r0..r0 + R`.
-#[inline(always)]
-fn lincomb_tile<const FMA: bool, const R: usize, F: Fn(usize, usize) -> f32>(
-    out: &mut [f32],
-    len: usize,
-    w: &[f32],
-    jn: usize,
-    coef: &F,
-    r0: usize,
-) {
-    let mut l0 = 0;
-    while l0 + KB <= len {
-        let mut acc = [[0f32; KB]; R];
-        for j in 0..jn {
-            let wr = &w[j * len + l0..][..KB];
-            for (r, a) in acc.iter_mut().enumerate() {
-                let cf = coef(r0 + r, j);
-                for l in 0..KB {
-                    a[l] = madd::<FMA>(cf, wr[l], a[l]);
-                }
+    /// The first `n` (a multiple of 16) elements of `s` as vectors.
+    #[inline(always)]
+    fn vecs(s: &[f32], n: usize) -> &[[f32; 16]] {
+        bytemuck::cast_slice(&s[..n])
+    }
+
+    /// Adds the scalar products past the last whole vector.
+    #[inline(always)]
+    fn tail(w: &[f32], x: &[f32], from: usize, acc: f32) -> f32 {
+        w[from..]
+            .iter()
+            .zip(&x[from..w.len()])
+            .fold(acc, |a, (&p, &q)| p.mul_add(q, a))
+    }
+
+    /// Four dot products of `w` with `x[r]` (each at least `w`'s length).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+        let k = w.len();
+        let n = k / 16 * 16;
+        let wv = vecs(w, n);
+        let xv = [vecs(x[0], n), vecs(x[1], n), vecs(x[2], n), vecs(x[3], n)];
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for (i, wi) in wv.iter().enumerate() {
+            let p = ld(wi);
+            for r in 0..4 {
+                acc[r] = _mm512_fmadd_ps(p, ld(&xv[r][i]), acc[r]);
             }
         }
-        for (r, a) in acc.iter().enumerate() {
-            out[(r0 + r) * len + l0..][..KB].copy_from_slice(a);
+        let mut out = [0f32; 4];
+        for r in 0..4 {
+            out[r] = tail(w, x[r], n, _mm512_reduce_add_ps(acc[r]));
         }
-        l0 += KB;
+        out
     }
-    if l0 < len {
-        let n = len - l0;
-        let mut acc = [[0f32; KB]; R];
-        for j in 0..jn {
-            let wr = &w[j * len + l0..][..n];
-            for (r, a) in acc.iter_mut().enumerate() {
-                let cf = coef(r0 + r, j);
-                for (al, &wl) in a[..n].iter_mut().zip(wr) {
-                    *al = madd::<FMA>(cf, wl, *al);
-                }
+
+    /// Eight dot products: rows `w0` and `w1` (equal lengths) with each of `x[r]` (at least
+    /// that long); each load of a sample feeds two multiply-adds.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn dot2x4(w0: &[f32], w1: &[f32], x: [&[f32]; 4]) -> [[f32; 4]; 2] {
+        let k = w0.len();
+        let n = k / 16 * 16;
+        let (u, v) = (vecs(w0, n), vecs(&w1[..k], n));
+        let xv = [vecs(x[0], n), vecs(x[1], n), vecs(x[2], n), vecs(x[3], n)];
+        let mut a = [_mm512_setzero_ps(); 8];
+        for i in 0..u.len() {
+            let (p, q) = (ld(&u[i]), ld(&v[i]));
+            for r in 0..4 {
+                let xr = ld(&xv[r][i]);
+                a[r] = _mm512_fmadd_ps(p, xr, a[r]);
+                a[4 + r] = _mm512_fmadd_ps(q, xr, a[4 + r]);
             }
         }
-        for (r, a) in acc.iter().enumerate() {
-            out[(r0 + r) * len + l0..][..n].copy_from_slice(&a[..n]);
+        let mut out = [[0f32; 4]; 2];
+        for (b, (row, w)) in out.iter_mut().zip([w0, w1]).enumerate() {
+            for (r, o) in row.iter_mut().enumerate() {
+                *o = tail(w, x[r], n, _mm512_reduce_add_ps(a[4 * b + r]));
+            }
         }
+        out
     }
 }
 
@@ -1715,22 +1932,36 @@ mod tests {
                     assert!((y[i * o + j] as f64 - want).abs() < 1e-4, "fc {m}x{k}x{o}");
                 }
             }
-            // out[r][l] = sum_j x[r][j] w[j][l] with w as [k][o].
-            let mut out = vec![f32::NAN; m * o];
-            let mut out_portable = vec![f32::NAN; m * o];
-            lincomb(&mut out, m, o, &w, k, |r, j| x[r * k + j]);
-            lincomb_impl::<false, _>(&mut out_portable, m, o, &w, k, &|r, j| x[r * k + j]);
-            for (a, p) in out.iter().zip(&out_portable) {
-                assert!((a - p).abs() < 1e-4, "lincomb portable {m}x{k}x{o}");
+            // Each instruction-set copy this CPU can run, not only the one `fc` dispatches to.
+            #[cfg(target_arch = "x86_64")]
+            {
+                let mut copies: Vec<(&str, Vec<f32>)> = Vec::new();
+                if fma_available() {
+                    let mut v = vec![f32::NAN; m * o];
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    unsafe { fc_fma(&w, Some(&b), k, &x, &mut v, o) };
+                    copies.push(("avx2", v));
+                }
+                if avx512_available() {
+                    let mut v = vec![f32::NAN; m * o];
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    unsafe { fc_avx512(&w, Some(&b), k, &x, &mut v, o) };
+                    copies.push(("avx512", v));
+                }
+                for (name, v) in copies {
+                    for (a, p) in v.iter().zip(&y_portable) {
+                        assert!((a - p).abs() < 1e-4, "fc {name} {m}x{k}x{o}");
+                    }
+                }
             }
-            for r in 0..m {
-                for l in 0..o {
-                    let want: f64 = (0..k)
-                        .map(|j| x[r * k + j] as f64 * w[j * o + l] as f64)
-                        .sum();
+            // The batched form, split over 1 and 3 threads' worth of row blocks.
+            for threads in [1, 3] {
+                let mut yb = vec![f32::NAN; m * o];
+                fc_batch(&w, Some(&b), k, &x, &mut yb, o, threads);
+                for (a, p) in yb.iter().zip(&y) {
                     assert!(
-                        (out[r * o + l] as f64 - want).abs() < 1e-4,
-                        "lincomb {m}x{k}x{o}"
+                        (a - p).abs() < 1e-4,
+                        "fc_batch {m}x{k}x{o} threads {threads}"
                     );
                 }
             }

@@ -31,7 +31,8 @@ pub struct Args {
     /// Layouts (nchw, nhwc).
     #[arg(long, default_value = "nchw,nhwc", value_delimiter = ',')]
     layouts: Vec<Layout>,
-    /// Backends (cpu, reference). The reference is the f64 oracle: slow, meant for batch 1.
+    /// Backends (cpu, reference; cpu-grouped, cpu-batched, cpu-per-sample force a CPU
+    /// schedule). The reference is the f64 oracle: slow, meant for batch 1.
     #[arg(long, default_value = "cpu", value_delimiter = ',')]
     backends: Vec<Backend>,
     /// Directions (fwd, bwd).
@@ -71,15 +72,19 @@ impl FromStr for ShapeArg {
 enum Backend {
     /// The f64 oracle ([`senet::se::reference`]).
     Reference,
-    /// The fast CPU path ([`senet::se::cpu`]).
-    Cpu,
+    /// The fast CPU path ([`senet::se::cpu`]), with its schedule picked per shape (`Auto`) or
+    /// forced, to compare schedules side by side.
+    Cpu(cpu::Schedule),
 }
 
 impl Backend {
     fn name(self) -> &'static str {
         match self {
             Backend::Reference => "reference",
-            Backend::Cpu => "cpu",
+            Backend::Cpu(cpu::Schedule::Auto) => "cpu",
+            Backend::Cpu(cpu::Schedule::Grouped) => "cpu-grouped",
+            Backend::Cpu(cpu::Schedule::Batched) => "cpu-batched",
+            Backend::Cpu(cpu::Schedule::PerSample) => "cpu-per-sample",
         }
     }
 
@@ -87,7 +92,7 @@ impl Backend {
     fn prepare<'a, T: Element>(self, case: &'a Case<T>) -> Result<Runner<'a>> {
         match self {
             Backend::Reference => Ok(reference_runner(case)),
-            Backend::Cpu => cpu_runner(case),
+            Backend::Cpu(schedule) => cpu_runner(case, schedule),
         }
     }
 }
@@ -97,10 +102,14 @@ impl FromStr for Backend {
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().as_str() {
             "reference" | "ref" => Ok(Backend::Reference),
-            "cpu" => Ok(Backend::Cpu),
-            _ => Err(Error::Config(format!(
-                "unknown backend `{s}` (cpu, reference)"
-            ))),
+            "cpu" => Ok(Backend::Cpu(cpu::Schedule::Auto)),
+            other => match other.strip_prefix("cpu-").map(str::parse) {
+                Some(Ok(schedule)) => Ok(Backend::Cpu(schedule)),
+                _ => Err(Error::Config(format!(
+                    "unknown backend `{s}` (cpu, cpu-grouped, cpu-batched, cpu-per-sample, \
+                     reference)"
+                ))),
+            },
         }
     }
 }
@@ -156,7 +165,7 @@ fn reference_runner<T: Element>(case: &Case<T>) -> Runner<'_> {
     }
 }
 
-fn cpu_runner<T: Element>(case: &Case<T>) -> Result<Runner<'_>> {
+fn cpu_runner<T: Element>(case: &Case<T>, schedule: cpu::Schedule) -> Result<Runner<'_>> {
     let (shape, layout) = (case.x.shape(), case.x.layout());
     let mut y = Tensor::<T>::zeros(shape, layout)?;
     let mut saved = cpu::CpuSaved::new(&case.w.config, shape.n);
@@ -171,20 +180,24 @@ fn cpu_runner<T: Element>(case: &Case<T>) -> Result<Runner<'_>> {
     let mut grads = cpu::zero_grads(&case.w.config);
     Ok(Runner {
         fwd: Box::new(move || {
-            cpu::forward_into(&case.w, &case.x, case.r.as_ref(), &mut y, &mut saved)
+            cpu::with_schedule(schedule, || {
+                cpu::forward_into(&case.w, &case.x, case.r.as_ref(), &mut y, &mut saved)
+            })
         }),
         bwd: Box::new(move || {
-            cpu::backward_into(
-                &case.w,
-                &case.x,
-                case.r.as_ref(),
-                &saved_bwd,
-                &case.dy,
-                &mut dx,
-                false,
-                &mut grads,
-                dres.as_mut(),
-            )
+            cpu::with_schedule(schedule, || {
+                cpu::backward_into(
+                    &case.w,
+                    &case.x,
+                    case.r.as_ref(),
+                    &saved_bwd,
+                    &case.dy,
+                    &mut dx,
+                    false,
+                    &mut grads,
+                    dres.as_mut(),
+                )
+            })
         }),
     })
 }

@@ -13,6 +13,7 @@ use super::{
     PoolGeom, SeBackward,
 };
 use crate::error::{Error, Result};
+use crate::linalg::sgemm;
 use crate::se::{cpu as se_cpu, SeGrads, SeWeights};
 use crate::tensor::{Shape, Tensor};
 use gemm::Parallelism;
@@ -54,62 +55,6 @@ fn se_op_backward(
         crate::se::check::widen_grads(&b.grads),
         b.dresidual.map(Tensor::into_vec),
     ))
-}
-
-/// `c (m x n) = a (m x k) * b (k x n)` (or `c += ...` with `acc`), each operand given by its
-/// row and column strides.
-#[allow(clippy::too_many_arguments)]
-fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [f32],
-    a: (&[f32], isize, isize),
-    b: (&[f32], isize, isize),
-    acc: bool,
-    par: Parallelism,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // The extents each operand's strides reach must lie inside its slice.
-    let reach = |rows: usize, cols: usize, rs: isize, cs: isize| {
-        (rows.saturating_sub(1)) * rs.unsigned_abs() + (cols.saturating_sub(1)) * cs.unsigned_abs()
-    };
-    assert!(c.len() > reach(m, n, n as isize, 1));
-    if k == 0 {
-        if !acc {
-            c[..m * n].fill(0.0);
-        }
-        return;
-    }
-    assert!(a.0.len() > reach(m, k, a.1, a.2));
-    assert!(b.0.len() > reach(k, n, b.1, b.2));
-    // SAFETY: the assertions above keep every access inside the three slices; `c` does not
-    // alias `a` or `b` (it is borrowed mutably).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            a.0.as_ptr(),
-            a.2,
-            a.1,
-            b.0.as_ptr(),
-            b.2,
-            b.1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
 }
 
 /// Fills one im2col row (input channel plane `x`, kernel tap `(kh, kw)`) of `ho * wo` columns.

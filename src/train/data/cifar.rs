@@ -64,7 +64,7 @@ pub fn parse_records(
     labels: &mut Vec<u16>,
 ) -> Result<()> {
     let rec = variant.label_bytes() + IMAGE_BYTES;
-    if bytes.is_empty() || bytes.len() % rec != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(rec) {
         return Err(Error::Format(format!(
             "{what}: {} bytes is not a whole number of {rec}-byte {variant:?} records",
             bytes.len()

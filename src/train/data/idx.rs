@@ -123,7 +123,7 @@ pub fn stratified_split(labels: &[u16], classes: usize, every: usize) -> (Vec<us
     for (i, &l) in labels.iter().enumerate() {
         let k = (l as usize).min(seen.len() - 1);
         seen[k] += 1;
-        if seen[k] % every == 0 {
+        if seen[k].is_multiple_of(every) {
             b.push(i);
         } else {
             a.push(i);
