@@ -45,7 +45,7 @@ def timed(fn, args_list, iters, warmup):
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def bench(shape, dtype, layout, iters, warmup, compile_it):
+def bench(shape, dtype, layout, iters, warmup, compile_it, autotune_it=False):
     n, c, h, w = shape
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     dt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
@@ -82,6 +82,12 @@ def bench(shape, dtype, layout, iters, warmup, compile_it):
         out["compile_fwd"] = timed(fwd(mc), ks, iters, warmup)
         out["compile_fwdbwd"] = timed(fwdbwd(mc), ks, iters, warmup)
         out["compile_s"] = time.time() - t0
+    if autotune_it:
+        t0 = time.time()
+        ma = torch.compile(m, mode="max-autotune")
+        out["autotune_fwd"] = timed(fwd(ma), ks, iters, warmup)
+        out["autotune_fwdbwd"] = timed(fwdbwd(ma), ks, iters, warmup)
+        out["autotune_s"] = time.time() - t0
     return out
 
 
@@ -96,6 +102,9 @@ def main():
                     help="shapes also run through torch.compile (compiling is slow)")
     ap.add_argument("--compile-dtypes", default="bf16")
     ap.add_argument("--compile-budget-s", type=float, default=150.0, help="stop compiling new shapes after this")
+    ap.add_argument("--autotune-shapes", default="",
+                    help="shapes also run through torch.compile(mode='max-autotune') (minutes each), same dtypes"
+                         " and budget as --compile-shapes")
     ap.add_argument("--ours", help="CSV from `senet gpu-bench --csv` to compare against")
     ap.add_argument("--out", help="write PyTorch's times as CSV here")
     a = ap.parse_args()
@@ -104,18 +113,21 @@ def main():
     print(f"device: {props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     compile_shapes = set(a.compile_shapes.split(",")) if a.compile_shapes else set()
     compile_dtypes = set(a.compile_dtypes.split(","))
+    autotune_shapes = set(a.autotune_shapes.split(",")) if a.autotune_shapes else set()
     t_start = time.time()
     rows = []
     for s in a.shapes.split(","):
         for dtype in a.dtypes.split(","):
             for layout in a.layouts.split(","):
                 comp = s in compile_shapes and dtype in compile_dtypes and time.time() - t_start < a.compile_budget_s
-                r = bench(parse_shape(s), dtype, layout, a.iters, a.warmup, comp)
+                tune = (s in autotune_shapes and dtype in compile_dtypes
+                        and time.time() - t_start < a.compile_budget_s)
+                r = bench(parse_shape(s), dtype, layout, a.iters, a.warmup, comp, tune)
                 r.update(shape=s, dtype=dtype, layout=layout)
                 rows.append(r)
                 print(f"  {s} {dtype} {layout}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float)), flush=True)
 
-    keys = ["copy", "eager_fwd", "eager_fwdbwd", "compile_fwd", "compile_fwdbwd"]
+    keys = ["copy", "eager_fwd", "eager_fwdbwd", "compile_fwd", "compile_fwdbwd", "autotune_fwd", "autotune_fwdbwd"]
     if a.out:
         with open(a.out, "w", newline="") as f:
             wr = csv.writer(f)

@@ -13,7 +13,12 @@ set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/out}
 mkdir -p "$out"
-export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+# Our binaries load libcuda at run time: add the container's driver folder as a fallback (after
+# whatever is set, never before the system's own libraries: prepending /usr/lib made a
+# dynamically linked Python load another build's libpython and lose its site-packages). Python
+# phases run with the caller's LD_LIBRARY_PATH unchanged.
+orig_ld=${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/nvidia/lib64
 export SENET_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
 phases=${PHASES:-"info tests sanitize bench torch ncu"}
 bin=$here/bin
@@ -50,7 +55,7 @@ for p in $phases; do
       phase bench ${BENCH_LIMIT:-180} "$bin/senet" gpu-bench --csv "$out/gpu-bench.csv" ${BENCH_ARGS:-} || status=1
       grep -E "^\|" "$out/bench.log" | head -120 ;;
     torch)
-      phase torch ${TORCH_LIMIT:-240} python3 "$here/torch_se.py" --ours "$out/gpu-bench.csv" --out "$out/torch.csv" \
+      phase torch ${TORCH_LIMIT:-240} env LD_LIBRARY_PATH="$orig_ld" python3 "$here/torch_se.py" --ours "$out/gpu-bench.csv" --out "$out/torch.csv" \
         ${TORCH_ARGS:-} || status=1
       grep -E "^\|" "$out/torch.log" | head -60 ;;
     ncu)

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Turns the logs of one `gpu-pack/gpu-checks.sh` run into a dated results file.
+
+    python3 scripts/gpu-results.py OUT_DIR [--results benches/results] [--command "..."]
+
+OUT_DIR is the folder gpu-checks.sh wrote ($OUT). The file it writes,
+benches/results/<date>-gpu-<card>.md, names the card (nvidia-smi), the commit the pack was built
+from (gpu-pack/COMMIT, copied into info.log), the command of every phase with its exit status and
+time, and holds the test summary, the sanitizer summaries, `senet gpu-bench`'s table,
+torch_se.py's side-by-side table and the Nsight Compute lines. It copies what the logs say and
+adds nothing: a phase that did not run is listed as missing.
+"""
+import argparse
+import datetime
+import pathlib
+import re
+import sys
+
+PHASES = ["info", "tests", "sanitize", "bench", "torch", "ncu"]
+
+
+def read(out, name):
+    p = out / f"{name}.log"
+    return p.read_text(errors="replace").splitlines() if p.exists() else None
+
+
+def card_name(info, torch):
+    for lines in (info or [], torch or []):
+        for line in lines:
+            m = re.search(r"(NVIDIA [A-Z]\w*[ -]?\w*(?: \w+)?)", line)
+            if m and ("H100" in line or "H200" in line or "NVIDIA" in line):
+                return m.group(1).strip()
+    return "unknown-card"
+
+
+def commit_of(info):
+    for line in info or []:
+        if re.fullmatch(r"[0-9a-f]{40}", line.strip()):
+            return line.strip()
+    return "unknown"
+
+
+def phase_lines(lines):
+    """The `=== name: command` and `=== name rc=.. in ..s` lines."""
+    return [line for line in lines if line.startswith("=== ")]
+
+
+def table(lines):
+    return [line for line in lines if line.startswith("|")]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=pathlib.Path)
+    ap.add_argument("--results", type=pathlib.Path, default=pathlib.Path("benches/results"))
+    ap.add_argument("--command", default="cd gpu-pack && OUT=$OUT ./gpu-checks.sh",
+                    help="the command that ran gpu-checks.sh, as it should appear in the file")
+    ap.add_argument("--date", default=datetime.date.today().isoformat())
+    a = ap.parse_args()
+    if not a.out.is_dir():
+        print(f"{a.out}: not a folder", file=sys.stderr)
+        return 2
+    logs = {name: read(a.out, name) for name in PHASES}
+    if all(v is None for v in logs.values()):
+        print(f"{a.out}: no gpu-checks logs (info.log, tests.log, ...) in it", file=sys.stderr)
+        return 2
+    card = card_name(logs["info"], logs["torch"])
+    commit = commit_of(logs["info"])
+    slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+    dest = a.results / f"{a.date}-gpu-{slug}.md"
+
+    w = []
+    w.append(f"# GPU checks on {card} ({a.date})\n")
+    w.append(f"- Card: {card}")
+    w.append(f"- Commit: `{commit}` (the gpu-pack was built from it; see info.log's COMMIT lines)")
+    w.append(f"- Command: `{a.command}`")
+    w.append(f"- Logs: the phase logs of that run, summarised below by `scripts/gpu-results.py`.\n")
+
+    w.append("## Phases\n")
+    w.append("```")
+    for name in PHASES:
+        lines = logs[name]
+        if lines is None:
+            w.append(f"{name}: did not run (no {name}.log)")
+        else:
+            w.extend(phase_lines(lines))
+    w.append("```\n")
+
+    if logs["info"] is not None:
+        w.append("## Device and kernels\n")
+        w.append("```")
+        w.extend(line for line in logs["info"] if re.search(r"NVIDIA|Driver|CUDA|device|kernel builds", line))
+        w.append("```\n")
+    if logs["tests"] is not None:
+        w.append("## GPU tests (SENET_REQUIRE_GPU=1)\n")
+        w.append("```")
+        w.extend(line for line in logs["tests"] if re.search(r"^test |FAIL|panicked|test result|cases x", line))
+        w.append("```\n")
+    if logs["sanitize"] is not None:
+        w.append("## compute-sanitizer\n")
+        w.append("```")
+        w.extend(line for line in logs["sanitize"]
+                 if re.search(r"^=== |ERROR SUMMARY|test result|Invalid|Race|Barrier|error", line))
+        w.append("```\n")
+    if logs["bench"] is not None:
+        w.append("## `senet gpu-bench`\n")
+        w.extend(table(logs["bench"]) or ["(no table in bench.log)"])
+        w.append("")
+    if logs["torch"] is not None:
+        w.append("## PyTorch (timm SEModule) on the same card, and the ratios\n")
+        w.append("```")
+        w.extend(line for line in logs["torch"] if line.startswith(("device:", "  ")))
+        w.append("```\n")
+        w.extend(table(logs["torch"]) or ["(no table in torch.log)"])
+        w.append("")
+    if logs["ncu"] is not None:
+        w.append("## Nsight Compute\n")
+        w.append("```")
+        w.extend(line for line in logs["ncu"] if re.search(r"se_|dram__|lts__|gpu__time", line))
+        w.append("```\n")
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("\n".join(w) + "\n")
+    print(dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
