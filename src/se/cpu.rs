@@ -672,7 +672,7 @@ impl<'a> Problem<'a> {
                     .enumerate()
                     .for_each(|(n, dsn)| self.dsum(&Sample::of(a, n, se, c), 0, dsn));
                 let mut e = Excited { ds, dg, dz, du };
-                self.dexcite_batch(&a.saved.h, &a.saved.s, &mut e, threads);
+                self.dexcite(&a.saved.h, &a.saved.s, &mut e, threads);
                 let dz = &*e.dz;
                 let one = |n: usize, dxn: &mut [T], drn: Option<&mut [T]>| {
                     let dzn = &dz[n * c..][..c];
@@ -794,7 +794,9 @@ impl<'a> Problem<'a> {
     }
 
     /// The excitation's backward for `m` samples (`e.ds` filled, `[m][c]`): writes dg, du and
-    /// dz / hw. `h` is `[m][d]`, `s` is `[m][c]`.
+    /// dz / hw. `h` is `[m][d]`, `s` is `[m][c]`. du and dz are one GEMM each over the `m`
+    /// samples, split over `threads` when large enough (the batched schedule passes the whole
+    /// batch; a group's task passes 1).
     fn dexcite(&self, h: &[f32], s: &[f32], e: &mut Excited<'_>, threads: usize) {
         let (c, d) = (self.c, self.d);
         let m = e.dg.len() / c;
@@ -810,25 +812,6 @@ impl<'a> Problem<'a> {
         }
         let (w1, inv) = ((self.w1, c as isize, 1), 1.0 / self.hw as f32);
         sgemm_scaled(m, c, d, e.dz, (&*e.du, d as isize, 1), w1, false, inv, par);
-    }
-
-    /// [`Self::dexcite`] for the whole batch, du and dz each as one GEMM over all samples.
-    fn dexcite_batch(&self, h: &[f32], s: &[f32], e: &mut Excited<'_>, threads: usize) {
-        let (c, d) = (self.c, self.d);
-        let n = e.dg.len() / c;
-        for ((g, &dsv), &sv) in e.dg.iter_mut().zip(e.ds.iter()).zip(s) {
-            *g = dsv * gate_grad(self.gate, sv);
-        }
-        let par = gemm_par(n * c * d, threads);
-        // du = (dg W2) * act'(h): W2 is [c][d].
-        let w2 = (self.w2, d as isize, 1);
-        sgemm(n, d, c, e.du, (&*e.dg, c as isize, 1), w2, false, par);
-        for (v, &hv) in e.du.iter_mut().zip(h) {
-            *v *= act_grad(self.act, hv);
-        }
-        // dz / hw = (du W1) / hw: W1 is [d][c].
-        let (w1, inv) = ((self.w1, c as isize, 1), 1.0 / self.hw as f32);
-        sgemm_scaled(n, c, d, e.dz, (&*e.du, d as isize, 1), w1, false, inv, par);
     }
 
     /// dx = g * s + dz / hw (plus dx's old value with `accumulate`) and d residual = g over
