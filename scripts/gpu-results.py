@@ -86,38 +86,27 @@ def main():
             w.extend(phase_lines(lines))
     w.append("```\n")
 
-    if logs["info"] is not None:
-        w.append("## Device and kernels\n")
-        w.append("```")
-        w.extend(line for line in logs["info"] if re.search(r"NVIDIA|Driver|CUDA|device|kernel builds", line))
-        w.append("```\n")
-    if logs["tests"] is not None:
-        w.append("## GPU tests (SENET_REQUIRE_GPU=1)\n")
-        w.append("```")
-        w.extend(line for line in logs["tests"] if re.search(r"^test |FAIL|panicked|test result|cases x", line))
-        w.append("```\n")
-    if logs["sanitize"] is not None:
-        w.append("## compute-sanitizer\n")
-        w.append("```")
-        w.extend(line for line in logs["sanitize"]
-                 if re.search(r"^=== |ERROR SUMMARY|test result|Invalid|Race|Barrier|error", line))
-        w.append("```\n")
+    def fenced(name, title, pattern):
+        """A section with the lines of `name`.log that match `pattern`, if that log exists."""
+        if logs[name] is not None:
+            w.extend([f"## {title}\n", "```"])
+            w.extend(line for line in logs[name] if re.search(pattern, line))
+            w.append("```\n")
+
+    def tabled(name):
+        if logs[name] is not None:
+            w.extend(table(logs[name]) or [f"(no table in {name}.log)"])
+            w.append("")
+
+    fenced("info", "Device and kernels", r"NVIDIA|Driver|CUDA|device|kernel builds")
+    fenced("tests", "GPU tests (SENET_REQUIRE_GPU=1)", r"^test |FAIL|panicked|test result|cases x")
+    fenced("sanitize", "compute-sanitizer", r"^=== |ERROR SUMMARY|test result|Invalid|Race|Barrier|error")
     if logs["bench"] is not None:
         w.append("## `senet gpu-bench`\n")
-        w.extend(table(logs["bench"]) or ["(no table in bench.log)"])
-        w.append("")
-    if logs["torch"] is not None:
-        w.append("## PyTorch (timm SEModule) on the same card, and the ratios\n")
-        w.append("```")
-        w.extend(line for line in logs["torch"] if line.startswith(("device:", "  ")))
-        w.append("```\n")
-        w.extend(table(logs["torch"]) or ["(no table in torch.log)"])
-        w.append("")
-    if logs["ncu"] is not None:
-        w.append("## Nsight Compute\n")
-        w.append("```")
-        w.extend(line for line in logs["ncu"] if re.search(r"se_|dram__|lts__|gpu__time", line))
-        w.append("```\n")
+    tabled("bench")
+    fenced("torch", "PyTorch (timm SEModule) on the same card, and the ratios", r"^device:|^  ")
+    tabled("torch")
+    fenced("ncu", "Nsight Compute", r"se_|dram__|lts__|gpu__time")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text("\n".join(w) + "\n")
