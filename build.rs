@@ -351,6 +351,7 @@ fn bindgen_abi(out: &Path) {
         bindgen::Builder::default()
             .header("kernels/abi.h")
             .allowlist_type("Se.*")
+            .allowlist_type("Nn.*")
             .allowlist_var("SENET_.*")
             .derive_default(true)
             .derive_debug(true)

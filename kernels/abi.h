@@ -69,19 +69,48 @@ typedef struct SeGemmParams {
     uint32_t reserved;
 } SeGemmParams;
 
+/* NnConvParams.flags bits. */
+#define SENET_NN_BIAS 1u       /* the forward adds a per-output-channel bias */
+#define SENET_NN_ACCUMULATE 2u /* the weight gradient adds into dw instead of overwriting */
+
+/* One convolution (NCHW, square kernel, groups), for the network kernels of nn.cu. */
+typedef struct NnConvParams {
+    uint32_t n;      /* batch */
+    uint32_t c;      /* input channels */
+    uint32_t h;      /* input height */
+    uint32_t w;      /* input width */
+    uint32_t oc;     /* output channels */
+    uint32_t oh;     /* output height */
+    uint32_t ow;     /* output width */
+    uint32_t k;      /* kernel size */
+    uint32_t stride;
+    uint32_t pad;
+    uint32_t groups;
+    uint32_t icg;    /* input channels per group */
+    uint32_t ocg;    /* output channels per group */
+    uint32_t kdepth; /* icg * k * k: the forward GEMM's depth */
+    uint32_t flags;  /* SENET_NN_* */
+    uint32_t reserved;
+} NnConvParams;
+
 #define SENET_SE_PARAMS_SIZE 64
 #define SENET_SE_PARAMS_ALIGN 8
 #define SENET_GEMM_PARAMS_SIZE 72
 #define SENET_GEMM_PARAMS_ALIGN 8
+#define SENET_NN_CONV_PARAMS_SIZE 64
+#define SENET_NN_CONV_PARAMS_ALIGN 4
 
 #if defined(__cplusplus)
 static_assert(sizeof(SeParams) == SENET_SE_PARAMS_SIZE, "SeParams size");
 static_assert(alignof(SeParams) == SENET_SE_PARAMS_ALIGN, "SeParams alignment");
 static_assert(sizeof(SeGemmParams) == SENET_GEMM_PARAMS_SIZE, "SeGemmParams size");
 static_assert(alignof(SeGemmParams) == SENET_GEMM_PARAMS_ALIGN, "SeGemmParams alignment");
+static_assert(sizeof(NnConvParams) == SENET_NN_CONV_PARAMS_SIZE, "NnConvParams size");
+static_assert(alignof(NnConvParams) == SENET_NN_CONV_PARAMS_ALIGN, "NnConvParams alignment");
 #else
 _Static_assert(sizeof(SeParams) == SENET_SE_PARAMS_SIZE, "SeParams size");
 _Static_assert(sizeof(SeGemmParams) == SENET_GEMM_PARAMS_SIZE, "SeGemmParams size");
+_Static_assert(sizeof(NnConvParams) == SENET_NN_CONV_PARAMS_SIZE, "NnConvParams size");
 #endif
 
 #endif /* SENET_ABI_H */

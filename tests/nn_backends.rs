@@ -28,8 +28,7 @@ fn close(label: &str, got: &[f64], want: &[f64], tol: f64) {
     assert!(e <= tol, "{label}: relative error {e:.3e} > {tol:.0e}");
 }
 
-#[test]
-fn convolution_matches_reference() {
+fn check_convolution<B: Backend<f32>>(be: &B) {
     let s = seed("conv");
     let cases = [
         // (in, out, k, stride, pad, groups, bias, input)
@@ -52,7 +51,7 @@ fn convolution_matches_reference() {
         let w64: Vec<f64> = w32.iter().map(|&v| v as f64).collect();
         let b32 = bias.then(|| vec_f32(o, seed ^ 2));
         let b64: Option<Vec<f64>> = b32.as_ref().map(|b| b.iter().map(|&v| v as f64).collect());
-        let y = Cpu.conv2d(&x32, &w32, b32.as_deref(), &geom).unwrap();
+        let y = be.conv2d(&x32, &w32, b32.as_deref(), &geom).unwrap();
         let yr = Reference.conv2d(&x64, &w64, b64.as_deref(), &geom).unwrap();
         assert_eq!(y.shape(), yr.shape(), "{label}");
         close(&label, &f64s(&y), yr.data(), OUT_TOL);
@@ -64,7 +63,7 @@ fn convolution_matches_reference() {
         // Gradients accumulate: start both from the same non-zero values.
         dw.iter_mut().for_each(|v| *v = 0.25);
         dwr.iter_mut().for_each(|v| *v = 0.25);
-        let dx = Cpu
+        let dx = be
             .conv2d_backward(
                 &x32,
                 &w32,
@@ -97,7 +96,7 @@ fn convolution_matches_reference() {
         }
         // Without the input gradient, the weight gradient is the same.
         let mut dw2 = vec![0.25f32; w32.len()];
-        let none = Cpu
+        let none = be
             .conv2d_backward(&x32, &w32, &dy32, &geom, &mut dw2, None, false)
             .unwrap();
         assert!(none.is_none());
@@ -105,8 +104,7 @@ fn convolution_matches_reference() {
     }
 }
 
-#[test]
-fn pointwise_ops_match_reference() {
+fn check_pointwise_ops<B: Backend<f32>>(be: &B) {
     let s = seed("pointwise");
     let xs = Shape::new(3, 5, 6, 7);
     let x32: Tensor<f32> = random_tensor(xs, s);
@@ -114,7 +112,7 @@ fn pointwise_ops_match_reference() {
     let dy32: Tensor<f32> = random_tensor(xs, s ^ 1);
     let dy64: Tensor<f64> = dy32.cast();
 
-    let st = Cpu.batch_norm_stats(&x32).unwrap();
+    let st = be.batch_norm_stats(&x32).unwrap();
     let str_ = Reference.batch_norm_stats(&x64).unwrap();
     close("bn mean", &st.mean, &str_.mean, OUT_TOL);
     close("bn var", &st.var, &str_.var, OUT_TOL);
@@ -124,7 +122,7 @@ fn pointwise_ops_match_reference() {
     let a64: Vec<f64> = a32.iter().map(|&v| v as f64).collect();
     let b64: Vec<f64> = b32.iter().map(|&v| v as f64).collect();
     for relu in [false, true] {
-        let y = Cpu.channel_affine(x32.clone(), &a32, &b32, relu).unwrap();
+        let y = be.channel_affine(x32.clone(), &a32, &b32, relu).unwrap();
         let yr = Reference
             .channel_affine(x64.clone(), &a64, &b64, relu)
             .unwrap();
@@ -134,7 +132,7 @@ fn pointwise_ops_match_reference() {
     for batch_stats in [true, false] {
         let (mut dg, mut db) = (vec![0.0f32; 5], vec![0.0f32; 5]);
         let (mut dgr, mut dbr) = (vec![0.0f64; 5], vec![0.0f64; 5]);
-        let dx = Cpu
+        let dx = be
             .batch_norm_backward(
                 &x32,
                 &dy32,
@@ -173,14 +171,14 @@ fn pointwise_ops_match_reference() {
         );
     }
 
-    let y = Cpu.relu(x32.clone()).unwrap();
+    let y = be.relu(x32.clone()).unwrap();
     let yr = Reference.relu(x64.clone()).unwrap();
     close("relu", &f64s(&y), yr.data(), 0.0);
-    let d = Cpu.relu_backward(&y, dy32.clone()).unwrap();
+    let d = be.relu_backward(&y, dy32.clone()).unwrap();
     let dr = Reference.relu_backward(&yr, dy64.clone()).unwrap();
     close("relu backward", &f64s(&d), dr.data(), 0.0);
     for relu in [false, true] {
-        let y = Cpu.add(x32.clone(), &dy32, relu).unwrap();
+        let y = be.add(x32.clone(), &dy32, relu).unwrap();
         let yr = Reference.add(x64.clone(), &dy64, relu).unwrap();
         close("add", &f64s(&y), yr.data(), OUT_TOL);
     }
@@ -192,12 +190,12 @@ fn pointwise_ops_match_reference() {
         (2, 2, 0, false),
     ] {
         let g = PoolGeom::new(k, st, p, ceil).unwrap();
-        let (y, arg) = Cpu.max_pool2d(&x32, &g).unwrap();
+        let (y, arg) = be.max_pool2d(&x32, &g).unwrap();
         let (yr, argr) = Reference.max_pool2d(&x64, &g).unwrap();
         close("max pool", &f64s(&y), yr.data(), 0.0);
         assert_eq!(arg, argr, "max pool indices");
         let dy: Tensor<f32> = random_tensor(y.shape(), s ^ 9);
-        let dx = Cpu.max_pool2d_backward(&dy, &arg, xs).unwrap();
+        let dx = be.max_pool2d_backward(&dy, &arg, xs).unwrap();
         let dxr = Reference
             .max_pool2d_backward(&dy.cast(), &argr, xs)
             .unwrap();
@@ -207,20 +205,20 @@ fn pointwise_ops_match_reference() {
                 count_include_pad: include,
                 ..g
             };
-            let y = Cpu.avg_pool2d(&x32, &g).unwrap();
+            let y = be.avg_pool2d(&x32, &g).unwrap();
             let yr = Reference.avg_pool2d(&x64, &g).unwrap();
             close("avg pool", &f64s(&y), yr.data(), OUT_TOL);
-            let dx = Cpu.avg_pool2d_backward(&dy, &g, xs).unwrap();
+            let dx = be.avg_pool2d_backward(&dy, &g, xs).unwrap();
             let dxr = Reference.avg_pool2d_backward(&dy.cast(), &g, xs).unwrap();
             close("avg pool backward", &f64s(&dx), dxr.data(), GRAD_TOL);
         }
     }
 
-    let y = Cpu.global_avg_pool(&x32).unwrap();
+    let y = be.global_avg_pool(&x32).unwrap();
     let yr = Reference.global_avg_pool(&x64).unwrap();
     close("global pool", &f64s(&y), yr.data(), OUT_TOL);
     let dy: Tensor<f32> = random_tensor(y.shape(), s ^ 10);
-    let dx = Cpu.global_avg_pool_backward(&dy, xs).unwrap();
+    let dx = be.global_avg_pool_backward(&dy, xs).unwrap();
     let dxr = Reference.global_avg_pool_backward(&dy.cast(), xs).unwrap();
     close("global pool backward", &f64s(&dx), dxr.data(), GRAD_TOL);
 
@@ -229,13 +227,13 @@ fn pointwise_ops_match_reference() {
     let w64: Vec<f64> = w32.iter().map(|&v| v as f64).collect();
     let b32 = vec_f32(11, s ^ 12);
     let b64: Vec<f64> = b32.iter().map(|&v| v as f64).collect();
-    let y = Cpu.linear(&x32, &w32, Some(&b32), 11).unwrap();
+    let y = be.linear(&x32, &w32, Some(&b32), 11).unwrap();
     let yr = Reference.linear(&x64, &w64, Some(&b64), 11).unwrap();
     close("linear", &f64s(&y), yr.data(), OUT_TOL);
     let dy: Tensor<f32> = random_tensor(y.shape(), s ^ 13);
     let (mut dw, mut db) = (vec![0.0f32; w32.len()], vec![0.0f32; 11]);
     let (mut dwr, mut dbr) = (vec![0.0f64; w32.len()], vec![0.0f64; 11]);
-    let dx = Cpu
+    let dx = be
         .linear_backward(&x32, &w32, &dy, &mut dw, Some(&mut db))
         .unwrap();
     let dxr = Reference
@@ -256,25 +254,22 @@ fn pointwise_ops_match_reference() {
     );
 }
 
-#[test]
-fn shape_errors_are_errors() {
+fn check_shape_errors<B: Backend<f32>>(be: &B) {
     let x: Tensor<f32> = random_tensor(Shape::new(1, 3, 4, 4), 1);
     let g = ConvGeom::new(4, 4, 3, 1, 1, 1).unwrap();
-    assert!(Cpu
-        .conv2d(&x, &vec![0.0; g.weight_len()], None, &g)
-        .is_err());
+    assert!(be.conv2d(&x, &vec![0.0; g.weight_len()], None, &g).is_err());
     let g = ConvGeom::new(3, 4, 3, 1, 1, 1).unwrap();
-    assert!(Cpu.conv2d(&x, &[0.0; 5], None, &g).is_err());
-    assert!(Cpu
+    assert!(be.conv2d(&x, &[0.0; 5], None, &g).is_err());
+    assert!(be
         .channel_affine(x.clone(), &[1.0; 2], &[0.0; 3], false)
         .is_err());
     let y: Tensor<f32> = random_tensor(Shape::new(1, 3, 4, 5), 1);
-    assert!(Cpu.add(x.clone(), &y, true).is_err());
-    assert!(Cpu.linear(&x, &[0.0; 10], None, 2).is_err());
+    assert!(be.add(x.clone(), &y, true).is_err());
+    assert!(be.linear(&x, &[0.0; 10], None, 2).is_err());
     let big = PoolGeom::new(5, 1, 0, false).unwrap();
-    assert!(Cpu.max_pool2d(&x, &big).is_err());
+    assert!(be.max_pool2d(&x, &big).is_err());
     let nhwc = x.to_layout(senet::Layout::Nhwc);
-    assert!(Cpu.relu(nhwc).is_err());
+    assert!(be.relu(nhwc).is_err());
 }
 
 /// True when any element is positive in one output and not in the other: a ReLU decision
@@ -289,10 +284,16 @@ fn sign_flip(a: &Tensor<f32>, b: &Tensor<f64>) -> bool {
 
 /// Runs the layers of `s32` and `s64` forward on clones from the same input and reports a
 /// ReLU flip at any layer output (looking inside residual blocks' branches and shortcuts).
-fn seq_flips(s32: &Seq<f32>, s64: &Seq<f64>, x: &Tensor<f32>, mode: Mode) -> bool {
+fn seq_flips<B: Backend<f32>>(
+    be: &B,
+    s32: &Seq<f32>,
+    s64: &Seq<f64>,
+    x: &Tensor<f32>,
+    mode: Mode,
+) -> bool {
     let mut x = x.clone();
     for ((_, l32), (_, l64)) in s32.layers().iter().zip(s64.layers()) {
-        if layer_flips(l32, l64, &x, mode) {
+        if layer_flips(be, l32, l64, &x, mode) {
             return true;
         }
         let y = l64.clone().forward(&Reference, x.cast(), mode).unwrap();
@@ -301,7 +302,13 @@ fn seq_flips(s32: &Seq<f32>, s64: &Seq<f64>, x: &Tensor<f32>, mode: Mode) -> boo
     false
 }
 
-fn layer_flips(l32: &Layer<f32>, l64: &Layer<f64>, x: &Tensor<f32>, mode: Mode) -> bool {
+fn layer_flips<B: Backend<f32>>(
+    be: &B,
+    l32: &Layer<f32>,
+    l64: &Layer<f64>,
+    x: &Tensor<f32>,
+    mode: Mode,
+) -> bool {
     // Only these layers end in a ReLU (blocks and Inception modules possibly followed by an SE
     // scale, which keeps signs).
     if !matches!(
@@ -310,15 +317,15 @@ fn layer_flips(l32: &Layer<f32>, l64: &Layer<f64>, x: &Tensor<f32>, mode: Mode) 
     ) {
         return false;
     }
-    let y32 = l32.clone().forward(&Cpu, x.clone(), mode).unwrap();
+    let y32 = l32.clone().forward(be, x.clone(), mode).unwrap();
     let y64 = l64.clone().forward(&Reference, x.cast(), mode).unwrap();
     if sign_flip(&y32, &y64) {
         return true;
     }
     match (l32, l64) {
         (Layer::Residual(a), Layer::Residual(b)) => {
-            seq_flips(a.branch(), b.branch(), x, mode)
-                || matches!((a.shortcut(), b.shortcut()), (Some(p), Some(q)) if seq_flips(p, q, x, mode))
+            seq_flips(be, a.branch(), b.branch(), x, mode)
+                || matches!((a.shortcut(), b.shortcut()), (Some(p), Some(q)) if seq_flips(be, p, q, x, mode))
         }
         _ => false,
     }
@@ -330,7 +337,8 @@ fn layer_flips(l32: &Layer<f32>, l64: &Layer<f64>, x: &Tensor<f32>, mode: Mode) 
 /// gradient, parameter gradients and updated running statistics. Comparing layer by layer
 /// keeps one layer's rounding from moving a ReLU decision in another; a layer whose own f32
 /// rounding flips a ReLU decision is skipped (at most one per network).
-fn compare_networks(
+fn compare_networks<B: Backend<f32>>(
+    be: &B,
     label: &str,
     mut net: Network<f32>,
     mut reference: Network<f64>,
@@ -345,7 +353,7 @@ fn compare_networks(
     let x32: Tensor<f32> = random_tensor(x, s ^ 5);
     net.reseed_dropout(3);
     reference.reseed_dropout(3);
-    let y = net.clone().forward(&Cpu, x32.clone(), mode).unwrap();
+    let y = net.clone().forward(be, x32.clone(), mode).unwrap();
     let yr = reference
         .clone()
         .forward(&Reference, x32.cast(), mode)
@@ -380,6 +388,7 @@ fn compare_networks(
         let name = net.body().layers()[i].0.clone();
         let what = format!("{label} {mode} {name}");
         let flipped = layer_flips(
+            be,
             &net.body().layers()[i].1,
             &reference.body().layers()[i].1,
             &inputs[i],
@@ -393,10 +402,10 @@ fn compare_networks(
         }
         // Re-run both forward (the reference's recorded run above saw the same input), then
         // backward from the same gradient.
-        let y32 = l32.forward(&Cpu, inputs[i].clone(), mode).unwrap();
+        let y32 = l32.forward(be, inputs[i].clone(), mode).unwrap();
         let y64 = l64.forward(&Reference, inputs[i].cast(), mode).unwrap();
         close(&format!("{what} output"), &f64s(&y32), y64.data(), OUT_TOL);
-        let dx32 = l32.backward(&Cpu, dy.clone()).unwrap();
+        let dx32 = l32.backward(be, dy.clone()).unwrap();
         let dx64 = l64.backward(&Reference, dy.cast()).unwrap();
         dy = dx64.cast();
         if flipped {
@@ -499,20 +508,18 @@ fn small_configs() -> Vec<(&'static str, ResNetConfig, Shape)> {
     ]
 }
 
-#[test]
-fn small_networks_match_reference() {
+fn check_small_networks<B: Backend<f32>>(be: &B) {
     for (name, cfg, x) in small_configs() {
         for mode in [Mode::Train, Mode::Eval, Mode::Infer] {
             let s = seed(name);
             let net = cfg.build::<f32>(name).unwrap();
             let twin = cfg.build::<f64>(name).unwrap();
-            compare_networks(name, net, twin, x, mode, s);
+            compare_networks(be, name, net, twin, x, mode, s);
         }
     }
 }
 
-#[test]
-fn inception_network_matches_reference() {
+fn check_inception_network<B: Backend<f32>>(be: &B) {
     let spec = InceptionSpec {
         name: "x",
         n1x1: 4,
@@ -539,7 +546,7 @@ fn inception_network_matches_reference() {
         let s = seed("inception");
         let net: Network<f32> = inception_net("inception", &spec, &down, se);
         let twin: Network<f64> = inception_net("inception", &spec, &down, se);
-        compare_networks("inception", net, twin, Shape::new(2, 3, 8, 8), mode, s);
+        compare_networks(be, "inception", net, twin, Shape::new(2, 3, 8, 8), mode, s);
     }
 }
 
@@ -565,8 +572,7 @@ fn inception_net<E: senet::nn::Real>(
     Network::new(name, (3, 8, 8), 4, body).unwrap()
 }
 
-#[test]
-fn invalid_geometries_are_errors_not_panics() {
+fn check_invalid_geometries<B: Backend<f32>>(be: &B) {
     let x: Tensor<f32> = random_tensor(Shape::new(1, 4, 5, 5), 2);
     let bad = ConvGeom {
         in_ch: 4,
@@ -576,7 +582,7 @@ fn invalid_geometries_are_errors_not_panics() {
         padding: 1,
         groups: 0,
     };
-    assert!(Cpu.conv2d(&x, &[0.0; 36], None, &bad).is_err());
+    assert!(be.conv2d(&x, &[0.0; 36], None, &bad).is_err());
     assert!(Reference
         .conv2d(&x.cast::<f64>(), &[0.0; 36], None, &bad)
         .is_err());
@@ -587,8 +593,8 @@ fn invalid_geometries_are_errors_not_panics() {
         ceil_mode: false,
         count_include_pad: true,
     };
-    assert!(Cpu.max_pool2d(&x, &bad).is_err());
-    assert!(Cpu.avg_pool2d(&x, &bad).is_err());
+    assert!(be.max_pool2d(&x, &bad).is_err());
+    assert!(be.avg_pool2d(&x, &bad).is_err());
     let mut cfg = senet::nn::BlockConfig::new(BlockKind::Bottleneck, 4, 2, 2);
     cfg.down_kernel = 0;
     assert!(senet::nn::ResidualBlock::<f32>::new(cfg).is_err());
@@ -597,8 +603,7 @@ fn invalid_geometries_are_errors_not_panics() {
     assert!(senet::nn::ResidualBlock::<f32>::new(cfg).is_err());
 }
 
-#[test]
-fn se_op_matches_reference() {
+fn check_se_op<B: Backend<f32>>(be: &B) {
     let s = seed("se op");
     let xs = Shape::new(2, 12, 5, 3);
     let cfg = senet::SeConfig::with_hidden(12, 3).unwrap();
@@ -609,12 +614,12 @@ fn se_op_matches_reference() {
     for residual in [false, true] {
         let r = residual.then_some(&r32);
         let r64 = r.map(|t| t.cast::<f64>());
-        let (y, saved) = Cpu.se_forward(&w, &x32, r).unwrap();
+        let (y, saved) = be.se_forward(&w, &x32, r).unwrap();
         let (yr, savedr) = Reference
             .se_forward(&w, &x32.cast::<f64>(), r64.as_ref())
             .unwrap();
         close("se forward", &f64s(&y), yr.data(), OUT_TOL);
-        let b = Cpu.se_backward(&w, &x32, r, &saved, &dy32).unwrap();
+        let b = be.se_backward(&w, &x32, r, &saved, &dy32).unwrap();
         let br = Reference
             .se_backward(&w, &x32.cast(), r64.as_ref(), &savedr, &dy32.cast())
             .unwrap();
@@ -625,5 +630,91 @@ fn se_op_matches_reference() {
         if let (Some(d), Some(dr)) = (&b.dresidual, &br.dresidual) {
             close("se dresidual", &f64s(d), dr.data(), GRAD_TOL);
         }
+    }
+}
+
+// ------------------------------------------------------------------ the backends under test
+
+#[test]
+fn convolution_matches_reference() {
+    check_convolution(&Cpu);
+}
+
+#[test]
+fn cuda_convolution_matches_reference() {
+    for be in nn_common::cuda_backends() {
+        check_convolution(&be);
+    }
+}
+
+#[test]
+fn pointwise_ops_match_reference() {
+    check_pointwise_ops(&Cpu);
+}
+
+#[test]
+fn cuda_pointwise_ops_match_reference() {
+    for be in nn_common::cuda_backends() {
+        check_pointwise_ops(&be);
+    }
+}
+
+#[test]
+fn shape_errors_are_errors() {
+    check_shape_errors(&Cpu);
+}
+
+#[test]
+fn cuda_shape_errors_are_errors() {
+    for be in nn_common::cuda_backends() {
+        check_shape_errors(&be);
+    }
+}
+
+#[test]
+fn small_networks_match_reference() {
+    check_small_networks(&Cpu);
+}
+
+#[test]
+fn cuda_small_networks_match_reference() {
+    for be in nn_common::cuda_backends() {
+        check_small_networks(&be);
+    }
+}
+
+#[test]
+fn inception_network_matches_reference() {
+    check_inception_network(&Cpu);
+}
+
+#[test]
+fn cuda_inception_network_matches_reference() {
+    for be in nn_common::cuda_backends() {
+        check_inception_network(&be);
+    }
+}
+
+#[test]
+fn invalid_geometries_are_errors_not_panics() {
+    check_invalid_geometries(&Cpu);
+}
+
+#[test]
+fn cuda_invalid_geometries_are_errors_not_panics() {
+    for be in nn_common::cuda_backends() {
+        check_invalid_geometries(&be);
+    }
+}
+
+#[test]
+fn se_op_matches_reference() {
+    check_se_op(&Cpu);
+}
+
+#[test]
+fn cuda_se_op_matches_reference() {
+    for be in nn_common::cuda_backends() {
+        check_se_op(&be);
     }
 }

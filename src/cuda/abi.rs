@@ -7,11 +7,13 @@
 
 include!("abi_generated.rs");
 
-// SAFETY: both structs are `#[repr(C)]` plain old data (integers and a float, no pointers or
+// SAFETY: the structs are `#[repr(C)]` plain old data (integers and a float, no pointers or
 // padding-sensitive invariants); kernels take them by value with the layout abi.h pins.
 unsafe impl cudarc::driver::DeviceRepr for SeParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for SeGemmParams {}
+// SAFETY: as above (sixteen u32 fields).
+unsafe impl cudarc::driver::DeviceRepr for NnConvParams {}
 
 #[cfg(test)]
 mod tests {
@@ -35,6 +37,14 @@ mod tests {
         assert_eq!(
             std::mem::align_of::<SeGemmParams>(),
             SENET_GEMM_PARAMS_ALIGN as usize
+        );
+        assert_eq!(
+            std::mem::size_of::<NnConvParams>(),
+            SENET_NN_CONV_PARAMS_SIZE as usize
+        );
+        assert_eq!(
+            std::mem::align_of::<NnConvParams>(),
+            SENET_NN_CONV_PARAMS_ALIGN as usize
         );
     }
 

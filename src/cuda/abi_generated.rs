@@ -14,10 +14,14 @@ pub const SENET_EPI_STORE: u32 = 0;
 pub const SENET_EPI_FC1: u32 = 1;
 pub const SENET_EPI_FC2: u32 = 2;
 pub const SENET_EPI_DU: u32 = 3;
+pub const SENET_NN_BIAS: u32 = 1;
+pub const SENET_NN_ACCUMULATE: u32 = 2;
 pub const SENET_SE_PARAMS_SIZE: u32 = 64;
 pub const SENET_SE_PARAMS_ALIGN: u32 = 8;
 pub const SENET_GEMM_PARAMS_SIZE: u32 = 72;
 pub const SENET_GEMM_PARAMS_ALIGN: u32 = 8;
+pub const SENET_NN_CONV_PARAMS_SIZE: u32 = 64;
+pub const SENET_NN_CONV_PARAMS_ALIGN: u32 = 4;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct SeParams {
@@ -135,4 +139,77 @@ const _: () = {
     [
         "Offset of field: SeGemmParams::reserved",
     ][::std::mem::offset_of!(SeGemmParams, reserved) - 68usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct NnConvParams {
+    pub n: u32,
+    pub c: u32,
+    pub h: u32,
+    pub w: u32,
+    pub oc: u32,
+    pub oh: u32,
+    pub ow: u32,
+    pub k: u32,
+    pub stride: u32,
+    pub pad: u32,
+    pub groups: u32,
+    pub icg: u32,
+    pub ocg: u32,
+    pub kdepth: u32,
+    pub flags: u32,
+    pub reserved: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NnConvParams"][::std::mem::size_of::<NnConvParams>() - 64usize];
+    ["Alignment of NnConvParams"][::std::mem::align_of::<NnConvParams>() - 4usize];
+    [
+        "Offset of field: NnConvParams::n",
+    ][::std::mem::offset_of!(NnConvParams, n) - 0usize];
+    [
+        "Offset of field: NnConvParams::c",
+    ][::std::mem::offset_of!(NnConvParams, c) - 4usize];
+    [
+        "Offset of field: NnConvParams::h",
+    ][::std::mem::offset_of!(NnConvParams, h) - 8usize];
+    [
+        "Offset of field: NnConvParams::w",
+    ][::std::mem::offset_of!(NnConvParams, w) - 12usize];
+    [
+        "Offset of field: NnConvParams::oc",
+    ][::std::mem::offset_of!(NnConvParams, oc) - 16usize];
+    [
+        "Offset of field: NnConvParams::oh",
+    ][::std::mem::offset_of!(NnConvParams, oh) - 20usize];
+    [
+        "Offset of field: NnConvParams::ow",
+    ][::std::mem::offset_of!(NnConvParams, ow) - 24usize];
+    [
+        "Offset of field: NnConvParams::k",
+    ][::std::mem::offset_of!(NnConvParams, k) - 28usize];
+    [
+        "Offset of field: NnConvParams::stride",
+    ][::std::mem::offset_of!(NnConvParams, stride) - 32usize];
+    [
+        "Offset of field: NnConvParams::pad",
+    ][::std::mem::offset_of!(NnConvParams, pad) - 36usize];
+    [
+        "Offset of field: NnConvParams::groups",
+    ][::std::mem::offset_of!(NnConvParams, groups) - 40usize];
+    [
+        "Offset of field: NnConvParams::icg",
+    ][::std::mem::offset_of!(NnConvParams, icg) - 44usize];
+    [
+        "Offset of field: NnConvParams::ocg",
+    ][::std::mem::offset_of!(NnConvParams, ocg) - 48usize];
+    [
+        "Offset of field: NnConvParams::kdepth",
+    ][::std::mem::offset_of!(NnConvParams, kdepth) - 52usize];
+    [
+        "Offset of field: NnConvParams::flags",
+    ][::std::mem::offset_of!(NnConvParams, flags) - 56usize];
+    [
+        "Offset of field: NnConvParams::reserved",
+    ][::std::mem::offset_of!(NnConvParams, reserved) - 60usize];
 };

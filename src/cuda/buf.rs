@@ -12,6 +12,7 @@ pub trait DevElem:
 }
 impl DevElem for f32 {}
 impl DevElem for u32 {}
+impl DevElem for f64 {}
 impl DevElem for half::f16 {}
 impl DevElem for half::bf16 {}
 

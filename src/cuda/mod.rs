@@ -44,10 +44,11 @@ pub(crate) enum Module {
     Scale,
     Excite,
     Fused,
+    Nn,
 }
 
 impl Module {
-    pub(crate) const COUNT: usize = 4;
+    pub(crate) const COUNT: usize = 5;
 
     pub(crate) fn index(self) -> usize {
         self as usize
@@ -59,6 +60,7 @@ impl Module {
             Module::Scale => "scale",
             Module::Excite => "excite",
             Module::Fused => "fused",
+            Module::Nn => "nn",
         }
     }
 
@@ -68,6 +70,7 @@ impl Module {
             Module::Scale => kernels::SCALE,
             Module::Excite => kernels::EXCITE,
             Module::Fused => kernels::FUSED,
+            Module::Nn => kernels::NN,
         }
     }
 }

@@ -73,3 +73,36 @@ pub fn grads<E: Real>(net: &mut Network<E>) -> Vec<(String, Vec<f64>)> {
         .map(|(n, p)| (n, p.grad.iter().map(|v| v.to_f64()).collect()))
         .collect()
 }
+
+/// The CUDA network backends to test, with poisoned outputs: the kernel emulator (when this
+/// build has it) and a real device when one is present. Without a device it prints one
+/// "skipped" line; with SENET_REQUIRE_GPU=1 a missing device is a failure.
+pub fn cuda_backends() -> Vec<senet::nn::Cuda> {
+    use senet::cuda::CudaDevice;
+    use std::io::Write;
+    let mut out = Vec::new();
+    match CudaDevice::emulator() {
+        Ok(d) => out.push(senet::nn::Cuda::new(d).with_poison(true)),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "skipped on the emulator: {e}");
+        }
+    }
+    let require = std::env::var("SENET_REQUIRE_GPU").as_deref() == Ok("1");
+    let err = if senet::cuda::kernels_built() {
+        match CudaDevice::new(0) {
+            Ok(d) => {
+                out.push(senet::nn::Cuda::new(d).with_poison(true));
+                return out;
+            }
+            Err(e) => e.to_string(),
+        }
+    } else {
+        senet::Error::KernelsNotBuilt.to_string()
+    };
+    assert!(
+        !require,
+        "SENET_REQUIRE_GPU=1 but no usable CUDA device: {err}"
+    );
+    let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({err})");
+    out
+}

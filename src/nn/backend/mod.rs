@@ -5,14 +5,18 @@
 //! - [`Reference`]: plain loops with f64 accumulation, for any [`Real`] (`f32` or `f64`). The
 //!   oracle, and the backend of the gradient checks (in f64).
 //! - [`Cpu`]: fast and multi-threaded (`f32`): im2col + GEMM convolutions on rayon.
+//! - [`Cuda`]: the kernels of `kernels/nn.cu` and the SE kernels on a CUDA device or the kernel
+//!   emulator (`f32`); for now each op moves its tensors to the device and back.
 //!
 //! Activations are host tensors in NCHW. Every op validates its shapes and returns
 //! [`Error::Shape`](crate::Error) instead of panicking.
 
 mod cpu;
+mod cuda;
 mod reference;
 
 pub use cpu::Cpu;
+pub use cuda::{Cuda, CudaSeSaved};
 pub use reference::Reference;
 
 use crate::error::{Error, Result};

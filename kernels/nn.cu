@@ -1,0 +1,555 @@
+// The network kernels (f32, NCHW): convolutions as implicit GEMMs (no im2col buffer), linear
+// layers, BatchNorm statistics / affine / backward, ReLU and the residual add, max / average /
+// global pooling forward and backward. Every reduction runs in a fixed order (no float atomics),
+// so results are the same bits every run.
+//
+// One tiled GEMM serves every matrix product: out(m, n) = sum_k A(m, k) * B(k, n), where A and
+// B are functors that compute an element's address (or return 0 for padding), so a convolution
+// reads its input in place:
+//   forward      M = out channels / group, N = output pixels, K = (in channel, kh, kw)
+//   input grad   M = in channels / group,  N = input pixels,  K = (out channel, kh, kw)
+//   weight grad  M = out channels / group, N = (in channel, kh, kw), K = (sample, output pixel)
+#include "common.cuh"
+
+namespace senet {
+namespace nnk {
+
+constexpr int TM = 64, TN = 64, TK = 16;  // 256 threads, a 4x4 micro-tile each
+
+// Accumulates the (m0, n0) tile of sum_k a(m, k) * b(k, n) into acc (thread (tx, ty) holds rows
+// m0 + 4 ty + i, columns n0 + 4 tx + j).
+template <class LA, class LB>
+__device__ __forceinline__ void tile_gemm(const LA& a, const LB& b, uint32_t M, uint32_t N, uint32_t K,
+                                          uint32_t m0, uint32_t n0, float (&acc)[4][4]) {
+    __shared__ float As[TK][TM + 4];
+    __shared__ float Bs[TK][TN + 4];
+    const int tid = threadIdx.x;
+    const int tx = tid % 16, ty = tid / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    for (uint32_t k0 = 0; k0 < K; k0 += TK) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int e = tid + i * 256;
+            const int mm = e / TK, kk = e % TK;
+            const uint32_t gm = m0 + mm;
+            const uint32_t gk = k0 + kk;
+            As[kk][mm] = (gm < M && gk < K) ? a(gm, gk) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int e = tid + i * 256;
+            const int nn = e % TN, kk = e / TN;
+            const uint32_t gn = n0 + nn;
+            const uint32_t gk = k0 + kk;
+            Bs[kk][nn] = (gn < N && gk < K) ? b(gk, gn) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TK; ++kk) {
+            float av[4], bv[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) av[i] = As[kk][ty * 4 + i];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][tx * 4 + j];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+}
+
+// The input value under kernel tap (ci, kh, kw) of output pixel (oh, ow), or 0 in the padding.
+__device__ __forceinline__ float conv_tap(const NnConvParams& p, const float* __restrict__ x, uint32_t sample,
+                                          uint32_t group, uint32_t kidx, uint32_t pix) {
+    const uint32_t kk2 = p.k * p.k;
+    const uint32_t ci = kidx / kk2, r = kidx % kk2;
+    const uint32_t kh = r / p.k, kw = r % p.k;
+    const uint32_t oh = pix / p.ow, ow = pix % p.ow;
+    const int ih = static_cast<int>(oh * p.stride + kh) - static_cast<int>(p.pad);
+    const int iw = static_cast<int>(ow * p.stride + kw) - static_cast<int>(p.pad);
+    if (ih < 0 || iw < 0 || ih >= static_cast<int>(p.h) || iw >= static_cast<int>(p.w)) return 0.0f;
+    const uint64_t c = static_cast<uint64_t>(group) * p.icg + ci;
+    return x[((static_cast<uint64_t>(sample) * p.c + c) * p.h + ih) * p.w + iw];
+}
+
+struct ConvFwdA {  // W(m, k) of group g
+    const NnConvParams& p;
+    const float* w;
+    uint32_t g;
+    __device__ float operator()(uint32_t m, uint32_t k) const {
+        return w[(static_cast<uint64_t>(g) * p.ocg + m) * p.kdepth + k];
+    }
+};
+
+struct ConvFwdB {  // im2col(x)(k, pixel) of one sample
+    const NnConvParams& p;
+    const float* x;
+    uint32_t s, g;
+    __device__ float operator()(uint32_t k, uint32_t pix) const { return conv_tap(p, x, s, g, k, pix); }
+};
+
+struct ConvDataA {  // W(ci, (oc, kh, kw)) of group g
+    const NnConvParams& p;
+    const float* w;
+    uint32_t g;
+    __device__ float operator()(uint32_t ci, uint32_t k) const {
+        const uint32_t kk2 = p.k * p.k;
+        const uint32_t oc = k / kk2, r = k % kk2;
+        return w[((static_cast<uint64_t>(g) * p.ocg + oc) * p.icg + ci) * kk2 + r];
+    }
+};
+
+struct ConvDataB {  // dy((oc, kh, kw), input pixel): the output pixel whose tap (kh, kw) reads it
+    const NnConvParams& p;
+    const float* dy;
+    uint32_t s, g;
+    __device__ float operator()(uint32_t k, uint32_t pix) const {
+        const uint32_t kk2 = p.k * p.k;
+        const uint32_t oc = k / kk2, r = k % kk2;
+        const uint32_t kh = r / p.k, kw = r % p.k;
+        const int th = static_cast<int>(pix / p.w + p.pad) - static_cast<int>(kh);
+        const int tw = static_cast<int>(pix % p.w + p.pad) - static_cast<int>(kw);
+        if (th < 0 || tw < 0) return 0.0f;
+        const uint32_t uh = static_cast<uint32_t>(th), uw = static_cast<uint32_t>(tw);
+        if (uh % p.stride != 0 || uw % p.stride != 0) return 0.0f;
+        const uint32_t oh = uh / p.stride, ow = uw / p.stride;
+        if (oh >= p.oh || ow >= p.ow) return 0.0f;
+        const uint64_t c = static_cast<uint64_t>(g) * p.ocg + oc;
+        return dy[((static_cast<uint64_t>(s) * p.oc + c) * p.oh + oh) * p.ow + ow];
+    }
+};
+
+struct ConvWgtA {  // dy(oc, (sample, pixel)) of group g
+    const NnConvParams& p;
+    const float* dy;
+    uint32_t g;
+    __device__ float operator()(uint32_t oc, uint32_t q) const {
+        const uint32_t P = p.oh * p.ow;
+        const uint64_t s = q / P, pix = q % P;
+        return dy[(s * p.oc + static_cast<uint64_t>(g) * p.ocg + oc) * P + pix];
+    }
+};
+
+struct ConvWgtB {  // im2col(x)((sample, pixel), k) of group g
+    const NnConvParams& p;
+    const float* x;
+    uint32_t g;
+    __device__ float operator()(uint32_t q, uint32_t k) const {
+        const uint32_t P = p.oh * p.ow;
+        return conv_tap(p, x, q / P, g, k, q % P);
+    }
+};
+
+struct Strided {  // M(r, c) = ptr[r * sr + c * sc]
+    const float* ptr;
+    int64_t sr, sc;
+    __device__ float operator()(uint32_t r, uint32_t c) const { return ptr[r * sr + c * sc]; }
+};
+
+// Block sum of a double over 256 threads, in a fixed tree order; every thread gets the total.
+__device__ __forceinline__ double block_sum(double v) {
+    __shared__ double red[256];
+    __syncthreads();
+    red[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = 128; s > 0; s >>= 1) {
+        if (static_cast<int>(threadIdx.x) < s) red[threadIdx.x] += red[threadIdx.x + s];
+        __syncthreads();
+    }
+    return red[0];
+}
+
+// PyTorch's pooling window along one axis: [lo, hi) clipped to the input, and the divisor extent
+// clipped to the padded input only (PoolGeom::window in Rust).
+__device__ __forceinline__ void pool_window(uint32_t o, uint32_t size, uint32_t k, uint32_t s, uint32_t pad,
+                                            uint32_t& lo, uint32_t& hi, uint32_t& extent) {
+    const int start = static_cast<int>(o * s) - static_cast<int>(pad);
+    const int end_pad = min(start + static_cast<int>(k), static_cast<int>(size + pad));
+    extent = static_cast<uint32_t>(end_pad - start);
+    const int l = max(start, 0);
+    const int h = max(min(start + static_cast<int>(k), static_cast<int>(size)), 0);
+    lo = static_cast<uint32_t>(l);
+    hi = static_cast<uint32_t>(max(h, l));
+}
+
+}  // namespace nnk
+}  // namespace senet
+
+using namespace senet;
+using namespace senet::nnk;
+
+// ------------------------------------------------------------------------------ convolution
+
+// y = conv(x, w) (+ bias). Grid: (output-pixel tiles, out-channel tiles, samples * groups).
+extern "C" __global__ void __launch_bounds__(256)
+    nn_conv_fwd_f32(NnConvParams p, const float* __restrict__ x, const float* __restrict__ w,
+                    const float* __restrict__ bias, float* __restrict__ y) {
+    const uint32_t s = blockIdx.z / p.groups, g = blockIdx.z % p.groups;
+    const uint32_t P = p.oh * p.ow;
+    const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
+    float acc[4][4];
+    tile_gemm(ConvFwdA{p, w, g}, ConvFwdB{p, x, s, g}, p.ocg, P, p.kdepth, m0, n0, acc);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t m = m0 + ty * 4 + i;
+        if (m >= p.ocg) continue;
+        const uint64_t c = static_cast<uint64_t>(g) * p.ocg + m;
+        const float b = (p.flags & SENET_NN_BIAS) ? bias[c] : 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t n = n0 + tx * 4 + j;
+            if (n < P) y[(static_cast<uint64_t>(s) * p.oc + c) * P + n] = acc[i][j] + b;
+        }
+    }
+}
+SENET_EMU_REGISTER(nn_conv_fwd_f32)
+
+// dx = conv_transpose(dy, w). Grid: (input-pixel tiles, in-channel tiles, samples * groups).
+extern "C" __global__ void __launch_bounds__(256)
+    nn_conv_bwd_data_f32(NnConvParams p, const float* __restrict__ dy, const float* __restrict__ w,
+                         float* __restrict__ dx) {
+    const uint32_t s = blockIdx.z / p.groups, g = blockIdx.z % p.groups;
+    const uint32_t HW = p.h * p.w;
+    const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
+    const uint32_t K = p.ocg * p.k * p.k;
+    float acc[4][4];
+    tile_gemm(ConvDataA{p, w, g}, ConvDataB{p, dy, s, g}, p.icg, HW, K, m0, n0, acc);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t m = m0 + ty * 4 + i;
+        if (m >= p.icg) continue;
+        const uint64_t c = static_cast<uint64_t>(g) * p.icg + m;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t n = n0 + tx * 4 + j;
+            if (n < HW) dx[(static_cast<uint64_t>(s) * p.c + c) * HW + n] = acc[i][j];
+        }
+    }
+}
+SENET_EMU_REGISTER(nn_conv_bwd_data_f32)
+
+// dw (+)= sum over samples and output pixels of dy * im2col(x). Grid: (tap tiles, out-channel
+// tiles, groups).
+extern "C" __global__ void __launch_bounds__(256)
+    nn_conv_bwd_weight_f32(NnConvParams p, const float* __restrict__ x, const float* __restrict__ dy,
+                           float* __restrict__ dw) {
+    const uint32_t g = blockIdx.z;
+    const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
+    const uint32_t K = p.n * p.oh * p.ow;
+    float acc[4][4];
+    tile_gemm(ConvWgtA{p, dy, g}, ConvWgtB{p, x, g}, p.ocg, p.kdepth, K, m0, n0, acc);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t m = m0 + ty * 4 + i;
+        if (m >= p.ocg) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t n = n0 + tx * 4 + j;
+            if (n >= p.kdepth) continue;
+            float* out = dw + (static_cast<uint64_t>(g) * p.ocg + m) * p.kdepth + n;
+            *out = (p.flags & SENET_NN_ACCUMULATE) ? *out + acc[i][j] : acc[i][j];
+        }
+    }
+}
+SENET_EMU_REGISTER(nn_conv_bwd_weight_f32)
+
+// ------------------------------------------------------------------------------ matrices
+
+// C(m, n) = [C(m, n) +] sum_k A(m, k) B(k, n) [+ bias[n]], C dense row-major M x N.
+// Grid: (N tiles, M tiles).
+extern "C" __global__ void __launch_bounds__(256)
+    nn_gemm_f32(const float* __restrict__ A, int64_t sa_m, int64_t sa_k, const float* __restrict__ B,
+                int64_t sb_k, int64_t sb_n, float* __restrict__ C, const float* __restrict__ bias, uint32_t M,
+                uint32_t N, uint32_t K, uint32_t accumulate) {
+    const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
+    float acc[4][4];
+    tile_gemm(Strided{A, sa_m, sa_k}, Strided{B, sb_k, sb_n}, M, N, K, m0, n0, acc);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t m = m0 + ty * 4 + i;
+        if (m >= M) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t n = n0 + tx * 4 + j;
+            if (n >= N) continue;
+            float v = acc[i][j] + (bias != nullptr ? bias[n] : 0.0f);
+            float* out = C + static_cast<uint64_t>(m) * N + n;
+            *out = accumulate ? *out + v : v;
+        }
+    }
+}
+SENET_EMU_REGISTER(nn_gemm_f32)
+
+// out[c] (+)= sum over (sample, position) of a[n][c][p] (a bias gradient). One block per channel.
+extern "C" __global__ void __launch_bounds__(256)
+    nn_channel_sum_f32(const float* __restrict__ a, float* __restrict__ out, uint32_t n, uint32_t c, uint64_t hw,
+                       uint32_t accumulate) {
+    const uint32_t ch = blockIdx.x;
+    double t = 0.0;
+    for (uint32_t s = 0; s < n; ++s) {
+        const float* plane = a + (static_cast<uint64_t>(s) * c + ch) * hw;
+        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += plane[i];
+    }
+    t = block_sum(t);
+    if (threadIdx.x == 0) out[ch] = accumulate ? out[ch] + static_cast<float>(t) : static_cast<float>(t);
+}
+SENET_EMU_REGISTER(nn_channel_sum_f32)
+
+// ------------------------------------------------------------------------------ BatchNorm
+
+// Per-channel mean and biased variance (two passes, f64 sums). One block per channel.
+extern "C" __global__ void __launch_bounds__(256)
+    nn_bn_stats_f32(const float* __restrict__ x, double* __restrict__ mean, double* __restrict__ var, uint32_t n,
+                    uint32_t c, uint64_t hw) {
+    const uint32_t ch = blockIdx.x;
+    const double m = static_cast<double>(n) * static_cast<double>(hw);
+    double t = 0.0;
+    for (uint32_t s = 0; s < n; ++s) {
+        const float* plane = x + (static_cast<uint64_t>(s) * c + ch) * hw;
+        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += plane[i];
+    }
+    const double mu = block_sum(t) / m;
+    double q = 0.0;
+    for (uint32_t s = 0; s < n; ++s) {
+        const float* plane = x + (static_cast<uint64_t>(s) * c + ch) * hw;
+        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
+            const double d = plane[i] - mu;
+            q += d * d;
+        }
+    }
+    q = block_sum(q);
+    if (threadIdx.x == 0) {
+        mean[ch] = mu;
+        var[ch] = q / m;
+    }
+}
+SENET_EMU_REGISTER(nn_bn_stats_f32)
+
+// y = a[c] x + b[c], then ReLU when `relu` (NaN becomes 0 there, as Rust's f64::max does).
+extern "C" __global__ void __launch_bounds__(256)
+    nn_affine_f32(const float* __restrict__ x, float* __restrict__ y, const float* __restrict__ a,
+                  const float* __restrict__ b, uint64_t total, uint32_t c, uint64_t hw, uint32_t relu) {
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        const uint32_t ch = static_cast<uint32_t>((i / hw) % c);
+        const float r = fmaf(a[ch], x[i], b[ch]);
+        y[i] = relu ? fmaxf(r, 0.0f) : r;
+    }
+}
+SENET_EMU_REGISTER(nn_affine_f32)
+
+// BatchNorm backward, one block per channel: dgamma += sum dy xhat, dbeta += sum dy, and
+// dx = gamma invstd (dy - mean(dy) - xhat mean(dy xhat)) with batch statistics, or
+// gamma invstd dy with running ones.
+extern "C" __global__ void __launch_bounds__(256)
+    nn_bn_bwd_f32(const float* __restrict__ x, const float* __restrict__ dy, const double* __restrict__ mean,
+                  const double* __restrict__ invstd, const float* __restrict__ gamma, float* __restrict__ dgamma,
+                  float* __restrict__ dbeta, float* __restrict__ dx, uint32_t n, uint32_t c, uint64_t hw,
+                  uint32_t batch_stats) {
+    const uint32_t ch = blockIdx.x;
+    const double mu = mean[ch], is = invstd[ch];
+    double sd = 0.0, sdx = 0.0;
+    for (uint32_t s = 0; s < n; ++s) {
+        const uint64_t base = (static_cast<uint64_t>(s) * c + ch) * hw;
+        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
+            const double d = dy[base + i];
+            sd += d;
+            sdx += d * ((x[base + i] - mu) * is);
+        }
+    }
+    sd = block_sum(sd);
+    sdx = block_sum(sdx);
+    if (threadIdx.x == 0) {
+        dgamma[ch] += static_cast<float>(sdx);
+        dbeta[ch] += static_cast<float>(sd);
+    }
+    const double m = static_cast<double>(n) * static_cast<double>(hw);
+    const double gi = static_cast<double>(gamma[ch]) * is;
+    const double md = sd / m, mdx = sdx / m;
+    for (uint32_t s = 0; s < n; ++s) {
+        const uint64_t base = (static_cast<uint64_t>(s) * c + ch) * hw;
+        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
+            const double d = dy[base + i];
+            const double v = batch_stats ? gi * (d - md - (x[base + i] - mu) * is * mdx) : gi * d;
+            dx[base + i] = static_cast<float>(v);
+        }
+    }
+}
+SENET_EMU_REGISTER(nn_bn_bwd_f32)
+
+// ------------------------------------------------------------------------------ pointwise
+
+#define NN_EW_RELU 0u      /* y = a < 0 ? 0 : a (NaN passes) */
+#define NN_EW_RELU_BWD 1u  /* y = b > 0 ? a : 0 (a = dy, b = the ReLU's output) */
+#define NN_EW_ADD 2u       /* y = a + b */
+#define NN_EW_ADD_RELU 3u  /* y = max(a + b, 0) (NaN becomes 0) */
+
+extern "C" __global__ void __launch_bounds__(256)
+    nn_pointwise_f32(uint32_t op, const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y,
+                     uint64_t total) {
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        const float v = a[i];
+        float r;
+        switch (op) {
+            case NN_EW_RELU: r = v < 0.0f ? 0.0f : v; break;
+            case NN_EW_RELU_BWD: r = b[i] > 0.0f ? v : 0.0f; break;
+            case NN_EW_ADD: r = v + b[i]; break;
+            default: r = fmaxf(v + b[i], 0.0f); break;
+        }
+        y[i] = r;
+    }
+}
+SENET_EMU_REGISTER(nn_pointwise_f32)
+
+// ------------------------------------------------------------------------------ pooling
+
+// Max pooling, one thread per output: the first maximum wins, a NaN replaces any value (as the
+// reference does). `arg` gets the flat input index.
+extern "C" __global__ void __launch_bounds__(256)
+    nn_maxpool_fwd_f32(const float* __restrict__ x, float* __restrict__ y, uint32_t* __restrict__ arg, uint32_t nc,
+                       uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad) {
+    const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= oh * ow) return;
+    for (uint32_t plane = blockIdx.y; plane < nc; plane += gridDim.y) {
+        const uint64_t o = static_cast<uint64_t>(plane) * oh * ow + r;
+        uint32_t h0, h1, w0, w1, e;
+        pool_window(r / ow, h, k, s, pad, h0, h1, e);
+        pool_window(r % ow, w, k, s, pad, w0, w1, e);
+        bool any = false;
+        float best = 0.0f;
+        uint64_t bi = 0;
+        for (uint32_t ih = h0; ih < h1; ++ih)
+            for (uint32_t iw = w0; iw < w1; ++iw) {
+                const uint64_t i = (static_cast<uint64_t>(plane) * h + ih) * w + iw;
+                const float v = x[i];
+                if (!any || v > best || v != v) {  // v != v: NaN
+                    any = true;
+                    best = v;
+                    bi = i;
+                }
+            }
+        y[o] = best;
+        arg[o] = static_cast<uint32_t>(bi);
+    }
+}
+SENET_EMU_REGISTER(nn_maxpool_fwd_f32)
+
+// Max pooling backward, one thread per (sample, channel) plane, visiting its outputs in order
+// (the host checked every index lies in its output's plane), so sums are deterministic.
+extern "C" __global__ void __launch_bounds__(256)
+    nn_maxpool_bwd_f32(const float* __restrict__ dy, const uint32_t* __restrict__ arg, float* __restrict__ dx,
+                       uint64_t nc, uint64_t in_plane, uint64_t out_plane) {
+    const uint64_t pl = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (pl >= nc) return;
+    float* d = dx + pl * in_plane;
+    for (uint64_t i = 0; i < in_plane; ++i) d[i] = 0.0f;
+    for (uint64_t o = pl * out_plane; o < (pl + 1) * out_plane; ++o) dx[arg[o]] += dy[o];
+}
+SENET_EMU_REGISTER(nn_maxpool_bwd_f32)
+
+__device__ __forceinline__ float avg_divisor(uint32_t include_pad, uint32_t h0, uint32_t h1, uint32_t w0,
+                                             uint32_t w1, uint32_t eh, uint32_t ew) {
+    return include_pad ? static_cast<float>(eh * ew) : static_cast<float>((h1 - h0) * (w1 - w0));
+}
+
+// Average pooling, one thread per output.
+extern "C" __global__ void __launch_bounds__(256)
+    nn_avgpool_fwd_f32(const float* __restrict__ x, float* __restrict__ y, uint32_t nc, uint32_t h, uint32_t w,
+                       uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad, uint32_t include_pad) {
+    const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= oh * ow) return;
+    for (uint32_t pl = blockIdx.y; pl < nc; pl += gridDim.y) {
+        const uint64_t o = static_cast<uint64_t>(pl) * oh * ow + r;
+        const uint64_t plane = pl;
+        uint32_t h0, h1, w0, w1, eh, ew;
+        pool_window(r / ow, h, k, s, pad, h0, h1, eh);
+        pool_window(r % ow, w, k, s, pad, w0, w1, ew);
+        float t = 0.0f;
+        for (uint32_t ih = h0; ih < h1; ++ih)
+            for (uint32_t iw = w0; iw < w1; ++iw) t += x[(plane * h + ih) * w + iw];
+        y[o] = t / avg_divisor(include_pad, h0, h1, w0, w1, eh, ew);
+    }
+}
+SENET_EMU_REGISTER(nn_avgpool_fwd_f32)
+
+// Average pooling backward, step 1: each output's gradient divided by its window's divisor.
+extern "C" __global__ void __launch_bounds__(256)
+    nn_avgpool_div_f32(const float* __restrict__ dy, float* __restrict__ q, uint32_t nc, uint32_t h, uint32_t w,
+                       uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad, uint32_t include_pad) {
+    const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= oh * ow) return;
+    uint32_t h0, h1, w0, w1, eh, ew;
+    pool_window(r / ow, h, k, s, pad, h0, h1, eh);
+    pool_window(r % ow, w, k, s, pad, w0, w1, ew);
+    const float div = avg_divisor(include_pad, h0, h1, w0, w1, eh, ew);
+    for (uint32_t pl = blockIdx.y; pl < nc; pl += gridDim.y) {
+        const uint64_t o = static_cast<uint64_t>(pl) * oh * ow + r;
+        q[o] = dy[o] / div;
+    }
+}
+SENET_EMU_REGISTER(nn_avgpool_div_f32)
+
+// Average pooling backward, step 2: one thread per input element gathers the divided gradients
+// of every output window that covers it (no atomics).
+extern "C" __global__ void __launch_bounds__(256)
+    nn_avgpool_bwd_f32(const float* __restrict__ q, float* __restrict__ dx, uint32_t nc, uint32_t h, uint32_t w,
+                       uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad) {
+    const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= h * w) return;
+    for (uint32_t pl = blockIdx.y; pl < nc; pl += gridDim.y) {
+        const uint64_t i = static_cast<uint64_t>(pl) * h * w + r;
+        const uint64_t plane = pl;
+        const int ih = static_cast<int>(r / w), iw = static_cast<int>(r % w);
+        // Outputs whose window start o*s - pad lies in (i - k, i] (sizes fit in int: the host
+        // checks).
+        const int ki = static_cast<int>(k), si = static_cast<int>(s);
+        const int th = ih + static_cast<int>(pad), tw = iw + static_cast<int>(pad);
+        const int oh_lo = th >= ki ? (th - ki) / si + 1 : 0, ow_lo = tw >= ki ? (tw - ki) / si + 1 : 0;
+        const int oh_hi = min(th / si, static_cast<int>(oh) - 1);
+        const int ow_hi = min(tw / si, static_cast<int>(ow) - 1);
+        float t = 0.0f;
+        for (int a = oh_lo; a <= oh_hi; ++a) {
+            uint32_t h0, h1, eh;
+            pool_window(static_cast<uint32_t>(a), h, k, s, pad, h0, h1, eh);
+            if (ih < static_cast<int>(h0) || ih >= static_cast<int>(h1)) continue;
+            for (int b = ow_lo; b <= ow_hi; ++b) {
+                uint32_t w0, w1, ew;
+                pool_window(static_cast<uint32_t>(b), w, k, s, pad, w0, w1, ew);
+                if (iw < static_cast<int>(w0) || iw >= static_cast<int>(w1)) continue;
+                t += q[(plane * oh + a) * ow + b];
+            }
+        }
+        dx[i] = t;
+    }
+}
+SENET_EMU_REGISTER(nn_avgpool_bwd_f32)
+
+// Global average pooling: one block per (sample, channel) plane, f64 sum.
+extern "C" __global__ void __launch_bounds__(256)
+    nn_gap_fwd_f32(const float* __restrict__ x, float* __restrict__ y, uint64_t hw) {
+    const uint64_t pl = blockIdx.x;
+    double t = 0.0;
+    for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += x[pl * hw + i];
+    t = block_sum(t);
+    if (threadIdx.x == 0) y[pl] = static_cast<float>(t / static_cast<double>(hw));
+}
+SENET_EMU_REGISTER(nn_gap_fwd_f32)
+
+// Global average pooling backward: dx = dy[plane] / hw.
+extern "C" __global__ void __launch_bounds__(256)
+    nn_gap_bwd_f32(const float* __restrict__ dy, float* __restrict__ dx, uint64_t total, uint64_t hw) {
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x)
+        dx[i] = dy[i / hw] / static_cast<float>(hw);
+}
+SENET_EMU_REGISTER(nn_gap_bwd_f32)
