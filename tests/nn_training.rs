@@ -1,10 +1,10 @@
 //! The API a training loop uses: forward(Train) -> loss -> backward -> parameters_mut (SGD with
 //! momentum and weight decay) -> zero_grad -> forward(Infer). A small SE network must fit a
-//! small synthetic task on the fast CPU backend.
+//! small synthetic task on the fast CPU backend and on the CUDA backend.
 
 mod nn_common;
 
-use senet::nn::{BlockKind, Cpu, Mode, ResNetConfig, SeOptions, Stem};
+use senet::nn::{Backend, BlockKind, Cpu, Mode, ResNetConfig, SeOptions, Stem};
 use senet::{rng, Layout, Shape, Tensor};
 
 /// Mean softmax cross-entropy of logits `[n, k, 1, 1]` and its gradient.
@@ -32,6 +32,18 @@ fn cross_entropy(logits: &Tensor<f32>, labels: &[usize]) -> (f64, Tensor<f32>) {
 
 #[test]
 fn a_small_se_network_learns() {
+    learns(&Cpu);
+}
+
+/// The same training run on the CUDA backend: the emulator always, a GPU when present.
+#[test]
+fn a_small_se_network_learns_on_cuda() {
+    for be in nn_common::cuda_backends() {
+        learns(&be);
+    }
+}
+
+fn learns<B: Backend<f32>>(be: &B) {
     let seed = nn_common::seed("training");
     let mut cfg = ResNetConfig::cifar(1, 1, (12, 12), 3);
     cfg.channels = vec![4, 8, 8];
@@ -69,12 +81,12 @@ fn a_small_se_network_learns() {
     let mut first = None;
     let mut last = 0.0;
     for _ in 0..40 {
-        let logits = net.forward(&Cpu, x.clone(), Mode::Train).unwrap();
+        let logits = net.forward(be, x.clone(), Mode::Train).unwrap();
         let (loss, dlogits) = cross_entropy(&logits, &labels);
         first.get_or_insert(loss);
         last = loss;
         net.zero_grad();
-        net.backward(&Cpu, dlogits).unwrap();
+        net.backward(be, dlogits).unwrap();
         for (i, (_, p)) in net.parameters_mut().enumerate() {
             if velocity.len() <= i {
                 velocity.push(vec![0.0; p.numel()]);
@@ -93,7 +105,7 @@ fn a_small_se_network_learns() {
         "loss {first} -> {last}"
     );
     let accuracy = |net: &mut senet::nn::Network<f32>, mode: Mode| {
-        let logits = net.forward(&Cpu, x.clone(), mode).unwrap();
+        let logits = net.forward(be, x.clone(), mode).unwrap();
         labels
             .iter()
             .enumerate()
@@ -122,7 +134,7 @@ fn a_small_se_network_learns() {
     // Backward after an inference forward is an error, not a panic.
     assert!(net
         .backward(
-            &Cpu,
+            be,
             Tensor::zeros(Shape::new(n, 3, 1, 1), Layout::Nchw).unwrap()
         )
         .is_err());

@@ -40,22 +40,24 @@ pub enum Device {
     /// The fast CPU backend ([`crate::nn::Cpu`]).
     #[default]
     Cpu,
-    /// The GPU: not available for whole networks yet.
+    /// The CUDA backend ([`crate::nn::Cuda`]) on GPU 0.
     Cuda,
+    /// The CUDA backend on the CPU emulator of the kernels: slow, for checking the GPU code
+    /// path on machines without a GPU.
+    #[serde(rename = "cuda-emu")]
+    CudaEmu,
 }
 
 impl Device {
-    /// `Ok` for a device that can train now; a clear [`Error::Unsupported`] for CUDA, whose
-    /// network backend does not exist yet.
-    pub fn check(self) -> Result<()> {
-        match self {
-            Device::Cpu => Ok(()),
-            Device::Cuda => Err(Error::Unsupported(
-                "--device cuda: the GPU network backend is not available yet (the CUDA SE \
-                 kernels are, through senet::se::cuda); train with --device cpu"
-                    .into(),
-            )),
-        }
+    /// The CUDA backend this device names, opening the device (`None` for the CPU). Errors
+    /// clearly when there is no GPU (or no emulator in this build).
+    pub fn cuda_backend(self) -> Result<Option<crate::nn::Cuda>> {
+        use crate::cuda::CudaDevice;
+        Ok(match self {
+            Device::Cpu => None,
+            Device::Cuda => Some(crate::nn::Cuda::new(CudaDevice::new(0)?)),
+            Device::CudaEmu => Some(crate::nn::Cuda::new(CudaDevice::emulator()?)),
+        })
     }
 }
 
@@ -66,7 +68,10 @@ impl FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => Ok(Device::Cuda),
-            _ => Err(Error::Config(format!("unknown device `{s}` (cpu or cuda)"))),
+            "cuda-emu" => Ok(Device::CudaEmu),
+            _ => Err(Error::Config(format!(
+                "unknown device `{s}` (cpu, cuda or cuda-emu)"
+            ))),
         }
     }
 }
@@ -76,6 +81,7 @@ impl fmt::Display for Device {
         f.write_str(match self {
             Device::Cpu => "cpu",
             Device::Cuda => "cuda",
+            Device::CudaEmu => "cuda-emu",
         })
     }
 }
@@ -494,7 +500,6 @@ impl<B: Backend<f32>> Trainer<B> {
     /// A fresh run of `config` on `data` (the loaded `config.data`): checks the config,
     /// selects the subsets, builds and initialises the network.
     pub fn new(backend: B, config: TrainConfig, data: &DataSplit) -> Result<Self> {
-        config.device.check()?;
         config.schedule.validate()?;
         if config.batch_size == 0 || config.eval_batch_size == 0 || config.epochs == 0 {
             return Err(Error::Config(

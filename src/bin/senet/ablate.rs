@@ -60,7 +60,12 @@ const TRAIN_SIZE: usize = 4000;
 const TEST_SIZE: usize = 1000;
 
 pub fn run(mut args: Args) -> Result<ExitCode> {
-    args.recipe.device.check()?;
+    if args.recipe.device != senet::train::Device::Cpu {
+        return Err(senet::Error::Unsupported(format!(
+            "ablate runs on the CPU backend only, not --device {}",
+            args.recipe.device
+        )));
+    }
     let stages = models::resnet_config(&args.model)
         .ok_or_else(|| {
             Error::Config(format!(

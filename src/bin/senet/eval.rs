@@ -35,13 +35,12 @@ pub struct Args {
     /// Batch size.
     #[arg(long, default_value_t = 250)]
     batch_size: usize,
-    /// cpu, or cuda (not available yet for whole networks: a clear error).
+    /// cpu; cuda (GPU 0); or cuda-emu (the CUDA backend on the CPU emulator, slow).
     #[arg(long, default_value = "cpu")]
     device: Device,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    args.device.check()?;
     let (model, data, augment, smoothing, checkpoint, sizes) = if args.path.is_dir() {
         let c = TrainConfig::load(&args.path)?;
         let file = if args.best {
@@ -107,16 +106,33 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ds.describe()
     );
     let mut progress = Progress::new("eval", false);
-    let r = evaluate(
-        &Cpu,
-        &mut net,
-        ds,
-        &augment,
-        args.batch_size,
-        smoothing,
-        2,
-        &mut progress,
-    );
+    let cuda = args.device.cuda_backend()?;
+    if let Some(b) = &cuda {
+        crate::train::announce_cuda(b);
+    }
+    let run = |net: &mut senet::nn::Network<f32>, progress: &mut Progress| match &cuda {
+        None => evaluate(
+            &Cpu,
+            net,
+            ds.clone(),
+            &augment,
+            args.batch_size,
+            smoothing,
+            2,
+            progress,
+        ),
+        Some(b) => evaluate(
+            b,
+            net,
+            ds.clone(),
+            &augment,
+            args.batch_size,
+            smoothing,
+            2,
+            progress,
+        ),
+    };
+    let r = run(&mut net, &mut progress);
     progress.finish();
     let r = r?;
     println!(

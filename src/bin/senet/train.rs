@@ -2,7 +2,7 @@
 //! folder, or resumes one.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use senet::nn::Cpu;
+use senet::nn::{Backend, Cpu};
 use senet::train::data::DataSplit;
 use senet::train::trainer::{paper_lr, StepInfo};
 use senet::train::{
@@ -97,7 +97,8 @@ pub struct Recipe {
     /// Batches prepared ahead by the loader thread.
     #[arg(long, default_value_t = 2)]
     pub prefetch: usize,
-    /// cpu, or cuda (not available yet for whole networks: a clear error).
+    /// cpu; cuda (GPU 0); or cuda-emu (the CUDA backend on the CPU emulator of the kernels:
+    /// slow, for checking the GPU path without a GPU).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }
@@ -340,8 +341,8 @@ impl Observer for Progress {
 }
 
 /// Fits `trainer` into `dir` with progress output and prints the summary.
-pub fn fit_with_progress(
-    trainer: &mut Trainer<Cpu>,
+pub fn fit_with_progress<B: Backend<f32>>(
+    trainer: &mut Trainer<B>,
     dir: &Path,
     label: &str,
     quiet: bool,
@@ -352,11 +353,35 @@ pub fn fit_with_progress(
     r
 }
 
+/// Says what the CUDA network backend runs, once per command.
+pub fn announce_cuda(b: &senet::nn::Cuda) {
+    let info = b.device().info();
+    println!(
+        "device: {} (compute capability {}.{}); convolutions: senet's implicit-GEMM kernels \
+         (kernels/nn.cu; cuDNN and cuBLAS are not used yet); every op copies its tensors to \
+         the device and back (stage 1 of the CUDA network backend)",
+        info.name, info.compute_capability.0, info.compute_capability.1
+    );
+}
+
 pub fn run(args: Args) -> Result<ExitCode> {
-    args.recipe.device.check()?;
+    let device = match &args.resume {
+        Some(dir) => TrainConfig::load(dir)?.device,
+        None => args.recipe.device,
+    };
+    match device.cuda_backend()? {
+        None => run_on(Cpu, args),
+        Some(b) => {
+            announce_cuda(&b);
+            run_on(b, args)
+        }
+    }
+}
+
+fn run_on<B: Backend<f32>>(backend: B, args: Args) -> Result<ExitCode> {
     let (mut trainer, dir) = match &args.resume {
         Some(dir) => {
-            let t = Trainer::resume(Cpu, dir, args.recipe.epochs)?;
+            let t = Trainer::resume(backend, dir, args.recipe.epochs)?;
             println!(
                 "resuming {} at epoch {} step {} of {} epochs",
                 dir.display(),
@@ -389,7 +414,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     dir.display()
                 )));
             }
-            (Trainer::new(Cpu, config, &split)?, dir)
+            (Trainer::new(backend, config, &split)?, dir)
         }
     };
     let c = trainer.config();
