@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the GPU test binary and the `senet` tool (kernels embedded, SASS for every arch) in
+# Builds the GPU test binaries and the `senet` tool (kernels embedded, SASS for every arch) in
 # release mode and packs them, stripped, with the runner scripts into gpu-pack/: a folder that
 # runs on any x86-64 Linux machine with an NVIDIA driver and no Rust toolchain.
 #
@@ -8,17 +8,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export SENET_REQUIRE_NVCC=1
 cargo build --release --bin senet
-tests=$(cargo test --release --no-run --test gpu --message-format=json 2>/dev/null |
-  python3 -c 'import json,sys
+# The GPU test binaries: the SE kernels (gpu) and the CUDA network backend (nn_backends,
+# nn_training; their cuda_* tests).
+exe() {
+  cargo test --release --no-run --test "$1" --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
-        print(m["executable"])')
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$1"
+}
 rm -rf gpu-pack
 mkdir -p gpu-pack/bin
 cp target/release/senet gpu-pack/bin/senet
-cp "$tests" gpu-pack/bin/gpu-tests
-strip gpu-pack/bin/senet gpu-pack/bin/gpu-tests
+cp "$(exe gpu)" gpu-pack/bin/gpu-tests
+cp "$(exe nn_backends)" gpu-pack/bin/nn-backends-tests
+cp "$(exe nn_training)" gpu-pack/bin/nn-training-tests
+strip gpu-pack/bin/*
 cp scripts/gpu-checks.sh benches/torch_se.py gpu-pack/
 { git rev-parse HEAD; git status --short; } > gpu-pack/COMMIT
 du -sh gpu-pack

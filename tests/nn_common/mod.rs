@@ -77,14 +77,17 @@ pub fn grads<E: Real>(net: &mut Network<E>) -> Vec<(String, Vec<f64>)> {
 /// The CUDA network backends to test, with poisoned outputs: the kernel emulator (when this
 /// build has it) and a real device when one is present. Without a device it prints one
 /// "skipped" line; with SENET_REQUIRE_GPU=1 a missing device is a failure.
+/// SENET_TEST_EMULATOR=0 leaves the emulator out (GPU machines, where it only costs time).
 pub fn cuda_backends() -> Vec<senet::nn::Cuda> {
     use senet::cuda::CudaDevice;
     use std::io::Write;
     let mut out = Vec::new();
-    match CudaDevice::emulator() {
-        Ok(d) => out.push(senet::nn::Cuda::new(d).with_poison(true)),
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "skipped on the emulator: {e}");
+    if std::env::var("SENET_TEST_EMULATOR").as_deref() != Ok("0") {
+        match CudaDevice::emulator() {
+            Ok(d) => out.push(senet::nn::Cuda::new(d).with_poison(true)),
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "skipped on the emulator: {e}");
+            }
         }
     }
     let require = std::env::var("SENET_REQUIRE_GPU").as_deref() == Ok("1");
