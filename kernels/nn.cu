@@ -16,11 +16,11 @@ namespace nnk {
 
 constexpr int TM = 64, TN = 64, TK = 16;  // 256 threads, a 4x4 micro-tile each
 
-// Accumulates the (m0, n0) tile of sum_k a(m, k) * b(k, n) into acc (thread (tx, ty) holds rows
-// m0 + 4 ty + i, columns n0 + 4 tx + j).
+// The (m0, n0) tile of sum over k in [kb, ke) of a(m, k) * b(k, n), into acc (thread (tx, ty)
+// holds rows m0 + 4 ty + i, columns n0 + 4 tx + j).
 template <class LA, class LB>
-__device__ __forceinline__ void tile_gemm(const LA& a, const LB& b, uint32_t M, uint32_t N, uint32_t K,
-                                          uint32_t m0, uint32_t n0, float (&acc)[4][4]) {
+__device__ __forceinline__ void tile_gemm(const LA& a, const LB& b, uint32_t M, uint32_t N, uint32_t kb,
+                                          uint32_t K, uint32_t m0, uint32_t n0, float (&acc)[4][4]) {
     __shared__ float As[TK][TM + 4];
     __shared__ float Bs[TK][TN + 4];
     const int tid = threadIdx.x;
@@ -29,7 +29,7 @@ __device__ __forceinline__ void tile_gemm(const LA& a, const LB& b, uint32_t M, 
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
-    for (uint32_t k0 = 0; k0 < K; k0 += TK) {
+    for (uint32_t k0 = kb; k0 < K; k0 += TK) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int e = tid + i * 256;
@@ -193,7 +193,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const uint32_t P = p.oh * p.ow;
     const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
     float acc[4][4];
-    tile_gemm(ConvFwdA{p, w, g}, ConvFwdB{p, x, s, g}, p.ocg, P, p.kdepth, m0, n0, acc);
+    tile_gemm(ConvFwdA{p, w, g}, ConvFwdB{p, x, s, g}, p.ocg, P, 0, p.kdepth, m0, n0, acc);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -219,7 +219,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
     const uint32_t K = p.ocg * p.k * p.k;
     float acc[4][4];
-    tile_gemm(ConvDataA{p, w, g}, ConvDataB{p, dy, s, g}, p.icg, HW, K, m0, n0, acc);
+    tile_gemm(ConvDataA{p, w, g}, ConvDataB{p, dy, s, g}, p.icg, HW, 0, K, m0, n0, acc);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -236,16 +236,22 @@ extern "C" __global__ void __launch_bounds__(256)
 SENET_EMU_REGISTER(nn_conv_bwd_data_f32)
 
 // dw (+)= sum over samples and output pixels of dy * im2col(x). Grid: (tap tiles, out-channel
-// tiles, groups).
+// tiles, groups * splits). The GEMM depth (samples x output pixels) is long and the output small,
+// so it is split `splits` ways (k_per_split each, a multiple of the K tile): with one split the
+// block writes dw; otherwise split z writes its partial sums to partial[z] (out_ch * kdepth
+// floats each) and nn_sum_splits_f32 adds them in split order.
 extern "C" __global__ void __launch_bounds__(256)
     nn_conv_bwd_weight_f32(NnConvParams p, const float* __restrict__ x, const float* __restrict__ dy,
-                           float* __restrict__ dw) {
-    const uint32_t g = blockIdx.z;
+                           float* __restrict__ dw, float* __restrict__ partial, uint32_t splits,
+                           uint32_t k_per_split) {
+    const uint32_t g = blockIdx.z % p.groups, split = blockIdx.z / p.groups;
     const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
     const uint32_t K = p.n * p.oh * p.ow;
+    const uint32_t kb = split * k_per_split, ke = min(K, kb + k_per_split);
     float acc[4][4];
-    tile_gemm(ConvWgtA{p, dy, g}, ConvWgtB{p, x, g}, p.ocg, p.kdepth, K, m0, n0, acc);
+    tile_gemm(ConvWgtA{p, dy, g}, ConvWgtB{p, x, g}, p.ocg, p.kdepth, kb, ke, m0, n0, acc);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const uint64_t plane = static_cast<uint64_t>(p.oc) * p.kdepth;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const uint32_t m = m0 + ty * 4 + i;
@@ -254,12 +260,29 @@ extern "C" __global__ void __launch_bounds__(256)
         for (int j = 0; j < 4; ++j) {
             const uint32_t n = n0 + tx * 4 + j;
             if (n >= p.kdepth) continue;
-            float* out = dw + (static_cast<uint64_t>(g) * p.ocg + m) * p.kdepth + n;
-            *out = (p.flags & SENET_NN_ACCUMULATE) ? *out + acc[i][j] : acc[i][j];
+            const uint64_t at = (static_cast<uint64_t>(g) * p.ocg + m) * p.kdepth + n;
+            if (splits > 1) {
+                partial[split * plane + at] = acc[i][j];
+            } else {
+                dw[at] = (p.flags & SENET_NN_ACCUMULATE) ? dw[at] + acc[i][j] : acc[i][j];
+            }
         }
     }
 }
 SENET_EMU_REGISTER(nn_conv_bwd_weight_f32)
+
+// out[i] (+)= sum over z in order of partial[z * len + i].
+extern "C" __global__ void __launch_bounds__(256)
+    nn_sum_splits_f32(const float* __restrict__ partial, float* __restrict__ out, uint64_t len, uint32_t splits,
+                      uint32_t accumulate) {
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < len;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        float t = 0.0f;
+        for (uint32_t z = 0; z < splits; ++z) t += partial[z * len + i];
+        out[i] = accumulate ? out[i] + t : t;
+    }
+}
+SENET_EMU_REGISTER(nn_sum_splits_f32)
 
 // ------------------------------------------------------------------------------ matrices
 
@@ -271,7 +294,7 @@ extern "C" __global__ void __launch_bounds__(256)
                 uint32_t N, uint32_t K, uint32_t accumulate) {
     const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
     float acc[4][4];
-    tile_gemm(Strided{A, sa_m, sa_k}, Strided{B, sb_k, sb_n}, M, N, K, m0, n0, acc);
+    tile_gemm(Strided{A, sa_m, sa_k}, Strided{B, sb_k, sb_n}, M, N, 0, K, m0, n0, acc);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {

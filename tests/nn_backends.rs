@@ -40,6 +40,8 @@ fn check_convolution<B: Backend<f32>>(be: &B) {
         (6, 6, 3, 1, 1, 6, false, Shape::new(1, 6, 4, 3)),
         (5, 7, 3, 2, 0, 1, false, Shape::new(1, 5, 3, 3)),
         (4, 4, 3, 1, 1, 2, false, Shape::new(2, 4, 1, 1)),
+        // A long weight-gradient depth (4 x 24 x 24): the CUDA backend splits it.
+        (4, 6, 3, 1, 1, 1, true, Shape::new(4, 4, 24, 24)),
     ];
     for (k, &(i, o, ks, st, p, g, bias, xs)) in cases.iter().enumerate() {
         let label = format!("conv {i}->{o} k{ks} s{st} p{p} g{g} on {xs}");

@@ -160,6 +160,24 @@ impl Cuda {
         })
     }
 
+    /// How many ways to split the weight gradient's depth `k` (samples x output pixels), and
+    /// the depth per split (a multiple of the 16-deep K tile): enough blocks for twice the
+    /// SMs, each split at least 512 deep.
+    fn weight_grad_splits(&self, g: &ConvGeom, k: usize) -> (u32, u32) {
+        const TK: usize = 16;
+        const MIN_DEPTH: usize = 512;
+        let tiles = (g.in_per_group() * g.kernel * g.kernel).div_ceil(TILE)
+            * g.out_per_group().div_ceil(TILE)
+            * g.groups;
+        let want = (2 * self.dev.info().sm_count as usize).div_ceil(tiles.max(1));
+        let most = (k / MIN_DEPTH).max(1);
+        let most = most.min(MAX_GRID_YZ / g.groups.max(1)).max(1);
+        let splits = want.clamp(1, most);
+        let kps = k.div_ceil(splits).div_ceil(TK) * TK;
+        let splits = k.div_ceil(kps.max(1)).max(1);
+        (splits as u32, kps as u32)
+    }
+
     /// Samples per launch so that samples x groups fits grid.z.
     fn sample_chunk(g: &ConvGeom) -> usize {
         (MAX_GRID_YZ / g.groups).max(1)
@@ -350,21 +368,55 @@ impl Backend<f32> for Cuda {
             self.channel_sum(dyp, self.addr(&dbb), ys, true)?;
             db.copy_from_slice(&self.down(&dbb, g.out_ch)?);
         }
-        // Weight gradient (accumulated into dw's current values).
+        // Weight gradient (accumulated into dw's current values), split along its long depth
+        // (samples x output pixels) when the output alone gives too few blocks.
         let dwb = self.up(dw)?;
         p.flags = crate::cuda::abi::SENET_NN_ACCUMULATE;
-        let dwp = self.addr(&dwb);
-        let mut args = [arg(&p), arg(&xp), arg(&dyp), arg(&dwp)];
+        let (splits, kps) = self.weight_grad_splits(g, xs.n * ys.hw());
+        let partial = if splits > 1 {
+            Some(self.out::<f32>(splits as usize * g.weight_len())?)
+        } else {
+            None
+        };
+        let (dwp, pp) = (
+            self.addr(&dwb),
+            partial.as_ref().map_or(0, |b| self.addr(b)),
+        );
+        let mut args = [
+            arg(&p),
+            arg(&xp),
+            arg(&dyp),
+            arg(&dwp),
+            arg(&pp),
+            arg(&splits),
+            arg(&kps),
+        ];
+        let z = g.groups * splits as usize;
+        if z > MAX_GRID_YZ {
+            return Err(Error::Shape(format!("{} groups are too many", g.groups)));
+        }
         let grid = (
             blocks(g.in_per_group() * g.kernel * g.kernel, TILE),
             blocks(g.out_per_group(), TILE),
-            small("groups", g.groups)?.min(MAX_GRID_YZ as u32),
+            z as u32,
         );
-        if g.groups > MAX_GRID_YZ {
-            return Err(Error::Shape(format!("{} groups are too many", g.groups)));
-        }
-        // SAFETY: nn_conv_bwd_weight_f32(p, x, dy, dw): x holds xs, dy holds ys, dw the weight.
+        // SAFETY: nn_conv_bwd_weight_f32(p, x, dy, dw, partial, splits, k_per_split): x holds
+        // xs, dy holds ys, dw the weight, partial splits weights when splits > 1; the splits
+        // cover the depth (weight_grad_splits).
         unsafe { self.launch("nn_conv_bwd_weight_f32", grid, &mut args)? };
+        if splits > 1 {
+            let (len, acc) = (g.weight_len() as u64, 1u32);
+            let mut args = [arg(&pp), arg(&dwp), arg(&len), arg(&splits), arg(&acc)];
+            // SAFETY: nn_sum_splits_f32(partial, out, len, splits, accumulate): partial holds
+            // splits * len floats, dw len.
+            unsafe {
+                self.launch(
+                    "nn_sum_splits_f32",
+                    (blocks(g.weight_len(), THREADS as usize), 1, 1),
+                    &mut args,
+                )?
+            };
+        }
         dw.copy_from_slice(&self.down(&dwb, g.weight_len())?);
         if !need_dx {
             return Ok(None);
