@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check, from a folder made by scripts/pack-gpu.sh. Logs go to $OUT (default ./out).
 #
-#   PHASES="info tests sanitize bench torch ncu" ./gpu-checks.sh
+#   PHASES="info tests sanitize bench torch ncu net" ./gpu-checks.sh
 #
 # info:     nvidia-smi, `senet info --kernels`
 # tests:    the GPU test suite with SENET_REQUIRE_GPU=1 (a missing GPU fails)
@@ -20,7 +20,7 @@ mkdir -p "$out"
 orig_ld=${LD_LIBRARY_PATH:-}
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/nvidia/lib64
 export SENET_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
-phases=${PHASES:-"info tests sanitize bench torch ncu"}
+phases=${PHASES:-"info tests sanitize bench torch ncu net"}
 bin=$here/bin
 
 phase() { # name limit-seconds command...
@@ -68,6 +68,14 @@ for p in $phases; do
         "$bin/senet" gpu-bench --shapes 256x256x56x56,256x2048x7x7 --dtypes bf16 --layouts nchw,nhwc \
         --iters 1 --warmup 0 ${NCU_ARGS:-} || status=1
       grep -E "se_|dram__|lts__|gpu__time" "$out/ncu.log" | head -80 ;;
+    net)
+      # The CUDA network backend (stage 1: every op copies its tensors to the device and back)
+      # next to timm's seresnet50 on the same card.
+      phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
+        --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench.csv" || status=1
+      phase net ${NET_TORCH_LIMIT:-240} env LD_LIBRARY_PATH="$orig_ld" python3 "$here/torch_net.py" \
+        --batch ${NET_BATCH:-1,32} --ours "$out/net-bench.csv" --out "$out/torch-net.csv" ${NET_TORCH_ARGS:-} || status=1
+      grep -E "^\||^device:" "$out/net.log" | head -40 ;;
     *) echo "unknown phase $p"; status=1 ;;
   esac
 done

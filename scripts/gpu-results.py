@@ -7,7 +7,8 @@ OUT_DIR is the folder gpu-checks.sh wrote ($OUT). The file it writes,
 benches/results/<date>-gpu-<card>.md, names the card (nvidia-smi), the commit the pack was built
 from (gpu-pack/COMMIT, copied into info.log), the command of every phase with its exit status and
 time, and holds the test summary, the sanitizer summaries, `senet gpu-bench`'s table,
-torch_se.py's side-by-side table and the Nsight Compute lines. It copies what the logs say and
+torch_se.py's side-by-side table, the Nsight Compute lines and the network step times
+(`senet net-bench`, torch_net.py). It copies what the logs say and
 adds nothing: a phase that did not run is listed as missing.
 """
 import argparse
@@ -16,7 +17,7 @@ import pathlib
 import re
 import sys
 
-PHASES = ["info", "tests", "sanitize", "bench", "torch", "ncu"]
+PHASES = ["info", "tests", "sanitize", "bench", "torch", "ncu", "net"]
 
 
 def read(out, name):
@@ -107,6 +108,8 @@ def main():
     fenced("torch", "PyTorch (timm SEModule) on the same card, and the ratios", r"^device:|^  ")
     tabled("torch")
     fenced("ncu", "Nsight Compute", r"se_|dram__|lts__|gpu__time")
+    fenced("net", "Whole network: `senet net-bench` and torch_net.py", r"^=== |^device:|^# |ms \(")
+    tabled("net")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text("\n".join(w) + "\n")

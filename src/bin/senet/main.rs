@@ -6,6 +6,7 @@ mod eval;
 mod gpu_bench;
 mod info;
 mod models;
+mod net_bench;
 mod plot;
 mod train;
 mod verify;
@@ -33,6 +34,8 @@ enum Command {
     Bench(bench::Args),
     /// List the model registry: parameters, GFLOPs and input size of each network.
     Models(models::Args),
+    /// Time a whole network's training step and inference forward per backend and batch.
+    NetBench(net_bench::Args),
     /// Train a network with the paper's recipe (scaled by options) into a run folder.
     Train(train::Args),
     /// Top-1 / top-5 of a checkpoint or run on a data set.
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Command::GpuBench(a) => gpu_bench::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Models(a) => models::run(a),
+        Command::NetBench(a) => net_bench::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Ablate(a) => ablate::run(a),

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""PyTorch's side of the network step-time table (issue 8): timm's seresnet50 (or --model) on
+one GPU, a training step (forward, cross-entropy, backward, SGD with momentum and weight decay)
+and an inference forward, eager and (with --compile) torch.compile, in f32 and in bf16 autocast
+with channels_last. With --ours (the CSV of `senet net-bench --csv`) it prints our times next to
+PyTorch's, same model, batch and mode.
+
+    python3 benches/torch_net.py --batch 1,128 --ours net-bench.csv --out torch-net.csv
+
+Timing: CUDA events around each repetition after warm-up; the median of --iters is reported.
+"""
+import argparse
+import csv
+import statistics
+import sys
+import time
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="seresnet50")
+    ap.add_argument("--batch", default="1,128")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--precisions", default="f32,bf16")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (default mode)")
+    ap.add_argument("--ours", help="CSV from `senet net-bench --csv`")
+    ap.add_argument("--out", help="write PyTorch's rows here as CSV")
+    a = ap.parse_args()
+
+    import torch
+    import timm
+
+    if not torch.cuda.is_available():
+        print("error: no CUDA device for PyTorch", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, timm {timm.__version__}")
+    rows = []
+    for prec in a.precisions.split(","):
+        for batch in [int(b) for b in a.batch.split(",")]:
+            for compiled in [False, True] if a.compile else [False]:
+                model = timm.create_model(a.model, pretrained=False).to(dev)
+                fmt = torch.channels_last if prec == "bf16" else torch.contiguous_format
+                model = model.to(memory_format=fmt)
+                opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+                x = torch.randn(batch, 3, a.size, a.size, device=dev).to(memory_format=fmt)
+                y = torch.randint(0, 1000, (batch,), device=dev)
+                fwd = torch.compile(model) if compiled else model
+                ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if prec == "bf16" else None
+
+                def train_step():
+                    opt.zero_grad(set_to_none=True)
+                    if ctx:
+                        with ctx():
+                            loss = torch.nn.functional.cross_entropy(fwd(x), y)
+                    else:
+                        loss = torch.nn.functional.cross_entropy(fwd(x), y)
+                    loss.backward()
+                    opt.step()
+
+                def infer():
+                    with torch.no_grad():
+                        if ctx:
+                            with ctx():
+                                fwd(x)
+                        else:
+                            fwd(x)
+
+                for mode, fn in [("train", train_step), ("infer", infer)]:
+                    model.train(mode == "train")
+                    t0 = time.time()
+                    for _ in range(a.warmup):
+                        fn()
+                    torch.cuda.synchronize()
+                    warm_s = time.time() - t0
+                    times = []
+                    for _ in range(a.iters):
+                        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        s.record()
+                        fn()
+                        e.record()
+                        e.synchronize()
+                        times.append(s.elapsed_time(e))
+                    med = statistics.median(times)
+                    kind = "compile" if compiled else "eager"
+                    rows.append(dict(model=a.model, precision=prec, batch=batch, mode=mode, kind=kind,
+                                     median_ms=med, min_ms=min(times)))
+                    print(f"{a.model} {prec} batch {batch} {mode} {kind}: {med:.2f} ms "
+                          f"({batch / med * 1e3:.0f} img/s; warm-up {warm_s:.1f} s)", flush=True)
+                del model, opt, fwd
+                torch.cuda.empty_cache()
+
+    if a.out:
+        with open(a.out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+
+    ours = {}
+    if a.ours:
+        with open(a.ours) as f:
+            for r in csv.DictReader(f):
+                ours[(int(r["batch"]), r["mode"])] = float(r["median_ms"])
+    print()
+    print("| model | precision | batch | mode | PyTorch eager ms | torch.compile ms | senet f32 ms | senet / eager |")
+    print("|---|---|---:|---|---:|---:|---:|---:|")
+    for prec in a.precisions.split(","):
+        for batch in [int(b) for b in a.batch.split(",")]:
+            for mode in ["train", "infer"]:
+                def pick(kind):
+                    for r in rows:
+                        if (r["precision"], r["batch"], r["mode"], r["kind"]) == (prec, batch, mode, kind):
+                            return r["median_ms"]
+                    return None
+                e, c = pick("eager"), pick("compile")
+                o = ours.get((batch, mode))
+                fmt = lambda v: "-" if v is None else f"{v:.2f}"
+                ratio = "-" if (o is None or e is None) else f"{o / e:.2f}"
+                print(f"| {a.model} | {prec} | {batch} | {mode} | {fmt(e)} | {fmt(c)} | {fmt(o)} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
