@@ -415,6 +415,7 @@ SENET_EMU_REGISTER(nn_bn_bwd_f32)
 #define NN_EW_RELU_BWD 1u  /* y = b > 0 ? a : 0 (a = dy, b = the ReLU's output) */
 #define NN_EW_ADD 2u       /* y = a + b */
 #define NN_EW_ADD_RELU 3u  /* y = max(a + b, 0) (NaN becomes 0) */
+#define NN_EW_MUL 4u       /* y = a * b (dropout masks) */
 
 extern "C" __global__ void __launch_bounds__(256)
     nn_pointwise_f32(uint32_t op, const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y,
@@ -427,6 +428,7 @@ extern "C" __global__ void __launch_bounds__(256)
             case NN_EW_RELU: r = v < 0.0f ? 0.0f : v; break;
             case NN_EW_RELU_BWD: r = b[i] > 0.0f ? v : 0.0f; break;
             case NN_EW_ADD: r = v + b[i]; break;
+            case NN_EW_MUL: r = v * b[i]; break;
             default: r = fmaxf(v + b[i], 0.0f); break;
         }
         y[i] = r;

@@ -28,7 +28,7 @@ fn close(label: &str, got: &[f64], want: &[f64], tol: f64) {
     assert!(e <= tol, "{label}: relative error {e:.3e} > {tol:.0e}");
 }
 
-fn check_convolution<B: Backend<f32>>(be: &B) {
+fn check_convolution<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
     let s = seed("conv");
     let cases = [
         // (in, out, k, stride, pad, groups, bias, input)
@@ -106,7 +106,7 @@ fn check_convolution<B: Backend<f32>>(be: &B) {
     }
 }
 
-fn check_pointwise_ops<B: Backend<f32>>(be: &B) {
+fn check_pointwise_ops<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
     let s = seed("pointwise");
     let xs = Shape::new(3, 5, 6, 7);
     let x32: Tensor<f32> = random_tensor(xs, s);
@@ -195,7 +195,7 @@ fn check_pointwise_ops<B: Backend<f32>>(be: &B) {
         let (y, arg) = be.max_pool2d(&x32, &g).unwrap();
         let (yr, argr) = Reference.max_pool2d(&x64, &g).unwrap();
         close("max pool", &f64s(&y), yr.data(), 0.0);
-        assert_eq!(arg, argr, "max pool indices");
+        assert_eq!(be.download_indices(&arg).unwrap(), argr, "max pool indices");
         let dy: Tensor<f32> = random_tensor(y.shape(), s ^ 9);
         let dx = be.max_pool2d_backward(&dy, &arg, xs).unwrap();
         let dxr = Reference
@@ -256,7 +256,7 @@ fn check_pointwise_ops<B: Backend<f32>>(be: &B) {
     );
 }
 
-fn check_shape_errors<B: Backend<f32>>(be: &B) {
+fn check_shape_errors<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
     let x: Tensor<f32> = random_tensor(Shape::new(1, 3, 4, 4), 1);
     let g = ConvGeom::new(4, 4, 3, 1, 1, 1).unwrap();
     assert!(be.conv2d(&x, &vec![0.0; g.weight_len()], None, &g).is_err());
@@ -272,6 +272,17 @@ fn check_shape_errors<B: Backend<f32>>(be: &B) {
     assert!(be.max_pool2d(&x, &big).is_err());
     let nhwc = x.to_layout(senet::Layout::Nhwc);
     assert!(be.relu(nhwc).is_err());
+}
+
+/// A layer's forward on backend `be` from and to host tensors.
+fn layer_forward<B: Backend<f32>>(
+    be: &B,
+    l: &mut Layer<f32>,
+    x: &Tensor<f32>,
+    mode: Mode,
+) -> Tensor<f32> {
+    let x = be.upload(x.clone()).unwrap();
+    be.download(l.forward(be, x, mode).unwrap()).unwrap()
 }
 
 /// True when any element is positive in one output and not in the other: a ReLU decision
@@ -319,7 +330,7 @@ fn layer_flips<B: Backend<f32>>(
     ) {
         return false;
     }
-    let y32 = l32.clone().forward(be, x.clone(), mode).unwrap();
+    let y32 = layer_forward(be, &mut l32.clone(), x, mode);
     let y64 = l64.clone().forward(&Reference, x.cast(), mode).unwrap();
     if sign_flip(&y32, &y64) {
         return true;
@@ -404,10 +415,12 @@ fn compare_networks<B: Backend<f32>>(
         }
         // Re-run both forward (the reference's recorded run above saw the same input), then
         // backward from the same gradient.
-        let y32 = l32.forward(be, inputs[i].clone(), mode).unwrap();
+        let y32 = layer_forward(be, l32, &inputs[i], mode);
         let y64 = l64.forward(&Reference, inputs[i].cast(), mode).unwrap();
         close(&format!("{what} output"), &f64s(&y32), y64.data(), OUT_TOL);
-        let dx32 = l32.backward(be, dy.clone()).unwrap();
+        let dx32 = be
+            .download(l32.backward(be, be.upload(dy.clone()).unwrap()).unwrap())
+            .unwrap();
         let dx64 = l64.backward(&Reference, dy.cast()).unwrap();
         dy = dx64.cast();
         if flipped {
@@ -574,7 +587,7 @@ fn inception_net<E: senet::nn::Real>(
     Network::new(name, (3, 8, 8), 4, body).unwrap()
 }
 
-fn check_invalid_geometries<B: Backend<f32>>(be: &B) {
+fn check_invalid_geometries<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
     let x: Tensor<f32> = random_tensor(Shape::new(1, 4, 5, 5), 2);
     let bad = ConvGeom {
         in_ch: 4,
@@ -605,7 +618,7 @@ fn check_invalid_geometries<B: Backend<f32>>(be: &B) {
     assert!(senet::nn::ResidualBlock::<f32>::new(cfg).is_err());
 }
 
-fn check_se_op<B: Backend<f32>>(be: &B) {
+fn check_se_op<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
     let s = seed("se op");
     let xs = Shape::new(2, 12, 5, 3);
     let cfg = senet::SeConfig::with_hidden(12, 3).unwrap();
@@ -645,7 +658,7 @@ fn convolution_matches_reference() {
 #[test]
 fn cuda_convolution_matches_reference() {
     for be in nn_common::cuda_backends() {
-        check_convolution(&be);
+        check_convolution(&nn_common::OnHost(&be));
     }
 }
 
@@ -657,7 +670,7 @@ fn pointwise_ops_match_reference() {
 #[test]
 fn cuda_pointwise_ops_match_reference() {
     for be in nn_common::cuda_backends() {
-        check_pointwise_ops(&be);
+        check_pointwise_ops(&nn_common::OnHost(&be));
     }
 }
 
@@ -669,7 +682,7 @@ fn shape_errors_are_errors() {
 #[test]
 fn cuda_shape_errors_are_errors() {
     for be in nn_common::cuda_backends() {
-        check_shape_errors(&be);
+        check_shape_errors(&nn_common::OnHost(&be));
     }
 }
 
@@ -705,7 +718,7 @@ fn invalid_geometries_are_errors_not_panics() {
 #[test]
 fn cuda_invalid_geometries_are_errors_not_panics() {
     for be in nn_common::cuda_backends() {
-        check_invalid_geometries(&be);
+        check_invalid_geometries(&nn_common::OnHost(&be));
     }
 }
 
@@ -717,6 +730,6 @@ fn se_op_matches_reference() {
 #[test]
 fn cuda_se_op_matches_reference() {
     for be in nn_common::cuda_backends() {
-        check_se_op(&be);
+        check_se_op(&nn_common::OnHost(&be));
     }
 }

@@ -333,17 +333,13 @@ fn dropout() {
         fn forward<B: senet::nn::Backend<f64>>(
             &mut self,
             b: &B,
-            x: Tensor<f64>,
+            x: B::T,
             mode: Mode,
-        ) -> senet::Result<Tensor<f64>> {
+        ) -> senet::Result<B::T> {
             self.0.reseed(5);
             self.0.forward(b, x, mode)
         }
-        fn backward<B: senet::nn::Backend<f64>>(
-            &mut self,
-            b: &B,
-            dy: Tensor<f64>,
-        ) -> senet::Result<Tensor<f64>> {
+        fn backward<B: senet::nn::Backend<f64>>(&mut self, b: &B, dy: B::T) -> senet::Result<B::T> {
             self.0.backward(b, dy)
         }
         fn visit<'a>(&'a self, _: &str, _: senet::nn::param::Visit<'a, '_, f64>) {}

@@ -10,7 +10,7 @@ use crate::nn::layers::{no_forward, BatchNorm2d, Conv2d, Module, Relu, SqueezeEx
 use crate::nn::param::{Mode, Real, Visit, VisitMut};
 use crate::nn::seq::{Layer, Seq};
 use crate::se::{make_divisible, SeConfig};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::Shape;
 
 /// Where a residual block applies SE (Hu et al., section 6.5 and table 15).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -179,7 +179,7 @@ pub struct ResidualBlock<E> {
     /// SE outside the branch (every position but [`SePosition::After3x3`]).
     se: Option<SqueezeExcite<E>>,
     /// The ReLU output of the add (when it is not fused into SE), for backward.
-    add_out: Option<Tensor<E>>,
+    add_out: Option<crate::nn::layers::Stash>,
 }
 
 impl<E: Real> ResidualBlock<E> {
@@ -304,19 +304,14 @@ impl<E: Real> ResidualBlock<E> {
         self.se.as_ref().and(self.config.se.map(|s| s.position))
     }
 
-    fn run_shortcut<B: Backend<E>>(
-        &mut self,
-        b: &B,
-        x: Tensor<E>,
-        mode: Mode,
-    ) -> Result<Tensor<E>> {
+    fn run_shortcut<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         match &mut self.shortcut {
             Some(s) => s.forward(b, x, mode),
             None => Ok(x),
         }
     }
 
-    fn shortcut_backward<B: Backend<E>>(&mut self, b: &B, d: Tensor<E>) -> Result<Tensor<E>> {
+    fn shortcut_backward<B: Backend<E>>(&mut self, b: &B, d: B::T) -> Result<B::T> {
         match &mut self.shortcut {
             Some(s) => s.backward(b, d),
             None => Ok(d),
@@ -330,30 +325,26 @@ impl<E: Real> ResidualBlock<E> {
     }
 
     /// `relu(a + b)`, keeping the output for backward when recording.
-    fn add_relu<B: Backend<E>>(
-        &mut self,
-        b: &B,
-        a: Tensor<E>,
-        r: Tensor<E>,
-        mode: Mode,
-    ) -> Result<Tensor<E>> {
+    fn add_relu<B: Backend<E>>(&mut self, b: &B, a: B::T, r: B::T, mode: Mode) -> Result<B::T> {
         let y = b.add(a, &r, true)?;
         b.recycle(r);
-        self.add_out = mode.records().then(|| y.clone());
+        self.add_out = mode
+            .records()
+            .then(|| crate::nn::layers::Stash::new(y.clone()));
         Ok(y)
     }
 
-    fn add_relu_backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn add_relu_backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         let y = self
             .add_out
             .take()
             .ok_or_else(|| no_forward("residual add"))?;
-        b.relu_backward(&y, dy)
+        b.relu_backward(y.get::<B::T>()?, dy)
     }
 }
 
 impl<E: Real> Module<E> for ResidualBlock<E> {
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         match self.position() {
             None => {
                 let id = self.run_shortcut(b, x.clone(), mode)?;
@@ -389,7 +380,7 @@ impl<E: Real> Module<E> for ResidualBlock<E> {
         }
     }
 
-    fn backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         let (dbranch_in, dshort_in) = match self.position() {
             None => {
                 let g = self.add_relu_backward(b, dy)?;

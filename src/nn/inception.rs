@@ -5,16 +5,17 @@
 //! each module's SE is `inception_3a_se.fc1` / `.fc2`.
 
 use crate::error::Result;
+use crate::nn::backend::Activation;
 use crate::nn::backend::{Backend, ConvGeom, PoolGeom};
 use crate::nn::blocks::SeOptions;
 use crate::nn::layers::{
-    concat_channels, no_forward, split_channels, AvgPool2d, BatchNorm2d, Conv2d, GlobalAvgPool,
-    Linear, MaxPool2d, Module, Relu, SqueezeExcite,
+    no_forward, AvgPool2d, BatchNorm2d, Conv2d, GlobalAvgPool, Linear, MaxPool2d, Module, Relu,
+    SqueezeExcite,
 };
 use crate::nn::network::Network;
 use crate::nn::param::{Mode, Real, Visit, VisitMut};
 use crate::nn::seq::{Layer, Seq};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::Shape;
 
 /// The pooling branch of an Inception module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -193,7 +194,7 @@ impl<E: Real> InceptionModule<E> {
 }
 
 impl<E: Real> Module<E> for InceptionModule<E> {
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         let mut outs = Vec::with_capacity(self.branches.len());
         let last = self.branches.len() - 1;
         let mut x = Some(x);
@@ -208,21 +209,21 @@ impl<E: Real> Module<E> for InceptionModule<E> {
         self.sizes = mode
             .records()
             .then(|| outs.iter().map(|t| t.shape().c).collect());
-        let y = concat_channels(&outs)?;
+        let y = b.concat_channels(&outs)?;
         match &mut self.se {
             Some((_, se)) => se.forward(b, y, mode),
             None => Ok(y),
         }
     }
 
-    fn backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         let sizes = self.sizes.take().ok_or_else(|| no_forward("inception"))?;
         let dy = match &mut self.se {
             Some((_, se)) => se.backward(b, dy)?,
             None => dy,
         };
-        let parts = split_channels(&dy, &sizes)?;
-        let mut dx: Option<Tensor<E>> = None;
+        let parts = b.split_channels(&dy, &sizes)?;
+        let mut dx: Option<B::T> = None;
         for (br, d) in self.branches.iter_mut().zip(parts) {
             let g = br.backward(b, d)?;
             dx = Some(match dx {

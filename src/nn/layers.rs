@@ -5,11 +5,11 @@
 //! network's names are timm's.
 
 use crate::error::{Error, Result};
-use crate::nn::backend::{Backend, ConvGeom, PoolGeom};
+use crate::nn::backend::{Activation, Backend, ConvGeom, PoolGeom};
 use crate::nn::param::{Init, Mode, Param, Real, Slot, SlotRef, Visit, VisitMut};
 use crate::rng;
 use crate::se::{SeConfig, SeGrads, SeWeights};
-use crate::tensor::{Layout, Shape, Tensor};
+use crate::tensor::Shape;
 use rand::Rng;
 use std::any::Any;
 use std::sync::Arc;
@@ -22,10 +22,10 @@ use std::sync::Arc;
 /// [`Mode::Eval`]; after [`Mode::Infer`] it is an error.
 pub trait Module<E: Real> {
     /// The forward pass.
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>>;
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T>;
 
     /// The backward pass of the last recorded forward.
-    fn backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>>;
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T>;
 
     /// Visits every parameter, buffer and counter, named `prefix` + its PyTorch name.
     fn visit<'a>(&'a self, prefix: &str, f: Visit<'a, '_, E>);
@@ -48,14 +48,42 @@ pub(crate) fn no_forward(what: &str) -> Error {
     ))
 }
 
-fn nchw_tensor<E: Real>(shape: Shape, data: Vec<E>) -> Result<Tensor<E>> {
-    Tensor::from_vec(shape, Layout::Nchw, data)
+/// What a layer keeps for backward (an activation, max-pool indices), type-erased: layers are
+/// generic over the element, not the backend, so the backend's types are downcast at backward.
+#[derive(Clone)]
+pub(crate) struct Stash(Arc<dyn Any + Send + Sync>);
+
+impl std::fmt::Debug for Stash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stash")
+    }
+}
+
+fn other_backend() -> Error {
+    Error::Config("backward ran on another backend than its forward".into())
+}
+
+impl Stash {
+    pub(crate) fn new<T: Any + Clone + Send + Sync>(t: T) -> Self {
+        Stash(Arc::new(t))
+    }
+
+    /// The kept value (shared with clones of the layer).
+    pub(crate) fn get<T: Any + Clone + Send + Sync>(&self) -> Result<&T> {
+        self.0.downcast_ref::<T>().ok_or_else(other_backend)
+    }
+
+    /// The kept value by value (a copy only when a clone of the layer shares it).
+    pub(crate) fn take<T: Any + Clone + Send + Sync>(self) -> Result<T> {
+        let a = self.0.downcast::<T>().map_err(|_| other_backend())?;
+        Ok(Arc::try_unwrap(a).unwrap_or_else(|a| (*a).clone()))
+    }
 }
 
 /// Keeps `x` for backward when `mode` records; otherwise hands it back to the backend.
-fn keep<E: Real, B: Backend<E>>(b: &B, x: Tensor<E>, mode: Mode) -> Option<Tensor<E>> {
+fn keep<E: Real, B: Backend<E>>(b: &B, x: B::T, mode: Mode) -> Option<Stash> {
     if mode.records() {
-        Some(x)
+        Some(Stash::new(x))
     } else {
         b.recycle(x);
         None
@@ -72,7 +100,7 @@ pub struct Conv2d<E> {
     pub bias: Option<Param<E>>,
     /// Whether backward computes `d loss / d input` (off for a network's first layer).
     pub input_grad: bool,
-    cache: Option<Tensor<E>>,
+    cache: Option<Stash>,
 }
 
 impl<E: Real> Conv2d<E> {
@@ -98,7 +126,7 @@ impl<E: Real> Conv2d<E> {
 }
 
 impl<E: Real> Module<E> for Conv2d<E> {
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         let bias = match &self.bias {
             Some(p) => Some(p.values("conv bias")?),
             None => None,
@@ -108,8 +136,12 @@ impl<E: Real> Module<E> for Conv2d<E> {
         Ok(y)
     }
 
-    fn backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>> {
-        let x = self.cache.take().ok_or_else(|| no_forward("conv"))?;
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
+        let x: B::T = self
+            .cache
+            .take()
+            .ok_or_else(|| no_forward("conv"))?
+            .take()?;
         let (w, dw) = self.weight.value_and_grad("conv weight")?;
         let db = self.bias.as_mut().map(|p| p.grad_mut());
         let dx = b.conv2d_backward(&x, w, &dy, &self.geom, dw, db, self.input_grad)?;
@@ -120,7 +152,7 @@ impl<E: Real> Module<E> for Conv2d<E> {
                 Ok(dx)
             }
             // The caller asked for no input gradient: hand back zeros of the right shape.
-            None => Tensor::zeros(x.shape(), Layout::Nchw),
+            None => b.zeros(x.shape()),
         }
     }
 
@@ -148,8 +180,8 @@ impl<E: Real> Module<E> for Conv2d<E> {
 }
 
 #[derive(Clone, Debug)]
-struct BnCache<E> {
-    x: Tensor<E>,
+struct BnCache {
+    x: Stash,
     mean: Vec<f64>,
     invstd: Vec<f64>,
     batch_stats: bool,
@@ -174,7 +206,7 @@ pub struct BatchNorm2d<E> {
     pub running_var: Param<E>,
     /// Training batches seen.
     pub num_batches_tracked: i64,
-    cache: Option<BnCache<E>>,
+    cache: Option<BnCache>,
 }
 
 impl<E: Real> BatchNorm2d<E> {
@@ -200,7 +232,7 @@ impl<E: Real> BatchNorm2d<E> {
     }
 
     /// Forward with the following ReLU fused in (inference only, nothing recorded).
-    pub fn forward_relu<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>) -> Result<Tensor<E>> {
+    pub fn forward_relu<B: Backend<E>>(&mut self, b: &B, x: B::T) -> Result<B::T> {
         let (a, s, _, _) = self.running_affine(x.shape())?;
         self.cache = None;
         b.channel_affine(x, &a, &s, true)
@@ -250,7 +282,7 @@ impl<E: Real> BatchNorm2d<E> {
 }
 
 impl<E: Real> Module<E> for BatchNorm2d<E> {
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         let s = x.shape();
         self.check(s)?;
         let (a, sh, mean, invstd) = if mode.is_train() {
@@ -284,7 +316,7 @@ impl<E: Real> Module<E> for BatchNorm2d<E> {
         if mode.records() {
             let y = b.channel_affine(x.clone(), &a, &sh, false)?;
             self.cache = Some(BnCache {
-                x,
+                x: Stash::new(x),
                 mean,
                 invstd,
                 batch_stats: mode.is_train(),
@@ -296,12 +328,12 @@ impl<E: Real> Module<E> for BatchNorm2d<E> {
         }
     }
 
-    fn backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         let c = self.cache.take().ok_or_else(|| no_forward("batch norm"))?;
         let (gamma, dgamma) = self.weight.value_and_grad("batch norm weight")?;
         let dbeta = self.bias.grad_mut();
         b.batch_norm_backward(
-            &c.x,
+            c.x.get::<B::T>()?,
             &dy,
             &c.mean,
             &c.invstd,
@@ -359,26 +391,30 @@ impl<E: Real> Module<E> for BatchNorm2d<E> {
 /// `nn.ReLU`.
 #[derive(Clone, Debug, Default)]
 pub struct Relu<E> {
-    cache: Option<Tensor<E>>,
+    cache: Option<Stash>,
+    _e: std::marker::PhantomData<E>,
 }
 
 impl<E: Real> Relu<E> {
     /// A ReLU.
     pub fn new() -> Self {
-        Relu { cache: None }
+        Relu {
+            cache: None,
+            _e: std::marker::PhantomData,
+        }
     }
 }
 
 impl<E: Real> Module<E> for Relu<E> {
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         let y = b.relu(x)?;
-        self.cache = mode.records().then(|| y.clone());
+        self.cache = mode.records().then(|| Stash::new(y.clone()));
         Ok(y)
     }
 
-    fn backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         let y = self.cache.take().ok_or_else(|| no_forward("relu"))?;
-        b.relu_backward(&y, dy)
+        b.relu_backward(y.get::<B::T>()?, dy)
     }
 
     fn visit<'a>(&'a self, _: &str, _: Visit<'a, '_, E>) {}
@@ -397,7 +433,7 @@ impl<E: Real> Module<E> for Relu<E> {
 #[derive(Clone, Debug)]
 pub struct MaxPool2d {
     geom: PoolGeom,
-    cache: Option<(Vec<u32>, Shape)>,
+    cache: Option<(Stash, Shape)>,
 }
 
 impl MaxPool2d {
@@ -408,16 +444,16 @@ impl MaxPool2d {
 }
 
 impl<E: Real> Module<E> for MaxPool2d {
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         let (y, arg) = b.max_pool2d(&x, &self.geom)?;
-        self.cache = mode.records().then_some((arg, x.shape()));
+        self.cache = mode.records().then(|| (Stash::new(arg), x.shape()));
         b.recycle(x);
         Ok(y)
     }
 
-    fn backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         let (arg, s) = self.cache.take().ok_or_else(|| no_forward("max pool"))?;
-        b.max_pool2d_backward(&dy, &arg, s)
+        b.max_pool2d_backward(&dy, arg.get::<B::PoolIdx>()?, s)
     }
 
     fn visit<'a>(&'a self, _: &str, _: Visit<'a, '_, E>) {}
@@ -447,14 +483,14 @@ impl AvgPool2d {
 }
 
 impl<E: Real> Module<E> for AvgPool2d {
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         let y = b.avg_pool2d(&x, &self.geom)?;
         self.cache = mode.records().then_some(x.shape());
         b.recycle(x);
         Ok(y)
     }
 
-    fn backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         let s = self.cache.take().ok_or_else(|| no_forward("avg pool"))?;
         b.avg_pool2d_backward(&dy, &self.geom, s)
     }
@@ -485,14 +521,14 @@ impl GlobalAvgPool {
 }
 
 impl<E: Real> Module<E> for GlobalAvgPool {
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         let y = b.global_avg_pool(&x)?;
         self.cache = mode.records().then_some(x.shape());
         b.recycle(x);
         Ok(y)
     }
 
-    fn backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         let s = self.cache.take().ok_or_else(|| no_forward("global pool"))?;
         b.global_avg_pool_backward(&dy, s)
     }
@@ -518,7 +554,7 @@ pub struct Linear<E> {
     pub weight: Param<E>,
     /// Bias, `[out]`.
     pub bias: Option<Param<E>>,
-    cache: Option<Tensor<E>>,
+    cache: Option<Stash>,
 }
 
 impl<E: Real> Linear<E> {
@@ -546,7 +582,7 @@ impl<E: Real> Linear<E> {
 }
 
 impl<E: Real> Module<E> for Linear<E> {
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         self.check(x.shape())?;
         let bias = match &self.bias {
             Some(p) => Some(p.values("linear bias")?),
@@ -558,15 +594,15 @@ impl<E: Real> Module<E> for Linear<E> {
             bias,
             self.out_features,
         )?;
-        self.cache = mode.records().then_some(x);
+        self.cache = keep(b, x, mode);
         Ok(y)
     }
 
-    fn backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         let x = self.cache.take().ok_or_else(|| no_forward("linear"))?;
         let (w, dw) = self.weight.value_and_grad("linear weight")?;
         let db = self.bias.as_mut().map(|p| p.grad_mut());
-        b.linear_backward(&x, w, &dy, dw, db)
+        b.linear_backward(x.get::<B::T>()?, w, &dy, dw, db)
     }
 
     fn visit<'a>(&'a self, prefix: &str, f: Visit<'a, '_, E>) {
@@ -633,12 +669,7 @@ impl<E: Real> Dropout<E> {
 }
 
 impl<E: Real> Module<E> for Dropout<E> {
-    fn forward<B: Backend<E>>(
-        &mut self,
-        _b: &B,
-        mut x: Tensor<E>,
-        mode: Mode,
-    ) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         if !mode.is_train() || self.p == 0.0 {
             self.cache = mode.records().then_some(None);
             return Ok(x);
@@ -646,7 +677,7 @@ impl<E: Real> Module<E> for Dropout<E> {
         let mut r = rng::seeded(self.seed ^ self.calls.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         self.calls += 1;
         let keep = E::from_f64(1.0 / (1.0 - self.p));
-        let mask: Vec<E> = (0..x.data().len())
+        let mask: Vec<E> = (0..x.shape().numel())
             .map(|_| {
                 if r.gen::<f64>() < self.p {
                     E::ZERO
@@ -655,30 +686,23 @@ impl<E: Real> Module<E> for Dropout<E> {
                 }
             })
             .collect();
-        x.data_mut()
-            .iter_mut()
-            .zip(&mask)
-            .for_each(|(v, &m)| *v *= m);
+        let y = b.mul_mask(x, &mask)?;
         self.cache = Some(Some(mask));
-        Ok(x)
+        Ok(y)
     }
 
-    fn backward<B: Backend<E>>(&mut self, _b: &B, mut dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         match self.cache.take().ok_or_else(|| no_forward("dropout"))? {
             None => Ok(dy),
             Some(mask) => {
-                if mask.len() != dy.data().len() {
+                if mask.len() != dy.shape().numel() {
                     return Err(Error::Length {
                         what: "dropout gradient",
-                        got: dy.data().len(),
+                        got: dy.shape().numel(),
                         expected: mask.len(),
                     });
                 }
-                dy.data_mut()
-                    .iter_mut()
-                    .zip(&mask)
-                    .for_each(|(v, &m)| *v *= m);
-                Ok(dy)
+                b.mul_mask(dy, &mask)
             }
         }
     }
@@ -696,9 +720,9 @@ impl<E: Real> Module<E> for Dropout<E> {
 }
 
 #[derive(Clone, Debug)]
-struct SeCache<E> {
-    x: Tensor<E>,
-    residual: Option<Tensor<E>>,
+struct SeCache {
+    x: Stash,
+    residual: Option<Stash>,
     /// The backend's `SeSaved`, type-erased (layers are generic over the element, not the
     /// backend); backward downcasts it.
     saved: Arc<dyn Any + Send + Sync>,
@@ -718,7 +742,7 @@ pub struct SqueezeExcite<E> {
     pub fc2_weight: Param<E>,
     /// FC2 bias, `[C]`.
     pub fc2_bias: Option<Param<E>>,
-    cache: Option<SeCache<E>>,
+    cache: Option<SeCache>,
 }
 
 impl<E: Real> SqueezeExcite<E> {
@@ -768,19 +792,15 @@ impl<E: Real> SqueezeExcite<E> {
     pub fn forward_fused<B: Backend<E>>(
         &mut self,
         b: &B,
-        x: Tensor<E>,
-        residual: Tensor<E>,
+        x: B::T,
+        residual: B::T,
         mode: Mode,
-    ) -> Result<Tensor<E>> {
+    ) -> Result<B::T> {
         self.run(b, x, Some(residual), mode)
     }
 
     /// Backward of [`SqueezeExcite::forward_fused`]: `(d x, d residual)`.
-    pub fn backward_fused<B: Backend<E>>(
-        &mut self,
-        b: &B,
-        dy: Tensor<E>,
-    ) -> Result<(Tensor<E>, Tensor<E>)> {
+    pub fn backward_fused<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<(B::T, B::T)> {
         let (dx, dr) = self.run_backward(b, dy)?;
         let dr = dr.ok_or_else(|| {
             Error::Config("SE backward_fused after a forward without a residual".into())
@@ -791,16 +811,16 @@ impl<E: Real> SqueezeExcite<E> {
     fn run<B: Backend<E>>(
         &mut self,
         b: &B,
-        x: Tensor<E>,
-        residual: Option<Tensor<E>>,
+        x: B::T,
+        residual: Option<B::T>,
         mode: Mode,
-    ) -> Result<Tensor<E>> {
+    ) -> Result<B::T> {
         let w = self.weights()?;
         let (y, saved) = b.se_forward(&w, &x, residual.as_ref())?;
         if mode.records() {
             self.cache = Some(SeCache {
-                x,
-                residual,
+                x: Stash::new(x),
+                residual: residual.map(Stash::new),
                 saved: Arc::new(saved),
             });
         } else {
@@ -813,11 +833,7 @@ impl<E: Real> SqueezeExcite<E> {
         Ok(y)
     }
 
-    fn run_backward<B: Backend<E>>(
-        &mut self,
-        b: &B,
-        dy: Tensor<E>,
-    ) -> Result<(Tensor<E>, Option<Tensor<E>>)> {
+    fn run_backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<(B::T, Option<B::T>)> {
         let c = self.cache.take().ok_or_else(|| no_forward("SE"))?;
         let saved = c.saved.downcast_ref::<B::SeSaved>().ok_or_else(|| {
             Error::Config(format!(
@@ -826,7 +842,11 @@ impl<E: Real> SqueezeExcite<E> {
             ))
         })?;
         let w = self.weights()?;
-        let out = b.se_backward(&w, &c.x, c.residual.as_ref(), saved, &dy)?;
+        let residual = match &c.residual {
+            Some(r) => Some(r.get::<B::T>()?),
+            None => None,
+        };
+        let out = b.se_backward(&w, c.x.get::<B::T>()?, residual, saved, &dy)?;
         let SeGrads { dw1, db1, dw2, db2 } = out.grads;
         accumulate(&mut self.fc1_weight, &dw1)?;
         accumulate(&mut self.fc2_weight, &dw2)?;
@@ -856,11 +876,11 @@ fn accumulate<E: Real>(p: &mut Param<E>, g: &[f64]) -> Result<()> {
 }
 
 impl<E: Real> Module<E> for SqueezeExcite<E> {
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         self.run(b, x, None, mode)
     }
 
-    fn backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         Ok(self.run_backward(b, dy)?.0)
     }
 
@@ -908,55 +928,4 @@ impl<E: Real> Module<E> for SqueezeExcite<E> {
         // Two FCs per sample plus the scale (one multiply per element).
         Ok((x.n * 2 * self.config.channels * self.config.hidden + x.numel()) as u64)
     }
-}
-
-/// Channel concatenation of NCHW tensors (Inception's output).
-pub(crate) fn concat_channels<E: Real>(parts: &[Tensor<E>]) -> Result<Tensor<E>> {
-    let first = parts
-        .first()
-        .ok_or_else(|| Error::Shape("concatenation of no tensors".into()))?
-        .shape();
-    let mut c = 0;
-    for p in parts {
-        let s = p.shape();
-        if s.n != first.n || s.h != first.h || s.w != first.w || p.layout() != Layout::Nchw {
-            return Err(Error::Shape(format!(
-                "cannot concatenate {s} with {first} along channels"
-            )));
-        }
-        c += s.c;
-    }
-    let out = Shape::try_new(first.n, c, first.h, first.w)?;
-    let mut data = Vec::with_capacity(out.numel());
-    for n in 0..first.n {
-        for p in parts {
-            let k = p.shape().sample_numel();
-            data.extend_from_slice(&p.data()[n * k..(n + 1) * k]);
-        }
-    }
-    nchw_tensor(out, data)
-}
-
-/// Splits an NCHW tensor's channels into pieces of `sizes` (the adjoint of
-/// [`concat_channels`]).
-pub(crate) fn split_channels<E: Real>(x: &Tensor<E>, sizes: &[usize]) -> Result<Vec<Tensor<E>>> {
-    let s = x.shape();
-    if sizes.iter().sum::<usize>() != s.c {
-        return Err(Error::Shape(format!(
-            "cannot split {s} into channel groups {sizes:?}"
-        )));
-    }
-    let hw = s.hw();
-    let mut out = Vec::with_capacity(sizes.len());
-    let mut c0 = 0;
-    for &c in sizes {
-        let mut data = Vec::with_capacity(s.n * c * hw);
-        for n in 0..s.n {
-            let base = (n * s.c + c0) * hw;
-            data.extend_from_slice(&x.data()[base..base + c * hw]);
-        }
-        out.push(nchw_tensor(Shape::try_new(s.n, c, s.h, s.w)?, data)?);
-        c0 += c;
-    }
-    Ok(out)
 }

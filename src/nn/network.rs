@@ -80,7 +80,8 @@ impl<E: Real> Network<E> {
     }
 
     /// Logits `[n, num_classes, 1, 1]` for images `x` (`[n, c, h, w]`, NCHW; other spatial
-    /// sizes work where the layers allow).
+    /// sizes work where the layers allow). The input moves to the backend and the logits back;
+    /// everything between stays where the backend keeps activations.
     pub fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
         if x.shape().c != self.input.0 {
             return Err(Error::Shape(format!(
@@ -90,13 +91,26 @@ impl<E: Real> Network<E> {
                 x.shape()
             )));
         }
-        self.body.forward(b, x, mode)
+        let x = b.upload(x)?;
+        let y = self.body.forward(b, x, mode)?;
+        b.download(y)
     }
 
     /// Backward from `d loss / d logits`: accumulates every parameter's gradient and returns
     /// `d loss / d input` (zeros if [`Network::set_input_grad`] turned it off).
     pub fn backward<B: Backend<E>>(&mut self, b: &B, dlogits: Tensor<E>) -> Result<Tensor<E>> {
-        self.body.backward(b, dlogits)
+        let dy = b.upload(dlogits)?;
+        let dx = self.body.backward(b, dy)?;
+        b.download(dx)
+    }
+
+    /// [`Network::backward`] for training: accumulates the parameter gradients and hands the
+    /// input gradient back to the backend instead of returning it.
+    pub fn backward_params<B: Backend<E>>(&mut self, b: &B, dlogits: Tensor<E>) -> Result<()> {
+        let dy = b.upload(dlogits)?;
+        let dx = self.body.backward(b, dy)?;
+        b.recycle(dx);
+        Ok(())
     }
 
     /// Whether backward computes the gradient with respect to the input image (a trainer

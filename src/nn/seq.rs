@@ -9,7 +9,7 @@ use crate::nn::layers::{
     SqueezeExcite,
 };
 use crate::nn::param::{Mode, Real, Visit, VisitMut};
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::Shape;
 
 /// Every kind of network piece.
 #[derive(Clone, Debug)]
@@ -57,11 +57,11 @@ macro_rules! each {
 }
 
 impl<E: Real> Module<E> for Layer<E> {
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         each!(self, l => Module::<E>::forward(l.as_mut(), b, x, mode))
     }
 
-    fn backward<B: Backend<E>>(&mut self, b: &B, dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         each!(self, l => Module::<E>::backward(l.as_mut(), b, dy))
     }
 
@@ -153,7 +153,7 @@ fn child_prefix(prefix: &str, name: &str) -> String {
 }
 
 impl<E: Real> Module<E> for Seq<E> {
-    fn forward<B: Backend<E>>(&mut self, b: &B, mut x: Tensor<E>, mode: Mode) -> Result<Tensor<E>> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, mut x: B::T, mode: Mode) -> Result<B::T> {
         let mut i = 0;
         while i < self.layers.len() {
             if mode == Mode::Infer && i + 1 < self.layers.len() {
@@ -171,7 +171,7 @@ impl<E: Real> Module<E> for Seq<E> {
         Ok(x)
     }
 
-    fn backward<B: Backend<E>>(&mut self, b: &B, mut dy: Tensor<E>) -> Result<Tensor<E>> {
+    fn backward<B: Backend<E>>(&mut self, b: &B, mut dy: B::T) -> Result<B::T> {
         for (_, l) in self.layers.iter_mut().rev() {
             dy = l.backward(b, dy)?;
         }

@@ -61,6 +61,25 @@ impl Device {
     }
 }
 
+impl Device {
+    /// Checks that a backend named `backend` (its [`crate::nn::Backend::name`]) is the kind this
+    /// device names (`cpu` takes the CPU backends, `cuda` and `cuda-emu` the CUDA one), so a
+    /// run's config.json says where it ran.
+    pub fn check_backend(self, backend: &str) -> Result<()> {
+        let ok = match self {
+            Device::Cpu => backend == "cpu" || backend == "reference",
+            Device::Cuda | Device::CudaEmu => backend == "cuda",
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "the config says --device {self}, but the trainer was given the {backend} backend"
+            )))
+        }
+    }
+}
+
 impl FromStr for Device {
     type Err = Error;
 
@@ -444,7 +463,7 @@ pub fn evaluate<B: Backend<f32>>(
         c5 += topk_correct(&logits, &batch.labels, k5)?;
         n += batch.labels.len();
         batches += 1;
-        backend.recycle(logits);
+        drop(logits);
         obs.eval_batch();
     }
     if batches != nb {
@@ -500,6 +519,7 @@ impl<B: Backend<f32>> Trainer<B> {
     /// A fresh run of `config` on `data` (the loaded `config.data`): checks the config,
     /// selects the subsets, builds and initialises the network.
     pub fn new(backend: B, config: TrainConfig, data: &DataSplit) -> Result<Self> {
+        config.device.check_backend(backend.name())?;
         config.schedule.validate()?;
         if config.batch_size == 0 || config.eval_batch_size == 0 || config.epochs == 0 {
             return Err(Error::Config(
@@ -633,10 +653,9 @@ impl<B: Backend<f32>> Trainer<B> {
             let out = cross_entropy(&logits, &batch.labels, self.config.label_smoothing)?;
             let c1 = topk_correct(&logits, &batch.labels, 1)?;
             let c5 = topk_correct(&logits, &batch.labels, k5)?;
-            self.backend.recycle(logits);
+            drop(logits);
             self.net.zero_grad();
-            let dx = self.net.backward(&self.backend, out.grad)?;
-            self.backend.recycle(dx);
+            self.net.backward_params(&self.backend, out.grad)?;
             self.opt.step(&mut self.net, lr as f32)?;
             if !out.loss.is_finite() {
                 return Err(Error::Config(format!(

@@ -109,3 +109,216 @@ pub fn cuda_backends() -> Vec<senet::nn::Cuda> {
     let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({err})");
     out
 }
+
+/// A backend seen through host tensors: every op uploads its inputs to `B` and downloads its
+/// outputs, so op-level tests written for host tensors run on any backend.
+pub struct OnHost<'a, B>(pub &'a B);
+
+impl<B: senet::nn::Backend<f32>> senet::nn::Backend<f32> for OnHost<'_, B> {
+    type T = Tensor<f32>;
+    type PoolIdx = B::PoolIdx;
+    type SeSaved = B::SeSaved;
+
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn upload(&self, x: Tensor<f32>) -> senet::Result<Tensor<f32>> {
+        Ok(x)
+    }
+    fn download(&self, x: Tensor<f32>) -> senet::Result<Tensor<f32>> {
+        Ok(x)
+    }
+    fn download_indices(&self, i: &B::PoolIdx) -> senet::Result<Vec<u32>> {
+        self.0.download_indices(i)
+    }
+    fn zeros(&self, s: Shape) -> senet::Result<Tensor<f32>> {
+        self.0.download(self.0.zeros(s)?)
+    }
+    fn mul_mask(&self, x: Tensor<f32>, m: &[f32]) -> senet::Result<Tensor<f32>> {
+        let x = self.0.upload(x)?;
+        self.0.download(self.0.mul_mask(x, m)?)
+    }
+    fn concat_channels(&self, parts: &[Tensor<f32>]) -> senet::Result<Tensor<f32>> {
+        let p: Vec<B::T> = parts
+            .iter()
+            .map(|t| self.0.upload(t.clone()))
+            .collect::<senet::Result<_>>()?;
+        self.0.download(self.0.concat_channels(&p)?)
+    }
+    fn split_channels(&self, x: &Tensor<f32>, sizes: &[usize]) -> senet::Result<Vec<Tensor<f32>>> {
+        let x = self.0.upload(x.clone())?;
+        self.0
+            .split_channels(&x, sizes)?
+            .into_iter()
+            .map(|t| self.0.download(t))
+            .collect()
+    }
+    fn conv2d(
+        &self,
+        x: &Tensor<f32>,
+        w: &[f32],
+        b: Option<&[f32]>,
+        g: &senet::nn::ConvGeom,
+    ) -> senet::Result<Tensor<f32>> {
+        let x = self.0.upload(x.clone())?;
+        self.0.download(self.0.conv2d(&x, w, b, g)?)
+    }
+    fn conv2d_backward(
+        &self,
+        x: &Tensor<f32>,
+        w: &[f32],
+        dy: &Tensor<f32>,
+        g: &senet::nn::ConvGeom,
+        dw: &mut [f32],
+        db: Option<&mut [f32]>,
+        need_dx: bool,
+    ) -> senet::Result<Option<Tensor<f32>>> {
+        let (x, dy) = (self.0.upload(x.clone())?, self.0.upload(dy.clone())?);
+        self.0
+            .conv2d_backward(&x, w, &dy, g, dw, db, need_dx)?
+            .map(|t| self.0.download(t))
+            .transpose()
+    }
+    fn batch_norm_stats(&self, x: &Tensor<f32>) -> senet::Result<senet::nn::backend::BnStats> {
+        self.0.batch_norm_stats(&self.0.upload(x.clone())?)
+    }
+    fn channel_affine(
+        &self,
+        x: Tensor<f32>,
+        a: &[f32],
+        b: &[f32],
+        relu: bool,
+    ) -> senet::Result<Tensor<f32>> {
+        let x = self.0.upload(x)?;
+        self.0.download(self.0.channel_affine(x, a, b, relu)?)
+    }
+    fn batch_norm_backward(
+        &self,
+        x: &Tensor<f32>,
+        dy: &Tensor<f32>,
+        mean: &[f64],
+        invstd: &[f64],
+        gamma: &[f32],
+        batch_stats: bool,
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) -> senet::Result<Tensor<f32>> {
+        let (x, dy) = (self.0.upload(x.clone())?, self.0.upload(dy.clone())?);
+        self.0.download(self.0.batch_norm_backward(
+            &x,
+            &dy,
+            mean,
+            invstd,
+            gamma,
+            batch_stats,
+            dgamma,
+            dbeta,
+        )?)
+    }
+    fn relu(&self, x: Tensor<f32>) -> senet::Result<Tensor<f32>> {
+        let x = self.0.upload(x)?;
+        self.0.download(self.0.relu(x)?)
+    }
+    fn relu_backward(&self, y: &Tensor<f32>, dy: Tensor<f32>) -> senet::Result<Tensor<f32>> {
+        let (y, dy) = (self.0.upload(y.clone())?, self.0.upload(dy)?);
+        self.0.download(self.0.relu_backward(&y, dy)?)
+    }
+    fn add(&self, a: Tensor<f32>, b: &Tensor<f32>, relu: bool) -> senet::Result<Tensor<f32>> {
+        let (a, b) = (self.0.upload(a)?, self.0.upload(b.clone())?);
+        self.0.download(self.0.add(a, &b, relu)?)
+    }
+    fn max_pool2d(
+        &self,
+        x: &Tensor<f32>,
+        g: &senet::nn::PoolGeom,
+    ) -> senet::Result<(Tensor<f32>, B::PoolIdx)> {
+        let (y, i) = self.0.max_pool2d(&self.0.upload(x.clone())?, g)?;
+        Ok((self.0.download(y)?, i))
+    }
+    fn max_pool2d_backward(
+        &self,
+        dy: &Tensor<f32>,
+        argmax: &B::PoolIdx,
+        input: Shape,
+    ) -> senet::Result<Tensor<f32>> {
+        let dy = self.0.upload(dy.clone())?;
+        self.0
+            .download(self.0.max_pool2d_backward(&dy, argmax, input)?)
+    }
+    fn avg_pool2d(&self, x: &Tensor<f32>, g: &senet::nn::PoolGeom) -> senet::Result<Tensor<f32>> {
+        self.0
+            .download(self.0.avg_pool2d(&self.0.upload(x.clone())?, g)?)
+    }
+    fn avg_pool2d_backward(
+        &self,
+        dy: &Tensor<f32>,
+        g: &senet::nn::PoolGeom,
+        input: Shape,
+    ) -> senet::Result<Tensor<f32>> {
+        let dy = self.0.upload(dy.clone())?;
+        self.0.download(self.0.avg_pool2d_backward(&dy, g, input)?)
+    }
+    fn global_avg_pool(&self, x: &Tensor<f32>) -> senet::Result<Tensor<f32>> {
+        self.0
+            .download(self.0.global_avg_pool(&self.0.upload(x.clone())?)?)
+    }
+    fn global_avg_pool_backward(
+        &self,
+        dy: &Tensor<f32>,
+        input: Shape,
+    ) -> senet::Result<Tensor<f32>> {
+        let dy = self.0.upload(dy.clone())?;
+        self.0
+            .download(self.0.global_avg_pool_backward(&dy, input)?)
+    }
+    fn linear(
+        &self,
+        x: &Tensor<f32>,
+        w: &[f32],
+        b: Option<&[f32]>,
+        out: usize,
+    ) -> senet::Result<Tensor<f32>> {
+        let x = self.0.upload(x.clone())?;
+        self.0.download(self.0.linear(&x, w, b, out)?)
+    }
+    fn linear_backward(
+        &self,
+        x: &Tensor<f32>,
+        w: &[f32],
+        dy: &Tensor<f32>,
+        dw: &mut [f32],
+        db: Option<&mut [f32]>,
+    ) -> senet::Result<Tensor<f32>> {
+        let (x, dy) = (self.0.upload(x.clone())?, self.0.upload(dy.clone())?);
+        self.0.download(self.0.linear_backward(&x, w, &dy, dw, db)?)
+    }
+    fn se_forward(
+        &self,
+        w: &senet::SeWeights,
+        x: &Tensor<f32>,
+        residual: Option<&Tensor<f32>>,
+    ) -> senet::Result<(Tensor<f32>, B::SeSaved)> {
+        let x = self.0.upload(x.clone())?;
+        let r = residual.map(|r| self.0.upload(r.clone())).transpose()?;
+        let (y, saved) = self.0.se_forward(w, &x, r.as_ref())?;
+        Ok((self.0.download(y)?, saved))
+    }
+    fn se_backward(
+        &self,
+        w: &senet::SeWeights,
+        x: &Tensor<f32>,
+        residual: Option<&Tensor<f32>>,
+        saved: &B::SeSaved,
+        dy: &Tensor<f32>,
+    ) -> senet::Result<senet::nn::backend::SeBackward<Tensor<f32>>> {
+        let x = self.0.upload(x.clone())?;
+        let r = residual.map(|r| self.0.upload(r.clone())).transpose()?;
+        let dy = self.0.upload(dy.clone())?;
+        let b = self.0.se_backward(w, &x, r.as_ref(), saved, &dy)?;
+        Ok(senet::nn::backend::SeBackward {
+            dx: self.0.download(b.dx)?,
+            grads: b.grads,
+            dresidual: b.dresidual.map(|d| self.0.download(d)).transpose()?,
+        })
+    }
+}

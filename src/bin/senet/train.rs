@@ -358,8 +358,8 @@ pub fn announce_cuda(b: &senet::nn::Cuda) {
     let info = b.device().info();
     println!(
         "device: {} (compute capability {}.{}); convolutions: senet's implicit-GEMM kernels \
-         (kernels/nn.cu; cuDNN and cuBLAS are not used yet); every op copies its tensors to \
-         the device and back (stage 1 of the CUDA network backend)",
+         (kernels/nn.cu, f32; cuDNN and cuBLAS are not used yet); activations stay on the \
+         device, parameters are uploaded by each op",
         info.name, info.compute_capability.0, info.compute_capability.1
     );
 }

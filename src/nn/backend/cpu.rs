@@ -286,6 +286,37 @@ fn split_items(items: usize) -> bool {
 impl Backend<f32> for Cpu {
     type SeSaved = CpuSeSaved;
 
+    type T = Tensor<f32>;
+    type PoolIdx = Vec<u32>;
+
+    fn upload(&self, x: Tensor<f32>) -> Result<Tensor<f32>> {
+        Ok(x)
+    }
+
+    fn download(&self, x: Tensor<f32>) -> Result<Tensor<f32>> {
+        Ok(x)
+    }
+
+    fn download_indices(&self, idx: &Vec<u32>) -> Result<Vec<u32>> {
+        Ok(idx.clone())
+    }
+
+    fn zeros(&self, shape: Shape) -> Result<Tensor<f32>> {
+        Tensor::zeros(shape, crate::tensor::Layout::Nchw)
+    }
+
+    fn mul_mask(&self, x: Tensor<f32>, mask: &[f32]) -> Result<Tensor<f32>> {
+        super::host_mul_mask(x, mask)
+    }
+
+    fn concat_channels(&self, parts: &[Tensor<f32>]) -> Result<Tensor<f32>> {
+        super::host_concat_channels(parts)
+    }
+
+    fn split_channels(&self, x: &Tensor<f32>, sizes: &[usize]) -> Result<Vec<Tensor<f32>>> {
+        super::host_split_channels(x, sizes)
+    }
+
     fn name(&self) -> &'static str {
         "cpu"
     }
@@ -707,7 +738,7 @@ impl Backend<f32> for Cpu {
     fn max_pool2d_backward(
         &self,
         dy: &Tensor<f32>,
-        argmax: &[u32],
+        argmax: &Vec<u32>,
         input: Shape,
     ) -> Result<Tensor<f32>> {
         let ys = nchw(dy, "max pool gradient")?;
@@ -925,7 +956,7 @@ impl Backend<f32> for Cpu {
         residual: Option<&Tensor<f32>>,
         saved: &Self::SeSaved,
         dy: &Tensor<f32>,
-    ) -> Result<SeBackward<f32>> {
+    ) -> Result<SeBackward<Tensor<f32>>> {
         let s = nchw(x, "SE input")?;
         let (dx, grads, dres) = se_op_backward(w, x, residual, saved, dy)?;
         Ok(SeBackward {

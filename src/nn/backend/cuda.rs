@@ -2,18 +2,13 @@
 //! implicit GEMMs, BatchNorm, pooling, linear, pointwise) and the crate's SE kernels, on a
 //! [`CudaDevice`] — a GPU, or the CPU emulator of the kernels in tests.
 //!
-//! **Stage 1 of the CUDA network backend (see docs/cuda-network-backend.md).** The [`Backend`]
-//! seam takes and returns host tensors, so each op uploads its inputs, runs its kernels and
-//! downloads its outputs. That makes every kernel testable against the reference through the
-//! unchanged network code, and `senet train --device cuda` correct, but not fast: activations
-//! cross the bus on every op. Device-resident activations and parameters need the seam's
-//! associated storage types (stage 2).
-//!
-//! f32 and NCHW only; reductions run in a fixed order, so results repeat bit for bit.
+//! Activations live in device memory ([`GpuTensor`]); only a network's input and logits cross
+//! the bus. Parameters are still host slices, uploaded by each op (and weight gradients
+//! downloaded): device-resident parameters and the optimiser on the device are the next step
+//! (docs/cuda-network-backend.md). f32 and NCHW only; reductions run in a fixed order, so
+//! results repeat bit for bit.
 
-use super::{
-    check_len, nchw, same_shape, tensor, Backend, BnStats, ConvGeom, PoolGeom, SeBackward,
-};
+use super::{check_len, same_shape, Activation, Backend, BnStats, ConvGeom, PoolGeom, SeBackward};
 use crate::cuda::abi::NnConvParams;
 use crate::cuda::{Buf, CudaDevice, DeviceTensor, Module};
 use crate::error::{Error, Result};
@@ -47,6 +42,78 @@ fn small(what: &str, v: usize) -> Result<u32> {
 
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per).clamp(1, 1 << 20) as u32
+}
+
+/// A device address for a kernel argument.
+trait Addr {
+    fn at(&self, dev: &CudaDevice) -> u64;
+}
+
+impl<T: crate::cuda::DevElem> Addr for Buf<T> {
+    fn at(&self, dev: &CudaDevice) -> u64 {
+        dev.addr(self)
+    }
+}
+
+impl Addr for DeviceTensor<f32> {
+    fn at(&self, dev: &CudaDevice) -> u64 {
+        self.addr(dev)
+    }
+}
+
+impl<A: Addr + ?Sized> Addr for Arc<A> {
+    fn at(&self, dev: &CudaDevice) -> u64 {
+        (**self).at(dev)
+    }
+}
+
+impl<A: Addr + ?Sized> Addr for &A {
+    fn at(&self, dev: &CudaDevice) -> u64 {
+        (**self).at(dev)
+    }
+}
+
+/// An activation of the CUDA backend: an f32 NCHW tensor in device memory. Clones share the
+/// memory (the backend never writes a tensor it was given).
+#[derive(Clone)]
+pub struct GpuTensor(Arc<DeviceTensor<f32>>);
+
+impl GpuTensor {
+    fn wrap(t: DeviceTensor<f32>) -> Self {
+        GpuTensor(Arc::new(t))
+    }
+
+    /// The device tensor.
+    pub fn device_tensor(&self) -> &DeviceTensor<f32> {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for GpuTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuTensor({})", self.0.shape())
+    }
+}
+
+impl Activation for GpuTensor {
+    fn shape(&self) -> Shape {
+        self.0.shape()
+    }
+}
+
+/// Where each max-pool output's maximum came from, in device memory, with the shapes it is
+/// valid for (so a backward cannot route a gradient with indices of another pooling).
+#[derive(Clone)]
+pub struct GpuIndices {
+    buf: Arc<Buf<u32>>,
+    input: Shape,
+    output: Shape,
+}
+
+impl std::fmt::Debug for GpuIndices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuIndices({} -> {})", self.input, self.output)
+    }
 }
 
 /// What the SE forward keeps for its backward: the device buffers of [`se_gpu::forward`].
@@ -101,8 +168,17 @@ impl Cuda {
         self.dev.read(b, 0, len)
     }
 
-    fn addr<T: crate::cuda::DevElem>(&self, b: &Buf<T>) -> u64 {
-        self.dev.addr(b)
+    fn addr<A: Addr + ?Sized>(&self, a: &A) -> u64 {
+        a.at(&self.dev)
+    }
+
+    /// A fresh NCHW output tensor (poisoned when asked).
+    fn out_t(&self, shape: Shape) -> Result<DeviceTensor<f32>> {
+        let mut t = DeviceTensor::zeros(&self.dev, shape, Layout::Nchw)?;
+        if self.poison {
+            t.poison(&self.dev)?;
+        }
+        Ok(t)
     }
 
     /// Launches `name` from nn.cu with 256-thread blocks.
@@ -121,11 +197,6 @@ impl Cuda {
             self.dev
                 .launch(Module::Nn, name, grid, (THREADS, 1, 1), 0, 1, args)
         }
-    }
-
-    /// A host tensor from a device buffer of `shape`.
-    fn tensor_from(&self, b: &Buf<f32>, shape: Shape) -> Result<Tensor<f32>> {
-        tensor(shape, self.down(b, shape.numel())?)
     }
 
     fn conv_params(&self, g: &ConvGeom, xs: Shape, ys: Shape) -> Result<NnConvParams> {
@@ -176,6 +247,33 @@ impl Cuda {
         let kps = k.div_ceil(splits).div_ceil(TK) * TK;
         let splits = k.div_ceil(kps.max(1)).max(1);
         (splits as u32, kps as u32)
+    }
+
+    /// Copies, for every sample, `shape.c` channel planes starting at channel `src_c0` of `src`
+    /// (which has `src_c` channels per sample) to channel `dst_c0` of `dst` (`dst_c` per
+    /// sample): one device copy per sample.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_planes(
+        &self,
+        src: &DeviceTensor<f32>,
+        src_c0: usize,
+        src_c: usize,
+        dst: &mut DeviceTensor<f32>,
+        dst_c0: usize,
+        dst_c: usize,
+        shape: Shape,
+    ) -> Result<()> {
+        let hw = shape.hw();
+        for n in 0..shape.n {
+            dst.copy_range_from(
+                &self.dev,
+                (n * dst_c + dst_c0) * hw,
+                src,
+                (n * src_c + src_c0) * hw,
+                shape.c * hw,
+            )?;
+        }
+        Ok(())
     }
 
     /// Samples per launch so that samples x groups fits grid.z.
@@ -239,12 +337,12 @@ impl Cuda {
         unsafe { self.launch("nn_channel_sum_f32", (c.max(1), 1, 1), &mut args) }
     }
 
-    fn pointwise(&self, op: u32, a: &Tensor<f32>, b: Option<&Tensor<f32>>) -> Result<Tensor<f32>> {
+    fn pointwise(&self, op: u32, a: &GpuTensor, b: Option<&GpuTensor>) -> Result<GpuTensor> {
         let s = a.shape();
         let total = s.numel() as u64;
-        let ab = self.up(a.data())?;
-        let bb = b.map(|b| self.up(b.data())).transpose()?;
-        let y = self.out::<f32>(s.numel())?;
+        let ab = &a.0;
+        let bb = b.map(|b| &b.0);
+        let y = self.out_t(s)?;
         let (ap, bp, yp) = (
             self.addr(&ab),
             bb.as_ref().map_or(0, |b| self.addr(b)),
@@ -260,7 +358,7 @@ impl Cuda {
                 &mut args,
             )?
         };
-        self.tensor_from(&y, s)
+        Ok(GpuTensor::wrap(y))
     }
 
     fn pool_args(g: &PoolGeom, xs: Shape, ys: Shape) -> Result<[u32; 8]> {
@@ -291,9 +389,108 @@ const EW_RELU: u32 = 0;
 const EW_RELU_BWD: u32 = 1;
 const EW_ADD: u32 = 2;
 const EW_ADD_RELU: u32 = 3;
+const EW_MUL: u32 = 4;
 
 impl Backend<f32> for Cuda {
+    type T = GpuTensor;
+    type PoolIdx = GpuIndices;
     type SeSaved = CudaSeSaved;
+
+    fn upload(&self, x: Tensor<f32>) -> Result<GpuTensor> {
+        if x.layout() != Layout::Nchw {
+            return Err(Error::Shape(format!(
+                "the network backends take NCHW tensors, got {}",
+                x.layout()
+            )));
+        }
+        Ok(GpuTensor::wrap(DeviceTensor::from_host(&self.dev, &x)?))
+    }
+
+    fn download(&self, x: GpuTensor) -> Result<Tensor<f32>> {
+        x.0.to_host(&self.dev)
+    }
+
+    fn download_indices(&self, idx: &GpuIndices) -> Result<Vec<u32>> {
+        self.down(&idx.buf, idx.output.numel())
+    }
+
+    fn zeros(&self, shape: Shape) -> Result<GpuTensor> {
+        shape.validate()?;
+        Ok(GpuTensor::wrap(DeviceTensor::zeros(
+            &self.dev,
+            shape,
+            Layout::Nchw,
+        )?))
+    }
+
+    fn mul_mask(&self, x: GpuTensor, mask: &[f32]) -> Result<GpuTensor> {
+        let s = x.shape();
+        check_len("dropout mask", mask.len(), s.numel())?;
+        let m = self.dev.upload(mask)?;
+        let y = self.out_t(s)?;
+        let (op, ap, bp, yp, total) = (
+            EW_MUL,
+            self.addr(&x.0),
+            self.addr(&m),
+            self.addr(&y),
+            s.numel() as u64,
+        );
+        let mut args = [arg(&op), arg(&ap), arg(&bp), arg(&yp), arg(&total)];
+        // SAFETY: nn_pointwise_f32(op, a, b, y, total): x, the mask and y hold `total` floats.
+        unsafe {
+            self.launch(
+                "nn_pointwise_f32",
+                (blocks(s.numel(), THREADS as usize), 1, 1),
+                &mut args,
+            )?
+        };
+        Ok(GpuTensor::wrap(y))
+    }
+
+    fn concat_channels(&self, parts: &[GpuTensor]) -> Result<GpuTensor> {
+        let first = parts
+            .first()
+            .ok_or_else(|| Error::Shape("concatenation of no tensors".into()))?
+            .shape();
+        let mut c = 0;
+        for p in parts {
+            let s = p.shape();
+            if s.n != first.n || s.h != first.h || s.w != first.w {
+                return Err(Error::Shape(format!(
+                    "cannot concatenate {s} with {first} along channels"
+                )));
+            }
+            c += s.c;
+        }
+        let out = Shape::try_new(first.n, c, first.h, first.w)?;
+        let mut y = self.out_t(out)?;
+        let mut c0 = 0;
+        for p in parts {
+            let s = p.shape();
+            self.copy_planes(&p.0, 0, s.c, &mut y, c0, out.c, s)?;
+            c0 += s.c;
+        }
+        Ok(GpuTensor::wrap(y))
+    }
+
+    fn split_channels(&self, x: &GpuTensor, sizes: &[usize]) -> Result<Vec<GpuTensor>> {
+        let s = x.shape();
+        if sizes.iter().sum::<usize>() != s.c {
+            return Err(Error::Shape(format!(
+                "cannot split {s} into channel groups {sizes:?}"
+            )));
+        }
+        let mut out = Vec::with_capacity(sizes.len());
+        let mut c0 = 0;
+        for &c in sizes {
+            let ps = Shape::try_new(s.n, c, s.h, s.w)?;
+            let mut y = self.out_t(ps)?;
+            self.copy_planes(&x.0, c0, s.c, &mut y, 0, c, ps)?;
+            out.push(GpuTensor::wrap(y));
+            c0 += c;
+        }
+        Ok(out)
+    }
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -301,12 +498,12 @@ impl Backend<f32> for Cuda {
 
     fn conv2d(
         &self,
-        x: &Tensor<f32>,
+        x: &GpuTensor,
         w: &[f32],
         b: Option<&[f32]>,
         g: &ConvGeom,
-    ) -> Result<Tensor<f32>> {
-        let xs = nchw(x, "conv input")?;
+    ) -> Result<GpuTensor> {
+        let xs = x.shape();
         let ys = g.output_shape(xs)?;
         check_len("conv weight", w.len(), g.weight_len())?;
         if let Some(b) = b {
@@ -316,10 +513,10 @@ impl Backend<f32> for Cuda {
         if b.is_some() {
             p.flags |= crate::cuda::abi::SENET_NN_BIAS;
         }
-        let xb = self.up(x.data())?;
+        let xb = &x.0;
         let wb = self.up(w)?;
         let bb = b.map(|b| self.up(b)).transpose()?;
-        let y = self.out::<f32>(ys.numel())?;
+        let y = self.out_t(ys)?;
         let chunk = Self::sample_chunk(g);
         for n0 in (0..xs.n).step_by(chunk) {
             let nn = chunk.min(xs.n - n0);
@@ -338,30 +535,30 @@ impl Backend<f32> for Cuda {
             // the flag is set.
             unsafe { self.launch("nn_conv_fwd_f32", grid, &mut args)? };
         }
-        self.tensor_from(&y, ys)
+        Ok(GpuTensor::wrap(y))
     }
 
     fn conv2d_backward(
         &self,
-        x: &Tensor<f32>,
+        x: &GpuTensor,
         w: &[f32],
-        dy: &Tensor<f32>,
+        dy: &GpuTensor,
         g: &ConvGeom,
         dw: &mut [f32],
         db: Option<&mut [f32]>,
         need_dx: bool,
-    ) -> Result<Option<Tensor<f32>>> {
-        let xs = nchw(x, "conv input")?;
+    ) -> Result<Option<GpuTensor>> {
+        let xs = x.shape();
         let ys = g.output_shape(xs)?;
-        same_shape(nchw(dy, "conv gradient")?, ys, "conv gradient vs output")?;
+        same_shape(dy.shape(), ys, "conv gradient vs output")?;
         check_len("conv weight", w.len(), g.weight_len())?;
         check_len("conv weight gradient", dw.len(), g.weight_len())?;
         if let Some(db) = &db {
             check_len("conv bias gradient", db.len(), g.out_ch)?;
         }
         let mut p = self.conv_params(g, xs, ys)?;
-        let xb = self.up(x.data())?;
-        let dyb = self.up(dy.data())?;
+        let xb = &x.0;
+        let dyb = &dy.0;
         let (xp, dyp) = (self.addr(&xb), self.addr(&dyb));
         if let Some(db) = db {
             let dbb = self.up(db)?;
@@ -422,7 +619,7 @@ impl Backend<f32> for Cuda {
             return Ok(None);
         }
         let wb = self.up(w)?;
-        let dx = self.out::<f32>(xs.numel())?;
+        let dx = self.out_t(xs)?;
         let chunk = Self::sample_chunk(g);
         p.flags = 0;
         for n0 in (0..xs.n).step_by(chunk) {
@@ -441,12 +638,12 @@ impl Backend<f32> for Cuda {
             // buffers holding ys and xs; w holds the weight.
             unsafe { self.launch("nn_conv_bwd_data_f32", grid, &mut args)? };
         }
-        Ok(Some(self.tensor_from(&dx, xs)?))
+        Ok(Some(GpuTensor::wrap(dx)))
     }
 
-    fn batch_norm_stats(&self, x: &Tensor<f32>) -> Result<BnStats> {
-        let s = nchw(x, "batch norm input")?;
-        let xb = self.up(x.data())?;
+    fn batch_norm_stats(&self, x: &GpuTensor) -> Result<BnStats> {
+        let s = x.shape();
+        let xb = &x.0;
         let mean = self.out::<f64>(s.c)?;
         let var = self.out::<f64>(s.c)?;
         let (xp, mp, vp) = (self.addr(&xb), self.addr(&mean), self.addr(&var));
@@ -460,19 +657,13 @@ impl Backend<f32> for Cuda {
         })
     }
 
-    fn channel_affine(
-        &self,
-        x: Tensor<f32>,
-        a: &[f32],
-        b: &[f32],
-        relu: bool,
-    ) -> Result<Tensor<f32>> {
-        let s = nchw(&x, "channel affine input")?;
+    fn channel_affine(&self, x: GpuTensor, a: &[f32], b: &[f32], relu: bool) -> Result<GpuTensor> {
+        let s = x.shape();
         check_len("channel scale", a.len(), s.c)?;
         check_len("channel shift", b.len(), s.c)?;
-        let xb = self.up(x.data())?;
+        let xb = &x.0;
         let (ab, bb) = (self.up(a)?, self.up(b)?);
-        let y = self.out::<f32>(s.numel())?;
+        let y = self.out_t(s)?;
         let (xp, yp, ap, bp) = (
             self.addr(&xb),
             self.addr(&y),
@@ -504,22 +695,22 @@ impl Backend<f32> for Cuda {
                 &mut args,
             )?
         };
-        self.tensor_from(&y, s)
+        Ok(GpuTensor::wrap(y))
     }
 
     fn batch_norm_backward(
         &self,
-        x: &Tensor<f32>,
-        dy: &Tensor<f32>,
+        x: &GpuTensor,
+        dy: &GpuTensor,
         mean: &[f64],
         invstd: &[f64],
         gamma: &[f32],
         batch_stats: bool,
         dgamma: &mut [f32],
         dbeta: &mut [f32],
-    ) -> Result<Tensor<f32>> {
-        let s = nchw(x, "batch norm input")?;
-        same_shape(nchw(dy, "batch norm gradient")?, s, "batch norm gradient")?;
+    ) -> Result<GpuTensor> {
+        let s = x.shape();
+        same_shape(dy.shape(), s, "batch norm gradient")?;
         for (what, len) in [
             ("batch norm mean", mean.len()),
             ("batch norm invstd", invstd.len()),
@@ -529,10 +720,10 @@ impl Backend<f32> for Cuda {
         ] {
             check_len(what, len, s.c)?;
         }
-        let (xb, dyb) = (self.up(x.data())?, self.up(dy.data())?);
+        let (xb, dyb) = (&x.0, &dy.0);
         let (mb, ib, gb) = (self.up(mean)?, self.up(invstd)?, self.up(gamma)?);
         let (dgb, dbb) = (self.up(dgamma)?, self.up(dbeta)?);
-        let dx = self.out::<f32>(s.numel())?;
+        let dx = self.out_t(s)?;
         let ptrs = [
             self.addr(&xb),
             self.addr(&dyb),
@@ -568,32 +759,32 @@ impl Backend<f32> for Cuda {
         unsafe { self.launch("nn_bn_bwd_f32", (c.max(1), 1, 1), &mut args)? };
         dgamma.copy_from_slice(&self.down(&dgb, s.c)?);
         dbeta.copy_from_slice(&self.down(&dbb, s.c)?);
-        self.tensor_from(&dx, s)
+        Ok(GpuTensor::wrap(dx))
     }
 
-    fn relu(&self, x: Tensor<f32>) -> Result<Tensor<f32>> {
-        nchw(&x, "relu input")?;
+    fn relu(&self, x: GpuTensor) -> Result<GpuTensor> {
+        x.shape();
         self.pointwise(EW_RELU, &x, None)
     }
 
-    fn relu_backward(&self, y: &Tensor<f32>, dy: Tensor<f32>) -> Result<Tensor<f32>> {
-        same_shape(nchw(&dy, "relu gradient")?, nchw(y, "relu output")?, "relu")?;
+    fn relu_backward(&self, y: &GpuTensor, dy: GpuTensor) -> Result<GpuTensor> {
+        same_shape(dy.shape(), y.shape(), "relu")?;
         self.pointwise(EW_RELU_BWD, &dy, Some(y))
     }
 
-    fn add(&self, a: Tensor<f32>, b: &Tensor<f32>, relu: bool) -> Result<Tensor<f32>> {
-        same_shape(nchw(&a, "add lhs")?, nchw(b, "add rhs")?, "residual add")?;
+    fn add(&self, a: GpuTensor, b: &GpuTensor, relu: bool) -> Result<GpuTensor> {
+        same_shape(a.shape(), b.shape(), "residual add")?;
         self.pointwise(if relu { EW_ADD_RELU } else { EW_ADD }, &a, Some(b))
     }
 
-    fn max_pool2d(&self, x: &Tensor<f32>, g: &PoolGeom) -> Result<(Tensor<f32>, Vec<u32>)> {
-        let xs = nchw(x, "max pool input")?;
+    fn max_pool2d(&self, x: &GpuTensor, g: &PoolGeom) -> Result<(GpuTensor, GpuIndices)> {
+        let xs = x.shape();
         let ys = g.output_shape(xs)?;
         super::reference::index_fits(xs)?;
         Self::check_pool_sizes(xs, ys, g)?;
         let [nc, h, w, oh, ow, k, st, pad] = Self::pool_args(g, xs, ys)?;
-        let xb = self.up(x.data())?;
-        let y = self.out::<f32>(ys.numel())?;
+        let xb = &x.0;
+        let y = self.out_t(ys)?;
         let am = self.out::<u32>(ys.numel())?;
         let (xp, yp, ap) = (self.addr(&xb), self.addr(&y), self.addr(&am));
         let mut args = [
@@ -617,37 +808,36 @@ impl Backend<f32> for Cuda {
         // SAFETY: nn_maxpool_fwd_f32(x, y, arg, nc, h, w, oh, ow, k, s, pad): x holds xs, y and
         // arg hold ys.
         unsafe { self.launch("nn_maxpool_fwd_f32", grid, &mut args)? };
-        Ok((self.tensor_from(&y, ys)?, self.down(&am, ys.numel())?))
+        Ok((
+            GpuTensor::wrap(y),
+            GpuIndices {
+                buf: Arc::new(am),
+                input: xs,
+                output: ys,
+            },
+        ))
     }
 
     fn max_pool2d_backward(
         &self,
-        dy: &Tensor<f32>,
-        argmax: &[u32],
+        dy: &GpuTensor,
+        argmax: &GpuIndices,
         input: Shape,
-    ) -> Result<Tensor<f32>> {
-        let ys = nchw(dy, "max pool gradient")?;
-        check_len("max pool indices", argmax.len(), ys.numel())?;
-        if ys.n != input.n || ys.c != input.c {
+    ) -> Result<GpuTensor> {
+        let ys = dy.shape();
+        // The indices come from this backend's max_pool2d (each lies in its own output's
+        // (sample, channel) plane, which the kernel relies on); check they are for this shape.
+        if argmax.output != ys || argmax.input != input {
             return Err(Error::Shape(format!(
-                "max pool gradient {ys} does not match input {input}"
+                "max pool indices for {} -> {} used with gradient {ys} and input {input}",
+                argmax.input, argmax.output
             )));
         }
-        // The kernel gives each (sample, channel) plane to one thread: every index must lie in
-        // its own output's plane.
         let (ip, op) = (input.hw(), ys.hw());
-        for (o, &i) in argmax.iter().enumerate() {
-            let plane = o / op.max(1);
-            if (i as usize) / ip.max(1) != plane || i as usize >= input.numel() {
-                return Err(Error::Shape(format!(
-                    "max pool index {i} of output {o} lies outside its plane of input {input}"
-                )));
-            }
-        }
         let nc = (input.n * input.c) as u64;
-        let dyb = self.up(dy.data())?;
-        let ab = self.up(argmax)?;
-        let dx = self.out::<f32>(input.numel())?;
+        let dyb = &dy.0;
+        let ab = &argmax.buf;
+        let dx = self.out_t(input)?;
         let (dyp, ap, dxp) = (self.addr(&dyb), self.addr(&ab), self.addr(&dx));
         let (ipu, opu) = (ip as u64, op as u64);
         let mut args = [
@@ -659,7 +849,8 @@ impl Backend<f32> for Cuda {
             arg(&opu),
         ];
         // SAFETY: nn_maxpool_bwd_f32(dy, arg, dx, nc, in_plane, out_plane): dy and arg hold
-        // nc * out_plane elements, every index checked to lie in its plane of dx (nc * in_plane).
+        // nc * out_plane elements (shapes checked), every index lies in its plane of dx
+        // (nc * in_plane): nn_maxpool_fwd_f32 wrote them for this input shape.
         unsafe {
             self.launch(
                 "nn_maxpool_bwd_f32",
@@ -667,17 +858,17 @@ impl Backend<f32> for Cuda {
                 &mut args,
             )?
         };
-        self.tensor_from(&dx, input)
+        Ok(GpuTensor::wrap(dx))
     }
 
-    fn avg_pool2d(&self, x: &Tensor<f32>, g: &PoolGeom) -> Result<Tensor<f32>> {
-        let xs = nchw(x, "avg pool input")?;
+    fn avg_pool2d(&self, x: &GpuTensor, g: &PoolGeom) -> Result<GpuTensor> {
+        let xs = x.shape();
         let ys = g.output_shape(xs)?;
         Self::check_pool_sizes(xs, ys, g)?;
         let [nc, h, w, oh, ow, k, st, pad] = Self::pool_args(g, xs, ys)?;
         let inc = g.count_include_pad as u32;
-        let xb = self.up(x.data())?;
-        let y = self.out::<f32>(ys.numel())?;
+        let xb = &x.0;
+        let y = self.out_t(ys)?;
         let (xp, yp) = (self.addr(&xb), self.addr(&y));
         let mut args = [
             arg(&xp),
@@ -700,23 +891,18 @@ impl Backend<f32> for Cuda {
         // SAFETY: nn_avgpool_fwd_f32(x, y, nc, h, w, oh, ow, k, s, pad, include_pad): x holds
         // xs, y ys.
         unsafe { self.launch("nn_avgpool_fwd_f32", grid, &mut args)? };
-        self.tensor_from(&y, ys)
+        Ok(GpuTensor::wrap(y))
     }
 
-    fn avg_pool2d_backward(
-        &self,
-        dy: &Tensor<f32>,
-        g: &PoolGeom,
-        input: Shape,
-    ) -> Result<Tensor<f32>> {
-        let ys = nchw(dy, "avg pool gradient")?;
+    fn avg_pool2d_backward(&self, dy: &GpuTensor, g: &PoolGeom, input: Shape) -> Result<GpuTensor> {
+        let ys = dy.shape();
         same_shape(ys, g.output_shape(input)?, "avg pool gradient vs output")?;
         Self::check_pool_sizes(input, ys, g)?;
         let [nc, h, w, oh, ow, k, st, pad] = Self::pool_args(g, input, ys)?;
         let inc = g.count_include_pad as u32;
-        let dyb = self.up(dy.data())?;
-        let q = self.out::<f32>(ys.numel())?;
-        let dx = self.out::<f32>(input.numel())?;
+        let dyb = &dy.0;
+        let q = self.out_t(ys)?;
+        let dx = self.out_t(input)?;
         let (dyp, qp, dxp) = (self.addr(&dyb), self.addr(&q), self.addr(&dx));
         let planes = (nc as usize).clamp(1, MAX_GRID_YZ) as u32;
         let mut args = [
@@ -761,34 +947,34 @@ impl Backend<f32> for Cuda {
                 &mut args,
             )?
         };
-        self.tensor_from(&dx, input)
+        Ok(GpuTensor::wrap(dx))
     }
 
-    fn global_avg_pool(&self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
-        let s = nchw(x, "global pool input")?;
+    fn global_avg_pool(&self, x: &GpuTensor) -> Result<GpuTensor> {
+        let s = x.shape();
         let planes = s.n * s.c;
         if planes > i32::MAX as usize {
             return Err(Error::Shape(format!(
                 "global pool over {s}: too many planes"
             )));
         }
-        let xb = self.up(x.data())?;
-        let y = self.out::<f32>(planes)?;
+        let xb = &x.0;
+        let y = self.out_t(Shape::new(s.n, s.c, 1, 1))?;
         let (xp, yp, hw) = (self.addr(&xb), self.addr(&y), s.hw() as u64);
         let mut args = [arg(&xp), arg(&yp), arg(&hw)];
         // SAFETY: nn_gap_fwd_f32(x, y, hw): x holds planes * hw floats, y planes.
         unsafe { self.launch("nn_gap_fwd_f32", ((planes as u32).max(1), 1, 1), &mut args)? };
-        self.tensor_from(&y, Shape::new(s.n, s.c, 1, 1))
+        Ok(GpuTensor::wrap(y))
     }
 
-    fn global_avg_pool_backward(&self, dy: &Tensor<f32>, input: Shape) -> Result<Tensor<f32>> {
+    fn global_avg_pool_backward(&self, dy: &GpuTensor, input: Shape) -> Result<GpuTensor> {
         same_shape(
-            nchw(dy, "global pool gradient")?,
+            dy.shape(),
             Shape::new(input.n, input.c, 1, 1),
             "global pool gradient",
         )?;
-        let dyb = self.up(dy.data())?;
-        let dx = self.out::<f32>(input.numel())?;
+        let dyb = &dy.0;
+        let dx = self.out_t(input)?;
         let (dyp, dxp) = (self.addr(&dyb), self.addr(&dx));
         let (total, hw) = (input.numel() as u64, input.hw() as u64);
         let mut args = [arg(&dyp), arg(&dxp), arg(&total), arg(&hw)];
@@ -800,26 +986,20 @@ impl Backend<f32> for Cuda {
                 &mut args,
             )?
         };
-        self.tensor_from(&dx, input)
+        Ok(GpuTensor::wrap(dx))
     }
 
-    fn linear(
-        &self,
-        x: &Tensor<f32>,
-        w: &[f32],
-        b: Option<&[f32]>,
-        out: usize,
-    ) -> Result<Tensor<f32>> {
-        let s = nchw(x, "linear input")?;
+    fn linear(&self, x: &GpuTensor, w: &[f32], b: Option<&[f32]>, out: usize) -> Result<GpuTensor> {
+        let s = x.shape();
         let k = s.sample_numel();
         check_len("linear weight", w.len(), out * k)?;
         if let Some(b) = b {
             check_len("linear bias", b.len(), out)?;
         }
         let ys = Shape::try_new(s.n, out, 1, 1)?;
-        let (xb, wb) = (self.up(x.data())?, self.up(w)?);
+        let (xb, wb) = (&x.0, self.up(w)?);
         let bb = b.map(|b| self.up(b)).transpose()?;
-        let y = self.out::<f32>(ys.numel())?;
+        let y = self.out_t(ys)?;
         let ki = small("linear inputs", k)? as i64;
         // y[n][o] = sum_j x[n][j] W[o][j] + b[o]
         self.gemm(
@@ -832,19 +1012,19 @@ impl Backend<f32> for Cuda {
             (s.n, out, k),
             false,
         )?;
-        self.tensor_from(&y, ys)
+        Ok(GpuTensor::wrap(y))
     }
 
     fn linear_backward(
         &self,
-        x: &Tensor<f32>,
+        x: &GpuTensor,
         w: &[f32],
-        dy: &Tensor<f32>,
+        dy: &GpuTensor,
         dw: &mut [f32],
         db: Option<&mut [f32]>,
-    ) -> Result<Tensor<f32>> {
-        let s = nchw(x, "linear input")?;
-        let ds = nchw(dy, "linear gradient")?;
+    ) -> Result<GpuTensor> {
+        let s = x.shape();
+        let ds = dy.shape();
         let (k, out) = (s.sample_numel(), ds.c);
         same_shape(ds, Shape::new(s.n, out, 1, 1), "linear gradient")?;
         check_len("linear weight", w.len(), out * k)?;
@@ -852,7 +1032,7 @@ impl Backend<f32> for Cuda {
         if let Some(db) = &db {
             check_len("linear bias gradient", db.len(), out)?;
         }
-        let (xb, wb, dyb) = (self.up(x.data())?, self.up(w)?, self.up(dy.data())?);
+        let (xb, wb, dyb) = (&x.0, self.up(w)?, &dy.0);
         let (ki, oi) = (
             small("linear inputs", k)? as i64,
             small("linear outputs", out)? as i64,
@@ -876,7 +1056,7 @@ impl Backend<f32> for Cuda {
         )?;
         dw.copy_from_slice(&self.down(&dwb, out * k)?);
         // dx[n][j] = sum_o dy[n][o] W[o][j]
-        let dx = self.out::<f32>(s.numel())?;
+        let dx = self.out_t(s)?;
         self.gemm(
             self.addr(&dyb),
             (oi, 1),
@@ -887,64 +1067,49 @@ impl Backend<f32> for Cuda {
             (s.n, k, out),
             false,
         )?;
-        self.tensor_from(&dx, s)
+        Ok(GpuTensor::wrap(dx))
     }
 
     fn se_forward(
         &self,
         w: &SeWeights,
-        x: &Tensor<f32>,
-        residual: Option<&Tensor<f32>>,
-    ) -> Result<(Tensor<f32>, Self::SeSaved)> {
-        nchw(x, "SE input")?;
+        x: &GpuTensor,
+        residual: Option<&GpuTensor>,
+    ) -> Result<(GpuTensor, Self::SeSaved)> {
         let dw = DeviceSeWeights::upload(&self.dev, w)?;
-        let xd = DeviceTensor::from_host(&self.dev, x)?;
-        let rd = residual
-            .map(|r| DeviceTensor::from_host(&self.dev, r))
-            .transpose()?;
-        let out = se_gpu::forward(&self.dev, &dw, &xd, rd.as_ref(), Default::default())?;
-        Ok((out.y.to_host(&self.dev)?, CudaSeSaved(Arc::new(out.saved))))
+        let out = se_gpu::forward(
+            &self.dev,
+            &dw,
+            &x.0,
+            residual.map(|r| &*r.0),
+            Default::default(),
+        )?;
+        Ok((GpuTensor::wrap(out.y), CudaSeSaved(Arc::new(out.saved))))
     }
 
     fn se_backward(
         &self,
         w: &SeWeights,
-        x: &Tensor<f32>,
-        residual: Option<&Tensor<f32>>,
+        x: &GpuTensor,
+        residual: Option<&GpuTensor>,
         saved: &Self::SeSaved,
-        dy: &Tensor<f32>,
-    ) -> Result<SeBackward<f32>> {
-        nchw(x, "SE input")?;
+        dy: &GpuTensor,
+    ) -> Result<SeBackward<GpuTensor>> {
         let dw = DeviceSeWeights::upload(&self.dev, w)?;
-        let xd = DeviceTensor::from_host(&self.dev, x)?;
-        let rd = residual
-            .map(|r| DeviceTensor::from_host(&self.dev, r))
-            .transpose()?;
-        let dyd = DeviceTensor::from_host(&self.dev, dy)?;
         let b = se_gpu::backward(
             &self.dev,
             &dw,
-            &xd,
-            rd.as_ref(),
+            &x.0,
+            residual.map(|r| &*r.0),
             &saved.0,
-            &dyd,
+            &dy.0,
             Default::default(),
         )?;
         let grads = b.grads.download(&self.dev)?;
-        let to_nchw = |t: Tensor<f32>| -> Result<Tensor<f32>> {
-            if t.layout() == Layout::Nchw {
-                Ok(t)
-            } else {
-                Ok(t.to_layout(Layout::Nchw))
-            }
-        };
         Ok(SeBackward {
-            dx: to_nchw(b.dx.to_host(&self.dev)?)?,
+            dx: GpuTensor::wrap(b.dx),
             grads: crate::se::check::widen_grads(&grads),
-            dresidual: b
-                .dresidual
-                .map(|d| d.to_host(&self.dev).and_then(to_nchw))
-                .transpose()?,
+            dresidual: b.dresidual.map(GpuTensor::wrap),
         })
     }
 }

@@ -6,9 +6,10 @@
 //!   oracle, and the backend of the gradient checks (in f64).
 //! - [`Cpu`]: fast and multi-threaded (`f32`): im2col + GEMM convolutions on rayon.
 //! - [`Cuda`]: the kernels of `kernels/nn.cu` and the SE kernels on a CUDA device or the kernel
-//!   emulator (`f32`); for now each op moves its tensors to the device and back.
+//!   emulator (`f32`), activations in device memory.
 //!
-//! Activations are host tensors in NCHW. Every op validates its shapes and returns
+//! Activations are NCHW, stored as the backend's [`Backend::T`] (host tensors for `Reference`
+//! and `Cpu`, device memory for `Cuda`). Every op validates its shapes and returns
 //! [`Error::Shape`](crate::Error) instead of panicking.
 
 mod cpu;
@@ -242,48 +243,89 @@ pub struct BnStats {
 
 /// Gradients from [`Backend::se_backward`].
 #[derive(Clone, Debug, PartialEq)]
-pub struct SeBackward<E> {
+pub struct SeBackward<T> {
     /// d loss / d x.
-    pub dx: Tensor<E>,
+    pub dx: T,
     /// Parameter gradients (f64 from the reference op, widened from f32 otherwise).
     pub grads: SeGrads<f64>,
     /// d loss / d residual (the fused epilogue only).
-    pub dresidual: Option<Tensor<E>>,
+    pub dresidual: Option<T>,
 }
 
-/// The primitive operations of a network, on NCHW host tensors of `E`.
+/// An activation tensor as a backend stores it: a host [`Tensor`] for the CPU backends, device
+/// memory for [`Cuda`]. Cloning may share storage (backends never write an input in place).
+pub trait Activation: Clone + Send + Sync + std::fmt::Debug + 'static {
+    /// The NCHW shape.
+    fn shape(&self) -> Shape;
+}
+
+impl<E: Real> Activation for Tensor<E> {
+    fn shape(&self) -> Shape {
+        Tensor::shape(self)
+    }
+}
+
+/// The primitive operations of a network, on NCHW activations of `E` stored as the backend's
+/// [`Backend::T`] (host tensors, or device memory).
 ///
 /// Ops that take a tensor by value may reuse its buffer for the result. Weights use PyTorch's
 /// layouts (convolution `[out, in / groups, k, k]`, linear `[out, in]`). Gradient outputs that
 /// are slices are *accumulated into* (`+=`), so parameter gradients sum over calls.
 pub trait Backend<E: Real>: Sync {
+    /// An activation tensor.
+    type T: Activation;
+
+    /// What max pooling records for its backward (the position of each window's maximum).
+    type PoolIdx: Clone + Send + Sync + std::fmt::Debug + 'static;
+
     /// What the SE forward keeps for its backward.
     type SeSaved: Clone + Send + Sync + std::fmt::Debug + 'static;
+
+    /// Moves a host NCHW tensor to the backend.
+    fn upload(&self, x: Tensor<E>) -> Result<Self::T>;
+
+    /// Moves an activation back to the host.
+    fn download(&self, x: Self::T) -> Result<Tensor<E>>;
+
+    /// The flat input index of each max-pool output's maximum, on the host.
+    fn download_indices(&self, idx: &Self::PoolIdx) -> Result<Vec<u32>>;
+
+    /// Zeros of `shape`.
+    fn zeros(&self, shape: Shape) -> Result<Self::T>;
+
+    /// `x * mask`, element by element (dropout; `mask` has one value per element).
+    fn mul_mask(&self, x: Self::T, mask: &[E]) -> Result<Self::T>;
+
+    /// Channel concatenation (Inception's output).
+    fn concat_channels(&self, parts: &[Self::T]) -> Result<Self::T>;
+
+    /// Splits the channels into pieces of `sizes` (the adjoint of [`Backend::concat_channels`]).
+    fn split_channels(&self, x: &Self::T, sizes: &[usize]) -> Result<Vec<Self::T>>;
 
     /// A short name for reports (`reference`, `cpu`).
     fn name(&self) -> &'static str;
 
     /// `y = conv(x, w) + b`.
-    fn conv2d(&self, x: &Tensor<E>, w: &[E], b: Option<&[E]>, g: &ConvGeom) -> Result<Tensor<E>>;
+    fn conv2d(&self, x: &Self::T, w: &[E], b: Option<&[E]>, g: &ConvGeom) -> Result<Self::T>;
 
     /// Convolution backward: accumulates `dw` (and `db`), returns `dx` when `need_dx`.
     #[allow(clippy::too_many_arguments)]
     fn conv2d_backward(
         &self,
-        x: &Tensor<E>,
+        x: &Self::T,
         w: &[E],
-        dy: &Tensor<E>,
+        dy: &Self::T,
         g: &ConvGeom,
         dw: &mut [E],
         db: Option<&mut [E]>,
         need_dx: bool,
-    ) -> Result<Option<Tensor<E>>>;
+    ) -> Result<Option<Self::T>>;
 
     /// Per-channel mean and biased variance over `N, H, W`.
-    fn batch_norm_stats(&self, x: &Tensor<E>) -> Result<BnStats>;
+    fn batch_norm_stats(&self, x: &Self::T) -> Result<BnStats>;
 
     /// `y = a[c] * x + b[c]`, then ReLU when `relu` (BatchNorm's affine, optionally fused).
-    fn channel_affine(&self, x: Tensor<E>, a: &[E], b: &[E], relu: bool) -> Result<Tensor<E>>;
+    fn channel_affine(&self, x: Self::T, a: &[E], b: &[E], relu: bool) -> Result<Self::T>;
 
     /// BatchNorm backward given its input `x`, the statistics it normalised with (`mean`,
     /// `invstd`), and whether those were batch statistics (train) or running ones (eval).
@@ -291,65 +333,65 @@ pub trait Backend<E: Real>: Sync {
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_backward(
         &self,
-        x: &Tensor<E>,
-        dy: &Tensor<E>,
+        x: &Self::T,
+        dy: &Self::T,
         mean: &[f64],
         invstd: &[f64],
         gamma: &[E],
         batch_stats: bool,
         dgamma: &mut [E],
         dbeta: &mut [E],
-    ) -> Result<Tensor<E>>;
+    ) -> Result<Self::T>;
 
     /// `max(x, 0)`, in place.
-    fn relu(&self, x: Tensor<E>) -> Result<Tensor<E>>;
+    fn relu(&self, x: Self::T) -> Result<Self::T>;
 
     /// ReLU backward from its output `y`: `dy * (y > 0)`.
-    fn relu_backward(&self, y: &Tensor<E>, dy: Tensor<E>) -> Result<Tensor<E>>;
+    fn relu_backward(&self, y: &Self::T, dy: Self::T) -> Result<Self::T>;
 
     /// `a + b`, then ReLU when `relu` (the residual add).
-    fn add(&self, a: Tensor<E>, b: &Tensor<E>, relu: bool) -> Result<Tensor<E>>;
+    fn add(&self, a: Self::T, b: &Self::T, relu: bool) -> Result<Self::T>;
 
     /// Max pooling; returns the output and, per output, the flat input index of its maximum.
-    fn max_pool2d(&self, x: &Tensor<E>, g: &PoolGeom) -> Result<(Tensor<E>, Vec<u32>)>;
+    fn max_pool2d(&self, x: &Self::T, g: &PoolGeom) -> Result<(Self::T, Self::PoolIdx)>;
 
     /// Max pooling backward: routes `dy` to the recorded maxima of an input of `input` shape.
     fn max_pool2d_backward(
         &self,
-        dy: &Tensor<E>,
-        argmax: &[u32],
+        dy: &Self::T,
+        argmax: &Self::PoolIdx,
         input: Shape,
-    ) -> Result<Tensor<E>>;
+    ) -> Result<Self::T>;
 
     /// Average pooling.
-    fn avg_pool2d(&self, x: &Tensor<E>, g: &PoolGeom) -> Result<Tensor<E>>;
+    fn avg_pool2d(&self, x: &Self::T, g: &PoolGeom) -> Result<Self::T>;
 
     /// Average pooling backward to an input of `input` shape.
-    fn avg_pool2d_backward(&self, dy: &Tensor<E>, g: &PoolGeom, input: Shape) -> Result<Tensor<E>>;
+    fn avg_pool2d_backward(&self, dy: &Self::T, g: &PoolGeom, input: Shape) -> Result<Self::T>;
 
     /// Global average pooling: `[n, c, h, w] -> [n, c, 1, 1]`.
-    fn global_avg_pool(&self, x: &Tensor<E>) -> Result<Tensor<E>>;
+    fn global_avg_pool(&self, x: &Self::T) -> Result<Self::T>;
 
     /// Global average pooling backward to an input of `input` shape.
-    fn global_avg_pool_backward(&self, dy: &Tensor<E>, input: Shape) -> Result<Tensor<E>>;
+    fn global_avg_pool_backward(&self, dy: &Self::T, input: Shape) -> Result<Self::T>;
 
     /// Fully connected: `x` is `[n, k, h, w]` flattened to `[n, k*h*w]`, `w` is `[out, k*h*w]`;
     /// returns `[n, out, 1, 1]`.
-    fn linear(&self, x: &Tensor<E>, w: &[E], b: Option<&[E]>, out: usize) -> Result<Tensor<E>>;
+    fn linear(&self, x: &Self::T, w: &[E], b: Option<&[E]>, out: usize) -> Result<Self::T>;
 
     /// Fully connected backward: accumulates `dw`, `db`; returns `dx` shaped like `x`.
     fn linear_backward(
         &self,
-        x: &Tensor<E>,
+        x: &Self::T,
         w: &[E],
-        dy: &Tensor<E>,
+        dy: &Self::T,
         dw: &mut [E],
         db: Option<&mut [E]>,
-    ) -> Result<Tensor<E>>;
+    ) -> Result<Self::T>;
 
     /// Takes back a tensor its owner no longer needs, so the backend may reuse its buffer for
     /// a later output. The default drops it.
-    fn recycle(&self, t: Tensor<E>) {
+    fn recycle(&self, t: Self::T) {
         drop(t);
     }
 
@@ -358,19 +400,19 @@ pub trait Backend<E: Real>: Sync {
     fn se_forward(
         &self,
         w: &SeWeights,
-        x: &Tensor<E>,
-        residual: Option<&Tensor<E>>,
-    ) -> Result<(Tensor<E>, Self::SeSaved)>;
+        x: &Self::T,
+        residual: Option<&Self::T>,
+    ) -> Result<(Self::T, Self::SeSaved)>;
 
     /// SE backward through the crate's SE op.
     fn se_backward(
         &self,
         w: &SeWeights,
-        x: &Tensor<E>,
-        residual: Option<&Tensor<E>>,
+        x: &Self::T,
+        residual: Option<&Self::T>,
         saved: &Self::SeSaved,
-        dy: &Tensor<E>,
-    ) -> Result<SeBackward<E>>;
+        dy: &Self::T,
+    ) -> Result<SeBackward<Self::T>>;
 }
 
 /// Checks `t` is NCHW and returns its shape.
@@ -407,6 +449,70 @@ pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> Resu
 /// A new NCHW tensor from data (the length was computed from `shape`).
 pub(crate) fn tensor<E: Real>(shape: Shape, data: Vec<E>) -> Result<Tensor<E>> {
     Tensor::from_vec(shape, Layout::Nchw, data)
+}
+
+/// `x * mask` on the host (dropout).
+pub(crate) fn host_mul_mask<E: Real>(mut x: Tensor<E>, mask: &[E]) -> Result<Tensor<E>> {
+    check_len("dropout mask", mask.len(), x.data().len())?;
+    x.data_mut()
+        .iter_mut()
+        .zip(mask)
+        .for_each(|(v, &m)| *v *= m);
+    Ok(x)
+}
+
+/// Channel concatenation of NCHW tensors (Inception's output).
+pub(crate) fn host_concat_channels<E: Real>(parts: &[Tensor<E>]) -> Result<Tensor<E>> {
+    let first = parts
+        .first()
+        .ok_or_else(|| Error::Shape("concatenation of no tensors".into()))?
+        .shape();
+    let mut c = 0;
+    for p in parts {
+        let s = p.shape();
+        if s.n != first.n || s.h != first.h || s.w != first.w || p.layout() != Layout::Nchw {
+            return Err(Error::Shape(format!(
+                "cannot concatenate {s} with {first} along channels"
+            )));
+        }
+        c += s.c;
+    }
+    let out = Shape::try_new(first.n, c, first.h, first.w)?;
+    let mut data = Vec::with_capacity(out.numel());
+    for n in 0..first.n {
+        for p in parts {
+            let k = p.shape().sample_numel();
+            data.extend_from_slice(&p.data()[n * k..(n + 1) * k]);
+        }
+    }
+    tensor(out, data)
+}
+
+/// Splits an NCHW tensor's channels into pieces of `sizes` (the adjoint of
+/// [`host_concat_channels`]).
+pub(crate) fn host_split_channels<E: Real>(
+    x: &Tensor<E>,
+    sizes: &[usize],
+) -> Result<Vec<Tensor<E>>> {
+    let s = x.shape();
+    if sizes.iter().sum::<usize>() != s.c {
+        return Err(Error::Shape(format!(
+            "cannot split {s} into channel groups {sizes:?}"
+        )));
+    }
+    let hw = s.hw();
+    let mut out = Vec::with_capacity(sizes.len());
+    let mut c0 = 0;
+    for &c in sizes {
+        let mut data = Vec::with_capacity(s.n * c * hw);
+        for n in 0..s.n {
+            let base = (n * s.c + c0) * hw;
+            data.extend_from_slice(&x.data()[base..base + c * hw]);
+        }
+        out.push(tensor(Shape::try_new(s.n, c, s.h, s.w)?, data)?);
+        c0 += c;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -16,6 +16,37 @@ pub struct Reference;
 impl<E: Real> Backend<E> for Reference {
     type SeSaved = se_ref::SeSaved;
 
+    type T = Tensor<E>;
+    type PoolIdx = Vec<u32>;
+
+    fn upload(&self, x: Tensor<E>) -> Result<Tensor<E>> {
+        Ok(x)
+    }
+
+    fn download(&self, x: Tensor<E>) -> Result<Tensor<E>> {
+        Ok(x)
+    }
+
+    fn download_indices(&self, idx: &Vec<u32>) -> Result<Vec<u32>> {
+        Ok(idx.clone())
+    }
+
+    fn zeros(&self, shape: Shape) -> Result<Tensor<E>> {
+        Tensor::zeros(shape, crate::tensor::Layout::Nchw)
+    }
+
+    fn mul_mask(&self, x: Tensor<E>, mask: &[E]) -> Result<Tensor<E>> {
+        super::host_mul_mask(x, mask)
+    }
+
+    fn concat_channels(&self, parts: &[Tensor<E>]) -> Result<Tensor<E>> {
+        super::host_concat_channels(parts)
+    }
+
+    fn split_channels(&self, x: &Tensor<E>, sizes: &[usize]) -> Result<Vec<Tensor<E>>> {
+        super::host_split_channels(x, sizes)
+    }
+
     fn name(&self) -> &'static str {
         "reference"
     }
@@ -308,7 +339,7 @@ impl<E: Real> Backend<E> for Reference {
     fn max_pool2d_backward(
         &self,
         dy: &Tensor<E>,
-        argmax: &[u32],
+        argmax: &Vec<u32>,
         input: Shape,
     ) -> Result<Tensor<E>> {
         let ys = nchw(dy, "max pool gradient")?;
@@ -475,7 +506,7 @@ impl<E: Real> Backend<E> for Reference {
         residual: Option<&Tensor<E>>,
         saved: &Self::SeSaved,
         dy: &Tensor<E>,
-    ) -> Result<SeBackward<E>> {
+    ) -> Result<SeBackward<Tensor<E>>> {
         let s = nchw(x, "SE input")?;
         let b = se_ref::backward(w, x, residual, saved, dy)?;
         let cast = |v: Vec<f64>| tensor(s, v.into_iter().map(E::from_f64).collect());
