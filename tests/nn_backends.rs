@@ -733,3 +733,29 @@ fn cuda_se_op_matches_reference() {
         check_se_op(&nn_common::OnHost(&be));
     }
 }
+
+/// After the first training step the CUDA backend takes every activation, gradient and
+/// temporary buffer from its pool: later steps allocate no device memory through it (the SE
+/// op's own small buffers are outside the pool).
+#[test]
+fn cuda_training_steps_reuse_device_memory() {
+    for be in nn_common::cuda_backends() {
+        for (name, cfg, xs) in small_configs() {
+            let mut net = cfg.build::<f32>(name).unwrap();
+            net.init_weights(seed(name));
+            let x: Tensor<f32> = random_tensor(xs, 1);
+            let mut step = |net: &mut Network<f32>| {
+                let logits = net.forward(&be, x.clone(), Mode::Train).unwrap();
+                let dl: Tensor<f32> = random_tensor(logits.shape(), 2);
+                net.zero_grad();
+                net.backward_params(&be, dl).unwrap();
+            };
+            step(&mut net);
+            let first = be.allocations();
+            assert!(first > 0, "{name}: nothing came from the pool");
+            step(&mut net);
+            step(&mut net);
+            assert_eq!(be.allocations(), first, "{name}: a later step allocated");
+        }
+    }
+}

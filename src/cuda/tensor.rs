@@ -69,6 +69,30 @@ impl<T: CudaElement> DeviceTensor<T> {
         })
     }
 
+    /// A tensor over an existing buffer (at offset 0); its contents are whatever the buffer
+    /// holds.
+    pub(crate) fn from_buf(buf: Buf<T>, shape: Shape, layout: Layout) -> Result<Self> {
+        shape.validate()?;
+        if buf.len() < shape.numel() {
+            return Err(Error::Length {
+                what: "device tensor buffer",
+                got: buf.len(),
+                expected: shape.numel(),
+            });
+        }
+        Ok(DeviceTensor {
+            buf,
+            offset: 0,
+            shape,
+            layout,
+        })
+    }
+
+    /// The buffer, given back.
+    pub(crate) fn into_buf(self) -> Buf<T> {
+        self.buf
+    }
+
     /// Uploads a host tensor.
     pub fn from_host(dev: &CudaDevice, t: &Tensor<T>) -> Result<Self> {
         Self::from_host_at_offset(dev, t, 0)

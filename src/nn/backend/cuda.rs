@@ -10,13 +10,16 @@
 
 use super::{check_len, same_shape, Activation, Backend, BnStats, ConvGeom, PoolGeom, SeBackward};
 use crate::cuda::abi::NnConvParams;
-use crate::cuda::{Buf, CudaDevice, DeviceTensor, Module};
+use crate::cuda::{Buf, CudaDevice, DevElem, DeviceTensor, Module};
 use crate::error::{Error, Result};
 use crate::se::cuda::{self as se_gpu, DeviceSeSaved, DeviceSeWeights};
 use crate::se::SeWeights;
 use crate::tensor::{Layout, Shape, Tensor};
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The kernels' block size.
 const THREADS: u32 = 256;
@@ -73,31 +76,159 @@ impl<A: Addr + ?Sized> Addr for &A {
     }
 }
 
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Pool({} allocations)",
+            self.misses.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// Device buffers kept for reuse (a caching allocator): free buffers by element type and exact
+/// length. A training step repeats its shapes, so after the first step outputs and
+/// temporaries come from here instead of the driver.
+/// A free buffer of some element type (a `Buf<T>`, downcast on reuse).
+type FreeBuf = Box<dyn Any + Send>;
+
+#[derive(Default)]
+struct Pool {
+    free: Mutex<HashMap<(TypeId, usize), Vec<FreeBuf>>>,
+    misses: AtomicUsize,
+}
+
+impl Pool {
+    fn get<T: DevElem>(&self, len: usize) -> Option<Buf<T>> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let b = free.get_mut(&(TypeId::of::<T>(), len))?.pop()?;
+        b.downcast::<Buf<T>>().ok().map(|b| *b)
+    }
+
+    fn put<T: DevElem>(&self, b: Buf<T>) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.entry((TypeId::of::<T>(), b.len()))
+            .or_default()
+            .push(Box::new(b));
+    }
+}
+
+/// A pooled buffer: goes back to the pool when dropped.
+struct PoolBuf<T: DevElem> {
+    buf: Option<Buf<T>>,
+    pool: Arc<Pool>,
+}
+
+impl<T: DevElem> std::ops::Deref for PoolBuf<T> {
+    type Target = Buf<T>;
+    fn deref(&self) -> &Buf<T> {
+        self.buf
+            .as_ref()
+            .expect("a pooled buffer is present until dropped")
+    }
+}
+
+impl<T: DevElem> std::ops::DerefMut for PoolBuf<T> {
+    fn deref_mut(&mut self) -> &mut Buf<T> {
+        self.buf
+            .as_mut()
+            .expect("a pooled buffer is present until dropped")
+    }
+}
+
+impl<T: DevElem> Drop for PoolBuf<T> {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.put(b);
+        }
+    }
+}
+
+impl<T: DevElem> Addr for PoolBuf<T> {
+    fn at(&self, dev: &CudaDevice) -> u64 {
+        dev.addr(&**self)
+    }
+}
+
+/// A device tensor whose buffer goes back to the pool (when it came from one).
+struct Pooled {
+    t: Option<DeviceTensor<f32>>,
+    pool: Option<Arc<Pool>>,
+}
+
+impl Pooled {
+    fn tensor(&self) -> &DeviceTensor<f32> {
+        self.t
+            .as_ref()
+            .expect("a pooled tensor is present until dropped")
+    }
+
+    fn tensor_mut(&mut self) -> &mut DeviceTensor<f32> {
+        self.t
+            .as_mut()
+            .expect("a pooled tensor is present until dropped")
+    }
+}
+
+impl From<DeviceTensor<f32>> for Pooled {
+    fn from(t: DeviceTensor<f32>) -> Self {
+        Pooled {
+            t: Some(t),
+            pool: None,
+        }
+    }
+}
+
+impl Addr for Pooled {
+    fn at(&self, dev: &CudaDevice) -> u64 {
+        self.tensor().addr(dev)
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let (Some(t), Some(p)) = (self.t.take(), &self.pool) {
+            p.put(t.into_buf());
+        }
+    }
+}
+
 /// An activation of the CUDA backend: an f32 NCHW tensor in device memory. Clones share the
-/// memory (the backend never writes a tensor it was given).
+/// memory (the backend never writes a tensor it was given); the last one dropped hands the
+/// buffer back to the backend's pool.
 #[derive(Clone)]
-pub struct GpuTensor(Arc<DeviceTensor<f32>>);
+pub struct GpuTensor(Arc<Pooled>);
 
 impl GpuTensor {
-    fn wrap(t: DeviceTensor<f32>) -> Self {
-        GpuTensor(Arc::new(t))
+    fn wrap(t: impl Into<Pooled>) -> Self {
+        GpuTensor(Arc::new(t.into()))
     }
 
     /// The device tensor.
     pub fn device_tensor(&self) -> &DeviceTensor<f32> {
-        &self.0
+        self.0.tensor()
+    }
+
+    fn dt(&self) -> &DeviceTensor<f32> {
+        self.0.tensor()
+    }
+}
+
+impl Addr for GpuTensor {
+    fn at(&self, dev: &CudaDevice) -> u64 {
+        self.dt().addr(dev)
     }
 }
 
 impl std::fmt::Debug for GpuTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GpuTensor({})", self.0.shape())
+        write!(f, "GpuTensor({})", self.dt().shape())
     }
 }
 
 impl Activation for GpuTensor {
     fn shape(&self) -> Shape {
-        self.0.shape()
+        self.dt().shape()
     }
 }
 
@@ -105,7 +236,7 @@ impl Activation for GpuTensor {
 /// valid for (so a backward cannot route a gradient with indices of another pooling).
 #[derive(Clone)]
 pub struct GpuIndices {
-    buf: Arc<Buf<u32>>,
+    buf: Arc<PoolBuf<u32>>,
     input: Shape,
     output: Shape,
 }
@@ -131,12 +262,17 @@ impl std::fmt::Debug for CudaSeSaved {
 pub struct Cuda {
     dev: Arc<CudaDevice>,
     poison: bool,
+    pool: Arc<Pool>,
 }
 
 impl Cuda {
     /// A backend on `dev` (a GPU from [`CudaDevice::new`], or [`CudaDevice::emulator`]).
     pub fn new(dev: Arc<CudaDevice>) -> Self {
-        Cuda { dev, poison: false }
+        Cuda {
+            dev,
+            poison: false,
+            pool: Arc::new(Pool::default()),
+        }
     }
 
     /// With `on`, every output buffer is filled with NaN before its kernel runs, so an element a
@@ -151,13 +287,47 @@ impl Cuda {
         &self.dev
     }
 
-    fn up<T: crate::cuda::DevElem>(&self, data: &[T]) -> Result<Buf<T>> {
-        self.dev.upload(data)
+    /// Device buffers allocated from the driver so far (the pool's misses): constant once a
+    /// training step has run, as every later step reuses the same sizes.
+    pub fn allocations(&self) -> usize {
+        self.pool.misses.load(Ordering::Relaxed)
     }
 
-    /// A fresh output buffer (poisoned when asked).
-    fn out<T: crate::cuda::DevElem>(&self, len: usize) -> Result<Buf<T>> {
-        let mut b = self.dev.alloc_zeros::<T>(len)?;
+    /// Frees the buffers the pool keeps (they are allocated again when needed).
+    pub fn release_cached(&self) {
+        self.pool
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// A buffer of `len` elements from the pool (or the driver); contents undefined.
+    fn take<T: DevElem>(&self, len: usize) -> Result<PoolBuf<T>> {
+        let len = len.max(1);
+        let buf = match self.pool.get::<T>(len) {
+            Some(b) => b,
+            None => {
+                self.pool.misses.fetch_add(1, Ordering::Relaxed);
+                self.dev.alloc_zeros::<T>(len)?
+            }
+        };
+        Ok(PoolBuf {
+            buf: Some(buf),
+            pool: self.pool.clone(),
+        })
+    }
+
+    /// A pooled buffer holding a copy of `data`.
+    fn up<T: DevElem>(&self, data: &[T]) -> Result<PoolBuf<T>> {
+        let mut b = self.take::<T>(data.len())?;
+        self.dev.write(&mut b, 0, data)?;
+        Ok(b)
+    }
+
+    /// A pooled output buffer (poisoned when asked).
+    fn out<T: DevElem>(&self, len: usize) -> Result<PoolBuf<T>> {
+        let mut b = self.take::<T>(len)?;
         if self.poison {
             self.dev.fill_bytes(&mut b, 0, len.max(1), 0xff)?;
         }
@@ -172,13 +342,23 @@ impl Cuda {
         a.at(&self.dev)
     }
 
-    /// A fresh NCHW output tensor (poisoned when asked).
-    fn out_t(&self, shape: Shape) -> Result<DeviceTensor<f32>> {
-        let mut t = DeviceTensor::zeros(&self.dev, shape, Layout::Nchw)?;
-        if self.poison {
-            t.poison(&self.dev)?;
+    /// A pooled NCHW output tensor (poisoned when asked; otherwise its contents are stale).
+    fn out_t(&self, shape: Shape) -> Result<Pooled> {
+        shape.validate()?;
+        let b = self.out::<f32>(shape.numel())?;
+        self.pooled(b, shape)
+    }
+
+    /// A pooled buffer as an NCHW tensor of `shape`.
+    fn pooled(&self, mut b: PoolBuf<f32>, shape: Shape) -> Result<Pooled> {
+        let buf = b.buf.take().expect("a fresh pooled buffer");
+        match DeviceTensor::from_buf(buf, shape, Layout::Nchw) {
+            Ok(t) => Ok(Pooled {
+                t: Some(t),
+                pool: Some(self.pool.clone()),
+            }),
+            Err(e) => Err(e),
         }
-        Ok(t)
     }
 
     /// Launches `name` from nn.cu with 256-thread blocks.
@@ -340,8 +520,8 @@ impl Cuda {
     fn pointwise(&self, op: u32, a: &GpuTensor, b: Option<&GpuTensor>) -> Result<GpuTensor> {
         let s = a.shape();
         let total = s.numel() as u64;
-        let ab = &a.0;
-        let bb = b.map(|b| &b.0);
+        let ab = a;
+        let bb = b;
         let y = self.out_t(s)?;
         let (ap, bp, yp) = (
             self.addr(&ab),
@@ -403,11 +583,12 @@ impl Backend<f32> for Cuda {
                 x.layout()
             )));
         }
-        Ok(GpuTensor::wrap(DeviceTensor::from_host(&self.dev, &x)?))
+        let b = self.up(x.data())?;
+        Ok(GpuTensor::wrap(self.pooled(b, x.shape())?))
     }
 
     fn download(&self, x: GpuTensor) -> Result<Tensor<f32>> {
-        x.0.to_host(&self.dev)
+        x.dt().to_host(&self.dev)
     }
 
     fn download_indices(&self, idx: &GpuIndices) -> Result<Vec<u32>> {
@@ -416,21 +597,19 @@ impl Backend<f32> for Cuda {
 
     fn zeros(&self, shape: Shape) -> Result<GpuTensor> {
         shape.validate()?;
-        Ok(GpuTensor::wrap(DeviceTensor::zeros(
-            &self.dev,
-            shape,
-            Layout::Nchw,
-        )?))
+        let mut b = self.take::<f32>(shape.numel())?;
+        self.dev.fill_bytes(&mut b, 0, shape.numel(), 0)?;
+        Ok(GpuTensor::wrap(self.pooled(b, shape)?))
     }
 
     fn mul_mask(&self, x: GpuTensor, mask: &[f32]) -> Result<GpuTensor> {
         let s = x.shape();
         check_len("dropout mask", mask.len(), s.numel())?;
-        let m = self.dev.upload(mask)?;
+        let m = self.up(mask)?;
         let y = self.out_t(s)?;
         let (op, ap, bp, yp, total) = (
             EW_MUL,
-            self.addr(&x.0),
+            self.addr(&x),
             self.addr(&m),
             self.addr(&y),
             s.numel() as u64,
@@ -467,7 +646,7 @@ impl Backend<f32> for Cuda {
         let mut c0 = 0;
         for p in parts {
             let s = p.shape();
-            self.copy_planes(&p.0, 0, s.c, &mut y, c0, out.c, s)?;
+            self.copy_planes(p.dt(), 0, s.c, y.tensor_mut(), c0, out.c, s)?;
             c0 += s.c;
         }
         Ok(GpuTensor::wrap(y))
@@ -485,7 +664,7 @@ impl Backend<f32> for Cuda {
         for &c in sizes {
             let ps = Shape::try_new(s.n, c, s.h, s.w)?;
             let mut y = self.out_t(ps)?;
-            self.copy_planes(&x.0, c0, s.c, &mut y, 0, c, ps)?;
+            self.copy_planes(x.dt(), c0, s.c, y.tensor_mut(), 0, c, ps)?;
             out.push(GpuTensor::wrap(y));
             c0 += c;
         }
@@ -513,7 +692,7 @@ impl Backend<f32> for Cuda {
         if b.is_some() {
             p.flags |= crate::cuda::abi::SENET_NN_BIAS;
         }
-        let xb = &x.0;
+        let xb = x;
         let wb = self.up(w)?;
         let bb = b.map(|b| self.up(b)).transpose()?;
         let y = self.out_t(ys)?;
@@ -557,8 +736,8 @@ impl Backend<f32> for Cuda {
             check_len("conv bias gradient", db.len(), g.out_ch)?;
         }
         let mut p = self.conv_params(g, xs, ys)?;
-        let xb = &x.0;
-        let dyb = &dy.0;
+        let xb = x;
+        let dyb = dy;
         let (xp, dyp) = (self.addr(&xb), self.addr(&dyb));
         if let Some(db) = db {
             let dbb = self.up(db)?;
@@ -643,7 +822,7 @@ impl Backend<f32> for Cuda {
 
     fn batch_norm_stats(&self, x: &GpuTensor) -> Result<BnStats> {
         let s = x.shape();
-        let xb = &x.0;
+        let xb = x;
         let mean = self.out::<f64>(s.c)?;
         let var = self.out::<f64>(s.c)?;
         let (xp, mp, vp) = (self.addr(&xb), self.addr(&mean), self.addr(&var));
@@ -661,7 +840,7 @@ impl Backend<f32> for Cuda {
         let s = x.shape();
         check_len("channel scale", a.len(), s.c)?;
         check_len("channel shift", b.len(), s.c)?;
-        let xb = &x.0;
+        let xb = x;
         let (ab, bb) = (self.up(a)?, self.up(b)?);
         let y = self.out_t(s)?;
         let (xp, yp, ap, bp) = (
@@ -720,7 +899,7 @@ impl Backend<f32> for Cuda {
         ] {
             check_len(what, len, s.c)?;
         }
-        let (xb, dyb) = (&x.0, &dy.0);
+        let (xb, dyb) = (x, dy);
         let (mb, ib, gb) = (self.up(mean)?, self.up(invstd)?, self.up(gamma)?);
         let (dgb, dbb) = (self.up(dgamma)?, self.up(dbeta)?);
         let dx = self.out_t(s)?;
@@ -783,7 +962,7 @@ impl Backend<f32> for Cuda {
         super::reference::index_fits(xs)?;
         Self::check_pool_sizes(xs, ys, g)?;
         let [nc, h, w, oh, ow, k, st, pad] = Self::pool_args(g, xs, ys)?;
-        let xb = &x.0;
+        let xb = x;
         let y = self.out_t(ys)?;
         let am = self.out::<u32>(ys.numel())?;
         let (xp, yp, ap) = (self.addr(&xb), self.addr(&y), self.addr(&am));
@@ -835,7 +1014,7 @@ impl Backend<f32> for Cuda {
         }
         let (ip, op) = (input.hw(), ys.hw());
         let nc = (input.n * input.c) as u64;
-        let dyb = &dy.0;
+        let dyb = dy;
         let ab = &argmax.buf;
         let dx = self.out_t(input)?;
         let (dyp, ap, dxp) = (self.addr(&dyb), self.addr(&ab), self.addr(&dx));
@@ -867,7 +1046,7 @@ impl Backend<f32> for Cuda {
         Self::check_pool_sizes(xs, ys, g)?;
         let [nc, h, w, oh, ow, k, st, pad] = Self::pool_args(g, xs, ys)?;
         let inc = g.count_include_pad as u32;
-        let xb = &x.0;
+        let xb = x;
         let y = self.out_t(ys)?;
         let (xp, yp) = (self.addr(&xb), self.addr(&y));
         let mut args = [
@@ -900,7 +1079,7 @@ impl Backend<f32> for Cuda {
         Self::check_pool_sizes(input, ys, g)?;
         let [nc, h, w, oh, ow, k, st, pad] = Self::pool_args(g, input, ys)?;
         let inc = g.count_include_pad as u32;
-        let dyb = &dy.0;
+        let dyb = dy;
         let q = self.out_t(ys)?;
         let dx = self.out_t(input)?;
         let (dyp, qp, dxp) = (self.addr(&dyb), self.addr(&q), self.addr(&dx));
@@ -958,7 +1137,7 @@ impl Backend<f32> for Cuda {
                 "global pool over {s}: too many planes"
             )));
         }
-        let xb = &x.0;
+        let xb = x;
         let y = self.out_t(Shape::new(s.n, s.c, 1, 1))?;
         let (xp, yp, hw) = (self.addr(&xb), self.addr(&y), s.hw() as u64);
         let mut args = [arg(&xp), arg(&yp), arg(&hw)];
@@ -973,7 +1152,7 @@ impl Backend<f32> for Cuda {
             Shape::new(input.n, input.c, 1, 1),
             "global pool gradient",
         )?;
-        let dyb = &dy.0;
+        let dyb = dy;
         let dx = self.out_t(input)?;
         let (dyp, dxp) = (self.addr(&dyb), self.addr(&dx));
         let (total, hw) = (input.numel() as u64, input.hw() as u64);
@@ -997,7 +1176,7 @@ impl Backend<f32> for Cuda {
             check_len("linear bias", b.len(), out)?;
         }
         let ys = Shape::try_new(s.n, out, 1, 1)?;
-        let (xb, wb) = (&x.0, self.up(w)?);
+        let (xb, wb) = (x, self.up(w)?);
         let bb = b.map(|b| self.up(b)).transpose()?;
         let y = self.out_t(ys)?;
         let ki = small("linear inputs", k)? as i64;
@@ -1032,7 +1211,7 @@ impl Backend<f32> for Cuda {
         if let Some(db) = &db {
             check_len("linear bias gradient", db.len(), out)?;
         }
-        let (xb, wb, dyb) = (&x.0, self.up(w)?, &dy.0);
+        let (xb, wb, dyb) = (x, self.up(w)?, dy);
         let (ki, oi) = (
             small("linear inputs", k)? as i64,
             small("linear outputs", out)? as i64,
@@ -1080,8 +1259,8 @@ impl Backend<f32> for Cuda {
         let out = se_gpu::forward(
             &self.dev,
             &dw,
-            &x.0,
-            residual.map(|r| &*r.0),
+            x.dt(),
+            residual.map(|r| r.dt()),
             Default::default(),
         )?;
         Ok((GpuTensor::wrap(out.y), CudaSeSaved(Arc::new(out.saved))))
@@ -1099,10 +1278,10 @@ impl Backend<f32> for Cuda {
         let b = se_gpu::backward(
             &self.dev,
             &dw,
-            &x.0,
-            residual.map(|r| &*r.0),
+            x.dt(),
+            residual.map(|r| r.dt()),
             &saved.0,
-            &dy.0,
+            dy.dt(),
             Default::default(),
         )?;
         let grads = b.grads.download(&self.dev)?;
