@@ -744,7 +744,7 @@ fn cuda_training_steps_reuse_device_memory() {
             let mut net = cfg.build::<f32>(name).unwrap();
             net.init_weights(seed(name));
             let x: Tensor<f32> = random_tensor(xs, 1);
-            let mut step = |net: &mut Network<f32>| {
+            let step = |net: &mut Network<f32>| {
                 let logits = net.forward(&be, x.clone(), Mode::Train).unwrap();
                 let dl: Tensor<f32> = random_tensor(logits.shape(), 2);
                 net.zero_grad();
