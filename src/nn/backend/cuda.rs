@@ -12,7 +12,7 @@ use super::{check_len, same_shape, Activation, Backend, BnStats, ConvGeom, PoolG
 use crate::cuda::abi::NnConvParams;
 use crate::cuda::{Buf, CudaDevice, DevElem, DeviceTensor, Module};
 use crate::error::{Error, Result};
-use crate::se::cuda::{self as se_gpu, DeviceSeSaved, DeviceSeWeights};
+use crate::se::cuda::{self as se_gpu, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights};
 use crate::se::SeWeights;
 use crate::tensor::{Layout, Shape, Tensor};
 use std::any::{Any, TypeId};
@@ -1256,14 +1256,18 @@ impl Backend<f32> for Cuda {
         residual: Option<&GpuTensor>,
     ) -> Result<(GpuTensor, Self::SeSaved)> {
         let dw = DeviceSeWeights::upload(&self.dev, w)?;
-        let out = se_gpu::forward(
+        let mut y = self.out_t(x.shape())?;
+        let mut saved = DeviceSeSaved::new(&self.dev, w.config, x.shape().n)?;
+        se_gpu::forward_into(
             &self.dev,
             &dw,
             x.dt(),
             residual.map(|r| r.dt()),
+            y.tensor_mut(),
+            &mut saved,
             Default::default(),
         )?;
-        Ok((GpuTensor::wrap(out.y), CudaSeSaved(Arc::new(out.saved))))
+        Ok((GpuTensor::wrap(y), CudaSeSaved(Arc::new(saved))))
     }
 
     fn se_backward(
@@ -1275,20 +1279,27 @@ impl Backend<f32> for Cuda {
         dy: &GpuTensor,
     ) -> Result<SeBackward<GpuTensor>> {
         let dw = DeviceSeWeights::upload(&self.dev, w)?;
-        let b = se_gpu::backward(
+        let mut dx = self.out_t(x.shape())?;
+        let mut dres = residual.map(|r| self.out_t(r.shape())).transpose()?;
+        let mut grads = DeviceSeGrads::new(&self.dev, w.config)?;
+        se_gpu::backward_into(
             &self.dev,
             &dw,
             x.dt(),
             residual.map(|r| r.dt()),
             &saved.0,
             dy.dt(),
+            dx.tensor_mut(),
+            false,
+            &mut grads,
+            dres.as_mut().map(|d| d.tensor_mut()),
             Default::default(),
         )?;
-        let grads = b.grads.download(&self.dev)?;
+        let grads = grads.download(&self.dev)?;
         Ok(SeBackward {
-            dx: GpuTensor::wrap(b.dx),
+            dx: GpuTensor::wrap(dx),
             grads: crate::se::check::widen_grads(&grads),
-            dresidual: b.dresidual.map(GpuTensor::wrap),
+            dresidual: dres.map(GpuTensor::wrap),
         })
     }
 }
