@@ -372,9 +372,11 @@ SENET_EMU_REGISTER(nn_affine_f32)
 
 // BatchNorm backward, one block per channel: dgamma += sum dy xhat, dbeta += sum dy, and
 // dx = gamma invstd (dy - mean(dy) - xhat mean(dy xhat)) with batch statistics, or
-// gamma invstd dy with running ones.
+// gamma invstd dy with running ones. With `relu_y` (the output of a ReLU fused after the
+// BatchNorm), dy is first masked to where relu_y > 0.
 extern "C" __global__ void __launch_bounds__(256)
-    nn_bn_bwd_f32(const float* __restrict__ x, const float* __restrict__ dy, const double* __restrict__ mean,
+    nn_bn_bwd_f32(const float* __restrict__ x, const float* __restrict__ dy, const float* __restrict__ relu_y,
+                  const double* __restrict__ mean,
                   const double* __restrict__ invstd, const float* __restrict__ gamma, float* __restrict__ dgamma,
                   float* __restrict__ dbeta, float* __restrict__ dx, uint32_t n, uint32_t c, uint64_t hw,
                   uint32_t batch_stats) {
@@ -384,7 +386,7 @@ extern "C" __global__ void __launch_bounds__(256)
     for (uint32_t s = 0; s < n; ++s) {
         const uint64_t base = (static_cast<uint64_t>(s) * c + ch) * hw;
         for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-            const double d = dy[base + i];
+            const double d = (relu_y == nullptr || relu_y[base + i] > 0.0f) ? dy[base + i] : 0.0f;
             sd += d;
             sdx += d * ((x[base + i] - mu) * is);
         }
@@ -397,11 +399,12 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     const double m = static_cast<double>(n) * static_cast<double>(hw);
     const double gi = static_cast<double>(gamma[ch]) * is;
-    const double md = sd / m, mdx = sdx / m;
+    const double inv_m = __drcp_rn(m);  // a reciprocal, not a division: no call, no spill
+    const double md = sd * inv_m, mdx = sdx * inv_m;
     for (uint32_t s = 0; s < n; ++s) {
         const uint64_t base = (static_cast<uint64_t>(s) * c + ch) * hw;
         for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-            const double d = dy[base + i];
+            const double d = (relu_y == nullptr || relu_y[base + i] > 0.0f) ? dy[base + i] : 0.0f;
             const double v = batch_stats ? gi * (d - md - (x[base + i] - mu) * is * mdx) : gi * d;
             dx[base + i] = static_cast<float>(v);
         }

@@ -64,6 +64,7 @@ void* map_shared_rank(void* p, unsigned int rank);
 #define gridDim (senet_emu::g_block_state->grid_dim)
 
 inline void __syncthreads() { senet_emu::syncthreads(); }
+inline double __drcp_rn(double x) { return 1.0 / x; }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }

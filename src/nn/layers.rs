@@ -182,6 +182,8 @@ impl<E: Real> Module<E> for Conv2d<E> {
 #[derive(Clone, Debug)]
 struct BnCache {
     x: Stash,
+    /// The output of a ReLU fused into this layer (its backward then masks the gradient).
+    relu_y: Option<Stash>,
     mean: Vec<f64>,
     invstd: Vec<f64>,
     batch_stats: bool,
@@ -281,8 +283,30 @@ impl<E: Real> BatchNorm2d<E> {
     }
 }
 
-impl<E: Real> Module<E> for BatchNorm2d<E> {
-    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
+impl<E: Real> BatchNorm2d<E> {
+    /// Forward with the following ReLU fused in, in any mode: one pass computes
+    /// `relu(a x + b)`, and when recording, backward masks the gradient with the kept output
+    /// ([`Backend::batch_norm_relu_backward`]). The ReLU layer itself is then skipped
+    /// ([`Relu::mark_fused`]).
+    pub fn forward_fused_relu<B: Backend<E>>(
+        &mut self,
+        b: &B,
+        x: B::T,
+        mode: Mode,
+    ) -> Result<B::T> {
+        if !mode.records() {
+            return self.forward_relu(b, x);
+        }
+        self.forward_impl(b, x, mode, true)
+    }
+
+    fn forward_impl<B: Backend<E>>(
+        &mut self,
+        b: &B,
+        x: B::T,
+        mode: Mode,
+        relu: bool,
+    ) -> Result<B::T> {
         let s = x.shape();
         self.check(s)?;
         let (a, sh, mean, invstd) = if mode.is_train() {
@@ -314,9 +338,10 @@ impl<E: Real> Module<E> for BatchNorm2d<E> {
             self.running_affine(s)?
         };
         if mode.records() {
-            let y = b.channel_affine(x.clone(), &a, &sh, false)?;
+            let y = b.channel_affine(x.clone(), &a, &sh, relu)?;
             self.cache = Some(BnCache {
                 x: Stash::new(x),
+                relu_y: relu.then(|| Stash::new(y.clone())),
                 mean,
                 invstd,
                 batch_stats: mode.is_train(),
@@ -324,24 +349,44 @@ impl<E: Real> Module<E> for BatchNorm2d<E> {
             Ok(y)
         } else {
             self.cache = None;
-            b.channel_affine(x, &a, &sh, false)
+            b.channel_affine(x, &a, &sh, relu)
         }
+    }
+}
+
+impl<E: Real> Module<E> for BatchNorm2d<E> {
+    fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
+        self.forward_impl(b, x, mode, false)
     }
 
     fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         let c = self.cache.take().ok_or_else(|| no_forward("batch norm"))?;
         let (gamma, dgamma) = self.weight.value_and_grad("batch norm weight")?;
         let dbeta = self.bias.grad_mut();
-        b.batch_norm_backward(
-            c.x.get::<B::T>()?,
-            &dy,
-            &c.mean,
-            &c.invstd,
-            gamma,
-            c.batch_stats,
-            dgamma,
-            dbeta,
-        )
+        let x = c.x.get::<B::T>()?;
+        match &c.relu_y {
+            Some(y) => b.batch_norm_relu_backward(
+                x,
+                y.get::<B::T>()?,
+                dy,
+                &c.mean,
+                &c.invstd,
+                gamma,
+                c.batch_stats,
+                dgamma,
+                dbeta,
+            ),
+            None => b.batch_norm_backward(
+                x,
+                &dy,
+                &c.mean,
+                &c.invstd,
+                gamma,
+                c.batch_stats,
+                dgamma,
+                dbeta,
+            ),
+        }
     }
 
     fn visit<'a>(&'a self, prefix: &str, f: Visit<'a, '_, E>) {
@@ -392,6 +437,8 @@ impl<E: Real> Module<E> for BatchNorm2d<E> {
 #[derive(Clone, Debug, Default)]
 pub struct Relu<E> {
     cache: Option<Stash>,
+    /// The preceding BatchNorm computed this ReLU (forward and backward) in the last pass.
+    fused: bool,
     _e: std::marker::PhantomData<E>,
 }
 
@@ -400,19 +447,31 @@ impl<E: Real> Relu<E> {
     pub fn new() -> Self {
         Relu {
             cache: None,
+            fused: false,
             _e: std::marker::PhantomData,
         }
+    }
+
+    /// Records that the preceding BatchNorm ran this ReLU ([`BatchNorm2d::forward_fused_relu`]):
+    /// this layer's backward then passes the gradient through unchanged.
+    pub fn mark_fused(&mut self, mode: Mode) {
+        self.cache = None;
+        self.fused = mode.records();
     }
 }
 
 impl<E: Real> Module<E> for Relu<E> {
     fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         let y = b.relu(x)?;
+        self.fused = false;
         self.cache = mode.records().then(|| Stash::new(y.clone()));
         Ok(y)
     }
 
     fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
+        if std::mem::take(&mut self.fused) {
+            return Ok(dy);
+        }
         let y = self.cache.take().ok_or_else(|| no_forward("relu"))?;
         b.relu_backward(y.get::<B::T>()?, dy)
     }

@@ -156,14 +156,12 @@ impl<E: Real> Module<E> for Seq<E> {
     fn forward<B: Backend<E>>(&mut self, b: &B, mut x: B::T, mode: Mode) -> Result<B::T> {
         let mut i = 0;
         while i < self.layers.len() {
-            if mode == Mode::Infer && i + 1 < self.layers.len() {
-                if let [(_, Layer::BatchNorm2d(bn)), (_, Layer::Relu(_)), ..] =
-                    &mut self.layers[i..]
-                {
-                    x = bn.forward_relu(b, x)?;
-                    i += 2;
-                    continue;
-                }
+            // BatchNorm followed by ReLU: one pass (and one fused backward when recording).
+            if let [(_, Layer::BatchNorm2d(bn)), (_, Layer::Relu(r)), ..] = &mut self.layers[i..] {
+                x = bn.forward_fused_relu(b, x, mode)?;
+                r.mark_fused(mode);
+                i += 2;
+                continue;
             }
             x = self.layers[i].1.forward(b, x, mode)?;
             i += 1;

@@ -456,6 +456,76 @@ impl Cuda {
         Ok(())
     }
 
+    /// BatchNorm backward, with `relu_y` the output of a fused ReLU (masks dy).
+    #[allow(clippy::too_many_arguments)]
+    fn bn_backward(
+        &self,
+        x: &GpuTensor,
+        relu_y: Option<&GpuTensor>,
+        dy: &GpuTensor,
+        mean: &[f64],
+        invstd: &[f64],
+        gamma: &[f32],
+        batch_stats: bool,
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) -> Result<GpuTensor> {
+        let s = x.shape();
+        same_shape(dy.shape(), s, "batch norm gradient")?;
+        for (what, len) in [
+            ("batch norm mean", mean.len()),
+            ("batch norm invstd", invstd.len()),
+            ("batch norm weight", gamma.len()),
+            ("batch norm weight gradient", dgamma.len()),
+            ("batch norm bias gradient", dbeta.len()),
+        ] {
+            check_len(what, len, s.c)?;
+        }
+        let (xb, dyb) = (x, dy);
+        let (mb, ib, gb) = (self.up(mean)?, self.up(invstd)?, self.up(gamma)?);
+        let (dgb, dbb) = (self.up(dgamma)?, self.up(dbeta)?);
+        let dx = self.out_t(s)?;
+        let ptrs = [
+            self.addr(&xb),
+            self.addr(&dyb),
+            relu_y.map_or(0, |y| self.addr(&y)),
+            self.addr(&mb),
+            self.addr(&ib),
+            self.addr(&gb),
+            self.addr(&dgb),
+            self.addr(&dbb),
+            self.addr(&dx),
+        ];
+        let (n, c, hw, bs) = (
+            small("batch", s.n)?,
+            small("channels", s.c)?,
+            s.hw() as u64,
+            batch_stats as u32,
+        );
+        let mut args = [
+            arg(&ptrs[0]),
+            arg(&ptrs[1]),
+            arg(&ptrs[2]),
+            arg(&ptrs[3]),
+            arg(&ptrs[4]),
+            arg(&ptrs[5]),
+            arg(&ptrs[6]),
+            arg(&ptrs[7]),
+            arg(&ptrs[8]),
+            arg(&n),
+            arg(&c),
+            arg(&hw),
+            arg(&bs),
+        ];
+        // SAFETY: nn_bn_bwd_f32(x, dy, relu_y, mean, invstd, gamma, dgamma, dbeta, dx, n, c,
+        // hw, batch_stats): x, dy, dx (and relu_y, shape checked by the caller) hold s; the
+        // per-channel buffers c elements each.
+        unsafe { self.launch("nn_bn_bwd_f32", (c.max(1), 1, 1), &mut args)? };
+        dgamma.copy_from_slice(&self.down(&dgb, s.c)?);
+        dbeta.copy_from_slice(&self.down(&dbb, s.c)?);
+        Ok(GpuTensor::wrap(dx))
+    }
+
     /// Samples per launch so that samples x groups fits grid.z.
     fn sample_chunk(g: &ConvGeom) -> usize {
         (MAX_GRID_YZ / g.groups).max(1)
@@ -888,61 +958,36 @@ impl Backend<f32> for Cuda {
         dgamma: &mut [f32],
         dbeta: &mut [f32],
     ) -> Result<GpuTensor> {
-        let s = x.shape();
-        same_shape(dy.shape(), s, "batch norm gradient")?;
-        for (what, len) in [
-            ("batch norm mean", mean.len()),
-            ("batch norm invstd", invstd.len()),
-            ("batch norm weight", gamma.len()),
-            ("batch norm weight gradient", dgamma.len()),
-            ("batch norm bias gradient", dbeta.len()),
-        ] {
-            check_len(what, len, s.c)?;
-        }
-        let (xb, dyb) = (x, dy);
-        let (mb, ib, gb) = (self.up(mean)?, self.up(invstd)?, self.up(gamma)?);
-        let (dgb, dbb) = (self.up(dgamma)?, self.up(dbeta)?);
-        let dx = self.out_t(s)?;
-        let ptrs = [
-            self.addr(&xb),
-            self.addr(&dyb),
-            self.addr(&mb),
-            self.addr(&ib),
-            self.addr(&gb),
-            self.addr(&dgb),
-            self.addr(&dbb),
-            self.addr(&dx),
-        ];
-        let (n, c, hw, bs) = (
-            small("batch", s.n)?,
-            small("channels", s.c)?,
-            s.hw() as u64,
-            batch_stats as u32,
-        );
-        let mut args = [
-            arg(&ptrs[0]),
-            arg(&ptrs[1]),
-            arg(&ptrs[2]),
-            arg(&ptrs[3]),
-            arg(&ptrs[4]),
-            arg(&ptrs[5]),
-            arg(&ptrs[6]),
-            arg(&ptrs[7]),
-            arg(&n),
-            arg(&c),
-            arg(&hw),
-            arg(&bs),
-        ];
-        // SAFETY: nn_bn_bwd_f32(x, dy, mean, invstd, gamma, dgamma, dbeta, dx, n, c, hw,
-        // batch_stats): x, dy, dx hold s; the per-channel buffers c elements each.
-        unsafe { self.launch("nn_bn_bwd_f32", (c.max(1), 1, 1), &mut args)? };
-        dgamma.copy_from_slice(&self.down(&dgb, s.c)?);
-        dbeta.copy_from_slice(&self.down(&dbb, s.c)?);
-        Ok(GpuTensor::wrap(dx))
+        self.bn_backward(x, None, dy, mean, invstd, gamma, batch_stats, dgamma, dbeta)
+    }
+
+    fn batch_norm_relu_backward(
+        &self,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        dy: GpuTensor,
+        mean: &[f64],
+        invstd: &[f64],
+        gamma: &[f32],
+        batch_stats: bool,
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) -> Result<GpuTensor> {
+        same_shape(y.shape(), x.shape(), "fused ReLU output")?;
+        self.bn_backward(
+            x,
+            Some(y),
+            &dy,
+            mean,
+            invstd,
+            gamma,
+            batch_stats,
+            dgamma,
+            dbeta,
+        )
     }
 
     fn relu(&self, x: GpuTensor) -> Result<GpuTensor> {
-        x.shape();
         self.pointwise(EW_RELU, &x, None)
     }
 

@@ -343,6 +343,26 @@ pub trait Backend<E: Real>: Sync {
         dbeta: &mut [E],
     ) -> Result<Self::T>;
 
+    /// BatchNorm backward through the ReLU that followed it (the two fused): `y` is the ReLU's
+    /// output and `dy` the gradient there. The default masks `dy` and calls
+    /// [`Backend::batch_norm_backward`].
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_relu_backward(
+        &self,
+        x: &Self::T,
+        y: &Self::T,
+        dy: Self::T,
+        mean: &[f64],
+        invstd: &[f64],
+        gamma: &[E],
+        batch_stats: bool,
+        dgamma: &mut [E],
+        dbeta: &mut [E],
+    ) -> Result<Self::T> {
+        let d = self.relu_backward(y, dy)?;
+        self.batch_norm_backward(x, &d, mean, invstd, gamma, batch_stats, dgamma, dbeta)
+    }
+
     /// `max(x, 0)`, in place.
     fn relu(&self, x: Self::T) -> Result<Self::T>;
 
