@@ -3,6 +3,8 @@
 //! computation, resume that continues bit for bit, a short run whose loss falls, run folders,
 //! and the `senet` commands end to end on tiny generated data.
 
+mod nn_common;
+
 use senet::nn::{Cpu, Mode, Reference, SlotRef};
 use senet::tensor::{Layout, Shape, Tensor};
 use senet::train::data::{DataKind, DataSplit, InMemory};
@@ -360,20 +362,25 @@ fn same_training<B: senet::nn::Backend<f32>>(a: &Trainer<B>, b: &Trainer<B>) {
 
 /// Train 2 epochs of 6 steps straight through, and again stopping after `stop` steps, saving,
 /// and resuming from the folder (config, data, weights, momentum, state); compare bit for bit.
-fn resume_case<B: senet::nn::Backend<f32> + Copy>(backend: B, stop: usize) {
+fn resume_case<B: senet::nn::Backend<f32> + Clone>(backend: B, stop: usize) {
+    resume_case_on(backend, Device::Cpu, stop)
+}
+
+fn resume_case_on<B: senet::nn::Backend<f32> + Clone>(backend: B, device: Device, stop: usize) {
     let data_dir = tempfile::tempdir().unwrap();
     write_squares_idx(data_dir.path(), 48, 12, 9);
     let spec = DataSpec::Idx(data_dir.path().to_path_buf());
     let split = spec.load().unwrap();
-    let config = tiny_config(spec, &split, 2);
+    let mut config = tiny_config(spec, &split, 2);
+    config.device = device;
 
-    let mut straight = Trainer::new(backend, config.clone(), &split).unwrap();
+    let mut straight = Trainer::new(backend.clone(), config.clone(), &split).unwrap();
     assert_eq!(straight.steps_per_epoch(), 6);
     straight.fit(None, &mut ()).unwrap();
     assert_eq!(straight.state().global_step, 12);
 
     let run = tempfile::tempdir().unwrap();
-    let mut first = Trainer::new(backend, config.clone(), &split).unwrap();
+    let mut first = Trainer::new(backend.clone(), config.clone(), &split).unwrap();
     config.save(run.path()).unwrap();
     let mut left = stop;
     while left > 0 {
@@ -407,6 +414,20 @@ fn resume_on_the_fast_cpu_backend_with_one_thread() {
         .build()
         .unwrap();
     pool.install(|| resume_case(Cpu, 9));
+}
+
+/// The CUDA backend sums in a fixed order everywhere, so a resumed run matches too (on the
+/// kernel emulator here; on a GPU as well when one is present).
+#[test]
+fn resume_on_the_cuda_backend() {
+    for be in nn_common::cuda_backends() {
+        let device = if be.device().is_emulator() {
+            Device::CudaEmu
+        } else {
+            Device::Cuda
+        };
+        resume_case_on(be, device, 4);
+    }
 }
 
 #[test]
