@@ -75,7 +75,10 @@ for p in $phases; do
         --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench.csv" || status=1
       phase net ${NET_TORCH_LIMIT:-240} env LD_LIBRARY_PATH="$orig_ld" python3 "$here/torch_net.py" \
         --batch ${NET_BATCH:-1,32} --ours "$out/net-bench.csv" --out "$out/torch-net.csv" ${NET_TORCH_ARGS:-} || status=1
-      grep -E "^\||^device:" "$out/net.log" | head -40 ;;
+      # End to end: one epoch of `senet train --device cuda` on a digits subset.
+      phase net ${NET_TRAIN_LIMIT:-180} "$bin/senet" train --device cuda --epochs 1 --train-size 2048 \
+        --test-size 512 --run-dir "$out/train-cuda" --quiet || status=1
+      grep -E "^\||^device:|epoch|done:" "$out/net.log" | head -40 ;;
     *) echo "unknown phase $p"; status=1 ;;
   esac
 done
