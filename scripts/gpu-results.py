@@ -108,7 +108,7 @@ def main():
     fenced("torch", "PyTorch (timm SEModule) on the same card, and the ratios", r"^device:|^  ")
     tabled("torch")
     fenced("ncu", "Nsight Compute", r"se_|dram__|lts__|gpu__time")
-    fenced("net", "Whole network: `senet net-bench` and torch_net.py", r"^=== |^device:|^# |ms \(")
+    fenced("net", "Whole network: `senet net-bench` and torch_net.py", r"^=== |^device:|^# |ms \(|epoch|done:")
     tabled("net")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
