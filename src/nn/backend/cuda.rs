@@ -43,8 +43,31 @@ fn small(what: &str, v: usize) -> Result<u32> {
     Ok(v as u32)
 }
 
+/// Blocks for a grid-stride kernel: enough to cover `n` items, capped (the kernel loops).
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per).clamp(1, 1 << 20) as u32
+}
+
+/// grid.x for a kernel with one block per `per` items and no loop: all of them, or an error.
+fn grid_x(n: usize, per: usize) -> Result<u32> {
+    let b = n.div_ceil(per).max(1);
+    if b > i32::MAX as usize {
+        return Err(Error::Shape(format!(
+            "{n} items need more than 2^31 - 1 blocks"
+        )));
+    }
+    Ok(b as u32)
+}
+
+/// grid.y likewise (at most 65,535 blocks).
+fn grid_y(n: usize, per: usize) -> Result<u32> {
+    let b = n.div_ceil(per).max(1);
+    if b > MAX_GRID_YZ {
+        return Err(Error::Shape(format!(
+            "{n} items need more than {MAX_GRID_YZ} blocks along grid.y"
+        )));
+    }
+    Ok(b as u32)
 }
 
 /// A device address for a kernel argument.
@@ -563,10 +586,7 @@ impl Cuda {
             arg(&ku),
             arg(&acc),
         ];
-        if m.div_ceil(TILE) > MAX_GRID_YZ {
-            return Err(Error::Shape(format!("GEMM with {m} rows is too tall")));
-        }
-        let grid = (blocks(n, TILE), blocks(m, TILE), 1);
+        let grid = (grid_x(n, TILE)?, grid_y(m, TILE)?, 1);
         // SAFETY: nn_gemm_f32(A, sa_m, sa_k, B, sb_k, sb_n, C, bias, M, N, K, accumulate); the
         // callers pass buffers of at least M*K (A), K*N (B), M*N (C) and N (bias) floats in the
         // strides given.
@@ -775,8 +795,8 @@ impl Backend<f32> for Cuda {
             let (wp, bp) = (self.addr(&wb), bb.as_ref().map_or(0, |b| self.addr(b)));
             let mut args = [arg(&pc), arg(&xp), arg(&wp), arg(&bp), arg(&yp)];
             let grid = (
-                blocks(ys.hw(), TILE),
-                blocks(g.out_per_group(), TILE),
+                grid_x(ys.hw(), TILE)?,
+                grid_y(g.out_per_group(), TILE)?,
                 (nn * g.groups) as u32,
             );
             // SAFETY: nn_conv_fwd_f32(p, x, w, bias, y): x and y point at sample n0 of buffers
@@ -842,8 +862,8 @@ impl Backend<f32> for Cuda {
             return Err(Error::Shape(format!("{} groups are too many", g.groups)));
         }
         let grid = (
-            blocks(g.in_per_group() * g.kernel * g.kernel, TILE),
-            blocks(g.out_per_group(), TILE),
+            grid_x(g.in_per_group() * g.kernel * g.kernel, TILE)?,
+            grid_y(g.out_per_group(), TILE)?,
             z as u32,
         );
         // SAFETY: nn_conv_bwd_weight_f32(p, x, dy, dw, partial, splits, k_per_split): x holds
@@ -879,8 +899,8 @@ impl Backend<f32> for Cuda {
             let wp = self.addr(&wb);
             let mut args = [arg(&pc), arg(&dyp), arg(&wp), arg(&dxp)];
             let grid = (
-                blocks(xs.hw(), TILE),
-                blocks(g.in_per_group(), TILE),
+                grid_x(xs.hw(), TILE)?,
+                grid_y(g.in_per_group(), TILE)?,
                 (nn * g.groups) as u32,
             );
             // SAFETY: nn_conv_bwd_data_f32(p, dy, w, dx): dy and dx point at sample n0 of
@@ -1025,7 +1045,7 @@ impl Backend<f32> for Cuda {
             arg(&pad),
         ];
         let grid = (
-            blocks(ys.hw(), THREADS as usize),
+            grid_x(ys.hw(), THREADS as usize)?,
             (nc as usize).clamp(1, MAX_GRID_YZ) as u32,
             1,
         );
@@ -1078,7 +1098,7 @@ impl Backend<f32> for Cuda {
         unsafe {
             self.launch(
                 "nn_maxpool_bwd_f32",
-                (blocks(nc as usize, THREADS as usize), 1, 1),
+                (grid_x(nc as usize, THREADS as usize)?, 1, 1),
                 &mut args,
             )?
         };
@@ -1108,7 +1128,7 @@ impl Backend<f32> for Cuda {
             arg(&inc),
         ];
         let grid = (
-            blocks(ys.hw(), THREADS as usize),
+            grid_x(ys.hw(), THREADS as usize)?,
             (nc as usize).clamp(1, MAX_GRID_YZ) as u32,
             1,
         );
@@ -1147,7 +1167,7 @@ impl Backend<f32> for Cuda {
         unsafe {
             self.launch(
                 "nn_avgpool_div_f32",
-                (blocks(ys.hw(), THREADS as usize), planes, 1),
+                (grid_x(ys.hw(), THREADS as usize)?, planes, 1),
                 &mut args,
             )?
         };
@@ -1167,7 +1187,7 @@ impl Backend<f32> for Cuda {
         unsafe {
             self.launch(
                 "nn_avgpool_bwd_f32",
-                (blocks(input.hw(), THREADS as usize), planes, 1),
+                (grid_x(input.hw(), THREADS as usize)?, planes, 1),
                 &mut args,
             )?
         };
