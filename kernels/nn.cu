@@ -357,7 +357,7 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 SENET_EMU_REGISTER(nn_bn_stats_f32)
 
-// y = a[c] x + b[c], then ReLU when `relu` (NaN becomes 0 there, as Rust's f64::max does).
+// y = a[c] x + b[c], then ReLU when `relu` (NaN passes, as in PyTorch).
 extern "C" __global__ void __launch_bounds__(256)
     nn_affine_f32(const float* __restrict__ x, float* __restrict__ y, const float* __restrict__ a,
                   const float* __restrict__ b, uint64_t total, uint32_t c, uint64_t hw, uint32_t relu) {
@@ -365,7 +365,7 @@ extern "C" __global__ void __launch_bounds__(256)
          i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
         const uint32_t ch = static_cast<uint32_t>((i / hw) % c);
         const float r = fmaf(a[ch], x[i], b[ch]);
-        y[i] = relu ? fmaxf(r, 0.0f) : r;
+        y[i] = (relu && r < 0.0f) ? 0.0f : r;
     }
 }
 SENET_EMU_REGISTER(nn_affine_f32)
@@ -417,7 +417,7 @@ SENET_EMU_REGISTER(nn_bn_bwd_f32)
 #define NN_EW_RELU 0u      /* y = a < 0 ? 0 : a (NaN passes) */
 #define NN_EW_RELU_BWD 1u  /* y = b > 0 ? a : 0 (a = dy, b = the ReLU's output) */
 #define NN_EW_ADD 2u       /* y = a + b */
-#define NN_EW_ADD_RELU 3u  /* y = max(a + b, 0) (NaN becomes 0) */
+#define NN_EW_ADD_RELU 3u  /* y = max(a + b, 0) (NaN passes) */
 #define NN_EW_MUL 4u       /* y = a * b (dropout masks) */
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -432,7 +432,7 @@ extern "C" __global__ void __launch_bounds__(256)
             case NN_EW_RELU_BWD: r = b[i] > 0.0f ? v : 0.0f; break;
             case NN_EW_ADD: r = v + b[i]; break;
             case NN_EW_MUL: r = v * b[i]; break;
-            default: r = fmaxf(v + b[i], 0.0f); break;
+            default: r = (v + b[i] < 0.0f) ? 0.0f : v + b[i]; break;
         }
         y[i] = r;
     }
@@ -487,7 +487,9 @@ SENET_EMU_REGISTER(nn_maxpool_bwd_f32)
 
 __device__ __forceinline__ float avg_divisor(uint32_t include_pad, uint32_t h0, uint32_t h1, uint32_t w0,
                                              uint32_t w1, uint32_t eh, uint32_t ew) {
-    return include_pad ? static_cast<float>(eh * ew) : static_cast<float>((h1 - h0) * (w1 - w0));
+    // Products in float: a huge padded window must not wrap a 32-bit integer.
+    return include_pad ? static_cast<float>(eh) * static_cast<float>(ew)
+                       : static_cast<float>(h1 - h0) * static_cast<float>(w1 - w0);
 }
 
 // Average pooling, one thread per output.

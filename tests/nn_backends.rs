@@ -173,6 +173,22 @@ fn check_pointwise_ops<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
         );
     }
 
+    // The fused ReLUs (affine + ReLU, add + ReLU) let NaN through, as PyTorch's ReLU does.
+    let mut xn = x32.clone();
+    xn.data_mut()[7] = f32::NAN;
+    let y = be.channel_affine(xn.clone(), &a32, &b32, true).unwrap();
+    assert!(
+        y.data()[7].is_nan(),
+        "fused affine+ReLU turned NaN into {}",
+        y.data()[7]
+    );
+    let y = be.add(xn.clone(), &dy32, true).unwrap();
+    assert!(
+        y.data()[7].is_nan(),
+        "add+ReLU turned NaN into {}",
+        y.data()[7]
+    );
+
     let y = be.relu(x32.clone()).unwrap();
     let yr = Reference.relu(x64.clone()).unwrap();
     close("relu", &f64s(&y), yr.data(), 0.0);

@@ -263,6 +263,20 @@ impl<E: Real> BatchNorm2d<E> {
     fn affine(&self, mean: &[f64], invstd: &[f64]) -> Result<(Vec<E>, Vec<E>)> {
         let g = self.weight.values("batch norm weight")?;
         let bt = self.bias.values("batch norm bias")?;
+        for (what, len) in [
+            ("batch norm weight", g.len()),
+            ("batch norm bias", bt.len()),
+            ("batch norm mean", mean.len()),
+            ("batch norm invstd", invstd.len()),
+        ] {
+            if len != self.channels {
+                return Err(Error::Length {
+                    what,
+                    got: len,
+                    expected: self.channels,
+                });
+            }
+        }
         let a: Vec<f64> = (0..self.channels)
             .map(|c| g[c].to_f64() * invstd[c])
             .collect();

@@ -105,7 +105,8 @@ impl<E> AsLayer for SqueezeExcite<E> {}
 /// A sequence of named layers, run in order (and backward in reverse). A layer's parameters are
 /// named `<layer name>.<parameter>`; names may contain dots (`conv1.0`, `downsample.1`).
 ///
-/// In [`Mode::Infer`], a BatchNorm followed by a ReLU runs as one fused pass.
+/// A BatchNorm followed by a ReLU runs as one fused pass in every mode (and, when recording,
+/// one fused backward: [`BatchNorm2d::forward_fused_relu`](crate::nn::layers::BatchNorm2d)).
 #[derive(Clone, Debug, Default)]
 pub struct Seq<E> {
     layers: Vec<(String, Layer<E>)>,

@@ -579,7 +579,7 @@ impl Backend<f32> for Cpu {
             .for_each(|(nc, p)| {
                 let (av, bv) = (a[nc % s.c], b[nc % s.c]);
                 if relu {
-                    p.iter_mut().for_each(|v| *v = (av * *v + bv).max(0.0));
+                    p.iter_mut().for_each(|v| *v = relu_keep_nan(av * *v + bv));
                 } else {
                     p.iter_mut().for_each(|v| *v = av * *v + bv);
                 }
@@ -687,7 +687,7 @@ impl Backend<f32> for Cpu {
                 if relu {
                     x.iter_mut()
                         .zip(y)
-                        .for_each(|(x, &y)| *x = (*x + y).max(0.0));
+                        .for_each(|(x, &y)| *x = relu_keep_nan(*x + y));
                 } else {
                     x.iter_mut().zip(y).for_each(|(x, &y)| *x += y);
                 }
@@ -1031,4 +1031,15 @@ fn divisor(g: &PoolGeom, h0: usize, h1: usize, w0: usize, w1: usize, eh: usize, 
         (h1 - h0) * (w1 - w0)
     };
     d.max(1) as f32
+}
+
+/// `max(v, 0)` that lets NaN through, as PyTorch's ReLU does (so a diverging run shows NaN
+/// instead of zeros).
+#[inline(always)]
+fn relu_keep_nan(v: f32) -> f32 {
+    if v < 0.0 {
+        0.0
+    } else {
+        v
+    }
 }

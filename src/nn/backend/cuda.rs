@@ -404,16 +404,34 @@ impl Cuda {
 
     fn conv_params(&self, g: &ConvGeom, xs: Shape, ys: Shape) -> Result<NnConvParams> {
         // Every size, and the products the kernels form, fits a 32-bit signed integer.
-        small("output pixels x batch", xs.n * ys.h * ys.w)?;
+        small(
+            "output pixels x batch",
+            xs.n.saturating_mul(ys.h).saturating_mul(ys.w),
+        )?;
         small(
             "padded input pixels",
-            (xs.h + g.padding) * (xs.w + g.padding),
+            xs.h.saturating_add(g.padding)
+                .saturating_mul(xs.w.saturating_add(g.padding)),
         )?;
-        small("output extent", (ys.h.max(ys.w) + 1) * g.stride + g.kernel)?;
+        small(
+            "output extent",
+            (ys.h.max(ys.w) + 1)
+                .saturating_mul(g.stride)
+                .saturating_add(g.kernel),
+        )?;
         small(
             "output channels per group x taps",
-            g.out_per_group() * g.kernel * g.kernel,
+            g.out_per_group()
+                .saturating_mul(g.kernel)
+                .saturating_mul(g.kernel),
         )?;
+        small("groups", g.groups)?;
+        if g.groups > MAX_GRID_YZ {
+            return Err(Error::Shape(format!(
+                "{} convolution groups exceed the CUDA grid",
+                g.groups
+            )));
+        }
         Ok(NnConvParams {
             n: small("batch", xs.n)?,
             c: small("input channels", xs.c)?,
@@ -428,7 +446,12 @@ impl Cuda {
             groups: small("groups", g.groups)?,
             icg: small("input channels per group", g.in_per_group())?,
             ocg: small("output channels per group", g.out_per_group())?,
-            kdepth: small("convolution depth", g.in_per_group() * g.kernel * g.kernel)?,
+            kdepth: small(
+                "convolution depth",
+                g.in_per_group()
+                    .saturating_mul(g.kernel)
+                    .saturating_mul(g.kernel),
+            )?,
             flags: 0,
             reserved: 0,
         })
@@ -649,7 +672,11 @@ impl Cuda {
         small("pool output plane", ys.hw())?;
         small(
             "pool extent",
-            (ys.h.max(ys.w) + 1) * g.stride + g.kernel + xs.h.max(xs.w) + g.padding,
+            (ys.h.max(ys.w) + 1)
+                .saturating_mul(g.stride)
+                .saturating_add(g.kernel)
+                .saturating_add(xs.h.max(xs.w))
+                .saturating_add(g.padding),
         )?;
         Ok(())
     }

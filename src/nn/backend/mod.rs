@@ -131,13 +131,20 @@ impl ConvGeom {
 }
 
 fn conv_out(size: usize, k: usize, s: usize, p: usize) -> Result<usize> {
-    let padded = size + 2 * p;
+    let padded = padded_size(size, p)?;
     if padded < k {
         return Err(Error::Shape(format!(
             "kernel {k} does not fit input {size} with padding {p}"
         )));
     }
     Ok((padded - k) / s + 1)
+}
+
+/// `size + 2 * p`, or an error where that overflows (absurd padding, not a panic).
+fn padded_size(size: usize, p: usize) -> Result<usize> {
+    p.checked_mul(2)
+        .and_then(|t| t.checked_add(size))
+        .ok_or_else(|| Error::Shape(format!("padding {p} on size {size} overflows")))
 }
 
 /// A 2-d pooling window's geometry (PyTorch's `MaxPool2d` / `AvgPool2d` semantics).
@@ -191,7 +198,7 @@ impl PoolGeom {
     pub fn out_size(&self, size: usize) -> Result<usize> {
         self.validate()?;
         let (k, s, p) = (self.kernel, self.stride, self.padding);
-        let padded = size + 2 * p;
+        let padded = padded_size(size, p)?;
         if padded < k {
             return Err(Error::Shape(format!(
                 "pooling window {k} does not fit input {size} with padding {p}"

@@ -213,7 +213,8 @@ impl<E: Real> Backend<E> for Reference {
         for (i, v) in x.data_mut().iter_mut().enumerate() {
             let c = (i / hw) % s.c;
             let r = a[c].to_f64() * v.to_f64() + b[c].to_f64();
-            *v = E::from_f64(if relu { r.max(0.0) } else { r });
+            // NaN passes, as in PyTorch.
+            *v = E::from_f64(if relu && r < 0.0 { 0.0 } else { r });
         }
         Ok(x)
     }
@@ -297,7 +298,7 @@ impl<E: Real> Backend<E> for Reference {
         same_shape(nchw(&a, "add lhs")?, nchw(b, "add rhs")?, "residual add")?;
         for (x, &y) in a.data_mut().iter_mut().zip(b.data()) {
             let r = x.to_f64() + y.to_f64();
-            *x = E::from_f64(if relu { r.max(0.0) } else { r });
+            *x = E::from_f64(if relu && r < 0.0 { 0.0 } else { r });
         }
         Ok(a)
     }
