@@ -46,6 +46,7 @@ for p in $phases; do
       phase tests ${TESTS_LIMIT:-300} "$bin/gpu-tests" --test-threads 8 || status=1
       SENET_TEST_EMULATOR=0 phase tests ${NN_TESTS_LIMIT:-120} "$bin/nn-backends-tests" cuda_ || status=1
       SENET_TEST_EMULATOR=0 phase tests ${NN_TESTS_LIMIT:-120} "$bin/nn-training-tests" cuda || status=1
+      SENET_TEST_EMULATOR=0 phase tests ${NN_TESTS_LIMIT:-120} "$bin/train-loop-tests" resume_on_the_cuda_backend || status=1
       grep -E "^test |FAIL|failures|test result|cases x" "$out/tests.log" | head -60 ;;
     sanitize)
       for tool in memcheck racecheck synccheck; do

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export SENET_REQUIRE_NVCC=1
 cargo build --release --bin senet
 # The GPU test binaries: the SE kernels (gpu) and the CUDA network backend (nn_backends,
-# nn_training; their cuda_* tests).
+# nn_training, train_loop; their cuda tests).
 exe() {
   cargo test --release --no-run --test "$1" --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
@@ -24,6 +24,7 @@ cp target/release/senet gpu-pack/bin/senet
 cp "$(exe gpu)" gpu-pack/bin/gpu-tests
 cp "$(exe nn_backends)" gpu-pack/bin/nn-backends-tests
 cp "$(exe nn_training)" gpu-pack/bin/nn-training-tests
+cp "$(exe train_loop)" gpu-pack/bin/train-loop-tests
 strip gpu-pack/bin/*
 cp scripts/gpu-checks.sh benches/torch_se.py benches/torch_net.py gpu-pack/
 { git rev-parse HEAD; git status --short; } > gpu-pack/COMMIT
