@@ -710,3 +710,70 @@ fn senet_train_eval_plot_and_ablate_commands() {
     let (ok, text) = senet(&["ablate", "--groups", "nonsense"]);
     assert!(!ok && text.contains("unknown ablation"), "{text}");
 }
+
+/// `senet train`, `eval` and `net-bench` on the CUDA backend, through the kernel emulator: the
+/// GPU code path end to end from the command line.
+#[test]
+fn senet_commands_on_the_cuda_emulator() {
+    if senet::cuda::CudaDevice::emulator().is_err() {
+        eprintln!("skipped: this build has no kernel emulator");
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    write_squares_idx(data.path(), 32, 16, 9);
+    let spec = format!("idx:{}", data.path().display());
+    let runs = tempfile::tempdir().unwrap();
+    let run = runs.path().join("emu");
+    let run_s = run.display().to_string();
+    let (ok, text) = senet(&[
+        "train",
+        "--device",
+        "cuda-emu",
+        "--data",
+        &spec,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--blocks",
+        "1",
+        "--width",
+        "4",
+        "--quiet",
+        "--run-dir",
+        &run_s,
+    ]);
+    assert!(
+        ok && text.contains("senet CPU emulator") && text.contains("done: test top-1"),
+        "{text}"
+    );
+    let config = std::fs::read_to_string(run.join("config.json")).unwrap();
+    assert!(config.contains("cuda-emu"), "{config}");
+    let (ok, text) = senet(&["eval", &run_s, "--device", "cuda-emu"]);
+    assert!(ok && text.contains("senet CPU emulator"), "{text}");
+    let csv = runs.path().join("net-bench.csv");
+    let (ok, text) = senet(&[
+        "net-bench",
+        "--device",
+        "cuda-emu",
+        "--model",
+        "seresnet20_cifar",
+        "--batch",
+        "2",
+        "--size",
+        "16",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--csv",
+        &csv.display().to_string(),
+    ]);
+    assert!(ok, "{text}");
+    let rows = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(rows.lines().count(), 3, "{rows}");
+    assert!(
+        rows.lines().skip(1).all(|l| l.contains("cuda-emu")),
+        "{rows}"
+    );
+}
