@@ -9,8 +9,8 @@
 //! dense convolutions) the GEMM itself is parallel.
 
 use super::{
-    check_len, nchw, reference::index_fits, same_shape, tensor, Backend, BnStats, ConvGeom,
-    PoolGeom, SeBackward,
+    check_bn_lens, check_len, nchw, reference::index_fits, same_shape, tensor, Backend, BnStats,
+    ConvGeom, PoolGeom, SeBackward,
 };
 use crate::error::{Error, Result};
 use crate::linalg::sgemm;
@@ -600,15 +600,16 @@ impl Backend<f32> for Cpu {
     ) -> Result<Tensor<f32>> {
         let s = nchw(x, "batch norm input")?;
         same_shape(nchw(dy, "batch norm gradient")?, s, "batch norm gradient")?;
-        for (what, len) in [
-            ("batch norm mean", mean.len()),
-            ("batch norm invstd", invstd.len()),
-            ("batch norm weight", gamma.len()),
-            ("batch norm weight gradient", dgamma.len()),
-            ("batch norm bias gradient", dbeta.len()),
-        ] {
-            check_len(what, len, s.c)?;
-        }
+        check_bn_lens(
+            s.c,
+            [
+                mean.len(),
+                invstd.len(),
+                gamma.len(),
+                dgamma.len(),
+                dbeta.len(),
+            ],
+        )?;
         let hw = s.hw();
         let m = (s.n * hw) as f64;
         let sums: Vec<(f64, f64)> = (0..s.c)

@@ -8,7 +8,10 @@
 //! (docs/cuda-network-backend.md). f32 and NCHW only; reductions run in a fixed order, so
 //! results repeat bit for bit.
 
-use super::{check_len, same_shape, Activation, Backend, BnStats, ConvGeom, PoolGeom, SeBackward};
+use super::{
+    check_bn_lens, check_len, check_split, concat_shape, same_shape, Activation, Backend, BnStats,
+    ConvGeom, PoolGeom, SeBackward,
+};
 use crate::cuda::abi::NnConvParams;
 use crate::cuda::{Buf, CudaDevice, DevElem, DeviceTensor, Module};
 use crate::error::{Error, Result};
@@ -518,15 +521,16 @@ impl Cuda {
     ) -> Result<GpuTensor> {
         let s = x.shape();
         same_shape(dy.shape(), s, "batch norm gradient")?;
-        for (what, len) in [
-            ("batch norm mean", mean.len()),
-            ("batch norm invstd", invstd.len()),
-            ("batch norm weight", gamma.len()),
-            ("batch norm weight gradient", dgamma.len()),
-            ("batch norm bias gradient", dbeta.len()),
-        ] {
-            check_len(what, len, s.c)?;
-        }
+        check_bn_lens(
+            s.c,
+            [
+                mean.len(),
+                invstd.len(),
+                gamma.len(),
+                dgamma.len(),
+                dbeta.len(),
+            ],
+        )?;
         let (xb, dyb) = (x, dy);
         let (mb, ib, gb) = (self.up(mean)?, self.up(invstd)?, self.up(gamma)?);
         let (dgb, dbb) = (self.up(dgamma)?, self.up(dbeta)?);
@@ -744,21 +748,7 @@ impl Backend<f32> for Cuda {
     }
 
     fn concat_channels(&self, parts: &[GpuTensor]) -> Result<GpuTensor> {
-        let first = parts
-            .first()
-            .ok_or_else(|| Error::Shape("concatenation of no tensors".into()))?
-            .shape();
-        let mut c = 0;
-        for p in parts {
-            let s = p.shape();
-            if s.n != first.n || s.h != first.h || s.w != first.w {
-                return Err(Error::Shape(format!(
-                    "cannot concatenate {s} with {first} along channels"
-                )));
-            }
-            c += s.c;
-        }
-        let out = Shape::try_new(first.n, c, first.h, first.w)?;
+        let out = concat_shape(parts.iter().map(|p| p.shape()))?;
         let mut y = self.out_t(out)?;
         let mut c0 = 0;
         for p in parts {
@@ -771,11 +761,7 @@ impl Backend<f32> for Cuda {
 
     fn split_channels(&self, x: &GpuTensor, sizes: &[usize]) -> Result<Vec<GpuTensor>> {
         let s = x.shape();
-        if sizes.iter().sum::<usize>() != s.c {
-            return Err(Error::Shape(format!(
-                "cannot split {s} into channel groups {sizes:?}"
-            )));
-        }
+        check_split(s, sizes)?;
         let mut out = Vec::with_capacity(sizes.len());
         let mut c0 = 0;
         for &c in sizes {

@@ -478,6 +478,49 @@ pub(crate) fn tensor<E: Real>(shape: Shape, data: Vec<E>) -> Result<Tensor<E>> {
     Tensor::from_vec(shape, Layout::Nchw, data)
 }
 
+/// Checks a BatchNorm backward's per-channel lengths (mean, invstd, gamma, dgamma, dbeta) are
+/// all `c`.
+pub(crate) fn check_bn_lens(c: usize, lens: [usize; 5]) -> Result<()> {
+    let what = [
+        "batch norm mean",
+        "batch norm invstd",
+        "batch norm weight",
+        "batch norm weight gradient",
+        "batch norm bias gradient",
+    ];
+    for (what, len) in what.into_iter().zip(lens) {
+        check_len(what, len, c)?;
+    }
+    Ok(())
+}
+
+/// The shape of a channel concatenation of tensors of `shapes` (same n, h, w).
+pub(crate) fn concat_shape(mut shapes: impl Iterator<Item = Shape>) -> Result<Shape> {
+    let first = shapes
+        .next()
+        .ok_or_else(|| Error::Shape("concatenation of no tensors".into()))?;
+    let mut c = first.c;
+    for s in shapes {
+        if s.n != first.n || s.h != first.h || s.w != first.w {
+            return Err(Error::Shape(format!(
+                "cannot concatenate {s} with {first} along channels"
+            )));
+        }
+        c += s.c;
+    }
+    Shape::try_new(first.n, c, first.h, first.w)
+}
+
+/// Checks channel groups `sizes` add up to `s`'s channels.
+pub(crate) fn check_split(s: Shape, sizes: &[usize]) -> Result<()> {
+    if sizes.iter().sum::<usize>() != s.c {
+        return Err(Error::Shape(format!(
+            "cannot split {s} into channel groups {sizes:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// `x * mask` on the host (dropout).
 pub(crate) fn host_mul_mask<E: Real>(mut x: Tensor<E>, mask: &[E]) -> Result<Tensor<E>> {
     check_len("dropout mask", mask.len(), x.data().len())?;
@@ -490,23 +533,12 @@ pub(crate) fn host_mul_mask<E: Real>(mut x: Tensor<E>, mask: &[E]) -> Result<Ten
 
 /// Channel concatenation of NCHW tensors (Inception's output).
 pub(crate) fn host_concat_channels<E: Real>(parts: &[Tensor<E>]) -> Result<Tensor<E>> {
-    let first = parts
-        .first()
-        .ok_or_else(|| Error::Shape("concatenation of no tensors".into()))?
-        .shape();
-    let mut c = 0;
     for p in parts {
-        let s = p.shape();
-        if s.n != first.n || s.h != first.h || s.w != first.w || p.layout() != Layout::Nchw {
-            return Err(Error::Shape(format!(
-                "cannot concatenate {s} with {first} along channels"
-            )));
-        }
-        c += s.c;
+        nchw(p, "concatenation input")?;
     }
-    let out = Shape::try_new(first.n, c, first.h, first.w)?;
+    let out = concat_shape(parts.iter().map(|p| p.shape()))?;
     let mut data = Vec::with_capacity(out.numel());
-    for n in 0..first.n {
+    for n in 0..out.n {
         for p in parts {
             let k = p.shape().sample_numel();
             data.extend_from_slice(&p.data()[n * k..(n + 1) * k]);
@@ -522,11 +554,7 @@ pub(crate) fn host_split_channels<E: Real>(
     sizes: &[usize],
 ) -> Result<Vec<Tensor<E>>> {
     let s = x.shape();
-    if sizes.iter().sum::<usize>() != s.c {
-        return Err(Error::Shape(format!(
-            "cannot split {s} into channel groups {sizes:?}"
-        )));
-    }
+    check_split(s, sizes)?;
     let hw = s.hw();
     let mut out = Vec::with_capacity(sizes.len());
     let mut c0 = 0;

@@ -2,7 +2,8 @@
 //! fast backends are compared with and is never tuned.
 
 use super::{
-    check_len, nchw, same_shape, tensor, Backend, BnStats, ConvGeom, PoolGeom, SeBackward,
+    check_bn_lens, check_len, nchw, same_shape, tensor, Backend, BnStats, ConvGeom, PoolGeom,
+    SeBackward,
 };
 use crate::error::{Error, Result};
 use crate::nn::param::Real;
@@ -232,15 +233,16 @@ impl<E: Real> Backend<E> for Reference {
     ) -> Result<Tensor<E>> {
         let s = nchw(x, "batch norm input")?;
         same_shape(nchw(dy, "batch norm gradient")?, s, "batch norm gradient")?;
-        for (what, len) in [
-            ("batch norm mean", mean.len()),
-            ("batch norm invstd", invstd.len()),
-            ("batch norm weight", gamma.len()),
-            ("batch norm weight gradient", dgamma.len()),
-            ("batch norm bias gradient", dbeta.len()),
-        ] {
-            check_len(what, len, s.c)?;
-        }
+        check_bn_lens(
+            s.c,
+            [
+                mean.len(),
+                invstd.len(),
+                gamma.len(),
+                dgamma.len(),
+                dbeta.len(),
+            ],
+        )?;
         let m = (s.n * s.hw()) as f64;
         let mut dx = vec![E::ZERO; s.numel()];
         for c in 0..s.c {
