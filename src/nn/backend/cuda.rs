@@ -234,27 +234,23 @@ impl GpuTensor {
     pub fn device_tensor(&self) -> &DeviceTensor<f32> {
         self.0.tensor()
     }
-
-    fn dt(&self) -> &DeviceTensor<f32> {
-        self.0.tensor()
-    }
 }
 
 impl Addr for GpuTensor {
     fn at(&self, dev: &CudaDevice) -> u64 {
-        self.dt().addr(dev)
+        self.device_tensor().addr(dev)
     }
 }
 
 impl std::fmt::Debug for GpuTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GpuTensor({})", self.dt().shape())
+        write!(f, "GpuTensor({})", self.device_tensor().shape())
     }
 }
 
 impl Activation for GpuTensor {
     fn shape(&self) -> Shape {
-        self.dt().shape()
+        self.device_tensor().shape()
     }
 }
 
@@ -531,13 +527,12 @@ impl Cuda {
                 dbeta.len(),
             ],
         )?;
-        let (xb, dyb) = (x, dy);
         let (mb, ib, gb) = (self.up(mean)?, self.up(invstd)?, self.up(gamma)?);
         let (dgb, dbb) = (self.up(dgamma)?, self.up(dbeta)?);
         let dx = self.out_t(s)?;
         let ptrs = [
-            self.addr(&xb),
-            self.addr(&dyb),
+            self.addr(&x),
+            self.addr(&dy),
             relu_y.map_or(0, |y| self.addr(&y)),
             self.addr(&mb),
             self.addr(&ib),
@@ -637,14 +632,8 @@ impl Cuda {
     fn pointwise(&self, op: u32, a: &GpuTensor, b: Option<&GpuTensor>) -> Result<GpuTensor> {
         let s = a.shape();
         let total = s.numel() as u64;
-        let ab = a;
-        let bb = b;
         let y = self.out_t(s)?;
-        let (ap, bp, yp) = (
-            self.addr(&ab),
-            bb.as_ref().map_or(0, |b| self.addr(b)),
-            self.addr(&y),
-        );
+        let (ap, bp, yp) = (self.addr(&a), b.map_or(0, |b| self.addr(&b)), self.addr(&y));
         let mut args = [arg(&op), arg(&ap), arg(&bp), arg(&yp), arg(&total)];
         // SAFETY: nn_pointwise_f32(op, a, b, y, total); a and y hold `total` floats, and b does
         // for the ops that read it (callers pass b for exactly those).
@@ -709,7 +698,7 @@ impl Backend<f32> for Cuda {
     }
 
     fn download(&self, x: GpuTensor) -> Result<Tensor<f32>> {
-        x.dt().to_host(&self.dev)
+        x.device_tensor().to_host(&self.dev)
     }
 
     fn download_indices(&self, idx: &GpuIndices) -> Result<Vec<u32>> {
@@ -753,7 +742,7 @@ impl Backend<f32> for Cuda {
         let mut c0 = 0;
         for p in parts {
             let s = p.shape();
-            self.copy_planes(p.dt(), 0, s.c, y.tensor_mut(), c0, out.c, s)?;
+            self.copy_planes(p.device_tensor(), 0, s.c, y.tensor_mut(), c0, out.c, s)?;
             c0 += s.c;
         }
         Ok(GpuTensor::wrap(y))
@@ -767,7 +756,7 @@ impl Backend<f32> for Cuda {
         for &c in sizes {
             let ps = Shape::try_new(s.n, c, s.h, s.w)?;
             let mut y = self.out_t(ps)?;
-            self.copy_planes(x.dt(), c0, s.c, y.tensor_mut(), 0, c, ps)?;
+            self.copy_planes(x.device_tensor(), c0, s.c, y.tensor_mut(), 0, c, ps)?;
             out.push(GpuTensor::wrap(y));
             c0 += c;
         }
@@ -795,7 +784,6 @@ impl Backend<f32> for Cuda {
         if b.is_some() {
             p.flags |= crate::cuda::abi::SENET_NN_BIAS;
         }
-        let xb = x;
         let wb = self.up(w)?;
         let bb = b.map(|b| self.up(b)).transpose()?;
         let y = self.out_t(ys)?;
@@ -803,7 +791,7 @@ impl Backend<f32> for Cuda {
         for n0 in (0..xs.n).step_by(chunk) {
             let nn = chunk.min(xs.n - n0);
             let pc = NnConvParams { n: nn as u32, ..p };
-            let xp = self.addr(&xb) + (n0 * xs.sample_numel() * 4) as u64;
+            let xp = self.addr(&x) + (n0 * xs.sample_numel() * 4) as u64;
             let yp = self.addr(&y) + (n0 * ys.sample_numel() * 4) as u64;
             let (wp, bp) = (self.addr(&wb), bb.as_ref().map_or(0, |b| self.addr(b)));
             let mut args = [arg(&pc), arg(&xp), arg(&wp), arg(&bp), arg(&yp)];
@@ -839,9 +827,7 @@ impl Backend<f32> for Cuda {
             check_len("conv bias gradient", db.len(), g.out_ch)?;
         }
         let mut p = self.conv_params(g, xs, ys)?;
-        let xb = x;
-        let dyb = dy;
-        let (xp, dyp) = (self.addr(&xb), self.addr(&dyb));
+        let (xp, dyp) = (self.addr(&x), self.addr(&dy));
         if let Some(db) = db {
             let dbb = self.up(db)?;
             self.channel_sum(dyp, self.addr(&dbb), ys, true)?;
@@ -907,7 +893,7 @@ impl Backend<f32> for Cuda {
         for n0 in (0..xs.n).step_by(chunk) {
             let nn = chunk.min(xs.n - n0);
             let pc = NnConvParams { n: nn as u32, ..p };
-            let dyp = self.addr(&dyb) + (n0 * ys.sample_numel() * 4) as u64;
+            let dyp = self.addr(&dy) + (n0 * ys.sample_numel() * 4) as u64;
             let dxp = self.addr(&dx) + (n0 * xs.sample_numel() * 4) as u64;
             let wp = self.addr(&wb);
             let mut args = [arg(&pc), arg(&dyp), arg(&wp), arg(&dxp)];
@@ -925,10 +911,9 @@ impl Backend<f32> for Cuda {
 
     fn batch_norm_stats(&self, x: &GpuTensor) -> Result<BnStats> {
         let s = x.shape();
-        let xb = x;
         let mean = self.out::<f64>(s.c)?;
         let var = self.out::<f64>(s.c)?;
-        let (xp, mp, vp) = (self.addr(&xb), self.addr(&mean), self.addr(&var));
+        let (xp, mp, vp) = (self.addr(&x), self.addr(&mean), self.addr(&var));
         let (n, c, hw) = (small("batch", s.n)?, small("channels", s.c)?, s.hw() as u64);
         let mut args = [arg(&xp), arg(&mp), arg(&vp), arg(&n), arg(&c), arg(&hw)];
         // SAFETY: nn_bn_stats_f32(x, mean, var, n, c, hw): x holds s, mean and var c doubles.
@@ -943,15 +928,9 @@ impl Backend<f32> for Cuda {
         let s = x.shape();
         check_len("channel scale", a.len(), s.c)?;
         check_len("channel shift", b.len(), s.c)?;
-        let xb = x;
         let (ab, bb) = (self.up(a)?, self.up(b)?);
         let y = self.out_t(s)?;
-        let (xp, yp, ap, bp) = (
-            self.addr(&xb),
-            self.addr(&y),
-            self.addr(&ab),
-            self.addr(&bb),
-        );
+        let (xp, yp, ap, bp) = (self.addr(&x), self.addr(&y), self.addr(&ab), self.addr(&bb));
         let (total, c, hw, r) = (
             s.numel() as u64,
             small("channels", s.c)?,
@@ -1040,10 +1019,9 @@ impl Backend<f32> for Cuda {
         super::reference::index_fits(xs)?;
         Self::check_pool_sizes(xs, ys, g)?;
         let [nc, h, w, oh, ow, k, st, pad] = Self::pool_args(g, xs, ys)?;
-        let xb = x;
         let y = self.out_t(ys)?;
         let am = self.out::<u32>(ys.numel())?;
-        let (xp, yp, ap) = (self.addr(&xb), self.addr(&y), self.addr(&am));
+        let (xp, yp, ap) = (self.addr(&x), self.addr(&y), self.addr(&am));
         let mut args = [
             arg(&xp),
             arg(&yp),
@@ -1092,10 +1070,9 @@ impl Backend<f32> for Cuda {
         }
         let (ip, op) = (input.hw(), ys.hw());
         let nc = (input.n * input.c) as u64;
-        let dyb = dy;
         let ab = &argmax.buf;
         let dx = self.out_t(input)?;
-        let (dyp, ap, dxp) = (self.addr(&dyb), self.addr(&ab), self.addr(&dx));
+        let (dyp, ap, dxp) = (self.addr(&dy), self.addr(&ab), self.addr(&dx));
         let (ipu, opu) = (ip as u64, op as u64);
         let mut args = [
             arg(&dyp),
@@ -1124,9 +1101,8 @@ impl Backend<f32> for Cuda {
         Self::check_pool_sizes(xs, ys, g)?;
         let [nc, h, w, oh, ow, k, st, pad] = Self::pool_args(g, xs, ys)?;
         let inc = g.count_include_pad as u32;
-        let xb = x;
         let y = self.out_t(ys)?;
-        let (xp, yp) = (self.addr(&xb), self.addr(&y));
+        let (xp, yp) = (self.addr(&x), self.addr(&y));
         let mut args = [
             arg(&xp),
             arg(&yp),
@@ -1157,10 +1133,9 @@ impl Backend<f32> for Cuda {
         Self::check_pool_sizes(input, ys, g)?;
         let [nc, h, w, oh, ow, k, st, pad] = Self::pool_args(g, input, ys)?;
         let inc = g.count_include_pad as u32;
-        let dyb = dy;
         let q = self.out_t(ys)?;
         let dx = self.out_t(input)?;
-        let (dyp, qp, dxp) = (self.addr(&dyb), self.addr(&q), self.addr(&dx));
+        let (dyp, qp, dxp) = (self.addr(&dy), self.addr(&q), self.addr(&dx));
         let planes = (nc as usize).clamp(1, MAX_GRID_YZ) as u32;
         let mut args = [
             arg(&dyp),
@@ -1215,9 +1190,8 @@ impl Backend<f32> for Cuda {
                 "global pool over {s}: too many planes"
             )));
         }
-        let xb = x;
         let y = self.out_t(Shape::new(s.n, s.c, 1, 1))?;
-        let (xp, yp, hw) = (self.addr(&xb), self.addr(&y), s.hw() as u64);
+        let (xp, yp, hw) = (self.addr(&x), self.addr(&y), s.hw() as u64);
         let mut args = [arg(&xp), arg(&yp), arg(&hw)];
         // SAFETY: nn_gap_fwd_f32(x, y, hw): x holds planes * hw floats, y planes.
         unsafe { self.launch("nn_gap_fwd_f32", ((planes as u32).max(1), 1, 1), &mut args)? };
@@ -1230,9 +1204,8 @@ impl Backend<f32> for Cuda {
             Shape::new(input.n, input.c, 1, 1),
             "global pool gradient",
         )?;
-        let dyb = dy;
         let dx = self.out_t(input)?;
-        let (dyp, dxp) = (self.addr(&dyb), self.addr(&dx));
+        let (dyp, dxp) = (self.addr(&dy), self.addr(&dx));
         let (total, hw) = (input.numel() as u64, input.hw() as u64);
         let mut args = [arg(&dyp), arg(&dxp), arg(&total), arg(&hw)];
         // SAFETY: nn_gap_bwd_f32(dy, dx, total, hw): dy holds total / hw floats, dx total.
@@ -1254,13 +1227,13 @@ impl Backend<f32> for Cuda {
             check_len("linear bias", b.len(), out)?;
         }
         let ys = Shape::try_new(s.n, out, 1, 1)?;
-        let (xb, wb) = (x, self.up(w)?);
+        let wb = self.up(w)?;
         let bb = b.map(|b| self.up(b)).transpose()?;
         let y = self.out_t(ys)?;
         let ki = small("linear inputs", k)? as i64;
         // y[n][o] = sum_j x[n][j] W[o][j] + b[o]
         self.gemm(
-            self.addr(&xb),
+            self.addr(&x),
             (ki, 1),
             self.addr(&wb),
             (1, ki),
@@ -1289,22 +1262,22 @@ impl Backend<f32> for Cuda {
         if let Some(db) = &db {
             check_len("linear bias gradient", db.len(), out)?;
         }
-        let (xb, wb, dyb) = (x, self.up(w)?, dy);
+        let wb = self.up(w)?;
         let (ki, oi) = (
             small("linear inputs", k)? as i64,
             small("linear outputs", out)? as i64,
         );
         if let Some(db) = db {
             let dbb = self.up(db)?;
-            self.channel_sum(self.addr(&dyb), self.addr(&dbb), ds, true)?;
+            self.channel_sum(self.addr(&dy), self.addr(&dbb), ds, true)?;
             db.copy_from_slice(&self.down(&dbb, out)?);
         }
         // dW[o][j] += sum_n dy[n][o] x[n][j]
         let dwb = self.up(dw)?;
         self.gemm(
-            self.addr(&dyb),
+            self.addr(&dy),
             (1, oi),
-            self.addr(&xb),
+            self.addr(&x),
             (ki, 1),
             self.addr(&dwb),
             0,
@@ -1315,7 +1288,7 @@ impl Backend<f32> for Cuda {
         // dx[n][j] = sum_o dy[n][o] W[o][j]
         let dx = self.out_t(s)?;
         self.gemm(
-            self.addr(&dyb),
+            self.addr(&dy),
             (oi, 1),
             self.addr(&wb),
             (ki, 1),
@@ -1339,8 +1312,8 @@ impl Backend<f32> for Cuda {
         se_gpu::forward_into(
             &self.dev,
             &dw,
-            x.dt(),
-            residual.map(|r| r.dt()),
+            x.device_tensor(),
+            residual.map(|r| r.device_tensor()),
             y.tensor_mut(),
             &mut saved,
             Default::default(),
@@ -1363,10 +1336,10 @@ impl Backend<f32> for Cuda {
         se_gpu::backward_into(
             &self.dev,
             &dw,
-            x.dt(),
-            residual.map(|r| r.dt()),
+            x.device_tensor(),
+            residual.map(|r| r.device_tensor()),
             &saved.0,
-            dy.dt(),
+            dy.device_tensor(),
             dx.tensor_mut(),
             false,
             &mut grads,
