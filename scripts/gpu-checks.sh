@@ -19,6 +19,19 @@ mkdir -p "$out"
 # phases run with the caller's LD_LIBRARY_PATH unchanged.
 orig_ld=${LD_LIBRARY_PATH:-}
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/nvidia/lib64
+# cuDNN for the network backend's convolutions: PyTorch's wheels bring it (nvidia/cudnn/lib in
+# site-packages). Appended, like the driver folder; without it the backend uses its own kernels
+# and the tests say "skipped cuDNN convolutions".
+cudnn_dir=$(env LD_LIBRARY_PATH="$orig_ld" python3 -c '
+import glob, os, site
+for d in site.getsitepackages() + [site.getusersitepackages()]:
+    for f in sorted(glob.glob(os.path.join(d, "nvidia", "*", "lib", "libcudnn.so.*"))):
+        print(os.path.dirname(f)); raise SystemExit
+' 2>/dev/null)
+if [ -n "$cudnn_dir" ]; then
+  export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$cudnn_dir
+fi
+echo "cuDNN folder: ${cudnn_dir:-none found}" | tee -a "$out/info.log"
 export SENET_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
 phases=${PHASES:-"info tests sanitize bench torch ncu net"}
 bin=$here/bin
@@ -41,7 +54,7 @@ for p in $phases; do
       phase info 60 nvidia-smi
       phase info 60 "$bin/senet" info --kernels
       cat "$here/COMMIT" >>"$out/info.log"
-      grep -E "device|kernel builds" "$out/info.log" ;;
+      grep -E "device|kernel builds|cuDNN" "$out/info.log" ;;
     tests)
       phase tests ${TESTS_LIMIT:-300} "$bin/gpu-tests" --test-threads 8 || status=1
       SENET_TEST_EMULATOR=0 phase tests ${NN_TESTS_LIMIT:-120} "$bin/nn-backends-tests" cuda_ || status=1
@@ -70,10 +83,12 @@ for p in $phases; do
         --iters 1 --warmup 0 ${NCU_ARGS:-} || status=1
       grep -E "se_|dram__|lts__|gpu__time" "$out/ncu.log" | head -80 ;;
     net)
-      # The CUDA network backend (stage 1: every op copies its tensors to the device and back)
-      # next to timm's seresnet50 on the same card.
+      # The CUDA network backend next to timm's seresnet50 on the same card.
+      # Convolutions through cuDNN (when found) and through senet's own kernels.
       phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
         --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench.csv" || status=1
+      SENET_CONV=own phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
+        --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench-own.csv" || status=1
       phase net ${NET_TORCH_LIMIT:-240} env LD_LIBRARY_PATH="$orig_ld" python3 "$here/torch_net.py" \
         --batch ${NET_BATCH:-1,32} --ours "$out/net-bench.csv" --out "$out/torch-net.csv" ${NET_TORCH_ARGS:-} || status=1
       # End to end: one epoch of `senet train --device cuda` on a digits subset.

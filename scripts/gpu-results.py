@@ -99,8 +99,8 @@ def main():
             w.extend(table(logs[name]) or [f"(no table in {name}.log)"])
             w.append("")
 
-    fenced("info", "Device and kernels", r"NVIDIA|Driver|CUDA|device|kernel builds")
-    fenced("tests", "GPU tests (SENET_REQUIRE_GPU=1)", r"^test |FAIL|panicked|test result|cases x")
+    fenced("info", "Device and kernels", r"NVIDIA|Driver|CUDA|device|kernel builds|cuDNN")
+    fenced("tests", "GPU tests (SENET_REQUIRE_GPU=1)", r"^test |FAIL|panicked|test result|cases x|^CUDA backend:|skipped cuDNN")
     fenced("sanitize", "compute-sanitizer", r"^=== |ERROR SUMMARY|test result|Invalid|Race|Barrier|error")
     if logs["bench"] is not None:
         w.append("## `senet gpu-bench`\n")

@@ -49,6 +49,9 @@ pub enum Error {
     /// invalid shared-memory mapping).
     #[error("kernel failed: {0}")]
     KernelFailed(String),
+    /// An error reported by cuDNN, with the operation that hit it.
+    #[error("cuDNN error during {0}")]
+    Cudnn(String),
     /// The request is valid in principle but not supported by this build or path.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -673,7 +673,7 @@ fn convolution_matches_reference() {
 
 #[test]
 fn cuda_convolution_matches_reference() {
-    for be in nn_common::cuda_backends() {
+    for be in nn_common::cuda_backends_announced() {
         check_convolution(&nn_common::OnHost(&be));
     }
 }
@@ -685,7 +685,7 @@ fn pointwise_ops_match_reference() {
 
 #[test]
 fn cuda_pointwise_ops_match_reference() {
-    for be in nn_common::cuda_backends() {
+    for be in nn_common::cuda_backends_announced() {
         check_pointwise_ops(&nn_common::OnHost(&be));
     }
 }
@@ -697,7 +697,7 @@ fn shape_errors_are_errors() {
 
 #[test]
 fn cuda_shape_errors_are_errors() {
-    for be in nn_common::cuda_backends() {
+    for be in nn_common::cuda_backends_announced() {
         check_shape_errors(&nn_common::OnHost(&be));
     }
 }
@@ -709,7 +709,7 @@ fn small_networks_match_reference() {
 
 #[test]
 fn cuda_small_networks_match_reference() {
-    for be in nn_common::cuda_backends() {
+    for be in nn_common::cuda_backends_announced() {
         check_small_networks(&be);
     }
 }
@@ -721,7 +721,7 @@ fn inception_network_matches_reference() {
 
 #[test]
 fn cuda_inception_network_matches_reference() {
-    for be in nn_common::cuda_backends() {
+    for be in nn_common::cuda_backends_announced() {
         check_inception_network(&be);
     }
 }
@@ -733,7 +733,7 @@ fn invalid_geometries_are_errors_not_panics() {
 
 #[test]
 fn cuda_invalid_geometries_are_errors_not_panics() {
-    for be in nn_common::cuda_backends() {
+    for be in nn_common::cuda_backends_announced() {
         check_invalid_geometries(&nn_common::OnHost(&be));
     }
 }
@@ -745,7 +745,7 @@ fn se_op_matches_reference() {
 
 #[test]
 fn cuda_se_op_matches_reference() {
-    for be in nn_common::cuda_backends() {
+    for be in nn_common::cuda_backends_announced() {
         check_se_op(&nn_common::OnHost(&be));
     }
 }
@@ -755,7 +755,7 @@ fn cuda_se_op_matches_reference() {
 /// op's own small buffers are outside the pool).
 #[test]
 fn cuda_training_steps_reuse_device_memory() {
-    for be in nn_common::cuda_backends() {
+    for be in nn_common::cuda_backends_announced() {
         for (name, cfg, xs) in small_configs() {
             let mut net = cfg.build::<f32>(name).unwrap();
             net.init_weights(seed(name));
@@ -774,4 +774,30 @@ fn cuda_training_steps_reuse_device_memory() {
             assert_eq!(be.allocations(), first, "{name}: a later step allocated");
         }
     }
+}
+
+/// The convolution engine is a choice the backend reports: on the emulator `auto` and `own`
+/// give the own kernels, and asking for cuDNN is an error that says why (never a panic).
+#[test]
+fn cuda_conv_engine_choice_on_the_emulator() {
+    use senet::nn::{ConvChoice, ConvEngine};
+    let Ok(dev) = senet::cuda::CudaDevice::emulator() else {
+        eprintln!("skipped: no emulator in this build");
+        return;
+    };
+    for choice in [ConvChoice::Auto, ConvChoice::Only(ConvEngine::Own)] {
+        let b = senet::nn::Cuda::with_conv(dev.clone(), choice).unwrap();
+        assert_eq!(b.conv_engine(), ConvEngine::Own);
+        assert!(
+            b.describe().contains("own f32 convolution kernels"),
+            "{}",
+            b.describe()
+        );
+    }
+    assert_eq!(
+        senet::nn::Cuda::new(dev.clone()).conv_engine(),
+        ConvEngine::Own
+    );
+    let e = senet::nn::Cuda::with_conv(dev, ConvChoice::Only(ConvEngine::Cudnn)).unwrap_err();
+    assert!(e.to_string().contains("cuDNN needs a GPU"), "{e}");
 }

@@ -38,7 +38,7 @@ fn a_small_se_network_learns() {
 /// The same training run on the CUDA backend: the emulator always, a GPU when present.
 #[test]
 fn a_small_se_network_learns_on_cuda() {
-    for be in nn_common::cuda_backends() {
+    for be in nn_common::cuda_backends_announced() {
         learns(&be);
     }
 }

@@ -420,7 +420,7 @@ fn resume_on_the_fast_cpu_backend_with_one_thread() {
 /// kernel emulator here; on a GPU as well when one is present).
 #[test]
 fn resume_on_the_cuda_backend() {
-    for be in nn_common::cuda_backends() {
+    for be in nn_common::cuda_backends_announced() {
         let device = if be.device().is_emulator() {
             Device::CudaEmu
         } else {
@@ -744,7 +744,9 @@ fn senet_commands_on_the_cuda_emulator() {
         &run_s,
     ]);
     assert!(
-        ok && text.contains("senet CPU emulator") && text.contains("done: test top-1"),
+        ok && text.contains("senet CPU emulator")
+            && text.contains("senet's own f32 convolution kernels")
+            && text.contains("done: test top-1"),
         "{text}"
     );
     let config = std::fs::read_to_string(run.join("config.json")).unwrap();

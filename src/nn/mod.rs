@@ -26,7 +26,10 @@ pub mod param;
 pub mod resnet;
 pub mod seq;
 
-pub use backend::{Backend, ConvGeom, Cpu, Cuda, PoolGeom, Reference};
+pub use backend::{
+    cudnn_version, cudnn_version_string, Backend, ConvChoice, ConvEngine, ConvGeom, Cpu, Cuda,
+    PoolGeom, Reference,
+};
 pub use blocks::{BlockConfig, BlockKind, ResidualBlock, SeOptions, SePosition, StrideOn};
 pub use checkpoint::{StateData, StateDict, StateTensor};
 pub use layers::{Module, SqueezeExcite};

@@ -49,14 +49,23 @@ pub enum Device {
 }
 
 impl Device {
-    /// The CUDA backend this device names, opening the device (`None` for the CPU). Errors
-    /// clearly when there is no GPU (or no emulator in this build).
+    /// The CUDA backend this device names, opening the device (`None` for the CPU), with the
+    /// convolution engine the `SENET_CONV` environment variable asks for (`auto`, the default:
+    /// cuDNN where it loads on a GPU; `own`; `cudnn`). Errors clearly when there is no GPU (or
+    /// no emulator in this build), or when cuDNN is asked for and cannot run.
     pub fn cuda_backend(self) -> Result<Option<crate::nn::Cuda>> {
         use crate::cuda::CudaDevice;
+        use crate::nn::{ConvChoice, Cuda};
         Ok(match self {
             Device::Cpu => None,
-            Device::Cuda => Some(crate::nn::Cuda::new(CudaDevice::new(0)?)),
-            Device::CudaEmu => Some(crate::nn::Cuda::new(CudaDevice::emulator()?)),
+            Device::Cuda => Some(Cuda::with_conv(
+                CudaDevice::new(0)?,
+                ConvChoice::from_env()?,
+            )?),
+            Device::CudaEmu => Some(Cuda::with_conv(
+                CudaDevice::emulator()?,
+                ConvChoice::from_env()?,
+            )?),
         })
     }
 }

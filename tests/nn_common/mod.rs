@@ -94,7 +94,17 @@ pub fn cuda_backends() -> Vec<senet::nn::Cuda> {
     let err = if senet::cuda::kernels_built() {
         match CudaDevice::new(0) {
             Ok(d) => {
-                out.push(senet::nn::Cuda::new(d).with_poison(true));
+                // The own kernels always; cuDNN's convolutions too where the library loads.
+                use senet::nn::{ConvChoice, ConvEngine, Cuda};
+                let own = Cuda::with_conv(d.clone(), ConvChoice::Only(ConvEngine::Own))
+                    .expect("the own kernels run on every device");
+                out.push(own.with_poison(true));
+                match Cuda::with_conv(d, ConvChoice::Only(ConvEngine::Cudnn)) {
+                    Ok(b) => out.push(b.with_poison(true)),
+                    Err(e) => {
+                        let _ = writeln!(std::io::stderr(), "skipped cuDNN convolutions: {e}");
+                    }
+                }
                 return out;
             }
             Err(e) => e.to_string(),
@@ -108,6 +118,17 @@ pub fn cuda_backends() -> Vec<senet::nn::Cuda> {
     );
     let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({err})");
     out
+}
+
+/// [`cuda_backends`], each announced on stderr (device and convolution engine), so a failure's
+/// output says which one failed.
+pub fn cuda_backends_announced() -> Vec<senet::nn::Cuda> {
+    use std::io::Write;
+    let all = cuda_backends();
+    for b in &all {
+        let _ = writeln!(std::io::stderr(), "CUDA backend: {}", b.describe());
+    }
+    all
 }
 
 /// A backend seen through host tensors: every op uploads its inputs to `B` and downloads its

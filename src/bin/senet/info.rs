@@ -53,5 +53,13 @@ pub fn run(args: Args) -> senet::Result<ExitCode> {
         }
         Err(e) => println!("device: none ({e})"),
     }
+    match senet::nn::cudnn_version() {
+        Ok(v) => println!(
+            "cuDNN: {} (the CUDA network backend's convolutions on a GPU; SENET_CONV=own \
+             picks senet's kernels)",
+            senet::nn::cudnn_version_string(v)
+        ),
+        Err(e) => println!("cuDNN: not available ({e}); convolutions run on senet's own kernels"),
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -355,12 +355,13 @@ pub fn fit_with_progress<B: Backend<f32>>(
 
 /// Says what the CUDA network backend runs, once per command.
 pub fn announce_cuda(b: &senet::nn::Cuda) {
-    let info = b.device().info();
+    let cc = b.device().info().compute_capability;
     println!(
-        "device: {} (compute capability {}.{}); convolutions: senet's implicit-GEMM kernels \
-         (kernels/nn.cu, f32; cuDNN and cuBLAS are not used yet); activations stay on the \
-         device, parameters are uploaded by each op",
-        info.name, info.compute_capability.0, info.compute_capability.1
+        "device: {} (compute capability {}.{}); activations stay on the device, parameters are \
+         uploaded by each op (SENET_CONV=auto|own|cudnn picks the convolutions)",
+        b.describe(),
+        cc.0,
+        cc.1
     );
 }
 

@@ -2,12 +2,17 @@
 //! implicit GEMMs, BatchNorm, pooling, linear, pointwise) and the crate's SE kernels, on a
 //! [`CudaDevice`] — a GPU, or the CPU emulator of the kernels in tests.
 //!
+//! Convolutions run through cuDNN where it loads on a GPU ([`ConvEngine::Cudnn`], exact f32 and
+//! deterministic algorithms) and through the own implicit-GEMM kernels otherwise
+//! ([`ConvEngine::Own`]; always on the emulator); [`Cuda::conv_engine`] says which.
+//!
 //! Activations live in device memory ([`GpuTensor`]); only a network's input and logits cross
 //! the bus. Parameters are still host slices, uploaded by each op (and weight gradients
 //! downloaded): device-resident parameters and the optimiser on the device are the next step
 //! (docs/cuda-network-backend.md). f32 and NCHW only; reductions run in a fixed order, so
 //! results repeat bit for bit.
 
+use super::cudnn::{ConvChoice, ConvEngine, Dnn, Pass};
 use super::{
     check_bn_lens, check_len, check_split, concat_shape, same_shape, Activation, Backend, BnStats,
     ConvGeom, PoolGeom, SeBackward,
@@ -285,16 +290,58 @@ pub struct Cuda {
     dev: Arc<CudaDevice>,
     poison: bool,
     pool: Arc<Pool>,
+    /// cuDNN for the convolutions; `None` runs the own kernels.
+    dnn: Option<Arc<Dnn>>,
 }
 
 impl Cuda {
-    /// A backend on `dev` (a GPU from [`CudaDevice::new`], or [`CudaDevice::emulator`]).
+    /// A backend on `dev` (a GPU from [`CudaDevice::new`], or [`CudaDevice::emulator`]), with
+    /// convolutions through cuDNN when it loads on a GPU and the own kernels otherwise
+    /// ([`ConvChoice::Auto`]).
     pub fn new(dev: Arc<CudaDevice>) -> Self {
+        let dnn = Dnn::open(&dev).ok().map(Arc::new);
         Cuda {
             dev,
             poison: false,
             pool: Arc::new(Pool::default()),
+            dnn,
         }
+    }
+
+    /// A backend on `dev` whose convolutions run as `choice` says. Errors when cuDNN is asked
+    /// for and cannot run (the emulator, no library on the loader's path), with the reason.
+    pub fn with_conv(dev: Arc<CudaDevice>, choice: ConvChoice) -> Result<Self> {
+        let dnn = match choice {
+            ConvChoice::Auto => Dnn::open(&dev).ok().map(Arc::new),
+            ConvChoice::Only(ConvEngine::Own) => None,
+            ConvChoice::Only(ConvEngine::Cudnn) => Some(Arc::new(Dnn::open(&dev)?)),
+        };
+        Ok(Cuda {
+            dev,
+            poison: false,
+            pool: Arc::new(Pool::default()),
+            dnn,
+        })
+    }
+
+    /// Which code runs the convolutions.
+    pub fn conv_engine(&self) -> ConvEngine {
+        match self.dnn {
+            Some(_) => ConvEngine::Cudnn,
+            None => ConvEngine::Own,
+        }
+    }
+
+    /// A line for logs: the device and the convolution engine (with cuDNN's version).
+    pub fn describe(&self) -> String {
+        let conv = match &self.dnn {
+            Some(d) => format!(
+                "cuDNN {} convolutions (f32, FMA math, deterministic)",
+                super::cudnn::version_string(d.version())
+            ),
+            None => "senet's own f32 convolution kernels".to_string(),
+        };
+        format!("{}, {conv}", self.dev.info().name)
     }
 
     /// With `on`, every output buffer is filled with NaN before its kernel runs, so an element a
@@ -399,6 +446,20 @@ impl Cuda {
             self.dev
                 .launch(Module::Nn, name, grid, (THREADS, 1, 1), 0, 1, args)
         }
+    }
+
+    /// Runs one cuDNN convolution pass with a workspace from the pool.
+    fn run_dnn(&self, d: &Dnn, xs: Shape, ys: Shape, g: &ConvGeom, pass: Pass) -> Result<()> {
+        let bytes = d.workspace(&self.dev, xs, ys, g, &pass)?;
+        let ws = if bytes > 0 {
+            Some(self.take::<f32>(bytes.div_ceil(4))?)
+        } else {
+            None
+        };
+        let wp = ws.as_ref().map_or(0, |b| self.addr(b));
+        // SAFETY: the callers pass addresses of tensors of xs / ys and of g's weight shape (f32
+        // NCHW), as `Dnn::run` requires; the workspace holds at least `bytes` bytes.
+        unsafe { d.run(&self.dev, xs, ys, g, pass, wp, bytes) }
     }
 
     fn conv_params(&self, g: &ConvGeom, xs: Shape, ys: Shape) -> Result<NnConvParams> {
@@ -780,6 +841,21 @@ impl Backend<f32> for Cuda {
         if let Some(b) = b {
             check_len("conv bias", b.len(), g.out_ch)?;
         }
+        if let Some(d) = &self.dnn {
+            let wb = self.up(w)?;
+            let y = self.out_t(ys)?;
+            let pass = Pass::Forward {
+                x: self.addr(&x),
+                w: self.addr(&wb),
+                y: self.addr(&y),
+            };
+            self.run_dnn(d, xs, ys, g, pass)?;
+            let y = GpuTensor::wrap(y);
+            return match b {
+                Some(b) => self.channel_affine(y, &vec![1.0; g.out_ch], b, false),
+                None => Ok(y),
+            };
+        }
         let mut p = self.conv_params(g, xs, ys)?;
         if b.is_some() {
             p.flags |= crate::cuda::abi::SENET_NN_BIAS;
@@ -826,13 +902,35 @@ impl Backend<f32> for Cuda {
         if let Some(db) = &db {
             check_len("conv bias gradient", db.len(), g.out_ch)?;
         }
-        let mut p = self.conv_params(g, xs, ys)?;
         let (xp, dyp) = (self.addr(&x), self.addr(&dy));
         if let Some(db) = db {
             let dbb = self.up(db)?;
             self.channel_sum(dyp, self.addr(&dbb), ys, true)?;
             db.copy_from_slice(&self.down(&dbb, g.out_ch)?);
         }
+        if let Some(d) = &self.dnn {
+            let dwb = self.up(dw)?;
+            let pass = Pass::Filter {
+                x: xp,
+                dy: dyp,
+                dw: self.addr(&dwb),
+            };
+            self.run_dnn(d, xs, ys, g, pass)?;
+            dw.copy_from_slice(&self.down(&dwb, g.weight_len())?);
+            if !need_dx {
+                return Ok(None);
+            }
+            let wb = self.up(w)?;
+            let dx = self.out_t(xs)?;
+            let pass = Pass::Data {
+                dy: dyp,
+                w: self.addr(&wb),
+                dx: self.addr(&dx),
+            };
+            self.run_dnn(d, xs, ys, g, pass)?;
+            return Ok(Some(GpuTensor::wrap(dx)));
+        }
+        let mut p = self.conv_params(g, xs, ys)?;
         // Weight gradient (accumulated into dw's current values), split along its long depth
         // (samples x output pixels) when the output alone gives too few blocks.
         let dwb = self.up(dw)?;

@@ -14,10 +14,12 @@
 
 mod cpu;
 mod cuda;
+mod cudnn;
 mod reference;
 
 pub use cpu::Cpu;
 pub use cuda::{Cuda, CudaSeSaved};
+pub use cudnn::{cudnn_version, version_string as cudnn_version_string, ConvChoice, ConvEngine};
 pub use reference::Reference;
 
 use crate::error::{Error, Result};
