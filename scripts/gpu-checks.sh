@@ -22,12 +22,7 @@ export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/usr/local/nvidia/li
 # cuDNN for the network backend's convolutions: PyTorch's wheels bring it (nvidia/cudnn/lib in
 # site-packages). Appended, like the driver folder; without it the backend uses its own kernels
 # and the tests say "skipped cuDNN convolutions".
-cudnn_dir=$(env LD_LIBRARY_PATH="$orig_ld" python3 -c '
-import glob, os, site
-for d in site.getsitepackages() + [site.getusersitepackages()]:
-    for f in sorted(glob.glob(os.path.join(d, "nvidia", "*", "lib", "libcudnn.so.*"))):
-        print(os.path.dirname(f)); raise SystemExit
-' 2>/dev/null)
+cudnn_dir=$(env LD_LIBRARY_PATH="$orig_ld" "$here/find-cudnn.sh")
 if [ -n "$cudnn_dir" ]; then
   export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$cudnn_dir
 fi

@@ -26,6 +26,6 @@ cp "$(exe nn_backends)" gpu-pack/bin/nn-backends-tests
 cp "$(exe nn_training)" gpu-pack/bin/nn-training-tests
 cp "$(exe train_loop)" gpu-pack/bin/train-loop-tests
 strip gpu-pack/bin/*
-cp scripts/gpu-checks.sh benches/torch_se.py benches/torch_net.py gpu-pack/
+cp scripts/gpu-checks.sh scripts/find-cudnn.sh benches/torch_se.py benches/torch_net.py gpu-pack/
 { git rev-parse HEAD; git status --short; } > gpu-pack/COMMIT
 du -sh gpu-pack
