@@ -750,9 +750,9 @@ fn cuda_se_op_matches_reference() {
     }
 }
 
-/// After the first training step the CUDA backend takes every activation, gradient and
-/// temporary buffer from its pool: later steps allocate no device memory through it (the SE
-/// op's own small buffers are outside the pool).
+/// After the first training step the CUDA backend takes every activation, gradient, parameter
+/// upload, SE buffer and temporary from its pool: later steps allocate no device memory at all
+/// (counted by the pool and, independently, by the device handle).
 #[test]
 fn cuda_training_steps_reuse_device_memory() {
     for be in nn_common::cuda_backends_announced() {
@@ -768,10 +768,16 @@ fn cuda_training_steps_reuse_device_memory() {
             };
             step(&mut net);
             let first = be.allocations();
+            let on_device = be.device().allocations();
             assert!(first > 0, "{name}: nothing came from the pool");
             step(&mut net);
             step(&mut net);
             assert_eq!(be.allocations(), first, "{name}: a later step allocated");
+            assert_eq!(
+                be.device().allocations(),
+                on_device,
+                "{name}: a later step allocated device memory outside the pool"
+            );
         }
     }
 }

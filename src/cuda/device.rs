@@ -10,6 +10,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePt
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What the crate needs to know about a device to pick kernels and launch shapes.
@@ -82,6 +83,8 @@ pub struct CudaDevice {
     scratch: Mutex<Scratch>,
     backward: Mutex<BackwardScratch>,
     clusters: Mutex<HashMap<(String, u32), usize>>,
+    /// Buffers allocated through this handle so far.
+    allocs: AtomicUsize,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -170,6 +173,7 @@ impl CudaDevice {
             scratch: Mutex::new(Scratch::default()),
             backward: Mutex::new(BackwardScratch::default()),
             clusters: Mutex::new(HashMap::new()),
+            allocs: AtomicUsize::new(0),
         }))
     }
 
@@ -198,6 +202,7 @@ impl CudaDevice {
             scratch: Mutex::new(Scratch::default()),
             backward: Mutex::new(BackwardScratch::default()),
             clusters: Mutex::new(HashMap::new()),
+            allocs: AtomicUsize::new(0),
         }))
     }
 
@@ -397,9 +402,16 @@ impl CudaDevice {
 
     // -------------------------------------------------------------------------- memory
 
+    /// Device buffers allocated through this handle so far (by the crate's ops and scratch
+    /// space; cuDNN's own allocations are not counted). A steady training step adds none.
+    pub fn allocations(&self) -> usize {
+        self.allocs.load(Ordering::Relaxed)
+    }
+
     /// A zeroed buffer of `len` elements.
     pub(crate) fn alloc_zeros<T: DevElem>(&self, len: usize) -> Result<Buf<T>> {
         let len = len.max(1);
+        self.allocs.fetch_add(1, Ordering::Relaxed);
         match &self.backend {
             Backend::Cuda(c) => c
                 .stream

@@ -118,6 +118,45 @@ impl DeviceSeWeights {
     pub fn config(&self) -> SeConfig {
         self.config
     }
+
+    /// Host weights written into caller buffers (`[w1, b1, w2, b2]`, the biases only when the
+    /// config has them), each exactly its tensor's length: the network backend's pooled
+    /// buffers.
+    pub(crate) fn write_into(
+        dev: &CudaDevice,
+        w: &SeWeights,
+        bufs: [Option<Buf<f32>>; 4],
+    ) -> Result<Self> {
+        w.validate()?;
+        let [w1, b1, w2, b2] = bufs;
+        let put = |b: Option<Buf<f32>>, src: Option<&[f32]>| -> Result<Option<Buf<f32>>> {
+            match (b, src) {
+                (Some(mut b), Some(src)) if b.len() == src.len().max(1) => {
+                    dev.write(&mut b, 0, src)?;
+                    Ok(Some(b))
+                }
+                (None, None) => Ok(None),
+                _ => Err(Error::Shape(
+                    "SE weight buffers do not match the weights".into(),
+                )),
+            }
+        };
+        let missing = || Error::Shape("SE weight buffers do not match the weights".into());
+        Ok(DeviceSeWeights {
+            config: w.config,
+            w1: put(w1, Some(&w.w1))?.ok_or_else(missing)?,
+            b1: put(b1, w.b1.as_deref())?,
+            w2: put(w2, Some(&w.w2))?.ok_or_else(missing)?,
+            b2: put(b2, w.b2.as_deref())?,
+        })
+    }
+
+    /// The buffers, for reuse.
+    pub(crate) fn into_bufs(self) -> impl Iterator<Item = Buf<f32>> {
+        [Some(self.w1), self.b1, Some(self.w2), self.b2]
+            .into_iter()
+            .flatten()
+    }
 }
 
 /// What the forward pass keeps for backward, on the device: z, h (hidden pre-activation),
@@ -150,6 +189,39 @@ impl DeviceSeSaved {
             u: dev.alloc_zeros::<f32>(n * d)?,
             s: dev.alloc_zeros::<f32>(n * c)?,
         })
+    }
+
+    /// Caller buffers (`z, h, u, s`: `n * channels`, `n * hidden`, `n * hidden`,
+    /// `n * channels` elements) as the saved state of a batch of `n`.
+    pub(crate) fn from_bufs(config: SeConfig, n: usize, bufs: [Buf<f32>; 4]) -> Result<Self> {
+        config.validate()?;
+        if n == 0 {
+            return Err(Error::Shape("batch of 0 samples".into()));
+        }
+        let (c, d) = (config.channels, config.hidden);
+        let [z, h, u, s] = bufs;
+        for (b, want) in [(&z, n * c), (&h, n * d), (&u, n * d), (&s, n * c)] {
+            if b.len() != want.max(1) {
+                return Err(Error::Length {
+                    what: "SE saved-state buffer",
+                    got: b.len(),
+                    expected: want,
+                });
+            }
+        }
+        Ok(DeviceSeSaved {
+            n,
+            config,
+            z,
+            h,
+            u,
+            s,
+        })
+    }
+
+    /// The buffers, for reuse.
+    pub(crate) fn into_bufs(self) -> [Buf<f32>; 4] {
+        [self.z, self.h, self.u, self.s]
     }
 
     /// Copies the saved values to the host.
@@ -193,6 +265,42 @@ impl DeviceSeGrads {
             dw2: dev.alloc_zeros::<f32>(c * d)?,
             db2: config.bias.then(|| dev.alloc_zeros::<f32>(c)).transpose()?,
         })
+    }
+
+    /// Caller buffers as gradient storage for `config` (`[dw1, db1, dw2, db2]`, the biases
+    /// exactly when the config has them); contents are overwritten by a backward pass.
+    pub(crate) fn from_bufs(config: SeConfig, bufs: [Option<Buf<f32>>; 4]) -> Result<Self> {
+        config.validate()?;
+        let (c, d) = (config.channels, config.hidden);
+        let [dw1, db1, dw2, db2] = bufs;
+        let bad = || Error::Shape("SE gradient buffers do not match the config".into());
+        let fits = |b: &Option<Buf<f32>>, want: Option<usize>| match (b, want) {
+            (Some(b), Some(n)) => b.len() == n.max(1),
+            (None, None) => true,
+            _ => false,
+        };
+        let bias = |n: usize| config.bias.then_some(n);
+        if !(fits(&dw1, Some(d * c))
+            && fits(&db1, bias(d))
+            && fits(&dw2, Some(c * d))
+            && fits(&db2, bias(c)))
+        {
+            return Err(bad());
+        }
+        Ok(DeviceSeGrads {
+            config,
+            dw1: dw1.ok_or_else(bad)?,
+            db1,
+            dw2: dw2.ok_or_else(bad)?,
+            db2,
+        })
+    }
+
+    /// The buffers, for reuse.
+    pub(crate) fn into_bufs(self) -> impl Iterator<Item = Buf<f32>> {
+        [Some(self.dw1), self.db1, Some(self.dw2), self.db2]
+            .into_iter()
+            .flatten()
     }
 
     /// Copies the gradients to the host.

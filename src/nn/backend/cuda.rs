@@ -274,9 +274,33 @@ impl std::fmt::Debug for GpuIndices {
     }
 }
 
-/// What the SE forward keeps for its backward: the device buffers of [`se_gpu::forward`].
+/// What the SE forward keeps for its backward: the device buffers of [`se_gpu::forward`], from
+/// the backend's pool and back to it when the last clone drops.
 #[derive(Clone)]
-pub struct CudaSeSaved(Arc<DeviceSeSaved>);
+pub struct CudaSeSaved(Arc<PooledSeSaved>);
+
+struct PooledSeSaved {
+    saved: Option<DeviceSeSaved>,
+    pool: Arc<Pool>,
+}
+
+impl PooledSeSaved {
+    fn get(&self) -> &DeviceSeSaved {
+        self.saved
+            .as_ref()
+            .expect("the saved state is present until dropped")
+    }
+}
+
+impl Drop for PooledSeSaved {
+    fn drop(&mut self) {
+        if let Some(s) = self.saved.take() {
+            for b in s.into_bufs() {
+                self.pool.put(b);
+            }
+        }
+    }
+}
 
 impl std::fmt::Debug for CudaSeSaved {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -371,20 +395,45 @@ impl Cuda {
             .clear();
     }
 
-    /// A buffer of `len` elements from the pool (or the driver); contents undefined.
-    fn take<T: DevElem>(&self, len: usize) -> Result<PoolBuf<T>> {
+    /// A buffer of `len` elements from the pool (or the driver); contents undefined. Handing
+    /// it back is the caller's business ([`Pool::put`]).
+    fn take_raw<T: DevElem>(&self, len: usize) -> Result<Buf<T>> {
         let len = len.max(1);
-        let buf = match self.pool.get::<T>(len) {
-            Some(b) => b,
+        match self.pool.get::<T>(len) {
+            Some(b) => Ok(b),
             None => {
                 self.pool.misses.fetch_add(1, Ordering::Relaxed);
-                self.dev.alloc_zeros::<T>(len)?
+                self.dev.alloc_zeros::<T>(len)
             }
-        };
+        }
+    }
+
+    /// A buffer of `len` elements from the pool (or the driver), back to the pool when dropped;
+    /// contents undefined.
+    fn take<T: DevElem>(&self, len: usize) -> Result<PoolBuf<T>> {
         Ok(PoolBuf {
-            buf: Some(buf),
+            buf: Some(self.take_raw(len)?),
             pool: self.pool.clone(),
         })
+    }
+
+    /// SE weights in pooled buffers (give them back with [`Cuda::give_back`]).
+    fn se_weights(&self, w: &SeWeights) -> Result<DeviceSeWeights> {
+        let opt = |b: Option<&Vec<f32>>| b.map(|b| self.take_raw(b.len())).transpose();
+        let bufs = [
+            Some(self.take_raw(w.w1.len())?),
+            opt(w.b1.as_ref())?,
+            Some(self.take_raw(w.w2.len())?),
+            opt(w.b2.as_ref())?,
+        ];
+        DeviceSeWeights::write_into(&self.dev, w, bufs)
+    }
+
+    /// Returns buffers to the pool.
+    fn give_back(&self, bufs: impl IntoIterator<Item = Buf<f32>>) {
+        for b in bufs {
+            self.pool.put(b);
+        }
     }
 
     /// A pooled buffer holding a copy of `data`.
@@ -1404,18 +1453,33 @@ impl Backend<f32> for Cuda {
         x: &GpuTensor,
         residual: Option<&GpuTensor>,
     ) -> Result<(GpuTensor, Self::SeSaved)> {
-        let dw = DeviceSeWeights::upload(&self.dev, w)?;
+        let dw = self.se_weights(w)?;
         let mut y = self.out_t(x.shape())?;
-        let mut saved = DeviceSeSaved::new(&self.dev, w.config, x.shape().n)?;
+        let (n, c, d) = (x.shape().n, w.config.channels, w.config.hidden);
+        let bufs = [
+            self.take_raw(n * c)?,
+            self.take_raw(n * d)?,
+            self.take_raw(n * d)?,
+            self.take_raw(n * c)?,
+        ];
+        let mut sv = DeviceSeSaved::from_bufs(w.config, n, bufs)?;
+        if self.poison {
+            sv.poison(&self.dev)?;
+        }
         se_gpu::forward_into(
             &self.dev,
             &dw,
             x.device_tensor(),
             residual.map(|r| r.device_tensor()),
             y.tensor_mut(),
-            &mut saved,
+            &mut sv,
             Default::default(),
         )?;
+        self.give_back(dw.into_bufs());
+        let saved = PooledSeSaved {
+            saved: Some(sv),
+            pool: self.pool.clone(),
+        };
         Ok((GpuTensor::wrap(y), CudaSeSaved(Arc::new(saved))))
     }
 
@@ -1427,16 +1491,27 @@ impl Backend<f32> for Cuda {
         saved: &Self::SeSaved,
         dy: &GpuTensor,
     ) -> Result<SeBackward<GpuTensor>> {
-        let dw = DeviceSeWeights::upload(&self.dev, w)?;
+        let dw = self.se_weights(w)?;
         let mut dx = self.out_t(x.shape())?;
         let mut dres = residual.map(|r| self.out_t(r.shape())).transpose()?;
-        let mut grads = DeviceSeGrads::new(&self.dev, w.config)?;
+        let (c, d, bias) = (w.config.channels, w.config.hidden, w.config.bias);
+        let opt = |n: usize| bias.then(|| self.take_raw(n)).transpose();
+        let bufs = [
+            Some(self.take_raw(d * c)?),
+            opt(d)?,
+            Some(self.take_raw(c * d)?),
+            opt(c)?,
+        ];
+        let mut grads = DeviceSeGrads::from_bufs(w.config, bufs)?;
+        if self.poison {
+            grads.poison(&self.dev)?;
+        }
         se_gpu::backward_into(
             &self.dev,
             &dw,
             x.device_tensor(),
             residual.map(|r| r.device_tensor()),
-            &saved.0,
+            saved.0.get(),
             dy.device_tensor(),
             dx.tensor_mut(),
             false,
@@ -1444,10 +1519,12 @@ impl Backend<f32> for Cuda {
             dres.as_mut().map(|d| d.tensor_mut()),
             Default::default(),
         )?;
-        let grads = grads.download(&self.dev)?;
+        let host = grads.download(&self.dev)?;
+        self.give_back(dw.into_bufs());
+        self.give_back(grads.into_bufs());
         Ok(SeBackward {
             dx: GpuTensor::wrap(dx),
-            grads: crate::se::check::widen_grads(&grads),
+            grads: crate::se::check::widen_grads(&host),
             dresidual: dres.map(GpuTensor::wrap),
         })
     }
