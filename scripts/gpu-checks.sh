@@ -79,9 +79,11 @@ for p in $phases; do
       grep -E "se_|dram__|lts__|gpu__time" "$out/ncu.log" | head -80 ;;
     net)
       # The CUDA network backend next to timm's seresnet50 on the same card.
-      # Convolutions through cuDNN (when found) and through senet's own kernels.
+      # Convolutions through cuDNN (exact f32 when found, then TF32) and through senet's own kernels.
       phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
         --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench.csv" || status=1
+      SENET_CONV=cudnn-tf32 phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
+        --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench-tf32.csv" || status=1
       SENET_CONV=own phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
         --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench-own.csv" || status=1
       phase net ${NET_TORCH_LIMIT:-240} env LD_LIBRARY_PATH="$orig_ld" python3 "$here/torch_net.py" \

@@ -51,8 +51,9 @@ pub enum Device {
 impl Device {
     /// The CUDA backend this device names, opening the device (`None` for the CPU), with the
     /// convolution engine the `SENET_CONV` environment variable asks for (`auto`, the default:
-    /// cuDNN where it loads on a GPU; `own`; `cudnn`). Errors clearly when there is no GPU (or
-    /// no emulator in this build), or when cuDNN is asked for and cannot run.
+    /// exact cuDNN where it loads on a GPU; `own`; `cudnn`; `cudnn-tf32`). Errors clearly when
+    /// there is no GPU (or no emulator in this build), or when cuDNN is asked for and cannot
+    /// run.
     pub fn cuda_backend(self) -> Result<Option<crate::nn::Cuda>> {
         use crate::cuda::CudaDevice;
         use crate::nn::{ConvChoice, Cuda};

@@ -120,6 +120,40 @@ pub fn cuda_backends() -> Vec<senet::nn::Cuda> {
     out
 }
 
+/// The CUDA backend with cuDNN's TF32 convolutions on GPU 0, when there is a GPU with cuDNN
+/// (else none, with a "skipped" line; SENET_REQUIRE_GPU=1 makes a missing GPU a failure, as in
+/// [`cuda_backends`]).
+pub fn cuda_tf32_backends() -> Vec<senet::nn::Cuda> {
+    use senet::nn::{ConvChoice, ConvEngine, Cuda};
+    use std::io::Write;
+    let require = std::env::var("SENET_REQUIRE_GPU").as_deref() == Ok("1");
+    let dev = if senet::cuda::kernels_built() {
+        senet::cuda::CudaDevice::new(0)
+    } else {
+        Err(senet::Error::KernelsNotBuilt)
+    };
+    match dev {
+        Ok(d) => match Cuda::with_conv(d, ConvChoice::Only(ConvEngine::CudnnTf32)) {
+            Ok(b) => {
+                let _ = writeln!(std::io::stderr(), "CUDA backend: {}", b.describe());
+                vec![b.with_poison(true)]
+            }
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "skipped cuDNN convolutions: {e}");
+                Vec::new()
+            }
+        },
+        Err(e) => {
+            assert!(
+                !require,
+                "SENET_REQUIRE_GPU=1 but no usable CUDA device: {e}"
+            );
+            let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({e})");
+            Vec::new()
+        }
+    }
+}
+
 /// [`cuda_backends`], each announced on stderr (device and convolution engine), so a failure's
 /// output says which one failed.
 pub fn cuda_backends_announced() -> Vec<senet::nn::Cuda> {

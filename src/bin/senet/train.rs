@@ -358,7 +358,7 @@ pub fn announce_cuda(b: &senet::nn::Cuda) {
     let cc = b.device().info().compute_capability;
     println!(
         "device: {} (compute capability {}.{}); activations stay on the device, parameters are \
-         uploaded by each op (SENET_CONV=auto|own|cudnn picks the convolutions)",
+         uploaded by each op (SENET_CONV=auto|own|cudnn|cudnn-tf32 picks the convolutions)",
         b.describe(),
         cc.0,
         cc.1

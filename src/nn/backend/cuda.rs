@@ -12,7 +12,7 @@
 //! (docs/cuda-network-backend.md). f32 and NCHW only; reductions run in a fixed order, so
 //! results repeat bit for bit.
 
-use super::cudnn::{ConvChoice, ConvEngine, Dnn, Pass};
+use super::cudnn::{ConvChoice, ConvEngine, Dnn, Pass, PassKind};
 use super::{
     check_bn_lens, check_len, check_split, concat_shape, same_shape, Activation, Backend, BnStats,
     ConvGeom, PoolGeom, SeBackward,
@@ -316,6 +316,9 @@ pub struct Cuda {
     pool: Arc<Pool>,
     /// cuDNN for the convolutions; `None` runs the own kernels.
     dnn: Option<Arc<Dnn>>,
+    /// With [`ConvChoice::Auto`]: a convolution cuDNN has no acceptable algorithm for runs on
+    /// the own kernels instead of failing.
+    dnn_auto: bool,
 }
 
 impl Cuda {
@@ -323,12 +326,13 @@ impl Cuda {
     /// convolutions through cuDNN when it loads on a GPU and the own kernels otherwise
     /// ([`ConvChoice::Auto`]).
     pub fn new(dev: Arc<CudaDevice>) -> Self {
-        let dnn = Dnn::open(&dev).ok().map(Arc::new);
+        let dnn = Dnn::open(&dev, false).ok().map(Arc::new);
         Cuda {
             dev,
             poison: false,
             pool: Arc::new(Pool::default()),
             dnn,
+            dnn_auto: true,
         }
     }
 
@@ -336,21 +340,24 @@ impl Cuda {
     /// for and cannot run (the emulator, no library on the loader's path), with the reason.
     pub fn with_conv(dev: Arc<CudaDevice>, choice: ConvChoice) -> Result<Self> {
         let dnn = match choice {
-            ConvChoice::Auto => Dnn::open(&dev).ok().map(Arc::new),
+            ConvChoice::Auto => Dnn::open(&dev, false).ok().map(Arc::new),
             ConvChoice::Only(ConvEngine::Own) => None,
-            ConvChoice::Only(ConvEngine::Cudnn) => Some(Arc::new(Dnn::open(&dev)?)),
+            ConvChoice::Only(ConvEngine::Cudnn) => Some(Arc::new(Dnn::open(&dev, false)?)),
+            ConvChoice::Only(ConvEngine::CudnnTf32) => Some(Arc::new(Dnn::open(&dev, true)?)),
         };
         Ok(Cuda {
             dev,
             poison: false,
             pool: Arc::new(Pool::default()),
             dnn,
+            dnn_auto: choice == ConvChoice::Auto,
         })
     }
 
     /// Which code runs the convolutions.
     pub fn conv_engine(&self) -> ConvEngine {
-        match self.dnn {
+        match &self.dnn {
+            Some(d) if d.tf32() => ConvEngine::CudnnTf32,
             Some(_) => ConvEngine::Cudnn,
             None => ConvEngine::Own,
         }
@@ -360,8 +367,18 @@ impl Cuda {
     pub fn describe(&self) -> String {
         let conv = match &self.dnn {
             Some(d) => format!(
-                "cuDNN {} convolutions (f32, FMA math, deterministic)",
-                super::cudnn::version_string(d.version())
+                "cuDNN {} convolutions ({}, deterministic algorithms{})",
+                super::cudnn::version_string(d.version()),
+                if d.tf32() {
+                    "TF32 tensor cores"
+                } else {
+                    "exact f32, FMA math"
+                },
+                if self.dnn_auto {
+                    ", senet's kernels where cuDNN has none"
+                } else {
+                    ""
+                }
             ),
             None => "senet's own f32 convolution kernels".to_string(),
         };
@@ -497,9 +514,36 @@ impl Cuda {
         }
     }
 
-    /// Runs one cuDNN convolution pass with a workspace from the pool.
-    fn run_dnn(&self, d: &Dnn, xs: Shape, ys: Shape, g: &ConvGeom, pass: Pass) -> Result<()> {
-        let bytes = d.workspace(&self.dev, xs, ys, g, &pass)?;
+    /// cuDNN with the workspace bytes of `passes` when it runs this convolution: `None` for the
+    /// own kernels (no cuDNN, or with `auto` none of its acceptable algorithms fits; then
+    /// nothing has run yet).
+    fn dnn_for(
+        &self,
+        xs: Shape,
+        ys: Shape,
+        g: &ConvGeom,
+        passes: &[PassKind],
+    ) -> Result<Option<(&Dnn, Vec<usize>)>> {
+        let Some(d) = &self.dnn else {
+            return Ok(None);
+        };
+        match d.prepare(&self.dev, xs, ys, g, passes) {
+            Ok(ws) => Ok(Some((d, ws))),
+            Err(Error::Cudnn(_)) if self.dnn_auto => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs one cuDNN convolution pass with a workspace of `bytes` from the pool.
+    fn run_dnn(
+        &self,
+        d: &Dnn,
+        xs: Shape,
+        ys: Shape,
+        g: &ConvGeom,
+        pass: Pass,
+        bytes: usize,
+    ) -> Result<()> {
         let ws = if bytes > 0 {
             Some(self.take::<f32>(bytes.div_ceil(4))?)
         } else {
@@ -890,7 +934,7 @@ impl Backend<f32> for Cuda {
         if let Some(b) = b {
             check_len("conv bias", b.len(), g.out_ch)?;
         }
-        if let Some(d) = &self.dnn {
+        if let Some((d, ws)) = self.dnn_for(xs, ys, g, &[PassKind::Forward])? {
             let wb = self.up(w)?;
             let y = self.out_t(ys)?;
             let pass = Pass::Forward {
@@ -898,7 +942,7 @@ impl Backend<f32> for Cuda {
                 w: self.addr(&wb),
                 y: self.addr(&y),
             };
-            self.run_dnn(d, xs, ys, g, pass)?;
+            self.run_dnn(d, xs, ys, g, pass, ws[0])?;
             let y = GpuTensor::wrap(y);
             return match b {
                 Some(b) => self.channel_affine(y, &vec![1.0; g.out_ch], b, false),
@@ -957,14 +1001,19 @@ impl Backend<f32> for Cuda {
             self.channel_sum(dyp, self.addr(&dbb), ys, true)?;
             db.copy_from_slice(&self.down(&dbb, g.out_ch)?);
         }
-        if let Some(d) = &self.dnn {
+        let passes: &[PassKind] = if need_dx {
+            &[PassKind::Filter, PassKind::Data]
+        } else {
+            &[PassKind::Filter]
+        };
+        if let Some((d, ws)) = self.dnn_for(xs, ys, g, passes)? {
             let dwb = self.up(dw)?;
             let pass = Pass::Filter {
                 x: xp,
                 dy: dyp,
                 dw: self.addr(&dwb),
             };
-            self.run_dnn(d, xs, ys, g, pass)?;
+            self.run_dnn(d, xs, ys, g, pass, ws[0])?;
             dw.copy_from_slice(&self.down(&dwb, g.weight_len())?);
             if !need_dx {
                 return Ok(None);
@@ -976,7 +1025,7 @@ impl Backend<f32> for Cuda {
                 w: self.addr(&wb),
                 dx: self.addr(&dx),
             };
-            self.run_dnn(d, xs, ys, g, pass)?;
+            self.run_dnn(d, xs, ys, g, pass, ws[1])?;
             return Ok(Some(GpuTensor::wrap(dx)));
         }
         let mut p = self.conv_params(g, xs, ys)?;

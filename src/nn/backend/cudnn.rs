@@ -2,24 +2,31 @@
 //! weight gradient through cuDNN's legacy convolution API, loaded at run time (cudarc's dynamic
 //! loading), so the crate builds and runs without it and falls back to its own kernels.
 //!
-//! Exact f32: the descriptors ask for FMA math (no TF32 tensor cores, which cuDNN would
-//! otherwise use for f32 on Ampere and later and which round operands to 10 mantissa bits), and
-//! only deterministic algorithms are taken, so a run repeats bit for bit as with the own
-//! kernels. Algorithms come from cuDNN's heuristics (`..._v7`), once per shape and geometry.
+//! Two precisions. [`ConvEngine::Cudnn`] is exact f32: the descriptors ask for FMA math (cuDNN
+//! would otherwise use TF32 tensor cores for f32 data on Ampere and later, rounding operands to
+//! 10 mantissa bits). [`ConvEngine::CudnnTf32`] allows those tensor cores, as PyTorch does for
+//! f32 convolutions by default; it keeps f16's 10 mantissa bits and is checked against f16's
+//! tolerance. Both take only deterministic GEMM-family or direct algorithms (FFT and Winograd
+//! transforms lose accuracy), so runs repeat bit for bit. Algorithms come from cuDNN's
+//! heuristics (`..._v7`), with PyTorch's deterministic choices as the fallback, once per input
+//! shape and geometry.
 //!
-//! Nothing here can run on the kernel emulator: a CUDA backend on the emulator always uses the
-//! own kernels.
+//! Every cuDNN function used is looked up when the library is opened, so a library lacking one
+//! is an error there rather than a panic inside cudarc later; the bindings are cuDNN 9's, so an
+//! older library is refused. Enum values cuDNN writes into memory (the heuristics' results) are
+//! read as plain integers, never as Rust enums. Nothing here runs on the kernel emulator.
 
 use super::ConvGeom;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 use crate::tensor::Shape;
 use cudarc::cudnn::{result as dnn, sys};
+use cudarc::driver::CudaStream;
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Which code runs the CUDA backend's convolutions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -27,8 +34,11 @@ pub enum ConvEngine {
     /// senet's implicit-GEMM kernels (kernels/nn.cu): always available, and what the kernel
     /// emulator runs.
     Own,
-    /// cuDNN, loaded at run time (f32 with FMA math, deterministic algorithms).
+    /// cuDNN, loaded at run time: exact f32 (FMA math), deterministic algorithms.
     Cudnn,
+    /// cuDNN with TF32 tensor cores allowed (PyTorch's default for f32 convolutions):
+    /// deterministic algorithms, f16-like accuracy.
+    CudnnTf32,
 }
 
 impl fmt::Display for ConvEngine {
@@ -36,15 +46,18 @@ impl fmt::Display for ConvEngine {
         f.write_str(match self {
             ConvEngine::Own => "own",
             ConvEngine::Cudnn => "cudnn",
+            ConvEngine::CudnnTf32 => "cudnn-tf32",
         })
     }
 }
 
-/// A request for a [`ConvEngine`]: one of them, or `auto` (cuDNN where it loads on a GPU,
-/// else the own kernels).
+/// A request for a [`ConvEngine`]: one of them, or `auto` (exact cuDNN where it loads on a GPU
+/// and has an algorithm for the convolution, else the own kernels).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ConvChoice {
-    /// cuDNN on a GPU with the library on the loader's path, else [`ConvEngine::Own`].
+    /// [`ConvEngine::Cudnn`] on a GPU with the library on the loader's path, else
+    /// [`ConvEngine::Own`]; a convolution cuDNN has no acceptable algorithm for runs on the own
+    /// kernels.
     #[default]
     Auto,
     /// This engine, or an error when it cannot run.
@@ -59,8 +72,9 @@ impl FromStr for ConvChoice {
             "auto" | "" => Ok(ConvChoice::Auto),
             "own" | "senet" => Ok(ConvChoice::Only(ConvEngine::Own)),
             "cudnn" => Ok(ConvChoice::Only(ConvEngine::Cudnn)),
+            "cudnn-tf32" | "tf32" => Ok(ConvChoice::Only(ConvEngine::CudnnTf32)),
             other => Err(Error::Config(format!(
-                "unknown convolution engine `{other}` (expected auto, own or cudnn)"
+                "unknown convolution engine `{other}` (expected auto, own, cudnn or cudnn-tf32)"
             ))),
         }
     }
@@ -88,15 +102,74 @@ fn cint(what: &str, v: usize) -> Result<c_int> {
         .map_err(|_| Error::Shape(format!("{what} = {v} exceeds cuDNN's 32-bit sizes")))
 }
 
-/// cuDNN's version number (e.g. 91000 for 9.10.0) when the library loads, else why not. Needs
-/// no GPU: it only loads the library and asks.
+/// Every cuDNN function this module calls.
+const SYMBOLS: &[&str] = &[
+    "cudnnGetVersion",
+    "cudnnOpsVersionCheck",
+    "cudnnCnnVersionCheck",
+    "cudnnCreate",
+    "cudnnDestroy",
+    "cudnnSetStream",
+    "cudnnCreateTensorDescriptor",
+    "cudnnSetTensor4dDescriptor",
+    "cudnnDestroyTensorDescriptor",
+    "cudnnCreateFilterDescriptor",
+    "cudnnSetFilter4dDescriptor",
+    "cudnnDestroyFilterDescriptor",
+    "cudnnCreateConvolutionDescriptor",
+    "cudnnSetConvolution2dDescriptor",
+    "cudnnSetConvolutionMathType",
+    "cudnnSetConvolutionGroupCount",
+    "cudnnDestroyConvolutionDescriptor",
+    "cudnnGetConvolution2dForwardOutputDim",
+    "cudnnGetConvolutionForwardAlgorithm_v7",
+    "cudnnGetConvolutionForwardWorkspaceSize",
+    "cudnnConvolutionForward",
+    "cudnnGetConvolutionBackwardDataAlgorithm_v7",
+    "cudnnGetConvolutionBackwardDataWorkspaceSize",
+    "cudnnConvolutionBackwardData",
+    "cudnnGetConvolutionBackwardFilterAlgorithm_v7",
+    "cudnnGetConvolutionBackwardFilterWorkspaceSize",
+    "cudnnConvolutionBackwardFilter",
+];
+
+/// cuDNN's version number (e.g. 91000 for 9.10.0) when a usable library loads, else why not:
+/// it must be on the loader's path, be cuDNN 9 (the bindings' version), have every function
+/// senet calls, and pass its own sub-library checks. Needs no GPU.
 pub fn cudnn_version() -> std::result::Result<usize, String> {
-    // SAFETY: only probes whether the library can be loaded.
+    // SAFETY: only probes whether the library can be loaded (cudarc panics on a missing one).
     if !unsafe { sys::is_culib_present() } {
-        return Err("libcudnn (.so.9 or .so.8) is not on the library path".into());
+        return Err("libcudnn.so.9 is not on the library path".into());
     }
-    std::panic::catch_unwind(dnn::get_version)
-        .map_err(|_| "the cuDNN library found lacks cudnnGetVersion".to_string())
+    // SAFETY: the library loads (checked above), so this returns it instead of panicking.
+    let lib = unsafe { sys::culib() };
+    for name in SYMBOLS {
+        // SAFETY: a lookup only; the symbol is not called through this type.
+        if unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_err() {
+            return Err(format!("the cuDNN library found lacks {name}"));
+        }
+    }
+    let version = dnn::get_version();
+    if version < 90000 {
+        return Err(format!(
+            "cuDNN {} is older than 9.0 (senet's bindings are cuDNN 9's)",
+            version_string(version)
+        ));
+    }
+    for check in ["cudnnOpsVersionCheck", "cudnnCnnVersionCheck"] {
+        // SAFETY: the symbol exists (checked above); it takes nothing and returns a
+        // cudnnStatus_t, a C enum read here as its integer.
+        let f = unsafe { lib.get::<unsafe extern "C" fn() -> u32>(check.as_bytes()) }
+            .map_err(|e| format!("{check}: {e}"))?;
+        // SAFETY: as above.
+        let code = unsafe { f() };
+        if code != 0 {
+            return Err(format!(
+                "{check} returned status {code}: the cuDNN install is incomplete"
+            ));
+        }
+    }
+    Ok(version)
 }
 
 /// A cuDNN version number as `major.minor.patch` (9.x numbers them `M*10000 + m*100 + p`,
@@ -155,21 +228,22 @@ fn tensor_desc(what: &str, s: Shape) -> Result<TensorDesc> {
     Ok(d)
 }
 
-/// One convolution's descriptors and chosen algorithms (with their workspace bytes).
+/// One convolution's descriptors and chosen algorithms (with their workspace bytes), or the
+/// reason cuDNN has none for a pass.
 struct Plan {
     x: TensorDesc,
     y: TensorDesc,
     w: FilterDesc,
     conv: ConvDesc,
-    fwd: Option<(sys::cudnnConvolutionFwdAlgo_t, usize)>,
-    data: Option<(sys::cudnnConvolutionBwdDataAlgo_t, usize)>,
-    filter: Option<(sys::cudnnConvolutionBwdFilterAlgo_t, usize)>,
+    fwd: Option<std::result::Result<(sys::cudnnConvolutionFwdAlgo_t, usize), String>>,
+    data: Option<std::result::Result<(sys::cudnnConvolutionBwdDataAlgo_t, usize), String>>,
+    filter: Option<std::result::Result<(sys::cudnnConvolutionBwdFilterAlgo_t, usize), String>>,
 }
 
 impl Plan {
-    /// The descriptors of a convolution of `g` from `xs` to `ys` (f32 NCHW, FMA math, `g`'s
-    /// groups); algorithms are chosen later, with a handle.
-    fn new(xs: Shape, ys: Shape, g: &ConvGeom) -> Result<Plan> {
+    /// The descriptors of a convolution of `g` from `xs` to `ys` (f32 NCHW, `g`'s groups; FMA
+    /// math, or tensor-op math with `tf32`); algorithms are chosen later, with a handle.
+    fn new(xs: Shape, ys: Shape, g: &ConvGeom, tf32: bool) -> Result<Plan> {
         let x = tensor_desc("convolution input", xs)?;
         let y = tensor_desc("convolution output", ys)?;
         let w =
@@ -196,6 +270,11 @@ impl Plan {
         );
         let (pad, stride) = (cint("padding", g.padding)?, cint("stride", g.stride)?);
         let groups = cint("groups", g.groups)?;
+        let math = if tf32 {
+            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+        } else {
+            sys::cudnnMathType_t::CUDNN_FMA_MATH
+        };
         // SAFETY: `conv` is a live descriptor.
         unsafe {
             dnn::set_convolution2d_descriptor(
@@ -209,9 +288,7 @@ impl Plan {
                 sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
                 sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
             )
-            .and_then(|_| {
-                dnn::set_convolution_math_type(conv.0, sys::cudnnMathType_t::CUDNN_FMA_MATH)
-            })
+            .and_then(|_| dnn::set_convolution_math_type(conv.0, math))
             .and_then(|_| dnn::set_convolution_group_count(conv.0, groups))
         }
         .map_err(status("convolution geometry"))?;
@@ -245,50 +322,87 @@ impl Plan {
 /// Largest workspace an algorithm may ask for.
 const MAX_WORKSPACE: usize = 1 << 30;
 
-/// The first acceptable algorithm of a heuristics list: a GEMM-family or direct one (`$ok`;
-/// FFT and Winograd transforms lose accuracy the f32 contract does not allow), deterministic,
-/// without tensor-op math, within the workspace cap.
-macro_rules! pick {
-    ($perf:expr, $n:expr, $what:expr, $ok:pat) => {{
-        let found = $perf[..$n.clamp(0, $perf.len() as c_int) as usize]
-            .iter()
-            .find(|p| {
-                p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
-                    && matches!(p.algo, $ok)
-                    && p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
-                    && matches!(
-                        p.mathType,
-                        sys::cudnnMathType_t::CUDNN_FMA_MATH
-                            | sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
-                    )
-                    && p.memory <= MAX_WORKSPACE
-            })
-            .map(|p| p.algo);
-        found.ok_or_else(|| {
-            Error::Cudnn(format!("no deterministic f32 algorithm for the {}", $what))
+/// One result of the `..._v7` heuristics, with the enums as the integers cuDNN wrote (a value a
+/// newer cuDNN adds is then just a number, not an invalid Rust enum). The forward, backward-data
+/// and backward-filter result structs share this layout.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Perf {
+    algo: u32,
+    status: u32,
+    time: f32,
+    memory: usize,
+    determinism: u32,
+    math_type: u32,
+    reserved: [c_int; 3],
+}
+
+const _: () = {
+    use std::mem::{align_of, size_of};
+    assert!(size_of::<Perf>() == size_of::<sys::cudnnConvolutionFwdAlgoPerf_t>());
+    assert!(size_of::<Perf>() == size_of::<sys::cudnnConvolutionBwdDataAlgoPerf_t>());
+    assert!(size_of::<Perf>() == size_of::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>());
+    assert!(align_of::<Perf>() == align_of::<sys::cudnnConvolutionFwdAlgoPerf_t>());
+};
+
+/// The first heuristics result that ran, is one of `allowed` (GEMM-family or direct; FFT and
+/// Winograd transforms lose accuracy), is deterministic, uses the math the mode allows, and
+/// fits the workspace cap.
+fn pick(perf: &[Perf], n: c_int, allowed: &[u32], tf32: bool) -> Option<u32> {
+    const SUCCESS: u32 = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32;
+    const DETERMINISTIC: u32 = sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC as u32;
+    use sys::cudnnMathType_t as M;
+    let math_ok = |m: u32| {
+        m == M::CUDNN_FMA_MATH as u32
+            || m == M::CUDNN_DEFAULT_MATH as u32
+            || (tf32 && m == M::CUDNN_TENSOR_OP_MATH as u32)
+    };
+    perf[..n.clamp(0, perf.len() as c_int) as usize]
+        .iter()
+        .find(|p| {
+            p.status == SUCCESS
+                && allowed.contains(&p.algo)
+                && p.determinism == DETERMINISTIC
+                && math_ok(p.math_type)
+                && p.memory <= MAX_WORKSPACE
         })
-    }};
+        .map(|p| p.algo)
 }
 
-struct Inner {
-    handle: sys::cudnnHandle_t,
-    plans: HashMap<(Shape, ConvGeom), Plan>,
+use sys::cudnnConvolutionBwdDataAlgo_t as DataAlgo;
+use sys::cudnnConvolutionBwdFilterAlgo_t as FilterAlgo;
+use sys::cudnnConvolutionFwdAlgo_t as FwdAlgo;
+
+/// Forward algorithms allowed, in PyTorch's deterministic fallback order.
+const FWD_ALGOS: [FwdAlgo; 4] = [
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+    FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+];
+/// Input-gradient algorithms allowed (ALGO_0 is non-deterministic and filtered out by the
+/// heuristics' flag; ALGO_1 is the fallback).
+const DATA_ALGOS: [DataAlgo; 2] = [
+    DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+    DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+];
+/// Weight-gradient algorithms allowed (ALGO_0 and ALGO_3 are non-deterministic; ALGO_1 is the
+/// fallback).
+const FILTER_ALGOS: [FilterAlgo; 3] = [
+    FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+    FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+    FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+];
+
+/// Which convolution pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PassKind {
+    Forward,
+    Data,
+    Filter,
 }
 
-// SAFETY: the handle and descriptors are plain cuDNN objects; `Dnn` only touches them under its
-// mutex, so one thread at a time uses them (cuDNN allows a handle on any thread whose current
-// context is the handle's, which every call binds first).
-unsafe impl Send for Inner {}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.plans.clear();
-        // SAFETY: created by create_handle and destroyed only here.
-        let _ = unsafe { dnn::destroy_handle(self.handle) };
-    }
-}
-
-/// Which convolution pass to run.
+/// A convolution pass with its device addresses.
 pub(crate) enum Pass {
     /// `y = conv(x, w)`.
     Forward { x: u64, w: u64, y: u64 },
@@ -298,10 +412,43 @@ pub(crate) enum Pass {
     Filter { x: u64, dy: u64, dw: u64 },
 }
 
+impl Pass {
+    fn kind(&self) -> PassKind {
+        match self {
+            Pass::Forward { .. } => PassKind::Forward,
+            Pass::Data { .. } => PassKind::Data,
+            Pass::Filter { .. } => PassKind::Filter,
+        }
+    }
+}
+
+struct Inner {
+    handle: sys::cudnnHandle_t,
+    plans: HashMap<(Shape, ConvGeom), Plan>,
+    /// Keeps the stream (and its context) alive until the handle is destroyed.
+    stream: Arc<CudaStream>,
+}
+
+// SAFETY: the handle and descriptors are plain cuDNN objects; `Dnn` only touches them under its
+// mutex, so one thread at a time uses them (cuDNN allows a handle on any thread whose current
+// context is the handle's, which every call binds first).
+unsafe impl Send for Inner {}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The handle belongs to the stream's context: make it current (best effort) first.
+        let _ = self.stream.context().bind_to_thread();
+        self.plans.clear();
+        // SAFETY: created by create_handle and destroyed only here.
+        let _ = unsafe { dnn::destroy_handle(self.handle) };
+    }
+}
+
 /// A cuDNN handle on the device's stream, with the plans made so far.
 pub(crate) struct Dnn {
     inner: Mutex<Inner>,
     version: usize,
+    tf32: bool,
 }
 
 impl fmt::Debug for Dnn {
@@ -311,45 +458,31 @@ impl fmt::Debug for Dnn {
 }
 
 impl Dnn {
-    /// Opens cuDNN on `dev`'s stream. Errors (never panics) on the emulator, when the library
-    /// is not on the loader's path, or when it lacks what senet calls.
-    pub(crate) fn open(dev: &CudaDevice) -> Result<Dnn> {
+    /// Opens cuDNN on `dev`'s stream (TF32 tensor cores allowed with `tf32`). Errors (never
+    /// panics) on the emulator, and when no usable library loads ([`cudnn_version`]).
+    pub(crate) fn open(dev: &CudaDevice, tf32: bool) -> Result<Dnn> {
         let (Some(stream), Some(ctx)) = (dev.stream(), dev.context()) else {
             return Err(Error::Unsupported(
                 "cuDNN needs a GPU; the kernel emulator runs senet's own convolutions".into(),
             ));
         };
-        cudnn_version().map_err(|e| Error::Unsupported(format!("cuDNN: {e}")))?;
+        let version = cudnn_version().map_err(|e| Error::Unsupported(format!("cuDNN: {e}")))?;
         ctx.bind_to_thread()
             .map_err(Error::driver("binding the context for cuDNN"))?;
-        let cu_stream = stream.cu_stream();
-        // cudarc resolves each symbol on first use and panics on a missing one: keep that inside.
-        let opened = std::panic::catch_unwind(move || -> Result<(usize, usize)> {
-            let version = dnn::get_version();
-            let handle = dnn::create_handle().map_err(status("creating a handle"))?;
-            // SAFETY: `handle` was just created; the stream belongs to the device's context.
-            if let Err(e) = unsafe { dnn::set_stream(handle, cu_stream as *mut _) } {
-                // SAFETY: as above; not used again.
-                let _ = unsafe { dnn::destroy_handle(handle) };
-                return Err(status("setting the stream")(e));
-            }
-            Ok((version, handle as usize))
-        })
-        .map_err(|_| {
-            Error::Unsupported("the cuDNN library found lacks a function senet calls".into())
-        })??;
-        let (version, handle) = opened;
-        if version < 8000 {
-            return Err(Error::Unsupported(format!(
-                "cuDNN {version} is older than 8.0"
-            )));
-        }
+        let handle = dnn::create_handle().map_err(status("creating a handle"))?;
+        // From here the handle is destroyed by Inner's Drop on every path.
+        let inner = Inner {
+            handle,
+            plans: HashMap::new(),
+            stream: stream.clone(),
+        };
+        // SAFETY: a live handle; the stream belongs to the device's context, which is current.
+        unsafe { dnn::set_stream(inner.handle, stream.cu_stream() as *mut _) }
+            .map_err(status("setting the stream"))?;
         Ok(Dnn {
-            inner: Mutex::new(Inner {
-                handle: handle as sys::cudnnHandle_t,
-                plans: HashMap::new(),
-            }),
+            inner: Mutex::new(inner),
             version,
+            tf32,
         })
     }
 
@@ -358,37 +491,47 @@ impl Dnn {
         self.version
     }
 
+    /// True when TF32 tensor cores are allowed.
+    pub(crate) fn tf32(&self) -> bool {
+        self.tf32
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Workspace bytes `pass` needs for input shape `xs`, output `ys` and geometry `g` (choosing
-    /// and keeping its algorithm on first use).
-    pub(crate) fn workspace(
+    /// Chooses (once, then kept) the algorithms of `passes` for input `xs`, output `ys` and
+    /// geometry `g`, and returns their workspace bytes in the same order. Errors when cuDNN has
+    /// no acceptable algorithm for one of them; nothing has run then.
+    pub(crate) fn prepare(
         &self,
         dev: &CudaDevice,
         xs: Shape,
         ys: Shape,
         g: &ConvGeom,
-        pass: &Pass,
-    ) -> Result<usize> {
+        passes: &[PassKind],
+    ) -> Result<Vec<usize>> {
         let mut inner = self.lock();
         bind(dev)?;
         let handle = inner.handle;
-        let plan = Self::plan(&mut inner, xs, ys, g)?;
-        Ok(match pass {
-            Pass::Forward { .. } => Self::fwd_algo(handle, plan)?.1,
-            Pass::Data { .. } => Self::data_algo(handle, plan)?.1,
-            Pass::Filter { .. } => Self::filter_algo(handle, plan)?.1,
-        })
+        let tf32 = self.tf32;
+        let plan = Self::plan(&mut inner, xs, ys, g, tf32)?;
+        passes
+            .iter()
+            .map(|k| match k {
+                PassKind::Forward => Self::fwd_algo(handle, plan, tf32).map(|a| a.1),
+                PassKind::Data => Self::data_algo(handle, plan, tf32).map(|a| a.1),
+                PassKind::Filter => Self::filter_algo(handle, plan, tf32).map(|a| a.1),
+            })
+            .collect()
     }
 
     /// Runs `pass` on the device's stream (asynchronously, as a kernel launch).
     ///
     /// # Safety
     /// The addresses in `pass` hold tensors of `xs` (x, dx), `ys` (y, dy) and `g`'s weight
-    /// shape (w, dw) in f32; `ws` holds `ws_bytes` bytes, at least [`Dnn::workspace`] of the
-    /// same pass (or is unused when that is 0).
+    /// shape (w, dw) in f32; `ws` holds `ws_bytes` bytes, at least what [`Dnn::prepare`]
+    /// returned for the pass (or is unused when that is 0).
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn run(
         &self,
@@ -403,17 +546,19 @@ impl Dnn {
         let mut inner = self.lock();
         bind(dev)?;
         let handle = inner.handle;
-        let plan = Self::plan(&mut inner, xs, ys, g)?;
+        let tf32 = self.tf32;
+        let plan = Self::plan(&mut inner, xs, ys, g, tf32)?;
         let (one, zero) = (1.0f32, 0.0f32);
         let alpha = &one as *const f32 as *const c_void;
         let ws_ptr = ws as *mut c_void;
         let p = |a: u64| a as *const c_void;
+        let kind = pass.kind();
         // SAFETY (all three): the descriptors describe the tensors at these addresses (this
         // function's contract), the workspace is as large as the algorithm asked for, and
         // alpha / beta point at f32s, the scaling type of f32 data.
         match pass {
             Pass::Forward { x, w, y } => {
-                let (algo, need) = Self::fwd_algo(handle, plan)?;
+                let (algo, need) = Self::fwd_algo(handle, plan, tf32)?;
                 check_ws(need, ws_bytes)?;
                 unsafe {
                     dnn::convolution_forward(
@@ -432,10 +577,9 @@ impl Dnn {
                         y as *mut c_void,
                     )
                 }
-                .map_err(status("convolution forward"))
             }
             Pass::Data { dy, w, dx } => {
-                let (algo, need) = Self::data_algo(handle, plan)?;
+                let (algo, need) = Self::data_algo(handle, plan, tf32)?;
                 check_ws(need, ws_bytes)?;
                 unsafe {
                     dnn::convolution_backward_data(
@@ -454,10 +598,9 @@ impl Dnn {
                         dx as *mut c_void,
                     )
                 }
-                .map_err(status("convolution input gradient"))
             }
             Pass::Filter { x, dy, dw } => {
-                let (algo, need) = Self::filter_algo(handle, plan)?;
+                let (algo, need) = Self::filter_algo(handle, plan, tf32)?;
                 check_ws(need, ws_bytes)?;
                 // beta = 1: the gradient accumulates into dw, as every backend's does.
                 unsafe {
@@ -477,164 +620,189 @@ impl Dnn {
                         dw as *mut c_void,
                     )
                 }
-                .map_err(status("convolution weight gradient"))
             }
         }
+        .map_err(|e| Error::Cudnn(format!("convolution {kind:?} pass: {e:?}")))
     }
 
-    fn plan<'a>(inner: &'a mut Inner, xs: Shape, ys: Shape, g: &ConvGeom) -> Result<&'a mut Plan> {
+    fn plan<'a>(
+        inner: &'a mut Inner,
+        xs: Shape,
+        ys: Shape,
+        g: &ConvGeom,
+        tf32: bool,
+    ) -> Result<&'a mut Plan> {
         use std::collections::hash_map::Entry;
         match inner.plans.entry((xs, *g)) {
             Entry::Occupied(e) => Ok(e.into_mut()),
-            Entry::Vacant(e) => Ok(e.insert(Plan::new(xs, ys, g)?)),
+            Entry::Vacant(e) => Ok(e.insert(Plan::new(xs, ys, g, tf32)?)),
         }
     }
 
     fn fwd_algo(
         handle: sys::cudnnHandle_t,
         plan: &mut Plan,
-    ) -> Result<(sys::cudnnConvolutionFwdAlgo_t, usize)> {
-        if let Some(a) = plan.fwd {
-            return Ok(a);
+        tf32: bool,
+    ) -> Result<(FwdAlgo, usize)> {
+        if plan.fwd.is_none() {
+            let mut perf = [Perf::default(); 16];
+            let mut n: c_int = 0;
+            // SAFETY: live descriptors; `perf` holds the 16 results asked for, in the layout
+            // of cuDNN's result struct (checked at compile time).
+            let asked = unsafe {
+                dnn::get_convolution_forward_algorithm(
+                    handle,
+                    plan.x.0,
+                    plan.w.0,
+                    plan.conv.0,
+                    plan.y.0,
+                    perf.len() as c_int,
+                    &mut n,
+                    perf.as_mut_ptr().cast(),
+                )
+            };
+            let first = asked
+                .ok()
+                .and_then(|_| pick(&perf, n, &FWD_ALGOS.map(|a| a as u32), tf32));
+            let order = first
+                .and_then(|a| FWD_ALGOS.iter().find(|&&c| c as u32 == a).copied())
+                .into_iter()
+                .chain(FWD_ALGOS);
+            let found = order
+                .filter_map(|algo| {
+                    // SAFETY: live descriptors.
+                    unsafe {
+                        dnn::get_convolution_forward_workspace_size(
+                            handle,
+                            plan.x.0,
+                            plan.w.0,
+                            plan.conv.0,
+                            plan.y.0,
+                            algo,
+                        )
+                    }
+                    .ok()
+                    .filter(|&b| b <= MAX_WORKSPACE)
+                    .map(|b| (algo, b))
+                })
+                .next();
+            plan.fwd = Some(found.ok_or_else(|| "no deterministic forward algorithm".to_string()));
         }
-        // SAFETY: all-zero bytes are a valid perf struct (enums start at 0, numbers 0).
-        let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; 16] = unsafe { std::mem::zeroed() };
-        let mut n: c_int = 0;
-        // SAFETY: live descriptors; `perf` holds the 16 results asked for.
-        unsafe {
-            dnn::get_convolution_forward_algorithm(
-                handle,
-                plan.x.0,
-                plan.w.0,
-                plan.conv.0,
-                plan.y.0,
-                perf.len() as c_int,
-                &mut n,
-                perf.as_mut_ptr(),
-            )
-        }
-        .map_err(status("choosing a forward algorithm"))?;
-        use sys::cudnnConvolutionFwdAlgo_t as A;
-        let algo = pick!(
-            perf,
-            n,
-            "forward",
-            A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM
-                | A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
-                | A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM
-                | A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT
-        )?;
-        // SAFETY: live descriptors.
-        let bytes = unsafe {
-            dnn::get_convolution_forward_workspace_size(
-                handle,
-                plan.x.0,
-                plan.w.0,
-                plan.conv.0,
-                plan.y.0,
-                algo,
-            )
-        }
-        .map_err(status("forward workspace size"))?;
-        plan.fwd = Some((algo, bytes));
-        Ok((algo, bytes))
+        unpack(plan.fwd.as_ref())
     }
 
     fn data_algo(
         handle: sys::cudnnHandle_t,
         plan: &mut Plan,
-    ) -> Result<(sys::cudnnConvolutionBwdDataAlgo_t, usize)> {
-        if let Some(a) = plan.data {
-            return Ok(a);
+        tf32: bool,
+    ) -> Result<(DataAlgo, usize)> {
+        if plan.data.is_none() {
+            let mut perf = [Perf::default(); 16];
+            let mut n: c_int = 0;
+            // SAFETY: as in fwd_algo.
+            let asked = unsafe {
+                dnn::get_convolution_backward_data_algorithm(
+                    handle,
+                    plan.w.0,
+                    plan.y.0,
+                    plan.conv.0,
+                    plan.x.0,
+                    perf.len() as c_int,
+                    &mut n,
+                    perf.as_mut_ptr().cast(),
+                )
+            };
+            let first = asked
+                .ok()
+                .and_then(|_| pick(&perf, n, &DATA_ALGOS.map(|a| a as u32), tf32));
+            // Without a heuristic choice only ALGO_1 (deterministic) is tried.
+            let order = first
+                .and_then(|a| DATA_ALGOS.iter().find(|&&c| c as u32 == a).copied())
+                .into_iter()
+                .chain([DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1]);
+            let found = order
+                .filter_map(|algo| {
+                    // SAFETY: live descriptors.
+                    unsafe {
+                        dnn::get_convolution_backward_data_workspace_size(
+                            handle,
+                            plan.w.0,
+                            plan.y.0,
+                            plan.conv.0,
+                            plan.x.0,
+                            algo,
+                        )
+                    }
+                    .ok()
+                    .filter(|&b| b <= MAX_WORKSPACE)
+                    .map(|b| (algo, b))
+                })
+                .next();
+            plan.data =
+                Some(found.ok_or_else(|| "no deterministic input-gradient algorithm".to_string()));
         }
-        // SAFETY: all-zero bytes are a valid perf struct.
-        let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; 16] = unsafe { std::mem::zeroed() };
-        let mut n: c_int = 0;
-        // SAFETY: live descriptors; `perf` holds the 16 results asked for.
-        unsafe {
-            dnn::get_convolution_backward_data_algorithm(
-                handle,
-                plan.w.0,
-                plan.y.0,
-                plan.conv.0,
-                plan.x.0,
-                perf.len() as c_int,
-                &mut n,
-                perf.as_mut_ptr(),
-            )
-        }
-        .map_err(status("choosing an input-gradient algorithm"))?;
-        use sys::cudnnConvolutionBwdDataAlgo_t as A;
-        let algo = pick!(
-            perf,
-            n,
-            "input gradient",
-            A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0 | A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1
-        )?;
-        // SAFETY: live descriptors.
-        let bytes = unsafe {
-            dnn::get_convolution_backward_data_workspace_size(
-                handle,
-                plan.w.0,
-                plan.y.0,
-                plan.conv.0,
-                plan.x.0,
-                algo,
-            )
-        }
-        .map_err(status("input-gradient workspace size"))?;
-        plan.data = Some((algo, bytes));
-        Ok((algo, bytes))
+        unpack(plan.data.as_ref())
     }
 
     fn filter_algo(
         handle: sys::cudnnHandle_t,
         plan: &mut Plan,
-    ) -> Result<(sys::cudnnConvolutionBwdFilterAlgo_t, usize)> {
-        if let Some(a) = plan.filter {
-            return Ok(a);
+        tf32: bool,
+    ) -> Result<(FilterAlgo, usize)> {
+        if plan.filter.is_none() {
+            let mut perf = [Perf::default(); 16];
+            let mut n: c_int = 0;
+            // SAFETY: as in fwd_algo.
+            let asked = unsafe {
+                dnn::get_convolution_backward_filter_algorithm(
+                    handle,
+                    plan.x.0,
+                    plan.y.0,
+                    plan.conv.0,
+                    plan.w.0,
+                    perf.len() as c_int,
+                    &mut n,
+                    perf.as_mut_ptr().cast(),
+                )
+            };
+            let first = asked
+                .ok()
+                .and_then(|_| pick(&perf, n, &FILTER_ALGOS.map(|a| a as u32), tf32));
+            let order = first
+                .and_then(|a| FILTER_ALGOS.iter().find(|&&c| c as u32 == a).copied())
+                .into_iter()
+                .chain([FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1]);
+            let found = order
+                .filter_map(|algo| {
+                    // SAFETY: live descriptors.
+                    unsafe {
+                        dnn::get_convolution_backward_filter_workspace_size(
+                            handle,
+                            plan.x.0,
+                            plan.y.0,
+                            plan.conv.0,
+                            plan.w.0,
+                            algo,
+                        )
+                    }
+                    .ok()
+                    .filter(|&b| b <= MAX_WORKSPACE)
+                    .map(|b| (algo, b))
+                })
+                .next();
+            plan.filter =
+                Some(found.ok_or_else(|| "no deterministic weight-gradient algorithm".to_string()));
         }
-        // SAFETY: all-zero bytes are a valid perf struct.
-        let mut perf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; 16] =
-            unsafe { std::mem::zeroed() };
-        let mut n: c_int = 0;
-        // SAFETY: live descriptors; `perf` holds the 16 results asked for.
-        unsafe {
-            dnn::get_convolution_backward_filter_algorithm(
-                handle,
-                plan.x.0,
-                plan.y.0,
-                plan.conv.0,
-                plan.w.0,
-                perf.len() as c_int,
-                &mut n,
-                perf.as_mut_ptr(),
-            )
-        }
-        .map_err(status("choosing a weight-gradient algorithm"))?;
-        use sys::cudnnConvolutionBwdFilterAlgo_t as A;
-        let algo = pick!(
-            perf,
-            n,
-            "weight gradient",
-            A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0
-                | A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1
-                | A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3
-        )?;
-        // SAFETY: live descriptors.
-        let bytes = unsafe {
-            dnn::get_convolution_backward_filter_workspace_size(
-                handle,
-                plan.x.0,
-                plan.y.0,
-                plan.conv.0,
-                plan.w.0,
-                algo,
-            )
-        }
-        .map_err(status("weight-gradient workspace size"))?;
-        plan.filter = Some((algo, bytes));
-        Ok((algo, bytes))
+        unpack(plan.filter.as_ref())
+    }
+}
+
+/// A kept algorithm choice (or the reason there is none) as a result.
+fn unpack<A: Copy>(choice: Option<&std::result::Result<(A, usize), String>>) -> Result<(A, usize)> {
+    match choice {
+        Some(Ok(a)) => Ok(*a),
+        Some(Err(e)) => Err(Error::Cudnn(e.clone())),
+        None => Err(Error::Cudnn("no algorithm chosen".into())),
     }
 }
 
@@ -660,6 +828,51 @@ fn check_ws(need: usize, have: usize) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The heuristics filter: only successful, deterministic GEMM-family results within the
+    /// workspace cap, FMA or default math (tensor-op math only in TF32 mode), first one wins.
+    #[test]
+    fn the_algorithm_filter_keeps_exact_deterministic_choices() {
+        use sys::cudnnMathType_t as M;
+        let allowed = FWD_ALGOS.map(|a| a as u32);
+        let fft = FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT as u32;
+        let gemm = FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM as u32;
+        let precomp = FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM as u32;
+        let ok = |algo: u32| Perf {
+            algo,
+            status: 0,
+            determinism: 1,
+            math_type: M::CUDNN_FMA_MATH as u32,
+            ..Perf::default()
+        };
+        let fast_but_bad = [
+            Perf {
+                status: 9,
+                ..ok(precomp)
+            },
+            ok(fft),
+            Perf {
+                determinism: 0,
+                ..ok(precomp)
+            },
+            Perf {
+                memory: MAX_WORKSPACE + 1,
+                ..ok(precomp)
+            },
+            Perf {
+                math_type: M::CUDNN_TENSOR_OP_MATH as u32,
+                ..ok(precomp)
+            },
+            ok(gemm),
+        ];
+        assert_eq!(pick(&fast_but_bad, 6, &allowed, false), Some(gemm));
+        // Tensor-op math is taken in TF32 mode.
+        assert_eq!(pick(&fast_but_bad, 6, &allowed, true), Some(precomp));
+        // Only the first `n` results count, and `n` is clamped to the array.
+        assert_eq!(pick(&fast_but_bad, 5, &allowed, false), None);
+        assert_eq!(pick(&fast_but_bad, 99, &allowed, false), Some(gemm));
+        assert_eq!(pick(&fast_but_bad, -1, &allowed, false), None);
+    }
+
     #[test]
     fn versions_read_as_cudnn_numbers_them() {
         assert_eq!(version_string(90100), "9.1.0");
@@ -677,6 +890,10 @@ mod tests {
         assert_eq!(
             " cuDNN ".parse::<ConvChoice>().unwrap(),
             ConvChoice::Only(ConvEngine::Cudnn)
+        );
+        assert_eq!(
+            "cudnn-tf32".parse::<ConvChoice>().unwrap(),
+            ConvChoice::Only(ConvEngine::CudnnTf32)
         );
         assert!("cublas".parse::<ConvChoice>().is_err());
     }
@@ -714,7 +931,7 @@ mod tests {
         ];
         for (xs, g) in cases {
             let ys = g.output_shape(xs).unwrap();
-            let plan = Plan::new(xs, ys, &g).unwrap();
+            let plan = Plan::new(xs, ys, &g, false).unwrap();
             let d = plan.output_dims().unwrap();
             assert_eq!(
                 d.map(|v| v as usize),
@@ -729,7 +946,7 @@ mod tests {
         let Ok(dev) = CudaDevice::emulator() else {
             return;
         };
-        let e = Dnn::open(&dev).unwrap_err();
+        let e = Dnn::open(&dev, false).unwrap_err();
         assert!(matches!(e, Error::Unsupported(_)), "{e}");
     }
 }
