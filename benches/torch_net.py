@@ -7,6 +7,10 @@ PyTorch's, same model, batch and mode.
 
     python3 benches/torch_net.py --batch 1,128 --ours net-bench.csv --out torch-net.csv
 
+--profile N: after timing, N more eager steps under torch.profiler, printed as a table of the
+device time per op per step (self time, so nothing is counted twice), to set next to
+`senet net-bench --profile`.
+
 Timing: CUDA events around each repetition after warm-up; the median of --iters is reported.
 """
 import argparse
@@ -27,6 +31,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (default mode)")
     ap.add_argument("--ours", help="CSV from `senet net-bench --csv`")
     ap.add_argument("--out", help="write PyTorch's rows here as CSV")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many eager steps per case")
     a = ap.parse_args()
 
     import torch
@@ -37,6 +42,10 @@ def main():
         return 2
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, timm {timm.__version__}")
+    # PyTorch's f32 convolutions use TF32 tensor cores unless this is off: compare with senet's
+    # cudnn-tf32 engine when it is on.
+    print(f"# f32 convolutions: torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32}; "
+          f"matmul TF32: {torch.backends.cuda.matmul.allow_tf32}")
     rows = []
     for prec in a.precisions.split(","):
         for batch in [int(b) for b in a.batch.split(",")]:
@@ -89,6 +98,8 @@ def main():
                                      median_ms=med, min_ms=min(times)))
                     print(f"{a.model} {prec} batch {batch} {mode} {kind}: {med:.2f} ms "
                           f"({batch / med * 1e3:.0f} img/s; warm-up {warm_s:.1f} s)", flush=True)
+                    if a.profile > 0 and not compiled:
+                        profile(torch, fn, a.profile, f"{a.model} {prec} batch {batch} {mode} eager", med)
                 del model, opt, fwd
                 torch.cuda.empty_cache()
 
@@ -120,6 +131,37 @@ def main():
                 ratio = "-" if (o is None or e is None) else f"{o / e:.2f}"
                 print(f"| {a.model} | {prec} | {batch} | {mode} | {fmt(e)} | {fmt(c)} | {fmt(o)} | {ratio} |")
     return 0
+
+
+def profile(torch, fn, steps, label, median_ms):
+    """Prints the device time per op per step of `steps` calls of `fn` (self time, longest
+    first), as a Markdown table."""
+    from torch.profiler import ProfilerActivity, profile as prof_ctx
+
+    torch.cuda.synchronize()
+    with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def dev_us(e):
+        for attr in ("self_device_time_total", "self_cuda_time_total"):
+            v = getattr(e, attr, None)
+            if v is not None:
+                return v
+        return 0.0
+
+    rows = sorted(((dev_us(e), e.key, e.count) for e in events if dev_us(e) > 0), reverse=True)
+    total = sum(r[0] for r in rows) / 1e3 / steps
+    print(f"\nprofile: {label}, {steps} step(s); device time in ops {total:.2f} ms per step "
+          f"(timed median {median_ms:.2f} ms)")
+    print("| op | calls per step | device ms per step | % of device time |")
+    print("|---|---:|---:|---:|")
+    for us, key, count in rows[:30]:
+        ms = us / 1e3 / steps
+        print(f"| {key} | {count // steps} | {ms:.3f} | {100 * ms / max(total, 1e-9):.1f} |")
+    print(flush=True)
 
 
 if __name__ == "__main__":

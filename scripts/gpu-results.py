@@ -47,7 +47,19 @@ def phase_lines(lines):
 
 
 def table(lines):
-    return [line for line in lines if line.startswith("|")]
+    """The Markdown tables in `lines`, each kept separate (a blank line between them) and headed
+    by the line before it when that says what it is (a `profile:` or `===` line)."""
+    out, prev = [], ""
+    for line in lines:
+        if line.startswith("|"):
+            if not prev.startswith("|"):
+                if out:
+                    out.append("")
+                if re.match(r"^profile:|^=== ", prev):
+                    out.extend([prev, ""])
+            out.append(line)
+        prev = line
+    return out
 
 
 def main():
@@ -108,7 +120,7 @@ def main():
     fenced("torch", "PyTorch (timm SEModule) on the same card, and the ratios", r"^device:|^  ")
     tabled("torch")
     fenced("ncu", "Nsight Compute", r"se_|dram__|lts__|gpu__time")
-    fenced("net", "Whole network: `senet net-bench` and torch_net.py", r"^=== |^device:|^# |ms \(|epoch|done:")
+    fenced("net", "Whole network: `senet net-bench` and torch_net.py", r"^=== |^device:|^# |ms \(|epoch|done:|^profile:")
     tabled("net")
 
     dest.parent.mkdir(parents=True, exist_ok=True)

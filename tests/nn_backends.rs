@@ -821,3 +821,42 @@ fn cuda_conv_engine_choice_on_the_emulator() {
     let e = senet::nn::Cuda::with_conv(dev, ConvChoice::Only(ConvEngine::Cudnn)).unwrap_err();
     assert!(e.to_string().contains("cuDNN needs a GPU"), "{e}");
 }
+
+/// A profiled backend computes exactly what the backend it wraps computes, and accounts for
+/// every op: each convolution's forward has its backward in a training step, and each op kind
+/// was called at least once with a time recorded.
+#[test]
+fn profiled_backend_is_transparent_and_counts_every_op() {
+    use senet::nn::Profiled;
+    for (name, cfg, xs) in small_configs() {
+        let mut a = cfg.build::<f32>(name).unwrap();
+        a.init_weights(seed(name));
+        let mut b = a.clone();
+        let x: Tensor<f32> = random_tensor(xs, 7);
+        let p = Profiled::new(Cpu);
+        let la = a.forward(&Cpu, x.clone(), Mode::Train).unwrap();
+        let lb = b.forward(&p, x, Mode::Train).unwrap();
+        assert_eq!(la.data(), lb.data(), "{name}: logits");
+        let dl: Tensor<f32> = random_tensor(la.shape(), 8);
+        a.zero_grad();
+        b.zero_grad();
+        a.backward_params(&Cpu, dl.clone()).unwrap();
+        b.backward_params(&p, dl).unwrap();
+        assert_eq!(
+            nn_common::grads(&mut a),
+            nn_common::grads(&mut b),
+            "{name}: gradients"
+        );
+        let report = p.report();
+        let calls = |f: &dyn Fn(&str) -> bool| -> u64 {
+            report.iter().filter(|o| f(&o.op)).map(|o| o.calls).sum()
+        };
+        let fwd = calls(&|op| op.starts_with("conv2d") && !op.ends_with("backward"));
+        let bwd = calls(&|op| op.starts_with("conv2d") && op.ends_with("backward"));
+        assert!(fwd > 0 && fwd == bwd, "{name}: {fwd} conv forwards, {bwd} backwards");
+        assert!(calls(&|op| op.starts_with("batch_norm_stats")) > 0, "{name}");
+        assert!(report.iter().all(|o| o.calls > 0), "{name}");
+        p.reset();
+        assert!(p.report().is_empty());
+    }
+}

@@ -2,7 +2,7 @@
 //! one inference forward of a whole network, per backend and batch size.
 
 use crate::train::announce_cuda;
-use senet::nn::{models, Backend, Cpu, Mode, Network};
+use senet::nn::{models, Backend, Cpu, Mode, Network, Profiled};
 use senet::train::loss::cross_entropy;
 use senet::train::optim::Sgd;
 use senet::train::Device;
@@ -36,6 +36,10 @@ pub struct Args {
     /// Also write the rows as CSV here.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
+    /// After timing, run this many more steps per batch and mode with every op timed (the
+    /// device synchronised after each) and print where the time goes, by op kind.
+    #[arg(long, default_value_t = 0)]
+    profile: usize,
 }
 
 struct Row {
@@ -93,7 +97,75 @@ pub fn run(args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn bench<B: Backend<f32>>(be: &B, args: &Args, modes: &[&'static str]) -> Result<Vec<Row>> {
+/// One step of `mode` (a training step with the loss and the SGD update, or an inference
+/// forward).
+fn step<B: Backend<f32>>(
+    be: &B,
+    net: &mut Network<f32>,
+    sgd: &mut Sgd,
+    x: &Tensor<f32>,
+    labels: &[usize],
+    mode: &str,
+) -> Result<()> {
+    if mode == "train" {
+        let logits = net.forward(be, x.clone(), Mode::Train)?;
+        let loss = cross_entropy(&logits, labels, 0.0)?;
+        net.zero_grad();
+        net.backward(be, loss.grad)?;
+        sgd.step(net, 0.01)?;
+    } else {
+        net.forward(be, x.clone(), Mode::Infer)?;
+    }
+    Ok(())
+}
+
+/// Runs `steps` steps through a [`Profiled`] copy of the backend and prints the time per op
+/// kind per step, with what the ops leave unexplained (host work: loss, SGD, layer glue).
+#[allow(clippy::too_many_arguments)]
+fn profile<B: Backend<f32> + Clone>(
+    be: &B,
+    net: &mut Network<f32>,
+    sgd: &mut Sgd,
+    x: &Tensor<f32>,
+    labels: &[usize],
+    mode: &str,
+    steps: usize,
+    median_ms: f64,
+) -> Result<()> {
+    let p = Profiled::new(be.clone());
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        step(&p, net, sgd, x, labels, mode)?;
+    }
+    let wall = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
+    let ops = p.report();
+    let in_ops: f64 = ops.iter().map(|o| o.total.as_secs_f64() * 1e3).sum::<f64>() / steps as f64;
+    println!(
+        "\nprofile: batch {} {mode}, {steps} step(s); profiled step {wall:.2} ms (unprofiled median \
+         {median_ms:.2} ms)",
+        x.shape().n
+    );
+    println!("| op | calls per step | ms per step | % of profiled step |");
+    println!("|---|---:|---:|---:|");
+    for o in &ops {
+        let ms = o.total.as_secs_f64() * 1e3 / steps as f64;
+        println!(
+            "| {} | {} | {:.3} | {:.1} |",
+            o.op,
+            o.calls / steps as u64,
+            ms,
+            100.0 * ms / wall
+        );
+    }
+    let rest = (wall - in_ops).max(0.0);
+    println!(
+        "| (outside the backend: loss, SGD, layer glue) | | {rest:.3} | {:.1} |",
+        100.0 * rest / wall
+    );
+    Ok(())
+}
+
+fn bench<B: Backend<f32> + Clone>(be: &B, args: &Args, modes: &[&'static str]) -> Result<Vec<Row>> {
     let mut net: Network<f32> = models::create(&args.model, 0)?;
     net.set_input_grad(false);
     let (c, h, w) = net.input_size();
@@ -119,25 +191,31 @@ fn bench<B: Backend<f32>>(be: &B, args: &Args, modes: &[&'static str]) -> Result
                     args.warmup + args.iters
                 );
                 let t0 = Instant::now();
-                if mode == "train" {
-                    let logits = net.forward(be, x.clone(), Mode::Train)?;
-                    let loss = cross_entropy(&logits, &labels, 0.0)?;
-                    net.zero_grad();
-                    net.backward(be, loss.grad)?;
-                    sgd.step(&mut net, 0.01)?;
-                } else {
-                    net.forward(be, x.clone(), Mode::Infer)?;
-                }
+                step(be, &mut net, &mut sgd, &x, &labels, mode)?;
+                be.synchronize()?;
                 if it >= args.warmup {
                     times.push(t0.elapsed().as_secs_f64() * 1e3);
                 }
             }
             eprintln!();
             times.sort_by(f64::total_cmp);
+            let median_ms = times[times.len() / 2];
+            if args.profile > 0 {
+                profile(
+                    be,
+                    &mut net,
+                    &mut sgd,
+                    &x,
+                    &labels,
+                    mode,
+                    args.profile,
+                    median_ms,
+                )?;
+            }
             rows.push(Row {
                 batch: n,
                 mode,
-                median_ms: times[times.len() / 2],
+                median_ms,
                 min_ms: times[0],
             });
         }

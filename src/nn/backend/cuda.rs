@@ -921,6 +921,10 @@ impl Backend<f32> for Cuda {
         "cuda"
     }
 
+    fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
     fn conv2d(
         &self,
         x: &GpuTensor,

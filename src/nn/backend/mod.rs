@@ -15,11 +15,13 @@
 mod cpu;
 mod cuda;
 mod cudnn;
+mod profile;
 mod reference;
 
 pub use cpu::Cpu;
 pub use cuda::{Cuda, CudaSeSaved};
 pub use cudnn::{cudnn_version, version_string as cudnn_version_string, ConvChoice, ConvEngine};
+pub use profile::{OpTime, Profiled};
 pub use reference::Reference;
 
 use crate::error::{Error, Result};
@@ -313,6 +315,12 @@ pub trait Backend<E: Real>: Sync {
 
     /// A short name for reports (`reference`, `cpu`).
     fn name(&self) -> &'static str;
+
+    /// Waits until every op issued so far has finished (a device backend's queue); host
+    /// backends finish each op before returning, so the default does nothing.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// `y = conv(x, w) + b`.
     fn conv2d(&self, x: &Self::T, w: &[E], b: Option<&[E]>, g: &ConvGeom) -> Result<Self::T>;
