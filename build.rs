@@ -180,6 +180,8 @@ fn build_emulator(out: &Path, sources: &[PathBuf]) {
         .flag("-fno-strict-aliasing")
         // Fibers switch stacks with _longjmp, which fortified builds reject.
         .flag("-U_FORTIFY_SOURCE")
+        // Float expressions round as written (CUDA's __fmul_rn & co. rely on it).
+        .flag_if_supported("-ffp-contract=off")
         .flag_if_supported("-Wno-unknown-pragmas")
         .flag_if_supported("-Wno-unused-parameter")
         .opt_level(2)

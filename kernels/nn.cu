@@ -583,3 +583,21 @@ extern "C" __global__ void __launch_bounds__(256)
         dx[i] = dy[i / hw] / static_cast<float>(hw);
 }
 SENET_EMU_REGISTER(nn_gap_bwd_f32)
+
+// One SGD step with momentum and weight decay, PyTorch's rule in the host optimiser's order and
+// rounding (no fused multiply-adds, so device and host updates agree bit for bit):
+// g = grad + wd * w; buf = first ? g : momentum * buf + g; w = w - lr * buf. A null grad reads
+// as zeros (a gradient zeroed and not written since).
+extern "C" __global__ void __launch_bounds__(256)
+    nn_sgd_f32(float* __restrict__ w, const float* __restrict__ grad, float* __restrict__ buf, uint64_t n,
+               float lr, float momentum, float wd, uint32_t first) {
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        const float wi = w[i];
+        const float g = __fadd_rn(grad ? grad[i] : 0.0f, __fmul_rn(wd, wi));
+        const float b = first ? g : __fadd_rn(__fmul_rn(momentum, buf[i]), g);
+        buf[i] = b;
+        w[i] = __fsub_rn(wi, __fmul_rn(lr, b));
+    }
+}
+SENET_EMU_REGISTER(nn_sgd_f32)

@@ -853,10 +853,92 @@ fn profiled_backend_is_transparent_and_counts_every_op() {
         };
         let fwd = calls(&|op| op.starts_with("conv2d") && !op.ends_with("backward"));
         let bwd = calls(&|op| op.starts_with("conv2d") && op.ends_with("backward"));
-        assert!(fwd > 0 && fwd == bwd, "{name}: {fwd} conv forwards, {bwd} backwards");
-        assert!(calls(&|op| op.starts_with("batch_norm_stats")) > 0, "{name}");
+        assert!(
+            fwd > 0 && fwd == bwd,
+            "{name}: {fwd} conv forwards, {bwd} backwards"
+        );
+        assert!(
+            calls(&|op| op.starts_with("batch_norm_stats")) > 0,
+            "{name}"
+        );
         assert!(report.iter().all(|o| o.calls > 0), "{name}");
         p.reset();
         assert!(p.report().is_empty());
+    }
+}
+
+/// Training with the convolution and linear parameters bound to the CUDA backend (values,
+/// gradients and momentum in device memory, the SGD update as a kernel) gives the same
+/// parameters, bit for bit, as the same steps with host parameters and the host optimiser.
+#[test]
+fn cuda_bound_parameters_train_exactly_as_host_ones() {
+    use senet::train::optim::Sgd;
+    for be in nn_common::cuda_backends_announced() {
+        for (name, cfg, xs) in small_configs() {
+            let mut host = cfg.build::<f32>(name).unwrap();
+            host.init_weights(seed(name));
+            let mut dev = host.clone();
+            let bound = dev.bind(&be).unwrap();
+            assert!(bound > 0, "{name}: nothing bound");
+            assert!(dev.is_bound() && !host.is_bound());
+            let (_, w) = dev.parameters().find(|(_, p)| p.is_bound()).unwrap();
+            assert!(
+                w.values("w").is_err(),
+                "{name}: a bound value read on the host"
+            );
+            let (mut opt_h, mut opt_d) =
+                (Sgd::new(0.9, 1e-3).unwrap(), Sgd::new(0.9, 1e-3).unwrap());
+            for step in 0..3u64 {
+                let x: Tensor<f32> = random_tensor(xs, 10 + step);
+                for (net, opt) in [(&mut host, &mut opt_h), (&mut dev, &mut opt_d)] {
+                    let logits = net.forward(&be, x.clone(), Mode::Train).unwrap();
+                    let dl: Tensor<f32> = random_tensor(logits.shape(), 20 + step);
+                    net.zero_grad();
+                    net.backward_params(&be, dl).unwrap();
+                    opt.step_on(&be, net, 0.05).unwrap();
+                }
+            }
+            opt_d.gather(&dev).unwrap();
+            dev.unbind().unwrap();
+            assert!(!dev.is_bound());
+            for ((n, a), (_, b)) in host.parameters().zip(dev.parameters()) {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a.value), bits(&b.value), "{name}: {n} values");
+                assert_eq!(a.grad, b.grad, "{name}: {n} gradient");
+            }
+            assert_eq!(opt_h.buffers(), opt_d.buffers(), "{name}: momentum");
+        }
+    }
+}
+
+/// With bound parameters a steady training step allocates no device memory either (the
+/// gradients and momentum buffers are made in the first step).
+#[test]
+fn cuda_bound_training_steps_reuse_device_memory() {
+    use senet::train::optim::Sgd;
+    for be in nn_common::cuda_backends() {
+        for (name, cfg, xs) in small_configs() {
+            let mut net = cfg.build::<f32>(name).unwrap();
+            net.init_weights(seed(name));
+            net.bind(&be).unwrap();
+            let mut opt = Sgd::new(0.9, 1e-4).unwrap();
+            let x: Tensor<f32> = random_tensor(xs, 1);
+            let mut step = |net: &mut Network<f32>| {
+                let logits = net.forward(&be, x.clone(), Mode::Train).unwrap();
+                let dl: Tensor<f32> = random_tensor(logits.shape(), 2);
+                net.zero_grad();
+                net.backward_params(&be, dl).unwrap();
+                opt.step_on(&be, net, 0.01).unwrap();
+            };
+            step(&mut net);
+            let on_device = be.device().allocations();
+            step(&mut net);
+            step(&mut net);
+            assert_eq!(
+                be.device().allocations(),
+                on_device,
+                "{name}: a later step allocated"
+            );
+        }
     }
 }

@@ -65,6 +65,11 @@ void* map_shared_rank(void* p, unsigned int rank);
 
 inline void __syncthreads() { senet_emu::syncthreads(); }
 inline double __drcp_rn(double x) { return 1.0 / x; }
+// Single-rounding float arithmetic (never contracted into an FMA: the emulator builds with
+// -ffp-contract=off, and these are separate operations).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }

@@ -37,8 +37,14 @@ pub type StateDict = BTreeMap<String, StateTensor>;
 
 impl<E: Real> Network<E> {
     /// The state dict (parameters, running statistics, counters) as f32 / i64 tensors; an
-    /// error if any value is uninitialised.
+    /// error if any value is uninitialised or bound to a device backend.
     pub fn state_dict(&self) -> Result<StateDict> {
+        if self.is_bound() {
+            return Err(Error::Config(format!(
+                "`{}` has parameters bound to a device backend; unbind it before saving",
+                self.name()
+            )));
+        }
         let mut out = StateDict::new();
         let mut missing = Vec::new();
         self.visit_state(&mut |name, slot| match slot {

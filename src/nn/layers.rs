@@ -112,8 +112,10 @@ impl<E: Real> Conv2d<E> {
         let fan_in = (geom.in_per_group() * k2) as f32;
         Conv2d {
             geom,
-            weight: Param::new(&geom.weight_shape(), Init::Normal((2.0 / fan_out).sqrt())),
-            bias: bias.then(|| Param::new(&[geom.out_ch], Init::Uniform(1.0 / fan_in.sqrt()))),
+            weight: Param::new(&geom.weight_shape(), Init::Normal((2.0 / fan_out).sqrt()))
+                .bindable(),
+            bias: bias
+                .then(|| Param::new(&[geom.out_ch], Init::Uniform(1.0 / fan_in.sqrt())).bindable()),
             input_grad: true,
             cache: None,
         }
@@ -127,11 +129,7 @@ impl<E: Real> Conv2d<E> {
 
 impl<E: Real> Module<E> for Conv2d<E> {
     fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
-        let bias = match &self.bias {
-            Some(p) => Some(p.values("conv bias")?),
-            None => None,
-        };
-        let y = b.conv2d(&x, self.weight.values("conv weight")?, bias, &self.geom)?;
+        let y = b.conv2d_p(&x, &self.weight, self.bias.as_ref(), &self.geom)?;
         self.cache = keep(b, x, mode);
         Ok(y)
     }
@@ -142,9 +140,14 @@ impl<E: Real> Module<E> for Conv2d<E> {
             .take()
             .ok_or_else(|| no_forward("conv"))?
             .take()?;
-        let (w, dw) = self.weight.value_and_grad("conv weight")?;
-        let db = self.bias.as_mut().map(|p| p.grad_mut());
-        let dx = b.conv2d_backward(&x, w, &dy, &self.geom, dw, db, self.input_grad)?;
+        let dx = b.conv2d_backward_p(
+            &x,
+            &mut self.weight,
+            &dy,
+            &self.geom,
+            self.bias.as_mut(),
+            self.input_grad,
+        )?;
         b.recycle(dy);
         match dx {
             Some(dx) => {
@@ -637,8 +640,8 @@ impl<E: Real> Linear<E> {
         Linear {
             in_features,
             out_features,
-            weight: Param::new(&[out_features, in_features], Init::Uniform(bound)),
-            bias: bias.then(|| Param::new(&[out_features], Init::Uniform(bound))),
+            weight: Param::new(&[out_features, in_features], Init::Uniform(bound)).bindable(),
+            bias: bias.then(|| Param::new(&[out_features], Init::Uniform(bound)).bindable()),
             cache: None,
         }
     }
@@ -657,25 +660,14 @@ impl<E: Real> Linear<E> {
 impl<E: Real> Module<E> for Linear<E> {
     fn forward<B: Backend<E>>(&mut self, b: &B, x: B::T, mode: Mode) -> Result<B::T> {
         self.check(x.shape())?;
-        let bias = match &self.bias {
-            Some(p) => Some(p.values("linear bias")?),
-            None => None,
-        };
-        let y = b.linear(
-            &x,
-            self.weight.values("linear weight")?,
-            bias,
-            self.out_features,
-        )?;
+        let y = b.linear_p(&x, &self.weight, self.bias.as_ref(), self.out_features)?;
         self.cache = keep(b, x, mode);
         Ok(y)
     }
 
     fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         let x = self.cache.take().ok_or_else(|| no_forward("linear"))?;
-        let (w, dw) = self.weight.value_and_grad("linear weight")?;
-        let db = self.bias.as_mut().map(|p| p.grad_mut());
-        b.linear_backward(x.get::<B::T>()?, w, &dy, dw, db)
+        b.linear_backward_p(x.get::<B::T>()?, &mut self.weight, &dy, self.bias.as_mut())
     }
 
     fn visit<'a>(&'a self, prefix: &str, f: Visit<'a, '_, E>) {

@@ -168,6 +168,55 @@ impl<E: Real> Network<E> {
         self.body.macs(x)
     }
 
+    /// Binds the parameters of the layers that can use them on `backend`'s device
+    /// (convolutions and linear layers: [`Param::is_bindable`]) to it ([`Backend::bind`]):
+    /// their values, gradients and SGD momentum then stay in device memory across steps, and
+    /// reading them on the host is an error until [`Network::unbind`]. Returns how many were
+    /// bound (0 for host backends). On error nothing stays bound.
+    pub fn bind<B: Backend<E>>(&mut self, backend: &B) -> Result<usize> {
+        let mut bound = 0;
+        let mut err = None;
+        self.body.visit_mut("", &mut |_, slot| {
+            if let (Slot::Param(p), None) = (slot, &err) {
+                if p.is_bindable() {
+                    match backend.bind(p) {
+                        Ok(true) => bound += 1,
+                        Ok(false) => {}
+                        Err(e) => err = Some(e),
+                    }
+                }
+            }
+        });
+        match err {
+            Some(e) => {
+                // Best effort: the first error is the one to report.
+                let _ = self.unbind();
+                Err(e)
+            }
+            None => Ok(bound),
+        }
+    }
+
+    /// Brings every bound parameter's values and gradient back to the host ([`Param::unbind`];
+    /// gather an optimiser's device momentum first). Parameters whose copy fails stay bound,
+    /// and the first error is returned.
+    pub fn unbind(&mut self) -> Result<()> {
+        let mut err = None;
+        self.body.visit_mut("", &mut |_, slot| {
+            if let Slot::Param(p) = slot {
+                if let Err(e) = p.unbind() {
+                    err.get_or_insert(e);
+                }
+            }
+        });
+        err.map_or(Ok(()), Err)
+    }
+
+    /// True when some parameter is bound to a device backend.
+    pub fn is_bound(&self) -> bool {
+        self.parameters().any(|(_, p)| p.is_bound())
+    }
+
     /// Sets every gradient to zero.
     pub fn zero_grad(&mut self) {
         for (_, p) in self.parameters_mut() {

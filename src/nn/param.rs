@@ -76,21 +76,64 @@ pub enum Init {
     Uniform(f32),
 }
 
+/// A parameter's storage on a device backend while the parameter is bound to it
+/// ([`crate::nn::Network::bind`]): its values, gradient and optimiser state live there, and the
+/// host copies are empty until [`Param::unbind`].
+pub trait DeviceStore: Send + Sync + fmt::Debug + std::any::Any {
+    /// The backend instance that owns the storage.
+    fn owner(&self) -> u64;
+    /// Copies the values to the host.
+    fn read_value(&self) -> Result<Vec<f32>>;
+    /// Copies the gradient to the host: `None` when no backward pass has reached the
+    /// parameter since it was bound (zeros after [`Param::zero_grad`]).
+    fn read_grad(&self) -> Result<Option<Vec<f32>>>;
+    /// Copies the optimiser's momentum to the host: `None` before the first update.
+    fn read_momentum(&self) -> Result<Option<Vec<f32>>>;
+    /// Marks the gradient zero (the next backward pass overwrites instead of adding).
+    fn zero_grad(&self);
+    /// The storage as `Any`, for its backend to downcast.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
 /// A named tensor of a network: a trainable parameter or a buffer (BatchNorm running
 /// statistics), with its gradient.
 ///
 /// Values are allocated lazily: a freshly built network knows every shape (so counting
 /// parameters is cheap) but holds no values until [`Param::init`], [`Param::set`] or a
 /// checkpoint load fills them.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// A parameter bound to a device backend ([`crate::nn::Network::bind`]) keeps its values and
+/// gradient there: `value` and `grad` are empty and [`Param::values`] is an error until
+/// [`Param::unbind`] brings them back. Clones of a bound parameter share its device storage.
+#[derive(Clone, Debug)]
 pub struct Param<E> {
     shape: Vec<usize>,
     init: Init,
-    /// The values, row-major in PyTorch's layout; empty until initialised.
+    /// The values, row-major in PyTorch's layout; empty until initialised (and while bound).
     pub value: Vec<E>,
     /// The accumulated gradient, shaped like `value`; empty until the first backward pass
-    /// (or [`Param::grad_mut`]).
+    /// (or [`Param::grad_mut`]), and while bound.
     pub grad: Vec<E>,
+    bound: Option<std::sync::Arc<dyn DeviceStore>>,
+    /// Whether [`crate::nn::Network::bind`] moves it to a device backend (the parameters of
+    /// layers whose ops take bound parameters: convolutions and linear layers).
+    bindable: bool,
+}
+
+impl<E: PartialEq> PartialEq for Param<E> {
+    /// Equal shapes, inits, values and gradients, and the same device storage (or none).
+    fn eq(&self, other: &Self) -> bool {
+        self.shape == other.shape
+            && self.init == other.init
+            && self.bindable == other.bindable
+            && self.value == other.value
+            && self.grad == other.grad
+            && match (&self.bound, &other.bound) {
+                (None, None) => true,
+                (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
 }
 
 impl<E: Real> Param<E> {
@@ -101,7 +144,68 @@ impl<E: Real> Param<E> {
             init,
             value: Vec::new(),
             grad: Vec::new(),
+            bound: None,
+            bindable: false,
         }
+    }
+
+    /// Marks the parameter as one [`crate::nn::Network::bind`] moves to a device backend.
+    pub fn bindable(mut self) -> Self {
+        self.bindable = true;
+        self
+    }
+
+    /// True for a parameter [`crate::nn::Network::bind`] moves to a device backend.
+    pub fn is_bindable(&self) -> bool {
+        self.bindable
+    }
+
+    /// True while the values live on a device backend.
+    pub fn is_bound(&self) -> bool {
+        self.bound.is_some()
+    }
+
+    /// The device storage while bound.
+    pub fn device_store(&self) -> Option<&std::sync::Arc<dyn DeviceStore>> {
+        self.bound.as_ref()
+    }
+
+    /// Hands the values to `store` (a backend's [`crate::nn::Backend::bind`]): the host copies
+    /// are dropped until [`Param::unbind`].
+    pub fn bind_store(&mut self, store: std::sync::Arc<dyn DeviceStore>) {
+        self.value = Vec::new();
+        self.grad = Vec::new();
+        self.bound = Some(store);
+    }
+
+    /// Brings values and gradient back from the device storage (if bound) and drops it.
+    /// On error the parameter stays bound.
+    pub fn unbind(&mut self) -> Result<()> {
+        let Some(store) = &self.bound else {
+            return Ok(());
+        };
+        let value: Vec<E> = store.read_value()?.into_iter().map(E::from_f32).collect();
+        let grad: Vec<E> = store
+            .read_grad()?
+            .map(|g| g.into_iter().map(E::from_f32).collect())
+            .unwrap_or_default();
+        if value.len() != self.numel() {
+            return Err(Error::Length {
+                what: "parameter values from the device",
+                got: value.len(),
+                expected: self.numel(),
+            });
+        }
+        self.value = value;
+        self.grad = grad;
+        self.bound = None;
+        Ok(())
+    }
+
+    fn bound_error(&self, what: &str) -> Error {
+        Error::Config(format!(
+            "{what} lives on a device backend (bound); unbind the network to read it on the host"
+        ))
     }
 
     /// The shape (PyTorch's, e.g. `[out, in / groups, kh, kw]` for a convolution).
@@ -114,13 +218,14 @@ impl<E: Real> Param<E> {
         self.shape.iter().product()
     }
 
-    /// True once values are present.
+    /// True once values are present (on the host, or on the device while bound).
     pub fn is_initialised(&self) -> bool {
-        self.value.len() == self.numel()
+        self.bound.is_some() || self.value.len() == self.numel()
     }
 
     /// Fills the values from `seed` according to the parameter's [`Init`].
     pub fn init(&mut self, seed: u64) {
+        self.bound = None;
         let n = self.numel();
         self.value = match self.init {
             Init::Zeros => vec![E::ZERO; n],
@@ -146,12 +251,17 @@ impl<E: Real> Param<E> {
                 expected: self.numel(),
             });
         }
+        self.bound = None;
         self.value = values;
         Ok(())
     }
 
-    /// The values, or an error naming `what` if they were never initialised.
+    /// The values, or an error naming `what` if they were never initialised or are bound to a
+    /// device backend.
     pub fn values(&self, what: &str) -> Result<&[E]> {
+        if self.bound.is_some() {
+            return Err(self.bound_error(what));
+        }
         if self.is_initialised() {
             Ok(&self.value)
         } else {
@@ -178,8 +288,11 @@ impl<E: Real> Param<E> {
         Ok((&self.value, &mut self.grad))
     }
 
-    /// Adds `g` to the gradient.
+    /// Adds `g` to the gradient (an error while bound: the backend accumulates there).
     pub fn accumulate(&mut self, g: &[E]) -> Result<()> {
+        if self.bound.is_some() {
+            return Err(self.bound_error("a parameter gradient"));
+        }
         if g.len() != self.numel() {
             return Err(Error::Length {
                 what: "parameter gradient",
@@ -193,8 +306,11 @@ impl<E: Real> Param<E> {
         Ok(())
     }
 
-    /// Sets the gradient to zero (keeping its allocation).
+    /// Sets the gradient to zero (keeping its allocation; on the device while bound).
     pub fn zero_grad(&mut self) {
+        if let Some(s) = &self.bound {
+            s.zero_grad();
+        }
         for g in &mut self.grad {
             *g = E::ZERO;
         }
@@ -270,6 +386,76 @@ mod tests {
         p.zero_grad();
         assert_eq!(p.grad, vec![0.0; 12]);
         assert!(p.set(vec![0.0; 5]).is_err());
+    }
+
+    /// A device store for the binding tests: fixed values, a gradient once written.
+    #[derive(Debug)]
+    struct FakeStore {
+        zeroed: std::sync::atomic::AtomicBool,
+    }
+
+    impl DeviceStore for FakeStore {
+        fn owner(&self) -> u64 {
+            7
+        }
+        fn read_value(&self) -> Result<Vec<f32>> {
+            Ok(vec![2.0; 6])
+        }
+        fn read_grad(&self) -> Result<Option<Vec<f32>>> {
+            let z = self.zeroed.load(std::sync::atomic::Ordering::Relaxed);
+            Ok(Some(vec![if z { 0.0 } else { 0.5 }; 6]))
+        }
+        fn read_momentum(&self) -> Result<Option<Vec<f32>>> {
+            Ok(None)
+        }
+        fn zero_grad(&self) {
+            self.zeroed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    fn fake() -> std::sync::Arc<dyn DeviceStore> {
+        std::sync::Arc::new(FakeStore {
+            zeroed: false.into(),
+        })
+    }
+
+    #[test]
+    fn a_bound_parameter_lives_on_its_store_until_unbound() {
+        let mut p = Param::<f32>::new(&[2, 3], Init::Ones).bindable();
+        assert!(p.is_bindable());
+        p.init(1);
+        p.bind_store(fake());
+        assert!(p.is_bound() && p.is_initialised());
+        assert!(p.value.is_empty() && p.grad.is_empty());
+        assert!(p.values("w").is_err());
+        assert!(p.value_and_grad("w").is_err());
+        assert!(p.accumulate(&[1.0; 6]).is_err());
+        // Clones share the store.
+        let q = p.clone();
+        assert_eq!(p, q);
+        p.unbind().unwrap();
+        assert!(!p.is_bound());
+        assert_eq!(p.value, vec![2.0; 6]);
+        assert_eq!(p.grad, vec![0.5; 6]);
+        assert_ne!(p, q);
+        // zero_grad reaches the store.
+        let mut r = Param::<f32>::new(&[6], Init::Zeros);
+        r.bind_store(fake());
+        r.zero_grad();
+        r.unbind().unwrap();
+        assert_eq!(r.grad, vec![0.0; 6]);
+        // A host write drops the binding.
+        r.bind_store(fake());
+        r.set(vec![3.0; 6]).unwrap();
+        assert!(!r.is_bound());
+        assert_eq!(r.values("r").unwrap(), &[3.0; 6]);
+        r.bind_store(fake());
+        r.init(2);
+        assert!(!r.is_bound());
     }
 
     #[test]

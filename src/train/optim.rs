@@ -6,7 +6,7 @@
 //! so a resumed run continues exactly where it stopped.
 
 use crate::error::{Error, Result};
-use crate::nn::Network;
+use crate::nn::{Backend, Network};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -45,10 +45,33 @@ impl Sgd {
 
     /// One update of every parameter of `net` that has a gradient, with learning rate `lr`.
     /// Parameters without a gradient (never reached by backward) are left alone, as PyTorch
-    /// skips parameters whose `grad` is `None`.
+    /// skips parameters whose `grad` is `None`. All parameters must be on the host (an error
+    /// names a bound one: use [`Sgd::step_on`]).
     pub fn step(&mut self, net: &mut Network<f32>, lr: f32) -> Result<()> {
+        self.step_on(&crate::nn::Reference, net, lr)
+    }
+
+    /// [`Sgd::step`] where parameters bound to `backend` are updated there
+    /// ([`Backend::sgd_step`], the same rule and rounding) and the rest on the host. The
+    /// momentum of a bound parameter lives with it on the device; [`Sgd::gather`] copies it
+    /// back before the optimiser state is saved or the network unbound.
+    pub fn step_on<B: Backend<f32>>(
+        &mut self,
+        backend: &B,
+        net: &mut Network<f32>,
+        lr: f32,
+    ) -> Result<()> {
         let (m, wd) = (self.momentum, self.weight_decay);
         for (name, p) in net.parameters_mut() {
+            if p.is_bound() {
+                let init = self.buffers.get(&name).map(|v| &v[..]);
+                if backend.sgd_step(p, init, lr, m, wd)? {
+                    continue;
+                }
+                return Err(Error::Config(format!(
+                    "parameter `{name}` is bound to a device backend other than the one updating it"
+                )));
+            }
             if p.grad.is_empty() {
                 continue;
             }
@@ -82,6 +105,19 @@ impl Sgd {
                         *w -= lr * g;
                     }
                     self.buffers.insert(name, buf);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the momentum of every parameter of `net` bound to a device backend into this
+    /// optimiser's buffers (call before saving the state or unbinding the network).
+    pub fn gather(&mut self, net: &Network<f32>) -> Result<()> {
+        for (name, p) in net.parameters() {
+            if let Some(store) = p.device_store() {
+                if let Some(m) = store.read_momentum()? {
+                    self.buffers.insert(name, m);
                 }
             }
         }

@@ -630,7 +630,28 @@ impl<B: Backend<f32>> Trainer<B> {
     /// Trains up to `max_steps` steps (all the current epoch's remaining steps with `None`),
     /// stopping at the end of the epoch; returns the steps done. The epoch is finished
     /// (evaluated, counted) by [`Trainer::finish_epoch`].
+    ///
+    /// On a device backend the convolution and linear parameters are bound to it for the
+    /// duration ([`Network::bind`]): they, their gradients and their momentum stay in device
+    /// memory and the SGD update runs there; on return (error or not) they are back on the
+    /// host, momentum included.
     pub fn train_steps(
+        &mut self,
+        max_steps: Option<usize>,
+        obs: &mut dyn Observer,
+    ) -> Result<usize> {
+        self.net.bind(&self.backend)?;
+        let r = self.train_steps_bound(max_steps, obs);
+        // Bring everything back whatever happened; the first error wins.
+        let g = self.opt.gather(&self.net);
+        let u = self.net.unbind();
+        let done = r?;
+        g?;
+        u?;
+        Ok(done)
+    }
+
+    fn train_steps_bound(
         &mut self,
         max_steps: Option<usize>,
         obs: &mut dyn Observer,
@@ -666,7 +687,7 @@ impl<B: Backend<f32>> Trainer<B> {
             drop(logits);
             self.net.zero_grad();
             self.net.backward_params(&self.backend, out.grad)?;
-            self.opt.step(&mut self.net, lr as f32)?;
+            self.opt.step_on(&self.backend, &mut self.net, lr as f32)?;
             if !out.loss.is_finite() {
                 return Err(Error::Config(format!(
                     "the loss diverged ({}) at epoch {} step {}; lower the learning rate",

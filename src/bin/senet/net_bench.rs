@@ -112,7 +112,7 @@ fn step<B: Backend<f32>>(
         let loss = cross_entropy(&logits, labels, 0.0)?;
         net.zero_grad();
         net.backward(be, loss.grad)?;
-        sgd.step(net, 0.01)?;
+        sgd.step_on(be, net, 0.01)?;
     } else {
         net.forward(be, x.clone(), Mode::Infer)?;
     }
@@ -172,6 +172,8 @@ fn bench<B: Backend<f32> + Clone>(be: &B, args: &Args, modes: &[&'static str]) -
     let (h, w) = args.size.map_or((h, w), |s| (s, s));
     let classes = net.num_classes();
     let mut sgd = Sgd::new(0.9, 1e-4)?;
+    // Parameters stay on a device backend across steps, as in `senet train`.
+    net.bind(be)?;
     let mut rows = Vec::new();
     for &n in &args.batch {
         let shape = senet::Shape::try_new(n, c, h, w)?;

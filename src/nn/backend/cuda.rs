@@ -20,13 +20,14 @@ use super::{
 use crate::cuda::abi::NnConvParams;
 use crate::cuda::{Buf, CudaDevice, DevElem, DeviceTensor, Module};
 use crate::error::{Error, Result};
+use crate::nn::param::{DeviceStore, Param};
 use crate::se::cuda::{self as se_gpu, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights};
 use crate::se::SeWeights;
 use crate::tensor::{Layout, Shape, Tensor};
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The kernels' block size.
@@ -308,6 +309,132 @@ impl std::fmt::Debug for CudaSeSaved {
     }
 }
 
+/// A parameter operand of an op: host values (uploaded for the op) or a device address (a
+/// bound parameter's storage).
+enum PArg<'a> {
+    Host(&'a [f32]),
+    Dev(u64),
+}
+
+impl PArg<'_> {
+    /// Checks host values hold `n` elements (device storage was checked when bound).
+    fn check(&self, what: &'static str, n: usize) -> Result<()> {
+        match self {
+            PArg::Host(v) => check_len(what, v.len(), n),
+            PArg::Dev(_) => Ok(()),
+        }
+    }
+}
+
+/// Where an op puts a parameter gradient: a host slice (accumulated into) or a bound
+/// parameter's device gradient (accumulated into, or written over when zeroed).
+enum GArg<'a> {
+    Host(&'a mut [f32]),
+    Dev { addr: u64, accumulate: bool },
+}
+
+impl GArg<'_> {
+    fn check(&self, what: &'static str, n: usize) -> Result<()> {
+        match self {
+            GArg::Host(v) => check_len(what, v.len(), n),
+            GArg::Dev { .. } => Ok(()),
+        }
+    }
+}
+
+/// A gradient destination during an op (see [`Cuda::g_start`]).
+struct GradTarget<'a> {
+    addr: u64,
+    accumulate: bool,
+    host: Option<(&'a mut [f32], PoolBuf<f32>)>,
+}
+
+/// A parameter bound to a [`Cuda`] backend: its values, gradient and SGD momentum in device
+/// memory ([`Backend::bind`], [`Network::bind`](crate::nn::Network::bind)).
+pub struct CudaParam {
+    owner: u64,
+    dev: Arc<CudaDevice>,
+    len: usize,
+    value: Buf<f32>,
+    grad: Mutex<Option<Buf<f32>>>,
+    /// The gradient reads as zero (zero_grad since the last write): the next backward writes
+    /// over it instead of adding.
+    grad_zero: AtomicBool,
+    momentum: Mutex<Option<Buf<f32>>>,
+}
+
+impl std::fmt::Debug for CudaParam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaParam({} values)", self.len)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl CudaParam {
+    fn value_addr(&self, dev: &CudaDevice) -> Result<u64> {
+        if !std::ptr::eq(dev, &*self.dev) {
+            return Err(Error::Config(
+                "a bound parameter's device differs from the backend's".into(),
+            ));
+        }
+        Ok(dev.addr(&self.value))
+    }
+
+    /// The gradient's address and whether a write there accumulates (false right after
+    /// zero_grad, which this clears); allocates the gradient, zeroed, on first use.
+    fn grad_target(&self, dev: &CudaDevice, n: usize) -> Result<(u64, bool)> {
+        let mut g = lock(&self.grad);
+        if g.is_none() {
+            *g = Some(dev.alloc_zeros::<f32>(n)?);
+        }
+        let addr = g.as_ref().map_or(0, |b| dev.addr(b));
+        let accumulate = !self.grad_zero.swap(false, Ordering::Relaxed);
+        Ok((addr, accumulate))
+    }
+}
+
+impl DeviceStore for CudaParam {
+    fn owner(&self) -> u64 {
+        self.owner
+    }
+
+    fn read_value(&self) -> Result<Vec<f32>> {
+        self.dev.read(&self.value, 0, self.len)
+    }
+
+    fn read_grad(&self) -> Result<Option<Vec<f32>>> {
+        let g = lock(&self.grad);
+        match &*g {
+            None => Ok(None),
+            Some(_) if self.grad_zero.load(Ordering::Relaxed) => Ok(Some(vec![0.0; self.len])),
+            Some(b) => self.dev.read(b, 0, self.len).map(Some),
+        }
+    }
+
+    fn read_momentum(&self) -> Result<Option<Vec<f32>>> {
+        match &*lock(&self.momentum) {
+            None => Ok(None),
+            Some(b) => self.dev.read(b, 0, self.len).map(Some),
+        }
+    }
+
+    fn zero_grad(&self) {
+        if lock(&self.grad).is_some() {
+            self.grad_zero.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Distinguishes backend instances (a bound parameter names its owner).
+static NEXT_BACKEND_ID: AtomicU64 = AtomicU64::new(1);
+
 /// The network backend on a CUDA device (f32, NCHW). Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Cuda {
@@ -319,6 +446,8 @@ pub struct Cuda {
     /// With [`ConvChoice::Auto`]: a convolution cuDNN has no acceptable algorithm for runs on
     /// the own kernels instead of failing.
     dnn_auto: bool,
+    /// This backend's identity (clones share it): parameters bound here name it.
+    id: u64,
 }
 
 impl Cuda {
@@ -333,6 +462,7 @@ impl Cuda {
             pool: Arc::new(Pool::default()),
             dnn,
             dnn_auto: true,
+            id: NEXT_BACKEND_ID.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -351,6 +481,7 @@ impl Cuda {
             pool: Arc::new(Pool::default()),
             dnn,
             dnn_auto: choice == ConvChoice::Auto,
+            id: NEXT_BACKEND_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -512,6 +643,416 @@ impl Cuda {
             self.dev
                 .launch(Module::Nn, name, grid, (THREADS, 1, 1), 0, 1, args)
         }
+    }
+
+    // ------------------------------------------------------------------ convolution / linear
+    // cores on device addresses: parameters come either from the host (uploaded for the op)
+    // or from a bound parameter's device storage.
+
+    /// The device address of a parameter operand, uploading host values into `keep`.
+    fn p_addr(&self, p: PArg<'_>, keep: &mut Vec<PoolBuf<f32>>) -> Result<u64> {
+        match p {
+            PArg::Host(v) => {
+                let b = self.up(v)?;
+                let a = self.addr(&b);
+                keep.push(b);
+                Ok(a)
+            }
+            PArg::Dev(a) => Ok(a),
+        }
+    }
+
+    /// Where a gradient goes: a host slice (uploaded, accumulated on the device, downloaded by
+    /// [`Cuda::g_finish`]) or a bound parameter's device gradient.
+    fn g_start<'a>(&self, g: GArg<'a>) -> Result<GradTarget<'a>> {
+        match g {
+            GArg::Host(v) => {
+                let b = self.up(v)?;
+                Ok(GradTarget {
+                    addr: self.addr(&b),
+                    accumulate: true,
+                    host: Some((v, b)),
+                })
+            }
+            GArg::Dev { addr, accumulate } => Ok(GradTarget {
+                addr,
+                accumulate,
+                host: None,
+            }),
+        }
+    }
+
+    fn g_finish(&self, t: GradTarget<'_>) -> Result<()> {
+        if let Some((v, b)) = t.host {
+            let n = v.len();
+            v.copy_from_slice(&self.down(&b, n)?);
+        }
+        Ok(())
+    }
+
+    fn conv_fwd(
+        &self,
+        x: &GpuTensor,
+        w: PArg<'_>,
+        b: Option<PArg<'_>>,
+        g: &ConvGeom,
+    ) -> Result<GpuTensor> {
+        let xs = x.shape();
+        let ys = g.output_shape(xs)?;
+        w.check("conv weight", g.weight_len())?;
+        if let Some(b) = &b {
+            b.check("conv bias", g.out_ch)?;
+        }
+        let mut keep = Vec::new();
+        if let Some((d, ws)) = self.dnn_for(xs, ys, g, &[PassKind::Forward])? {
+            let wp = self.p_addr(w, &mut keep)?;
+            let y = self.out_t(ys)?;
+            let pass = Pass::Forward {
+                x: self.addr(&x),
+                w: wp,
+                y: self.addr(&y),
+            };
+            self.run_dnn(d, xs, ys, g, pass, ws[0])?;
+            let y = GpuTensor::wrap(y);
+            return match b {
+                Some(b) => {
+                    let bp = self.p_addr(b, &mut keep)?;
+                    let ones = self.up(&vec![1.0f32; g.out_ch])?;
+                    self.affine_at(&y, self.addr(&ones), bp, false)
+                }
+                None => Ok(y),
+            };
+        }
+        let mut p = self.conv_params(g, xs, ys)?;
+        if b.is_some() {
+            p.flags |= crate::cuda::abi::SENET_NN_BIAS;
+        }
+        let wp = self.p_addr(w, &mut keep)?;
+        let bp = match b {
+            Some(b) => self.p_addr(b, &mut keep)?,
+            None => 0,
+        };
+        let y = self.out_t(ys)?;
+        let chunk = Self::sample_chunk(g);
+        for n0 in (0..xs.n).step_by(chunk) {
+            let nn = chunk.min(xs.n - n0);
+            let pc = NnConvParams { n: nn as u32, ..p };
+            let xp = self.addr(&x) + (n0 * xs.sample_numel() * 4) as u64;
+            let yp = self.addr(&y) + (n0 * ys.sample_numel() * 4) as u64;
+            let mut args = [arg(&pc), arg(&xp), arg(&wp), arg(&bp), arg(&yp)];
+            let grid = (
+                grid_x(ys.hw(), TILE)?,
+                grid_y(g.out_per_group(), TILE)?,
+                (nn * g.groups) as u32,
+            );
+            // SAFETY: nn_conv_fwd_f32(p, x, w, bias, y): x and y point at sample n0 of buffers
+            // holding xs and ys; nn samples follow; w holds the weight; bias out_ch floats when
+            // the flag is set.
+            unsafe { self.launch("nn_conv_fwd_f32", grid, &mut args)? };
+        }
+        Ok(GpuTensor::wrap(y))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv_bwd(
+        &self,
+        x: &GpuTensor,
+        w: PArg<'_>,
+        dy: &GpuTensor,
+        g: &ConvGeom,
+        dw: GArg<'_>,
+        db: Option<GArg<'_>>,
+        need_dx: bool,
+    ) -> Result<Option<GpuTensor>> {
+        let xs = x.shape();
+        let ys = g.output_shape(xs)?;
+        same_shape(dy.shape(), ys, "conv gradient vs output")?;
+        w.check("conv weight", g.weight_len())?;
+        dw.check("conv weight gradient", g.weight_len())?;
+        if let Some(db) = &db {
+            db.check("conv bias gradient", g.out_ch)?;
+        }
+        let (xp, dyp) = (self.addr(&x), self.addr(&dy));
+        if let Some(db) = db {
+            let t = self.g_start(db)?;
+            self.channel_sum(dyp, t.addr, ys, t.accumulate)?;
+            self.g_finish(t)?;
+        }
+        let passes: &[PassKind] = if need_dx {
+            &[PassKind::Filter, PassKind::Data]
+        } else {
+            &[PassKind::Filter]
+        };
+        let mut keep = Vec::new();
+        if let Some((d, ws)) = self.dnn_for(xs, ys, g, passes)? {
+            let t = self.g_start(dw)?;
+            let pass = Pass::Filter {
+                x: xp,
+                dy: dyp,
+                dw: t.addr,
+                accumulate: t.accumulate,
+            };
+            self.run_dnn(d, xs, ys, g, pass, ws[0])?;
+            self.g_finish(t)?;
+            if !need_dx {
+                return Ok(None);
+            }
+            let wp = self.p_addr(w, &mut keep)?;
+            let dx = self.out_t(xs)?;
+            let pass = Pass::Data {
+                dy: dyp,
+                w: wp,
+                dx: self.addr(&dx),
+            };
+            self.run_dnn(d, xs, ys, g, pass, ws[1])?;
+            return Ok(Some(GpuTensor::wrap(dx)));
+        }
+        let mut p = self.conv_params(g, xs, ys)?;
+        // Weight gradient (accumulated into dw's current values, or written over a zeroed
+        // bound gradient), split along its long depth (samples x output pixels) when the
+        // output alone gives too few blocks.
+        let t = self.g_start(dw)?;
+        p.flags = if t.accumulate {
+            crate::cuda::abi::SENET_NN_ACCUMULATE
+        } else {
+            0
+        };
+        let (splits, kps) = self.weight_grad_splits(g, xs.n * ys.hw());
+        let partial = if splits > 1 {
+            Some(self.out::<f32>(splits as usize * g.weight_len())?)
+        } else {
+            None
+        };
+        let (dwp, pp) = (t.addr, partial.as_ref().map_or(0, |b| self.addr(b)));
+        let mut args = [
+            arg(&p),
+            arg(&xp),
+            arg(&dyp),
+            arg(&dwp),
+            arg(&pp),
+            arg(&splits),
+            arg(&kps),
+        ];
+        let z = g.groups * splits as usize;
+        if z > MAX_GRID_YZ {
+            return Err(Error::Shape(format!("{} groups are too many", g.groups)));
+        }
+        let grid = (
+            grid_x(g.in_per_group() * g.kernel * g.kernel, TILE)?,
+            grid_y(g.out_per_group(), TILE)?,
+            z as u32,
+        );
+        // SAFETY: nn_conv_bwd_weight_f32(p, x, dy, dw, partial, splits, k_per_split): x holds
+        // xs, dy holds ys, dw the weight, partial splits weights when splits > 1; the splits
+        // cover the depth (weight_grad_splits).
+        unsafe { self.launch("nn_conv_bwd_weight_f32", grid, &mut args)? };
+        if splits > 1 {
+            let (len, acc) = (g.weight_len() as u64, t.accumulate as u32);
+            let mut args = [arg(&pp), arg(&dwp), arg(&len), arg(&splits), arg(&acc)];
+            // SAFETY: nn_sum_splits_f32(partial, out, len, splits, accumulate): partial holds
+            // splits * len floats, dw len.
+            unsafe {
+                self.launch(
+                    "nn_sum_splits_f32",
+                    (blocks(g.weight_len(), THREADS as usize), 1, 1),
+                    &mut args,
+                )?
+            };
+        }
+        self.g_finish(t)?;
+        if !need_dx {
+            return Ok(None);
+        }
+        let wp = self.p_addr(w, &mut keep)?;
+        let dx = self.out_t(xs)?;
+        let chunk = Self::sample_chunk(g);
+        p.flags = 0;
+        for n0 in (0..xs.n).step_by(chunk) {
+            let nn = chunk.min(xs.n - n0);
+            let pc = NnConvParams { n: nn as u32, ..p };
+            let dyp = self.addr(&dy) + (n0 * ys.sample_numel() * 4) as u64;
+            let dxp = self.addr(&dx) + (n0 * xs.sample_numel() * 4) as u64;
+            let mut args = [arg(&pc), arg(&dyp), arg(&wp), arg(&dxp)];
+            let grid = (
+                grid_x(xs.hw(), TILE)?,
+                grid_y(g.in_per_group(), TILE)?,
+                (nn * g.groups) as u32,
+            );
+            // SAFETY: nn_conv_bwd_data_f32(p, dy, w, dx): dy and dx point at sample n0 of
+            // buffers holding ys and xs; w holds the weight.
+            unsafe { self.launch("nn_conv_bwd_data_f32", grid, &mut args)? };
+        }
+        Ok(Some(GpuTensor::wrap(dx)))
+    }
+
+    fn linear_fwd(
+        &self,
+        x: &GpuTensor,
+        w: PArg<'_>,
+        b: Option<PArg<'_>>,
+        out: usize,
+    ) -> Result<GpuTensor> {
+        let s = x.shape();
+        let k = s.sample_numel();
+        w.check("linear weight", out * k)?;
+        if let Some(b) = &b {
+            b.check("linear bias", out)?;
+        }
+        let ys = Shape::try_new(s.n, out, 1, 1)?;
+        let mut keep = Vec::new();
+        let wp = self.p_addr(w, &mut keep)?;
+        let bp = match b {
+            Some(b) => self.p_addr(b, &mut keep)?,
+            None => 0,
+        };
+        let y = self.out_t(ys)?;
+        let ki = small("linear inputs", k)? as i64;
+        // y[n][o] = sum_j x[n][j] W[o][j] + b[o]
+        self.gemm(
+            self.addr(&x),
+            (ki, 1),
+            wp,
+            (1, ki),
+            self.addr(&y),
+            bp,
+            (s.n, out, k),
+            false,
+        )?;
+        Ok(GpuTensor::wrap(y))
+    }
+
+    fn linear_bwd(
+        &self,
+        x: &GpuTensor,
+        w: PArg<'_>,
+        dy: &GpuTensor,
+        dw: GArg<'_>,
+        db: Option<GArg<'_>>,
+    ) -> Result<GpuTensor> {
+        let s = x.shape();
+        let ds = dy.shape();
+        let (k, out) = (s.sample_numel(), ds.c);
+        same_shape(ds, Shape::new(s.n, out, 1, 1), "linear gradient")?;
+        w.check("linear weight", out * k)?;
+        dw.check("linear weight gradient", out * k)?;
+        if let Some(db) = &db {
+            db.check("linear bias gradient", out)?;
+        }
+        let mut keep = Vec::new();
+        let wp = self.p_addr(w, &mut keep)?;
+        let (ki, oi) = (
+            small("linear inputs", k)? as i64,
+            small("linear outputs", out)? as i64,
+        );
+        if let Some(db) = db {
+            let t = self.g_start(db)?;
+            self.channel_sum(self.addr(&dy), t.addr, ds, t.accumulate)?;
+            self.g_finish(t)?;
+        }
+        // dW[o][j] += sum_n dy[n][o] x[n][j]
+        let t = self.g_start(dw)?;
+        self.gemm(
+            self.addr(&dy),
+            (1, oi),
+            self.addr(&x),
+            (ki, 1),
+            t.addr,
+            0,
+            (out, k, s.n),
+            t.accumulate,
+        )?;
+        self.g_finish(t)?;
+        // dx[n][j] = sum_o dy[n][o] W[o][j]
+        let dx = self.out_t(s)?;
+        self.gemm(
+            self.addr(&dy),
+            (oi, 1),
+            wp,
+            (ki, 1),
+            self.addr(&dx),
+            0,
+            (s.n, k, out),
+            false,
+        )?;
+        Ok(GpuTensor::wrap(dx))
+    }
+
+    /// `y = a[c] x + b[c]` (then ReLU) with `a`, `b` at device addresses.
+    fn affine_at(&self, x: &GpuTensor, ap: u64, bp: u64, relu: bool) -> Result<GpuTensor> {
+        let s = x.shape();
+        let y = self.out_t(s)?;
+        let (xp, yp) = (self.addr(&x), self.addr(&y));
+        let (total, c, hw, r) = (
+            s.numel() as u64,
+            small("channels", s.c)?,
+            s.hw() as u64,
+            relu as u32,
+        );
+        let mut args = [
+            arg(&xp),
+            arg(&yp),
+            arg(&ap),
+            arg(&bp),
+            arg(&total),
+            arg(&c),
+            arg(&hw),
+            arg(&r),
+        ];
+        // SAFETY: nn_affine_f32(x, y, a, b, total, c, hw, relu): x, y hold `total` floats, a, b
+        // hold c (the callers' contract).
+        unsafe {
+            self.launch(
+                "nn_affine_f32",
+                (blocks(s.numel(), THREADS as usize), 1, 1),
+                &mut args,
+            )?
+        };
+        Ok(GpuTensor::wrap(y))
+    }
+
+    // ------------------------------------------------------------------ bound parameters
+
+    /// This backend's storage of `p`, if `p` is bound here; an error if it is bound to another
+    /// backend.
+    fn bound<'a>(&self, p: &'a Param<f32>) -> Result<Option<&'a CudaParam>> {
+        let Some(store) = p.device_store() else {
+            return Ok(None);
+        };
+        match store.as_any().downcast_ref::<CudaParam>() {
+            Some(c) if c.owner == self.id => Ok(Some(c)),
+            _ => Err(Error::Config(
+                "a parameter is bound to another backend; unbind the network first".into(),
+            )),
+        }
+    }
+
+    /// A parameter operand: the bound storage's address, or the host values.
+    fn p_arg<'a>(&self, p: &'a Param<f32>, what: &str) -> Result<PArg<'a>> {
+        Ok(match self.bound(p)? {
+            Some(c) => PArg::Dev(c.value_addr(&self.dev)?),
+            None => PArg::Host(p.values(what)?),
+        })
+    }
+
+    /// A gradient destination: the bound storage's gradient (allocated zeroed on first use;
+    /// written over after a zero_grad), or the host gradient.
+    fn g_arg<'a>(&self, p: &'a mut Param<f32>) -> Result<GArg<'a>> {
+        if let Some(c) = self.bound(p)? {
+            let (addr, accumulate) = c.grad_target(&self.dev, p.numel())?;
+            return Ok(GArg::Dev { addr, accumulate });
+        }
+        Ok(GArg::Host(p.grad_mut()))
+    }
+
+    /// Operand and gradient destination of a weight in one backward pass.
+    fn wg_args<'a>(&self, w: &'a mut Param<f32>, what: &str) -> Result<(PArg<'a>, GArg<'a>)> {
+        if let Some(c) = self.bound(w)? {
+            let v = c.value_addr(&self.dev)?;
+            let (addr, accumulate) = c.grad_target(&self.dev, w.numel())?;
+            return Ok((PArg::Dev(v), GArg::Dev { addr, accumulate }));
+        }
+        let (v, g) = w.value_and_grad(what)?;
+        Ok((PArg::Host(v), GArg::Host(g)))
     }
 
     /// cuDNN with the workspace bytes of `passes` when it runs this convolution: `None` for the
@@ -932,53 +1473,7 @@ impl Backend<f32> for Cuda {
         b: Option<&[f32]>,
         g: &ConvGeom,
     ) -> Result<GpuTensor> {
-        let xs = x.shape();
-        let ys = g.output_shape(xs)?;
-        check_len("conv weight", w.len(), g.weight_len())?;
-        if let Some(b) = b {
-            check_len("conv bias", b.len(), g.out_ch)?;
-        }
-        if let Some((d, ws)) = self.dnn_for(xs, ys, g, &[PassKind::Forward])? {
-            let wb = self.up(w)?;
-            let y = self.out_t(ys)?;
-            let pass = Pass::Forward {
-                x: self.addr(&x),
-                w: self.addr(&wb),
-                y: self.addr(&y),
-            };
-            self.run_dnn(d, xs, ys, g, pass, ws[0])?;
-            let y = GpuTensor::wrap(y);
-            return match b {
-                Some(b) => self.channel_affine(y, &vec![1.0; g.out_ch], b, false),
-                None => Ok(y),
-            };
-        }
-        let mut p = self.conv_params(g, xs, ys)?;
-        if b.is_some() {
-            p.flags |= crate::cuda::abi::SENET_NN_BIAS;
-        }
-        let wb = self.up(w)?;
-        let bb = b.map(|b| self.up(b)).transpose()?;
-        let y = self.out_t(ys)?;
-        let chunk = Self::sample_chunk(g);
-        for n0 in (0..xs.n).step_by(chunk) {
-            let nn = chunk.min(xs.n - n0);
-            let pc = NnConvParams { n: nn as u32, ..p };
-            let xp = self.addr(&x) + (n0 * xs.sample_numel() * 4) as u64;
-            let yp = self.addr(&y) + (n0 * ys.sample_numel() * 4) as u64;
-            let (wp, bp) = (self.addr(&wb), bb.as_ref().map_or(0, |b| self.addr(b)));
-            let mut args = [arg(&pc), arg(&xp), arg(&wp), arg(&bp), arg(&yp)];
-            let grid = (
-                grid_x(ys.hw(), TILE)?,
-                grid_y(g.out_per_group(), TILE)?,
-                (nn * g.groups) as u32,
-            );
-            // SAFETY: nn_conv_fwd_f32(p, x, w, bias, y): x and y point at sample n0 of buffers
-            // holding xs and ys; nn samples follow; w holds the weight; bias out_ch floats when
-            // the flag is set.
-            unsafe { self.launch("nn_conv_fwd_f32", grid, &mut args)? };
-        }
-        Ok(GpuTensor::wrap(y))
+        self.conv_fwd(x, PArg::Host(w), b.map(PArg::Host), g)
     }
 
     fn conv2d_backward(
@@ -991,122 +1486,137 @@ impl Backend<f32> for Cuda {
         db: Option<&mut [f32]>,
         need_dx: bool,
     ) -> Result<Option<GpuTensor>> {
-        let xs = x.shape();
-        let ys = g.output_shape(xs)?;
-        same_shape(dy.shape(), ys, "conv gradient vs output")?;
-        check_len("conv weight", w.len(), g.weight_len())?;
-        check_len("conv weight gradient", dw.len(), g.weight_len())?;
-        if let Some(db) = &db {
-            check_len("conv bias gradient", db.len(), g.out_ch)?;
+        self.conv_bwd(
+            x,
+            PArg::Host(w),
+            dy,
+            g,
+            GArg::Host(dw),
+            db.map(GArg::Host),
+            need_dx,
+        )
+    }
+
+    fn bind(&self, p: &mut Param<f32>) -> Result<bool> {
+        if self.bound(p)?.is_some() {
+            return Ok(true);
         }
-        let (xp, dyp) = (self.addr(&x), self.addr(&dy));
-        if let Some(db) = db {
-            let dbb = self.up(db)?;
-            self.channel_sum(dyp, self.addr(&dbb), ys, true)?;
-            db.copy_from_slice(&self.down(&dbb, g.out_ch)?);
-        }
-        let passes: &[PassKind] = if need_dx {
-            &[PassKind::Filter, PassKind::Data]
-        } else {
-            &[PassKind::Filter]
+        let v = p.values("a parameter")?;
+        let store = CudaParam {
+            owner: self.id,
+            dev: self.dev.clone(),
+            len: v.len(),
+            value: self.dev.upload(v)?,
+            grad: Mutex::new(None),
+            grad_zero: AtomicBool::new(false),
+            momentum: Mutex::new(None),
         };
-        if let Some((d, ws)) = self.dnn_for(xs, ys, g, passes)? {
-            let dwb = self.up(dw)?;
-            let pass = Pass::Filter {
-                x: xp,
-                dy: dyp,
-                dw: self.addr(&dwb),
-            };
-            self.run_dnn(d, xs, ys, g, pass, ws[0])?;
-            dw.copy_from_slice(&self.down(&dwb, g.weight_len())?);
-            if !need_dx {
-                return Ok(None);
+        p.bind_store(Arc::new(store));
+        Ok(true)
+    }
+
+    fn conv2d_p(
+        &self,
+        x: &GpuTensor,
+        w: &Param<f32>,
+        b: Option<&Param<f32>>,
+        g: &ConvGeom,
+    ) -> Result<GpuTensor> {
+        let wa = self.p_arg(w, "conv weight")?;
+        let ba = b.map(|b| self.p_arg(b, "conv bias")).transpose()?;
+        self.conv_fwd(x, wa, ba, g)
+    }
+
+    fn conv2d_backward_p(
+        &self,
+        x: &GpuTensor,
+        w: &mut Param<f32>,
+        dy: &GpuTensor,
+        g: &ConvGeom,
+        b: Option<&mut Param<f32>>,
+        need_dx: bool,
+    ) -> Result<Option<GpuTensor>> {
+        let db = b.map(|b| self.g_arg(b)).transpose()?;
+        let (wa, dw) = self.wg_args(w, "conv weight")?;
+        self.conv_bwd(x, wa, dy, g, dw, db, need_dx)
+    }
+
+    fn linear_p(
+        &self,
+        x: &GpuTensor,
+        w: &Param<f32>,
+        b: Option<&Param<f32>>,
+        out: usize,
+    ) -> Result<GpuTensor> {
+        let wa = self.p_arg(w, "linear weight")?;
+        let ba = b.map(|b| self.p_arg(b, "linear bias")).transpose()?;
+        self.linear_fwd(x, wa, ba, out)
+    }
+
+    fn linear_backward_p(
+        &self,
+        x: &GpuTensor,
+        w: &mut Param<f32>,
+        dy: &GpuTensor,
+        b: Option<&mut Param<f32>>,
+    ) -> Result<GpuTensor> {
+        let db = b.map(|b| self.g_arg(b)).transpose()?;
+        let (wa, dw) = self.wg_args(w, "linear weight")?;
+        self.linear_bwd(x, wa, dy, dw, db)
+    }
+
+    fn sgd_step(
+        &self,
+        p: &mut Param<f32>,
+        momentum_init: Option<&[f32]>,
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+    ) -> Result<bool> {
+        let Some(c) = self.bound(p)? else {
+            return Ok(false);
+        };
+        let n = c.len;
+        let gl = lock(&c.grad);
+        let Some(gb) = gl.as_ref() else {
+            // No backward pass reached it: left alone, as PyTorch skips a None grad.
+            return Ok(true);
+        };
+        let gp = if c.grad_zero.load(Ordering::Relaxed) {
+            0
+        } else {
+            self.dev.addr(gb)
+        };
+        let mut ml = lock(&c.momentum);
+        let first = match (&*ml, momentum_init) {
+            (Some(_), _) => false,
+            (None, Some(init)) => {
+                check_len("momentum buffer", init.len(), n)?;
+                *ml = Some(self.dev.upload(init)?);
+                false
             }
-            let wb = self.up(w)?;
-            let dx = self.out_t(xs)?;
-            let pass = Pass::Data {
-                dy: dyp,
-                w: self.addr(&wb),
-                dx: self.addr(&dx),
-            };
-            self.run_dnn(d, xs, ys, g, pass, ws[1])?;
-            return Ok(Some(GpuTensor::wrap(dx)));
-        }
-        let mut p = self.conv_params(g, xs, ys)?;
-        // Weight gradient (accumulated into dw's current values), split along its long depth
-        // (samples x output pixels) when the output alone gives too few blocks.
-        let dwb = self.up(dw)?;
-        p.flags = crate::cuda::abi::SENET_NN_ACCUMULATE;
-        let (splits, kps) = self.weight_grad_splits(g, xs.n * ys.hw());
-        let partial = if splits > 1 {
-            Some(self.out::<f32>(splits as usize * g.weight_len())?)
-        } else {
-            None
+            (None, None) => {
+                *ml = Some(self.dev.alloc_zeros::<f32>(n)?);
+                true
+            }
         };
-        let (dwp, pp) = (
-            self.addr(&dwb),
-            partial.as_ref().map_or(0, |b| self.addr(b)),
-        );
+        let mp = ml.as_ref().map_or(0, |b| self.dev.addr(b));
+        let wp = c.value_addr(&self.dev)?;
+        let (len, first) = (n as u64, first as u32);
         let mut args = [
-            arg(&p),
-            arg(&xp),
-            arg(&dyp),
-            arg(&dwp),
-            arg(&pp),
-            arg(&splits),
-            arg(&kps),
+            arg(&wp),
+            arg(&gp),
+            arg(&mp),
+            arg(&len),
+            arg(&lr),
+            arg(&momentum),
+            arg(&weight_decay),
+            arg(&first),
         ];
-        let z = g.groups * splits as usize;
-        if z > MAX_GRID_YZ {
-            return Err(Error::Shape(format!("{} groups are too many", g.groups)));
-        }
-        let grid = (
-            grid_x(g.in_per_group() * g.kernel * g.kernel, TILE)?,
-            grid_y(g.out_per_group(), TILE)?,
-            z as u32,
-        );
-        // SAFETY: nn_conv_bwd_weight_f32(p, x, dy, dw, partial, splits, k_per_split): x holds
-        // xs, dy holds ys, dw the weight, partial splits weights when splits > 1; the splits
-        // cover the depth (weight_grad_splits).
-        unsafe { self.launch("nn_conv_bwd_weight_f32", grid, &mut args)? };
-        if splits > 1 {
-            let (len, acc) = (g.weight_len() as u64, 1u32);
-            let mut args = [arg(&pp), arg(&dwp), arg(&len), arg(&splits), arg(&acc)];
-            // SAFETY: nn_sum_splits_f32(partial, out, len, splits, accumulate): partial holds
-            // splits * len floats, dw len.
-            unsafe {
-                self.launch(
-                    "nn_sum_splits_f32",
-                    (blocks(g.weight_len(), THREADS as usize), 1, 1),
-                    &mut args,
-                )?
-            };
-        }
-        dw.copy_from_slice(&self.down(&dwb, g.weight_len())?);
-        if !need_dx {
-            return Ok(None);
-        }
-        let wb = self.up(w)?;
-        let dx = self.out_t(xs)?;
-        let chunk = Self::sample_chunk(g);
-        p.flags = 0;
-        for n0 in (0..xs.n).step_by(chunk) {
-            let nn = chunk.min(xs.n - n0);
-            let pc = NnConvParams { n: nn as u32, ..p };
-            let dyp = self.addr(&dy) + (n0 * ys.sample_numel() * 4) as u64;
-            let dxp = self.addr(&dx) + (n0 * xs.sample_numel() * 4) as u64;
-            let wp = self.addr(&wb);
-            let mut args = [arg(&pc), arg(&dyp), arg(&wp), arg(&dxp)];
-            let grid = (
-                grid_x(xs.hw(), TILE)?,
-                grid_y(g.in_per_group(), TILE)?,
-                (nn * g.groups) as u32,
-            );
-            // SAFETY: nn_conv_bwd_data_f32(p, dy, w, dx): dy and dx point at sample n0 of
-            // buffers holding ys and xs; w holds the weight.
-            unsafe { self.launch("nn_conv_bwd_data_f32", grid, &mut args)? };
-        }
-        Ok(Some(GpuTensor::wrap(dx)))
+        // SAFETY: nn_sgd_f32(w, grad, buf, n, lr, momentum, wd, first): w, buf (and grad unless
+        // null) hold n floats: the bound storage of this parameter.
+        unsafe { self.launch("nn_sgd_f32", (blocks(n, THREADS as usize), 1, 1), &mut args)? };
+        Ok(true)
     }
 
     fn batch_norm_stats(&self, x: &GpuTensor) -> Result<BnStats> {
@@ -1129,34 +1639,7 @@ impl Backend<f32> for Cuda {
         check_len("channel scale", a.len(), s.c)?;
         check_len("channel shift", b.len(), s.c)?;
         let (ab, bb) = (self.up(a)?, self.up(b)?);
-        let y = self.out_t(s)?;
-        let (xp, yp, ap, bp) = (self.addr(&x), self.addr(&y), self.addr(&ab), self.addr(&bb));
-        let (total, c, hw, r) = (
-            s.numel() as u64,
-            small("channels", s.c)?,
-            s.hw() as u64,
-            relu as u32,
-        );
-        let mut args = [
-            arg(&xp),
-            arg(&yp),
-            arg(&ap),
-            arg(&bp),
-            arg(&total),
-            arg(&c),
-            arg(&hw),
-            arg(&r),
-        ];
-        // SAFETY: nn_affine_f32(x, y, a, b, total, c, hw, relu): x, y hold `total` floats, a, b
-        // hold c.
-        unsafe {
-            self.launch(
-                "nn_affine_f32",
-                (blocks(s.numel(), THREADS as usize), 1, 1),
-                &mut args,
-            )?
-        };
-        Ok(GpuTensor::wrap(y))
+        self.affine_at(&x, self.addr(&ab), self.addr(&bb), relu)
     }
 
     fn batch_norm_backward(
@@ -1420,29 +1903,7 @@ impl Backend<f32> for Cuda {
     }
 
     fn linear(&self, x: &GpuTensor, w: &[f32], b: Option<&[f32]>, out: usize) -> Result<GpuTensor> {
-        let s = x.shape();
-        let k = s.sample_numel();
-        check_len("linear weight", w.len(), out * k)?;
-        if let Some(b) = b {
-            check_len("linear bias", b.len(), out)?;
-        }
-        let ys = Shape::try_new(s.n, out, 1, 1)?;
-        let wb = self.up(w)?;
-        let bb = b.map(|b| self.up(b)).transpose()?;
-        let y = self.out_t(ys)?;
-        let ki = small("linear inputs", k)? as i64;
-        // y[n][o] = sum_j x[n][j] W[o][j] + b[o]
-        self.gemm(
-            self.addr(&x),
-            (ki, 1),
-            self.addr(&wb),
-            (1, ki),
-            self.addr(&y),
-            bb.as_ref().map_or(0, |b| self.addr(b)),
-            (s.n, out, k),
-            false,
-        )?;
-        Ok(GpuTensor::wrap(y))
+        self.linear_fwd(x, PArg::Host(w), b.map(PArg::Host), out)
     }
 
     fn linear_backward(
@@ -1453,51 +1914,7 @@ impl Backend<f32> for Cuda {
         dw: &mut [f32],
         db: Option<&mut [f32]>,
     ) -> Result<GpuTensor> {
-        let s = x.shape();
-        let ds = dy.shape();
-        let (k, out) = (s.sample_numel(), ds.c);
-        same_shape(ds, Shape::new(s.n, out, 1, 1), "linear gradient")?;
-        check_len("linear weight", w.len(), out * k)?;
-        check_len("linear weight gradient", dw.len(), out * k)?;
-        if let Some(db) = &db {
-            check_len("linear bias gradient", db.len(), out)?;
-        }
-        let wb = self.up(w)?;
-        let (ki, oi) = (
-            small("linear inputs", k)? as i64,
-            small("linear outputs", out)? as i64,
-        );
-        if let Some(db) = db {
-            let dbb = self.up(db)?;
-            self.channel_sum(self.addr(&dy), self.addr(&dbb), ds, true)?;
-            db.copy_from_slice(&self.down(&dbb, out)?);
-        }
-        // dW[o][j] += sum_n dy[n][o] x[n][j]
-        let dwb = self.up(dw)?;
-        self.gemm(
-            self.addr(&dy),
-            (1, oi),
-            self.addr(&x),
-            (ki, 1),
-            self.addr(&dwb),
-            0,
-            (out, k, s.n),
-            true,
-        )?;
-        dw.copy_from_slice(&self.down(&dwb, out * k)?);
-        // dx[n][j] = sum_o dy[n][o] W[o][j]
-        let dx = self.out_t(s)?;
-        self.gemm(
-            self.addr(&dy),
-            (oi, 1),
-            self.addr(&wb),
-            (ki, 1),
-            self.addr(&dx),
-            0,
-            (s.n, k, out),
-            false,
-        )?;
-        Ok(GpuTensor::wrap(dx))
+        self.linear_bwd(x, PArg::Host(w), dy, GArg::Host(dw), db.map(GArg::Host))
     }
 
     fn se_forward(

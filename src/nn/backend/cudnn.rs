@@ -408,8 +408,13 @@ pub(crate) enum Pass {
     Forward { x: u64, w: u64, y: u64 },
     /// `dx = conv_transpose(dy, w)`.
     Data { dy: u64, w: u64, dx: u64 },
-    /// `dw += corr(x, dy)`.
-    Filter { x: u64, dy: u64, dw: u64 },
+    /// `dw += corr(x, dy)` (`dw = ...` without `accumulate`).
+    Filter {
+        x: u64,
+        dy: u64,
+        dw: u64,
+        accumulate: bool,
+    },
 }
 
 impl Pass {
@@ -599,10 +604,16 @@ impl Dnn {
                     )
                 }
             }
-            Pass::Filter { x, dy, dw } => {
+            Pass::Filter {
+                x,
+                dy,
+                dw,
+                accumulate,
+            } => {
                 let (algo, need) = Self::filter_algo(handle, plan, tf32)?;
                 check_ws(need, ws_bytes)?;
-                // beta = 1: the gradient accumulates into dw, as every backend's does.
+                // beta = 1: the gradient accumulates into dw, as every backend's does (0 over a
+                // zeroed bound gradient).
                 unsafe {
                     dnn::convolution_backward_filter(
                         handle,
@@ -615,7 +626,11 @@ impl Dnn {
                         algo,
                         ws_ptr,
                         ws_bytes,
-                        alpha,
+                        if accumulate {
+                            alpha
+                        } else {
+                            &zero as *const f32 as *const c_void
+                        },
                         plan.w.0,
                         dw as *mut c_void,
                     )

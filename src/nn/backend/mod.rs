@@ -19,13 +19,13 @@ mod profile;
 mod reference;
 
 pub use cpu::Cpu;
-pub use cuda::{Cuda, CudaSeSaved};
+pub use cuda::{Cuda, CudaParam, CudaSeSaved};
 pub use cudnn::{cudnn_version, version_string as cudnn_version_string, ConvChoice, ConvEngine};
 pub use profile::{OpTime, Profiled};
 pub use reference::Reference;
 
 use crate::error::{Error, Result};
-use crate::nn::param::Real;
+use crate::nn::param::{Param, Real};
 use crate::se::{SeGrads, SeWeights};
 use crate::tensor::{Layout, Shape, Tensor};
 
@@ -425,6 +425,83 @@ pub trait Backend<E: Real>: Sync {
         dw: &mut [E],
         db: Option<&mut [E]>,
     ) -> Result<Self::T>;
+
+    /// Binds `p` to this backend: its values move into the backend's storage and stay there
+    /// (with its gradient and optimiser state) until [`Param::unbind`], so ops and the SGD
+    /// update ([`Backend::sgd_step`]) stop copying them. Returns false, leaving `p` alone, for a
+    /// backend that computes on host values (the default).
+    fn bind(&self, p: &mut Param<E>) -> Result<bool> {
+        let _ = p;
+        Ok(false)
+    }
+
+    /// [`Backend::conv2d`] with the weight and bias as parameters (bound here, or on the host).
+    fn conv2d_p(
+        &self,
+        x: &Self::T,
+        w: &Param<E>,
+        b: Option<&Param<E>>,
+        g: &ConvGeom,
+    ) -> Result<Self::T> {
+        let b = b.map(|b| b.values("conv bias")).transpose()?;
+        self.conv2d(x, w.values("conv weight")?, b, g)
+    }
+
+    /// [`Backend::conv2d_backward`] accumulating into the parameters' gradients.
+    fn conv2d_backward_p(
+        &self,
+        x: &Self::T,
+        w: &mut Param<E>,
+        dy: &Self::T,
+        g: &ConvGeom,
+        b: Option<&mut Param<E>>,
+        need_dx: bool,
+    ) -> Result<Option<Self::T>> {
+        let db = b.map(|b| b.grad_mut());
+        let (w, dw) = w.value_and_grad("conv weight")?;
+        self.conv2d_backward(x, w, dy, g, dw, db, need_dx)
+    }
+
+    /// [`Backend::linear`] with the weight and bias as parameters.
+    fn linear_p(
+        &self,
+        x: &Self::T,
+        w: &Param<E>,
+        b: Option<&Param<E>>,
+        out: usize,
+    ) -> Result<Self::T> {
+        let b = b.map(|b| b.values("linear bias")).transpose()?;
+        self.linear(x, w.values("linear weight")?, b, out)
+    }
+
+    /// [`Backend::linear_backward`] accumulating into the parameters' gradients.
+    fn linear_backward_p(
+        &self,
+        x: &Self::T,
+        w: &mut Param<E>,
+        dy: &Self::T,
+        b: Option<&mut Param<E>>,
+    ) -> Result<Self::T> {
+        let db = b.map(|b| b.grad_mut());
+        let (w, dw) = w.value_and_grad("linear weight")?;
+        self.linear_backward(x, w, dy, dw, db)
+    }
+
+    /// One SGD step (PyTorch's rule, as [`crate::train::optim::Sgd`]) of a parameter bound to
+    /// this backend, on the device; `momentum_init` seeds the momentum buffer when the storage
+    /// has none yet (a resumed run). Returns false when `p` is not bound here (the caller
+    /// updates it on the host); a bound parameter no backward pass reached is left alone.
+    fn sgd_step(
+        &self,
+        p: &mut Param<E>,
+        momentum_init: Option<&[f32]>,
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+    ) -> Result<bool> {
+        let _ = (p, momentum_init, lr, momentum, weight_decay);
+        Ok(false)
+    }
 
     /// Takes back a tensor its owner no longer needs, so the backend may reuse its buffer for
     /// a later output. The default drops it.

@@ -7,7 +7,7 @@
 
 use super::{Backend, BnStats, ConvGeom, PoolGeom, SeBackward};
 use crate::error::Result;
-use crate::nn::param::Real;
+use crate::nn::param::{Param, Real};
 use crate::se::SeWeights;
 use crate::tensor::{Shape, Tensor};
 use std::collections::BTreeMap;
@@ -160,6 +160,69 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
     ) -> Result<Option<Self::T>> {
         self.time::<E, _>(format!("conv2d {} backward", conv_kind(g)), |b| {
             b.conv2d_backward(x, w, dy, g, dw, db, need_dx)
+        })
+    }
+
+    fn bind(&self, p: &mut Param<E>) -> Result<bool> {
+        self.inner.bind(p)
+    }
+
+    fn conv2d_p(
+        &self,
+        x: &Self::T,
+        w: &Param<E>,
+        bias: Option<&Param<E>>,
+        g: &ConvGeom,
+    ) -> Result<Self::T> {
+        self.time::<E, _>(format!("conv2d {}", conv_kind(g)), |b| {
+            b.conv2d_p(x, w, bias, g)
+        })
+    }
+
+    fn conv2d_backward_p(
+        &self,
+        x: &Self::T,
+        w: &mut Param<E>,
+        dy: &Self::T,
+        g: &ConvGeom,
+        bias: Option<&mut Param<E>>,
+        need_dx: bool,
+    ) -> Result<Option<Self::T>> {
+        self.time::<E, _>(format!("conv2d {} backward", conv_kind(g)), |b| {
+            b.conv2d_backward_p(x, w, dy, g, bias, need_dx)
+        })
+    }
+
+    fn linear_p(
+        &self,
+        x: &Self::T,
+        w: &Param<E>,
+        bias: Option<&Param<E>>,
+        out: usize,
+    ) -> Result<Self::T> {
+        self.time::<E, _>("linear", |b| b.linear_p(x, w, bias, out))
+    }
+
+    fn linear_backward_p(
+        &self,
+        x: &Self::T,
+        w: &mut Param<E>,
+        dy: &Self::T,
+        bias: Option<&mut Param<E>>,
+    ) -> Result<Self::T> {
+        self.time::<E, _>("linear backward", |b| b.linear_backward_p(x, w, dy, bias))
+    }
+
+    fn sgd_step(
+        &self,
+        p: &mut Param<E>,
+        momentum_init: Option<&[f32]>,
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+    ) -> Result<bool> {
+        self.time::<E, _>("sgd_step (device)", |b| {
+            b.sgd_step(p, momentum_init, lr, momentum, weight_decay)
         })
     }
 
