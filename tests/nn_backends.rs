@@ -886,6 +886,7 @@ fn cuda_bound_parameters_train_exactly_as_host_ones() {
                 w.values("w").is_err(),
                 "{name}: a bound value read on the host"
             );
+            assert!(dev.state_dict().is_err(), "{name}: a bound network saved");
             let (mut opt_h, mut opt_d) =
                 (Sgd::new(0.9, 1e-3).unwrap(), Sgd::new(0.9, 1e-3).unwrap());
             for step in 0..3u64 {
