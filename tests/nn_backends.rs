@@ -887,6 +887,15 @@ fn cuda_bound_parameters_train_exactly_as_host_ones() {
                 "{name}: a bound value read on the host"
             );
             assert!(dev.state_dict().is_err(), "{name}: a bound network saved");
+            // Convolution, linear and SE parameters are bound; BatchNorm's stay on the host.
+            for (n, p) in dev.parameters() {
+                assert_eq!(p.is_bound(), p.is_bindable(), "{name}: {n}");
+            }
+            assert!(
+                !host.parameters().any(|(n, _)| n.contains("se.fc"))
+                    || dev.parameters().any(|(n, p)| n.contains("se.fc") && p.is_bound()),
+                "{name}: SE parameters not bound"
+            );
             let (mut opt_h, mut opt_d) =
                 (Sgd::new(0.9, 1e-3).unwrap(), Sgd::new(0.9, 1e-3).unwrap());
             for step in 0..3u64 {

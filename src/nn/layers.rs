@@ -5,10 +5,10 @@
 //! network's names are timm's.
 
 use crate::error::{Error, Result};
-use crate::nn::backend::{Activation, Backend, ConvGeom, PoolGeom};
+use crate::nn::backend::{Activation, Backend, ConvGeom, PoolGeom, SeParams, SeParamsMut};
 use crate::nn::param::{Init, Mode, Param, Real, Slot, SlotRef, Visit, VisitMut};
 use crate::rng;
-use crate::se::{SeConfig, SeGrads, SeWeights};
+use crate::se::{SeConfig, SeWeights};
 use crate::tensor::Shape;
 use rand::Rng;
 use std::any::Any;
@@ -818,10 +818,12 @@ impl<E: Real> SqueezeExcite<E> {
         let bias = config.bias;
         Ok(SqueezeExcite {
             config,
-            fc1_weight: Param::new(&[d, c, 1, 1], Init::Normal((2.0 / d as f32).sqrt())),
-            fc1_bias: bias.then(|| Param::new(&[d], Init::Uniform(1.0 / (c as f32).sqrt()))),
-            fc2_weight: Param::new(&[c, d, 1, 1], Init::Normal((2.0 / c as f32).sqrt())),
-            fc2_bias: bias.then(|| Param::new(&[c], Init::Uniform(1.0 / (d as f32).sqrt()))),
+            fc1_weight: Param::new(&[d, c, 1, 1], Init::Normal((2.0 / d as f32).sqrt())).bindable(),
+            fc1_bias: bias
+                .then(|| Param::new(&[d], Init::Uniform(1.0 / (c as f32).sqrt())).bindable()),
+            fc2_weight: Param::new(&[c, d, 1, 1], Init::Normal((2.0 / c as f32).sqrt())).bindable(),
+            fc2_bias: bias
+                .then(|| Param::new(&[c], Init::Uniform(1.0 / (d as f32).sqrt())).bindable()),
             cache: None,
         })
     }
@@ -831,26 +833,18 @@ impl<E: Real> SqueezeExcite<E> {
         &self.config
     }
 
-    /// The weights in the SE op's form (f32, PyTorch layout).
+    /// The weights in the SE op's form (f32, PyTorch layout); an error while bound.
     pub fn weights(&self) -> Result<SeWeights> {
-        let f = |p: &Param<E>, what: &str| -> Result<Vec<f32>> {
-            Ok(p.values(what)?.iter().map(|v| v.to_f32()).collect())
-        };
-        let b1 = match &self.fc1_bias {
-            Some(p) => Some(f(p, "SE fc1 bias")?),
-            None => None,
-        };
-        let b2 = match &self.fc2_bias {
-            Some(p) => Some(f(p, "SE fc2 bias")?),
-            None => None,
-        };
-        SeWeights::from_parts(
-            self.config,
-            f(&self.fc1_weight, "SE fc1 weight")?,
-            b1,
-            f(&self.fc2_weight, "SE fc2 weight")?,
-            b2,
-        )
+        crate::nn::backend::se_weights(self.config, &self.params())
+    }
+
+    fn params(&self) -> SeParams<'_, E> {
+        SeParams {
+            fc1_weight: &self.fc1_weight,
+            fc1_bias: self.fc1_bias.as_ref(),
+            fc2_weight: &self.fc2_weight,
+            fc2_bias: self.fc2_bias.as_ref(),
+        }
     }
 
     /// `relu(s * x + residual)` (the fused epilogue).
@@ -880,8 +874,7 @@ impl<E: Real> SqueezeExcite<E> {
         residual: Option<B::T>,
         mode: Mode,
     ) -> Result<B::T> {
-        let w = self.weights()?;
-        let (y, saved) = b.se_forward(&w, &x, residual.as_ref())?;
+        let (y, saved) = b.se_forward_p(self.config, self.params(), &x, residual.as_ref())?;
         if mode.records() {
             self.cache = Some(SeCache {
                 x: Stash::new(x),
@@ -906,22 +899,17 @@ impl<E: Real> SqueezeExcite<E> {
                 b.name()
             ))
         })?;
-        let w = self.weights()?;
         let residual = match &c.residual {
             Some(r) => Some(r.get::<B::T>()?),
             None => None,
         };
-        let out = b.se_backward(&w, c.x.get::<B::T>()?, residual, saved, &dy)?;
-        let SeGrads { dw1, db1, dw2, db2 } = out.grads;
-        accumulate(&mut self.fc1_weight, &dw1)?;
-        accumulate(&mut self.fc2_weight, &dw2)?;
-        if let (Some(p), Some(g)) = (&mut self.fc1_bias, db1) {
-            accumulate(p, &g)?;
-        }
-        if let (Some(p), Some(g)) = (&mut self.fc2_bias, db2) {
-            accumulate(p, &g)?;
-        }
-        Ok((out.dx, out.dresidual))
+        let p = SeParamsMut {
+            fc1_weight: &mut self.fc1_weight,
+            fc1_bias: self.fc1_bias.as_mut(),
+            fc2_weight: &mut self.fc2_weight,
+            fc2_bias: self.fc2_bias.as_mut(),
+        };
+        b.se_backward_p(self.config, p, c.x.get::<B::T>()?, residual, saved, &dy)
     }
 
     fn check(&self, x: Shape) -> Result<()> {
@@ -933,11 +921,6 @@ impl<E: Real> SqueezeExcite<E> {
         }
         Ok(())
     }
-}
-
-fn accumulate<E: Real>(p: &mut Param<E>, g: &[f64]) -> Result<()> {
-    let g: Vec<E> = g.iter().map(|&v| E::from_f64(v)).collect();
-    p.accumulate(&g)
 }
 
 impl<E: Real> Module<E> for SqueezeExcite<E> {

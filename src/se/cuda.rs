@@ -151,6 +151,35 @@ impl DeviceSeWeights {
         })
     }
 
+    /// Caller buffers that already hold the weights (`[w1, b1, w2, b2]`, the biases exactly
+    /// when the config has them, each its tensor's length).
+    pub(crate) fn from_bufs(config: SeConfig, bufs: [Option<Buf<f32>>; 4]) -> Result<Self> {
+        config.validate()?;
+        let (c, d) = (config.channels, config.hidden);
+        let [w1, b1, w2, b2] = bufs;
+        let bad = || Error::Shape("SE weight buffers do not match the config".into());
+        let fits = |b: &Option<Buf<f32>>, want: Option<usize>| match (b, want) {
+            (Some(b), Some(n)) => b.len() == n.max(1),
+            (None, None) => true,
+            _ => false,
+        };
+        let bias = |n: usize| config.bias.then_some(n);
+        if !(fits(&w1, Some(d * c))
+            && fits(&b1, bias(d))
+            && fits(&w2, Some(c * d))
+            && fits(&b2, bias(c)))
+        {
+            return Err(bad());
+        }
+        Ok(DeviceSeWeights {
+            config,
+            w1: w1.ok_or_else(bad)?,
+            b1,
+            w2: w2.ok_or_else(bad)?,
+            b2,
+        })
+    }
+
     /// The buffers, for reuse.
     pub(crate) fn into_bufs(self) -> impl Iterator<Item = Buf<f32>> {
         [Some(self.w1), self.b1, Some(self.w2), self.b2]

@@ -15,14 +15,14 @@
 use super::cudnn::{ConvChoice, ConvEngine, Dnn, Pass, PassKind};
 use super::{
     check_bn_lens, check_len, check_split, concat_shape, same_shape, Activation, Backend, BnStats,
-    ConvGeom, PoolGeom, SeBackward,
+    ConvGeom, PoolGeom, SeBackward, SeParams, SeParamsMut,
 };
 use crate::cuda::abi::NnConvParams;
 use crate::cuda::{Buf, CudaDevice, DevElem, DeviceTensor, Module};
 use crate::error::{Error, Result};
 use crate::nn::param::{DeviceStore, Param};
 use crate::se::cuda::{self as se_gpu, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights};
-use crate::se::SeWeights;
+use crate::se::{SeConfig, SeWeights};
 use crate::tensor::{Layout, Shape, Tensor};
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -1010,6 +1010,136 @@ impl Cuda {
         Ok(GpuTensor::wrap(y))
     }
 
+    /// The SE op's forward with its weights in `dw` (pooled buffers, given back after).
+    fn se_fwd_with(
+        &self,
+        dw: DeviceSeWeights,
+        x: &GpuTensor,
+        residual: Option<&GpuTensor>,
+    ) -> Result<(GpuTensor, CudaSeSaved)> {
+        let config = dw.config();
+        let mut y = self.out_t(x.shape())?;
+        let (n, c, d) = (x.shape().n, config.channels, config.hidden);
+        let bufs = [
+            self.take_raw(n * c)?,
+            self.take_raw(n * d)?,
+            self.take_raw(n * d)?,
+            self.take_raw(n * c)?,
+        ];
+        let mut sv = DeviceSeSaved::from_bufs(config, n, bufs)?;
+        if self.poison {
+            sv.poison(&self.dev)?;
+        }
+        se_gpu::forward_into(
+            &self.dev,
+            &dw,
+            x.device_tensor(),
+            residual.map(|r| r.device_tensor()),
+            y.tensor_mut(),
+            &mut sv,
+            Default::default(),
+        )?;
+        self.give_back(dw.into_bufs());
+        let saved = PooledSeSaved {
+            saved: Some(sv),
+            pool: self.pool.clone(),
+        };
+        Ok((GpuTensor::wrap(y), CudaSeSaved(Arc::new(saved))))
+    }
+
+    /// The SE op's backward with its weights in `dw` (given back after): `dx`, the parameter
+    /// gradients in pooled buffers (the caller gives them back), `d residual`.
+    fn se_bwd_with(
+        &self,
+        dw: DeviceSeWeights,
+        x: &GpuTensor,
+        residual: Option<&GpuTensor>,
+        saved: &CudaSeSaved,
+        dy: &GpuTensor,
+    ) -> Result<(GpuTensor, DeviceSeGrads, Option<GpuTensor>)> {
+        let config = dw.config();
+        let mut dx = self.out_t(x.shape())?;
+        let mut dres = residual.map(|r| self.out_t(r.shape())).transpose()?;
+        let (c, d, bias) = (config.channels, config.hidden, config.bias);
+        let opt = |n: usize| bias.then(|| self.take_raw(n)).transpose();
+        let bufs = [
+            Some(self.take_raw(d * c)?),
+            opt(d)?,
+            Some(self.take_raw(c * d)?),
+            opt(c)?,
+        ];
+        let mut grads = DeviceSeGrads::from_bufs(config, bufs)?;
+        if self.poison {
+            grads.poison(&self.dev)?;
+        }
+        se_gpu::backward_into(
+            &self.dev,
+            &dw,
+            x.device_tensor(),
+            residual.map(|r| r.device_tensor()),
+            saved.0.get(),
+            dy.device_tensor(),
+            dx.tensor_mut(),
+            false,
+            &mut grads,
+            dres.as_mut().map(|d| d.tensor_mut()),
+            Default::default(),
+        )?;
+        self.give_back(dw.into_bufs());
+        Ok((GpuTensor::wrap(dx), grads, dres.map(GpuTensor::wrap)))
+    }
+
+    /// SE weights copied (on the device) from parameters bound here into pooled buffers;
+    /// `None` when none of them is bound, an error when only some are.
+    fn se_bound_weights(
+        &self,
+        config: SeConfig,
+        p: &SeParams<'_, f32>,
+    ) -> Result<Option<DeviceSeWeights>> {
+        let all = [
+            Some(p.fc1_weight),
+            p.fc1_bias,
+            Some(p.fc2_weight),
+            p.fc2_bias,
+        ];
+        let mut stores = Vec::new();
+        for q in all.iter().flatten() {
+            stores.push(self.bound(q)?);
+        }
+        if stores.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let mut bufs: [Option<Buf<f32>>; 4] = [None, None, None, None];
+        let mut it = stores.into_iter();
+        for (slot, q) in bufs.iter_mut().zip(all) {
+            if q.is_none() {
+                continue;
+            }
+            let Some(Some(c)) = it.next() else {
+                return Err(Error::Config("SE parameters are partly bound".into()));
+            };
+            let mut b = self.take_raw::<f32>(c.len)?;
+            self.dev.copy(&c.value, 0, &mut b, 0, c.len)?;
+            *slot = Some(b);
+        }
+        DeviceSeWeights::from_bufs(config, bufs).map(Some)
+    }
+
+    /// `dst = (accumulate ? dst : 0) + src` over `n` floats (device addresses).
+    fn add_into(&self, dst: u64, src: u64, n: usize, accumulate: bool) -> Result<()> {
+        let (len, splits, acc) = (n as u64, 1u32, accumulate as u32);
+        let mut args = [arg(&src), arg(&dst), arg(&len), arg(&splits), arg(&acc)];
+        // SAFETY: nn_sum_splits_f32(partial, out, len, splits = 1, accumulate): src and dst
+        // hold n floats each and do not overlap (the callers' buffers).
+        unsafe {
+            self.launch(
+                "nn_sum_splits_f32",
+                (blocks(n, THREADS as usize), 1, 1),
+                &mut args,
+            )
+        }
+    }
+
     // ------------------------------------------------------------------ bound parameters
 
     /// This backend's storage of `p`, if `p` is bound here; an error if it is bound to another
@@ -1924,33 +2054,7 @@ impl Backend<f32> for Cuda {
         residual: Option<&GpuTensor>,
     ) -> Result<(GpuTensor, Self::SeSaved)> {
         let dw = self.se_weights(w)?;
-        let mut y = self.out_t(x.shape())?;
-        let (n, c, d) = (x.shape().n, w.config.channels, w.config.hidden);
-        let bufs = [
-            self.take_raw(n * c)?,
-            self.take_raw(n * d)?,
-            self.take_raw(n * d)?,
-            self.take_raw(n * c)?,
-        ];
-        let mut sv = DeviceSeSaved::from_bufs(w.config, n, bufs)?;
-        if self.poison {
-            sv.poison(&self.dev)?;
-        }
-        se_gpu::forward_into(
-            &self.dev,
-            &dw,
-            x.device_tensor(),
-            residual.map(|r| r.device_tensor()),
-            y.tensor_mut(),
-            &mut sv,
-            Default::default(),
-        )?;
-        self.give_back(dw.into_bufs());
-        let saved = PooledSeSaved {
-            saved: Some(sv),
-            pool: self.pool.clone(),
-        };
-        Ok((GpuTensor::wrap(y), CudaSeSaved(Arc::new(saved))))
+        self.se_fwd_with(dw, x, residual)
     }
 
     fn se_backward(
@@ -1962,40 +2066,62 @@ impl Backend<f32> for Cuda {
         dy: &GpuTensor,
     ) -> Result<SeBackward<GpuTensor>> {
         let dw = self.se_weights(w)?;
-        let mut dx = self.out_t(x.shape())?;
-        let mut dres = residual.map(|r| self.out_t(r.shape())).transpose()?;
-        let (c, d, bias) = (w.config.channels, w.config.hidden, w.config.bias);
-        let opt = |n: usize| bias.then(|| self.take_raw(n)).transpose();
-        let bufs = [
-            Some(self.take_raw(d * c)?),
-            opt(d)?,
-            Some(self.take_raw(c * d)?),
-            opt(c)?,
-        ];
-        let mut grads = DeviceSeGrads::from_bufs(w.config, bufs)?;
-        if self.poison {
-            grads.poison(&self.dev)?;
-        }
-        se_gpu::backward_into(
-            &self.dev,
-            &dw,
-            x.device_tensor(),
-            residual.map(|r| r.device_tensor()),
-            saved.0.get(),
-            dy.device_tensor(),
-            dx.tensor_mut(),
-            false,
-            &mut grads,
-            dres.as_mut().map(|d| d.tensor_mut()),
-            Default::default(),
-        )?;
+        let (dx, grads, dres) = self.se_bwd_with(dw, x, residual, saved, dy)?;
         let host = grads.download(&self.dev)?;
-        self.give_back(dw.into_bufs());
         self.give_back(grads.into_bufs());
         Ok(SeBackward {
-            dx: GpuTensor::wrap(dx),
+            dx,
             grads: crate::se::check::widen_grads(&host),
-            dresidual: dres.map(GpuTensor::wrap),
+            dresidual: dres,
         })
+    }
+
+    fn se_forward_p(
+        &self,
+        config: SeConfig,
+        p: SeParams<'_, f32>,
+        x: &GpuTensor,
+        residual: Option<&GpuTensor>,
+    ) -> Result<(GpuTensor, Self::SeSaved)> {
+        match self.se_bound_weights(config, &p)? {
+            Some(dw) => self.se_fwd_with(dw, x, residual),
+            None => self.se_forward(&super::se_weights(config, &p)?, x, residual),
+        }
+    }
+
+    fn se_backward_p(
+        &self,
+        config: SeConfig,
+        p: SeParamsMut<'_, f32>,
+        x: &GpuTensor,
+        residual: Option<&GpuTensor>,
+        saved: &Self::SeSaved,
+        dy: &GpuTensor,
+    ) -> Result<(GpuTensor, Option<GpuTensor>)> {
+        let Some(dw) = self.se_bound_weights(config, &p.as_ref())? else {
+            let w = super::se_weights(config, &p.as_ref())?;
+            let out = self.se_backward(&w, x, residual, saved, dy)?;
+            super::add_se_grads(p, out.grads)?;
+            return Ok((out.dx, out.dresidual));
+        };
+        let (dx, grads, dres) = self.se_bwd_with(dw, x, residual, saved, dy)?;
+        // Add (or, after a zero_grad, copy) each gradient into its bound storage.
+        let targets = [
+            Some(&*p.fc1_weight),
+            p.fc1_bias.as_deref(),
+            Some(&*p.fc2_weight),
+            p.fc2_bias.as_deref(),
+        ];
+        let gbufs: Vec<Buf<f32>> = grads.into_bufs().collect();
+        let mut gi = gbufs.iter();
+        for t in targets.into_iter().flatten() {
+            let (Some(c), Some(g)) = (self.bound(t)?, gi.next()) else {
+                return Err(Error::Config("SE parameters are partly bound".into()));
+            };
+            let (addr, accumulate) = c.grad_target(&self.dev, c.len)?;
+            self.add_into(addr, self.dev.addr(g), c.len, accumulate)?;
+        }
+        self.give_back(gbufs);
+        Ok((dx, dres))
     }
 }

@@ -26,7 +26,7 @@ pub use reference::Reference;
 
 use crate::error::{Error, Result};
 use crate::nn::param::{Param, Real};
-use crate::se::{SeGrads, SeWeights};
+use crate::se::{SeConfig, SeGrads, SeWeights};
 use crate::tensor::{Layout, Shape, Tensor};
 
 /// A 2-d convolution's geometry (square kernel, stride and padding, no dilation).
@@ -518,6 +518,34 @@ pub trait Backend<E: Real>: Sync {
         residual: Option<&Self::T>,
     ) -> Result<(Self::T, Self::SeSaved)>;
 
+    /// [`Backend::se_forward`] with the weights as parameters (bound here, or on the host).
+    fn se_forward_p(
+        &self,
+        config: SeConfig,
+        p: SeParams<'_, E>,
+        x: &Self::T,
+        residual: Option<&Self::T>,
+    ) -> Result<(Self::T, Self::SeSaved)> {
+        self.se_forward(&se_weights(config, &p)?, x, residual)
+    }
+
+    /// [`Backend::se_backward`] accumulating into the parameters' gradients; returns `d x`
+    /// and, with the epilogue, `d residual`.
+    fn se_backward_p(
+        &self,
+        config: SeConfig,
+        p: SeParamsMut<'_, E>,
+        x: &Self::T,
+        residual: Option<&Self::T>,
+        saved: &Self::SeSaved,
+        dy: &Self::T,
+    ) -> Result<(Self::T, Option<Self::T>)> {
+        let w = se_weights(config, &p.as_ref())?;
+        let out = self.se_backward(&w, x, residual, saved, dy)?;
+        add_se_grads(p, out.grads)?;
+        Ok((out.dx, out.dresidual))
+    }
+
     /// SE backward through the crate's SE op.
     fn se_backward(
         &self,
@@ -527,6 +555,77 @@ pub trait Backend<E: Real>: Sync {
         saved: &Self::SeSaved,
         dy: &Self::T,
     ) -> Result<SeBackward<Self::T>>;
+}
+
+/// An SE block's parameters (timm's `fc1` / `fc2` 1x1 convolutions), as an op takes them.
+#[derive(Clone, Copy, Debug)]
+pub struct SeParams<'a, E> {
+    /// FC1 weight, `[hidden, C, 1, 1]`.
+    pub fc1_weight: &'a Param<E>,
+    /// FC1 bias, `[hidden]`.
+    pub fc1_bias: Option<&'a Param<E>>,
+    /// FC2 weight, `[C, hidden, 1, 1]`.
+    pub fc2_weight: &'a Param<E>,
+    /// FC2 bias, `[C]`.
+    pub fc2_bias: Option<&'a Param<E>>,
+}
+
+/// [`SeParams`] with their gradients writable (backward).
+#[derive(Debug)]
+pub struct SeParamsMut<'a, E> {
+    /// FC1 weight.
+    pub fc1_weight: &'a mut Param<E>,
+    /// FC1 bias.
+    pub fc1_bias: Option<&'a mut Param<E>>,
+    /// FC2 weight.
+    pub fc2_weight: &'a mut Param<E>,
+    /// FC2 bias.
+    pub fc2_bias: Option<&'a mut Param<E>>,
+}
+
+impl<E> SeParamsMut<'_, E> {
+    /// The parameters read-only.
+    pub fn as_ref(&self) -> SeParams<'_, E> {
+        SeParams {
+            fc1_weight: self.fc1_weight,
+            fc1_bias: self.fc1_bias.as_deref(),
+            fc2_weight: self.fc2_weight,
+            fc2_bias: self.fc2_bias.as_deref(),
+        }
+    }
+}
+
+/// The host values of SE parameters in the SE op's form (f32, PyTorch layout).
+pub fn se_weights<E: Real>(config: SeConfig, p: &SeParams<'_, E>) -> Result<SeWeights> {
+    let f = |p: &Param<E>, what: &str| -> Result<Vec<f32>> {
+        Ok(p.values(what)?.iter().map(|v| v.to_f32()).collect())
+    };
+    let b1 = p.fc1_bias.map(|b| f(b, "SE fc1 bias")).transpose()?;
+    let b2 = p.fc2_bias.map(|b| f(b, "SE fc2 bias")).transpose()?;
+    SeWeights::from_parts(
+        config,
+        f(p.fc1_weight, "SE fc1 weight")?,
+        b1,
+        f(p.fc2_weight, "SE fc2 weight")?,
+        b2,
+    )
+}
+
+/// Adds SE parameter gradients (as the SE op returns them) to the host gradients.
+fn add_se_grads<E: Real>(p: SeParamsMut<'_, E>, g: SeGrads<f64>) -> Result<()> {
+    let add = |p: &mut Param<E>, g: &[f64]| -> Result<()> {
+        let g: Vec<E> = g.iter().map(|&v| E::from_f64(v)).collect();
+        p.accumulate(&g)
+    };
+    add(p.fc1_weight, &g.dw1)?;
+    add(p.fc2_weight, &g.dw2)?;
+    if let (Some(p), Some(g)) = (p.fc1_bias, g.db1) {
+        add(p, &g)?;
+    }
+    if let (Some(p), Some(g)) = (p.fc2_bias, g.db2) {
+        add(p, &g)?;
+    }
+    Ok(())
 }
 
 /// Checks `t` is NCHW and returns its shape.

@@ -5,10 +5,10 @@
 //! time lands on the op that spent it; that removes the overlap of host and device work, so the
 //! profiled step is slower than an unprofiled one and its total is reported separately.
 
-use super::{Backend, BnStats, ConvGeom, PoolGeom, SeBackward};
+use super::{Backend, BnStats, ConvGeom, PoolGeom, SeBackward, SeParams, SeParamsMut};
 use crate::error::Result;
 use crate::nn::param::{Param, Real};
-use crate::se::SeWeights;
+use crate::se::{SeConfig, SeWeights};
 use crate::tensor::{Shape, Tensor};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -351,6 +351,38 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
             "se_forward"
         };
         self.time::<E, _>(op, |b| b.se_forward(w, x, residual))
+    }
+
+    fn se_forward_p(
+        &self,
+        config: SeConfig,
+        p: SeParams<'_, E>,
+        x: &Self::T,
+        residual: Option<&Self::T>,
+    ) -> Result<(Self::T, Self::SeSaved)> {
+        let op = if residual.is_some() {
+            "se_forward (+residual+relu)"
+        } else {
+            "se_forward"
+        };
+        self.time::<E, _>(op, |b| b.se_forward_p(config, p, x, residual))
+    }
+
+    fn se_backward_p(
+        &self,
+        config: SeConfig,
+        p: SeParamsMut<'_, E>,
+        x: &Self::T,
+        residual: Option<&Self::T>,
+        saved: &Self::SeSaved,
+        dy: &Self::T,
+    ) -> Result<(Self::T, Option<Self::T>)> {
+        let op = if residual.is_some() {
+            "se_backward (+residual+relu)"
+        } else {
+            "se_backward"
+        };
+        self.time::<E, _>(op, |b| b.se_backward_p(config, p, x, residual, saved, dy))
     }
 
     fn se_backward(
