@@ -7,10 +7,12 @@
 //! ([`ConvEngine::Own`]; always on the emulator); [`Cuda::conv_engine`] says which.
 //!
 //! Activations live in device memory ([`GpuTensor`]); only a network's input and logits cross
-//! the bus. Parameters are still host slices, uploaded by each op (and weight gradients
-//! downloaded): device-resident parameters and the optimiser on the device are the next step
-//! (docs/cuda-network-backend.md). f32 and NCHW only; reductions run in a fixed order, so
-//! results repeat bit for bit.
+//! the bus. Convolution, linear and SE parameters bound to the backend ([`Backend::bind`],
+//! [`crate::nn::Network::bind`]: what the trainer does for its steps) keep their values,
+//! gradients and SGD momentum in device memory ([`CudaParam`]) and are updated there by a
+//! kernel ([`Backend::sgd_step`]); unbound parameters (and BatchNorm's, always) are host
+//! slices each op uploads. f32 and NCHW only; reductions run in a fixed order, so results
+//! repeat bit for bit.
 
 use super::cudnn::{ConvChoice, ConvEngine, Dnn, Pass, PassKind};
 use super::{
