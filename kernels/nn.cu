@@ -601,3 +601,38 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 SENET_EMU_REGISTER(nn_sgd_f32)
+
+// BatchNorm's per-channel coefficients on the device, in the host layer's f64 order and
+// rounding (no contraction), one thread per channel:
+//   training (`train`): invstd = 1 / sqrt(var + eps) from the batch statistics, and the running
+//     statistics move: rm = (1 - mo) rm + mo mean, rv = (1 - mo) rv + (mo var) unbias;
+//   otherwise: mean = rm, invstd = 1 / sqrt(rv + eps) (and `mean_out` gets that mean);
+//   then a = gamma invstd, b = beta - mean a (a in f64 before both roundings to f32).
+extern "C" __global__ void __launch_bounds__(256)
+    nn_bn_prepare_f32(const double* __restrict__ bmean, const double* __restrict__ bvar,
+                      const float* __restrict__ gamma, const float* __restrict__ beta, float* __restrict__ rm,
+                      float* __restrict__ rv, double* __restrict__ mean_out, double* __restrict__ invstd_out,
+                      float* __restrict__ a, float* __restrict__ b, uint32_t c, double eps, double mo,
+                      double unbias, uint32_t train) {
+    const uint32_t ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double mean, is;
+    if (train) {
+        mean = bmean[ch];
+        const double var = bvar[ch];
+        is = __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, eps)));
+        const double keep = __dsub_rn(1.0, mo);
+        rm[ch] = static_cast<float>(__dadd_rn(__dmul_rn(keep, static_cast<double>(rm[ch])), __dmul_rn(mo, mean)));
+        rv[ch] = static_cast<float>(
+            __dadd_rn(__dmul_rn(keep, static_cast<double>(rv[ch])), __dmul_rn(__dmul_rn(mo, var), unbias)));
+    } else {
+        mean = static_cast<double>(rm[ch]);
+        is = __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(static_cast<double>(rv[ch]), eps)));
+        mean_out[ch] = mean;
+    }
+    invstd_out[ch] = is;
+    const double av = __dmul_rn(static_cast<double>(gamma[ch]), is);
+    a[ch] = static_cast<float>(av);
+    b[ch] = static_cast<float>(__dsub_rn(static_cast<double>(beta[ch]), __dmul_rn(mean, av)));
+}
+SENET_EMU_REGISTER(nn_bn_prepare_f32)

@@ -887,13 +887,15 @@ fn cuda_bound_parameters_train_exactly_as_host_ones() {
                 "{name}: a bound value read on the host"
             );
             assert!(dev.state_dict().is_err(), "{name}: a bound network saved");
-            // Convolution, linear and SE parameters are bound; BatchNorm's stay on the host.
+            // Every parameter of the layers with device ops is bound (all of them here).
             for (n, p) in dev.parameters() {
                 assert_eq!(p.is_bound(), p.is_bindable(), "{name}: {n}");
             }
             assert!(
                 !host.parameters().any(|(n, _)| n.contains("se.fc"))
-                    || dev.parameters().any(|(n, p)| n.contains("se.fc") && p.is_bound()),
+                    || dev
+                        .parameters()
+                        .any(|(n, p)| n.contains("se.fc") && p.is_bound()),
                 "{name}: SE parameters not bound"
             );
             let (mut opt_h, mut opt_d) =
@@ -908,9 +910,24 @@ fn cuda_bound_parameters_train_exactly_as_host_ones() {
                     opt.step_on(&be, net, 0.05).unwrap();
                 }
             }
+            // Evaluation and inference read the bound parameters and running statistics.
+            let x: Tensor<f32> = random_tensor(xs, 99);
+            for mode in [Mode::Eval, Mode::Infer] {
+                let a = host.forward(&be, x.clone(), mode).unwrap();
+                let b = dev.forward(&be, x.clone(), mode).unwrap();
+                let bits =
+                    |t: &Tensor<f32>| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "{name}: {mode} logits");
+            }
             opt_d.gather(&dev).unwrap();
             dev.unbind().unwrap();
             assert!(!dev.is_bound());
+            // Running statistics and batch counters too.
+            assert_eq!(
+                host.state_dict().unwrap(),
+                dev.state_dict().unwrap(),
+                "{name}"
+            );
             for ((n, a), (_, b)) in host.parameters().zip(dev.parameters()) {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&a.value), bits(&b.value), "{name}: {n} values");

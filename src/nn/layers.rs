@@ -5,7 +5,10 @@
 //! network's names are timm's.
 
 use crate::error::{Error, Result};
-use crate::nn::backend::{Activation, Backend, ConvGeom, PoolGeom, SeParams, SeParamsMut};
+use crate::nn::backend::{
+    Activation, Backend, BnDeviceSaved, BnParamsMut, BnRun, ConvGeom, PoolGeom, SeParams,
+    SeParamsMut,
+};
 use crate::nn::param::{Init, Mode, Param, Real, Slot, SlotRef, Visit, VisitMut};
 use crate::rng;
 use crate::se::{SeConfig, SeWeights};
@@ -187,9 +190,26 @@ struct BnCache {
     x: Stash,
     /// The output of a ReLU fused into this layer (its backward then masks the gradient).
     relu_y: Option<Stash>,
-    mean: Vec<f64>,
-    invstd: Vec<f64>,
+    stats: BnKept,
     batch_stats: bool,
+}
+
+/// The statistics a BatchNorm forward normalised with, for its backward.
+#[derive(Clone)]
+enum BnKept {
+    /// On the host (host parameters).
+    Host { mean: Vec<f64>, invstd: Vec<f64> },
+    /// In the backend (parameters bound to a device backend).
+    Device(BnDeviceSaved),
+}
+
+impl std::fmt::Debug for BnKept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BnKept::Host { mean, .. } => write!(f, "Host({} channels)", mean.len()),
+            BnKept::Device(_) => f.write_str("Device"),
+        }
+    }
 }
 
 /// `nn.BatchNorm2d`: batch statistics in training (updating the running ones with
@@ -221,10 +241,10 @@ impl<E: Real> BatchNorm2d<E> {
             channels,
             eps: 1e-5,
             momentum: 0.1,
-            weight: Param::new(&[channels], Init::Ones),
-            bias: Param::new(&[channels], Init::Zeros),
-            running_mean: Param::new(&[channels], Init::Zeros),
-            running_var: Param::new(&[channels], Init::Ones),
+            weight: Param::new(&[channels], Init::Ones).bindable(),
+            bias: Param::new(&[channels], Init::Zeros).bindable(),
+            running_mean: Param::new(&[channels], Init::Zeros).bindable(),
+            running_var: Param::new(&[channels], Init::Ones).bindable(),
             num_batches_tracked: 0,
             cache: None,
         }
@@ -232,15 +252,42 @@ impl<E: Real> BatchNorm2d<E> {
 
     /// Initialises the scale to zero (timm's `zero_init_last` for a residual branch's last BN).
     pub fn zero_init(mut self) -> Self {
-        self.weight = Param::new(&[self.channels], Init::Zeros);
+        self.weight = Param::new(&[self.channels], Init::Zeros).bindable();
         self
     }
 
     /// Forward with the following ReLU fused in (inference only, nothing recorded).
     pub fn forward_relu<B: Backend<E>>(&mut self, b: &B, x: B::T) -> Result<B::T> {
-        let (a, s, _, _) = self.running_affine(x.shape())?;
         self.cache = None;
+        if let Some((y, _)) = self.on_device(b, &x, false, true)? {
+            return Ok(y);
+        }
+        let (a, s, _, _) = self.running_affine(x.shape())?;
         b.channel_affine(x, &a, &s, true)
+    }
+
+    /// The backend's device BatchNorm, when the parameters are bound to it.
+    fn on_device<B: Backend<E>>(
+        &mut self,
+        b: &B,
+        x: &B::T,
+        train: bool,
+        relu: bool,
+    ) -> Result<Option<(B::T, BnDeviceSaved)>> {
+        self.check(x.shape())?;
+        let p = BnParamsMut {
+            weight: &mut self.weight,
+            bias: &mut self.bias,
+            running_mean: &mut self.running_mean,
+            running_var: &mut self.running_var,
+        };
+        let run = BnRun {
+            train,
+            momentum: self.momentum,
+            eps: self.eps,
+            relu,
+        };
+        b.batch_norm_p(x, p, run)
     }
 
     /// The per-channel affine `(a, b)` from the running statistics, with `mean` and `invstd`.
@@ -326,6 +373,18 @@ impl<E: Real> BatchNorm2d<E> {
     ) -> Result<B::T> {
         let s = x.shape();
         self.check(s)?;
+        if let Some((y, saved)) = self.on_device(b, &x, mode.is_train(), relu)? {
+            if mode.is_train() {
+                self.num_batches_tracked += 1;
+            }
+            self.cache = mode.records().then(|| BnCache {
+                x: Stash::new(x),
+                relu_y: relu.then(|| Stash::new(y.clone())),
+                stats: BnKept::Device(saved),
+                batch_stats: mode.is_train(),
+            });
+            return Ok(y);
+        }
         let (a, sh, mean, invstd) = if mode.is_train() {
             let m = s.n * s.hw();
             if m < 2 {
@@ -359,8 +418,7 @@ impl<E: Real> BatchNorm2d<E> {
             self.cache = Some(BnCache {
                 x: Stash::new(x),
                 relu_y: relu.then(|| Stash::new(y.clone())),
-                mean,
-                invstd,
+                stats: BnKept::Host { mean, invstd },
                 batch_stats: mode.is_train(),
             });
             Ok(y)
@@ -378,31 +436,41 @@ impl<E: Real> Module<E> for BatchNorm2d<E> {
 
     fn backward<B: Backend<E>>(&mut self, b: &B, dy: B::T) -> Result<B::T> {
         let c = self.cache.take().ok_or_else(|| no_forward("batch norm"))?;
+        let x = c.x.get::<B::T>()?;
+        let relu_y = match &c.relu_y {
+            Some(y) => Some(y.get::<B::T>()?),
+            None => None,
+        };
+        let (mean, invstd) = match &c.stats {
+            BnKept::Device(saved) => {
+                return b.batch_norm_backward_p(
+                    x,
+                    relu_y,
+                    dy,
+                    saved,
+                    &mut self.weight,
+                    &mut self.bias,
+                );
+            }
+            BnKept::Host { mean, invstd } => (mean, invstd),
+        };
         let (gamma, dgamma) = self.weight.value_and_grad("batch norm weight")?;
         let dbeta = self.bias.grad_mut();
-        let x = c.x.get::<B::T>()?;
         match &c.relu_y {
             Some(y) => b.batch_norm_relu_backward(
                 x,
                 y.get::<B::T>()?,
                 dy,
-                &c.mean,
-                &c.invstd,
+                mean,
+                invstd,
                 gamma,
                 c.batch_stats,
                 dgamma,
                 dbeta,
             ),
-            None => b.batch_norm_backward(
-                x,
-                &dy,
-                &c.mean,
-                &c.invstd,
-                gamma,
-                c.batch_stats,
-                dgamma,
-                dbeta,
-            ),
+            None => {
+                b.batch_norm_backward(x, &dy, mean, invstd, gamma, c.batch_stats, dgamma, dbeta)
+            }
         }
     }
 

@@ -168,8 +168,9 @@ impl<E: Real> Network<E> {
         self.body.macs(x)
     }
 
-    /// Binds the parameters of the layers that can use them on `backend`'s device
-    /// (convolutions and linear layers: [`Param::is_bindable`]) to it ([`Backend::bind`]):
+    /// Binds the parameters (and BatchNorm's running statistics) of the layers that can use
+    /// them on `backend`'s device (convolution, linear, SE and BatchNorm layers:
+    /// [`Param::is_bindable`]) to it ([`Backend::bind`]):
     /// their values, gradients and SGD momentum then stay in device memory across steps, and
     /// reading them on the host is an error until [`Network::unbind`]. Returns how many were
     /// bound (0 for host backends). On error nothing stays bound.
@@ -177,7 +178,7 @@ impl<E: Real> Network<E> {
         let mut bound = 0;
         let mut err = None;
         self.body.visit_mut("", &mut |_, slot| {
-            if let (Slot::Param(p), None) = (slot, &err) {
+            if let (Slot::Param(p) | Slot::Buffer(p), None) = (slot, &err) {
                 if p.is_bindable() {
                     match backend.bind(p) {
                         Ok(true) => bound += 1,
@@ -203,7 +204,7 @@ impl<E: Real> Network<E> {
     pub fn unbind(&mut self) -> Result<()> {
         let mut err = None;
         self.body.visit_mut("", &mut |_, slot| {
-            if let Slot::Param(p) = slot {
+            if let Slot::Param(p) | Slot::Buffer(p) = slot {
                 if let Err(e) = p.unbind() {
                     err.get_or_insert(e);
                 }
@@ -212,9 +213,15 @@ impl<E: Real> Network<E> {
         err.map_or(Ok(()), Err)
     }
 
-    /// True when some parameter is bound to a device backend.
+    /// True when some parameter or buffer is bound to a device backend.
     pub fn is_bound(&self) -> bool {
-        self.parameters().any(|(_, p)| p.is_bound())
+        let mut any = false;
+        self.body.visit("", &mut |_, slot| {
+            if let SlotRef::Param(p) | SlotRef::Buffer(p) = slot {
+                any |= p.is_bound();
+            }
+        });
+        any
     }
 
     /// Sets every gradient to zero.

@@ -16,8 +16,9 @@
 
 use super::cudnn::{ConvChoice, ConvEngine, Dnn, Pass, PassKind};
 use super::{
-    check_bn_lens, check_len, check_split, concat_shape, same_shape, Activation, Backend, BnStats,
-    ConvGeom, PoolGeom, SeBackward, SeParams, SeParamsMut,
+    check_bn_lens, check_len, check_split, concat_shape, same_shape, Activation, Backend,
+    BnDeviceSaved, BnParamsMut, BnRun, BnStats, ConvGeom, PoolGeom, SeBackward, SeParams,
+    SeParamsMut,
 };
 use crate::cuda::abi::NnConvParams;
 use crate::cuda::{Buf, CudaDevice, DevElem, DeviceTensor, Module};
@@ -398,6 +399,21 @@ impl CudaParam {
     }
 }
 
+impl CudaParam {
+    /// The gradient's address for a kernel that adds to it: zero-filled first when the
+    /// gradient reads as zero (after zero_grad, or never written).
+    fn grad_target_zeroed(&self, dev: &CudaDevice) -> Result<u64> {
+        let (addr, accumulate) = self.grad_target(dev, self.len)?;
+        if !accumulate {
+            let mut g = lock(&self.grad);
+            if let Some(b) = g.as_mut() {
+                dev.fill_bytes(b, 0, self.len, 0)?;
+            }
+        }
+        Ok(addr)
+    }
+}
+
 impl DeviceStore for CudaParam {
     fn owner(&self) -> u64 {
         self.owner
@@ -432,6 +448,14 @@ impl DeviceStore for CudaParam {
     fn as_any(&self) -> &dyn Any {
         self
     }
+}
+
+/// What the device BatchNorm forward keeps for backward: the mean and invstd it normalised
+/// with (batch or running), in device memory.
+struct CudaBnSaved {
+    mean: PoolBuf<f64>,
+    invstd: PoolBuf<f64>,
+    batch_stats: bool,
 }
 
 /// Distinguishes backend instances (a bound parameter names its owner).
@@ -1356,16 +1380,45 @@ impl Cuda {
         )?;
         let (mb, ib, gb) = (self.up(mean)?, self.up(invstd)?, self.up(gamma)?);
         let (dgb, dbb) = (self.up(dgamma)?, self.up(dbeta)?);
-        let dx = self.out_t(s)?;
-        let ptrs = [
-            self.addr(&x),
-            self.addr(&dy),
-            relu_y.map_or(0, |y| self.addr(&y)),
+        let per_channel = [
             self.addr(&mb),
             self.addr(&ib),
             self.addr(&gb),
             self.addr(&dgb),
             self.addr(&dbb),
+        ];
+        let dx = self.bn_bwd_at(x, relu_y, dy, per_channel, batch_stats)?;
+        dgamma.copy_from_slice(&self.down(&dgb, s.c)?);
+        dbeta.copy_from_slice(&self.down(&dbb, s.c)?);
+        Ok(dx)
+    }
+
+    /// The BatchNorm backward kernel on device addresses `[mean, invstd, gamma, dgamma,
+    /// dbeta]` (c elements each; dgamma and dbeta are added to).
+    fn bn_bwd_at(
+        &self,
+        x: &GpuTensor,
+        relu_y: Option<&GpuTensor>,
+        dy: &GpuTensor,
+        per_channel: [u64; 5],
+        batch_stats: bool,
+    ) -> Result<GpuTensor> {
+        let s = x.shape();
+        same_shape(dy.shape(), s, "batch norm gradient")?;
+        if let Some(y) = relu_y {
+            same_shape(y.shape(), s, "batch norm fused ReLU output")?;
+        }
+        let dx = self.out_t(s)?;
+        let [mp, ip, gp, dgp, dbp] = per_channel;
+        let ptrs = [
+            self.addr(&x),
+            self.addr(&dy),
+            relu_y.map_or(0, |y| self.addr(&y)),
+            mp,
+            ip,
+            gp,
+            dgp,
+            dbp,
             self.addr(&dx),
         ];
         let (n, c, hw, bs) = (
@@ -1390,12 +1443,23 @@ impl Cuda {
             arg(&bs),
         ];
         // SAFETY: nn_bn_bwd_f32(x, dy, relu_y, mean, invstd, gamma, dgamma, dbeta, dx, n, c,
-        // hw, batch_stats): x, dy, dx (and relu_y, shape checked by the caller) hold s; the
-        // per-channel buffers c elements each.
+        // hw, batch_stats): x, dy, dx (and relu_y) hold s (checked above); the per-channel
+        // buffers hold c elements each (the callers' contract).
         unsafe { self.launch("nn_bn_bwd_f32", (c.max(1), 1, 1), &mut args)? };
-        dgamma.copy_from_slice(&self.down(&dgb, s.c)?);
-        dbeta.copy_from_slice(&self.down(&dbb, s.c)?);
         Ok(GpuTensor::wrap(dx))
+    }
+
+    /// Per-channel batch mean and biased variance (f64) of `x`, left on the device.
+    fn bn_stats_dev(&self, x: &GpuTensor) -> Result<(PoolBuf<f64>, PoolBuf<f64>)> {
+        let s = x.shape();
+        let mean = self.out::<f64>(s.c)?;
+        let var = self.out::<f64>(s.c)?;
+        let (xp, mp, vp) = (self.addr(&x), self.addr(&mean), self.addr(&var));
+        let (n, c, hw) = (small("batch", s.n)?, small("channels", s.c)?, s.hw() as u64);
+        let mut args = [arg(&xp), arg(&mp), arg(&vp), arg(&n), arg(&c), arg(&hw)];
+        // SAFETY: nn_bn_stats_f32(x, mean, var, n, c, hw): x holds s, mean and var c doubles.
+        unsafe { self.launch("nn_bn_stats_f32", (c.max(1), 1, 1), &mut args)? };
+        Ok((mean, var))
     }
 
     /// Samples per launch so that samples x groups fits grid.z.
@@ -1752,18 +1816,136 @@ impl Backend<f32> for Cuda {
     }
 
     fn batch_norm_stats(&self, x: &GpuTensor) -> Result<BnStats> {
-        let s = x.shape();
-        let mean = self.out::<f64>(s.c)?;
-        let var = self.out::<f64>(s.c)?;
-        let (xp, mp, vp) = (self.addr(&x), self.addr(&mean), self.addr(&var));
-        let (n, c, hw) = (small("batch", s.n)?, small("channels", s.c)?, s.hw() as u64);
-        let mut args = [arg(&xp), arg(&mp), arg(&vp), arg(&n), arg(&c), arg(&hw)];
-        // SAFETY: nn_bn_stats_f32(x, mean, var, n, c, hw): x holds s, mean and var c doubles.
-        unsafe { self.launch("nn_bn_stats_f32", (c.max(1), 1, 1), &mut args)? };
+        let c = x.shape().c;
+        let (mean, var) = self.bn_stats_dev(x)?;
         Ok(BnStats {
-            mean: self.down(&mean, s.c)?,
-            var: self.down(&var, s.c)?,
+            mean: self.down(&mean, c)?,
+            var: self.down(&var, c)?,
         })
+    }
+
+    fn batch_norm_p(
+        &self,
+        x: &GpuTensor,
+        p: BnParamsMut<'_, f32>,
+        run: BnRun,
+    ) -> Result<Option<(GpuTensor, BnDeviceSaved)>> {
+        let all = [
+            self.bound(p.weight)?,
+            self.bound(p.bias)?,
+            self.bound(p.running_mean)?,
+            self.bound(p.running_var)?,
+        ];
+        if all.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let [Some(gw), Some(gb), Some(rm), Some(rv)] = all else {
+            return Err(Error::Config(
+                "BatchNorm parameters are partly bound".into(),
+            ));
+        };
+        let s = x.shape();
+        check_bn_lens(s.c, [gw.len, gb.len, rm.len, rv.len, s.c])?;
+        let c = s.c;
+        let m = s.n * s.hw();
+        if run.train && m < 2 {
+            return Err(Error::Shape(format!(
+                "batch norm in training needs more than one value per channel, input is {s}"
+            )));
+        }
+        let (mean, var) = if run.train {
+            let (mean, var) = self.bn_stats_dev(x)?;
+            (mean, Some(var))
+        } else {
+            (self.out::<f64>(c)?, None)
+        };
+        let invstd = self.out::<f64>(c)?;
+        let (a, b) = (self.out::<f32>(c)?, self.out::<f32>(c)?);
+        let ptrs = [
+            if run.train { self.addr(&mean) } else { 0 },
+            var.as_ref().map_or(0, |v| self.addr(v)),
+            gw.value_addr(&self.dev)?,
+            gb.value_addr(&self.dev)?,
+            rm.value_addr(&self.dev)?,
+            rv.value_addr(&self.dev)?,
+            if run.train { 0 } else { self.addr(&mean) },
+            self.addr(&invstd),
+            self.addr(&a),
+            self.addr(&b),
+        ];
+        let cc = small("channels", c)?;
+        let unbias = if run.train {
+            m as f64 / (m as f64 - 1.0)
+        } else {
+            1.0
+        };
+        let train = run.train as u32;
+        let mut args = [
+            arg(&ptrs[0]),
+            arg(&ptrs[1]),
+            arg(&ptrs[2]),
+            arg(&ptrs[3]),
+            arg(&ptrs[4]),
+            arg(&ptrs[5]),
+            arg(&ptrs[6]),
+            arg(&ptrs[7]),
+            arg(&ptrs[8]),
+            arg(&ptrs[9]),
+            arg(&cc),
+            arg(&run.eps),
+            arg(&run.momentum),
+            arg(&unbias),
+            arg(&train),
+        ];
+        // SAFETY: nn_bn_prepare_f32(bmean, bvar, gamma, beta, rm, rv, mean_out, invstd_out, a,
+        // b, c, eps, mo, unbias, train): every per-channel buffer holds c elements (the bound
+        // storages were checked above); bmean / bvar are read only in training and mean_out
+        // written only outside it, so the null ones are never touched.
+        unsafe {
+            self.launch(
+                "nn_bn_prepare_f32",
+                (blocks(c, THREADS as usize), 1, 1),
+                &mut args,
+            )?
+        };
+        let y = self.affine_at(x, self.addr(&a), self.addr(&b), run.relu)?;
+        let saved: BnDeviceSaved = Arc::new(CudaBnSaved {
+            mean,
+            invstd,
+            batch_stats: run.train,
+        });
+        Ok(Some((y, saved)))
+    }
+
+    fn batch_norm_backward_p(
+        &self,
+        x: &GpuTensor,
+        relu_y: Option<&GpuTensor>,
+        dy: GpuTensor,
+        saved: &BnDeviceSaved,
+        weight: &mut Param<f32>,
+        bias: &mut Param<f32>,
+    ) -> Result<GpuTensor> {
+        let st = saved.downcast_ref::<CudaBnSaved>().ok_or_else(|| {
+            Error::Config("BatchNorm backward with state from another backend".into())
+        })?;
+        let (Some(gw), Some(gb)) = (self.bound(weight)?, self.bound(bias)?) else {
+            return Err(Error::Config(
+                "BatchNorm backward on the device with parameters on the host".into(),
+            ));
+        };
+        let c = x.shape().c;
+        check_bn_lens(c, [gw.len, gb.len, c, c, c])?;
+        let dg = gw.grad_target_zeroed(&self.dev)?;
+        let db = gb.grad_target_zeroed(&self.dev)?;
+        let per_channel = [
+            self.addr(&st.mean),
+            self.addr(&st.invstd),
+            gw.value_addr(&self.dev)?,
+            dg,
+            db,
+        ];
+        self.bn_bwd_at(x, relu_y, &dy, per_channel, st.batch_stats)
     }
 
     fn channel_affine(&self, x: GpuTensor, a: &[f32], b: &[f32], relu: bool) -> Result<GpuTensor> {

@@ -518,6 +518,38 @@ pub trait Backend<E: Real>: Sync {
         residual: Option<&Self::T>,
     ) -> Result<(Self::T, Self::SeSaved)>;
 
+    /// BatchNorm forward on the device with parameters and running statistics bound to this
+    /// backend (updating the running statistics there in training); `None` when they are on
+    /// the host (the default: the layer then runs [`Backend::batch_norm_stats`] and
+    /// [`Backend::channel_affine`] with host arithmetic).
+    fn batch_norm_p(
+        &self,
+        x: &Self::T,
+        p: BnParamsMut<'_, E>,
+        run: BnRun,
+    ) -> Result<Option<(Self::T, BnDeviceSaved)>> {
+        let _ = (x, p, run);
+        Ok(None)
+    }
+
+    /// Backward of [`Backend::batch_norm_p`] (through the fused ReLU's output `relu_y` when
+    /// given), accumulating into the bound parameters' gradients.
+    fn batch_norm_backward_p(
+        &self,
+        x: &Self::T,
+        relu_y: Option<&Self::T>,
+        dy: Self::T,
+        saved: &BnDeviceSaved,
+        weight: &mut Param<E>,
+        bias: &mut Param<E>,
+    ) -> Result<Self::T> {
+        let _ = (x, relu_y, dy, saved, weight, bias);
+        Err(Error::Unsupported(format!(
+            "backend `{}` has no device BatchNorm",
+            self.name()
+        )))
+    }
+
     /// [`Backend::se_forward`] with the weights as parameters (bound here, or on the host).
     fn se_forward_p(
         &self,
@@ -556,6 +588,35 @@ pub trait Backend<E: Real>: Sync {
         dy: &Self::T,
     ) -> Result<SeBackward<Self::T>>;
 }
+
+/// A BatchNorm layer's parameters and running statistics, as an op takes them.
+#[derive(Debug)]
+pub struct BnParamsMut<'a, E> {
+    /// Scale (gamma).
+    pub weight: &'a mut Param<E>,
+    /// Shift (beta).
+    pub bias: &'a mut Param<E>,
+    /// Running mean (a buffer).
+    pub running_mean: &'a mut Param<E>,
+    /// Running variance (a buffer).
+    pub running_var: &'a mut Param<E>,
+}
+
+/// How a BatchNorm forward normalises.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BnRun {
+    /// Batch statistics (and the running ones updated), else the running statistics.
+    pub train: bool,
+    /// Running-statistics momentum.
+    pub momentum: f64,
+    /// Added to the variance.
+    pub eps: f64,
+    /// A ReLU fused after the affine.
+    pub relu: bool,
+}
+
+/// What a device BatchNorm forward ([`Backend::batch_norm_p`]) keeps for its backward.
+pub type BnDeviceSaved = std::sync::Arc<dyn std::any::Any + Send + Sync>;
 
 /// An SE block's parameters (timm's `fc1` / `fc2` 1x1 convolutions), as an op takes them.
 #[derive(Clone, Copy, Debug)]

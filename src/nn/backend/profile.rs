@@ -5,7 +5,10 @@
 //! time lands on the op that spent it; that removes the overlap of host and device work, so the
 //! profiled step is slower than an unprofiled one and its total is reported separately.
 
-use super::{Backend, BnStats, ConvGeom, PoolGeom, SeBackward, SeParams, SeParamsMut};
+use super::{
+    Backend, BnDeviceSaved, BnParamsMut, BnRun, BnStats, ConvGeom, PoolGeom, SeBackward, SeParams,
+    SeParamsMut,
+};
 use crate::error::Result;
 use crate::nn::param::{Param, Real};
 use crate::se::{SeConfig, SeWeights};
@@ -223,6 +226,40 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
     ) -> Result<bool> {
         self.time::<E, _>("sgd_step (device)", |b| {
             b.sgd_step(p, momentum_init, lr, momentum, weight_decay)
+        })
+    }
+
+    fn batch_norm_p(
+        &self,
+        x: &Self::T,
+        p: BnParamsMut<'_, E>,
+        run: BnRun,
+    ) -> Result<Option<(Self::T, BnDeviceSaved)>> {
+        let op = match (run.train, run.relu) {
+            (true, true) => "batch_norm train+relu (device)",
+            (true, false) => "batch_norm train (device)",
+            (false, true) => "batch_norm eval+relu (device)",
+            (false, false) => "batch_norm eval (device)",
+        };
+        self.time::<E, _>(op, |b| b.batch_norm_p(x, p, run))
+    }
+
+    fn batch_norm_backward_p(
+        &self,
+        x: &Self::T,
+        relu_y: Option<&Self::T>,
+        dy: Self::T,
+        saved: &BnDeviceSaved,
+        weight: &mut Param<E>,
+        bias: &mut Param<E>,
+    ) -> Result<Self::T> {
+        let op = if relu_y.is_some() {
+            "batch_norm+relu backward (device)"
+        } else {
+            "batch_norm backward (device)"
+        };
+        self.time::<E, _>(op, |b| {
+            b.batch_norm_backward_p(x, relu_y, dy, saved, weight, bias)
         })
     }
 
