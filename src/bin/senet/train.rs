@@ -357,9 +357,9 @@ pub fn fit_with_progress<B: Backend<f32>>(
 pub fn announce_cuda(b: &senet::nn::Cuda) {
     let cc = b.device().info().compute_capability;
     println!(
-        "device: {} (compute capability {}.{}); activations, and the convolution, linear and SE \
-         parameters with their gradients and momentum, stay on the device while training \
-         (SENET_CONV=auto|own|cudnn|cudnn-tf32 picks the convolutions)",
+        "device: {} (compute capability {}.{}); activations, parameters, gradients, momentum and \
+         BatchNorm statistics stay on the device while training (SENET_CONV=auto|own|cudnn|\
+         cudnn-tf32 picks the convolutions)",
         b.describe(),
         cc.0,
         cc.1

@@ -7,10 +7,10 @@
 //! ([`ConvEngine::Own`]; always on the emulator); [`Cuda::conv_engine`] says which.
 //!
 //! Activations live in device memory ([`GpuTensor`]); only a network's input and logits cross
-//! the bus. Convolution, linear and SE parameters bound to the backend ([`Backend::bind`],
-//! [`crate::nn::Network::bind`]: what the trainer does for its steps) keep their values,
-//! gradients and SGD momentum in device memory ([`CudaParam`]) and are updated there by a
-//! kernel ([`Backend::sgd_step`]); unbound parameters (and BatchNorm's, always) are host
+//! the bus. Parameters bound to the backend ([`Backend::bind`], [`crate::nn::Network::bind`]:
+//! what the trainer does for its steps) keep their values, gradients and SGD momentum (and
+//! BatchNorm's running statistics) in device memory ([`CudaParam`]) and are updated there by
+//! kernels ([`Backend::sgd_step`], [`Backend::batch_norm_p`]); unbound parameters are host
 //! slices each op uploads. f32 and NCHW only; reductions run in a fixed order, so results
 //! repeat bit for bit.
 
