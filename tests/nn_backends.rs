@@ -900,14 +900,29 @@ fn cuda_bound_parameters_train_exactly_as_host_ones() {
             );
             let (mut opt_h, mut opt_d) =
                 (Sgd::new(0.9, 1e-3).unwrap(), Sgd::new(0.9, 1e-3).unwrap());
-            for step in 0..3u64 {
+            // Steps of every kind: zero_grad + backward; two backwards accumulating; zero_grad
+            // and no backward (weight decay and momentum only); then the bound network is
+            // unbound and bound again (fresh storage: its gradient comes along and its momentum
+            // is seeded from the gathered host copy) before a last ordinary step.
+            for step in 0..5u64 {
+                if step == 4 {
+                    opt_d.gather(&dev).unwrap();
+                    dev.unbind().unwrap();
+                    dev.bind(&be).unwrap();
+                }
                 let x: Tensor<f32> = random_tensor(xs, 10 + step);
                 for (net, opt) in [(&mut host, &mut opt_h), (&mut dev, &mut opt_d)] {
-                    let logits = net.forward(&be, x.clone(), Mode::Train).unwrap();
-                    let dl: Tensor<f32> = random_tensor(logits.shape(), 20 + step);
-                    net.zero_grad();
-                    net.backward_params(&be, dl).unwrap();
-                    opt.step_on(&be, net, 0.05).unwrap();
+                    if step != 1 {
+                        net.zero_grad();
+                    }
+                    if step != 2 {
+                        let logits = net.forward(&be, x.clone(), Mode::Train).unwrap();
+                        let dl: Tensor<f32> = random_tensor(logits.shape(), 20 + step);
+                        net.backward_params(&be, dl).unwrap();
+                    }
+                    if step != 0 {
+                        opt.step_on(&be, net, 0.05).unwrap();
+                    }
                 }
             }
             // Evaluation and inference read the bound parameters and running statistics.
@@ -931,7 +946,7 @@ fn cuda_bound_parameters_train_exactly_as_host_ones() {
             for ((n, a), (_, b)) in host.parameters().zip(dev.parameters()) {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&a.value), bits(&b.value), "{name}: {n} values");
-                assert_eq!(a.grad, b.grad, "{name}: {n} gradient");
+                assert_eq!(bits(&a.grad), bits(&b.grad), "{name}: {n} gradient");
             }
             assert_eq!(opt_h.buffers(), opt_d.buffers(), "{name}: momentum");
         }
@@ -967,5 +982,56 @@ fn cuda_bound_training_steps_reuse_device_memory() {
                 "{name}: a later step allocated"
             );
         }
+    }
+}
+
+/// Misuse of bound parameters is an error, never a wrong result: an operand of the wrong
+/// length, binding to a second backend (which leaves the first binding intact), the host
+/// optimiser on a bound network (refused before anything is updated), setting a bound
+/// value; and a clone of a bound network is an unbound copy that shares nothing.
+#[test]
+fn cuda_bound_parameter_misuse_is_an_error() {
+    use senet::nn::Param;
+    use senet::train::optim::Sgd;
+    for be in nn_common::cuda_backends() {
+        let (name, cfg, xs) = small_configs().remove(0);
+        let mut net = cfg.build::<f32>(name).unwrap();
+        net.init_weights(seed(name));
+        let before: Vec<Vec<f32>> = net.parameters().map(|(_, p)| p.value.clone()).collect();
+        let n = net.bind(&be).unwrap();
+        assert!(n > 0);
+        // A bound operand of the wrong length.
+        let mut w = Param::<f32>::new(&[1], senet::nn::Init::Ones).bindable();
+        w.init(1);
+        assert!(be.bind(&mut w).unwrap());
+        let x = be.upload(random_tensor(Shape::new(1, 4, 1, 1), 3)).unwrap();
+        assert!(be.linear_p(&x, &w, None, 3).is_err());
+        let g = ConvGeom::new(4, 3, 1, 1, 0, 1).unwrap();
+        assert!(be.conv2d_p(&x, &w, None, &g).is_err());
+        // A second backend: an error, and the first binding stays.
+        let other = senet::nn::Cuda::new(be.device().clone());
+        assert!(net.bind(&other).is_err());
+        assert!(net.is_bound());
+        assert_eq!(net.bind(&be).unwrap(), n);
+        // The host optimiser and the other backend refuse, and change nothing.
+        let logits = net.forward(&be, random_tensor(xs, 4), Mode::Train).unwrap();
+        net.zero_grad();
+        net.backward_params(&be, random_tensor(logits.shape(), 5))
+            .unwrap();
+        assert!(Sgd::new(0.9, 0.0).unwrap().step(&mut net, 0.1).is_err());
+        assert!(Sgd::new(0.9, 0.0)
+            .unwrap()
+            .step_on(&other, &mut net, 0.1)
+            .is_err());
+        // A clone is an unbound copy with the same values.
+        let copy = net.clone();
+        assert!(!copy.is_bound());
+        let (_, p) = net.parameters_mut().find(|(_, p)| p.is_bound()).unwrap();
+        assert!(p.set(vec![0.0; p.numel()]).is_err());
+        net.unbind().unwrap();
+        let now: Vec<Vec<f32>> = net.parameters().map(|(_, p)| p.value.clone()).collect();
+        assert_eq!(now, before, "a refused step changed a parameter");
+        let copied: Vec<Vec<f32>> = copy.parameters().map(|(_, p)| p.value.clone()).collect();
+        assert_eq!(copied, before);
     }
 }

@@ -34,6 +34,6 @@ pub use blocks::{BlockConfig, BlockKind, ResidualBlock, SeOptions, SePosition, S
 pub use checkpoint::{StateData, StateDict, StateTensor};
 pub use layers::{Module, SqueezeExcite};
 pub use network::Network;
-pub use param::{Init, Mode, Param, Real, Slot, SlotRef};
+pub use param::{DeviceStore, Init, Mode, Param, Real, Slot, SlotRef};
 pub use resnet::{ResNetConfig, Stem};
 pub use seq::{Layer, Seq};

@@ -172,30 +172,43 @@ impl<E: Real> Network<E> {
     /// them on `backend`'s device (convolution, linear, SE and BatchNorm layers:
     /// [`Param::is_bindable`]) to it ([`Backend::bind`]):
     /// their values, gradients and SGD momentum then stay in device memory across steps, and
-    /// reading them on the host is an error until [`Network::unbind`]. Returns how many were
-    /// bound (0 for host backends). On error nothing stays bound.
+    /// reading them on the host is an error until [`Network::unbind`]. Returns how many are
+    /// bound (0 for host backends). On error the parameters this call bound are unbound again
+    /// and those bound before are left as they were.
     pub fn bind<B: Backend<E>>(&mut self, backend: &B) -> Result<usize> {
         let mut bound = 0;
+        let mut fresh = Vec::new();
         let mut err = None;
-        self.body.visit_mut("", &mut |_, slot| {
+        self.body.visit_mut("", &mut |name, slot| {
             if let (Slot::Param(p) | Slot::Buffer(p), None) = (slot, &err) {
                 if p.is_bindable() {
+                    let was = p.is_bound();
                     match backend.bind(p) {
-                        Ok(true) => bound += 1,
+                        Ok(true) => {
+                            bound += 1;
+                            if !was {
+                                fresh.push(name);
+                            }
+                        }
                         Ok(false) => {}
                         Err(e) => err = Some(e),
                     }
                 }
             }
         });
-        match err {
-            Some(e) => {
-                // Best effort: the first error is the one to report.
-                let _ = self.unbind();
-                Err(e)
+        let Some(e) = err else {
+            return Ok(bound);
+        };
+        // Values just uploaded are still the host's: bring them back (best effort: the
+        // binding error is the one to report).
+        self.body.visit_mut("", &mut |name, slot| {
+            if let Slot::Param(p) | Slot::Buffer(p) = slot {
+                if fresh.contains(&name) {
+                    let _ = p.unbind();
+                }
             }
-            None => Ok(bound),
-        }
+        });
+        Err(e)
     }
 
     /// Brings every bound parameter's values and gradient back to the host ([`Param::unbind`];

@@ -104,8 +104,10 @@ pub trait DeviceStore: Send + Sync + fmt::Debug + std::any::Any {
 ///
 /// A parameter bound to a device backend ([`crate::nn::Network::bind`]) keeps its values and
 /// gradient there: `value` and `grad` are empty and [`Param::values`] is an error until
-/// [`Param::unbind`] brings them back. Clones of a bound parameter share its device storage.
-#[derive(Clone, Debug)]
+/// [`Param::unbind`] brings them back. A clone of a bound parameter is an unbound copy (its
+/// values and gradient read back from the device; left uninitialised if that read fails), so
+/// clones never share device state.
+#[derive(Debug)]
 pub struct Param<E> {
     shape: Vec<usize>,
     init: Init,
@@ -114,10 +116,42 @@ pub struct Param<E> {
     /// The accumulated gradient, shaped like `value`; empty until the first backward pass
     /// (or [`Param::grad_mut`]), and while bound.
     pub grad: Vec<E>,
-    bound: Option<std::sync::Arc<dyn DeviceStore>>,
+    bound: Option<Bound<E>>,
     /// Whether [`crate::nn::Network::bind`] moves it to a device backend (the parameters of
     /// layers whose ops take bound parameters: convolutions and linear layers).
     bindable: bool,
+}
+
+/// A parameter's device binding: the storage, and how its f32 values become `E`.
+#[derive(Clone, Debug)]
+struct Bound<E> {
+    store: std::sync::Arc<dyn DeviceStore>,
+    from_f32: fn(f32) -> E,
+}
+
+impl<E: Clone> Clone for Param<E> {
+    fn clone(&self) -> Self {
+        let (value, grad) = match &self.bound {
+            None => (self.value.clone(), self.grad.clone()),
+            Some(Bound { store, from_f32 }) => {
+                let widen = |v: Vec<f32>| v.into_iter().map(*from_f32).collect::<Vec<E>>();
+                match (store.read_value(), store.read_grad()) {
+                    (Ok(v), Ok(g)) if v.len() == self.shape.iter().product::<usize>() => {
+                        (widen(v), g.map(widen).unwrap_or_default())
+                    }
+                    _ => (Vec::new(), Vec::new()),
+                }
+            }
+        };
+        Param {
+            shape: self.shape.clone(),
+            init: self.init,
+            value,
+            grad,
+            bound: None,
+            bindable: self.bindable,
+        }
+    }
 }
 
 impl<E: PartialEq> PartialEq for Param<E> {
@@ -130,7 +164,7 @@ impl<E: PartialEq> PartialEq for Param<E> {
             && self.grad == other.grad
             && match (&self.bound, &other.bound) {
                 (None, None) => true,
-                (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+                (Some(a), Some(b)) => std::sync::Arc::ptr_eq(&a.store, &b.store),
                 _ => false,
             }
     }
@@ -167,7 +201,7 @@ impl<E: Real> Param<E> {
 
     /// The device storage while bound.
     pub fn device_store(&self) -> Option<&std::sync::Arc<dyn DeviceStore>> {
-        self.bound.as_ref()
+        self.bound.as_ref().map(|b| &b.store)
     }
 
     /// Hands the values to `store` (a backend's [`crate::nn::Backend::bind`]): the host copies
@@ -175,13 +209,16 @@ impl<E: Real> Param<E> {
     pub fn bind_store(&mut self, store: std::sync::Arc<dyn DeviceStore>) {
         self.value = Vec::new();
         self.grad = Vec::new();
-        self.bound = Some(store);
+        self.bound = Some(Bound {
+            store,
+            from_f32: E::from_f32,
+        });
     }
 
     /// Brings values and gradient back from the device storage (if bound) and drops it.
     /// On error the parameter stays bound.
     pub fn unbind(&mut self) -> Result<()> {
-        let Some(store) = &self.bound else {
+        let Some(Bound { store, .. }) = &self.bound else {
             return Ok(());
         };
         let value: Vec<E> = store.read_value()?.into_iter().map(E::from_f32).collect();
@@ -193,6 +230,13 @@ impl<E: Real> Param<E> {
             return Err(Error::Length {
                 what: "parameter values from the device",
                 got: value.len(),
+                expected: self.numel(),
+            });
+        }
+        if !grad.is_empty() && grad.len() != self.numel() {
+            return Err(Error::Length {
+                what: "parameter gradient from the device",
+                got: grad.len(),
                 expected: self.numel(),
             });
         }
@@ -223,7 +267,8 @@ impl<E: Real> Param<E> {
         self.bound.is_some() || self.value.len() == self.numel()
     }
 
-    /// Fills the values from `seed` according to the parameter's [`Init`].
+    /// Fills the values from `seed` according to the parameter's [`Init`] (dropping a device
+    /// binding: the new values replace the device's).
     pub fn init(&mut self, seed: u64) {
         self.bound = None;
         let n = self.numel();
@@ -242,8 +287,12 @@ impl<E: Real> Param<E> {
         self.grad.clear();
     }
 
-    /// Sets the values; `values` must hold exactly [`Param::numel`] elements.
+    /// Sets the values; `values` must hold exactly [`Param::numel`] elements (an error while
+    /// bound: unbind first).
     pub fn set(&mut self, values: Vec<E>) -> Result<()> {
+        if self.bound.is_some() {
+            return Err(self.bound_error("a parameter being set"));
+        }
         if values.len() != self.numel() {
             return Err(Error::Length {
                 what: "parameter values",
@@ -251,7 +300,6 @@ impl<E: Real> Param<E> {
                 expected: self.numel(),
             });
         }
-        self.bound = None;
         self.value = values;
         Ok(())
     }
@@ -308,8 +356,8 @@ impl<E: Real> Param<E> {
 
     /// Sets the gradient to zero (keeping its allocation; on the device while bound).
     pub fn zero_grad(&mut self) {
-        if let Some(s) = &self.bound {
-            s.zero_grad();
+        if let Some(b) = &self.bound {
+            b.store.zero_grad();
         }
         for g in &mut self.grad {
             *g = E::ZERO;
@@ -434,28 +482,30 @@ mod tests {
         assert!(p.values("w").is_err());
         assert!(p.value_and_grad("w").is_err());
         assert!(p.accumulate(&[1.0; 6]).is_err());
-        // Clones share the store.
+        // A clone is an unbound copy read from the device.
         let q = p.clone();
-        assert_eq!(p, q);
+        assert!(!q.is_bound());
+        assert_eq!(q.value, vec![2.0; 6]);
+        assert_ne!(p, q);
         p.unbind().unwrap();
         assert!(!p.is_bound());
         assert_eq!(p.value, vec![2.0; 6]);
         assert_eq!(p.grad, vec![0.5; 6]);
-        assert_ne!(p, q);
+        assert_eq!(p, q);
         // zero_grad reaches the store.
         let mut r = Param::<f32>::new(&[6], Init::Zeros);
         r.bind_store(fake());
         r.zero_grad();
         r.unbind().unwrap();
         assert_eq!(r.grad, vec![0.0; 6]);
-        // A host write drops the binding.
+        // Setting values while bound is an error; init replaces the device's values.
         r.bind_store(fake());
-        r.set(vec![3.0; 6]).unwrap();
-        assert!(!r.is_bound());
-        assert_eq!(r.values("r").unwrap(), &[3.0; 6]);
-        r.bind_store(fake());
+        assert!(r.set(vec![3.0; 6]).is_err());
+        assert!(r.is_bound());
         r.init(2);
         assert!(!r.is_bound());
+        r.set(vec![3.0; 6]).unwrap();
+        assert_eq!(r.values("r").unwrap(), &[3.0; 6]);
     }
 
     #[test]

@@ -62,6 +62,18 @@ impl Sgd {
         lr: f32,
     ) -> Result<()> {
         let (m, wd) = (self.momentum, self.weight_decay);
+        // Refuse before updating anything if a bound parameter belongs to another backend.
+        for (name, p) in net.parameters() {
+            if let Some(s) = p.device_store() {
+                if !backend.owns(s.owner()) {
+                    return Err(Error::Config(format!(
+                        "parameter `{name}` is bound to a device backend this step cannot \
+                         update (the host optimiser, or another backend): use step_on with \
+                         its backend, or unbind the network"
+                    )));
+                }
+            }
+        }
         for (name, p) in net.parameters_mut() {
             if p.is_bound() {
                 let init = self.buffers.get(&name).map(|v| &v[..]);
@@ -69,7 +81,7 @@ impl Sgd {
                     continue;
                 }
                 return Err(Error::Config(format!(
-                    "parameter `{name}` is bound to a device backend other than the one updating it"
+                    "parameter `{name}` is bound to a backend that cannot update it"
                 )));
             }
             if p.grad.is_empty() {

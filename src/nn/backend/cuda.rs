@@ -316,15 +316,15 @@ impl std::fmt::Debug for CudaSeSaved {
 /// bound parameter's storage).
 enum PArg<'a> {
     Host(&'a [f32]),
-    Dev(u64),
+    Dev { addr: u64, len: usize },
 }
 
 impl PArg<'_> {
-    /// Checks host values hold `n` elements (device storage was checked when bound).
+    /// Checks the operand holds `n` elements.
     fn check(&self, what: &'static str, n: usize) -> Result<()> {
         match self {
             PArg::Host(v) => check_len(what, v.len(), n),
-            PArg::Dev(_) => Ok(()),
+            PArg::Dev { len, .. } => check_len(what, *len, n),
         }
     }
 }
@@ -333,14 +333,20 @@ impl PArg<'_> {
 /// parameter's device gradient (accumulated into, or written over when zeroed).
 enum GArg<'a> {
     Host(&'a mut [f32]),
-    Dev { addr: u64, accumulate: bool },
+    /// `zeroed` is the storage's "reads as zero" flag, cleared once the op has written.
+    Dev {
+        addr: u64,
+        len: usize,
+        accumulate: bool,
+        zeroed: &'a AtomicBool,
+    },
 }
 
 impl GArg<'_> {
     fn check(&self, what: &'static str, n: usize) -> Result<()> {
         match self {
             GArg::Host(v) => check_len(what, v.len(), n),
-            GArg::Dev { .. } => Ok(()),
+            GArg::Dev { len, .. } => check_len(what, *len, n),
         }
     }
 }
@@ -350,6 +356,7 @@ struct GradTarget<'a> {
     addr: u64,
     accumulate: bool,
     host: Option<(&'a mut [f32], PoolBuf<f32>)>,
+    zeroed: Option<&'a AtomicBool>,
 }
 
 /// A parameter bound to a [`Cuda`] backend: its values, gradient and SGD momentum in device
@@ -386,16 +393,21 @@ impl CudaParam {
         Ok(dev.addr(&self.value))
     }
 
-    /// The gradient's address and whether a write there accumulates (false right after
-    /// zero_grad, which this clears); allocates the gradient, zeroed, on first use.
-    fn grad_target(&self, dev: &CudaDevice, n: usize) -> Result<(u64, bool)> {
+    /// The gradient's address and whether a write there accumulates (false while it reads as
+    /// zero, after zero_grad: the caller clears that with [`CudaParam::written`] once its op
+    /// has run); allocates the gradient, zeroed, on first use.
+    fn grad_target(&self, dev: &CudaDevice) -> Result<(u64, bool)> {
         let mut g = lock(&self.grad);
         if g.is_none() {
-            *g = Some(dev.alloc_zeros::<f32>(n)?);
+            *g = Some(dev.alloc_zeros::<f32>(self.len)?);
         }
         let addr = g.as_ref().map_or(0, |b| dev.addr(b));
-        let accumulate = !self.grad_zero.swap(false, Ordering::Relaxed);
-        Ok((addr, accumulate))
+        Ok((addr, !self.grad_zero.load(Ordering::Relaxed)))
+    }
+
+    /// Records that an op wrote the gradient (it no longer reads as zero).
+    fn written(&self) {
+        self.grad_zero.store(false, Ordering::Relaxed);
     }
 }
 
@@ -403,7 +415,7 @@ impl CudaParam {
     /// The gradient's address for a kernel that adds to it: zero-filled first when the
     /// gradient reads as zero (after zero_grad, or never written).
     fn grad_target_zeroed(&self, dev: &CudaDevice) -> Result<u64> {
-        let (addr, accumulate) = self.grad_target(dev, self.len)?;
+        let (addr, accumulate) = self.grad_target(dev)?;
         if !accumulate {
             let mut g = lock(&self.grad);
             if let Some(b) = g.as_mut() {
@@ -684,7 +696,7 @@ impl Cuda {
                 keep.push(b);
                 Ok(a)
             }
-            PArg::Dev(a) => Ok(a),
+            PArg::Dev { addr, .. } => Ok(addr),
         }
     }
 
@@ -698,20 +710,31 @@ impl Cuda {
                     addr: self.addr(&b),
                     accumulate: true,
                     host: Some((v, b)),
+                    zeroed: None,
                 })
             }
-            GArg::Dev { addr, accumulate } => Ok(GradTarget {
+            GArg::Dev {
+                addr,
+                accumulate,
+                zeroed,
+                ..
+            } => Ok(GradTarget {
                 addr,
                 accumulate,
                 host: None,
+                zeroed: Some(zeroed),
             }),
         }
     }
 
+    /// After the op wrote the gradient: copies a host one back, or marks a bound one written.
     fn g_finish(&self, t: GradTarget<'_>) -> Result<()> {
         if let Some((v, b)) = t.host {
             let n = v.len();
             v.copy_from_slice(&self.down(&b, n)?);
+        }
+        if let Some(z) = t.zeroed {
+            z.store(false, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -1185,7 +1208,10 @@ impl Cuda {
     /// A parameter operand: the bound storage's address, or the host values.
     fn p_arg<'a>(&self, p: &'a Param<f32>, what: &str) -> Result<PArg<'a>> {
         Ok(match self.bound(p)? {
-            Some(c) => PArg::Dev(c.value_addr(&self.dev)?),
+            Some(c) => PArg::Dev {
+                addr: c.value_addr(&self.dev)?,
+                len: c.len,
+            },
             None => PArg::Host(p.values(what)?),
         })
     }
@@ -1193,19 +1219,45 @@ impl Cuda {
     /// A gradient destination: the bound storage's gradient (allocated zeroed on first use;
     /// written over after a zero_grad), or the host gradient.
     fn g_arg<'a>(&self, p: &'a mut Param<f32>) -> Result<GArg<'a>> {
-        if let Some(c) = self.bound(p)? {
-            let (addr, accumulate) = c.grad_target(&self.dev, p.numel())?;
-            return Ok(GArg::Dev { addr, accumulate });
+        if p.is_bound() {
+            // Downgrade the borrow for 'a (the branch returns, so `p` is not used again).
+            let p: &'a Param<f32> = p;
+            let c = self
+                .bound(p)?
+                .ok_or_else(|| Error::Config("unbound".into()))?;
+            let (addr, accumulate) = c.grad_target(&self.dev)?;
+            return Ok(GArg::Dev {
+                addr,
+                len: c.len,
+                accumulate,
+                zeroed: &c.grad_zero,
+            });
         }
         Ok(GArg::Host(p.grad_mut()))
     }
 
     /// Operand and gradient destination of a weight in one backward pass.
     fn wg_args<'a>(&self, w: &'a mut Param<f32>, what: &str) -> Result<(PArg<'a>, GArg<'a>)> {
-        if let Some(c) = self.bound(w)? {
+        if w.is_bound() {
+            let w: &'a Param<f32> = w;
+            let c = self
+                .bound(w)?
+                .ok_or_else(|| Error::Config("unbound".into()))?;
             let v = c.value_addr(&self.dev)?;
-            let (addr, accumulate) = c.grad_target(&self.dev, w.numel())?;
-            return Ok((PArg::Dev(v), GArg::Dev { addr, accumulate }));
+            let (addr, accumulate) = c.grad_target(&self.dev)?;
+            let dev_arg = GArg::Dev {
+                addr,
+                len: c.len,
+                accumulate,
+                zeroed: &c.grad_zero,
+            };
+            return Ok((
+                PArg::Dev {
+                    addr: v,
+                    len: c.len,
+                },
+                dev_arg,
+            ));
         }
         let (v, g) = w.value_and_grad(what)?;
         Ok((PArg::Host(v), GArg::Host(g)))
@@ -1693,17 +1745,33 @@ impl Backend<f32> for Cuda {
         )
     }
 
+    fn owns(&self, id: u64) -> bool {
+        id == self.id
+    }
+
     fn bind(&self, p: &mut Param<f32>) -> Result<bool> {
         if self.bound(p)?.is_some() {
             return Ok(true);
         }
         let v = p.values("a parameter")?;
+        // A gradient already on the host comes along (the host optimiser would use it).
+        let grad = match &p.grad {
+            g if g.is_empty() => None,
+            g if g.len() == v.len() => Some(self.dev.upload(g)?),
+            g => {
+                return Err(Error::Length {
+                    what: "parameter gradient",
+                    got: g.len(),
+                    expected: v.len(),
+                })
+            }
+        };
         let store = CudaParam {
             owner: self.id,
             dev: self.dev.clone(),
             len: v.len(),
             value: self.dev.upload(v)?,
-            grad: Mutex::new(None),
+            grad: Mutex::new(grad),
             grad_zero: AtomicBool::new(false),
             momentum: Mutex::new(None),
         };
@@ -1945,7 +2013,10 @@ impl Backend<f32> for Cuda {
             dg,
             db,
         ];
-        self.bn_bwd_at(x, relu_y, &dy, per_channel, st.batch_stats)
+        let dx = self.bn_bwd_at(x, relu_y, &dy, per_channel, st.batch_stats)?;
+        gw.written();
+        gb.written();
+        Ok(dx)
     }
 
     fn channel_affine(&self, x: GpuTensor, a: &[f32], b: &[f32], relu: bool) -> Result<GpuTensor> {
@@ -2302,8 +2373,10 @@ impl Backend<f32> for Cuda {
             let (Some(c), Some(g)) = (self.bound(t)?, gi.next()) else {
                 return Err(Error::Config("SE parameters are partly bound".into()));
             };
-            let (addr, accumulate) = c.grad_target(&self.dev, c.len)?;
+            check_len("SE gradient", g.len(), c.len)?;
+            let (addr, accumulate) = c.grad_target(&self.dev)?;
             self.add_into(addr, self.dev.addr(g), c.len, accumulate)?;
+            c.written();
         }
         self.give_back(gbufs);
         Ok((dx, dres))

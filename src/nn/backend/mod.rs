@@ -435,6 +435,13 @@ pub trait Backend<E: Real>: Sync {
         Ok(false)
     }
 
+    /// True when device storage with owner `id` ([`crate::nn::DeviceStore::owner`]) belongs
+    /// to this backend (never for host backends).
+    fn owns(&self, id: u64) -> bool {
+        let _ = id;
+        false
+    }
+
     /// [`Backend::conv2d`] with the weight and bias as parameters (bound here, or on the host).
     fn conv2d_p(
         &self,

@@ -170,6 +170,10 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
         self.inner.bind(p)
     }
 
+    fn owns(&self, id: u64) -> bool {
+        self.inner.owns(id)
+    }
+
     fn conv2d_p(
         &self,
         x: &Self::T,
