@@ -862,6 +862,11 @@ fn profiled_backend_is_transparent_and_counts_every_op() {
             "{name}"
         );
         assert!(report.iter().all(|o| o.calls > 0), "{name}");
+        // Nothing ran on a device, so no device op shows up.
+        assert!(
+            report.iter().all(|o| !o.op.contains("device")),
+            "{name}: {report:?}"
+        );
         p.reset();
         assert!(p.report().is_empty());
     }

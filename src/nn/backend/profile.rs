@@ -228,9 +228,16 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
         momentum: f32,
         weight_decay: f32,
     ) -> Result<bool> {
-        self.time::<E, _>("sgd_step (device)", |b| {
-            b.sgd_step(p, momentum_init, lr, momentum, weight_decay)
-        })
+        // Counted only when the backend did the update (a host parameter returns false).
+        let t0 = Instant::now();
+        let done = self
+            .inner
+            .sgd_step(p, momentum_init, lr, momentum, weight_decay)?;
+        if done {
+            self.inner.synchronize()?;
+            self.record("sgd_step (device)".into(), t0.elapsed());
+        }
+        Ok(done)
     }
 
     fn batch_norm_p(
@@ -245,7 +252,15 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
             (false, true) => "batch_norm eval+relu (device)",
             (false, false) => "batch_norm eval (device)",
         };
-        self.time::<E, _>(op, |b| b.batch_norm_p(x, p, run))
+        // Counted only when the backend ran it (host parameters return None: the layer then
+        // runs the host path, whose ops are timed on their own).
+        let t0 = Instant::now();
+        let r = self.inner.batch_norm_p(x, p, run)?;
+        if r.is_some() {
+            self.inner.synchronize()?;
+            self.record(op.into(), t0.elapsed());
+        }
+        Ok(r)
     }
 
     fn batch_norm_backward_p(
