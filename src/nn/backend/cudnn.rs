@@ -235,9 +235,9 @@ struct Plan {
     y: TensorDesc,
     w: FilterDesc,
     conv: ConvDesc,
-    fwd: Option<std::result::Result<(sys::cudnnConvolutionFwdAlgo_t, usize), String>>,
-    data: Option<std::result::Result<(sys::cudnnConvolutionBwdDataAlgo_t, usize), String>>,
-    filter: Option<std::result::Result<(sys::cudnnConvolutionBwdFilterAlgo_t, usize), String>>,
+    fwd: Option<Choice<FwdAlgo>>,
+    data: Option<Choice<DataAlgo>>,
+    filter: Option<Choice<FilterAlgo>>,
 }
 
 impl Plan {
@@ -659,51 +659,33 @@ impl Dnn {
         plan: &mut Plan,
         tf32: bool,
     ) -> Result<(FwdAlgo, usize)> {
-        if plan.fwd.is_none() {
-            let mut perf = [Perf::default(); 16];
-            let mut n: c_int = 0;
-            // SAFETY: live descriptors; `perf` holds the 16 results asked for, in the layout
-            // of cuDNN's result struct (checked at compile time).
-            let asked = unsafe {
+        let (x, w, conv, y) = (plan.x.0, plan.w.0, plan.conv.0, plan.y.0);
+        choose(
+            &mut plan.fwd,
+            &FWD_ALGOS,
+            &FWD_ALGOS,
+            |a| a as u32,
+            tf32,
+            "forward",
+            // SAFETY: live descriptors; `perf` holds the results asked for, in the layout of
+            // cuDNN's result struct (checked at compile time).
+            |perf, n| unsafe {
                 dnn::get_convolution_forward_algorithm(
                     handle,
-                    plan.x.0,
-                    plan.w.0,
-                    plan.conv.0,
-                    plan.y.0,
+                    x,
+                    w,
+                    conv,
+                    y,
                     perf.len() as c_int,
-                    &mut n,
+                    n,
                     perf.as_mut_ptr().cast(),
                 )
-            };
-            let first = asked
-                .ok()
-                .and_then(|_| pick(&perf, n, &FWD_ALGOS.map(|a| a as u32), tf32));
-            let order = first
-                .and_then(|a| FWD_ALGOS.iter().find(|&&c| c as u32 == a).copied())
-                .into_iter()
-                .chain(FWD_ALGOS);
-            let found = order
-                .filter_map(|algo| {
-                    // SAFETY: live descriptors.
-                    unsafe {
-                        dnn::get_convolution_forward_workspace_size(
-                            handle,
-                            plan.x.0,
-                            plan.w.0,
-                            plan.conv.0,
-                            plan.y.0,
-                            algo,
-                        )
-                    }
-                    .ok()
-                    .filter(|&b| b <= MAX_WORKSPACE)
-                    .map(|b| (algo, b))
-                })
-                .next();
-            plan.fwd = Some(found.ok_or_else(|| "no deterministic forward algorithm".to_string()));
-        }
-        unpack(plan.fwd.as_ref())
+            },
+            // SAFETY: live descriptors.
+            |algo| unsafe {
+                dnn::get_convolution_forward_workspace_size(handle, x, w, conv, y, algo)
+            },
+        )
     }
 
     fn data_algo(
@@ -711,52 +693,33 @@ impl Dnn {
         plan: &mut Plan,
         tf32: bool,
     ) -> Result<(DataAlgo, usize)> {
-        if plan.data.is_none() {
-            let mut perf = [Perf::default(); 16];
-            let mut n: c_int = 0;
+        let (x, w, conv, y) = (plan.x.0, plan.w.0, plan.conv.0, plan.y.0);
+        choose(
+            &mut plan.data,
+            &DATA_ALGOS,
+            // Without a heuristic choice only ALGO_1 (deterministic) is tried.
+            &[DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1],
+            |a| a as u32,
+            tf32,
+            "input-gradient",
             // SAFETY: as in fwd_algo.
-            let asked = unsafe {
+            |perf, n| unsafe {
                 dnn::get_convolution_backward_data_algorithm(
                     handle,
-                    plan.w.0,
-                    plan.y.0,
-                    plan.conv.0,
-                    plan.x.0,
+                    w,
+                    y,
+                    conv,
+                    x,
                     perf.len() as c_int,
-                    &mut n,
+                    n,
                     perf.as_mut_ptr().cast(),
                 )
-            };
-            let first = asked
-                .ok()
-                .and_then(|_| pick(&perf, n, &DATA_ALGOS.map(|a| a as u32), tf32));
-            // Without a heuristic choice only ALGO_1 (deterministic) is tried.
-            let order = first
-                .and_then(|a| DATA_ALGOS.iter().find(|&&c| c as u32 == a).copied())
-                .into_iter()
-                .chain([DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1]);
-            let found = order
-                .filter_map(|algo| {
-                    // SAFETY: live descriptors.
-                    unsafe {
-                        dnn::get_convolution_backward_data_workspace_size(
-                            handle,
-                            plan.w.0,
-                            plan.y.0,
-                            plan.conv.0,
-                            plan.x.0,
-                            algo,
-                        )
-                    }
-                    .ok()
-                    .filter(|&b| b <= MAX_WORKSPACE)
-                    .map(|b| (algo, b))
-                })
-                .next();
-            plan.data =
-                Some(found.ok_or_else(|| "no deterministic input-gradient algorithm".to_string()));
-        }
-        unpack(plan.data.as_ref())
+            },
+            // SAFETY: live descriptors.
+            |algo| unsafe {
+                dnn::get_convolution_backward_data_workspace_size(handle, w, y, conv, x, algo)
+            },
+        )
     }
 
     fn filter_algo(
@@ -764,56 +727,76 @@ impl Dnn {
         plan: &mut Plan,
         tf32: bool,
     ) -> Result<(FilterAlgo, usize)> {
-        if plan.filter.is_none() {
-            let mut perf = [Perf::default(); 16];
-            let mut n: c_int = 0;
+        let (x, w, conv, y) = (plan.x.0, plan.w.0, plan.conv.0, plan.y.0);
+        choose(
+            &mut plan.filter,
+            &FILTER_ALGOS,
+            &[FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1],
+            |a| a as u32,
+            tf32,
+            "weight-gradient",
             // SAFETY: as in fwd_algo.
-            let asked = unsafe {
+            |perf, n| unsafe {
                 dnn::get_convolution_backward_filter_algorithm(
                     handle,
-                    plan.x.0,
-                    plan.y.0,
-                    plan.conv.0,
-                    plan.w.0,
+                    x,
+                    y,
+                    conv,
+                    w,
                     perf.len() as c_int,
-                    &mut n,
+                    n,
                     perf.as_mut_ptr().cast(),
                 )
-            };
-            let first = asked
-                .ok()
-                .and_then(|_| pick(&perf, n, &FILTER_ALGOS.map(|a| a as u32), tf32));
-            let order = first
-                .and_then(|a| FILTER_ALGOS.iter().find(|&&c| c as u32 == a).copied())
-                .into_iter()
-                .chain([FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1]);
-            let found = order
-                .filter_map(|algo| {
-                    // SAFETY: live descriptors.
-                    unsafe {
-                        dnn::get_convolution_backward_filter_workspace_size(
-                            handle,
-                            plan.x.0,
-                            plan.y.0,
-                            plan.conv.0,
-                            plan.w.0,
-                            algo,
-                        )
-                    }
-                    .ok()
-                    .filter(|&b| b <= MAX_WORKSPACE)
-                    .map(|b| (algo, b))
-                })
-                .next();
-            plan.filter =
-                Some(found.ok_or_else(|| "no deterministic weight-gradient algorithm".to_string()));
-        }
-        unpack(plan.filter.as_ref())
+            },
+            // SAFETY: live descriptors.
+            |algo| unsafe {
+                dnn::get_convolution_backward_filter_workspace_size(handle, x, y, conv, w, algo)
+            },
+        )
     }
 }
 
+/// A pass's kept algorithm and workspace bytes, or why cuDNN has none.
+type Choice<A> = std::result::Result<(A, usize), String>;
+
+/// Chooses a pass's algorithm once and keeps it in `slot`: the first result of `heuristics`
+/// that [`pick`] accepts among `allowed`, then `fallback` in order; the first whose workspace
+/// query succeeds within the cap wins.
+#[allow(clippy::too_many_arguments)]
+fn choose<A: Copy>(
+    slot: &mut Option<Choice<A>>,
+    allowed: &[A],
+    fallback: &[A],
+    code: fn(A) -> u32,
+    tf32: bool,
+    what: &str,
+    heuristics: impl FnOnce(&mut [Perf; 16], &mut c_int) -> std::result::Result<(), dnn::CudnnError>,
+    workspace: impl Fn(A) -> std::result::Result<usize, dnn::CudnnError>,
+) -> Result<(A, usize)> {
+    if slot.is_none() {
+        let mut perf = [Perf::default(); 16];
+        let mut n: c_int = 0;
+        let codes: Vec<u32> = allowed.iter().map(|&a| code(a)).collect();
+        let first = heuristics(&mut perf, &mut n)
+            .ok()
+            .and_then(|_| pick(&perf, n, &codes, tf32))
+            .and_then(|c| allowed.iter().find(|&&a| code(a) == c).copied());
+        let found = first
+            .into_iter()
+            .chain(fallback.iter().copied())
+            .find_map(|a| {
+                workspace(a)
+                    .ok()
+                    .filter(|&b| b <= MAX_WORKSPACE)
+                    .map(|b| (a, b))
+            });
+        *slot = Some(found.ok_or_else(|| format!("no deterministic {what} algorithm")));
+    }
+    unpack(slot.as_ref())
+}
+
 /// A kept algorithm choice (or the reason there is none) as a result.
-fn unpack<A: Copy>(choice: Option<&std::result::Result<(A, usize), String>>) -> Result<(A, usize)> {
+fn unpack<A: Copy>(choice: Option<&Choice<A>>) -> Result<(A, usize)> {
     match choice {
         Some(Ok(a)) => Ok(*a),
         Some(Err(e)) => Err(Error::Cudnn(e.clone())),
