@@ -92,6 +92,33 @@ impl SeOptions {
     }
 }
 
+/// Splits SE-shaped buffers (`[w1, b1, w2, b2]` or their gradients: `hidden x C`, `hidden`,
+/// `C x hidden`, `C`, the biases exactly when `config` has them) into the two weights and two
+/// optional biases, or an error naming `what` when they do not fit.
+#[allow(clippy::type_complexity)]
+fn se_shaped(
+    config: SeConfig,
+    bufs: [Option<Buf<f32>>; 4],
+    what: &str,
+) -> Result<(Buf<f32>, Option<Buf<f32>>, Buf<f32>, Option<Buf<f32>>)> {
+    config.validate()?;
+    let (c, d) = (config.channels, config.hidden);
+    let bias = |n: usize| config.bias.then_some(n);
+    let fits = |b: &Option<Buf<f32>>, want: Option<usize>| match (b, want) {
+        (Some(b), Some(n)) => b.len() == n.max(1),
+        (None, None) => true,
+        _ => false,
+    };
+    let wants = [Some(d * c), bias(d), Some(c * d), bias(c)];
+    if !bufs.iter().zip(wants).all(|(b, w)| fits(b, w)) {
+        return Err(Error::Shape(format!("{what} do not match the config")));
+    }
+    match bufs {
+        [Some(w1), b1, Some(w2), b2] => Ok((w1, b1, w2, b2)),
+        _ => Err(Error::Shape(format!("{what} do not match the config"))),
+    }
+}
+
 /// SE weights on a device (f32, PyTorch layout).
 pub struct DeviceSeWeights {
     config: SeConfig,
@@ -128,54 +155,26 @@ impl DeviceSeWeights {
         bufs: [Option<Buf<f32>>; 4],
     ) -> Result<Self> {
         w.validate()?;
-        let [w1, b1, w2, b2] = bufs;
-        let put = |b: Option<Buf<f32>>, src: Option<&[f32]>| -> Result<Option<Buf<f32>>> {
-            match (b, src) {
-                (Some(mut b), Some(src)) if b.len() == src.len().max(1) => {
-                    dev.write(&mut b, 0, src)?;
-                    Ok(Some(b))
-                }
-                (None, None) => Ok(None),
-                _ => Err(Error::Shape(
-                    "SE weight buffers do not match the weights".into(),
-                )),
+        let mut d = Self::from_bufs(w.config, bufs)?;
+        dev.write(&mut d.w1, 0, &w.w1)?;
+        dev.write(&mut d.w2, 0, &w.w2)?;
+        for (b, src) in [(&mut d.b1, &w.b1), (&mut d.b2, &w.b2)] {
+            if let (Some(b), Some(src)) = (b, src) {
+                dev.write(b, 0, src)?;
             }
-        };
-        let missing = || Error::Shape("SE weight buffers do not match the weights".into());
-        Ok(DeviceSeWeights {
-            config: w.config,
-            w1: put(w1, Some(&w.w1))?.ok_or_else(missing)?,
-            b1: put(b1, w.b1.as_deref())?,
-            w2: put(w2, Some(&w.w2))?.ok_or_else(missing)?,
-            b2: put(b2, w.b2.as_deref())?,
-        })
+        }
+        Ok(d)
     }
 
     /// Caller buffers that already hold the weights (`[w1, b1, w2, b2]`, the biases exactly
     /// when the config has them, each its tensor's length).
     pub(crate) fn from_bufs(config: SeConfig, bufs: [Option<Buf<f32>>; 4]) -> Result<Self> {
-        config.validate()?;
-        let (c, d) = (config.channels, config.hidden);
-        let [w1, b1, w2, b2] = bufs;
-        let bad = || Error::Shape("SE weight buffers do not match the config".into());
-        let fits = |b: &Option<Buf<f32>>, want: Option<usize>| match (b, want) {
-            (Some(b), Some(n)) => b.len() == n.max(1),
-            (None, None) => true,
-            _ => false,
-        };
-        let bias = |n: usize| config.bias.then_some(n);
-        if !(fits(&w1, Some(d * c))
-            && fits(&b1, bias(d))
-            && fits(&w2, Some(c * d))
-            && fits(&b2, bias(c)))
-        {
-            return Err(bad());
-        }
+        let (w1, b1, w2, b2) = se_shaped(config, bufs, "SE weight buffers")?;
         Ok(DeviceSeWeights {
             config,
-            w1: w1.ok_or_else(bad)?,
+            w1,
             b1,
-            w2: w2.ok_or_else(bad)?,
+            w2,
             b2,
         })
     }
@@ -299,28 +298,12 @@ impl DeviceSeGrads {
     /// Caller buffers as gradient storage for `config` (`[dw1, db1, dw2, db2]`, the biases
     /// exactly when the config has them); contents are overwritten by a backward pass.
     pub(crate) fn from_bufs(config: SeConfig, bufs: [Option<Buf<f32>>; 4]) -> Result<Self> {
-        config.validate()?;
-        let (c, d) = (config.channels, config.hidden);
-        let [dw1, db1, dw2, db2] = bufs;
-        let bad = || Error::Shape("SE gradient buffers do not match the config".into());
-        let fits = |b: &Option<Buf<f32>>, want: Option<usize>| match (b, want) {
-            (Some(b), Some(n)) => b.len() == n.max(1),
-            (None, None) => true,
-            _ => false,
-        };
-        let bias = |n: usize| config.bias.then_some(n);
-        if !(fits(&dw1, Some(d * c))
-            && fits(&db1, bias(d))
-            && fits(&dw2, Some(c * d))
-            && fits(&db2, bias(c)))
-        {
-            return Err(bad());
-        }
+        let (dw1, db1, dw2, db2) = se_shaped(config, bufs, "SE gradient buffers")?;
         Ok(DeviceSeGrads {
             config,
-            dw1: dw1.ok_or_else(bad)?,
+            dw1,
             db1,
-            dw2: dw2.ok_or_else(bad)?,
+            dw2,
             db2,
         })
     }

@@ -96,11 +96,37 @@ impl<B> Profiled<B> {
     where
         B: Backend<E>,
     {
+        self.time_if::<E, R>(op, f, |_| true)
+    }
+
+    /// [`Profiled::time`], counted only when `ran` says the backend did the work (an op that
+    /// declines, for host parameters, leaves the time to the ops the caller runs instead).
+    fn time_if<E: Real, R>(
+        &self,
+        op: impl Into<String>,
+        f: impl FnOnce(&B) -> Result<R>,
+        ran: impl FnOnce(&R) -> bool,
+    ) -> Result<R>
+    where
+        B: Backend<E>,
+    {
         let t0 = Instant::now();
         let r = f(&self.inner)?;
-        self.inner.synchronize()?;
-        self.record(op.into(), t0.elapsed());
+        if ran(&r) {
+            self.inner.synchronize()?;
+            self.record(op.into(), t0.elapsed());
+        }
         Ok(r)
+    }
+}
+
+/// The profile key of an SE pass (`dir` is `forward` or `backward`), with the fused epilogue
+/// told apart.
+fn se_kind(dir: &str, residual: bool) -> String {
+    if residual {
+        format!("se_{dir} (+residual+relu)")
+    } else {
+        format!("se_{dir}")
     }
 }
 
@@ -228,16 +254,11 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
         momentum: f32,
         weight_decay: f32,
     ) -> Result<bool> {
-        // Counted only when the backend did the update (a host parameter returns false).
-        let t0 = Instant::now();
-        let done = self
-            .inner
-            .sgd_step(p, momentum_init, lr, momentum, weight_decay)?;
-        if done {
-            self.inner.synchronize()?;
-            self.record("sgd_step (device)".into(), t0.elapsed());
-        }
-        Ok(done)
+        self.time_if::<E, _>(
+            "sgd_step (device)",
+            |b| b.sgd_step(p, momentum_init, lr, momentum, weight_decay),
+            |done| *done,
+        )
     }
 
     fn batch_norm_p(
@@ -252,15 +273,7 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
             (false, true) => "batch_norm eval+relu (device)",
             (false, false) => "batch_norm eval (device)",
         };
-        // Counted only when the backend ran it (host parameters return None: the layer then
-        // runs the host path, whose ops are timed on their own).
-        let t0 = Instant::now();
-        let r = self.inner.batch_norm_p(x, p, run)?;
-        if r.is_some() {
-            self.inner.synchronize()?;
-            self.record(op.into(), t0.elapsed());
-        }
-        Ok(r)
+        self.time_if::<E, _>(op, |b| b.batch_norm_p(x, p, run), Option::is_some)
     }
 
     fn batch_norm_backward_p(
@@ -401,11 +414,7 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
         x: &Self::T,
         residual: Option<&Self::T>,
     ) -> Result<(Self::T, Self::SeSaved)> {
-        let op = if residual.is_some() {
-            "se_forward (+residual+relu)"
-        } else {
-            "se_forward"
-        };
+        let op = se_kind("forward", residual.is_some());
         self.time::<E, _>(op, |b| b.se_forward(w, x, residual))
     }
 
@@ -416,11 +425,7 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
         x: &Self::T,
         residual: Option<&Self::T>,
     ) -> Result<(Self::T, Self::SeSaved)> {
-        let op = if residual.is_some() {
-            "se_forward (+residual+relu)"
-        } else {
-            "se_forward"
-        };
+        let op = se_kind("forward", residual.is_some());
         self.time::<E, _>(op, |b| b.se_forward_p(config, p, x, residual))
     }
 
@@ -433,11 +438,7 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
         saved: &Self::SeSaved,
         dy: &Self::T,
     ) -> Result<(Self::T, Option<Self::T>)> {
-        let op = if residual.is_some() {
-            "se_backward (+residual+relu)"
-        } else {
-            "se_backward"
-        };
+        let op = se_kind("backward", residual.is_some());
         self.time::<E, _>(op, |b| b.se_backward_p(config, p, x, residual, saved, dy))
     }
 
@@ -449,11 +450,7 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
         saved: &Self::SeSaved,
         dy: &Self::T,
     ) -> Result<SeBackward<Self::T>> {
-        let op = if residual.is_some() {
-            "se_backward (+residual+relu)"
-        } else {
-            "se_backward"
-        };
+        let op = se_kind("backward", residual.is_some());
         self.time::<E, _>(op, |b| b.se_backward(w, x, residual, saved, dy))
     }
 }
