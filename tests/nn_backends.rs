@@ -1,6 +1,7 @@
 //! The fast CPU backend against the f64 reference: every op, then whole small networks,
 //! forward and backward, within DESIGN.md's f32 tolerances (outputs 1e-5, gradients 1e-4,
-//! relative L2, on the same rounded inputs).
+//! relative L2, on the same rounded inputs); on an instance where the reference's own formulas
+//! in f32 already miss those, within 4x of that run (`close_conditioned`).
 
 mod nn_common;
 
@@ -26,6 +27,37 @@ fn vec_f32(n: usize, seed: u64) -> Vec<f32> {
 fn close(label: &str, got: &[f64], want: &[f64], tol: f64) {
     let e = rel_l2_error(got, want);
     assert!(e <= tol, "{label}: relative error {e:.3e} > {tol:.0e}");
+}
+
+/// One parameter's gradients: name, backend, f64 reference, reference in f32.
+type LayerGrads<'a> = (&'a String, &'a Vec<f64>, &'a Vec<f64>, &'a Vec<f64>);
+
+/// How far a backend may exceed the error of the reference's own formulas run in f32 on an
+/// ill-conditioned instance (see [`close_conditioned`]).
+const NAIVE_FACTOR: f64 = 4.0;
+
+/// [`close`], unless plain f32 arithmetic cannot meet `tol` on this instance: `naive` is the
+/// same computation by the reference backend in f32 (the f64 oracle's formulas, rounded at every
+/// step). Random parameters now and then make an instance ill-conditioned for f32 (a ReLU that
+/// lets through a few values just above zero, each the small difference of BatchNorm terms near
+/// 1, which a later BatchNorm scales up by 1/sigma = 3000): then even the oracle's own formulas
+/// in f32 miss `tol`, and no f32 backend can be held to it. There the bound is
+/// `NAIVE_FACTOR` times the naive error (said on stderr); everywhere else (the naive error
+/// below `tol / NAIVE_FACTOR`, in practice 1e-6 or less) it is `tol` itself.
+fn close_conditioned(label: &str, got: &[f64], want: &[f64], naive: &[f64], tol: f64) {
+    let e_naive = rel_l2_error(naive, want);
+    let bound = tol.max(NAIVE_FACTOR * e_naive);
+    if bound > tol {
+        eprintln!(
+            "{label}: ill-conditioned in f32 (the reference in f32 is off by {e_naive:.3e}); \
+             bound {bound:.3e}"
+        );
+    }
+    let e = rel_l2_error(got, want);
+    assert!(
+        e <= bound,
+        "{label}: relative error {e:.3e} > {bound:.0e} (the reference in f32: {e_naive:.3e})"
+    );
 }
 
 fn check_convolution<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
@@ -384,6 +416,9 @@ fn compare_networks<B: Backend<f32>>(
     reference
         .load_state_dict(&net.state_dict().unwrap())
         .unwrap();
+    // The same f32 network on the reference backend: the yardstick of what f32 rounding alone
+    // does to this instance (see `close_conditioned`).
+    let mut naive = net.clone();
     let x32: Tensor<f32> = random_tensor(x, s ^ 5);
     net.reseed_dropout(3);
     reference.reseed_dropout(3);
@@ -418,6 +453,8 @@ fn compare_networks<B: Backend<f32>>(
     }
     let mut dy: Tensor<f32> = random_tensor(h.shape(), s ^ 6);
     let mut skipped: Option<String> = None;
+    // Layers whose naive run flipped a ReLU: their gradients are held to the plain tolerance.
+    let mut naive_exact: Vec<String> = Vec::new();
     for i in (0..n).rev() {
         let name = net.body().layers()[i].0.clone();
         let what = format!("{label} {mode} {name}");
@@ -428,21 +465,48 @@ fn compare_networks<B: Backend<f32>>(
             &inputs[i],
             mode,
         );
+        // A naive run whose own rounding flips a ReLU is no yardstick: compare with `tol` then.
+        let naive_flipped = layer_flips(
+            &Reference,
+            &naive.body().layers()[i].1,
+            &reference.body().layers()[i].1,
+            &inputs[i],
+            mode,
+        );
         let (_, l32) = &mut net.body_mut().layers_mut()[i];
         let (_, l64) = &mut reference.body_mut().layers_mut()[i];
-        if let (Layer::Dropout(a), Layer::Dropout(b)) = (&mut *l32, &mut *l64) {
+        let (_, ln) = &mut naive.body_mut().layers_mut()[i];
+        if let (Layer::Dropout(a), Layer::Dropout(b), Layer::Dropout(c)) =
+            (&mut *l32, &mut *l64, &mut *ln)
+        {
             a.reseed(3);
             b.reseed(3);
+            c.reseed(3);
         }
         // Re-run both forward (the reference's recorded run above saw the same input), then
         // backward from the same gradient.
         let y32 = layer_forward(be, l32, &inputs[i], mode);
         let y64 = l64.forward(&Reference, inputs[i].cast(), mode).unwrap();
-        close(&format!("{what} output"), &f64s(&y32), y64.data(), OUT_TOL);
+        let yn = layer_forward(&Reference, ln, &inputs[i], mode);
+        let yardstick = |t: &Tensor<f32>, want: &Tensor<f64>| {
+            if naive_flipped {
+                want.data().to_vec()
+            } else {
+                f64s(t)
+            }
+        };
+        close_conditioned(
+            &format!("{what} output"),
+            &f64s(&y32),
+            y64.data(),
+            &yardstick(&yn, &y64),
+            OUT_TOL,
+        );
         let dx32 = be
             .download(l32.backward(be, be.upload(dy.clone()).unwrap()).unwrap())
             .unwrap();
         let dx64 = l64.backward(&Reference, dy.cast()).unwrap();
+        let dxn = ln.backward(&Reference, dy.clone()).unwrap();
         dy = dx64.cast();
         if flipped {
             assert!(
@@ -453,7 +517,16 @@ fn compare_networks<B: Backend<f32>>(
             skipped = Some(format!("{name}."));
             continue;
         }
-        close(&format!("{what} dx"), &f64s(&dx32), dx64.data(), GRAD_TOL);
+        close_conditioned(
+            &format!("{what} dx"),
+            &f64s(&dx32),
+            dx64.data(),
+            &yardstick(&dxn, &dx64),
+            GRAD_TOL,
+        );
+        if naive_flipped {
+            naive_exact.push(format!("{name}."));
+        }
     }
 
     // Parameter gradients, per layer: all of a layer's gradients together within GRAD_TOL
@@ -463,30 +536,45 @@ fn compare_networks<B: Backend<f32>>(
     // gradient op on its own, and the f64 gradient checks check the formulas.
     let g = nn_common::grads(&mut net);
     let gr = nn_common::grads(&mut reference);
+    let gn = nn_common::grads(&mut naive);
     assert_eq!(g.len(), gr.len());
+    assert_eq!(g.len(), gn.len());
     for (name, _) in net.body().layers() {
         let prefix = format!("{name}.");
         if skipped.as_deref() == Some(prefix.as_str()) {
             continue;
         }
-        let own: Vec<(&String, &Vec<f64>, &Vec<f64>)> = g
+        let own: Vec<LayerGrads> = g
             .iter()
             .zip(&gr)
-            .filter(|((n, _), _)| n.starts_with(&prefix))
-            .map(|((n, a), (_, b))| (n, a, b))
+            .zip(&gn)
+            .filter(|(((n, _), _), _)| n.starts_with(&prefix))
+            .map(|(((n, a), (_, b)), (_, c))| (n, a, b, c))
             .collect();
         if own.is_empty() {
             continue;
         }
-        let all_a: Vec<f64> = own.iter().flat_map(|(_, a, _)| a.iter().copied()).collect();
-        let all_b: Vec<f64> = own.iter().flat_map(|(_, _, b)| b.iter().copied()).collect();
-        close(
+        let all_a: Vec<f64> = own
+            .iter()
+            .flat_map(|(_, a, ..)| a.iter().copied())
+            .collect();
+        let all_b: Vec<f64> = own
+            .iter()
+            .flat_map(|(_, _, b, _)| b.iter().copied())
+            .collect();
+        let all_n: Vec<f64> = if naive_exact.contains(&prefix) {
+            all_b.clone()
+        } else {
+            own.iter().flat_map(|(.., c)| c.iter().copied()).collect()
+        };
+        close_conditioned(
             &format!("{label} {mode} {name} gradients"),
             &all_a,
             &all_b,
+            &all_n,
             GRAD_TOL,
         );
-        for (n, a, b) in own {
+        for (n, a, b, _) in own {
             assert_eq!(a.len(), b.len(), "{label}: {n} gradient length");
             assert!(a.iter().all(|v| v.is_finite()), "{label}: {n} not finite");
         }
