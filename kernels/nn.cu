@@ -1,4 +1,5 @@
-// The network kernels (f32, NCHW): convolutions as implicit GEMMs (no im2col buffer), linear
+// The network kernels (NCHW; activations in f32, or in bf16 for mixed precision, with parameters,
+// gradients of parameters and every sum in f32 or f64): convolutions as implicit GEMMs (no im2col buffer), linear
 // layers, BatchNorm statistics / affine / backward, ReLU and the residual add, max / average /
 // global pooling forward and backward. Every reduction runs in a fixed order (no float atomics),
 // so results are the same bits every run.
@@ -64,7 +65,8 @@ __device__ __forceinline__ void tile_gemm(const LA& a, const LB& b, uint32_t M, 
 }
 
 // The input value under kernel tap (ci, kh, kw) of output pixel (oh, ow), or 0 in the padding.
-__device__ __forceinline__ float conv_tap(const NnConvParams& p, const float* __restrict__ x, uint32_t sample,
+template <class T>
+__device__ __forceinline__ float conv_tap(const NnConvParams& p, const T* __restrict__ x, uint32_t sample,
                                           uint32_t group, uint32_t kidx, uint32_t pix) {
     const uint32_t kk2 = p.k * p.k;
     const uint32_t ci = kidx / kk2, r = kidx % kk2;
@@ -74,7 +76,7 @@ __device__ __forceinline__ float conv_tap(const NnConvParams& p, const float* __
     const int iw = static_cast<int>(ow * p.stride + kw) - static_cast<int>(p.pad);
     if (ih < 0 || iw < 0 || ih >= static_cast<int>(p.h) || iw >= static_cast<int>(p.w)) return 0.0f;
     const uint64_t c = static_cast<uint64_t>(group) * p.icg + ci;
-    return x[((static_cast<uint64_t>(sample) * p.c + c) * p.h + ih) * p.w + iw];
+    return to_f32(x[((static_cast<uint64_t>(sample) * p.c + c) * p.h + ih) * p.w + iw]);
 }
 
 struct ConvFwdA {  // W(m, k) of group g
@@ -86,9 +88,10 @@ struct ConvFwdA {  // W(m, k) of group g
     }
 };
 
+template <class T>
 struct ConvFwdB {  // im2col(x)(k, pixel) of one sample
     const NnConvParams& p;
-    const float* x;
+    const T* x;
     uint32_t s, g;
     __device__ float operator()(uint32_t k, uint32_t pix) const { return conv_tap(p, x, s, g, k, pix); }
 };
@@ -104,9 +107,10 @@ struct ConvDataA {  // W(ci, (oc, kh, kw)) of group g
     }
 };
 
+template <class T>
 struct ConvDataB {  // dy((oc, kh, kw), input pixel): the output pixel whose tap (kh, kw) reads it
     const NnConvParams& p;
-    const float* dy;
+    const T* dy;
     uint32_t s, g;
     __device__ float operator()(uint32_t k, uint32_t pix) const {
         const uint32_t kk2 = p.k * p.k;
@@ -120,24 +124,26 @@ struct ConvDataB {  // dy((oc, kh, kw), input pixel): the output pixel whose tap
         const uint32_t oh = uh / p.stride, ow = uw / p.stride;
         if (oh >= p.oh || ow >= p.ow) return 0.0f;
         const uint64_t c = static_cast<uint64_t>(g) * p.ocg + oc;
-        return dy[((static_cast<uint64_t>(s) * p.oc + c) * p.oh + oh) * p.ow + ow];
+        return to_f32(dy[((static_cast<uint64_t>(s) * p.oc + c) * p.oh + oh) * p.ow + ow]);
     }
 };
 
+template <class T>
 struct ConvWgtA {  // dy(oc, (sample, pixel)) of group g
     const NnConvParams& p;
-    const float* dy;
+    const T* dy;
     uint32_t g;
     __device__ float operator()(uint32_t oc, uint32_t q) const {
         const uint32_t P = p.oh * p.ow;
         const uint64_t s = q / P, pix = q % P;
-        return dy[(s * p.oc + static_cast<uint64_t>(g) * p.ocg + oc) * P + pix];
+        return to_f32(dy[(s * p.oc + static_cast<uint64_t>(g) * p.ocg + oc) * P + pix]);
     }
 };
 
+template <class T>
 struct ConvWgtB {  // im2col(x)((sample, pixel), k) of group g
     const NnConvParams& p;
-    const float* x;
+    const T* x;
     uint32_t g;
     __device__ float operator()(uint32_t q, uint32_t k) const {
         const uint32_t P = p.oh * p.ow;
@@ -145,10 +151,11 @@ struct ConvWgtB {  // im2col(x)((sample, pixel), k) of group g
     }
 };
 
+template <class T>
 struct Strided {  // M(r, c) = ptr[r * sr + c * sc]
-    const float* ptr;
+    const T* ptr;
     int64_t sr, sc;
-    __device__ float operator()(uint32_t r, uint32_t c) const { return ptr[r * sr + c * sc]; }
+    __device__ float operator()(uint32_t r, uint32_t c) const { return to_f32(ptr[r * sr + c * sc]); }
 };
 
 // Block sum of a double over 256 threads, in a fixed tree order; every thread gets the total.
@@ -177,23 +184,19 @@ __device__ __forceinline__ void pool_window(uint32_t o, uint32_t size, uint32_t 
     hi = static_cast<uint32_t>(max(h, l));
 }
 
-}  // namespace nnk
-}  // namespace senet
-
-using namespace senet;
-using namespace senet::nnk;
-
 // ------------------------------------------------------------------------------ convolution
+// Each kernel body is a template over the activation type T (float or __nv_bfloat16); the
+// extern "C" entry points at the end of the file instantiate it as NAME_f32 and NAME_bf16.
 
 // y = conv(x, w) (+ bias). Grid: (output-pixel tiles, out-channel tiles, samples * groups).
-extern "C" __global__ void __launch_bounds__(256)
-    nn_conv_fwd_f32(NnConvParams p, const float* __restrict__ x, const float* __restrict__ w,
-                    const float* __restrict__ bias, float* __restrict__ y) {
+template <class T>
+__device__ __forceinline__ void conv_fwd(const NnConvParams& p, const T* __restrict__ x, const float* __restrict__ w,
+                                         const float* __restrict__ bias, T* __restrict__ y) {
     const uint32_t s = blockIdx.z / p.groups, g = blockIdx.z % p.groups;
     const uint32_t P = p.oh * p.ow;
     const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
     float acc[4][4];
-    tile_gemm(ConvFwdA{p, w, g}, ConvFwdB{p, x, s, g}, p.ocg, P, 0, p.kdepth, m0, n0, acc);
+    tile_gemm(ConvFwdA{p, w, g}, ConvFwdB<T>{p, x, s, g}, p.ocg, P, 0, p.kdepth, m0, n0, acc);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -204,22 +207,21 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const uint32_t n = n0 + tx * 4 + j;
-            if (n < P) y[(static_cast<uint64_t>(s) * p.oc + c) * P + n] = acc[i][j] + b;
+            if (n < P) y[(static_cast<uint64_t>(s) * p.oc + c) * P + n] = from_f32<T>(acc[i][j] + b);
         }
     }
 }
-SENET_EMU_REGISTER(nn_conv_fwd_f32)
 
 // dx = conv_transpose(dy, w). Grid: (input-pixel tiles, in-channel tiles, samples * groups).
-extern "C" __global__ void __launch_bounds__(256)
-    nn_conv_bwd_data_f32(NnConvParams p, const float* __restrict__ dy, const float* __restrict__ w,
-                         float* __restrict__ dx) {
+template <class T>
+__device__ __forceinline__ void conv_bwd_data(const NnConvParams& p, const T* __restrict__ dy,
+                                              const float* __restrict__ w, T* __restrict__ dx) {
     const uint32_t s = blockIdx.z / p.groups, g = blockIdx.z % p.groups;
     const uint32_t HW = p.h * p.w;
     const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
     const uint32_t K = p.ocg * p.k * p.k;
     float acc[4][4];
-    tile_gemm(ConvDataA{p, w, g}, ConvDataB{p, dy, s, g}, p.icg, HW, 0, K, m0, n0, acc);
+    tile_gemm(ConvDataA{p, w, g}, ConvDataB<T>{p, dy, s, g}, p.icg, HW, 0, K, m0, n0, acc);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -229,27 +231,27 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const uint32_t n = n0 + tx * 4 + j;
-            if (n < HW) dx[(static_cast<uint64_t>(s) * p.c + c) * HW + n] = acc[i][j];
+            if (n < HW) dx[(static_cast<uint64_t>(s) * p.c + c) * HW + n] = from_f32<T>(acc[i][j]);
         }
     }
 }
-SENET_EMU_REGISTER(nn_conv_bwd_data_f32)
 
-// dw (+)= sum over samples and output pixels of dy * im2col(x). Grid: (tap tiles, out-channel
-// tiles, groups * splits). The GEMM depth (samples x output pixels) is long and the output small,
-// so it is split `splits` ways (k_per_split each, a multiple of the K tile): with one split the
-// block writes dw; otherwise split z writes its partial sums to partial[z] (out_ch * kdepth
-// floats each) and nn_sum_splits_f32 adds them in split order.
-extern "C" __global__ void __launch_bounds__(256)
-    nn_conv_bwd_weight_f32(NnConvParams p, const float* __restrict__ x, const float* __restrict__ dy,
-                           float* __restrict__ dw, float* __restrict__ partial, uint32_t splits,
-                           uint32_t k_per_split) {
+// dw (+)= sum over samples and output pixels of dy * im2col(x) (dw in f32). Grid: (tap tiles,
+// out-channel tiles, groups * splits). The GEMM depth (samples x output pixels) is long and the
+// output small, so it is split `splits` ways (k_per_split each, a multiple of the K tile): with
+// one split the block writes dw; otherwise split z writes its partial sums to partial[z]
+// (out_ch * kdepth floats each) and nn_sum_splits_f32 adds them in split order.
+template <class T>
+__device__ __forceinline__ void conv_bwd_weight(const NnConvParams& p, const T* __restrict__ x,
+                                                const T* __restrict__ dy, float* __restrict__ dw,
+                                                float* __restrict__ partial, uint32_t splits,
+                                                uint32_t k_per_split) {
     const uint32_t g = blockIdx.z % p.groups, split = blockIdx.z / p.groups;
     const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
     const uint32_t K = p.n * p.oh * p.ow;
     const uint32_t kb = split * k_per_split, ke = min(K, kb + k_per_split);
     float acc[4][4];
-    tile_gemm(ConvWgtA{p, dy, g}, ConvWgtB{p, x, g}, p.ocg, p.kdepth, kb, ke, m0, n0, acc);
+    tile_gemm(ConvWgtA<T>{p, dy, g}, ConvWgtB<T>{p, x, g}, p.ocg, p.kdepth, kb, ke, m0, n0, acc);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const uint64_t plane = static_cast<uint64_t>(p.oc) * p.kdepth;
 #pragma unroll
@@ -269,32 +271,19 @@ extern "C" __global__ void __launch_bounds__(256)
         }
     }
 }
-SENET_EMU_REGISTER(nn_conv_bwd_weight_f32)
-
-// out[i] (+)= sum over z in order of partial[z * len + i].
-extern "C" __global__ void __launch_bounds__(256)
-    nn_sum_splits_f32(const float* __restrict__ partial, float* __restrict__ out, uint64_t len, uint32_t splits,
-                      uint32_t accumulate) {
-    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < len;
-         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
-        float t = 0.0f;
-        for (uint32_t z = 0; z < splits; ++z) t += partial[z * len + i];
-        out[i] = accumulate ? out[i] + t : t;
-    }
-}
-SENET_EMU_REGISTER(nn_sum_splits_f32)
 
 // ------------------------------------------------------------------------------ matrices
 
-// C(m, n) = [C(m, n) +] sum_k A(m, k) B(k, n) [+ bias[n]], C dense row-major M x N.
+// C(m, n) = [C(m, n) +] sum_k A(m, k) B(k, n) [+ bias[n]], C dense row-major M x N; sums in f32.
 // Grid: (N tiles, M tiles).
-extern "C" __global__ void __launch_bounds__(256)
-    nn_gemm_f32(const float* __restrict__ A, int64_t sa_m, int64_t sa_k, const float* __restrict__ B,
-                int64_t sb_k, int64_t sb_n, float* __restrict__ C, const float* __restrict__ bias, uint32_t M,
-                uint32_t N, uint32_t K, uint32_t accumulate) {
+template <class TA, class TB, class TC>
+__device__ __forceinline__ void gemm(const TA* __restrict__ A, int64_t sa_m, int64_t sa_k, const TB* __restrict__ B,
+                                     int64_t sb_k, int64_t sb_n, TC* __restrict__ C,
+                                     const float* __restrict__ bias, uint32_t M, uint32_t N, uint32_t K,
+                                     uint32_t accumulate) {
     const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
     float acc[4][4];
-    tile_gemm(Strided{A, sa_m, sa_k}, Strided{B, sb_k, sb_n}, M, N, 0, K, m0, n0, acc);
+    tile_gemm(Strided<TA>{A, sa_m, sa_k}, Strided<TB>{B, sb_k, sb_n}, M, N, 0, K, m0, n0, acc);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -304,48 +293,47 @@ extern "C" __global__ void __launch_bounds__(256)
         for (int j = 0; j < 4; ++j) {
             const uint32_t n = n0 + tx * 4 + j;
             if (n >= N) continue;
-            float v = acc[i][j] + (bias != nullptr ? bias[n] : 0.0f);
-            float* out = C + static_cast<uint64_t>(m) * N + n;
-            *out = accumulate ? *out + v : v;
+            const float v = acc[i][j] + (bias != nullptr ? bias[n] : 0.0f);
+            TC* out = C + static_cast<uint64_t>(m) * N + n;
+            *out = from_f32<TC>(accumulate ? to_f32(*out) + v : v);
         }
     }
 }
-SENET_EMU_REGISTER(nn_gemm_f32)
 
-// out[c] (+)= sum over (sample, position) of a[n][c][p] (a bias gradient). One block per channel.
-extern "C" __global__ void __launch_bounds__(256)
-    nn_channel_sum_f32(const float* __restrict__ a, float* __restrict__ out, uint32_t n, uint32_t c, uint64_t hw,
-                       uint32_t accumulate) {
+// out[c] (+)= sum over (sample, position) of a[n][c][p] (a bias gradient, f32). One block per
+// channel.
+template <class T>
+__device__ __forceinline__ void channel_sum(const T* __restrict__ a, float* __restrict__ out, uint32_t n, uint32_t c,
+                                            uint64_t hw, uint32_t accumulate) {
     const uint32_t ch = blockIdx.x;
     double t = 0.0;
     for (uint32_t s = 0; s < n; ++s) {
-        const float* plane = a + (static_cast<uint64_t>(s) * c + ch) * hw;
-        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += plane[i];
+        const T* plane = a + (static_cast<uint64_t>(s) * c + ch) * hw;
+        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(plane[i]);
     }
     t = block_sum(t);
     if (threadIdx.x == 0) out[ch] = accumulate ? out[ch] + static_cast<float>(t) : static_cast<float>(t);
 }
-SENET_EMU_REGISTER(nn_channel_sum_f32)
 
 // ------------------------------------------------------------------------------ BatchNorm
 
 // Per-channel mean and biased variance (two passes, f64 sums). One block per channel.
-extern "C" __global__ void __launch_bounds__(256)
-    nn_bn_stats_f32(const float* __restrict__ x, double* __restrict__ mean, double* __restrict__ var, uint32_t n,
-                    uint32_t c, uint64_t hw) {
+template <class T>
+__device__ __forceinline__ void bn_stats(const T* __restrict__ x, double* __restrict__ mean, double* __restrict__ var,
+                                         uint32_t n, uint32_t c, uint64_t hw) {
     const uint32_t ch = blockIdx.x;
     const double m = static_cast<double>(n) * static_cast<double>(hw);
     double t = 0.0;
     for (uint32_t s = 0; s < n; ++s) {
-        const float* plane = x + (static_cast<uint64_t>(s) * c + ch) * hw;
-        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += plane[i];
+        const T* plane = x + (static_cast<uint64_t>(s) * c + ch) * hw;
+        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(plane[i]);
     }
     const double mu = block_sum(t) / m;
     double q = 0.0;
     for (uint32_t s = 0; s < n; ++s) {
-        const float* plane = x + (static_cast<uint64_t>(s) * c + ch) * hw;
+        const T* plane = x + (static_cast<uint64_t>(s) * c + ch) * hw;
         for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-            const double d = plane[i] - mu;
+            const double d = to_f32(plane[i]) - mu;
             q += d * d;
         }
     }
@@ -355,40 +343,39 @@ extern "C" __global__ void __launch_bounds__(256)
         var[ch] = q / m;
     }
 }
-SENET_EMU_REGISTER(nn_bn_stats_f32)
 
 // y = a[c] x + b[c], then ReLU when `relu` (NaN passes, as in PyTorch).
-extern "C" __global__ void __launch_bounds__(256)
-    nn_affine_f32(const float* __restrict__ x, float* __restrict__ y, const float* __restrict__ a,
-                  const float* __restrict__ b, uint64_t total, uint32_t c, uint64_t hw, uint32_t relu) {
+template <class T>
+__device__ __forceinline__ void affine(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ a,
+                                       const float* __restrict__ b, uint64_t total, uint32_t c, uint64_t hw,
+                                       uint32_t relu) {
     for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
          i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
         const uint32_t ch = static_cast<uint32_t>((i / hw) % c);
-        const float r = fmaf(a[ch], x[i], b[ch]);
-        y[i] = (relu && r < 0.0f) ? 0.0f : r;
+        const float r = fmaf(a[ch], to_f32(x[i]), b[ch]);
+        y[i] = from_f32<T>((relu && r < 0.0f) ? 0.0f : r);
     }
 }
-SENET_EMU_REGISTER(nn_affine_f32)
 
 // BatchNorm backward, one block per channel: dgamma += sum dy xhat, dbeta += sum dy, and
 // dx = gamma invstd (dy - mean(dy) - xhat mean(dy xhat)) with batch statistics, or
 // gamma invstd dy with running ones. With `relu_y` (the output of a ReLU fused after the
 // BatchNorm), dy is first masked to where relu_y > 0.
-extern "C" __global__ void __launch_bounds__(256)
-    nn_bn_bwd_f32(const float* __restrict__ x, const float* __restrict__ dy, const float* __restrict__ relu_y,
-                  const double* __restrict__ mean,
-                  const double* __restrict__ invstd, const float* __restrict__ gamma, float* __restrict__ dgamma,
-                  float* __restrict__ dbeta, float* __restrict__ dx, uint32_t n, uint32_t c, uint64_t hw,
-                  uint32_t batch_stats) {
+template <class T>
+__device__ __forceinline__ void bn_bwd(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ relu_y,
+                                       const double* __restrict__ mean, const double* __restrict__ invstd,
+                                       const float* __restrict__ gamma, float* __restrict__ dgamma,
+                                       float* __restrict__ dbeta, T* __restrict__ dx, uint32_t n, uint32_t c,
+                                       uint64_t hw, uint32_t batch_stats) {
     const uint32_t ch = blockIdx.x;
     const double mu = mean[ch], is = invstd[ch];
     double sd = 0.0, sdx = 0.0;
     for (uint32_t s = 0; s < n; ++s) {
         const uint64_t base = (static_cast<uint64_t>(s) * c + ch) * hw;
         for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-            const double d = (relu_y == nullptr || relu_y[base + i] > 0.0f) ? dy[base + i] : 0.0f;
+            const double d = (relu_y == nullptr || to_f32(relu_y[base + i]) > 0.0f) ? to_f32(dy[base + i]) : 0.0f;
             sd += d;
-            sdx += d * ((x[base + i] - mu) * is);
+            sdx += d * ((to_f32(x[base + i]) - mu) * is);
         }
     }
     sd = block_sum(sd);
@@ -404,13 +391,13 @@ extern "C" __global__ void __launch_bounds__(256)
     for (uint32_t s = 0; s < n; ++s) {
         const uint64_t base = (static_cast<uint64_t>(s) * c + ch) * hw;
         for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-            const double d = (relu_y == nullptr || relu_y[base + i] > 0.0f) ? dy[base + i] : 0.0f;
-            const double v = batch_stats ? gi * (d - md - (x[base + i] - mu) * is * mdx) : gi * d;
-            dx[base + i] = static_cast<float>(v);
+            const double d = (relu_y == nullptr || to_f32(relu_y[base + i]) > 0.0f) ? to_f32(dy[base + i]) : 0.0f;
+            const double v =
+                batch_stats ? gi * (d - md - (to_f32(x[base + i]) - mu) * is * mdx) : gi * d;
+            dx[base + i] = from_f32<T>(static_cast<float>(v));
         }
     }
 }
-SENET_EMU_REGISTER(nn_bn_bwd_f32)
 
 // ------------------------------------------------------------------------------ pointwise
 
@@ -420,32 +407,36 @@ SENET_EMU_REGISTER(nn_bn_bwd_f32)
 #define NN_EW_ADD_RELU 3u  /* y = max(a + b, 0) (NaN passes) */
 #define NN_EW_MUL 4u       /* y = a * b (dropout masks) */
 
-extern "C" __global__ void __launch_bounds__(256)
-    nn_pointwise_f32(uint32_t op, const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y,
-                     uint64_t total) {
+template <class T>
+__device__ __forceinline__ void pointwise(uint32_t op, const T* __restrict__ a, const T* __restrict__ b,
+                                          T* __restrict__ y, uint64_t total) {
     for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
          i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
-        const float v = a[i];
+        const float v = to_f32(a[i]);
         float r;
         switch (op) {
             case NN_EW_RELU: r = v < 0.0f ? 0.0f : v; break;
-            case NN_EW_RELU_BWD: r = b[i] > 0.0f ? v : 0.0f; break;
-            case NN_EW_ADD: r = v + b[i]; break;
-            case NN_EW_MUL: r = v * b[i]; break;
-            default: r = (v + b[i] < 0.0f) ? 0.0f : v + b[i]; break;
+            case NN_EW_RELU_BWD: r = to_f32(b[i]) > 0.0f ? v : 0.0f; break;
+            case NN_EW_ADD: r = v + to_f32(b[i]); break;
+            case NN_EW_MUL: r = v * to_f32(b[i]); break;
+            default: {
+                const float t = v + to_f32(b[i]);
+                r = t < 0.0f ? 0.0f : t;
+                break;
+            }
         }
-        y[i] = r;
+        y[i] = from_f32<T>(r);
     }
 }
-SENET_EMU_REGISTER(nn_pointwise_f32)
 
 // ------------------------------------------------------------------------------ pooling
 
 // Max pooling, one thread per output: the first maximum wins, a NaN replaces any value (as the
 // reference does). `arg` gets the flat input index.
-extern "C" __global__ void __launch_bounds__(256)
-    nn_maxpool_fwd_f32(const float* __restrict__ x, float* __restrict__ y, uint32_t* __restrict__ arg, uint32_t nc,
-                       uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad) {
+template <class T>
+__device__ __forceinline__ void maxpool_fwd(const T* __restrict__ x, T* __restrict__ y, uint32_t* __restrict__ arg,
+                                            uint32_t nc, uint32_t h, uint32_t w, uint32_t oh, uint32_t ow,
+                                            uint32_t k, uint32_t s, uint32_t pad) {
     const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= oh * ow) return;
     for (uint32_t plane = blockIdx.y; plane < nc; plane += gridDim.y) {
@@ -459,31 +450,32 @@ extern "C" __global__ void __launch_bounds__(256)
         for (uint32_t ih = h0; ih < h1; ++ih)
             for (uint32_t iw = w0; iw < w1; ++iw) {
                 const uint64_t i = (static_cast<uint64_t>(plane) * h + ih) * w + iw;
-                const float v = x[i];
+                const float v = to_f32(x[i]);
                 if (!any || v > best || v != v) {  // v != v: NaN
                     any = true;
                     best = v;
                     bi = i;
                 }
             }
-        y[o] = best;
+        y[o] = from_f32<T>(best);
         arg[o] = static_cast<uint32_t>(bi);
     }
 }
-SENET_EMU_REGISTER(nn_maxpool_fwd_f32)
 
 // Max pooling backward, one thread per (sample, channel) plane, visiting its outputs in order
-// (the host checked every index lies in its output's plane), so sums are deterministic.
-extern "C" __global__ void __launch_bounds__(256)
-    nn_maxpool_bwd_f32(const float* __restrict__ dy, const uint32_t* __restrict__ arg, float* __restrict__ dx,
-                       uint64_t nc, uint64_t in_plane, uint64_t out_plane) {
+// (the host checked every index lies in its output's plane), so sums are deterministic. Sums
+// of overlapping windows are rounded to T after each term.
+template <class T>
+__device__ __forceinline__ void maxpool_bwd(const T* __restrict__ dy, const uint32_t* __restrict__ arg,
+                                            T* __restrict__ dx, uint64_t nc, uint64_t in_plane,
+                                            uint64_t out_plane) {
     const uint64_t pl = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (pl >= nc) return;
-    float* d = dx + pl * in_plane;
-    for (uint64_t i = 0; i < in_plane; ++i) d[i] = 0.0f;
-    for (uint64_t o = pl * out_plane; o < (pl + 1) * out_plane; ++o) dx[arg[o]] += dy[o];
+    T* d = dx + pl * in_plane;
+    for (uint64_t i = 0; i < in_plane; ++i) d[i] = from_f32<T>(0.0f);
+    for (uint64_t o = pl * out_plane; o < (pl + 1) * out_plane; ++o)
+        dx[arg[o]] = from_f32<T>(to_f32(dx[arg[o]]) + to_f32(dy[o]));
 }
-SENET_EMU_REGISTER(nn_maxpool_bwd_f32)
 
 __device__ __forceinline__ float avg_divisor(uint32_t include_pad, uint32_t h0, uint32_t h1, uint32_t w0,
                                              uint32_t w1, uint32_t eh, uint32_t ew) {
@@ -493,9 +485,10 @@ __device__ __forceinline__ float avg_divisor(uint32_t include_pad, uint32_t h0, 
 }
 
 // Average pooling, one thread per output.
-extern "C" __global__ void __launch_bounds__(256)
-    nn_avgpool_fwd_f32(const float* __restrict__ x, float* __restrict__ y, uint32_t nc, uint32_t h, uint32_t w,
-                       uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad, uint32_t include_pad) {
+template <class T>
+__device__ __forceinline__ void avgpool_fwd(const T* __restrict__ x, T* __restrict__ y, uint32_t nc, uint32_t h,
+                                            uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s,
+                                            uint32_t pad, uint32_t include_pad) {
     const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= oh * ow) return;
     for (uint32_t pl = blockIdx.y; pl < nc; pl += gridDim.y) {
@@ -506,16 +499,17 @@ extern "C" __global__ void __launch_bounds__(256)
         pool_window(r % ow, w, k, s, pad, w0, w1, ew);
         float t = 0.0f;
         for (uint32_t ih = h0; ih < h1; ++ih)
-            for (uint32_t iw = w0; iw < w1; ++iw) t += x[(plane * h + ih) * w + iw];
-        y[o] = t / avg_divisor(include_pad, h0, h1, w0, w1, eh, ew);
+            for (uint32_t iw = w0; iw < w1; ++iw) t += to_f32(x[(plane * h + ih) * w + iw]);
+        y[o] = from_f32<T>(t / avg_divisor(include_pad, h0, h1, w0, w1, eh, ew));
     }
 }
-SENET_EMU_REGISTER(nn_avgpool_fwd_f32)
 
-// Average pooling backward, step 1: each output's gradient divided by its window's divisor.
-extern "C" __global__ void __launch_bounds__(256)
-    nn_avgpool_div_f32(const float* __restrict__ dy, float* __restrict__ q, uint32_t nc, uint32_t h, uint32_t w,
-                       uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad, uint32_t include_pad) {
+// Average pooling backward, step 1: each output's gradient divided by its window's divisor
+// (into an f32 buffer).
+template <class T>
+__device__ __forceinline__ void avgpool_div(const T* __restrict__ dy, float* __restrict__ q, uint32_t nc, uint32_t h,
+                                            uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s,
+                                            uint32_t pad, uint32_t include_pad) {
     const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= oh * ow) return;
     uint32_t h0, h1, w0, w1, eh, ew;
@@ -524,16 +518,16 @@ extern "C" __global__ void __launch_bounds__(256)
     const float div = avg_divisor(include_pad, h0, h1, w0, w1, eh, ew);
     for (uint32_t pl = blockIdx.y; pl < nc; pl += gridDim.y) {
         const uint64_t o = static_cast<uint64_t>(pl) * oh * ow + r;
-        q[o] = dy[o] / div;
+        q[o] = to_f32(dy[o]) / div;
     }
 }
-SENET_EMU_REGISTER(nn_avgpool_div_f32)
 
 // Average pooling backward, step 2: one thread per input element gathers the divided gradients
 // of every output window that covers it (no atomics).
-extern "C" __global__ void __launch_bounds__(256)
-    nn_avgpool_bwd_f32(const float* __restrict__ q, float* __restrict__ dx, uint32_t nc, uint32_t h, uint32_t w,
-                       uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad) {
+template <class T>
+__device__ __forceinline__ void avgpool_bwd(const float* __restrict__ q, T* __restrict__ dx, uint32_t nc, uint32_t h,
+                                            uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s,
+                                            uint32_t pad) {
     const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= h * w) return;
     for (uint32_t pl = blockIdx.y; pl < nc; pl += gridDim.y) {
@@ -559,30 +553,181 @@ extern "C" __global__ void __launch_bounds__(256)
                 t += q[(plane * oh + a) * ow + b];
             }
         }
-        dx[i] = t;
+        dx[i] = from_f32<T>(t);
     }
 }
-SENET_EMU_REGISTER(nn_avgpool_bwd_f32)
 
 // Global average pooling: one block per (sample, channel) plane, f64 sum.
-extern "C" __global__ void __launch_bounds__(256)
-    nn_gap_fwd_f32(const float* __restrict__ x, float* __restrict__ y, uint64_t hw) {
+template <class T>
+__device__ __forceinline__ void gap_fwd(const T* __restrict__ x, T* __restrict__ y, uint64_t hw) {
     const uint64_t pl = blockIdx.x;
     double t = 0.0;
-    for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += x[pl * hw + i];
+    for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(x[pl * hw + i]);
     t = block_sum(t);
-    if (threadIdx.x == 0) y[pl] = static_cast<float>(t / static_cast<double>(hw));
+    if (threadIdx.x == 0) y[pl] = from_f32<T>(static_cast<float>(t / static_cast<double>(hw)));
 }
-SENET_EMU_REGISTER(nn_gap_fwd_f32)
 
 // Global average pooling backward: dx = dy[plane] / hw.
-extern "C" __global__ void __launch_bounds__(256)
-    nn_gap_bwd_f32(const float* __restrict__ dy, float* __restrict__ dx, uint64_t total, uint64_t hw) {
+template <class T>
+__device__ __forceinline__ void gap_bwd(const T* __restrict__ dy, T* __restrict__ dx, uint64_t total, uint64_t hw) {
     for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
          i += static_cast<uint64_t>(gridDim.x) * blockDim.x)
-        dx[i] = dy[i / hw] / static_cast<float>(hw);
+        dx[i] = from_f32<T>(to_f32(dy[i / hw]) / static_cast<float>(hw));
 }
-SENET_EMU_REGISTER(nn_gap_bwd_f32)
+
+// dst[i] = src[i] converted (f32 <-> bf16, or a copy): host tensors and f32 weights to and from
+// activations.
+template <class S, class D>
+__device__ __forceinline__ void convert(const S* __restrict__ src, D* __restrict__ dst, uint64_t n) {
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x)
+        dst[i] = from_f32<D>(to_f32(src[i]));
+}
+
+}  // namespace nnk
+}  // namespace senet
+
+using namespace senet;
+using namespace senet::nnk;
+
+// ------------------------------------------------------------------------------ entry points
+
+// One extern "C" kernel per activation type: nn_..._f32 and nn_..._bf16.
+#define SENET_NN_KERNELS(NAME, T)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_conv_fwd_##NAME(NnConvParams p, const T* __restrict__ x, const float* __restrict__ w,                   \
+                           const float* __restrict__ bias, T* __restrict__ y) {                                    \
+        conv_fwd<T>(p, x, w, bias, y);                                                                             \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_conv_fwd_##NAME)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_conv_bwd_data_##NAME(NnConvParams p, const T* __restrict__ dy, const float* __restrict__ w,             \
+                                T* __restrict__ dx) {                                                              \
+        conv_bwd_data<T>(p, dy, w, dx);                                                                            \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_conv_bwd_data_##NAME)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_conv_bwd_weight_##NAME(NnConvParams p, const T* __restrict__ x, const T* __restrict__ dy,               \
+                                  float* __restrict__ dw, float* __restrict__ partial, uint32_t splits,            \
+                                  uint32_t k_per_split) {                                                          \
+        conv_bwd_weight<T>(p, x, dy, dw, partial, splits, k_per_split);                                            \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_conv_bwd_weight_##NAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_channel_sum_##NAME(const T* __restrict__ a, float* __restrict__ out, uint32_t n, uint32_t c,            \
+                              uint64_t hw, uint32_t accumulate) {                                                  \
+        channel_sum<T>(a, out, n, c, hw, accumulate);                                                              \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_channel_sum_##NAME)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_bn_stats_##NAME(const T* __restrict__ x, double* __restrict__ mean, double* __restrict__ var,           \
+                           uint32_t n, uint32_t c, uint64_t hw) {                                                  \
+        bn_stats<T>(x, mean, var, n, c, hw);                                                                       \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_bn_stats_##NAME)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_affine_##NAME(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ a,                  \
+                         const float* __restrict__ b, uint64_t total, uint32_t c, uint64_t hw, uint32_t relu) {    \
+        affine<T>(x, y, a, b, total, c, hw, relu);                                                                 \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_affine_##NAME)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_bn_bwd_##NAME(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ relu_y,          \
+                         const double* __restrict__ mean, const double* __restrict__ invstd,                       \
+                         const float* __restrict__ gamma, float* __restrict__ dgamma, float* __restrict__ dbeta,   \
+                         T* __restrict__ dx, uint32_t n, uint32_t c, uint64_t hw, uint32_t batch_stats) {          \
+        bn_bwd<T>(x, dy, relu_y, mean, invstd, gamma, dgamma, dbeta, dx, n, c, hw, batch_stats);                   \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_bn_bwd_##NAME)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_pointwise_##NAME(uint32_t op, const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,      \
+                            uint64_t total) {                                                                      \
+        pointwise<T>(op, a, b, y, total);                                                                          \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_pointwise_##NAME)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_maxpool_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint32_t* __restrict__ arg, uint32_t nc, \
+                              uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s,            \
+                              uint32_t pad) {                                                                      \
+        maxpool_fwd<T>(x, y, arg, nc, h, w, oh, ow, k, s, pad);                                                    \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_maxpool_fwd_##NAME)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_maxpool_bwd_##NAME(const T* __restrict__ dy, const uint32_t* __restrict__ arg, T* __restrict__ dx,      \
+                              uint64_t nc, uint64_t in_plane, uint64_t out_plane) {                                \
+        maxpool_bwd<T>(dy, arg, dx, nc, in_plane, out_plane);                                                      \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_maxpool_bwd_##NAME)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_avgpool_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint32_t nc, uint32_t h, uint32_t w,     \
+                              uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad,                      \
+                              uint32_t include_pad) {                                                              \
+        avgpool_fwd<T>(x, y, nc, h, w, oh, ow, k, s, pad, include_pad);                                            \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_avgpool_fwd_##NAME)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_avgpool_div_##NAME(const T* __restrict__ dy, float* __restrict__ q, uint32_t nc, uint32_t h,            \
+                              uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad,          \
+                              uint32_t include_pad) {                                                              \
+        avgpool_div<T>(dy, q, nc, h, w, oh, ow, k, s, pad, include_pad);                                           \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_avgpool_div_##NAME)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_avgpool_bwd_##NAME(const float* __restrict__ q, T* __restrict__ dx, uint32_t nc, uint32_t h,            \
+                              uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad) {        \
+        avgpool_bwd<T>(q, dx, nc, h, w, oh, ow, k, s, pad);                                                        \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_avgpool_bwd_##NAME)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_gap_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint64_t hw) {                               \
+        gap_fwd<T>(x, y, hw);                                                                                      \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_gap_fwd_##NAME)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_gap_bwd_##NAME(const T* __restrict__ dy, T* __restrict__ dx, uint64_t total, uint64_t hw) {             \
+        gap_bwd<T>(dy, dx, total, hw);                                                                             \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_gap_bwd_##NAME)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_gemm_act_##NAME(const T* __restrict__ A, int64_t sa_m, int64_t sa_k, const float* __restrict__ B,       \
+                           int64_t sb_k, int64_t sb_n, T* __restrict__ C, const float* __restrict__ bias,          \
+                           uint32_t M, uint32_t N, uint32_t K, uint32_t accumulate) {                              \
+        gemm<T, float, T>(A, sa_m, sa_k, B, sb_k, sb_n, C, bias, M, N, K, accumulate);                             \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_gemm_act_##NAME)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_gemm_wgrad_##NAME(const T* __restrict__ A, int64_t sa_m, int64_t sa_k, const T* __restrict__ B,         \
+                             int64_t sb_k, int64_t sb_n, float* __restrict__ C, const float* __restrict__ bias,    \
+                             uint32_t M, uint32_t N, uint32_t K, uint32_t accumulate) {                            \
+        gemm<T, T, float>(A, sa_m, sa_k, B, sb_k, sb_n, C, bias, M, N, K, accumulate);                             \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_gemm_wgrad_##NAME)                                                                       \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_to_act_##NAME(const float* __restrict__ src, T* __restrict__ dst, uint64_t n) {                         \
+        convert<float, T>(src, dst, n);                                                                            \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_to_act_##NAME)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_from_act_##NAME(const T* __restrict__ src, float* __restrict__ dst, uint64_t n) {                       \
+        convert<T, float>(src, dst, n);                                                                            \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_from_act_##NAME)
+
+SENET_NN_KERNELS(f32, float)
+SENET_NN_KERNELS(bf16, __nv_bfloat16)
+
+// out[i] (+)= sum over z in order of partial[z * len + i].
+extern "C" __global__ void __launch_bounds__(256)
+    nn_sum_splits_f32(const float* __restrict__ partial, float* __restrict__ out, uint64_t len, uint32_t splits,
+                      uint32_t accumulate) {
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < len;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        float t = 0.0f;
+        for (uint32_t z = 0; z < splits; ++z) t += partial[z * len + i];
+        out[i] = accumulate ? out[i] + t : t;
+    }
+}
+SENET_EMU_REGISTER(nn_sum_splits_f32)
 
 // One SGD step with momentum and weight decay, PyTorch's rule in the host optimiser's order and
 // rounding (no fused multiply-adds, so device and host updates agree bit for bit):

@@ -15,6 +15,27 @@ use senet::{rel_l2_error, rng, Shape, Tensor};
 
 const OUT_TOL: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-4;
+/// DESIGN.md's bf16 tolerance, outputs and gradients alike.
+const BF16_TOL: f64 = 1e-2;
+
+/// The output tolerance of the op checks: f32's, or bf16's while this thread's inputs are
+/// rounded to bf16 (`nn_common::set_bf16_inputs`, the bf16 backend's tests).
+fn out_tol() -> f64 {
+    if nn_common::bf16_inputs() {
+        BF16_TOL
+    } else {
+        OUT_TOL
+    }
+}
+
+/// The gradient tolerance of the op checks (as [`out_tol`]).
+fn grad_tol() -> f64 {
+    if nn_common::bf16_inputs() {
+        BF16_TOL
+    } else {
+        GRAD_TOL
+    }
+}
 
 fn f64s(t: &Tensor<f32>) -> Vec<f64> {
     t.to_f64_vec()
@@ -153,8 +174,8 @@ fn check_pointwise_ops<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
 
     let st = be.batch_norm_stats(&x32).unwrap();
     let str_ = Reference.batch_norm_stats(&x64).unwrap();
-    close("bn mean", &st.mean, &str_.mean, OUT_TOL);
-    close("bn var", &st.var, &str_.var, OUT_TOL);
+    close("bn mean", &st.mean, &str_.mean, out_tol());
+    close("bn var", &st.var, &str_.var, out_tol());
 
     let a32 = vec_f32(5, s ^ 2);
     let b32 = vec_f32(5, s ^ 3);
@@ -165,7 +186,7 @@ fn check_pointwise_ops<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
         let yr = Reference
             .channel_affine(x64.clone(), &a64, &b64, relu)
             .unwrap();
-        close("channel affine", &f64s(&y), yr.data(), OUT_TOL);
+        close("channel affine", &f64s(&y), yr.data(), out_tol());
     }
     let invstd: Vec<f64> = str_.var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
     for batch_stats in [true, false] {
@@ -195,18 +216,18 @@ fn check_pointwise_ops<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
                 &mut dbr,
             )
             .unwrap();
-        close("bn dx", &f64s(&dx), dxr.data(), GRAD_TOL);
+        close("bn dx", &f64s(&dx), dxr.data(), grad_tol());
         close(
             "bn dgamma",
             &dg.iter().map(|&v| v as f64).collect::<Vec<_>>(),
             &dgr,
-            GRAD_TOL,
+            grad_tol(),
         );
         close(
             "bn dbeta",
             &db.iter().map(|&v| v as f64).collect::<Vec<_>>(),
             &dbr,
-            GRAD_TOL,
+            grad_tol(),
         );
     }
 
@@ -235,7 +256,7 @@ fn check_pointwise_ops<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
     for relu in [false, true] {
         let y = be.add(x32.clone(), &dy32, relu).unwrap();
         let yr = Reference.add(x64.clone(), &dy64, relu).unwrap();
-        close("add", &f64s(&y), yr.data(), OUT_TOL);
+        close("add", &f64s(&y), yr.data(), out_tol());
     }
 
     for (k, st, p, ceil) in [
@@ -254,7 +275,7 @@ fn check_pointwise_ops<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
         let dxr = Reference
             .max_pool2d_backward(&dy.cast(), &argr, xs)
             .unwrap();
-        close("max pool backward", &f64s(&dx), dxr.data(), GRAD_TOL);
+        close("max pool backward", &f64s(&dx), dxr.data(), grad_tol());
         for include in [true, false] {
             let g = PoolGeom {
                 count_include_pad: include,
@@ -262,20 +283,20 @@ fn check_pointwise_ops<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
             };
             let y = be.avg_pool2d(&x32, &g).unwrap();
             let yr = Reference.avg_pool2d(&x64, &g).unwrap();
-            close("avg pool", &f64s(&y), yr.data(), OUT_TOL);
+            close("avg pool", &f64s(&y), yr.data(), out_tol());
             let dx = be.avg_pool2d_backward(&dy, &g, xs).unwrap();
             let dxr = Reference.avg_pool2d_backward(&dy.cast(), &g, xs).unwrap();
-            close("avg pool backward", &f64s(&dx), dxr.data(), GRAD_TOL);
+            close("avg pool backward", &f64s(&dx), dxr.data(), grad_tol());
         }
     }
 
     let y = be.global_avg_pool(&x32).unwrap();
     let yr = Reference.global_avg_pool(&x64).unwrap();
-    close("global pool", &f64s(&y), yr.data(), OUT_TOL);
+    close("global pool", &f64s(&y), yr.data(), out_tol());
     let dy: Tensor<f32> = random_tensor(y.shape(), s ^ 10);
     let dx = be.global_avg_pool_backward(&dy, xs).unwrap();
     let dxr = Reference.global_avg_pool_backward(&dy.cast(), xs).unwrap();
-    close("global pool backward", &f64s(&dx), dxr.data(), GRAD_TOL);
+    close("global pool backward", &f64s(&dx), dxr.data(), grad_tol());
 
     let k = xs.sample_numel();
     let w32 = vec_f32(11 * k, s ^ 11);
@@ -284,7 +305,7 @@ fn check_pointwise_ops<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
     let b64: Vec<f64> = b32.iter().map(|&v| v as f64).collect();
     let y = be.linear(&x32, &w32, Some(&b32), 11).unwrap();
     let yr = Reference.linear(&x64, &w64, Some(&b64), 11).unwrap();
-    close("linear", &f64s(&y), yr.data(), OUT_TOL);
+    close("linear", &f64s(&y), yr.data(), out_tol());
     let dy: Tensor<f32> = random_tensor(y.shape(), s ^ 13);
     let (mut dw, mut db) = (vec![0.0f32; w32.len()], vec![0.0f32; 11]);
     let (mut dwr, mut dbr) = (vec![0.0f64; w32.len()], vec![0.0f64; 11]);
@@ -294,18 +315,18 @@ fn check_pointwise_ops<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
     let dxr = Reference
         .linear_backward(&x64, &w64, &dy.cast(), &mut dwr, Some(&mut dbr))
         .unwrap();
-    close("linear dx", &f64s(&dx), dxr.data(), GRAD_TOL);
+    close("linear dx", &f64s(&dx), dxr.data(), grad_tol());
     close(
         "linear dw",
         &dw.iter().map(|&v| v as f64).collect::<Vec<_>>(),
         &dwr,
-        GRAD_TOL,
+        grad_tol(),
     );
     close(
         "linear db",
         &db.iter().map(|&v| v as f64).collect::<Vec<_>>(),
         &dbr,
-        GRAD_TOL,
+        grad_tol(),
     );
 }
 
@@ -742,17 +763,17 @@ fn check_se_op<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
         let (yr, savedr) = Reference
             .se_forward(&w, &x32.cast::<f64>(), r64.as_ref())
             .unwrap();
-        close("se forward", &f64s(&y), yr.data(), OUT_TOL);
+        close("se forward", &f64s(&y), yr.data(), out_tol());
         let b = be.se_backward(&w, &x32, r, &saved, &dy32).unwrap();
         let br = Reference
             .se_backward(&w, &x32.cast(), r64.as_ref(), &savedr, &dy32.cast())
             .unwrap();
-        close("se dx", &f64s(&b.dx), br.dx.data(), GRAD_TOL);
-        close("se dw1", &b.grads.dw1, &br.grads.dw1, GRAD_TOL);
-        close("se dw2", &b.grads.dw2, &br.grads.dw2, GRAD_TOL);
+        close("se dx", &f64s(&b.dx), br.dx.data(), grad_tol());
+        close("se dw1", &b.grads.dw1, &br.grads.dw1, grad_tol());
+        close("se dw2", &b.grads.dw2, &br.grads.dw2, grad_tol());
         assert_eq!(b.dresidual.is_some(), residual);
         if let (Some(d), Some(dr)) = (&b.dresidual, &br.dresidual) {
-            close("se dresidual", &f64s(d), dr.data(), GRAD_TOL);
+            close("se dresidual", &f64s(d), dr.data(), grad_tol());
         }
     }
 }
@@ -777,6 +798,41 @@ fn cuda_convolution_matches_reference() {
 fn cuda_tf32_convolution_within_f16_tolerance() {
     for be in nn_common::cuda_tf32_backends() {
         check_convolution_within(&nn_common::OnHost(&be), 2e-3, 2e-3);
+    }
+}
+
+// bf16 activations (mixed precision): each op on bf16-rounded inputs, within DESIGN.md's bf16
+// tolerance of the f64 reference.
+
+#[test]
+fn cuda_bf16_convolution_within_bf16_tolerance() {
+    nn_common::set_bf16_inputs(true);
+    for be in nn_common::cuda_bf16_backends() {
+        check_convolution_within(&nn_common::OnHost(&be), BF16_TOL, BF16_TOL);
+    }
+}
+
+#[test]
+fn cuda_bf16_pointwise_ops_within_bf16_tolerance() {
+    nn_common::set_bf16_inputs(true);
+    for be in nn_common::cuda_bf16_backends() {
+        check_pointwise_ops(&nn_common::OnHost(&be));
+    }
+}
+
+#[test]
+fn cuda_bf16_se_op_within_bf16_tolerance() {
+    nn_common::set_bf16_inputs(true);
+    for be in nn_common::cuda_bf16_backends() {
+        check_se_op(&nn_common::OnHost(&be));
+    }
+}
+
+#[test]
+fn cuda_bf16_shape_errors_are_errors() {
+    for be in nn_common::cuda_bf16_backends() {
+        check_shape_errors(&nn_common::OnHost(&be));
+        check_invalid_geometries(&nn_common::OnHost(&be));
     }
 }
 
@@ -1042,6 +1098,55 @@ fn cuda_bound_parameters_train_exactly_as_host_ones() {
                 assert_eq!(bits(&a.grad), bits(&b.grad), "{name}: {n} gradient");
             }
             assert_eq!(opt_h.buffers(), opt_d.buffers(), "{name}: momentum");
+        }
+    }
+}
+
+/// Mixed precision trains: on each small network, with parameters bound to the bf16 backend
+/// (f32 master weights, gradients and momentum on the device; bf16 activations), ten SGD steps
+/// on one batch lower the cross-entropy to under 0.8 of where it started, and the first step's
+/// loss is within 1e-2 (relative) of the f32 backend's on the same weights and batch.
+#[test]
+fn cuda_bf16_training_steps_lower_the_loss() {
+    use senet::train::loss::cross_entropy;
+    use senet::train::optim::Sgd;
+    let f32s = nn_common::cuda_backends();
+    for (be, exact) in nn_common::cuda_bf16_backends().iter().zip(&f32s) {
+        for (name, cfg, xs) in small_configs() {
+            let s = seed(name);
+            let mut net = cfg.build::<f32>(name).unwrap();
+            net.init_weights(s);
+            let x: Tensor<f32> = random_tensor(xs, s ^ 1);
+            let k = cfg.num_classes;
+            let labels: Vec<usize> = (0..xs.n).map(|i| (s as usize >> (i % 32)) % k).collect();
+            let first_f32 = {
+                let logits = net.clone().forward(exact, x.clone(), Mode::Train).unwrap();
+                cross_entropy(&logits, &labels, 0.0).unwrap().loss
+            };
+            net.bind(be).unwrap();
+            let mut opt = Sgd::new(0.9, 0.0).unwrap();
+            let mut losses = Vec::new();
+            for _ in 0..10 {
+                let logits = net.forward(be, x.clone(), Mode::Train).unwrap();
+                let out = cross_entropy(&logits, &labels, 0.0).unwrap();
+                losses.push(out.loss);
+                net.zero_grad();
+                net.backward_params(be, out.grad).unwrap();
+                opt.step_on(be, &mut net, 0.05).unwrap();
+            }
+            eprintln!("{name}: bf16 losses {losses:.4?}; f32 first {first_f32:.4}");
+            assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
+            assert!(
+                (losses[0] - first_f32).abs() <= 1e-2 * first_f32,
+                "{name}: first bf16 loss {} vs f32 {first_f32}",
+                losses[0]
+            );
+            let last = *losses.last().unwrap();
+            assert!(
+                last < 0.8 * losses[0],
+                "{name}: the loss went from {} to {last}",
+                losses[0]
+            );
         }
     }
 }

@@ -28,7 +28,7 @@ pub mod seq;
 
 pub use backend::{
     cudnn_version, cudnn_version_string, Backend, ConvChoice, ConvEngine, ConvGeom, Cpu, Cuda,
-    OpTime, PoolGeom, Profiled, Reference,
+    NnAct, OpTime, PoolGeom, Profiled, Reference,
 };
 pub use blocks::{BlockConfig, BlockKind, ResidualBlock, SeOptions, SePosition, StrideOn};
 pub use checkpoint::{StateData, StateDict, StateTensor};

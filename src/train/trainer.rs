@@ -69,6 +69,20 @@ impl Device {
             )?),
         })
     }
+
+    /// [`Device::cuda_backend`] with bf16 activations (mixed precision, senet's own
+    /// convolution kernels): an error for the CPU, and when `SENET_CONV` asks for cuDNN.
+    pub fn cuda_bf16_backend(self) -> Result<crate::nn::Cuda<half::bf16>> {
+        use crate::cuda::CudaDevice;
+        use crate::nn::{ConvChoice, Cuda};
+        match self {
+            Device::Cpu => Err(Error::Config(
+                "bf16 activations need the CUDA backend (--device cuda or cuda-emu)".into(),
+            )),
+            Device::Cuda => Cuda::bf16(CudaDevice::new(0)?, ConvChoice::from_env()?),
+            Device::CudaEmu => Cuda::bf16(CudaDevice::emulator()?, ConvChoice::from_env()?),
+        }
+    }
 }
 
 impl Device {

@@ -21,11 +21,36 @@ pub fn quantize(v: f64) -> f64 {
     (v * (1u64 << 20) as f64).round() / (1u64 << 20) as f64
 }
 
-/// A random NCHW tensor with values in `[-1, 1)`, quantized.
+thread_local! {
+    static BF16_INPUTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While `on`, [`random_tensor`] on this thread rounds its values to bf16 (inputs and output
+/// gradients of a bf16 backend are then exact, as DESIGN.md's "same rounded inputs" asks).
+pub fn set_bf16_inputs(on: bool) {
+    BF16_INPUTS.with(|c| c.set(on));
+}
+
+/// Whether [`set_bf16_inputs`] is on for this thread.
+pub fn bf16_inputs() -> bool {
+    BF16_INPUTS.with(|c| c.get())
+}
+
+/// `v` rounded to bf16 (and back) when [`set_bf16_inputs`] is on, else `v`.
+pub fn round_input(v: f64) -> f64 {
+    if bf16_inputs() {
+        half::bf16::from_f64(v).to_f64()
+    } else {
+        v
+    }
+}
+
+/// A random NCHW tensor with values in `[-1, 1)`, quantized (and rounded to bf16 under
+/// [`set_bf16_inputs`]).
 pub fn random_tensor<E: Real>(s: Shape, seed: u64) -> Tensor<E> {
     let v = rng::uniform_vec(s.numel(), -1.0, 1.0, seed)
         .into_iter()
-        .map(|x| E::from_f64(quantize(x as f64)))
+        .map(|x| E::from_f64(round_input(quantize(x as f64))))
         .collect();
     Tensor::from_vec(s, Layout::Nchw, v).unwrap()
 }
@@ -118,6 +143,45 @@ pub fn cuda_backends() -> Vec<senet::nn::Cuda> {
     );
     let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({err})");
     out
+}
+
+/// The bf16 (mixed-precision) CUDA backends to test, poisoned: the emulator's and GPU 0's (own
+/// convolution kernels), with the same skip rules as [`cuda_backends`]; each announced.
+pub fn cuda_bf16_backends() -> Vec<senet::nn::Cuda<half::bf16>> {
+    use senet::cuda::CudaDevice;
+    use senet::nn::{ConvChoice, Cuda};
+    use std::io::Write;
+    let mut out = Vec::new();
+    if std::env::var("SENET_TEST_EMULATOR").as_deref() != Ok("0") {
+        match CudaDevice::emulator() {
+            Ok(d) => out.push(Cuda::bf16(d, ConvChoice::Auto).expect("bf16 backend")),
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "skipped on the emulator: {e}");
+            }
+        }
+    }
+    let require = std::env::var("SENET_REQUIRE_GPU").as_deref() == Ok("1");
+    let dev = if senet::cuda::kernels_built() {
+        CudaDevice::new(0)
+    } else {
+        Err(senet::Error::KernelsNotBuilt)
+    };
+    match dev {
+        Ok(d) => out.push(Cuda::bf16(d, ConvChoice::Auto).expect("bf16 backend")),
+        Err(e) => {
+            assert!(
+                !require,
+                "SENET_REQUIRE_GPU=1 but no usable CUDA device: {e}"
+            );
+            let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({e})");
+        }
+    }
+    out.into_iter()
+        .map(|b| {
+            let _ = writeln!(std::io::stderr(), "CUDA backend: {}", b.describe());
+            b.with_poison(true)
+        })
+        .collect()
 }
 
 /// The CUDA backend with cuDNN's TF32 convolutions on GPU 0, when there is a GPU with cuDNN

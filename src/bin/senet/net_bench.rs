@@ -36,6 +36,10 @@ pub struct Args {
     /// Also write the rows as CSV here.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
+    /// Activations: f32 (exact), or bf16 (mixed precision: bf16 activations, f32 parameters,
+    /// gradients and SGD state; CUDA devices only).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// After timing, run this many more steps per batch and mode with every op timed (the
     /// device synchronised after each) and print where the time goes, by op kind.
     #[arg(long, default_value_t = 0)]
@@ -63,20 +67,33 @@ pub fn run(args: Args) -> Result<ExitCode> {
             _ => return Err(Error::Config(format!("unknown mode `{m}` (train, infer)"))),
         }
     }
-    let rows = match args.device.cuda_backend()? {
-        None => bench(&Cpu, &args, &modes)?,
-        Some(b) => {
+    let rows = match args.precision.as_str() {
+        "f32" => match args.device.cuda_backend()? {
+            None => bench(&Cpu, &args, &modes)?,
+            Some(b) => {
+                announce_cuda(&b);
+                bench(&b, &args, &modes)?
+            }
+        },
+        "bf16" => {
+            let b = args.device.cuda_bf16_backend()?;
             announce_cuda(&b);
             bench(&b, &args, &modes)?
         }
+        p => {
+            return Err(Error::Config(format!(
+                "unknown precision `{p}` (f32, bf16)"
+            )))
+        }
     };
-    println!("| model | device | batch | mode | median ms | min ms | images/s |");
-    println!("|---|---|---:|---|---:|---:|---:|");
+    println!("| model | device | precision | batch | mode | median ms | min ms | images/s |");
+    println!("|---|---|---|---:|---|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} |",
             args.model,
             args.device,
+            args.precision,
             r.batch,
             r.mode,
             r.median_ms,
@@ -85,11 +102,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         );
     }
     if let Some(path) = &args.csv {
-        let mut csv = String::from("model,device,batch,mode,median_ms,min_ms\n");
+        let mut csv = String::from("model,device,precision,batch,mode,median_ms,min_ms\n");
         for r in &rows {
             csv.push_str(&format!(
-                "{},{},{},{},{:.4},{:.4}\n",
-                args.model, args.device, r.batch, r.mode, r.median_ms, r.min_ms
+                "{},{},{},{},{},{:.4},{:.4}\n",
+                args.model, args.device, args.precision, r.batch, r.mode, r.median_ms, r.min_ms
             ));
         }
         std::fs::write(path, csv).map_err(Error::io(format!("writing {}", path.display())))?;

@@ -354,7 +354,7 @@ pub fn fit_with_progress<B: Backend<f32>>(
 }
 
 /// Says what the CUDA network backend runs, once per command.
-pub fn announce_cuda(b: &senet::nn::Cuda) {
+pub fn announce_cuda<A: senet::nn::NnAct>(b: &senet::nn::Cuda<A>) {
     let cc = b.device().info().compute_capability;
     println!(
         "device: {} (compute capability {}.{}); activations, parameters, gradients, momentum and \

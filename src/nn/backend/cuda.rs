@@ -21,7 +21,7 @@ use super::{
     SeParamsMut,
 };
 use crate::cuda::abi::NnConvParams;
-use crate::cuda::{Buf, CudaDevice, DevElem, DeviceTensor, Module};
+use crate::cuda::{Buf, CudaDevice, CudaElement, DevElem, DeviceTensor, Module};
 use crate::error::{Error, Result};
 use crate::nn::param::{DeviceStore, Param};
 use crate::se::cuda::{self as se_gpu, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights};
@@ -186,27 +186,27 @@ impl<T: DevElem> Addr for PoolBuf<T> {
 }
 
 /// A device tensor whose buffer goes back to the pool (when it came from one).
-struct Pooled {
-    t: Option<DeviceTensor<f32>>,
+struct Pooled<A: NnAct> {
+    t: Option<DeviceTensor<A>>,
     pool: Option<Arc<Pool>>,
 }
 
-impl Pooled {
-    fn tensor(&self) -> &DeviceTensor<f32> {
+impl<A: NnAct> Pooled<A> {
+    fn tensor(&self) -> &DeviceTensor<A> {
         self.t
             .as_ref()
             .expect("a pooled tensor is present until dropped")
     }
 
-    fn tensor_mut(&mut self) -> &mut DeviceTensor<f32> {
+    fn tensor_mut(&mut self) -> &mut DeviceTensor<A> {
         self.t
             .as_mut()
             .expect("a pooled tensor is present until dropped")
     }
 }
 
-impl From<DeviceTensor<f32>> for Pooled {
-    fn from(t: DeviceTensor<f32>) -> Self {
+impl<A: NnAct> From<DeviceTensor<A>> for Pooled<A> {
+    fn from(t: DeviceTensor<A>) -> Self {
         Pooled {
             t: Some(t),
             pool: None,
@@ -214,13 +214,13 @@ impl From<DeviceTensor<f32>> for Pooled {
     }
 }
 
-impl Addr for Pooled {
+impl<A: NnAct> Addr for Pooled<A> {
     fn at(&self, dev: &CudaDevice) -> u64 {
         self.tensor().addr(dev)
     }
 }
 
-impl Drop for Pooled {
+impl<A: NnAct> Drop for Pooled<A> {
     fn drop(&mut self) {
         if let (Some(t), Some(p)) = (self.t.take(), &self.pool) {
             p.put(t.into_buf());
@@ -228,36 +228,46 @@ impl Drop for Pooled {
     }
 }
 
-/// An activation of the CUDA backend: an f32 NCHW tensor in device memory. Clones share the
-/// memory (the backend never writes a tensor it was given); the last one dropped hands the
-/// buffer back to the backend's pool.
-#[derive(Clone)]
-pub struct GpuTensor(Arc<Pooled>);
+/// An activation of the CUDA backend: an NCHW tensor of `A` (f32, or bf16 for mixed
+/// precision) in device memory. Clones share the memory (the backend never writes a tensor it
+/// was given); the last one dropped hands the buffer back to the backend's pool.
+pub struct GpuTensor<A: NnAct = f32>(Arc<Pooled<A>>);
 
-impl GpuTensor {
-    fn wrap(t: impl Into<Pooled>) -> Self {
+impl<A: NnAct> Clone for GpuTensor<A> {
+    fn clone(&self) -> Self {
+        GpuTensor(self.0.clone())
+    }
+}
+
+impl<A: NnAct> GpuTensor<A> {
+    fn wrap(t: impl Into<Pooled<A>>) -> Self {
         GpuTensor(Arc::new(t.into()))
     }
 
     /// The device tensor.
-    pub fn device_tensor(&self) -> &DeviceTensor<f32> {
+    pub fn device_tensor(&self) -> &DeviceTensor<A> {
         self.0.tensor()
     }
 }
 
-impl Addr for GpuTensor {
+impl<A: NnAct> Addr for GpuTensor<A> {
     fn at(&self, dev: &CudaDevice) -> u64 {
         self.device_tensor().addr(dev)
     }
 }
 
-impl std::fmt::Debug for GpuTensor {
+impl<A: NnAct> std::fmt::Debug for GpuTensor<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GpuTensor({})", self.device_tensor().shape())
+        write!(
+            f,
+            "GpuTensor<{}>({})",
+            A::SUFFIX,
+            self.device_tensor().shape()
+        )
     }
 }
 
-impl Activation for GpuTensor {
+impl<A: NnAct> Activation for GpuTensor<A> {
     fn shape(&self) -> Shape {
         self.device_tensor().shape()
     }
@@ -473,9 +483,23 @@ struct CudaBnSaved {
 /// Distinguishes backend instances (a bound parameter names its owner).
 static NEXT_BACKEND_ID: AtomicU64 = AtomicU64::new(1);
 
-/// The network backend on a CUDA device (f32, NCHW). Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct Cuda {
+/// An activation element type of the CUDA backend: `f32` (the exact mode) or `half::bf16`
+/// (mixed precision: bf16 activations and activation gradients, with f32 parameters, parameter
+/// gradients, optimiser state and every sum). Sealed.
+pub trait NnAct: CudaElement + sealed::Sealed {}
+impl NnAct for f32 {}
+impl NnAct for half::bf16 {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// The network backend on a CUDA device (NCHW), with activations of `A`: f32 ([`Cuda::new`])
+/// or bf16 for mixed precision ([`Cuda::bf16`]). Cheap to clone.
+#[derive(Debug)]
+pub struct Cuda<A: NnAct = f32> {
     dev: Arc<CudaDevice>,
     poison: bool,
     pool: Arc<Pool>,
@@ -486,26 +510,35 @@ pub struct Cuda {
     dnn_auto: bool,
     /// This backend's identity (clones share it): parameters bound here name it.
     id: u64,
+    act: std::marker::PhantomData<fn() -> A>,
 }
 
-impl Cuda {
-    /// A backend on `dev` (a GPU from [`CudaDevice::new`], or [`CudaDevice::emulator`]), with
-    /// convolutions through cuDNN when it loads on a GPU and the own kernels otherwise
-    /// ([`ConvChoice::Auto`]).
-    pub fn new(dev: Arc<CudaDevice>) -> Self {
-        let dnn = Dnn::open(&dev, false).ok().map(Arc::new);
+impl<A: NnAct> Clone for Cuda<A> {
+    fn clone(&self) -> Self {
         Cuda {
-            dev,
-            poison: false,
-            pool: Arc::new(Pool::default()),
-            dnn,
-            dnn_auto: true,
-            id: NEXT_BACKEND_ID.fetch_add(1, Ordering::Relaxed),
+            dev: self.dev.clone(),
+            poison: self.poison,
+            pool: self.pool.clone(),
+            dnn: self.dnn.clone(),
+            dnn_auto: self.dnn_auto,
+            id: self.id,
+            act: std::marker::PhantomData,
         }
     }
+}
 
-    /// A backend on `dev` whose convolutions run as `choice` says. Errors when cuDNN is asked
-    /// for and cannot run (the emulator, no library on the loader's path), with the reason.
+impl Cuda<f32> {
+    /// A backend on `dev` (a GPU from [`CudaDevice::new`], or [`CudaDevice::emulator`]), with
+    /// f32 activations and convolutions through cuDNN when it loads on a GPU and the own
+    /// kernels otherwise ([`ConvChoice::Auto`]).
+    pub fn new(dev: Arc<CudaDevice>) -> Self {
+        let dnn = Dnn::open(&dev, false).ok().map(Arc::new);
+        Self::assemble(dev, dnn, true)
+    }
+
+    /// A backend on `dev` with f32 activations whose convolutions run as `choice` says. Errors
+    /// when cuDNN is asked for and cannot run (the emulator, no library on the loader's path),
+    /// with the reason.
     pub fn with_conv(dev: Arc<CudaDevice>, choice: ConvChoice) -> Result<Self> {
         let dnn = match choice {
             ConvChoice::Auto => Dnn::open(&dev, false).ok().map(Arc::new),
@@ -513,14 +546,49 @@ impl Cuda {
             ConvChoice::Only(ConvEngine::Cudnn) => Some(Arc::new(Dnn::open(&dev, false)?)),
             ConvChoice::Only(ConvEngine::CudnnTf32) => Some(Arc::new(Dnn::open(&dev, true)?)),
         };
-        Ok(Cuda {
+        Ok(Self::assemble(dev, dnn, choice == ConvChoice::Auto))
+    }
+}
+
+impl Cuda<half::bf16> {
+    /// A mixed-precision backend on `dev`: bf16 activations and activation gradients (every
+    /// op reads and writes them, summing in f32 or f64), f32 parameters, parameter gradients
+    /// and SGD state. Convolutions run on senet's own kernels (`choice` may be `Auto` or
+    /// `Only(Own)`; cuDNN in bf16 is not wired yet, and asking for it is an error).
+    pub fn bf16(dev: Arc<CudaDevice>, choice: ConvChoice) -> Result<Self> {
+        match choice {
+            ConvChoice::Auto | ConvChoice::Only(ConvEngine::Own) => {
+                Ok(Self::assemble(dev, None, false))
+            }
+            ConvChoice::Only(e) => Err(Error::Unsupported(format!(
+                "{e:?} convolutions with bf16 activations (the bf16 backend runs senet's own \
+                 convolution kernels for now; use SENET_CONV=own or auto)"
+            ))),
+        }
+    }
+}
+
+impl<A: NnAct> Cuda<A> {
+    fn assemble(dev: Arc<CudaDevice>, dnn: Option<Arc<Dnn>>, dnn_auto: bool) -> Self {
+        Cuda {
             dev,
             poison: false,
             pool: Arc::new(Pool::default()),
             dnn,
-            dnn_auto: choice == ConvChoice::Auto,
+            dnn_auto,
             id: NEXT_BACKEND_ID.fetch_add(1, Ordering::Relaxed),
-        })
+            act: std::marker::PhantomData,
+        }
+    }
+
+    /// The activations' element type: `"f32"` or `"bf16"`.
+    pub fn precision(&self) -> &'static str {
+        A::SUFFIX
+    }
+
+    /// The name of nn.cu kernel `base` for this backend's activations (`nn_affine_bf16`).
+    fn k(base: &str) -> String {
+        format!("{base}_{}", A::SUFFIX)
     }
 
     /// Which code runs the convolutions.
@@ -549,9 +617,13 @@ impl Cuda {
                     ""
                 }
             ),
-            None => "senet's own f32 convolution kernels".to_string(),
+            None => format!("senet's own {} convolution kernels", A::SUFFIX),
         };
-        format!("{}, {conv}", self.dev.info().name)
+        format!(
+            "{}, {} activations, {conv}",
+            self.dev.info().name,
+            A::SUFFIX
+        )
     }
 
     /// With `on`, every output buffer is filled with NaN before its kernel runs, so an element a
@@ -629,6 +701,36 @@ impl Cuda {
         Ok(b)
     }
 
+    /// A pooled buffer of activations holding `data` (converted on the device when `A` is not
+    /// f32).
+    fn to_act(&self, data: &[f32]) -> Result<PoolBuf<A>> {
+        let up = self.up(data)?;
+        if TypeId::of::<A>() == TypeId::of::<f32>() {
+            let mut b = up;
+            let buf = b.buf.take().expect("a fresh pooled buffer");
+            let any: Box<dyn Any> = Box::new(buf);
+            let buf = *any
+                .downcast::<Buf<A>>()
+                .map_err(|_| Error::Unsupported("activation buffer type".into()))?;
+            return Ok(PoolBuf {
+                buf: Some(buf),
+                pool: self.pool.clone(),
+            });
+        }
+        let out = self.out::<A>(data.len())?;
+        let (src, dst, n) = (self.addr(&up), self.addr(&out), data.len() as u64);
+        let mut args = [arg(&src), arg(&dst), arg(&n)];
+        // SAFETY: nn_to_act_A(src, dst, n): `up` holds n floats, `out` n elements of A.
+        unsafe {
+            self.launch(
+                &Self::k("nn_to_act"),
+                (blocks(data.len(), THREADS as usize), 1, 1),
+                &mut args,
+            )?
+        };
+        Ok(out)
+    }
+
     /// A pooled output buffer (poisoned when asked).
     fn out<T: DevElem>(&self, len: usize) -> Result<PoolBuf<T>> {
         let mut b = self.take::<T>(len)?;
@@ -642,19 +744,19 @@ impl Cuda {
         self.dev.read(b, 0, len)
     }
 
-    fn addr<A: Addr + ?Sized>(&self, a: &A) -> u64 {
+    fn addr<X: Addr + ?Sized>(&self, a: &X) -> u64 {
         a.at(&self.dev)
     }
 
     /// A pooled NCHW output tensor (poisoned when asked; otherwise its contents are stale).
-    fn out_t(&self, shape: Shape) -> Result<Pooled> {
+    fn out_t(&self, shape: Shape) -> Result<Pooled<A>> {
         shape.validate()?;
-        let b = self.out::<f32>(shape.numel())?;
+        let b = self.out::<A>(shape.numel())?;
         self.pooled(b, shape)
     }
 
     /// A pooled buffer as an NCHW tensor of `shape`.
-    fn pooled(&self, mut b: PoolBuf<f32>, shape: Shape) -> Result<Pooled> {
+    fn pooled(&self, mut b: PoolBuf<A>, shape: Shape) -> Result<Pooled<A>> {
         let buf = b.buf.take().expect("a fresh pooled buffer");
         match DeviceTensor::from_buf(buf, shape, Layout::Nchw) {
             Ok(t) => Ok(Pooled {
@@ -741,11 +843,11 @@ impl Cuda {
 
     fn conv_fwd(
         &self,
-        x: &GpuTensor,
+        x: &GpuTensor<A>,
         w: PArg<'_>,
         b: Option<PArg<'_>>,
         g: &ConvGeom,
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         let xs = x.shape();
         let ys = g.output_shape(xs)?;
         w.check("conv weight", g.weight_len())?;
@@ -794,10 +896,10 @@ impl Cuda {
                 grid_y(g.out_per_group(), TILE)?,
                 (nn * g.groups) as u32,
             );
-            // SAFETY: nn_conv_fwd_f32(p, x, w, bias, y): x and y point at sample n0 of buffers
+            // SAFETY: nn_conv_fwd_A(p, x, w, bias, y): x and y point at sample n0 of buffers
             // holding xs and ys; nn samples follow; w holds the weight; bias out_ch floats when
             // the flag is set.
-            unsafe { self.launch("nn_conv_fwd_f32", grid, &mut args)? };
+            unsafe { self.launch(&Self::k("nn_conv_fwd"), grid, &mut args)? };
         }
         Ok(GpuTensor::wrap(y))
     }
@@ -805,14 +907,14 @@ impl Cuda {
     #[allow(clippy::too_many_arguments)]
     fn conv_bwd(
         &self,
-        x: &GpuTensor,
+        x: &GpuTensor<A>,
         w: PArg<'_>,
-        dy: &GpuTensor,
+        dy: &GpuTensor<A>,
         g: &ConvGeom,
         dw: GArg<'_>,
         db: Option<GArg<'_>>,
         need_dx: bool,
-    ) -> Result<Option<GpuTensor>> {
+    ) -> Result<Option<GpuTensor<A>>> {
         let xs = x.shape();
         let ys = g.output_shape(xs)?;
         same_shape(dy.shape(), ys, "conv gradient vs output")?;
@@ -891,10 +993,10 @@ impl Cuda {
             grid_y(g.out_per_group(), TILE)?,
             z as u32,
         );
-        // SAFETY: nn_conv_bwd_weight_f32(p, x, dy, dw, partial, splits, k_per_split): x holds
+        // SAFETY: nn_conv_bwd_weight_A(p, x, dy, dw, partial, splits, k_per_split): x holds
         // xs, dy holds ys, dw the weight, partial splits weights when splits > 1; the splits
         // cover the depth (weight_grad_splits).
-        unsafe { self.launch("nn_conv_bwd_weight_f32", grid, &mut args)? };
+        unsafe { self.launch(&Self::k("nn_conv_bwd_weight"), grid, &mut args)? };
         if splits > 1 {
             let (len, acc) = (g.weight_len() as u64, t.accumulate as u32);
             let mut args = [arg(&pp), arg(&dwp), arg(&len), arg(&splits), arg(&acc)];
@@ -927,20 +1029,20 @@ impl Cuda {
                 grid_y(g.in_per_group(), TILE)?,
                 (nn * g.groups) as u32,
             );
-            // SAFETY: nn_conv_bwd_data_f32(p, dy, w, dx): dy and dx point at sample n0 of
+            // SAFETY: nn_conv_bwd_data_A(p, dy, w, dx): dy and dx point at sample n0 of
             // buffers holding ys and xs; w holds the weight.
-            unsafe { self.launch("nn_conv_bwd_data_f32", grid, &mut args)? };
+            unsafe { self.launch(&Self::k("nn_conv_bwd_data"), grid, &mut args)? };
         }
         Ok(Some(GpuTensor::wrap(dx)))
     }
 
     fn linear_fwd(
         &self,
-        x: &GpuTensor,
+        x: &GpuTensor<A>,
         w: PArg<'_>,
         b: Option<PArg<'_>>,
         out: usize,
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         let s = x.shape();
         let k = s.sample_numel();
         w.check("linear weight", out * k)?;
@@ -958,6 +1060,7 @@ impl Cuda {
         let ki = small("linear inputs", k)? as i64;
         // y[n][o] = sum_j x[n][j] W[o][j] + b[o]
         self.gemm(
+            false,
             self.addr(&x),
             (ki, 1),
             wp,
@@ -972,12 +1075,12 @@ impl Cuda {
 
     fn linear_bwd(
         &self,
-        x: &GpuTensor,
+        x: &GpuTensor<A>,
         w: PArg<'_>,
-        dy: &GpuTensor,
+        dy: &GpuTensor<A>,
         dw: GArg<'_>,
         db: Option<GArg<'_>>,
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         let s = x.shape();
         let ds = dy.shape();
         let (k, out) = (s.sample_numel(), ds.c);
@@ -1001,6 +1104,7 @@ impl Cuda {
         // dW[o][j] += sum_n dy[n][o] x[n][j]
         let t = self.g_start(dw)?;
         self.gemm(
+            true,
             self.addr(&dy),
             (1, oi),
             self.addr(&x),
@@ -1014,6 +1118,7 @@ impl Cuda {
         // dx[n][j] = sum_o dy[n][o] W[o][j]
         let dx = self.out_t(s)?;
         self.gemm(
+            false,
             self.addr(&dy),
             (oi, 1),
             wp,
@@ -1027,7 +1132,7 @@ impl Cuda {
     }
 
     /// `y = a[c] x + b[c]` (then ReLU) with `a`, `b` at device addresses.
-    fn affine_at(&self, x: &GpuTensor, ap: u64, bp: u64, relu: bool) -> Result<GpuTensor> {
+    fn affine_at(&self, x: &GpuTensor<A>, ap: u64, bp: u64, relu: bool) -> Result<GpuTensor<A>> {
         let s = x.shape();
         let y = self.out_t(s)?;
         let (xp, yp) = (self.addr(&x), self.addr(&y));
@@ -1047,11 +1152,11 @@ impl Cuda {
             arg(&hw),
             arg(&r),
         ];
-        // SAFETY: nn_affine_f32(x, y, a, b, total, c, hw, relu): x, y hold `total` floats, a, b
+        // SAFETY: nn_affine_A(x, y, a, b, total, c, hw, relu): x, y hold `total` floats, a, b
         // hold c (the callers' contract).
         unsafe {
             self.launch(
-                "nn_affine_f32",
+                &Self::k("nn_affine"),
                 (blocks(s.numel(), THREADS as usize), 1, 1),
                 &mut args,
             )?
@@ -1063,9 +1168,9 @@ impl Cuda {
     fn se_fwd_with(
         &self,
         dw: DeviceSeWeights,
-        x: &GpuTensor,
-        residual: Option<&GpuTensor>,
-    ) -> Result<(GpuTensor, CudaSeSaved)> {
+        x: &GpuTensor<A>,
+        residual: Option<&GpuTensor<A>>,
+    ) -> Result<(GpuTensor<A>, CudaSeSaved)> {
         let config = dw.config();
         let mut y = self.out_t(x.shape())?;
         let (n, c, d) = (x.shape().n, config.channels, config.hidden);
@@ -1101,11 +1206,11 @@ impl Cuda {
     fn se_bwd_with(
         &self,
         dw: DeviceSeWeights,
-        x: &GpuTensor,
-        residual: Option<&GpuTensor>,
+        x: &GpuTensor<A>,
+        residual: Option<&GpuTensor<A>>,
         saved: &CudaSeSaved,
-        dy: &GpuTensor,
-    ) -> Result<(GpuTensor, DeviceSeGrads, Option<GpuTensor>)> {
+        dy: &GpuTensor<A>,
+    ) -> Result<(GpuTensor<A>, DeviceSeGrads, Option<GpuTensor<A>>)> {
         let config = dw.config();
         let mut dx = self.out_t(x.shape())?;
         let mut dres = residual.map(|r| self.out_t(r.shape())).transpose()?;
@@ -1383,10 +1488,10 @@ impl Cuda {
     #[allow(clippy::too_many_arguments)]
     fn copy_planes(
         &self,
-        src: &DeviceTensor<f32>,
+        src: &DeviceTensor<A>,
         src_c0: usize,
         src_c: usize,
-        dst: &mut DeviceTensor<f32>,
+        dst: &mut DeviceTensor<A>,
         dst_c0: usize,
         dst_c: usize,
         shape: Shape,
@@ -1408,16 +1513,16 @@ impl Cuda {
     #[allow(clippy::too_many_arguments)]
     fn bn_backward(
         &self,
-        x: &GpuTensor,
-        relu_y: Option<&GpuTensor>,
-        dy: &GpuTensor,
+        x: &GpuTensor<A>,
+        relu_y: Option<&GpuTensor<A>>,
+        dy: &GpuTensor<A>,
         mean: &[f64],
         invstd: &[f64],
         gamma: &[f32],
         batch_stats: bool,
         dgamma: &mut [f32],
         dbeta: &mut [f32],
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         let s = x.shape();
         same_shape(dy.shape(), s, "batch norm gradient")?;
         check_bn_lens(
@@ -1449,12 +1554,12 @@ impl Cuda {
     /// dbeta]` (c elements each; dgamma and dbeta are added to).
     fn bn_bwd_at(
         &self,
-        x: &GpuTensor,
-        relu_y: Option<&GpuTensor>,
-        dy: &GpuTensor,
+        x: &GpuTensor<A>,
+        relu_y: Option<&GpuTensor<A>>,
+        dy: &GpuTensor<A>,
         per_channel: [u64; 5],
         batch_stats: bool,
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         let s = x.shape();
         same_shape(dy.shape(), s, "batch norm gradient")?;
         if let Some(y) = relu_y {
@@ -1494,23 +1599,23 @@ impl Cuda {
             arg(&hw),
             arg(&bs),
         ];
-        // SAFETY: nn_bn_bwd_f32(x, dy, relu_y, mean, invstd, gamma, dgamma, dbeta, dx, n, c,
+        // SAFETY: nn_bn_bwd_A(x, dy, relu_y, mean, invstd, gamma, dgamma, dbeta, dx, n, c,
         // hw, batch_stats): x, dy, dx (and relu_y) hold s (checked above); the per-channel
         // buffers hold c elements each (the callers' contract).
-        unsafe { self.launch("nn_bn_bwd_f32", (c.max(1), 1, 1), &mut args)? };
+        unsafe { self.launch(&Self::k("nn_bn_bwd"), (c.max(1), 1, 1), &mut args)? };
         Ok(GpuTensor::wrap(dx))
     }
 
     /// Per-channel batch mean and biased variance (f64) of `x`, left on the device.
-    fn bn_stats_dev(&self, x: &GpuTensor) -> Result<(PoolBuf<f64>, PoolBuf<f64>)> {
+    fn bn_stats_dev(&self, x: &GpuTensor<A>) -> Result<(PoolBuf<f64>, PoolBuf<f64>)> {
         let s = x.shape();
         let mean = self.out::<f64>(s.c)?;
         let var = self.out::<f64>(s.c)?;
         let (xp, mp, vp) = (self.addr(&x), self.addr(&mean), self.addr(&var));
         let (n, c, hw) = (small("batch", s.n)?, small("channels", s.c)?, s.hw() as u64);
         let mut args = [arg(&xp), arg(&mp), arg(&vp), arg(&n), arg(&c), arg(&hw)];
-        // SAFETY: nn_bn_stats_f32(x, mean, var, n, c, hw): x holds s, mean and var c doubles.
-        unsafe { self.launch("nn_bn_stats_f32", (c.max(1), 1, 1), &mut args)? };
+        // SAFETY: nn_bn_stats_A(x, mean, var, n, c, hw): x holds s, mean and var c doubles.
+        unsafe { self.launch(&Self::k("nn_bn_stats"), (c.max(1), 1, 1), &mut args)? };
         Ok((mean, var))
     }
 
@@ -1520,8 +1625,12 @@ impl Cuda {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// `C (+)= A B (+ bias)`. With `wgrad`, A and B are activations and C an f32 parameter
+    /// gradient (`nn_gemm_wgrad`); otherwise A and C are activations and B f32 parameters
+    /// (`nn_gemm_act`). All f32 with f32 activations.
     fn gemm(
         &self,
+        wgrad: bool,
         a: u64,
         (sa_m, sa_k): (i64, i64),
         b: u64,
@@ -1552,10 +1661,15 @@ impl Cuda {
             arg(&acc),
         ];
         let grid = (grid_x(n, TILE)?, grid_y(m, TILE)?, 1);
-        // SAFETY: nn_gemm_f32(A, sa_m, sa_k, B, sb_k, sb_n, C, bias, M, N, K, accumulate); the
-        // callers pass buffers of at least M*K (A), K*N (B), M*N (C) and N (bias) floats in the
-        // strides given.
-        unsafe { self.launch("nn_gemm_f32", grid, &mut args) }
+        let name = Self::k(if wgrad {
+            "nn_gemm_wgrad"
+        } else {
+            "nn_gemm_act"
+        });
+        // SAFETY: nn_gemm_{act,wgrad}_A(A, sa_m, sa_k, B, sb_k, sb_n, C, bias, M, N, K,
+        // accumulate); the callers pass buffers of at least M*K (A), K*N (B), M*N (C) and N
+        // (bias) elements of the kernel's types in the strides given.
+        unsafe { self.launch(&name, grid, &mut args) }
     }
 
     /// out[c] (+)= sum over samples and positions of a (per-channel sums of `[n][c][hw]`).
@@ -1567,22 +1681,27 @@ impl Cuda {
             accumulate as u32,
         );
         let mut args = [arg(&a), arg(&out), arg(&n), arg(&c), arg(&hw), arg(&acc)];
-        // SAFETY: nn_channel_sum_f32(a, out, n, c, hw, accumulate); a holds s.numel() floats,
+        // SAFETY: nn_channel_sum_A(a, out, n, c, hw, accumulate); a holds s.numel() floats,
         // out s.c.
-        unsafe { self.launch("nn_channel_sum_f32", (c.max(1), 1, 1), &mut args) }
+        unsafe { self.launch(&Self::k("nn_channel_sum"), (c.max(1), 1, 1), &mut args) }
     }
 
-    fn pointwise(&self, op: u32, a: &GpuTensor, b: Option<&GpuTensor>) -> Result<GpuTensor> {
+    fn pointwise(
+        &self,
+        op: u32,
+        a: &GpuTensor<A>,
+        b: Option<&GpuTensor<A>>,
+    ) -> Result<GpuTensor<A>> {
         let s = a.shape();
         let total = s.numel() as u64;
         let y = self.out_t(s)?;
         let (ap, bp, yp) = (self.addr(&a), b.map_or(0, |b| self.addr(&b)), self.addr(&y));
         let mut args = [arg(&op), arg(&ap), arg(&bp), arg(&yp), arg(&total)];
-        // SAFETY: nn_pointwise_f32(op, a, b, y, total); a and y hold `total` floats, and b does
+        // SAFETY: nn_pointwise_A(op, a, b, y, total); a and y hold `total` floats, and b does
         // for the ops that read it (callers pass b for exactly those).
         unsafe {
             self.launch(
-                "nn_pointwise_f32",
+                &Self::k("nn_pointwise"),
                 (blocks(s.numel(), THREADS as usize), 1, 1),
                 &mut args,
             )?
@@ -1624,41 +1743,46 @@ const EW_ADD: u32 = 2;
 const EW_ADD_RELU: u32 = 3;
 const EW_MUL: u32 = 4;
 
-impl Backend<f32> for Cuda {
-    type T = GpuTensor;
+impl<A: NnAct> Backend<f32> for Cuda<A> {
+    type T = GpuTensor<A>;
     type PoolIdx = GpuIndices;
     type SeSaved = CudaSeSaved;
 
-    fn upload(&self, x: Tensor<f32>) -> Result<GpuTensor> {
+    fn upload(&self, x: Tensor<f32>) -> Result<GpuTensor<A>> {
         if x.layout() != Layout::Nchw {
             return Err(Error::Shape(format!(
                 "the network backends take NCHW tensors, got {}",
                 x.layout()
             )));
         }
-        let b = self.up(x.data())?;
+        let b = self.to_act(x.data())?;
         Ok(GpuTensor::wrap(self.pooled(b, x.shape())?))
     }
 
-    fn download(&self, x: GpuTensor) -> Result<Tensor<f32>> {
-        x.device_tensor().to_host(&self.dev)
+    fn download(&self, x: GpuTensor<A>) -> Result<Tensor<f32>> {
+        let t = x.device_tensor().to_host(&self.dev)?;
+        if let Some(t) = (&t as &dyn Any).downcast_ref::<Tensor<f32>>() {
+            return Ok(t.clone());
+        }
+        let v = t.data().iter().map(|v| v.to_f32()).collect();
+        Tensor::from_vec(t.shape(), t.layout(), v)
     }
 
     fn download_indices(&self, idx: &GpuIndices) -> Result<Vec<u32>> {
         self.down(&idx.buf, idx.output.numel())
     }
 
-    fn zeros(&self, shape: Shape) -> Result<GpuTensor> {
+    fn zeros(&self, shape: Shape) -> Result<GpuTensor<A>> {
         shape.validate()?;
-        let mut b = self.take::<f32>(shape.numel())?;
+        let mut b = self.take::<A>(shape.numel())?;
         self.dev.fill_bytes(&mut b, 0, shape.numel(), 0)?;
         Ok(GpuTensor::wrap(self.pooled(b, shape)?))
     }
 
-    fn mul_mask(&self, x: GpuTensor, mask: &[f32]) -> Result<GpuTensor> {
+    fn mul_mask(&self, x: GpuTensor<A>, mask: &[f32]) -> Result<GpuTensor<A>> {
         let s = x.shape();
         check_len("dropout mask", mask.len(), s.numel())?;
-        let m = self.up(mask)?;
+        let m = self.to_act(mask)?;
         let y = self.out_t(s)?;
         let (op, ap, bp, yp, total) = (
             EW_MUL,
@@ -1668,10 +1792,10 @@ impl Backend<f32> for Cuda {
             s.numel() as u64,
         );
         let mut args = [arg(&op), arg(&ap), arg(&bp), arg(&yp), arg(&total)];
-        // SAFETY: nn_pointwise_f32(op, a, b, y, total): x, the mask and y hold `total` floats.
+        // SAFETY: nn_pointwise_A(op, a, b, y, total): x, the mask and y hold `total` elements.
         unsafe {
             self.launch(
-                "nn_pointwise_f32",
+                &Self::k("nn_pointwise"),
                 (blocks(s.numel(), THREADS as usize), 1, 1),
                 &mut args,
             )?
@@ -1679,7 +1803,7 @@ impl Backend<f32> for Cuda {
         Ok(GpuTensor::wrap(y))
     }
 
-    fn concat_channels(&self, parts: &[GpuTensor]) -> Result<GpuTensor> {
+    fn concat_channels(&self, parts: &[GpuTensor<A>]) -> Result<GpuTensor<A>> {
         let out = concat_shape(parts.iter().map(|p| p.shape()))?;
         let mut y = self.out_t(out)?;
         let mut c0 = 0;
@@ -1691,7 +1815,7 @@ impl Backend<f32> for Cuda {
         Ok(GpuTensor::wrap(y))
     }
 
-    fn split_channels(&self, x: &GpuTensor, sizes: &[usize]) -> Result<Vec<GpuTensor>> {
+    fn split_channels(&self, x: &GpuTensor<A>, sizes: &[usize]) -> Result<Vec<GpuTensor<A>>> {
         let s = x.shape();
         check_split(s, sizes)?;
         let mut out = Vec::with_capacity(sizes.len());
@@ -1716,24 +1840,24 @@ impl Backend<f32> for Cuda {
 
     fn conv2d(
         &self,
-        x: &GpuTensor,
+        x: &GpuTensor<A>,
         w: &[f32],
         b: Option<&[f32]>,
         g: &ConvGeom,
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         self.conv_fwd(x, PArg::Host(w), b.map(PArg::Host), g)
     }
 
     fn conv2d_backward(
         &self,
-        x: &GpuTensor,
+        x: &GpuTensor<A>,
         w: &[f32],
-        dy: &GpuTensor,
+        dy: &GpuTensor<A>,
         g: &ConvGeom,
         dw: &mut [f32],
         db: Option<&mut [f32]>,
         need_dx: bool,
-    ) -> Result<Option<GpuTensor>> {
+    ) -> Result<Option<GpuTensor<A>>> {
         self.conv_bwd(
             x,
             PArg::Host(w),
@@ -1781,11 +1905,11 @@ impl Backend<f32> for Cuda {
 
     fn conv2d_p(
         &self,
-        x: &GpuTensor,
+        x: &GpuTensor<A>,
         w: &Param<f32>,
         b: Option<&Param<f32>>,
         g: &ConvGeom,
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         let wa = self.p_arg(w, "conv weight")?;
         let ba = b.map(|b| self.p_arg(b, "conv bias")).transpose()?;
         self.conv_fwd(x, wa, ba, g)
@@ -1793,13 +1917,13 @@ impl Backend<f32> for Cuda {
 
     fn conv2d_backward_p(
         &self,
-        x: &GpuTensor,
+        x: &GpuTensor<A>,
         w: &mut Param<f32>,
-        dy: &GpuTensor,
+        dy: &GpuTensor<A>,
         g: &ConvGeom,
         b: Option<&mut Param<f32>>,
         need_dx: bool,
-    ) -> Result<Option<GpuTensor>> {
+    ) -> Result<Option<GpuTensor<A>>> {
         let db = b.map(|b| self.g_arg(b)).transpose()?;
         let (wa, dw) = self.wg_args(w, "conv weight")?;
         self.conv_bwd(x, wa, dy, g, dw, db, need_dx)
@@ -1807,11 +1931,11 @@ impl Backend<f32> for Cuda {
 
     fn linear_p(
         &self,
-        x: &GpuTensor,
+        x: &GpuTensor<A>,
         w: &Param<f32>,
         b: Option<&Param<f32>>,
         out: usize,
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         let wa = self.p_arg(w, "linear weight")?;
         let ba = b.map(|b| self.p_arg(b, "linear bias")).transpose()?;
         self.linear_fwd(x, wa, ba, out)
@@ -1819,11 +1943,11 @@ impl Backend<f32> for Cuda {
 
     fn linear_backward_p(
         &self,
-        x: &GpuTensor,
+        x: &GpuTensor<A>,
         w: &mut Param<f32>,
-        dy: &GpuTensor,
+        dy: &GpuTensor<A>,
         b: Option<&mut Param<f32>>,
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         let db = b.map(|b| self.g_arg(b)).transpose()?;
         let (wa, dw) = self.wg_args(w, "linear weight")?;
         self.linear_bwd(x, wa, dy, dw, db)
@@ -1883,7 +2007,7 @@ impl Backend<f32> for Cuda {
         Ok(true)
     }
 
-    fn batch_norm_stats(&self, x: &GpuTensor) -> Result<BnStats> {
+    fn batch_norm_stats(&self, x: &GpuTensor<A>) -> Result<BnStats> {
         let c = x.shape().c;
         let (mean, var) = self.bn_stats_dev(x)?;
         Ok(BnStats {
@@ -1894,10 +2018,10 @@ impl Backend<f32> for Cuda {
 
     fn batch_norm_p(
         &self,
-        x: &GpuTensor,
+        x: &GpuTensor<A>,
         p: BnParamsMut<'_, f32>,
         run: BnRun,
-    ) -> Result<Option<(GpuTensor, BnDeviceSaved)>> {
+    ) -> Result<Option<(GpuTensor<A>, BnDeviceSaved)>> {
         let all = [
             self.bound(p.weight)?,
             self.bound(p.bias)?,
@@ -1987,13 +2111,13 @@ impl Backend<f32> for Cuda {
 
     fn batch_norm_backward_p(
         &self,
-        x: &GpuTensor,
-        relu_y: Option<&GpuTensor>,
-        dy: GpuTensor,
+        x: &GpuTensor<A>,
+        relu_y: Option<&GpuTensor<A>>,
+        dy: GpuTensor<A>,
         saved: &BnDeviceSaved,
         weight: &mut Param<f32>,
         bias: &mut Param<f32>,
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         let st = saved.downcast_ref::<CudaBnSaved>().ok_or_else(|| {
             Error::Config("BatchNorm backward with state from another backend".into())
         })?;
@@ -2019,7 +2143,13 @@ impl Backend<f32> for Cuda {
         Ok(dx)
     }
 
-    fn channel_affine(&self, x: GpuTensor, a: &[f32], b: &[f32], relu: bool) -> Result<GpuTensor> {
+    fn channel_affine(
+        &self,
+        x: GpuTensor<A>,
+        a: &[f32],
+        b: &[f32],
+        relu: bool,
+    ) -> Result<GpuTensor<A>> {
         let s = x.shape();
         check_len("channel scale", a.len(), s.c)?;
         check_len("channel shift", b.len(), s.c)?;
@@ -2029,30 +2159,30 @@ impl Backend<f32> for Cuda {
 
     fn batch_norm_backward(
         &self,
-        x: &GpuTensor,
-        dy: &GpuTensor,
+        x: &GpuTensor<A>,
+        dy: &GpuTensor<A>,
         mean: &[f64],
         invstd: &[f64],
         gamma: &[f32],
         batch_stats: bool,
         dgamma: &mut [f32],
         dbeta: &mut [f32],
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         self.bn_backward(x, None, dy, mean, invstd, gamma, batch_stats, dgamma, dbeta)
     }
 
     fn batch_norm_relu_backward(
         &self,
-        x: &GpuTensor,
-        y: &GpuTensor,
-        dy: GpuTensor,
+        x: &GpuTensor<A>,
+        y: &GpuTensor<A>,
+        dy: GpuTensor<A>,
         mean: &[f64],
         invstd: &[f64],
         gamma: &[f32],
         batch_stats: bool,
         dgamma: &mut [f32],
         dbeta: &mut [f32],
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         same_shape(y.shape(), x.shape(), "fused ReLU output")?;
         self.bn_backward(
             x,
@@ -2067,21 +2197,21 @@ impl Backend<f32> for Cuda {
         )
     }
 
-    fn relu(&self, x: GpuTensor) -> Result<GpuTensor> {
+    fn relu(&self, x: GpuTensor<A>) -> Result<GpuTensor<A>> {
         self.pointwise(EW_RELU, &x, None)
     }
 
-    fn relu_backward(&self, y: &GpuTensor, dy: GpuTensor) -> Result<GpuTensor> {
+    fn relu_backward(&self, y: &GpuTensor<A>, dy: GpuTensor<A>) -> Result<GpuTensor<A>> {
         same_shape(dy.shape(), y.shape(), "relu")?;
         self.pointwise(EW_RELU_BWD, &dy, Some(y))
     }
 
-    fn add(&self, a: GpuTensor, b: &GpuTensor, relu: bool) -> Result<GpuTensor> {
+    fn add(&self, a: GpuTensor<A>, b: &GpuTensor<A>, relu: bool) -> Result<GpuTensor<A>> {
         same_shape(a.shape(), b.shape(), "residual add")?;
         self.pointwise(if relu { EW_ADD_RELU } else { EW_ADD }, &a, Some(b))
     }
 
-    fn max_pool2d(&self, x: &GpuTensor, g: &PoolGeom) -> Result<(GpuTensor, GpuIndices)> {
+    fn max_pool2d(&self, x: &GpuTensor<A>, g: &PoolGeom) -> Result<(GpuTensor<A>, GpuIndices)> {
         let xs = x.shape();
         let ys = g.output_shape(xs)?;
         super::reference::index_fits(xs)?;
@@ -2108,9 +2238,9 @@ impl Backend<f32> for Cuda {
             (nc as usize).clamp(1, MAX_GRID_YZ) as u32,
             1,
         );
-        // SAFETY: nn_maxpool_fwd_f32(x, y, arg, nc, h, w, oh, ow, k, s, pad): x holds xs, y and
+        // SAFETY: nn_maxpool_fwd_A(x, y, arg, nc, h, w, oh, ow, k, s, pad): x holds xs, y and
         // arg hold ys.
-        unsafe { self.launch("nn_maxpool_fwd_f32", grid, &mut args)? };
+        unsafe { self.launch(&Self::k("nn_maxpool_fwd"), grid, &mut args)? };
         Ok((
             GpuTensor::wrap(y),
             GpuIndices {
@@ -2123,10 +2253,10 @@ impl Backend<f32> for Cuda {
 
     fn max_pool2d_backward(
         &self,
-        dy: &GpuTensor,
+        dy: &GpuTensor<A>,
         argmax: &GpuIndices,
         input: Shape,
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         let ys = dy.shape();
         // The indices come from this backend's max_pool2d (each lies in its own output's
         // (sample, channel) plane, which the kernel relies on); check they are for this shape.
@@ -2150,12 +2280,12 @@ impl Backend<f32> for Cuda {
             arg(&ipu),
             arg(&opu),
         ];
-        // SAFETY: nn_maxpool_bwd_f32(dy, arg, dx, nc, in_plane, out_plane): dy and arg hold
+        // SAFETY: nn_maxpool_bwd_A(dy, arg, dx, nc, in_plane, out_plane): dy and arg hold
         // nc * out_plane elements (shapes checked), every index lies in its plane of dx
         // (nc * in_plane): nn_maxpool_fwd_f32 wrote them for this input shape.
         unsafe {
             self.launch(
-                "nn_maxpool_bwd_f32",
+                &Self::k("nn_maxpool_bwd"),
                 (grid_x(nc as usize, THREADS as usize)?, 1, 1),
                 &mut args,
             )?
@@ -2163,7 +2293,7 @@ impl Backend<f32> for Cuda {
         Ok(GpuTensor::wrap(dx))
     }
 
-    fn avg_pool2d(&self, x: &GpuTensor, g: &PoolGeom) -> Result<GpuTensor> {
+    fn avg_pool2d(&self, x: &GpuTensor<A>, g: &PoolGeom) -> Result<GpuTensor<A>> {
         let xs = x.shape();
         let ys = g.output_shape(xs)?;
         Self::check_pool_sizes(xs, ys, g)?;
@@ -2189,19 +2319,25 @@ impl Backend<f32> for Cuda {
             (nc as usize).clamp(1, MAX_GRID_YZ) as u32,
             1,
         );
-        // SAFETY: nn_avgpool_fwd_f32(x, y, nc, h, w, oh, ow, k, s, pad, include_pad): x holds
+        // SAFETY: nn_avgpool_fwd_A(x, y, nc, h, w, oh, ow, k, s, pad, include_pad): x holds
         // xs, y ys.
-        unsafe { self.launch("nn_avgpool_fwd_f32", grid, &mut args)? };
+        unsafe { self.launch(&Self::k("nn_avgpool_fwd"), grid, &mut args)? };
         Ok(GpuTensor::wrap(y))
     }
 
-    fn avg_pool2d_backward(&self, dy: &GpuTensor, g: &PoolGeom, input: Shape) -> Result<GpuTensor> {
+    fn avg_pool2d_backward(
+        &self,
+        dy: &GpuTensor<A>,
+        g: &PoolGeom,
+        input: Shape,
+    ) -> Result<GpuTensor<A>> {
         let ys = dy.shape();
         same_shape(ys, g.output_shape(input)?, "avg pool gradient vs output")?;
         Self::check_pool_sizes(input, ys, g)?;
         let [nc, h, w, oh, ow, k, st, pad] = Self::pool_args(g, input, ys)?;
         let inc = g.count_include_pad as u32;
-        let q = self.out_t(ys)?;
+        // The divided gradients stay in f32 whatever the activations' type.
+        let q = self.out::<f32>(ys.numel())?;
         let dx = self.out_t(input)?;
         let (dyp, qp, dxp) = (self.addr(&dy), self.addr(&q), self.addr(&dx));
         let planes = (nc as usize).clamp(1, MAX_GRID_YZ) as u32;
@@ -2218,11 +2354,11 @@ impl Backend<f32> for Cuda {
             arg(&pad),
             arg(&inc),
         ];
-        // SAFETY: nn_avgpool_div_f32(dy, q, nc, h, w, oh, ow, k, s, pad, include_pad): dy and
-        // q hold ys.
+        // SAFETY: nn_avgpool_div_A(dy, q, nc, h, w, oh, ow, k, s, pad, include_pad): dy holds
+        // ys elements of A, q ys floats.
         unsafe {
             self.launch(
-                "nn_avgpool_div_f32",
+                &Self::k("nn_avgpool_div"),
                 (grid_x(ys.hw(), THREADS as usize)?, planes, 1),
                 &mut args,
             )?
@@ -2239,10 +2375,10 @@ impl Backend<f32> for Cuda {
             arg(&st),
             arg(&pad),
         ];
-        // SAFETY: nn_avgpool_bwd_f32(q, dx, nc, h, w, oh, ow, k, s, pad): q holds ys, dx input.
+        // SAFETY: nn_avgpool_bwd_A(q, dx, nc, h, w, oh, ow, k, s, pad): q holds ys, dx input.
         unsafe {
             self.launch(
-                "nn_avgpool_bwd_f32",
+                &Self::k("nn_avgpool_bwd"),
                 (grid_x(input.hw(), THREADS as usize)?, planes, 1),
                 &mut args,
             )?
@@ -2250,7 +2386,7 @@ impl Backend<f32> for Cuda {
         Ok(GpuTensor::wrap(dx))
     }
 
-    fn global_avg_pool(&self, x: &GpuTensor) -> Result<GpuTensor> {
+    fn global_avg_pool(&self, x: &GpuTensor<A>) -> Result<GpuTensor<A>> {
         let s = x.shape();
         let planes = s.n * s.c;
         if planes > i32::MAX as usize {
@@ -2261,12 +2397,18 @@ impl Backend<f32> for Cuda {
         let y = self.out_t(Shape::new(s.n, s.c, 1, 1))?;
         let (xp, yp, hw) = (self.addr(&x), self.addr(&y), s.hw() as u64);
         let mut args = [arg(&xp), arg(&yp), arg(&hw)];
-        // SAFETY: nn_gap_fwd_f32(x, y, hw): x holds planes * hw floats, y planes.
-        unsafe { self.launch("nn_gap_fwd_f32", ((planes as u32).max(1), 1, 1), &mut args)? };
+        // SAFETY: nn_gap_fwd_A(x, y, hw): x holds planes * hw floats, y planes.
+        unsafe {
+            self.launch(
+                &Self::k("nn_gap_fwd"),
+                ((planes as u32).max(1), 1, 1),
+                &mut args,
+            )?
+        };
         Ok(GpuTensor::wrap(y))
     }
 
-    fn global_avg_pool_backward(&self, dy: &GpuTensor, input: Shape) -> Result<GpuTensor> {
+    fn global_avg_pool_backward(&self, dy: &GpuTensor<A>, input: Shape) -> Result<GpuTensor<A>> {
         same_shape(
             dy.shape(),
             Shape::new(input.n, input.c, 1, 1),
@@ -2276,10 +2418,10 @@ impl Backend<f32> for Cuda {
         let (dyp, dxp) = (self.addr(&dy), self.addr(&dx));
         let (total, hw) = (input.numel() as u64, input.hw() as u64);
         let mut args = [arg(&dyp), arg(&dxp), arg(&total), arg(&hw)];
-        // SAFETY: nn_gap_bwd_f32(dy, dx, total, hw): dy holds total / hw floats, dx total.
+        // SAFETY: nn_gap_bwd_A(dy, dx, total, hw): dy holds total / hw floats, dx total.
         unsafe {
             self.launch(
-                "nn_gap_bwd_f32",
+                &Self::k("nn_gap_bwd"),
                 (blocks(input.numel(), THREADS as usize), 1, 1),
                 &mut args,
             )?
@@ -2287,27 +2429,33 @@ impl Backend<f32> for Cuda {
         Ok(GpuTensor::wrap(dx))
     }
 
-    fn linear(&self, x: &GpuTensor, w: &[f32], b: Option<&[f32]>, out: usize) -> Result<GpuTensor> {
+    fn linear(
+        &self,
+        x: &GpuTensor<A>,
+        w: &[f32],
+        b: Option<&[f32]>,
+        out: usize,
+    ) -> Result<GpuTensor<A>> {
         self.linear_fwd(x, PArg::Host(w), b.map(PArg::Host), out)
     }
 
     fn linear_backward(
         &self,
-        x: &GpuTensor,
+        x: &GpuTensor<A>,
         w: &[f32],
-        dy: &GpuTensor,
+        dy: &GpuTensor<A>,
         dw: &mut [f32],
         db: Option<&mut [f32]>,
-    ) -> Result<GpuTensor> {
+    ) -> Result<GpuTensor<A>> {
         self.linear_bwd(x, PArg::Host(w), dy, GArg::Host(dw), db.map(GArg::Host))
     }
 
     fn se_forward(
         &self,
         w: &SeWeights,
-        x: &GpuTensor,
-        residual: Option<&GpuTensor>,
-    ) -> Result<(GpuTensor, Self::SeSaved)> {
+        x: &GpuTensor<A>,
+        residual: Option<&GpuTensor<A>>,
+    ) -> Result<(GpuTensor<A>, Self::SeSaved)> {
         let dw = self.se_weights(w)?;
         self.se_fwd_with(dw, x, residual)
     }
@@ -2315,11 +2463,11 @@ impl Backend<f32> for Cuda {
     fn se_backward(
         &self,
         w: &SeWeights,
-        x: &GpuTensor,
-        residual: Option<&GpuTensor>,
+        x: &GpuTensor<A>,
+        residual: Option<&GpuTensor<A>>,
         saved: &Self::SeSaved,
-        dy: &GpuTensor,
-    ) -> Result<SeBackward<GpuTensor>> {
+        dy: &GpuTensor<A>,
+    ) -> Result<SeBackward<GpuTensor<A>>> {
         let dw = self.se_weights(w)?;
         let (dx, grads, dres) = self.se_bwd_with(dw, x, residual, saved, dy)?;
         let host = grads.download(&self.dev)?;
@@ -2335,9 +2483,9 @@ impl Backend<f32> for Cuda {
         &self,
         config: SeConfig,
         p: SeParams<'_, f32>,
-        x: &GpuTensor,
-        residual: Option<&GpuTensor>,
-    ) -> Result<(GpuTensor, Self::SeSaved)> {
+        x: &GpuTensor<A>,
+        residual: Option<&GpuTensor<A>>,
+    ) -> Result<(GpuTensor<A>, Self::SeSaved)> {
         match self.se_bound_weights(config, &p)? {
             Some(dw) => self.se_fwd_with(dw, x, residual),
             None => self.se_forward(&super::se_weights(config, &p)?, x, residual),
@@ -2348,11 +2496,11 @@ impl Backend<f32> for Cuda {
         &self,
         config: SeConfig,
         p: SeParamsMut<'_, f32>,
-        x: &GpuTensor,
-        residual: Option<&GpuTensor>,
+        x: &GpuTensor<A>,
+        residual: Option<&GpuTensor<A>>,
         saved: &Self::SeSaved,
-        dy: &GpuTensor,
-    ) -> Result<(GpuTensor, Option<GpuTensor>)> {
+        dy: &GpuTensor<A>,
+    ) -> Result<(GpuTensor<A>, Option<GpuTensor<A>>)> {
         let Some(dw) = self.se_bound_weights(config, &p.as_ref())? else {
             let w = super::se_weights(config, &p.as_ref())?;
             let out = self.se_backward(&w, x, residual, saved, dy)?;

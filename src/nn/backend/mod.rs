@@ -19,7 +19,7 @@ mod profile;
 mod reference;
 
 pub use cpu::Cpu;
-pub use cuda::{Cuda, CudaParam, CudaSeSaved};
+pub use cuda::{Cuda, CudaParam, CudaSeSaved, GpuTensor, NnAct};
 pub use cudnn::{cudnn_version, version_string as cudnn_version_string, ConvChoice, ConvEngine};
 pub use profile::{OpTime, Profiled};
 pub use reference::Reference;
