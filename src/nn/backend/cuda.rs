@@ -11,8 +11,9 @@
 //! what the trainer does for its steps) keep their values, gradients and SGD momentum (and
 //! BatchNorm's running statistics) in device memory ([`CudaParam`]) and are updated there by
 //! kernels ([`Backend::sgd_step`], [`Backend::batch_norm_p`]); unbound parameters are host
-//! slices each op uploads. f32 and NCHW only; reductions run in a fixed order, so results
-//! repeat bit for bit.
+//! slices each op uploads. Activations are f32 ([`Cuda::new`]) or bf16 for mixed precision
+//! ([`Cuda::bf16`]: parameters, their gradients and every sum stay f32 or f64); NCHW only;
+//! reductions run in a fixed order, so results repeat bit for bit.
 
 use super::cudnn::{ConvChoice, ConvEngine, Dnn, Pass, PassKind};
 use super::{
