@@ -828,6 +828,42 @@ fn cuda_bf16_se_op_within_bf16_tolerance() {
     }
 }
 
+/// The data-movement ops in bf16 are exact: channel concat and split of bf16 values, zeros, and
+/// a dropout mask whose scale is a bf16 value (each product then rounds once, as checked
+/// against the host product rounded to bf16).
+#[test]
+fn cuda_bf16_data_movement_is_exact() {
+    use senet::nn::Backend;
+    nn_common::set_bf16_inputs(true);
+    let s = seed("bf16 movement");
+    for be in nn_common::cuda_bf16_backends() {
+        let be = nn_common::OnHost(&be);
+        let parts: Vec<Tensor<f32>> = [3usize, 1, 5]
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| random_tensor(Shape::new(2, c, 3, 5), s ^ i as u64))
+            .collect();
+        let cat = be.concat_channels(&parts).unwrap();
+        let want = Cpu.concat_channels(&parts).unwrap();
+        assert_eq!(cat.data(), want.data(), "concat");
+        let back = be.split_channels(&cat, &[3, 1, 5]).unwrap();
+        for (got, want) in back.iter().zip(&parts) {
+            assert_eq!(got.data(), want.data(), "split");
+        }
+        let z = be.zeros(Shape::new(2, 3, 4, 1)).unwrap();
+        assert!(z.data().iter().all(|&v| v == 0.0), "zeros");
+        let x = &parts[2];
+        let mask: Vec<f32> = (0..x.shape().numel())
+            .map(|i| if (s >> (i % 64)) & 1 == 1 { 1.25 } else { 0.0 })
+            .collect();
+        let y = be.mul_mask(x.clone(), &mask).unwrap();
+        for ((&g, &v), &m) in y.data().iter().zip(x.data()).zip(&mask) {
+            let w = half::bf16::from_f32(v * m).to_f32();
+            assert_eq!(g, w, "dropout mask: {v} * {m}");
+        }
+    }
+}
+
 #[test]
 fn cuda_bf16_shape_errors_are_errors() {
     for be in nn_common::cuda_bf16_backends() {
