@@ -531,6 +531,19 @@ fn bad_configs_are_errors() {
         Err(e @ Error::Config(_)) => assert!(e.to_string().contains("--device cuda"), "{e}"),
         other => panic!("expected a device mismatch, got {:?}", other.err()),
     }
+    // And the precision its activations must have.
+    let bf16 = Trainer::new(
+        Cpu,
+        TrainConfig {
+            precision: senet::train::Precision::Bf16,
+            ..ok.clone()
+        },
+        &split,
+    );
+    match bf16 {
+        Err(e @ Error::Config(_)) => assert!(e.to_string().contains("bf16"), "{e}"),
+        other => panic!("expected a precision mismatch, got {:?}", other.err()),
+    }
     for bad in [
         TrainConfig {
             batch_size: 17,
@@ -777,5 +790,75 @@ fn senet_commands_on_the_cuda_emulator() {
     assert!(
         rows.lines().skip(1).all(|l| l.contains("cuda-emu")),
         "{rows}"
+    );
+
+    // Mixed precision from the command line: the run's config records it, eval and net-bench
+    // take it, and the CPU refuses it with a clear error.
+    let run16 = runs.path().join("emu-bf16");
+    let run16_s = run16.display().to_string();
+    let (ok, text) = senet(&[
+        "train",
+        "--device",
+        "cuda-emu",
+        "--precision",
+        "bf16",
+        "--data",
+        &spec,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--blocks",
+        "1",
+        "--width",
+        "4",
+        "--quiet",
+        "--run-dir",
+        &run16_s,
+    ]);
+    assert!(
+        ok && text.contains("bf16 activations") && text.contains("done: test top-1"),
+        "{text}"
+    );
+    let config = std::fs::read_to_string(run16.join("config.json")).unwrap();
+    assert!(config.contains("\"precision\": \"bf16\""), "{config}");
+    let (ok, text) = senet(&[
+        "eval",
+        &run16_s,
+        "--device",
+        "cuda-emu",
+        "--precision",
+        "bf16",
+    ]);
+    assert!(ok && text.contains("bf16 activations"), "{text}");
+    let csv16 = runs.path().join("net-bench-bf16.csv");
+    let (ok, text) = senet(&[
+        "net-bench",
+        "--device",
+        "cuda-emu",
+        "--precision",
+        "bf16",
+        "--model",
+        "seresnet20_cifar",
+        "--batch",
+        "2",
+        "--size",
+        "16",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--modes",
+        "infer",
+        "--csv",
+        &csv16.display().to_string(),
+    ]);
+    assert!(ok, "{text}");
+    let rows = std::fs::read_to_string(&csv16).unwrap();
+    assert!(rows.lines().skip(1).all(|l| l.contains(",bf16,")), "{rows}");
+    let (ok, text) = senet(&["net-bench", "--device", "cpu", "--precision", "bf16"]);
+    assert!(
+        !ok && text.contains("bf16 activations need the CUDA backend"),
+        "{text}"
     );
 }

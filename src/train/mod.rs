@@ -39,7 +39,7 @@ pub use loss::{cross_entropy, topk_correct};
 pub use metrics::EpochMetrics;
 pub use optim::Sgd;
 pub use schedule::{Decay, LrSchedule};
-pub use trainer::{Device, ModelSpec, Observer, TrainConfig, TrainState, Trainer};
+pub use trainer::{Device, ModelSpec, Observer, Precision, TrainConfig, TrainState, Trainer};
 
 /// Random streams, one per kind of draw, so that draws of one kind never shift another's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

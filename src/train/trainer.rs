@@ -104,6 +104,43 @@ impl Device {
     }
 }
 
+/// The element type of a run's activations (parameters, their gradients and the optimiser
+/// state are f32 either way).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 activations: the exact mode.
+    #[default]
+    F32,
+    /// bf16 activations and activation gradients (mixed precision; the CUDA backend only).
+    Bf16,
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::Config(format!(
+                "unknown precision `{s}` (f32 or bf16)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
 impl FromStr for Device {
     type Err = Error;
 
@@ -303,6 +340,9 @@ pub struct TrainConfig {
     pub prefetch: usize,
     /// Where the network runs.
     pub device: Device,
+    /// The activations' element type (configs saved before it existed read as f32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// The paper's learning rate, 0.6 at batch 1024, scaled linearly to `batch_size`.
@@ -343,6 +383,7 @@ impl TrainConfig {
             seed: 0,
             prefetch: 2,
             device: Device::Cpu,
+            precision: Precision::F32,
         }
     }
 
@@ -544,6 +585,13 @@ impl<B: Backend<f32>> Trainer<B> {
     /// selects the subsets, builds and initialises the network.
     pub fn new(backend: B, config: TrainConfig, data: &DataSplit) -> Result<Self> {
         config.device.check_backend(backend.name())?;
+        if backend.precision() != config.precision.to_string() {
+            return Err(Error::Config(format!(
+                "the config asks for {} activations but the backend keeps {} ones",
+                config.precision,
+                backend.precision()
+            )));
+        }
         config.schedule.validate()?;
         if config.batch_size == 0 || config.eval_batch_size == 0 || config.epochs == 0 {
             return Err(Error::Config(

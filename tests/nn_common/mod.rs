@@ -241,6 +241,9 @@ impl<B: senet::nn::Backend<f32>> senet::nn::Backend<f32> for OnHost<'_, B> {
     fn name(&self) -> &'static str {
         self.0.name()
     }
+    fn precision(&self) -> &'static str {
+        self.0.precision()
+    }
     fn upload(&self, x: Tensor<f32>) -> senet::Result<Tensor<f32>> {
         Ok(x)
     }

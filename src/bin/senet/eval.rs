@@ -3,7 +3,7 @@
 use crate::train::Progress;
 use senet::nn::Cpu;
 use senet::train::trainer::{evaluate, subset, TEST_SUBSET, TRAIN_SUBSET};
-use senet::train::{Augment, DataSpec, Dataset, Device, ModelSpec, TrainConfig};
+use senet::train::{Augment, DataSpec, Dataset, Device, ModelSpec, Precision, TrainConfig};
 use senet::{Error, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +38,9 @@ pub struct Args {
     /// cpu; cuda (GPU 0); or cuda-emu (the CUDA backend on the CPU emulator, slow).
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// Activations: f32, or bf16 (mixed precision; --device cuda or cuda-emu).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -106,12 +109,37 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ds.describe()
     );
     let mut progress = Progress::new("eval", false);
-    let cuda = args.device.cuda_backend()?;
-    if let Some(b) = &cuda {
-        crate::train::announce_cuda(b);
+    enum Be {
+        Host,
+        F32(senet::nn::Cuda),
+        Bf16(senet::nn::Cuda<half::bf16>),
     }
-    let run = |net: &mut senet::nn::Network<f32>, progress: &mut Progress| match &cuda {
-        None => evaluate(
+    let be = match args.precision {
+        Precision::F32 => match args.device.cuda_backend()? {
+            None => Be::Host,
+            Some(b) => {
+                crate::train::announce_cuda(&b);
+                Be::F32(b)
+            }
+        },
+        Precision::Bf16 => {
+            let b = args.device.cuda_bf16_backend()?;
+            crate::train::announce_cuda(&b);
+            Be::Bf16(b)
+        }
+    };
+    let run = |net: &mut senet::nn::Network<f32>, progress: &mut Progress| match &be {
+        Be::Bf16(b) => evaluate(
+            b,
+            net,
+            ds.clone(),
+            &augment,
+            args.batch_size,
+            smoothing,
+            2,
+            progress,
+        ),
+        Be::Host => evaluate(
             &Cpu,
             net,
             ds.clone(),
@@ -121,7 +149,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             2,
             progress,
         ),
-        Some(b) => evaluate(
+        Be::F32(b) => evaluate(
             b,
             net,
             ds.clone(),

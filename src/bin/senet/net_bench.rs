@@ -5,7 +5,7 @@ use crate::train::announce_cuda;
 use senet::nn::{models, Backend, Cpu, Mode, Network, Profiled};
 use senet::train::loss::cross_entropy;
 use senet::train::optim::Sgd;
-use senet::train::Device;
+use senet::train::{Device, Precision};
 use senet::{rng, Error, Layout, Result, Tensor};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -39,7 +39,7 @@ pub struct Args {
     /// Activations: f32 (exact), or bf16 (mixed precision: bf16 activations, f32 parameters,
     /// gradients and SGD state; CUDA devices only).
     #[arg(long, default_value = "f32")]
-    precision: String,
+    precision: Precision,
     /// After timing, run this many more steps per batch and mode with every op timed (the
     /// device synchronised after each) and print where the time goes, by op kind.
     #[arg(long, default_value_t = 0)]
@@ -67,23 +67,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
             _ => return Err(Error::Config(format!("unknown mode `{m}` (train, infer)"))),
         }
     }
-    let rows = match args.precision.as_str() {
-        "f32" => match args.device.cuda_backend()? {
+    let rows = match args.precision {
+        Precision::F32 => match args.device.cuda_backend()? {
             None => bench(&Cpu, &args, &modes)?,
             Some(b) => {
                 announce_cuda(&b);
                 bench(&b, &args, &modes)?
             }
         },
-        "bf16" => {
+        Precision::Bf16 => {
             let b = args.device.cuda_bf16_backend()?;
             announce_cuda(&b);
             bench(&b, &args, &modes)?
-        }
-        p => {
-            return Err(Error::Config(format!(
-                "unknown precision `{p}` (f32, bf16)"
-            )))
         }
     };
     println!("| model | device | precision | batch | mode | median ms | min ms | images/s |");

@@ -6,8 +6,8 @@ use senet::nn::{Backend, Cpu};
 use senet::train::data::DataSplit;
 use senet::train::trainer::{paper_lr, StepInfo};
 use senet::train::{
-    Augment, DataSpec, Decay, Device, EpochMetrics, LrSchedule, ModelSpec, Observer, TrainConfig,
-    Trainer,
+    Augment, DataSpec, Decay, Device, EpochMetrics, LrSchedule, ModelSpec, Observer, Precision,
+    TrainConfig, Trainer,
 };
 use senet::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -101,6 +101,10 @@ pub struct Recipe {
     /// slow, for checking the GPU path without a GPU).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Activations: f32 (exact) or bf16 (mixed precision: bf16 activations and activation
+    /// gradients, f32 parameters, gradients and momentum; --device cuda or cuda-emu).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
 }
 
 /// The learning-rate decay, as the command line names it.
@@ -168,6 +172,7 @@ impl Recipe {
         c.seed = self.seed;
         c.prefetch = self.prefetch;
         c.device = self.device;
+        c.precision = self.precision;
         c
     }
 }
@@ -367,10 +372,18 @@ pub fn announce_cuda<A: senet::nn::NnAct>(b: &senet::nn::Cuda<A>) {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let device = match &args.resume {
-        Some(dir) => TrainConfig::load(dir)?.device,
-        None => args.recipe.device,
+    let (device, precision) = match &args.resume {
+        Some(dir) => {
+            let c = TrainConfig::load(dir)?;
+            (c.device, c.precision)
+        }
+        None => (args.recipe.device, args.recipe.precision),
     };
+    if precision == Precision::Bf16 {
+        let b = device.cuda_bf16_backend()?;
+        announce_cuda(&b);
+        return run_on(b, args);
+    }
     match device.cuda_backend()? {
         None => run_on(Cpu, args),
         Some(b) => {

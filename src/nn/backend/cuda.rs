@@ -582,11 +582,6 @@ impl<A: NnAct> Cuda<A> {
         }
     }
 
-    /// The activations' element type: `"f32"` or `"bf16"`.
-    pub fn precision(&self) -> &'static str {
-        A::SUFFIX
-    }
-
     /// The name of nn.cu kernel `base` for this backend's activations (`nn_affine_bf16`).
     fn k(base: &str) -> String {
         format!("{base}_{}", A::SUFFIX)
@@ -1833,6 +1828,10 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn precision(&self) -> &'static str {
+        A::SUFFIX
     }
 
     fn synchronize(&self) -> Result<()> {

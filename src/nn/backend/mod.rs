@@ -316,6 +316,12 @@ pub trait Backend<E: Real>: Sync {
     /// A short name for reports (`reference`, `cpu`).
     fn name(&self) -> &'static str;
 
+    /// The element type activations are kept in: `"f32"` unless the backend keeps them in a
+    /// narrower one (the CUDA backend's `"bf16"`, mixed precision).
+    fn precision(&self) -> &'static str {
+        "f32"
+    }
+
     /// Waits until every op issued so far has finished (a device backend's queue); host
     /// backends finish each op before returning, so the default does nothing.
     fn synchronize(&self) -> Result<()> {

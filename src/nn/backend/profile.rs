@@ -167,6 +167,10 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
         self.inner.name()
     }
 
+    fn precision(&self) -> &'static str {
+        self.inner.precision()
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()
     }
