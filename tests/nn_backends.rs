@@ -864,6 +864,48 @@ fn cuda_bf16_data_movement_is_exact() {
     }
 }
 
+/// A convolution whose samples x groups exceed the grid's z limit runs in sample chunks (the
+/// CUDA backend's forward and input-gradient kernels): every chunk lands at its own samples,
+/// for f32 and bf16 activations alike.
+fn check_sample_chunks<B: Backend<f32, T = Tensor<f32>>>(be: &B, tol: f64) {
+    let s = seed("conv chunks");
+    let c = 4100; // 65535 / 4100 = 15 samples per chunk
+    let geom = ConvGeom::new(c, c, 1, 1, 0, c).unwrap();
+    let x32: Tensor<f32> = random_tensor(Shape::new(17, c, 1, 2), s);
+    let w32 = vec_f32(geom.weight_len(), s ^ 1);
+    let w64: Vec<f64> = w32.iter().map(|&v| v as f64).collect();
+    let y = be.conv2d(&x32, &w32, None, &geom).unwrap();
+    let yr = Reference
+        .conv2d(&x32.cast::<f64>(), &w64, None, &geom)
+        .unwrap();
+    close("chunked conv", &f64s(&y), yr.data(), tol);
+    let dy32: Tensor<f32> = random_tensor(y.shape(), s ^ 2);
+    let mut dw = vec![0.0f32; w32.len()];
+    let mut dwr = vec![0.0f64; w32.len()];
+    let dx = be
+        .conv2d_backward(&x32, &w32, &dy32, &geom, &mut dw, None, true)
+        .unwrap()
+        .unwrap();
+    let dxr = Reference
+        .conv2d_backward(&x32.cast(), &w64, &dy32.cast(), &geom, &mut dwr, None, true)
+        .unwrap()
+        .unwrap();
+    close("chunked conv dx", &f64s(&dx), dxr.data(), tol);
+    let dw64: Vec<f64> = dw.iter().map(|&v| v as f64).collect();
+    close("chunked conv dw", &dw64, &dwr, tol);
+}
+
+#[test]
+fn cuda_convolution_sample_chunks() {
+    for be in nn_common::cuda_backends() {
+        check_sample_chunks(&nn_common::OnHost(&be), OUT_TOL);
+    }
+    nn_common::set_bf16_inputs(true);
+    for be in nn_common::cuda_bf16_backends() {
+        check_sample_chunks(&nn_common::OnHost(&be), BF16_TOL);
+    }
+}
+
 #[test]
 fn cuda_bf16_shape_errors_are_errors() {
     for be in nn_common::cuda_bf16_backends() {

@@ -884,8 +884,8 @@ impl<A: NnAct> Cuda<A> {
         for n0 in (0..xs.n).step_by(chunk) {
             let nn = chunk.min(xs.n - n0);
             let pc = NnConvParams { n: nn as u32, ..p };
-            let xp = self.addr(&x) + (n0 * xs.sample_numel() * 4) as u64;
-            let yp = self.addr(&y) + (n0 * ys.sample_numel() * 4) as u64;
+            let xp = self.addr(&x) + (n0 * xs.sample_numel() * size_of::<A>()) as u64;
+            let yp = self.addr(&y) + (n0 * ys.sample_numel() * size_of::<A>()) as u64;
             let mut args = [arg(&pc), arg(&xp), arg(&wp), arg(&bp), arg(&yp)];
             let grid = (
                 grid_x(ys.hw(), TILE)?,
@@ -1017,8 +1017,8 @@ impl<A: NnAct> Cuda<A> {
         for n0 in (0..xs.n).step_by(chunk) {
             let nn = chunk.min(xs.n - n0);
             let pc = NnConvParams { n: nn as u32, ..p };
-            let dyp = self.addr(&dy) + (n0 * ys.sample_numel() * 4) as u64;
-            let dxp = self.addr(&dx) + (n0 * xs.sample_numel() * 4) as u64;
+            let dyp = self.addr(&dy) + (n0 * ys.sample_numel() * size_of::<A>()) as u64;
+            let dxp = self.addr(&dx) + (n0 * xs.sample_numel() * size_of::<A>()) as u64;
             let mut args = [arg(&pc), arg(&dyp), arg(&wp), arg(&dxp)];
             let grid = (
                 grid_x(xs.hw(), TILE)?,
