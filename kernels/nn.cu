@@ -584,6 +584,16 @@ __device__ __forceinline__ void convert(const S* __restrict__ src, D* __restrict
         dst[i] = from_f32<D>(to_f32(src[i]));
 }
 
+// dst[i] (+)= src[i] in f32: a parameter gradient cuDNN formed in the activation type, added
+// to the f32 one.
+template <class T>
+__device__ __forceinline__ void grad_from_act(const T* __restrict__ src, float* __restrict__ dst, uint64_t n,
+                                              uint32_t accumulate) {
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x)
+        dst[i] = accumulate ? dst[i] + to_f32(src[i]) : to_f32(src[i]);
+}
+
 }  // namespace nnk
 }  // namespace senet
 
@@ -711,7 +721,13 @@ using namespace senet::nnk;
         nn_from_act_##NAME(const T* __restrict__ src, float* __restrict__ dst, uint64_t n) {                       \
         convert<T, float>(src, dst, n);                                                                            \
     }                                                                                                              \
-    SENET_EMU_REGISTER(nn_from_act_##NAME)
+    SENET_EMU_REGISTER(nn_from_act_##NAME)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_grad_from_act_##NAME(const T* __restrict__ src, float* __restrict__ dst, uint64_t n,                    \
+                                uint32_t accumulate) {                                                             \
+        grad_from_act<T>(src, dst, n, accumulate);                                                                 \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_grad_from_act_##NAME)
 
 SENET_NN_KERNELS(f32, float)
 SENET_NN_KERNELS(bf16, __nv_bfloat16)

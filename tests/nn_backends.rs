@@ -1040,8 +1040,23 @@ fn cuda_conv_engine_choice_on_the_emulator() {
         senet::nn::Cuda::new(dev.clone()).conv_engine(),
         ConvEngine::Own
     );
-    let e = senet::nn::Cuda::with_conv(dev, ConvChoice::Only(ConvEngine::Cudnn)).unwrap_err();
+    let e =
+        senet::nn::Cuda::with_conv(dev.clone(), ConvChoice::Only(ConvEngine::Cudnn)).unwrap_err();
     assert!(e.to_string().contains("cuDNN needs a GPU"), "{e}");
+    // The same for bf16 activations; TF32 is an f32 mode and refused there.
+    for choice in [ConvChoice::Auto, ConvChoice::Only(ConvEngine::Own)] {
+        let b = senet::nn::Cuda::bf16(dev.clone(), choice).unwrap();
+        assert_eq!(b.conv_engine(), ConvEngine::Own);
+        assert!(
+            b.describe().contains("own bf16 convolution kernels"),
+            "{}",
+            b.describe()
+        );
+    }
+    let e = senet::nn::Cuda::bf16(dev.clone(), ConvChoice::Only(ConvEngine::Cudnn)).unwrap_err();
+    assert!(e.to_string().contains("cuDNN needs a GPU"), "{e}");
+    let e = senet::nn::Cuda::bf16(dev, ConvChoice::Only(ConvEngine::CudnnTf32)).unwrap_err();
+    assert!(e.to_string().contains("cudnn-tf32"), "{e}");
 }
 
 /// A profiled backend computes exactly what the backend it wraps computes, and accounts for

@@ -145,8 +145,9 @@ pub fn cuda_backends() -> Vec<senet::nn::Cuda> {
     out
 }
 
-/// The bf16 (mixed-precision) CUDA backends to test, poisoned: the emulator's and GPU 0's (own
-/// convolution kernels), with the same skip rules as [`cuda_backends`]; each announced.
+/// The bf16 (mixed-precision) CUDA backends to test, poisoned: the emulator's, and GPU 0's with
+/// the own convolution kernels and with cuDNN's bf16 ones (where the library loads), with the
+/// same skip rules as [`cuda_backends`]; each announced.
 pub fn cuda_bf16_backends() -> Vec<senet::nn::Cuda<half::bf16>> {
     use senet::cuda::CudaDevice;
     use senet::nn::{ConvChoice, Cuda};
@@ -167,7 +168,18 @@ pub fn cuda_bf16_backends() -> Vec<senet::nn::Cuda<half::bf16>> {
         Err(senet::Error::KernelsNotBuilt)
     };
     match dev {
-        Ok(d) => out.push(Cuda::bf16(d, ConvChoice::Auto).expect("bf16 backend")),
+        Ok(d) => {
+            use senet::nn::ConvEngine;
+            out.push(
+                Cuda::bf16(d.clone(), ConvChoice::Only(ConvEngine::Own)).expect("bf16 backend"),
+            );
+            match Cuda::bf16(d, ConvChoice::Only(ConvEngine::Cudnn)) {
+                Ok(b) => out.push(b),
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "skipped cuDNN bf16 convolutions: {e}");
+                }
+            }
+        }
         Err(e) => {
             assert!(
                 !require,

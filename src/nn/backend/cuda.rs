@@ -15,7 +15,7 @@
 //! ([`Cuda::bf16`]: parameters, their gradients and every sum stay f32 or f64); NCHW only;
 //! reductions run in a fixed order, so results repeat bit for bit.
 
-use super::cudnn::{ConvChoice, ConvEngine, Dnn, Pass, PassKind};
+use super::cudnn::{ConvChoice, ConvEngine, Dnn, DnnMode, Pass, PassKind};
 use super::{
     check_bn_lens, check_len, check_split, concat_shape, same_shape, Activation, Backend,
     BnDeviceSaved, BnParamsMut, BnRun, BnStats, ConvGeom, PoolGeom, SeBackward, SeParams,
@@ -481,6 +481,11 @@ struct CudaBnSaved {
     batch_stats: bool,
 }
 
+/// True when the activation type is f32 (no conversions around cuDNN).
+fn is_f32<A: 'static>() -> bool {
+    TypeId::of::<A>() == TypeId::of::<f32>()
+}
+
 /// Distinguishes backend instances (a bound parameter names its owner).
 static NEXT_BACKEND_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -533,7 +538,7 @@ impl Cuda<f32> {
     /// f32 activations and convolutions through cuDNN when it loads on a GPU and the own
     /// kernels otherwise ([`ConvChoice::Auto`]).
     pub fn new(dev: Arc<CudaDevice>) -> Self {
-        let dnn = Dnn::open(&dev, false).ok().map(Arc::new);
+        let dnn = Dnn::open(&dev, DnnMode::Exact).ok().map(Arc::new);
         Self::assemble(dev, dnn, true)
     }
 
@@ -542,10 +547,12 @@ impl Cuda<f32> {
     /// with the reason.
     pub fn with_conv(dev: Arc<CudaDevice>, choice: ConvChoice) -> Result<Self> {
         let dnn = match choice {
-            ConvChoice::Auto => Dnn::open(&dev, false).ok().map(Arc::new),
+            ConvChoice::Auto => Dnn::open(&dev, DnnMode::Exact).ok().map(Arc::new),
             ConvChoice::Only(ConvEngine::Own) => None,
-            ConvChoice::Only(ConvEngine::Cudnn) => Some(Arc::new(Dnn::open(&dev, false)?)),
-            ConvChoice::Only(ConvEngine::CudnnTf32) => Some(Arc::new(Dnn::open(&dev, true)?)),
+            ConvChoice::Only(ConvEngine::Cudnn) => Some(Arc::new(Dnn::open(&dev, DnnMode::Exact)?)),
+            ConvChoice::Only(ConvEngine::CudnnTf32) => {
+                Some(Arc::new(Dnn::open(&dev, DnnMode::Tf32)?))
+            }
         };
         Ok(Self::assemble(dev, dnn, choice == ConvChoice::Auto))
     }
@@ -554,18 +561,24 @@ impl Cuda<f32> {
 impl Cuda<half::bf16> {
     /// A mixed-precision backend on `dev`: bf16 activations and activation gradients (every
     /// op reads and writes them, summing in f32 or f64), f32 parameters, parameter gradients
-    /// and SGD state. Convolutions run on senet's own kernels (`choice` may be `Auto` or
-    /// `Only(Own)`; cuDNN in bf16 is not wired yet, and asking for it is an error).
+    /// and SGD state. Convolutions as `choice` says: cuDNN with bf16 tensors and weights (f32
+    /// accumulation, tensor cores; weights rounded to bf16 per call, weight gradients formed in
+    /// bf16 and added to the f32 ones) where it loads on a GPU, or senet's own kernels (f32
+    /// weights, f32 sums). `cudnn-tf32` is an f32 mode and an error here.
     pub fn bf16(dev: Arc<CudaDevice>, choice: ConvChoice) -> Result<Self> {
-        match choice {
-            ConvChoice::Auto | ConvChoice::Only(ConvEngine::Own) => {
-                Ok(Self::assemble(dev, None, false))
+        let dnn = match choice {
+            ConvChoice::Auto => Dnn::open(&dev, DnnMode::Bf16).ok().map(Arc::new),
+            ConvChoice::Only(ConvEngine::Own) => None,
+            ConvChoice::Only(ConvEngine::Cudnn) => Some(Arc::new(Dnn::open(&dev, DnnMode::Bf16)?)),
+            ConvChoice::Only(ConvEngine::CudnnTf32) => {
+                return Err(Error::Config(
+                    "cudnn-tf32 is a mode for f32 activations; with bf16 ones use cudnn, own \
+                     or auto"
+                        .into(),
+                ))
             }
-            ConvChoice::Only(e) => Err(Error::Unsupported(format!(
-                "{e:?} convolutions with bf16 activations (the bf16 backend runs senet's own \
-                 convolution kernels for now; use SENET_CONV=own or auto)"
-            ))),
-        }
+        };
+        Ok(Self::assemble(dev, dnn, choice == ConvChoice::Auto))
     }
 }
 
@@ -590,7 +603,7 @@ impl<A: NnAct> Cuda<A> {
     /// Which code runs the convolutions.
     pub fn conv_engine(&self) -> ConvEngine {
         match &self.dnn {
-            Some(d) if d.tf32() => ConvEngine::CudnnTf32,
+            Some(d) if d.mode() == DnnMode::Tf32 => ConvEngine::CudnnTf32,
             Some(_) => ConvEngine::Cudnn,
             None => ConvEngine::Own,
         }
@@ -602,10 +615,10 @@ impl<A: NnAct> Cuda<A> {
             Some(d) => format!(
                 "cuDNN {} convolutions ({}, deterministic algorithms{})",
                 super::cudnn::version_string(d.version()),
-                if d.tf32() {
-                    "TF32 tensor cores"
-                } else {
-                    "exact f32, FMA math"
+                match d.mode() {
+                    DnnMode::Tf32 => "TF32 tensor cores",
+                    DnnMode::Exact => "exact f32, FMA math",
+                    DnnMode::Bf16 => "bf16 tensor cores, f32 accumulation",
                 },
                 if self.dnn_auto {
                     ", senet's kernels where cuDNN has none"
@@ -701,7 +714,7 @@ impl<A: NnAct> Cuda<A> {
     /// f32).
     fn to_act(&self, data: &[f32]) -> Result<PoolBuf<A>> {
         let up = self.up(data)?;
-        if TypeId::of::<A>() == TypeId::of::<f32>() {
+        if is_f32::<A>() {
             let mut b = up;
             let buf = b.buf.take().expect("a fresh pooled buffer");
             let any: Box<dyn Any> = Box::new(buf);
@@ -713,18 +726,37 @@ impl<A: NnAct> Cuda<A> {
                 pool: self.pool.clone(),
             });
         }
-        let out = self.out::<A>(data.len())?;
-        let (src, dst, n) = (self.addr(&up), self.addr(&out), data.len() as u64);
-        let mut args = [arg(&src), arg(&dst), arg(&n)];
-        // SAFETY: nn_to_act_A(src, dst, n): `up` holds n floats, `out` n elements of A.
+        self.convert_to_act(self.addr(&up), data.len())
+    }
+
+    /// A pooled buffer of `n` activations converted from the `n` floats at device address
+    /// `src`.
+    fn convert_to_act(&self, src: u64, n: usize) -> Result<PoolBuf<A>> {
+        let out = self.out::<A>(n)?;
+        let (dst, len) = (self.addr(&out), n as u64);
+        let mut args = [arg(&src), arg(&dst), arg(&len)];
+        // SAFETY: nn_to_act_A(src, dst, n): src holds n floats (the callers' buffers), `out`
+        // n elements of A.
         unsafe {
             self.launch(
                 &Self::k("nn_to_act"),
-                (blocks(data.len(), THREADS as usize), 1, 1),
+                (blocks(n, THREADS as usize), 1, 1),
                 &mut args,
             )?
         };
         Ok(out)
+    }
+
+    /// The address of a convolution weight (`n` floats at `wp`) in cuDNN's data type: `wp`
+    /// itself with f32 activations, else a copy in A kept alive in `keep`.
+    fn dnn_weight(&self, wp: u64, n: usize, keep: &mut Vec<PoolBuf<A>>) -> Result<u64> {
+        if is_f32::<A>() {
+            return Ok(wp);
+        }
+        let b = self.convert_to_act(wp, n)?;
+        let a = self.addr(&b);
+        keep.push(b);
+        Ok(a)
     }
 
     /// A pooled output buffer (poisoned when asked).
@@ -853,6 +885,8 @@ impl<A: NnAct> Cuda<A> {
         let mut keep = Vec::new();
         if let Some((d, ws)) = self.dnn_for(xs, ys, g, &[PassKind::Forward])? {
             let wp = self.p_addr(w, &mut keep)?;
+            let mut keep_w = Vec::new();
+            let wp = self.dnn_weight(wp, g.weight_len(), &mut keep_w)?;
             let y = self.out_t(ys)?;
             let pass = Pass::Forward {
                 x: self.addr(&x),
@@ -933,18 +967,44 @@ impl<A: NnAct> Cuda<A> {
         let mut keep = Vec::new();
         if let Some((d, ws)) = self.dnn_for(xs, ys, g, passes)? {
             let t = self.g_start(dw)?;
-            let pass = Pass::Filter {
-                x: xp,
-                dy: dyp,
-                dw: t.addr,
-                accumulate: t.accumulate,
-            };
-            self.run_dnn(d, xs, ys, g, pass, ws[0])?;
+            if is_f32::<A>() {
+                let pass = Pass::Filter {
+                    x: xp,
+                    dy: dyp,
+                    dw: t.addr,
+                    accumulate: t.accumulate,
+                };
+                self.run_dnn(d, xs, ys, g, pass, ws[0])?;
+            } else {
+                // cuDNN forms the gradient in A; it is added to the f32 one after.
+                let n = g.weight_len();
+                let tmp = self.out::<A>(n)?;
+                let pass = Pass::Filter {
+                    x: xp,
+                    dy: dyp,
+                    dw: self.addr(&tmp),
+                    accumulate: false,
+                };
+                self.run_dnn(d, xs, ys, g, pass, ws[0])?;
+                let (src, dst, len, acc) = (self.addr(&tmp), t.addr, n as u64, t.accumulate as u32);
+                let mut args = [arg(&src), arg(&dst), arg(&len), arg(&acc)];
+                // SAFETY: nn_grad_from_act_A(src, dst, n, accumulate): tmp holds n elements of
+                // A, the gradient target n floats.
+                unsafe {
+                    self.launch(
+                        &Self::k("nn_grad_from_act"),
+                        (blocks(n, THREADS as usize), 1, 1),
+                        &mut args,
+                    )?
+                };
+            }
             self.g_finish(t)?;
             if !need_dx {
                 return Ok(None);
             }
             let wp = self.p_addr(w, &mut keep)?;
+            let mut keep_w = Vec::new();
+            let wp = self.dnn_weight(wp, g.weight_len(), &mut keep_w)?;
             let dx = self.out_t(xs)?;
             let pass = Pass::Data {
                 dy: dyp,
@@ -1400,8 +1460,9 @@ impl<A: NnAct> Cuda<A> {
             None
         };
         let wp = ws.as_ref().map_or(0, |b| self.addr(b));
-        // SAFETY: the callers pass addresses of tensors of xs / ys and of g's weight shape (f32
-        // NCHW), as `Dnn::run` requires; the workspace holds at least `bytes` bytes.
+        // SAFETY: the callers pass addresses of tensors of xs / ys and of g's weight shape (NCHW,
+        // in A: the Dnn of a Cuda<A> is opened in A's mode), as `Dnn::run` requires; the
+        // workspace holds at least `bytes` bytes.
         unsafe { d.run(&self.dev, xs, ys, g, pass, wp, bytes) }
     }
 

@@ -207,7 +207,34 @@ impl Drop for ConvDesc {
     }
 }
 
-fn tensor_desc(what: &str, s: Shape) -> Result<TensorDesc> {
+/// What a [`Dnn`] computes in: exact f32 (FMA math), f32 with TF32 tensor cores, or bf16 data
+/// (tensors and weights in bf16, f32 accumulation, tensor cores).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DnnMode {
+    /// f32 data, FMA math.
+    Exact,
+    /// f32 data, TF32 tensor-op math allowed.
+    Tf32,
+    /// bf16 data with f32 compute, tensor-op math.
+    Bf16,
+}
+
+impl DnnMode {
+    /// The descriptors' data type.
+    fn data_type(self) -> sys::cudnnDataType_t {
+        match self {
+            DnnMode::Bf16 => sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+            _ => sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        }
+    }
+
+    /// Whether tensor-op math is allowed.
+    fn tensor_ops(self) -> bool {
+        self != DnnMode::Exact
+    }
+}
+
+fn tensor_desc(what: &str, s: Shape, dtype: sys::cudnnDataType_t) -> Result<TensorDesc> {
     let d = TensorDesc(dnn::create_tensor_descriptor().map_err(status("creating a descriptor"))?);
     let dims = [
         cint(what, s.n)?,
@@ -220,7 +247,7 @@ fn tensor_desc(what: &str, s: Shape) -> Result<TensorDesc> {
         dnn::set_tensor4d_descriptor(
             d.0,
             sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            dtype,
             dims,
         )
     }
@@ -241,11 +268,13 @@ struct Plan {
 }
 
 impl Plan {
-    /// The descriptors of a convolution of `g` from `xs` to `ys` (f32 NCHW, `g`'s groups; FMA
-    /// math, or tensor-op math with `tf32`); algorithms are chosen later, with a handle.
-    fn new(xs: Shape, ys: Shape, g: &ConvGeom, tf32: bool) -> Result<Plan> {
-        let x = tensor_desc("convolution input", xs)?;
-        let y = tensor_desc("convolution output", ys)?;
+    /// The descriptors of a convolution of `g` from `xs` to `ys` (NCHW, `g`'s groups; f32 with
+    /// FMA math, f32 with tensor-op (TF32) math, or bf16 data with f32 compute and tensor-op
+    /// math, as `mode` says); algorithms are chosen later, with a handle.
+    fn new(xs: Shape, ys: Shape, g: &ConvGeom, mode: DnnMode) -> Result<Plan> {
+        let dtype = mode.data_type();
+        let x = tensor_desc("convolution input", xs, dtype)?;
+        let y = tensor_desc("convolution output", ys, dtype)?;
         let w =
             FilterDesc(dnn::create_filter_descriptor().map_err(status("creating a descriptor"))?);
         let k = cint("kernel", g.kernel)?;
@@ -259,7 +288,7 @@ impl Plan {
         unsafe {
             dnn::set_filter4d_descriptor(
                 w.0,
-                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                dtype,
                 sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
                 dims,
             )
@@ -270,7 +299,7 @@ impl Plan {
         );
         let (pad, stride) = (cint("padding", g.padding)?, cint("stride", g.stride)?);
         let groups = cint("groups", g.groups)?;
-        let math = if tf32 {
+        let math = if mode.tensor_ops() {
             sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
         } else {
             sys::cudnnMathType_t::CUDNN_FMA_MATH
@@ -453,7 +482,7 @@ impl Drop for Inner {
 pub(crate) struct Dnn {
     inner: Mutex<Inner>,
     version: usize,
-    tf32: bool,
+    mode: DnnMode,
 }
 
 impl fmt::Debug for Dnn {
@@ -463,9 +492,9 @@ impl fmt::Debug for Dnn {
 }
 
 impl Dnn {
-    /// Opens cuDNN on `dev`'s stream (TF32 tensor cores allowed with `tf32`). Errors (never
-    /// panics) on the emulator, and when no usable library loads ([`cudnn_version`]).
-    pub(crate) fn open(dev: &CudaDevice, tf32: bool) -> Result<Dnn> {
+    /// Opens cuDNN on `dev`'s stream, computing as `mode` says. Errors (never panics) on the
+    /// emulator, and when no usable library loads ([`cudnn_version`]).
+    pub(crate) fn open(dev: &CudaDevice, mode: DnnMode) -> Result<Dnn> {
         let (Some(stream), Some(ctx)) = (dev.stream(), dev.context()) else {
             return Err(Error::Unsupported(
                 "cuDNN needs a GPU; the kernel emulator runs senet's own convolutions".into(),
@@ -487,7 +516,7 @@ impl Dnn {
         Ok(Dnn {
             inner: Mutex::new(inner),
             version,
-            tf32,
+            mode,
         })
     }
 
@@ -496,9 +525,9 @@ impl Dnn {
         self.version
     }
 
-    /// True when TF32 tensor cores are allowed.
-    pub(crate) fn tf32(&self) -> bool {
-        self.tf32
+    /// What this handle computes in.
+    pub(crate) fn mode(&self) -> DnnMode {
+        self.mode
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -519,8 +548,8 @@ impl Dnn {
         let mut inner = self.lock();
         bind(dev)?;
         let handle = inner.handle;
-        let tf32 = self.tf32;
-        let plan = Self::plan(&mut inner, xs, ys, g, tf32)?;
+        let tf32 = self.mode.tensor_ops();
+        let plan = Self::plan(&mut inner, xs, ys, g, self.mode)?;
         passes
             .iter()
             .map(|k| match k {
@@ -535,7 +564,8 @@ impl Dnn {
     ///
     /// # Safety
     /// The addresses in `pass` hold tensors of `xs` (x, dx), `ys` (y, dy) and `g`'s weight
-    /// shape (w, dw) in f32; `ws` holds `ws_bytes` bytes, at least what [`Dnn::prepare`]
+    /// shape (w, dw) in the mode's data type (f32, or bf16 in [`DnnMode::Bf16`]); `ws` holds
+    /// `ws_bytes` bytes, at least what [`Dnn::prepare`]
     /// returned for the pass (or is unused when that is 0).
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn run(
@@ -551,8 +581,8 @@ impl Dnn {
         let mut inner = self.lock();
         bind(dev)?;
         let handle = inner.handle;
-        let tf32 = self.tf32;
-        let plan = Self::plan(&mut inner, xs, ys, g, tf32)?;
+        let tf32 = self.mode.tensor_ops();
+        let plan = Self::plan(&mut inner, xs, ys, g, self.mode)?;
         let (one, zero) = (1.0f32, 0.0f32);
         let alpha = &one as *const f32 as *const c_void;
         let ws_ptr = ws as *mut c_void;
@@ -560,7 +590,7 @@ impl Dnn {
         let kind = pass.kind();
         // SAFETY (all three): the descriptors describe the tensors at these addresses (this
         // function's contract), the workspace is as large as the algorithm asked for, and
-        // alpha / beta point at f32s, the scaling type of f32 data.
+        // alpha / beta point at f32s, the scaling type of f32 and bf16 data.
         match pass {
             Pass::Forward { x, w, y } => {
                 let (algo, need) = Self::fwd_algo(handle, plan, tf32)?;
@@ -645,12 +675,12 @@ impl Dnn {
         xs: Shape,
         ys: Shape,
         g: &ConvGeom,
-        tf32: bool,
+        mode: DnnMode,
     ) -> Result<&'a mut Plan> {
         use std::collections::hash_map::Entry;
         match inner.plans.entry((xs, *g)) {
             Entry::Occupied(e) => Ok(e.into_mut()),
-            Entry::Vacant(e) => Ok(e.insert(Plan::new(xs, ys, g, tf32)?)),
+            Entry::Vacant(e) => Ok(e.insert(Plan::new(xs, ys, g, mode)?)),
         }
     }
 
@@ -929,13 +959,15 @@ mod tests {
         ];
         for (xs, g) in cases {
             let ys = g.output_shape(xs).unwrap();
-            let plan = Plan::new(xs, ys, &g, false).unwrap();
-            let d = plan.output_dims().unwrap();
-            assert_eq!(
-                d.map(|v| v as usize),
-                [ys.n, ys.c, ys.h, ys.w],
-                "{xs} {g:?}"
-            );
+            for mode in [DnnMode::Exact, DnnMode::Tf32, DnnMode::Bf16] {
+                let plan = Plan::new(xs, ys, &g, mode).unwrap();
+                let d = plan.output_dims().unwrap();
+                assert_eq!(
+                    d.map(|v| v as usize),
+                    [ys.n, ys.c, ys.h, ys.w],
+                    "{xs} {g:?} {mode:?}"
+                );
+            }
         }
     }
 
@@ -944,7 +976,7 @@ mod tests {
         let Ok(dev) = CudaDevice::emulator() else {
             return;
         };
-        let e = Dnn::open(&dev, false).unwrap_err();
+        let e = Dnn::open(&dev, DnnMode::Exact).unwrap_err();
         assert!(matches!(e, Error::Unsupported(_)), "{e}");
     }
 }
