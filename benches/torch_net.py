@@ -2,7 +2,7 @@
 """PyTorch's side of the network step-time table (issue 8): timm's seresnet50 (or --model) on
 one GPU, a training step (forward, cross-entropy, backward, SGD with momentum and weight decay)
 and an inference forward, eager and (with --compile) torch.compile, in f32 and in bf16 autocast
-with channels_last. With --ours (the CSV of `senet net-bench --csv`) it prints our times next to
+with channels_last. With --ours (CSVs of `senet net-bench --csv`, matched by precision) it prints our times next to
 PyTorch's, same model, batch and mode.
 
     python3 benches/torch_net.py --batch 1,128 --ours net-bench.csv --out torch-net.csv
@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--precisions", default="f32,bf16")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (default mode)")
-    ap.add_argument("--ours", help="CSV from `senet net-bench --csv`")
+    ap.add_argument("--ours", help="CSVs from `senet net-bench --csv`, comma-separated (rows matched by precision)")
     ap.add_argument("--out", help="write PyTorch's rows here as CSV")
     ap.add_argument("--profile", type=int, default=0, help="profile this many eager steps per case")
     a = ap.parse_args()
@@ -110,12 +110,14 @@ def main():
             w.writerows(rows)
 
     ours = {}
-    if a.ours:
-        with open(a.ours) as f:
+    for path in (a.ours or "").split(","):
+        if not path:
+            continue
+        with open(path) as f:
             for r in csv.DictReader(f):
-                ours[(int(r["batch"]), r["mode"])] = float(r["median_ms"])
+                ours[(r.get("precision", "f32"), int(r["batch"]), r["mode"])] = float(r["median_ms"])
     print()
-    print("| model | precision | batch | mode | PyTorch eager ms | torch.compile ms | senet f32 ms | senet / eager |")
+    print("| model | precision | batch | mode | PyTorch eager ms | torch.compile ms | senet ms | senet / eager |")
     print("|---|---|---:|---|---:|---:|---:|---:|")
     for prec in a.precisions.split(","):
         for batch in [int(b) for b in a.batch.split(",")]:
@@ -126,7 +128,7 @@ def main():
                             return r["median_ms"]
                     return None
                 e, c = pick("eager"), pick("compile")
-                o = ours.get((batch, mode))
+                o = ours.get((prec, batch, mode))
                 fmt = lambda v: "-" if v is None else f"{v:.2f}"
                 ratio = "-" if (o is None or e is None) else f"{o / e:.2f}"
                 print(f"| {a.model} | {prec} | {batch} | {mode} | {fmt(e)} | {fmt(c)} | {fmt(o)} | {ratio} |")
