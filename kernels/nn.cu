@@ -731,6 +731,7 @@ using namespace senet::nnk;
 
 SENET_NN_KERNELS(f32, float)
 SENET_NN_KERNELS(bf16, __nv_bfloat16)
+SENET_NN_KERNELS(f16, __half)
 
 // out[i] (+)= sum over z in order of partial[z * len + i].
 extern "C" __global__ void __launch_bounds__(256)
@@ -762,6 +763,21 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 SENET_EMU_REGISTER(nn_sgd_f32)
+
+// Loss scaling: g *= factor, and flag[0] = 1 when a result is not finite (every writer stores
+// the same value, so the unordered writes agree).
+extern "C" __global__ void __launch_bounds__(256)
+    nn_unscale_f32(float* __restrict__ g, uint64_t n, float factor, uint32_t* __restrict__ flag) {
+    bool bad = false;
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        const float v = g[i] * factor;
+        g[i] = v;
+        bad |= !(fabsf(v) <= 3.402823466e38f);  // NaN fails the comparison
+    }
+    if (bad) flag[0] = 1u;
+}
+SENET_EMU_REGISTER(nn_unscale_f32)
 
 // BatchNorm's per-channel coefficients on the device, in the host layer's f64 order and
 // rounding (no contraction), one thread per channel:

@@ -17,23 +17,25 @@ const OUT_TOL: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-4;
 /// DESIGN.md's bf16 tolerance, outputs and gradients alike.
 const BF16_TOL: f64 = 1e-2;
+/// DESIGN.md's f16 tolerance, outputs and gradients alike.
+const F16_TOL: f64 = 2e-3;
 
-/// The output tolerance of the op checks: f32's, or bf16's while this thread's inputs are
-/// rounded to bf16 (`nn_common::set_bf16_inputs`, the bf16 backend's tests).
+/// The output tolerance of the op checks: f32's, or the narrow type's while this thread's
+/// inputs are rounded to it (`nn_common::set_narrow_inputs`, the narrow backends' tests).
 fn out_tol() -> f64 {
-    if nn_common::bf16_inputs() {
-        BF16_TOL
-    } else {
-        OUT_TOL
+    match nn_common::narrow_inputs() {
+        nn_common::Narrow::None => OUT_TOL,
+        nn_common::Narrow::Bf16 => BF16_TOL,
+        nn_common::Narrow::F16 => F16_TOL,
     }
 }
 
 /// The gradient tolerance of the op checks (as [`out_tol`]).
 fn grad_tol() -> f64 {
-    if nn_common::bf16_inputs() {
-        BF16_TOL
-    } else {
-        GRAD_TOL
+    match nn_common::narrow_inputs() {
+        nn_common::Narrow::None => GRAD_TOL,
+        nn_common::Narrow::Bf16 => BF16_TOL,
+        nn_common::Narrow::F16 => F16_TOL,
     }
 }
 
@@ -906,6 +908,134 @@ fn cuda_convolution_sample_chunks() {
     }
 }
 
+// f16 activations: each op on f16-rounded inputs within DESIGN.md's f16 tolerance.
+
+#[test]
+fn cuda_f16_ops_within_f16_tolerance() {
+    nn_common::set_narrow_inputs(nn_common::Narrow::F16);
+    for be in nn_common::cuda_f16_backends() {
+        let h = nn_common::OnHost(&be);
+        check_convolution_within(&h, F16_TOL, F16_TOL);
+        check_pointwise_ops(&h);
+        check_se_op(&h);
+        check_shape_errors(&h);
+    }
+}
+
+/// Loss scaling by a power of two changes nothing but the range: on the CPU backend (host
+/// gradients) and on the CUDA backends with bound parameters (the unscale kernel), steps with
+/// a scaler give bit for bit the parameters of plain steps, and the scale doubles after
+/// `growth_interval` finite steps.
+fn check_loss_scaling_is_exact<B: Backend<f32>>(be: &B, bind: bool) {
+    use senet::train::loss::cross_entropy;
+    use senet::train::optim::{LossScaler, Sgd};
+    let (name, cfg, xs) = small_configs().remove(2);
+    let s = seed(name);
+    let mut plain = cfg.build::<f32>(name).unwrap();
+    plain.init_weights(s);
+    let mut scaled = plain.clone();
+    if bind {
+        plain.bind(be).unwrap();
+        scaled.bind(be).unwrap();
+    }
+    let x: Tensor<f32> = random_tensor(xs, s ^ 1);
+    let labels: Vec<usize> = (0..xs.n).map(|i| i % cfg.num_classes).collect();
+    let (mut o1, mut o2) = (Sgd::new(0.9, 1e-4).unwrap(), Sgd::new(0.9, 1e-4).unwrap());
+    let mut scaler = LossScaler::new(1024.0, 2).unwrap();
+    for step in 0..3 {
+        plain.reseed_dropout(step);
+        scaled.reseed_dropout(step);
+        let logits = plain.forward(be, x.clone(), Mode::Train).unwrap();
+        let out = cross_entropy(&logits, &labels, 0.0).unwrap();
+        plain.zero_grad();
+        plain.backward_params(be, out.grad).unwrap();
+        o1.step_on(be, &mut plain, 0.05).unwrap();
+        let logits = scaled.forward(be, x.clone(), Mode::Train).unwrap();
+        let mut out = cross_entropy(&logits, &labels, 0.0).unwrap();
+        let k = scaler.scale();
+        out.grad.data_mut().iter_mut().for_each(|g| *g *= k);
+        scaled.zero_grad();
+        scaled.backward_params(be, out.grad).unwrap();
+        assert!(scaler.step(be, &mut scaled, &mut o2, 0.05).unwrap());
+    }
+    assert_eq!(scaler.scale(), 2048.0, "doubled after two finite steps");
+    assert_eq!(scaler.skipped(), 0);
+    if bind {
+        plain.unbind().unwrap();
+        scaled.unbind().unwrap();
+    }
+    for ((n, a), (_, b)) in plain.parameters().zip(scaled.parameters()) {
+        assert_eq!(a.value, b.value, "{n}");
+    }
+}
+
+#[test]
+fn loss_scaling_is_exact_on_the_host() {
+    check_loss_scaling_is_exact(&Cpu, false);
+}
+
+#[test]
+fn cuda_loss_scaling_is_exact_on_the_device() {
+    for be in nn_common::cuda_backends() {
+        check_loss_scaling_is_exact(&be, true);
+    }
+}
+
+/// With f16 activations a scale too large (2^24: the loss gradient alone overflows f16)
+/// overflows the backward: the step is skipped (no
+/// parameter or momentum changes), the scale halves, and a later step at a workable scale
+/// trains.
+#[test]
+fn cuda_f16_loss_scaling_skips_overflowing_steps() {
+    use senet::train::loss::cross_entropy;
+    use senet::train::optim::{LossScaler, Sgd};
+    for be in nn_common::cuda_f16_backends() {
+        let (name, cfg, xs) = small_configs().remove(0);
+        let s = seed(name);
+        let mut net = cfg.build::<f32>(name).unwrap();
+        net.init_weights(s);
+        let before: Vec<Vec<f32>> = net.parameters().map(|(_, p)| p.value.clone()).collect();
+        net.bind(&be).unwrap();
+        let x: Tensor<f32> = random_tensor(xs, s ^ 1);
+        let labels: Vec<usize> = (0..xs.n).map(|i| i % cfg.num_classes).collect();
+        let mut opt = Sgd::new(0.9, 0.0).unwrap();
+        let huge = 2f32.powi(24);
+        let mut scaler = LossScaler::new(huge, 1000).unwrap();
+        let mut step = |net: &mut Network<f32>, scaler: &mut LossScaler| {
+            let logits = net.forward(&be, x.clone(), Mode::Train).unwrap();
+            let mut out = cross_entropy(&logits, &labels, 0.0).unwrap();
+            let k = scaler.scale();
+            out.grad.data_mut().iter_mut().for_each(|g| *g *= k);
+            net.zero_grad();
+            net.backward_params(&be, out.grad).unwrap();
+            scaler.step(&be, net, &mut opt, 0.05).unwrap()
+        };
+        assert!(!step(&mut net, &mut scaler), "2^24 must overflow f16");
+        assert_eq!(scaler.scale(), huge / 2.0);
+        assert_eq!(scaler.skipped(), 1);
+        for ((n, p), b) in net.parameters().zip(&before) {
+            let store = p.device_store().expect("bound");
+            assert_eq!(
+                &store.read_value().unwrap(),
+                b,
+                "{n}: changed by a skipped step"
+            );
+            assert!(store.read_momentum().unwrap().is_none(), "{n}: momentum");
+        }
+        let mut taken = 0;
+        for _ in 0..40 {
+            if step(&mut net, &mut scaler) {
+                taken += 1;
+                break;
+            }
+        }
+        assert_eq!(taken, 1, "a step at some scale below 2^24 is finite");
+        net.unbind().unwrap();
+        let after: Vec<Vec<f32>> = net.parameters().map(|(_, p)| p.value.clone()).collect();
+        assert_ne!(before, after, "the finite step updated the parameters");
+    }
+}
+
 #[test]
 fn cuda_bf16_shape_errors_are_errors() {
     for be in nn_common::cuda_bf16_backends() {
@@ -1201,10 +1331,21 @@ fn cuda_bound_parameters_train_exactly_as_host_ones() {
 /// loss is within 1e-2 (relative) of the f32 backend's on the same weights and batch.
 #[test]
 fn cuda_bf16_training_steps_lower_the_loss() {
+    check_narrow_training(nn_common::cuda_bf16_backends(), false);
+}
+
+/// As `cuda_bf16_training_steps_lower_the_loss`, with f16 activations and dynamic loss scaling
+/// (PyTorch's default scale, 65536).
+#[test]
+fn cuda_f16_training_steps_lower_the_loss() {
+    check_narrow_training(nn_common::cuda_f16_backends(), true);
+}
+
+fn check_narrow_training<A: senet::nn::NnAct>(narrow: Vec<senet::nn::Cuda<A>>, scale: bool) {
     use senet::train::loss::cross_entropy;
-    use senet::train::optim::Sgd;
+    use senet::train::optim::{LossScaler, Sgd};
     let f32s = nn_common::cuda_backends();
-    for (be, exact) in nn_common::cuda_bf16_backends().iter().zip(&f32s) {
+    for (be, exact) in narrow.iter().zip(&f32s) {
         for (name, cfg, xs) in small_configs() {
             let s = seed(name);
             let mut net = cfg.build::<f32>(name).unwrap();
@@ -1218,20 +1359,35 @@ fn cuda_bf16_training_steps_lower_the_loss() {
             };
             net.bind(be).unwrap();
             let mut opt = Sgd::new(0.9, 0.0).unwrap();
+            let mut scaler = scale.then(LossScaler::default);
             let mut losses = Vec::new();
             for _ in 0..10 {
                 let logits = net.forward(be, x.clone(), Mode::Train).unwrap();
-                let out = cross_entropy(&logits, &labels, 0.0).unwrap();
+                let mut out = cross_entropy(&logits, &labels, 0.0).unwrap();
                 losses.push(out.loss);
+                if let Some(sc) = &scaler {
+                    let k = sc.scale();
+                    out.grad.data_mut().iter_mut().for_each(|g| *g *= k);
+                }
                 net.zero_grad();
                 net.backward_params(be, out.grad).unwrap();
-                opt.step_on(be, &mut net, 0.05).unwrap();
+                match &mut scaler {
+                    Some(sc) => {
+                        sc.step(be, &mut net, &mut opt, 0.05).unwrap();
+                    }
+                    None => opt.step_on(be, &mut net, 0.05).unwrap(),
+                }
             }
-            eprintln!("{name}: bf16 losses {losses:.4?}; f32 first {first_f32:.4}");
+            let skipped = scaler.as_ref().map_or(0, |s| s.skipped());
+            eprintln!(
+                "{name}: {} losses {losses:.4?}; f32 first {first_f32:.4}; skipped {skipped}",
+                A::SUFFIX
+            );
             assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
             assert!(
                 (losses[0] - first_f32).abs() <= 1e-2 * first_f32,
-                "{name}: first bf16 loss {} vs f32 {first_f32}",
+                "{name}: first {} loss {} vs f32 {first_f32}",
+                A::SUFFIX,
                 losses[0]
             );
             let last = *losses.last().unwrap();

@@ -856,6 +856,30 @@ fn senet_commands_on_the_cuda_emulator() {
     assert!(ok, "{text}");
     let rows = std::fs::read_to_string(&csv16).unwrap();
     assert!(rows.lines().skip(1).all(|l| l.contains(",bf16,")), "{rows}");
+    // f16: a training step with loss scaling through the command line.
+    let (ok, text) = senet(&[
+        "net-bench",
+        "--device",
+        "cuda-emu",
+        "--precision",
+        "f16",
+        "--model",
+        "seresnet20_cifar",
+        "--batch",
+        "2",
+        "--size",
+        "16",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--modes",
+        "train",
+    ]);
+    assert!(
+        ok && text.contains("f16 activations") && text.contains("| f16 | 2 | train |"),
+        "{text}"
+    );
     let (ok, text) = senet(&["net-bench", "--device", "cpu", "--precision", "bf16"]);
     assert!(
         !ok && text.contains("bf16 activations need the CUDA backend"),

@@ -213,3 +213,89 @@ impl Sgd {
             .map_err(|e| Error::Format(format!("{}: {e}", path.display())))
     }
 }
+
+/// Dynamic loss scaling for f16 activations (PyTorch's `GradScaler` rule): the loss gradient is
+/// multiplied by [`LossScaler::scale`] before backward, so small activation gradients stay
+/// above f16's underflow; [`LossScaler::step`] then divides the parameter gradients by it where
+/// they live, and updates only when all of them are finite. A step with an overflow is skipped
+/// and halves the scale; `growth_interval` finite steps in a row double it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossScaler {
+    scale: f32,
+    growth_interval: u32,
+    good_steps: u32,
+    skipped: u64,
+}
+
+impl Default for LossScaler {
+    /// PyTorch's defaults: scale 65536, doubled after 2000 finite steps.
+    fn default() -> Self {
+        LossScaler {
+            scale: 65536.0,
+            growth_interval: 2000,
+            good_steps: 0,
+            skipped: 0,
+        }
+    }
+}
+
+impl LossScaler {
+    /// A scaler starting at `scale` (a power of two keeps the unscaling exact), doubling it
+    /// after `growth_interval` finite steps in a row.
+    pub fn new(scale: f32, growth_interval: u32) -> Result<Self> {
+        if !(scale.is_finite() && scale > 0.0) || growth_interval == 0 {
+            return Err(Error::Config(format!(
+                "loss scale {scale} must be positive and finite, growth interval \
+                 {growth_interval} positive"
+            )));
+        }
+        Ok(LossScaler {
+            scale,
+            growth_interval,
+            ..Default::default()
+        })
+    }
+
+    /// The factor the loss gradient is multiplied by before backward.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// Steps skipped so far for a gradient that was not finite.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    /// Unscales every gradient of `net` (on `backend` where bound), then takes the SGD step
+    /// when all are finite; otherwise leaves the parameters and momentum alone and halves the
+    /// scale. Returns whether the step was taken.
+    pub fn step<B: Backend<f32>>(
+        &mut self,
+        backend: &B,
+        net: &mut Network<f32>,
+        opt: &mut Sgd,
+        lr: f32,
+    ) -> Result<bool> {
+        let finite = {
+            let mut params: Vec<&mut crate::nn::Param<f32>> =
+                net.parameters_mut().map(|(_, p)| p).collect();
+            backend.unscale_grads(&mut params, 1.0 / self.scale)?
+        };
+        if finite {
+            opt.step_on(backend, net, lr)?;
+            self.good_steps += 1;
+            if self.good_steps >= self.growth_interval {
+                self.good_steps = 0;
+                let grown = self.scale * 2.0;
+                if grown.is_finite() {
+                    self.scale = grown;
+                }
+            }
+        } else {
+            self.good_steps = 0;
+            self.skipped += 1;
+            self.scale = (self.scale * 0.5).max(f32::MIN_POSITIVE);
+        }
+        Ok(finite)
+    }
+}

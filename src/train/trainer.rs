@@ -70,17 +70,18 @@ impl Device {
         })
     }
 
-    /// [`Device::cuda_backend`] with bf16 activations (mixed precision, senet's own
-    /// convolution kernels): an error for the CPU, and when `SENET_CONV` asks for cuDNN.
-    pub fn cuda_bf16_backend(self) -> Result<crate::nn::Cuda<half::bf16>> {
+    /// [`Device::cuda_backend`] with activations of `A` (bf16 or f16 for mixed precision):
+    /// an error for the CPU, and as [`crate::nn::Cuda::open`] says.
+    pub fn cuda_backend_of<A: crate::nn::NnAct>(self) -> Result<crate::nn::Cuda<A>> {
         use crate::cuda::CudaDevice;
         use crate::nn::{ConvChoice, Cuda};
         match self {
-            Device::Cpu => Err(Error::Config(
-                "bf16 activations need the CUDA backend (--device cuda or cuda-emu)".into(),
-            )),
-            Device::Cuda => Cuda::bf16(CudaDevice::new(0)?, ConvChoice::from_env()?),
-            Device::CudaEmu => Cuda::bf16(CudaDevice::emulator()?, ConvChoice::from_env()?),
+            Device::Cpu => Err(Error::Config(format!(
+                "{} activations need the CUDA backend (--device cuda or cuda-emu)",
+                A::SUFFIX
+            ))),
+            Device::Cuda => Cuda::open(CudaDevice::new(0)?, ConvChoice::from_env()?),
+            Device::CudaEmu => Cuda::open(CudaDevice::emulator()?, ConvChoice::from_env()?),
         }
     }
 }
@@ -116,6 +117,9 @@ pub enum Precision {
     F32,
     /// bf16 activations and activation gradients (mixed precision; the CUDA backend only).
     Bf16,
+    /// f16 activations and activation gradients with dynamic loss scaling
+    /// ([`crate::train::optim::LossScaler`]; the CUDA backend only).
+    F16,
 }
 
 impl FromStr for Precision {
@@ -125,8 +129,9 @@ impl FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
+            "f16" => Ok(Precision::F16),
             _ => Err(Error::Config(format!(
-                "unknown precision `{s}` (f32 or bf16)"
+                "unknown precision `{s}` (f32, bf16 or f16)"
             ))),
         }
     }
@@ -137,6 +142,7 @@ impl fmt::Display for Precision {
         f.write_str(match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
         })
     }
 }
@@ -431,6 +437,9 @@ pub struct TrainState {
     pub history: Vec<EpochMetrics>,
     /// The best test top-1 so far and its epoch (1-based; 0: none yet).
     pub best: (f64, usize),
+    /// The loss scaler of an f16 run (its scale carries over a resume).
+    #[serde(default)]
+    pub scaler: Option<crate::train::optim::LossScaler>,
 }
 
 /// What one training step reports.
@@ -624,12 +633,17 @@ impl<B: Backend<f32>> Trainer<B> {
         net.init_weights(seed_for(config.seed, Stream::Init, 0));
         net.set_input_grad(false);
         let opt = Sgd::new(config.momentum as f32, config.weight_decay as f32)?;
+        let scaler =
+            (config.precision == Precision::F16).then(crate::train::optim::LossScaler::default);
         Ok(Trainer {
             backend,
             config,
             net,
             opt,
-            state: TrainState::default(),
+            state: TrainState {
+                scaler,
+                ..TrainState::default()
+            },
             train,
             test,
         })
@@ -743,13 +757,22 @@ impl<B: Backend<f32>> Trainer<B> {
             self.net
                 .reseed_dropout(seed_for(seed, Stream::Dropout, self.state.global_step));
             let logits = self.net.forward(&self.backend, batch.x, Mode::Train)?;
-            let out = cross_entropy(&logits, &batch.labels, self.config.label_smoothing)?;
+            let mut out = cross_entropy(&logits, &batch.labels, self.config.label_smoothing)?;
             let c1 = topk_correct(&logits, &batch.labels, 1)?;
             let c5 = topk_correct(&logits, &batch.labels, k5)?;
             drop(logits);
+            if let Some(sc) = &self.state.scaler {
+                let s = sc.scale();
+                out.grad.data_mut().iter_mut().for_each(|g| *g *= s);
+            }
             self.net.zero_grad();
             self.net.backward_params(&self.backend, out.grad)?;
-            self.opt.step_on(&self.backend, &mut self.net, lr as f32)?;
+            match &mut self.state.scaler {
+                Some(sc) => {
+                    sc.step(&self.backend, &mut self.net, &mut self.opt, lr as f32)?;
+                }
+                None => self.opt.step_on(&self.backend, &mut self.net, lr as f32)?,
+            }
             if !out.loss.is_finite() {
                 return Err(Error::Config(format!(
                     "the loss diverged ({}) at epoch {} step {}; lower the learning rate",

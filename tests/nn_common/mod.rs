@@ -21,27 +21,49 @@ pub fn quantize(v: f64) -> f64 {
     (v * (1u64 << 20) as f64).round() / (1u64 << 20) as f64
 }
 
+/// The element type test inputs are rounded to on this thread (for a narrow-activation backend).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Narrow {
+    /// No rounding beyond [`quantize`].
+    None,
+    /// bf16.
+    Bf16,
+    /// f16.
+    F16,
+}
+
 thread_local! {
-    static BF16_INPUTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static NARROW: std::cell::Cell<Narrow> = const { std::cell::Cell::new(Narrow::None) };
 }
 
-/// While `on`, [`random_tensor`] on this thread rounds its values to bf16 (inputs and output
-/// gradients of a bf16 backend are then exact, as DESIGN.md's "same rounded inputs" asks).
+/// While set, [`random_tensor`] on this thread rounds its values to that type (inputs and
+/// output gradients of a narrow backend are then exact, as DESIGN.md's "same rounded inputs"
+/// asks).
+pub fn set_narrow_inputs(n: Narrow) {
+    NARROW.with(|c| c.set(n));
+}
+
+/// [`set_narrow_inputs`] with bf16 (`on`) or none.
 pub fn set_bf16_inputs(on: bool) {
-    BF16_INPUTS.with(|c| c.set(on));
+    set_narrow_inputs(if on { Narrow::Bf16 } else { Narrow::None });
 }
 
-/// Whether [`set_bf16_inputs`] is on for this thread.
+/// This thread's rounding of test inputs.
+pub fn narrow_inputs() -> Narrow {
+    NARROW.with(|c| c.get())
+}
+
+/// Whether this thread's inputs are rounded to bf16.
 pub fn bf16_inputs() -> bool {
-    BF16_INPUTS.with(|c| c.get())
+    narrow_inputs() == Narrow::Bf16
 }
 
-/// `v` rounded to bf16 (and back) when [`set_bf16_inputs`] is on, else `v`.
+/// `v` rounded (and widened back) as [`set_narrow_inputs`] says.
 pub fn round_input(v: f64) -> f64 {
-    if bf16_inputs() {
-        half::bf16::from_f64(v).to_f64()
-    } else {
-        v
+    match narrow_inputs() {
+        Narrow::None => v,
+        Narrow::Bf16 => half::bf16::from_f64(v).to_f64(),
+        Narrow::F16 => half::f16::from_f64(v).to_f64(),
     }
 }
 
@@ -145,17 +167,17 @@ pub fn cuda_backends() -> Vec<senet::nn::Cuda> {
     out
 }
 
-/// The bf16 (mixed-precision) CUDA backends to test, poisoned: the emulator's, and GPU 0's with
-/// the own convolution kernels and with cuDNN's bf16 ones (where the library loads), with the
-/// same skip rules as [`cuda_backends`]; each announced.
-pub fn cuda_bf16_backends() -> Vec<senet::nn::Cuda<half::bf16>> {
+/// The mixed-precision CUDA backends with activations of `A` to test, poisoned: the
+/// emulator's, and GPU 0's with the own convolution kernels and with cuDNN's (where the library
+/// loads), with the same skip rules as [`cuda_backends`]; each announced.
+pub fn cuda_narrow_backends<A: senet::nn::NnAct>() -> Vec<senet::nn::Cuda<A>> {
     use senet::cuda::CudaDevice;
-    use senet::nn::{ConvChoice, Cuda};
+    use senet::nn::{ConvChoice, ConvEngine, Cuda};
     use std::io::Write;
     let mut out = Vec::new();
     if std::env::var("SENET_TEST_EMULATOR").as_deref() != Ok("0") {
         match CudaDevice::emulator() {
-            Ok(d) => out.push(Cuda::bf16(d, ConvChoice::Auto).expect("bf16 backend")),
+            Ok(d) => out.push(Cuda::<A>::open(d, ConvChoice::Auto).expect("emulator backend")),
             Err(e) => {
                 let _ = writeln!(std::io::stderr(), "skipped on the emulator: {e}");
             }
@@ -169,14 +191,13 @@ pub fn cuda_bf16_backends() -> Vec<senet::nn::Cuda<half::bf16>> {
     };
     match dev {
         Ok(d) => {
-            use senet::nn::ConvEngine;
             out.push(
-                Cuda::bf16(d.clone(), ConvChoice::Only(ConvEngine::Own)).expect("bf16 backend"),
+                Cuda::<A>::open(d.clone(), ConvChoice::Only(ConvEngine::Own)).expect("own kernels"),
             );
-            match Cuda::bf16(d, ConvChoice::Only(ConvEngine::Cudnn)) {
+            match Cuda::<A>::open(d, ConvChoice::Only(ConvEngine::Cudnn)) {
                 Ok(b) => out.push(b),
                 Err(e) => {
-                    let _ = writeln!(std::io::stderr(), "skipped cuDNN bf16 convolutions: {e}");
+                    let _ = writeln!(std::io::stderr(), "skipped cuDNN convolutions: {e}");
                 }
             }
         }
@@ -194,6 +215,16 @@ pub fn cuda_bf16_backends() -> Vec<senet::nn::Cuda<half::bf16>> {
             b.with_poison(true)
         })
         .collect()
+}
+
+/// [`cuda_narrow_backends`] with bf16 activations.
+pub fn cuda_bf16_backends() -> Vec<senet::nn::Cuda<half::bf16>> {
+    cuda_narrow_backends()
+}
+
+/// [`cuda_narrow_backends`] with f16 activations.
+pub fn cuda_f16_backends() -> Vec<senet::nn::Cuda<half::f16>> {
+    cuda_narrow_backends()
 }
 
 /// The CUDA backend with cuDNN's TF32 convolutions on GPU 0, when there is a GPU with cuDNN

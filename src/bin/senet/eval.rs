@@ -38,7 +38,7 @@ pub struct Args {
     /// cpu; cuda (GPU 0); or cuda-emu (the CUDA backend on the CPU emulator, slow).
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// Activations: f32, or bf16 (mixed precision; --device cuda or cuda-emu).
+    /// Activations: f32, or bf16 / f16 (mixed precision; --device cuda or cuda-emu).
     #[arg(long, default_value = "f32")]
     precision: Precision,
 }
@@ -113,6 +113,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Host,
         F32(senet::nn::Cuda),
         Bf16(senet::nn::Cuda<half::bf16>),
+        F16(senet::nn::Cuda<half::f16>),
     }
     let be = match args.precision {
         Precision::F32 => match args.device.cuda_backend()? {
@@ -123,42 +124,37 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
         },
         Precision::Bf16 => {
-            let b = args.device.cuda_bf16_backend()?;
+            let b = args.device.cuda_backend_of::<half::bf16>()?;
             crate::train::announce_cuda(&b);
             Be::Bf16(b)
         }
+        Precision::F16 => {
+            let b = args.device.cuda_backend_of::<half::f16>()?;
+            crate::train::announce_cuda(&b);
+            Be::F16(b)
+        }
     };
-    let run = |net: &mut senet::nn::Network<f32>, progress: &mut Progress| match &be {
-        Be::Bf16(b) => evaluate(
-            b,
-            net,
-            ds.clone(),
-            &augment,
-            args.batch_size,
-            smoothing,
-            2,
-            progress,
-        ),
-        Be::Host => evaluate(
-            &Cpu,
-            net,
-            ds.clone(),
-            &augment,
-            args.batch_size,
-            smoothing,
-            2,
-            progress,
-        ),
-        Be::F32(b) => evaluate(
-            b,
-            net,
-            ds.clone(),
-            &augment,
-            args.batch_size,
-            smoothing,
-            2,
-            progress,
-        ),
+    let run = |net: &mut senet::nn::Network<f32>, progress: &mut Progress| {
+        macro_rules! on {
+            ($b:expr) => {
+                evaluate(
+                    $b,
+                    net,
+                    ds.clone(),
+                    &augment,
+                    args.batch_size,
+                    smoothing,
+                    2,
+                    progress,
+                )
+            };
+        }
+        match &be {
+            Be::Host => on!(&Cpu),
+            Be::F32(b) => on!(b),
+            Be::Bf16(b) => on!(b),
+            Be::F16(b) => on!(b),
+        }
     };
     let r = run(&mut net, &mut progress);
     progress.finish();

@@ -4,7 +4,7 @@
 use crate::train::announce_cuda;
 use senet::nn::{models, Backend, Cpu, Mode, Network, Profiled};
 use senet::train::loss::cross_entropy;
-use senet::train::optim::Sgd;
+use senet::train::optim::{LossScaler, Sgd};
 use senet::train::{Device, Precision};
 use senet::{rng, Error, Layout, Result, Tensor};
 use std::process::ExitCode;
@@ -36,8 +36,8 @@ pub struct Args {
     /// Also write the rows as CSV here.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
-    /// Activations: f32 (exact), or bf16 (mixed precision: bf16 activations, f32 parameters,
-    /// gradients and SGD state; CUDA devices only).
+    /// Activations: f32 (exact), or bf16 / f16 (mixed precision: narrow activations, f32
+    /// parameters, gradients and SGD state; f16 steps with loss scaling; CUDA devices only).
     #[arg(long, default_value = "f32")]
     precision: Precision,
     /// After timing, run this many more steps per batch and mode with every op timed (the
@@ -76,7 +76,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
         },
         Precision::Bf16 => {
-            let b = args.device.cuda_bf16_backend()?;
+            let b = args.device.cuda_backend_of::<half::bf16>()?;
+            announce_cuda(&b);
+            bench(&b, &args, &modes)?
+        }
+        Precision::F16 => {
+            let b = args.device.cuda_backend_of::<half::f16>()?;
             announce_cuda(&b);
             bench(&b, &args, &modes)?
         }
@@ -109,22 +114,38 @@ pub fn run(args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The optimiser of a timed training step: SGD, with dynamic loss scaling for f16 activations
+/// (as `senet train` steps).
+struct Opt {
+    sgd: Sgd,
+    scaler: Option<LossScaler>,
+}
+
 /// One step of `mode` (a training step with the loss and the SGD update, or an inference
 /// forward).
 fn step<B: Backend<f32>>(
     be: &B,
     net: &mut Network<f32>,
-    sgd: &mut Sgd,
+    sgd: &mut Opt,
     x: &Tensor<f32>,
     labels: &[usize],
     mode: &str,
 ) -> Result<()> {
     if mode == "train" {
         let logits = net.forward(be, x.clone(), Mode::Train)?;
-        let loss = cross_entropy(&logits, labels, 0.0)?;
+        let mut loss = cross_entropy(&logits, labels, 0.0)?;
+        if let Some(sc) = &sgd.scaler {
+            let s = sc.scale();
+            loss.grad.data_mut().iter_mut().for_each(|g| *g *= s);
+        }
         net.zero_grad();
         net.backward(be, loss.grad)?;
-        sgd.step_on(be, net, 0.01)?;
+        match &mut sgd.scaler {
+            Some(sc) => {
+                sc.step(be, net, &mut sgd.sgd, 0.01)?;
+            }
+            None => sgd.sgd.step_on(be, net, 0.01)?,
+        }
     } else {
         net.forward(be, x.clone(), Mode::Infer)?;
     }
@@ -137,7 +158,7 @@ fn step<B: Backend<f32>>(
 fn profile<B: Backend<f32> + Clone>(
     be: &B,
     net: &mut Network<f32>,
-    sgd: &mut Sgd,
+    sgd: &mut Opt,
     x: &Tensor<f32>,
     labels: &[usize],
     mode: &str,
@@ -183,7 +204,10 @@ fn bench<B: Backend<f32> + Clone>(be: &B, args: &Args, modes: &[&'static str]) -
     let (c, h, w) = net.input_size();
     let (h, w) = args.size.map_or((h, w), |s| (s, s));
     let classes = net.num_classes();
-    let mut sgd = Sgd::new(0.9, 1e-4)?;
+    let mut sgd = Opt {
+        sgd: Sgd::new(0.9, 1e-4)?,
+        scaler: (be.precision() == "f16").then(LossScaler::default),
+    };
     // Parameters stay on a device backend across steps, as in `senet train`.
     net.bind(be)?;
     let mut rows = Vec::new();

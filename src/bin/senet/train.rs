@@ -101,8 +101,9 @@ pub struct Recipe {
     /// slow, for checking the GPU path without a GPU).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
-    /// Activations: f32 (exact) or bf16 (mixed precision: bf16 activations and activation
-    /// gradients, f32 parameters, gradients and momentum; --device cuda or cuda-emu).
+    /// Activations: f32 (exact), bf16 or f16 (mixed precision: narrow activations and
+    /// activation gradients, f32 parameters, gradients and momentum; f16 with dynamic loss
+    /// scaling; --device cuda or cuda-emu).
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
 }
@@ -379,17 +380,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         None => (args.recipe.device, args.recipe.precision),
     };
-    if precision == Precision::Bf16 {
-        let b = device.cuda_bf16_backend()?;
-        announce_cuda(&b);
-        return run_on(b, args);
-    }
-    match device.cuda_backend()? {
-        None => run_on(Cpu, args),
-        Some(b) => {
+    match precision {
+        Precision::Bf16 => {
+            let b = device.cuda_backend_of::<half::bf16>()?;
             announce_cuda(&b);
             run_on(b, args)
         }
+        Precision::F16 => {
+            let b = device.cuda_backend_of::<half::f16>()?;
+            announce_cuda(&b);
+            run_on(b, args)
+        }
+        Precision::F32 => match device.cuda_backend()? {
+            None => run_on(Cpu, args),
+            Some(b) => {
+                announce_cuda(&b);
+                run_on(b, args)
+            }
+        },
     }
 }
 

@@ -489,21 +489,25 @@ fn is_f32<A: 'static>() -> bool {
 /// Distinguishes backend instances (a bound parameter names its owner).
 static NEXT_BACKEND_ID: AtomicU64 = AtomicU64::new(1);
 
-/// An activation element type of the CUDA backend: `f32` (the exact mode) or `half::bf16`
-/// (mixed precision: bf16 activations and activation gradients, with f32 parameters, parameter
-/// gradients, optimiser state and every sum). Sealed.
+/// An activation element type of the CUDA backend: `f32` (the exact mode), `half::bf16` or
+/// `half::f16` (mixed precision: narrow activations and activation gradients, with f32
+/// parameters, parameter gradients, optimiser state and every sum; f16 wants loss scaling,
+/// [`crate::train::optim::LossScaler`]). Sealed.
 pub trait NnAct: CudaElement + sealed::Sealed {}
 impl NnAct for f32 {}
 impl NnAct for half::bf16 {}
+impl NnAct for half::f16 {}
 
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
 }
 
-/// The network backend on a CUDA device (NCHW), with activations of `A`: f32 ([`Cuda::new`])
-/// or bf16 for mixed precision ([`Cuda::bf16`]). Cheap to clone.
+/// The network backend on a CUDA device (NCHW), with activations of `A`: f32 ([`Cuda::new`]),
+/// or bf16 / f16 for mixed precision ([`Cuda::bf16`], [`Cuda::f16`], [`Cuda::open`]). Cheap to
+/// clone.
 #[derive(Debug)]
 pub struct Cuda<A: NnAct = f32> {
     dev: Arc<CudaDevice>,
@@ -546,43 +550,62 @@ impl Cuda<f32> {
     /// when cuDNN is asked for and cannot run (the emulator, no library on the loader's path),
     /// with the reason.
     pub fn with_conv(dev: Arc<CudaDevice>, choice: ConvChoice) -> Result<Self> {
-        let dnn = match choice {
-            ConvChoice::Auto => Dnn::open(&dev, DnnMode::Exact).ok().map(Arc::new),
-            ConvChoice::Only(ConvEngine::Own) => None,
-            ConvChoice::Only(ConvEngine::Cudnn) => Some(Arc::new(Dnn::open(&dev, DnnMode::Exact)?)),
-            ConvChoice::Only(ConvEngine::CudnnTf32) => {
-                Some(Arc::new(Dnn::open(&dev, DnnMode::Tf32)?))
-            }
-        };
-        Ok(Self::assemble(dev, dnn, choice == ConvChoice::Auto))
+        Self::open(dev, choice)
     }
 }
 
 impl Cuda<half::bf16> {
     /// A mixed-precision backend on `dev`: bf16 activations and activation gradients (every
     /// op reads and writes them, summing in f32 or f64), f32 parameters, parameter gradients
-    /// and SGD state. Convolutions as `choice` says: cuDNN with bf16 tensors and weights (f32
-    /// accumulation, tensor cores; weights rounded to bf16 per call, weight gradients formed in
-    /// bf16 and added to the f32 ones) where it loads on a GPU, or senet's own kernels (f32
-    /// weights, f32 sums). `cudnn-tf32` is an f32 mode and an error here.
+    /// and SGD state ([`Cuda::open`] with bf16).
     pub fn bf16(dev: Arc<CudaDevice>, choice: ConvChoice) -> Result<Self> {
-        let dnn = match choice {
-            ConvChoice::Auto => Dnn::open(&dev, DnnMode::Bf16).ok().map(Arc::new),
-            ConvChoice::Only(ConvEngine::Own) => None,
-            ConvChoice::Only(ConvEngine::Cudnn) => Some(Arc::new(Dnn::open(&dev, DnnMode::Bf16)?)),
-            ConvChoice::Only(ConvEngine::CudnnTf32) => {
-                return Err(Error::Config(
-                    "cudnn-tf32 is a mode for f32 activations; with bf16 ones use cudnn, own \
-                     or auto"
-                        .into(),
-                ))
-            }
-        };
-        Ok(Self::assemble(dev, dnn, choice == ConvChoice::Auto))
+        Self::open(dev, choice)
+    }
+}
+
+impl Cuda<half::f16> {
+    /// A mixed-precision backend on `dev` with f16 activations and activation gradients
+    /// ([`Cuda::open`] with f16). f16's range is narrow (largest 65504, smallest normal
+    /// 6.1e-5): train with loss scaling ([`crate::train::optim::LossScaler`]).
+    pub fn f16(dev: Arc<CudaDevice>, choice: ConvChoice) -> Result<Self> {
+        Self::open(dev, choice)
     }
 }
 
 impl<A: NnAct> Cuda<A> {
+    /// A backend on `dev` with activations of `A`, convolutions as `choice` says: cuDNN (for
+    /// f32 exact FMA math, or TF32 tensor cores with `cudnn-tf32`; for bf16 and f16 tensors
+    /// and weights of that type with f32 accumulation on tensor cores, the weights rounded per
+    /// call and weight gradients formed in that type, then added to the f32 ones), or senet's
+    /// own kernels (f32 weights and sums; always on the emulator). `auto` takes cuDNN where it
+    /// loads on a GPU and has an algorithm for a convolution. Errors when cuDNN is asked for
+    /// and cannot run, and for `cudnn-tf32` with narrow activations (TF32 is an f32 mode).
+    pub fn open(dev: Arc<CudaDevice>, choice: ConvChoice) -> Result<Self> {
+        let narrow = match A::SUFFIX {
+            "bf16" => Some(DnnMode::Bf16),
+            "f16" => Some(DnnMode::F16),
+            _ => None,
+        };
+        let mode = match (choice, narrow) {
+            (ConvChoice::Only(ConvEngine::CudnnTf32), Some(_)) => {
+                return Err(Error::Config(format!(
+                    "cudnn-tf32 is a mode for f32 activations; with {} ones use cudnn, own or \
+                     auto",
+                    A::SUFFIX
+                )))
+            }
+            (ConvChoice::Only(ConvEngine::CudnnTf32), None) => DnnMode::Tf32,
+            (_, Some(m)) => m,
+            (_, None) => DnnMode::Exact,
+        };
+        let dnn = match choice {
+            ConvChoice::Auto => Dnn::open(&dev, mode).ok().map(Arc::new),
+            ConvChoice::Only(ConvEngine::Own) => None,
+            ConvChoice::Only(_) => Some(Arc::new(Dnn::open(&dev, mode)?)),
+        };
+        Ok(Self::assemble(dev, dnn, choice == ConvChoice::Auto))
+    }
+
     fn assemble(dev: Arc<CudaDevice>, dnn: Option<Arc<Dnn>>, dnn_auto: bool) -> Self {
         Cuda {
             dev,
@@ -619,6 +642,7 @@ impl<A: NnAct> Cuda<A> {
                     DnnMode::Tf32 => "TF32 tensor cores",
                     DnnMode::Exact => "exact f32, FMA math",
                     DnnMode::Bf16 => "bf16 tensor cores, f32 accumulation",
+                    DnnMode::F16 => "f16 tensor cores, f32 accumulation",
                 },
                 if self.dnn_auto {
                     ", senet's kernels where cuDNN has none"
@@ -2012,6 +2036,42 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let db = b.map(|b| self.g_arg(b)).transpose()?;
         let (wa, dw) = self.wg_args(w, "linear weight")?;
         self.linear_bwd(x, wa, dy, dw, db)
+    }
+
+    fn unscale_grads(&self, params: &mut [&mut Param<f32>], factor: f32) -> Result<bool> {
+        let mut flag = self.take::<u32>(1)?;
+        self.dev.fill_bytes(&mut flag, 0, 1, 0)?;
+        let fp = self.addr(&flag);
+        let mut finite = true;
+        for p in params.iter_mut() {
+            let Some(c) = self.bound(p)? else {
+                if p.is_bound() {
+                    return Err(Error::Config(
+                        "a parameter bound to another backend cannot be unscaled here".into(),
+                    ));
+                }
+                finite &= super::unscale_host(&mut p.grad, factor);
+                continue;
+            };
+            let gl = lock(&c.grad);
+            let Some(gb) = gl.as_ref() else { continue };
+            if c.grad_zero.load(Ordering::Relaxed) {
+                continue; // reads as zero: stays zero, and finite
+            }
+            let (gp, n) = (self.dev.addr(gb), c.len as u64);
+            let mut args = [arg(&gp), arg(&n), arg(&factor), arg(&fp)];
+            // SAFETY: nn_unscale_f32(g, n, factor, flag): g is this parameter's bound gradient
+            // of n floats, flag one u32.
+            unsafe {
+                self.launch(
+                    "nn_unscale_f32",
+                    (blocks(c.len, THREADS as usize), 1, 1),
+                    &mut args,
+                )?
+            };
+        }
+        let bad = self.down(&flag, 1)?;
+        Ok(finite && bad[0] == 0)
     }
 
     fn sgd_step(

@@ -217,6 +217,8 @@ pub(crate) enum DnnMode {
     Tf32,
     /// bf16 data with f32 compute, tensor-op math.
     Bf16,
+    /// f16 data with f32 compute, tensor-op math.
+    F16,
 }
 
 impl DnnMode {
@@ -224,6 +226,7 @@ impl DnnMode {
     fn data_type(self) -> sys::cudnnDataType_t {
         match self {
             DnnMode::Bf16 => sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+            DnnMode::F16 => sys::cudnnDataType_t::CUDNN_DATA_HALF,
             _ => sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
         }
     }
@@ -564,7 +567,7 @@ impl Dnn {
     ///
     /// # Safety
     /// The addresses in `pass` hold tensors of `xs` (x, dx), `ys` (y, dy) and `g`'s weight
-    /// shape (w, dw) in the mode's data type (f32, or bf16 in [`DnnMode::Bf16`]); `ws` holds
+    /// shape (w, dw) in the mode's data type (f32, bf16 or f16); `ws` holds
     /// `ws_bytes` bytes, at least what [`Dnn::prepare`]
     /// returned for the pass (or is unused when that is 0).
     #[allow(clippy::too_many_arguments)]
@@ -590,7 +593,7 @@ impl Dnn {
         let kind = pass.kind();
         // SAFETY (all three): the descriptors describe the tensors at these addresses (this
         // function's contract), the workspace is as large as the algorithm asked for, and
-        // alpha / beta point at f32s, the scaling type of f32 and bf16 data.
+        // alpha / beta point at f32s, the scaling type of f32, bf16 and f16 data.
         match pass {
             Pass::Forward { x, w, y } => {
                 let (algo, need) = Self::fwd_algo(handle, plan, tf32)?;
@@ -959,7 +962,7 @@ mod tests {
         ];
         for (xs, g) in cases {
             let ys = g.output_shape(xs).unwrap();
-            for mode in [DnnMode::Exact, DnnMode::Tf32, DnnMode::Bf16] {
+            for mode in [DnnMode::Exact, DnnMode::Tf32, DnnMode::Bf16, DnnMode::F16] {
                 let plan = Plan::new(xs, ys, &g, mode).unwrap();
                 let d = plan.output_dims().unwrap();
                 assert_eq!(

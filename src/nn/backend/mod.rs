@@ -276,6 +276,19 @@ impl<E: Real> Activation for Tensor<E> {
     }
 }
 
+/// `g *= factor` on the host (each product rounded once to `E`, as the device kernel does for
+/// f32); true when every result is finite.
+pub(crate) fn unscale_host<E: Real>(g: &mut [E], factor: f32) -> bool {
+    let f = factor as f64;
+    let mut finite = true;
+    for v in g.iter_mut() {
+        let r = v.to_f64() * f;
+        *v = E::from_f64(r);
+        finite &= v.to_f64().is_finite();
+    }
+    finite
+}
+
 /// The primitive operations of a network, on NCHW activations of `E` stored as the backend's
 /// [`Backend::T`] (host tensors, or device memory).
 ///
@@ -514,6 +527,22 @@ pub trait Backend<E: Real>: Sync {
     ) -> Result<bool> {
         let _ = (p, momentum_init, lr, momentum, weight_decay);
         Ok(false)
+    }
+
+    /// Loss scaling's unscale-and-check: multiplies every gradient of `params` by `factor`
+    /// where it lives and returns whether all of them are finite afterwards. Parameters without
+    /// a gradient are skipped. The default handles host gradients and refuses bound ones.
+    fn unscale_grads(&self, params: &mut [&mut Param<E>], factor: f32) -> Result<bool> {
+        let mut finite = true;
+        for p in params.iter_mut() {
+            if p.is_bound() {
+                return Err(Error::Config(
+                    "a bound parameter's gradient can only be unscaled by its backend".into(),
+                ));
+            }
+            finite &= unscale_host(&mut p.grad, factor);
+        }
+        Ok(finite)
     }
 
     /// Takes back a tensor its owner no longer needs, so the backend may reuse its buffer for

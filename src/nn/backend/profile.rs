@@ -250,6 +250,10 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
         self.time::<E, _>("linear backward", |b| b.linear_backward_p(x, w, dy, bias))
     }
 
+    fn unscale_grads(&self, params: &mut [&mut Param<E>], factor: f32) -> Result<bool> {
+        self.time::<E, _>("unscale_grads", |b| b.unscale_grads(params, factor))
+    }
+
     fn sgd_step(
         &self,
         p: &mut Param<E>,
