@@ -344,7 +344,8 @@ __device__ __forceinline__ void bn_stats(const T* __restrict__ x, double* __rest
     }
 }
 
-// y = a[c] x + b[c], then ReLU when `relu` (NaN passes, as in PyTorch).
+// y = a[c] x + b[c] (a null `a` reads as ones: a bias add), then ReLU when `relu` (NaN passes,
+// as in PyTorch).
 template <class T>
 __device__ __forceinline__ void affine(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ a,
                                        const float* __restrict__ b, uint64_t total, uint32_t c, uint64_t hw,
@@ -352,7 +353,7 @@ __device__ __forceinline__ void affine(const T* __restrict__ x, T* __restrict__ 
     for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
          i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
         const uint32_t ch = static_cast<uint32_t>((i / hw) % c);
-        const float r = fmaf(a[ch], to_f32(x[i]), b[ch]);
+        const float r = fmaf(a != nullptr ? a[ch] : 1.0f, to_f32(x[i]), b[ch]);
         y[i] = from_f32<T>((relu && r < 0.0f) ? 0.0f : r);
     }
 }

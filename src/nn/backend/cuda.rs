@@ -922,8 +922,8 @@ impl<A: NnAct> Cuda<A> {
             return match b {
                 Some(b) => {
                     let bp = self.p_addr(b, &mut keep)?;
-                    let ones = self.up(&vec![1.0f32; g.out_ch])?;
-                    self.affine_at(&y, self.addr(&ones), bp, false)
+                    // A null scale: the affine kernel adds the bias alone.
+                    self.affine_at(&y, 0, bp, false)
                 }
                 None => Ok(y),
             };
@@ -1211,7 +1211,7 @@ impl<A: NnAct> Cuda<A> {
         Ok(GpuTensor::wrap(dx))
     }
 
-    /// `y = a[c] x + b[c]` (then ReLU) with `a`, `b` at device addresses.
+    /// `y = a[c] x + b[c]` (then ReLU) with `a`, `b` at device addresses (`a` = 0: a bias add).
     fn affine_at(&self, x: &GpuTensor<A>, ap: u64, bp: u64, relu: bool) -> Result<GpuTensor<A>> {
         let s = x.shape();
         let y = self.out_t(s)?;
@@ -1232,8 +1232,8 @@ impl<A: NnAct> Cuda<A> {
             arg(&hw),
             arg(&r),
         ];
-        // SAFETY: nn_affine_A(x, y, a, b, total, c, hw, relu): x, y hold `total` floats, a, b
-        // hold c (the callers' contract).
+        // SAFETY: nn_affine_A(x, y, a, b, total, c, hw, relu): x, y hold `total` elements of
+        // A, b holds c floats and a does too or is null (the callers' contract).
         unsafe {
             self.launch(
                 &Self::k("nn_affine"),
