@@ -464,18 +464,17 @@ __device__ __forceinline__ void maxpool_fwd(const T* __restrict__ x, T* __restri
 }
 
 // Max pooling backward, one thread per (sample, channel) plane, visiting its outputs in order
-// (the host checked every index lies in its output's plane), so sums are deterministic. Sums
-// of overlapping windows are rounded to T after each term.
+// (the host checked every index lies in its output's plane), so sums are deterministic. The
+// sums are f32 (`dx`); narrow activations are converted after (nn_to_act).
 template <class T>
 __device__ __forceinline__ void maxpool_bwd(const T* __restrict__ dy, const uint32_t* __restrict__ arg,
-                                            T* __restrict__ dx, uint64_t nc, uint64_t in_plane,
+                                            float* __restrict__ dx, uint64_t nc, uint64_t in_plane,
                                             uint64_t out_plane) {
     const uint64_t pl = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (pl >= nc) return;
-    T* d = dx + pl * in_plane;
-    for (uint64_t i = 0; i < in_plane; ++i) d[i] = from_f32<T>(0.0f);
-    for (uint64_t o = pl * out_plane; o < (pl + 1) * out_plane; ++o)
-        dx[arg[o]] = from_f32<T>(to_f32(dx[arg[o]]) + to_f32(dy[o]));
+    float* d = dx + pl * in_plane;
+    for (uint64_t i = 0; i < in_plane; ++i) d[i] = 0.0f;
+    for (uint64_t o = pl * out_plane; o < (pl + 1) * out_plane; ++o) dx[arg[o]] += to_f32(dy[o]);
 }
 
 __device__ __forceinline__ float avg_divisor(uint32_t include_pad, uint32_t h0, uint32_t h1, uint32_t w0,
@@ -576,13 +575,23 @@ __device__ __forceinline__ void gap_bwd(const T* __restrict__ dy, T* __restrict_
         dx[i] = from_f32<T>(to_f32(dy[i / hw]) / static_cast<float>(hw));
 }
 
-// dst[i] = src[i] converted (f32 <-> bf16, or a copy): host tensors and f32 weights to and from
-// activations.
+// dst[i] = src[i] converted (f32 <-> bf16 / f16, or a copy): host tensors, f32 weights and f32
+// sums to and from activations.
 template <class S, class D>
 __device__ __forceinline__ void convert(const S* __restrict__ src, D* __restrict__ dst, uint64_t n) {
     for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<uint64_t>(gridDim.x) * blockDim.x)
         dst[i] = from_f32<D>(to_f32(src[i]));
+}
+
+// y = a * m with an f32 mask (a dropout mask and its 1 / (1 - p) scale, kept in f32 so the scale
+// is not rounded to a narrow type), one rounding to T.
+template <class T>
+__device__ __forceinline__ void mask(const T* __restrict__ a, const float* __restrict__ m, T* __restrict__ y,
+                                     uint64_t n) {
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x)
+        y[i] = from_f32<T>(to_f32(a[i]) * m[i]);
 }
 
 // dst[i] (+)= src[i] in f32: a parameter gradient cuDNN formed in the activation type, added
@@ -664,7 +673,7 @@ using namespace senet::nnk;
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_maxpool_fwd_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
-        nn_maxpool_bwd_##NAME(const T* __restrict__ dy, const uint32_t* __restrict__ arg, T* __restrict__ dx,      \
+        nn_maxpool_bwd_##NAME(const T* __restrict__ dy, const uint32_t* __restrict__ arg, float* __restrict__ dx,  \
                               uint64_t nc, uint64_t in_plane, uint64_t out_plane) {                                \
         maxpool_bwd<T>(dy, arg, dx, nc, in_plane, out_plane);                                                      \
     }                                                                                                              \
@@ -728,7 +737,12 @@ using namespace senet::nnk;
                                 uint32_t accumulate) {                                                             \
         grad_from_act<T>(src, dst, n, accumulate);                                                                 \
     }                                                                                                              \
-    SENET_EMU_REGISTER(nn_grad_from_act_##NAME)
+    SENET_EMU_REGISTER(nn_grad_from_act_##NAME)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_mask_##NAME(const T* __restrict__ a, const float* __restrict__ m, T* __restrict__ y, uint64_t n) {      \
+        mask<T>(a, m, y, n);                                                                                       \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_mask_##NAME)
 
 SENET_NN_KERNELS(f32, float)
 SENET_NN_KERNELS(bf16, __nv_bfloat16)

@@ -831,8 +831,8 @@ fn cuda_bf16_se_op_within_bf16_tolerance() {
 }
 
 /// The data-movement ops in bf16 are exact: channel concat and split of bf16 values, zeros, and
-/// a dropout mask whose scale is a bf16 value (each product then rounds once, as checked
-/// against the host product rounded to bf16).
+/// a dropout mask whose f32 scale (1 / 0.7, not a bf16 value) multiplies in f32 and rounds
+/// once, as checked against the host product rounded to bf16.
 #[test]
 fn cuda_bf16_data_movement_is_exact() {
     use senet::nn::Backend;
@@ -856,7 +856,13 @@ fn cuda_bf16_data_movement_is_exact() {
         assert!(z.data().iter().all(|&v| v == 0.0), "zeros");
         let x = &parts[2];
         let mask: Vec<f32> = (0..x.shape().numel())
-            .map(|i| if (s >> (i % 64)) & 1 == 1 { 1.25 } else { 0.0 })
+            .map(|i| {
+                if (s >> (i % 64)) & 1 == 1 {
+                    1.0 / 0.7
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let y = be.mul_mask(x.clone(), &mask).unwrap();
         for ((&g, &v), &m) in y.data().iter().zip(x.data()).zip(&mask) {

@@ -773,20 +773,31 @@ impl<B: Backend<f32>> Trainer<B> {
                 }
                 None => self.opt.step_on(&self.backend, &mut self.net, lr as f32)?,
             }
-            if !out.loss.is_finite() {
+            // With a loss scaler (f16) a non-finite loss is a skipped step (the scaler saw the
+            // gradients and left the parameters alone) until the scale falls below 1, where
+            // scaling cannot help: the forward itself overflows.
+            let hopeless = self.state.scaler.as_ref().is_none_or(|sc| sc.scale() < 1.0);
+            if !out.loss.is_finite() && hopeless {
                 return Err(Error::Config(format!(
-                    "the loss diverged ({}) at epoch {} step {}; lower the learning rate",
+                    "the loss diverged ({}) at epoch {} step {}; lower the learning rate{}",
                     out.loss,
                     epoch + 1,
-                    self.state.step_in_epoch + 1
+                    self.state.step_in_epoch + 1,
+                    if self.state.scaler.is_some() {
+                        " (or train in bf16: f16's range overflows here)"
+                    } else {
+                        ""
+                    }
                 )));
             }
             let n = batch.labels.len();
             let s = &mut self.state;
-            s.loss_sum += out.loss * n as f64;
-            s.correct1 += c1 as u64;
-            s.correct5 += c5 as u64;
-            s.seen += n as u64;
+            if out.loss.is_finite() {
+                s.loss_sum += out.loss * n as f64;
+                s.correct1 += c1 as u64;
+                s.correct5 += c5 as u64;
+                s.seen += n as u64;
+            }
             s.step_in_epoch += 1;
             s.global_step += 1;
             s.last_lr = lr;
@@ -800,8 +811,8 @@ impl<B: Backend<f32>> Trainer<B> {
                 step: s.step_in_epoch,
                 steps: spe,
                 loss: out.loss,
-                epoch_loss: s.loss_sum / s.seen as f64,
-                epoch_top1: s.correct1 as f64 / s.seen as f64,
+                epoch_loss: s.loss_sum / s.seen.max(1) as f64,
+                epoch_top1: s.correct1 as f64 / s.seen.max(1) as f64,
                 images_per_s: s.seen as f64 / s.train_seconds.max(1e-9),
                 lr,
             });

@@ -922,7 +922,10 @@ impl<A: NnAct> Cuda<A> {
             return match b {
                 Some(b) => {
                     let bp = self.p_addr(b, &mut keep)?;
-                    // A null scale: the affine kernel adds the bias alone.
+                    // A null scale: the affine kernel adds the bias alone. (With narrow
+                    // activations the sum rounds a second time, after cuDNN's output; the own
+                    // kernel adds the bias before its one rounding. No SE-ResNet convolution
+                    // has a bias.)
                     self.affine_at(&y, 0, bp, false)
                 }
                 None => Ok(y),
@@ -1822,7 +1825,6 @@ const EW_RELU: u32 = 0;
 const EW_RELU_BWD: u32 = 1;
 const EW_ADD: u32 = 2;
 const EW_ADD_RELU: u32 = 3;
-const EW_MUL: u32 = 4;
 
 impl<A: NnAct> Backend<f32> for Cuda<A> {
     type T = GpuTensor<A>;
@@ -1863,20 +1865,21 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
     fn mul_mask(&self, x: GpuTensor<A>, mask: &[f32]) -> Result<GpuTensor<A>> {
         let s = x.shape();
         check_len("dropout mask", mask.len(), s.numel())?;
-        let m = self.to_act(mask)?;
+        // The mask stays f32, so its 1 / (1 - p) scale is not rounded to a narrow type.
+        let m = self.up(mask)?;
         let y = self.out_t(s)?;
-        let (op, ap, bp, yp, total) = (
-            EW_MUL,
+        let (ap, bp, yp, total) = (
             self.addr(&x),
             self.addr(&m),
             self.addr(&y),
             s.numel() as u64,
         );
-        let mut args = [arg(&op), arg(&ap), arg(&bp), arg(&yp), arg(&total)];
-        // SAFETY: nn_pointwise_A(op, a, b, y, total): x, the mask and y hold `total` elements.
+        let mut args = [arg(&ap), arg(&bp), arg(&yp), arg(&total)];
+        // SAFETY: nn_mask_A(a, m, y, n): x and y hold `total` elements of A, the mask `total`
+        // floats.
         unsafe {
             self.launch(
-                &Self::k("nn_pointwise"),
+                &Self::k("nn_mask"),
                 (blocks(s.numel(), THREADS as usize), 1, 1),
                 &mut args,
             )?
@@ -2391,7 +2394,15 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let nc = (input.n * input.c) as u64;
         let ab = &argmax.buf;
         let dx = self.out_t(input)?;
-        let (dyp, ap, dxp) = (self.addr(&dy), self.addr(&ab), self.addr(&dx));
+        // The sums go to an f32 buffer: dx itself for f32 activations, else a scratch one
+        // converted after (one rounding per element).
+        let scratch = if is_f32::<A>() {
+            None
+        } else {
+            Some(self.out::<f32>(input.numel())?)
+        };
+        let (dyp, ap) = (self.addr(&dy), self.addr(&ab));
+        let dxp = scratch.as_ref().map_or(self.addr(&dx), |b| self.addr(b));
         let (ipu, opu) = (ip as u64, op as u64);
         let mut args = [
             arg(&dyp),
@@ -2402,8 +2413,8 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
             arg(&opu),
         ];
         // SAFETY: nn_maxpool_bwd_A(dy, arg, dx, nc, in_plane, out_plane): dy and arg hold
-        // nc * out_plane elements (shapes checked), every index lies in its plane of dx
-        // (nc * in_plane): nn_maxpool_fwd_f32 wrote them for this input shape.
+        // nc * out_plane elements (shapes checked), every index lies in its plane of the f32
+        // dx (nc * in_plane floats): nn_maxpool_fwd_A wrote them for this input shape.
         unsafe {
             self.launch(
                 &Self::k("nn_maxpool_bwd"),
@@ -2411,6 +2422,18 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
                 &mut args,
             )?
         };
+        if let Some(sb) = &scratch {
+            let (src, dst, n) = (self.addr(sb), self.addr(&dx), input.numel() as u64);
+            let mut args = [arg(&src), arg(&dst), arg(&n)];
+            // SAFETY: nn_to_act_A(src, dst, n): the scratch holds n floats, dx n elements.
+            unsafe {
+                self.launch(
+                    &Self::k("nn_to_act"),
+                    (blocks(input.numel(), THREADS as usize), 1, 1),
+                    &mut args,
+                )?
+            };
+        }
         Ok(GpuTensor::wrap(dx))
     }
 

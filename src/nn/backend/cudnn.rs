@@ -2,11 +2,13 @@
 //! weight gradient through cuDNN's legacy convolution API, loaded at run time (cudarc's dynamic
 //! loading), so the crate builds and runs without it and falls back to its own kernels.
 //!
-//! Two precisions. [`ConvEngine::Cudnn`] is exact f32: the descriptors ask for FMA math (cuDNN
-//! would otherwise use TF32 tensor cores for f32 data on Ampere and later, rounding operands to
-//! 10 mantissa bits). [`ConvEngine::CudnnTf32`] allows those tensor cores, as PyTorch does for
-//! f32 convolutions by default; it keeps f16's 10 mantissa bits and is checked against f16's
-//! tolerance. Both take only deterministic GEMM-family or direct algorithms (FFT and Winograd
+//! Four modes ([`DnnMode`]). With f32 activations [`ConvEngine::Cudnn`] is exact f32: the
+//! descriptors ask for FMA math (cuDNN would otherwise use TF32 tensor cores for f32 data on
+//! Ampere and later, rounding operands to 10 mantissa bits). [`ConvEngine::CudnnTf32`] allows
+//! those tensor cores, as PyTorch does for f32 convolutions by default; it keeps f16's 10
+//! mantissa bits and is checked against f16's tolerance. With bf16 or f16 activations
+//! [`ConvEngine::Cudnn`] takes tensors and weights of that type, f32 compute and tensor-op
+//! math (senet's kernels need compute capability 8.0 anyway, where both run on tensor cores). Both take only deterministic GEMM-family or direct algorithms (FFT and Winograd
 //! transforms lose accuracy), so runs repeat bit for bit. Algorithms come from cuDNN's
 //! heuristics (`..._v7`), with PyTorch's deterministic choices as the fallback, once per input
 //! shape and geometry.
@@ -34,7 +36,8 @@ pub enum ConvEngine {
     /// senet's implicit-GEMM kernels (kernels/nn.cu): always available, and what the kernel
     /// emulator runs.
     Own,
-    /// cuDNN, loaded at run time: exact f32 (FMA math), deterministic algorithms.
+    /// cuDNN, loaded at run time, deterministic algorithms: exact f32 (FMA math) with f32
+    /// activations; bf16 / f16 tensors with f32 accumulation with narrow ones.
     Cudnn,
     /// cuDNN with TF32 tensor cores allowed (PyTorch's default for f32 convolutions):
     /// deterministic algorithms, f16-like accuracy.
