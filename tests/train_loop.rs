@@ -886,3 +886,44 @@ fn senet_commands_on_the_cuda_emulator() {
         "{text}"
     );
 }
+
+/// An f16 run that overflows at any scale (the stem's weights scaled by 1e6, so its outputs
+/// pass f16's 65504): the loss scaler skips each step, halving its scale, and the run stops
+/// with an error naming bf16 once the scale is below 1; no parameter was updated before that.
+#[test]
+fn an_f16_run_that_overflows_at_any_scale_stops_clearly() {
+    let Ok(dev) = senet::cuda::CudaDevice::emulator() else {
+        eprintln!("skipped: this build has no kernel emulator");
+        return;
+    };
+    let be = senet::nn::Cuda::<half::f16>::open(dev, senet::nn::ConvChoice::Auto).unwrap();
+    let split = squares_split(16 * 20, 8, 12);
+    let mut c = tiny_config(DataSpec::Digits, &split, 1);
+    c.device = Device::CudaEmu;
+    c.precision = senet::train::Precision::F16;
+    c.batch_size = 16;
+    let mut t = Trainer::new(be, c, &split).unwrap();
+    assert_eq!(t.state().scaler.as_ref().map(|s| s.scale()), Some(65536.0));
+    // The stem convolution's outputs reach about 1e6: past f16's 65504.
+    for (name, p) in t.net_mut().parameters_mut() {
+        if name.starts_with("conv1") {
+            p.value.iter_mut().for_each(|v| *v *= 1e6);
+        }
+    }
+    let params = |t: &Trainer<_>| -> Vec<Vec<f32>> {
+        t.net().parameters().map(|(_, p)| p.value.clone()).collect()
+    };
+    let before = params(&t);
+    let e = t.train_steps(Some(19), &mut ()).unwrap_err();
+    assert!(e.to_string().contains("bf16"), "{e}");
+    let sc = t.state().scaler.clone().unwrap();
+    assert!(sc.scale() < 1.0, "scale {}", sc.scale());
+    assert_eq!(sc.skipped(), 17, "65536 halved 17 times is below 1");
+    // Parameters and momentum are untouched (the forwards did move BatchNorm's running
+    // statistics, as PyTorch's skipped steps do).
+    assert!(params(&t) == before, "a skipped step changed a parameter");
+    assert!(
+        t.optimizer().buffers().is_empty(),
+        "a skipped step made momentum"
+    );
+}

@@ -773,21 +773,24 @@ impl<B: Backend<f32>> Trainer<B> {
                 }
                 None => self.opt.step_on(&self.backend, &mut self.net, lr as f32)?,
             }
-            // With a loss scaler (f16) a non-finite loss is a skipped step (the scaler saw the
-            // gradients and left the parameters alone) until the scale falls below 1, where
-            // scaling cannot help: the forward itself overflows.
-            let hopeless = self.state.scaler.as_ref().is_none_or(|sc| sc.scale() < 1.0);
-            if !out.loss.is_finite() && hopeless {
+            // With a loss scaler (f16) a step whose gradients (or loss) overflow is skipped, the
+            // parameters left alone, until the scale falls below 1: scaling cannot help then.
+            if let Some(sc) = self.state.scaler.as_ref().filter(|sc| sc.scale() < 1.0) {
                 return Err(Error::Config(format!(
-                    "the loss diverged ({}) at epoch {} step {}; lower the learning rate{}",
+                    "f16 overflows even without loss scaling ({} steps skipped, scale {}) at \
+                     epoch {} step {}: train in bf16, or lower the learning rate",
+                    sc.skipped(),
+                    sc.scale(),
+                    epoch + 1,
+                    self.state.step_in_epoch + 1
+                )));
+            }
+            if !out.loss.is_finite() && self.state.scaler.is_none() {
+                return Err(Error::Config(format!(
+                    "the loss diverged ({}) at epoch {} step {}; lower the learning rate",
                     out.loss,
                     epoch + 1,
-                    self.state.step_in_epoch + 1,
-                    if self.state.scaler.is_some() {
-                        " (or train in bf16: f16's range overflows here)"
-                    } else {
-                        ""
-                    }
+                    self.state.step_in_epoch + 1
                 )));
             }
             let n = batch.labels.len();
