@@ -958,8 +958,7 @@ fn check_loss_scaling_is_exact<B: Backend<f32>>(be: &B, bind: bool) {
         o1.step_on(be, &mut plain, 0.05).unwrap();
         let logits = scaled.forward(be, x.clone(), Mode::Train).unwrap();
         let mut out = cross_entropy(&logits, &labels, 0.0).unwrap();
-        let k = scaler.scale();
-        out.grad.data_mut().iter_mut().for_each(|g| *g *= k);
+        scaler.scale_grad(&mut out.grad);
         scaled.zero_grad();
         scaled.backward_params(be, out.grad).unwrap();
         assert!(scaler.step(be, &mut scaled, &mut o2, 0.05).unwrap());
@@ -1010,8 +1009,7 @@ fn cuda_f16_loss_scaling_skips_overflowing_steps() {
         let mut step = |net: &mut Network<f32>, scaler: &mut LossScaler| {
             let logits = net.forward(&be, x.clone(), Mode::Train).unwrap();
             let mut out = cross_entropy(&logits, &labels, 0.0).unwrap();
-            let k = scaler.scale();
-            out.grad.data_mut().iter_mut().for_each(|g| *g *= k);
+            scaler.scale_grad(&mut out.grad);
             net.zero_grad();
             net.backward_params(&be, out.grad).unwrap();
             scaler.step(&be, net, &mut opt, 0.05).unwrap()
@@ -1372,17 +1370,12 @@ fn check_narrow_training<A: senet::nn::NnAct>(narrow: Vec<senet::nn::Cuda<A>>, s
                 let mut out = cross_entropy(&logits, &labels, 0.0).unwrap();
                 losses.push(out.loss);
                 if let Some(sc) = &scaler {
-                    let k = sc.scale();
-                    out.grad.data_mut().iter_mut().for_each(|g| *g *= k);
+                    sc.scale_grad(&mut out.grad);
                 }
                 net.zero_grad();
                 net.backward_params(be, out.grad).unwrap();
-                match &mut scaler {
-                    Some(sc) => {
-                        sc.step(be, &mut net, &mut opt, 0.05).unwrap();
-                    }
-                    None => opt.step_on(be, &mut net, 0.05).unwrap(),
-                }
+                senet::train::optim::step_with(scaler.as_mut(), be, &mut net, &mut opt, 0.05)
+                    .unwrap();
             }
             let skipped = scaler.as_ref().map_or(0, |s| s.skipped());
             eprintln!(

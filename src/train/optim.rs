@@ -261,6 +261,12 @@ impl LossScaler {
         self.scale
     }
 
+    /// Multiplies a loss gradient by [`LossScaler::scale`] (before backward).
+    pub fn scale_grad(&self, grad: &mut crate::tensor::Tensor<f32>) {
+        let s = self.scale;
+        grad.data_mut().iter_mut().for_each(|g| *g *= s);
+    }
+
     /// Steps skipped so far for a gradient that was not finite.
     pub fn skipped(&self) -> u64 {
         self.skipped
@@ -297,5 +303,20 @@ impl LossScaler {
             self.scale = (self.scale * 0.5).max(f32::MIN_POSITIVE);
         }
         Ok(finite)
+    }
+}
+
+/// One optimiser step after backward: through `scaler` when there is one ([`LossScaler::step`],
+/// false when it skipped the step), else a plain [`Sgd::step_on`] (always true).
+pub fn step_with<B: Backend<f32>>(
+    scaler: Option<&mut LossScaler>,
+    backend: &B,
+    net: &mut Network<f32>,
+    opt: &mut Sgd,
+    lr: f32,
+) -> Result<bool> {
+    match scaler {
+        Some(sc) => sc.step(backend, net, opt, lr),
+        None => opt.step_on(backend, net, lr).map(|()| true),
     }
 }

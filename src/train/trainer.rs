@@ -762,17 +762,17 @@ impl<B: Backend<f32>> Trainer<B> {
             let c5 = topk_correct(&logits, &batch.labels, k5)?;
             drop(logits);
             if let Some(sc) = &self.state.scaler {
-                let s = sc.scale();
-                out.grad.data_mut().iter_mut().for_each(|g| *g *= s);
+                sc.scale_grad(&mut out.grad);
             }
             self.net.zero_grad();
             self.net.backward_params(&self.backend, out.grad)?;
-            match &mut self.state.scaler {
-                Some(sc) => {
-                    sc.step(&self.backend, &mut self.net, &mut self.opt, lr as f32)?;
-                }
-                None => self.opt.step_on(&self.backend, &mut self.net, lr as f32)?,
-            }
+            crate::train::optim::step_with(
+                self.state.scaler.as_mut(),
+                &self.backend,
+                &mut self.net,
+                &mut self.opt,
+                lr as f32,
+            )?;
             // With a loss scaler (f16) a step whose gradients (or loss) overflow is skipped, the
             // parameters left alone, until the scale falls below 1: scaling cannot help then.
             if let Some(sc) = self.state.scaler.as_ref().filter(|sc| sc.scale() < 1.0) {

@@ -122,55 +122,22 @@ pub fn grads<E: Real>(net: &mut Network<E>) -> Vec<(String, Vec<f64>)> {
 }
 
 /// The CUDA network backends to test, with poisoned outputs: the kernel emulator (when this
-/// build has it) and a real device when one is present. Without a device it prints one
-/// "skipped" line; with SENET_REQUIRE_GPU=1 a missing device is a failure.
-/// SENET_TEST_EMULATOR=0 leaves the emulator out (GPU machines, where it only costs time).
+/// build has it) and a real device when one is present (its own convolution kernels, and
+/// cuDNN's where the library loads). Without a device it prints one "skipped" line; with
+/// SENET_REQUIRE_GPU=1 a missing device is a failure. SENET_TEST_EMULATOR=0 leaves the
+/// emulator out (GPU machines, where it only costs time).
 pub fn cuda_backends() -> Vec<senet::nn::Cuda> {
-    use senet::cuda::CudaDevice;
-    use std::io::Write;
-    let mut out = Vec::new();
-    if std::env::var("SENET_TEST_EMULATOR").as_deref() != Ok("0") {
-        match CudaDevice::emulator() {
-            Ok(d) => out.push(senet::nn::Cuda::new(d).with_poison(true)),
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "skipped on the emulator: {e}");
-            }
-        }
-    }
-    let require = std::env::var("SENET_REQUIRE_GPU").as_deref() == Ok("1");
-    let err = if senet::cuda::kernels_built() {
-        match CudaDevice::new(0) {
-            Ok(d) => {
-                // The own kernels always; cuDNN's convolutions too where the library loads.
-                use senet::nn::{ConvChoice, ConvEngine, Cuda};
-                let own = Cuda::with_conv(d.clone(), ConvChoice::Only(ConvEngine::Own))
-                    .expect("the own kernels run on every device");
-                out.push(own.with_poison(true));
-                match Cuda::with_conv(d, ConvChoice::Only(ConvEngine::Cudnn)) {
-                    Ok(b) => out.push(b.with_poison(true)),
-                    Err(e) => {
-                        let _ = writeln!(std::io::stderr(), "skipped cuDNN convolutions: {e}");
-                    }
-                }
-                return out;
-            }
-            Err(e) => e.to_string(),
-        }
-    } else {
-        senet::Error::KernelsNotBuilt.to_string()
-    };
-    assert!(
-        !require,
-        "SENET_REQUIRE_GPU=1 but no usable CUDA device: {err}"
-    );
-    let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({err})");
-    out
+    backends_of(false)
 }
 
-/// The mixed-precision CUDA backends with activations of `A` to test, poisoned: the
-/// emulator's, and GPU 0's with the own convolution kernels and with cuDNN's (where the library
-/// loads), with the same skip rules as [`cuda_backends`]; each announced.
+/// The mixed-precision CUDA backends with activations of `A` to test, as [`cuda_backends`],
+/// each announced.
 pub fn cuda_narrow_backends<A: senet::nn::NnAct>() -> Vec<senet::nn::Cuda<A>> {
+    backends_of(true)
+}
+
+/// [`cuda_backends`] with activations of `A`, each announced on stderr when `announce`.
+fn backends_of<A: senet::nn::NnAct>(announce: bool) -> Vec<senet::nn::Cuda<A>> {
     use senet::cuda::CudaDevice;
     use senet::nn::{ConvChoice, ConvEngine, Cuda};
     use std::io::Write;
@@ -211,7 +178,9 @@ pub fn cuda_narrow_backends<A: senet::nn::NnAct>() -> Vec<senet::nn::Cuda<A>> {
     }
     out.into_iter()
         .map(|b| {
-            let _ = writeln!(std::io::stderr(), "CUDA backend: {}", b.describe());
+            if announce {
+                let _ = writeln!(std::io::stderr(), "CUDA backend: {}", b.describe());
+            }
             b.with_poison(true)
         })
         .collect()

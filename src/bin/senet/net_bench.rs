@@ -4,7 +4,7 @@
 use crate::train::announce_cuda;
 use senet::nn::{models, Backend, Cpu, Mode, Network, Profiled};
 use senet::train::loss::cross_entropy;
-use senet::train::optim::{LossScaler, Sgd};
+use senet::train::optim::{step_with, LossScaler, Sgd};
 use senet::train::{Device, Precision};
 use senet::{rng, Error, Layout, Result, Tensor};
 use std::process::ExitCode;
@@ -135,17 +135,11 @@ fn step<B: Backend<f32>>(
         let logits = net.forward(be, x.clone(), Mode::Train)?;
         let mut loss = cross_entropy(&logits, labels, 0.0)?;
         if let Some(sc) = &sgd.scaler {
-            let s = sc.scale();
-            loss.grad.data_mut().iter_mut().for_each(|g| *g *= s);
+            sc.scale_grad(&mut loss.grad);
         }
         net.zero_grad();
         net.backward(be, loss.grad)?;
-        match &mut sgd.scaler {
-            Some(sc) => {
-                sc.step(be, net, &mut sgd.sgd, 0.01)?;
-            }
-            None => sgd.sgd.step_on(be, net, 0.01)?,
-        }
+        step_with(sgd.scaler.as_mut(), be, net, &mut sgd.sgd, 0.01)?;
     } else {
         net.forward(be, x.clone(), Mode::Infer)?;
     }

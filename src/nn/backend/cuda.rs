@@ -737,19 +737,13 @@ impl<A: NnAct> Cuda<A> {
     /// A pooled buffer of activations holding `data` (converted on the device when `A` is not
     /// f32).
     fn to_act(&self, data: &[f32]) -> Result<PoolBuf<A>> {
-        let up = self.up(data)?;
         if is_f32::<A>() {
-            let mut b = up;
-            let buf = b.buf.take().expect("a fresh pooled buffer");
-            let any: Box<dyn Any> = Box::new(buf);
-            let buf = *any
-                .downcast::<Buf<A>>()
-                .map_err(|_| Error::Unsupported("activation buffer type".into()))?;
-            return Ok(PoolBuf {
-                buf: Some(buf),
-                pool: self.pool.clone(),
-            });
+            // A is f32 here, so the cast is the identity (never a reinterpretation).
+            if let Ok(same) = bytemuck::try_cast_slice::<f32, A>(data) {
+                return self.up(same);
+            }
         }
+        let up = self.up(data)?;
         self.convert_to_act(self.addr(&up), data.len())
     }
 
