@@ -383,14 +383,14 @@ const _: () = {
 /// The first heuristics result that ran, is one of `allowed` (GEMM-family or direct; FFT and
 /// Winograd transforms lose accuracy), is deterministic, uses the math the mode allows, and
 /// fits the workspace cap.
-fn pick(perf: &[Perf], n: c_int, allowed: &[u32], tf32: bool) -> Option<u32> {
+fn pick(perf: &[Perf], n: c_int, allowed: &[u32], tensor_ops: bool) -> Option<u32> {
     const SUCCESS: u32 = sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32;
     const DETERMINISTIC: u32 = sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC as u32;
     use sys::cudnnMathType_t as M;
     let math_ok = |m: u32| {
         m == M::CUDNN_FMA_MATH as u32
             || m == M::CUDNN_DEFAULT_MATH as u32
-            || (tf32 && m == M::CUDNN_TENSOR_OP_MATH as u32)
+            || (tensor_ops && m == M::CUDNN_TENSOR_OP_MATH as u32)
     };
     perf[..n.clamp(0, perf.len() as c_int) as usize]
         .iter()
@@ -554,14 +554,14 @@ impl Dnn {
         let mut inner = self.lock();
         bind(dev)?;
         let handle = inner.handle;
-        let tf32 = self.mode.tensor_ops();
+        let tensor_ops = self.mode.tensor_ops();
         let plan = Self::plan(&mut inner, xs, ys, g, self.mode)?;
         passes
             .iter()
             .map(|k| match k {
-                PassKind::Forward => Self::fwd_algo(handle, plan, tf32).map(|a| a.1),
-                PassKind::Data => Self::data_algo(handle, plan, tf32).map(|a| a.1),
-                PassKind::Filter => Self::filter_algo(handle, plan, tf32).map(|a| a.1),
+                PassKind::Forward => Self::fwd_algo(handle, plan, tensor_ops).map(|a| a.1),
+                PassKind::Data => Self::data_algo(handle, plan, tensor_ops).map(|a| a.1),
+                PassKind::Filter => Self::filter_algo(handle, plan, tensor_ops).map(|a| a.1),
             })
             .collect()
     }
@@ -587,7 +587,7 @@ impl Dnn {
         let mut inner = self.lock();
         bind(dev)?;
         let handle = inner.handle;
-        let tf32 = self.mode.tensor_ops();
+        let tensor_ops = self.mode.tensor_ops();
         let plan = Self::plan(&mut inner, xs, ys, g, self.mode)?;
         let (one, zero) = (1.0f32, 0.0f32);
         let alpha = &one as *const f32 as *const c_void;
@@ -599,7 +599,7 @@ impl Dnn {
         // alpha / beta point at f32s, the scaling type of f32, bf16 and f16 data.
         match pass {
             Pass::Forward { x, w, y } => {
-                let (algo, need) = Self::fwd_algo(handle, plan, tf32)?;
+                let (algo, need) = Self::fwd_algo(handle, plan, tensor_ops)?;
                 check_ws(need, ws_bytes)?;
                 unsafe {
                     dnn::convolution_forward(
@@ -620,7 +620,7 @@ impl Dnn {
                 }
             }
             Pass::Data { dy, w, dx } => {
-                let (algo, need) = Self::data_algo(handle, plan, tf32)?;
+                let (algo, need) = Self::data_algo(handle, plan, tensor_ops)?;
                 check_ws(need, ws_bytes)?;
                 unsafe {
                     dnn::convolution_backward_data(
@@ -646,7 +646,7 @@ impl Dnn {
                 dw,
                 accumulate,
             } => {
-                let (algo, need) = Self::filter_algo(handle, plan, tf32)?;
+                let (algo, need) = Self::filter_algo(handle, plan, tensor_ops)?;
                 check_ws(need, ws_bytes)?;
                 // beta = 1: the gradient accumulates into dw, as every backend's does (0 over a
                 // zeroed bound gradient).
@@ -693,7 +693,7 @@ impl Dnn {
     fn fwd_algo(
         handle: sys::cudnnHandle_t,
         plan: &mut Plan,
-        tf32: bool,
+        tensor_ops: bool,
     ) -> Result<(FwdAlgo, usize)> {
         let (x, w, conv, y) = (plan.x.0, plan.w.0, plan.conv.0, plan.y.0);
         choose(
@@ -701,7 +701,7 @@ impl Dnn {
             &FWD_ALGOS,
             &FWD_ALGOS,
             |a| a as u32,
-            tf32,
+            tensor_ops,
             "forward",
             // SAFETY: live descriptors; `perf` holds the results asked for, in the layout of
             // cuDNN's result struct (checked at compile time).
@@ -727,7 +727,7 @@ impl Dnn {
     fn data_algo(
         handle: sys::cudnnHandle_t,
         plan: &mut Plan,
-        tf32: bool,
+        tensor_ops: bool,
     ) -> Result<(DataAlgo, usize)> {
         let (x, w, conv, y) = (plan.x.0, plan.w.0, plan.conv.0, plan.y.0);
         choose(
@@ -736,7 +736,7 @@ impl Dnn {
             // Without a heuristic choice only ALGO_1 (deterministic) is tried.
             &[DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1],
             |a| a as u32,
-            tf32,
+            tensor_ops,
             "input-gradient",
             // SAFETY: as in fwd_algo.
             |perf, n| unsafe {
@@ -761,7 +761,7 @@ impl Dnn {
     fn filter_algo(
         handle: sys::cudnnHandle_t,
         plan: &mut Plan,
-        tf32: bool,
+        tensor_ops: bool,
     ) -> Result<(FilterAlgo, usize)> {
         let (x, w, conv, y) = (plan.x.0, plan.w.0, plan.conv.0, plan.y.0);
         choose(
@@ -769,7 +769,7 @@ impl Dnn {
             &FILTER_ALGOS,
             &[FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1],
             |a| a as u32,
-            tf32,
+            tensor_ops,
             "weight-gradient",
             // SAFETY: as in fwd_algo.
             |perf, n| unsafe {
@@ -804,7 +804,7 @@ fn choose<A: Copy>(
     allowed: &[A],
     fallback: &[A],
     code: fn(A) -> u32,
-    tf32: bool,
+    tensor_ops: bool,
     what: &str,
     heuristics: impl FnOnce(&mut [Perf; 16], &mut c_int) -> std::result::Result<(), dnn::CudnnError>,
     workspace: impl Fn(A) -> std::result::Result<usize, dnn::CudnnError>,
@@ -815,7 +815,7 @@ fn choose<A: Copy>(
         let codes: Vec<u32> = allowed.iter().map(|&a| code(a)).collect();
         let first = heuristics(&mut perf, &mut n)
             .ok()
-            .and_then(|_| pick(&perf, n, &codes, tf32))
+            .and_then(|_| pick(&perf, n, &codes, tensor_ops))
             .and_then(|c| allowed.iter().find(|&&a| code(a) == c).copied());
         let found = first
             .into_iter()
@@ -863,7 +863,7 @@ mod tests {
     use super::*;
 
     /// The heuristics filter: only successful, deterministic GEMM-family results within the
-    /// workspace cap, FMA or default math (tensor-op math only in TF32 mode), first one wins.
+    /// workspace cap, FMA or default math (tensor-op math only where the mode allows it: TF32, bf16, f16), first one wins.
     #[test]
     fn the_algorithm_filter_keeps_exact_deterministic_choices() {
         use sys::cudnnMathType_t as M;
@@ -899,7 +899,7 @@ mod tests {
             ok(gemm),
         ];
         assert_eq!(pick(&fast_but_bad, 6, &allowed, false), Some(gemm));
-        // Tensor-op math is taken in TF32 mode.
+        // Tensor-op math is taken where the mode allows it.
         assert_eq!(pick(&fast_but_bad, 6, &allowed, true), Some(precomp));
         // Only the first `n` results count, and `n` is clamped to the array.
         assert_eq!(pick(&fast_but_bad, 5, &allowed, false), None);
