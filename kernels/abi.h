@@ -72,8 +72,9 @@ typedef struct SeGemmParams {
 /* NnConvParams.flags bits. */
 #define SENET_NN_BIAS 1u       /* the forward adds a per-output-channel bias */
 #define SENET_NN_ACCUMULATE 2u /* the weight gradient adds into dw instead of overwriting */
+#define SENET_NN_NHWC 4u       /* activations (x, y and their gradients) are NHWC, not NCHW */
 
-/* One convolution (NCHW, square kernel, groups), for the network kernels of nn.cu. */
+/* One convolution (NCHW or NHWC activations, square kernel, groups), for the network kernels of nn.cu. */
 typedef struct NnConvParams {
     uint32_t n;      /* batch */
     uint32_t c;      /* input channels */

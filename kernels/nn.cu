@@ -1,4 +1,5 @@
-// The network kernels (NCHW; activations in f32, or in bf16 for mixed precision, with parameters,
+// The network kernels (activations NCHW, or NHWC where a kernel takes `nhwc` or its convolution
+// flags say SENET_NN_NHWC; activations in f32, or in bf16 for mixed precision, with parameters,
 // gradients of parameters and every sum in f32 or f64): convolutions as implicit GEMMs (no im2col buffer), linear
 // layers, BatchNorm statistics / affine / backward, ReLU and the residual add, max / average /
 // global pooling forward and backward. Every reduction runs in a fixed order (no float atomics),
@@ -16,6 +17,13 @@ namespace senet {
 namespace nnk {
 
 constexpr int TM = 64, TN = 64, TK = 16;  // 256 threads, a 4x4 micro-tile each
+
+// The offset of element (sample s, channel ch, pixel pix) of an activation with c channels and
+// hw pixels per sample: NCHW, or NHWC when `nhwc`.
+__device__ __forceinline__ uint64_t act_at(uint32_t nhwc, uint64_t s, uint64_t ch, uint64_t pix, uint64_t c,
+                                           uint64_t hw) {
+    return nhwc ? (s * hw + pix) * c + ch : (s * c + ch) * hw + pix;
+}
 
 // The (m0, n0) tile of sum over k in [kb, ke) of a(m, k) * b(k, n), into acc (thread (tx, ty)
 // holds rows m0 + 4 ty + i, columns n0 + 4 tx + j).
@@ -76,7 +84,8 @@ __device__ __forceinline__ float conv_tap(const NnConvParams& p, const T* __rest
     const int iw = static_cast<int>(ow * p.stride + kw) - static_cast<int>(p.pad);
     if (ih < 0 || iw < 0 || ih >= static_cast<int>(p.h) || iw >= static_cast<int>(p.w)) return 0.0f;
     const uint64_t c = static_cast<uint64_t>(group) * p.icg + ci;
-    return to_f32(x[((static_cast<uint64_t>(sample) * p.c + c) * p.h + ih) * p.w + iw]);
+    const uint32_t at = static_cast<uint32_t>(ih) * p.w + static_cast<uint32_t>(iw);
+    return to_f32(x[act_at(p.flags & SENET_NN_NHWC, sample, c, at, p.c, static_cast<uint64_t>(p.h) * p.w)]);
 }
 
 struct ConvFwdA {  // W(m, k) of group g
@@ -124,7 +133,8 @@ struct ConvDataB {  // dy((oc, kh, kw), input pixel): the output pixel whose tap
         const uint32_t oh = uh / p.stride, ow = uw / p.stride;
         if (oh >= p.oh || ow >= p.ow) return 0.0f;
         const uint64_t c = static_cast<uint64_t>(g) * p.ocg + oc;
-        return to_f32(dy[((static_cast<uint64_t>(s) * p.oc + c) * p.oh + oh) * p.ow + ow]);
+        return to_f32(dy[act_at(p.flags & SENET_NN_NHWC, s, c, oh * p.ow + ow, p.oc,
+                                static_cast<uint64_t>(p.oh) * p.ow)]);
     }
 };
 
@@ -136,7 +146,7 @@ struct ConvWgtA {  // dy(oc, (sample, pixel)) of group g
     __device__ float operator()(uint32_t oc, uint32_t q) const {
         const uint32_t P = p.oh * p.ow;
         const uint64_t s = q / P, pix = q % P;
-        return to_f32(dy[(s * p.oc + static_cast<uint64_t>(g) * p.ocg + oc) * P + pix]);
+        return to_f32(dy[act_at(p.flags & SENET_NN_NHWC, s, static_cast<uint64_t>(g) * p.ocg + oc, pix, p.oc, P)]);
     }
 };
 
@@ -207,7 +217,7 @@ __device__ __forceinline__ void conv_fwd(const NnConvParams& p, const T* __restr
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const uint32_t n = n0 + tx * 4 + j;
-            if (n < P) y[(static_cast<uint64_t>(s) * p.oc + c) * P + n] = from_f32<T>(acc[i][j] + b);
+            if (n < P) y[act_at(p.flags & SENET_NN_NHWC, s, c, n, p.oc, P)] = from_f32<T>(acc[i][j] + b);
         }
     }
 }
@@ -231,7 +241,7 @@ __device__ __forceinline__ void conv_bwd_data(const NnConvParams& p, const T* __
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const uint32_t n = n0 + tx * 4 + j;
-            if (n < HW) dx[(static_cast<uint64_t>(s) * p.c + c) * HW + n] = from_f32<T>(acc[i][j]);
+            if (n < HW) dx[act_at(p.flags & SENET_NN_NHWC, s, c, n, p.c, HW)] = from_f32<T>(acc[i][j]);
         }
     }
 }
@@ -304,13 +314,11 @@ __device__ __forceinline__ void gemm(const TA* __restrict__ A, int64_t sa_m, int
 // channel.
 template <class T>
 __device__ __forceinline__ void channel_sum(const T* __restrict__ a, float* __restrict__ out, uint32_t n, uint32_t c,
-                                            uint64_t hw, uint32_t accumulate) {
+                                            uint64_t hw, uint32_t accumulate, uint32_t nhwc) {
     const uint32_t ch = blockIdx.x;
     double t = 0.0;
-    for (uint32_t s = 0; s < n; ++s) {
-        const T* plane = a + (static_cast<uint64_t>(s) * c + ch) * hw;
-        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(plane[i]);
-    }
+    for (uint32_t s = 0; s < n; ++s)
+        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(a[act_at(nhwc, s, ch, i, c, hw)]);
     t = block_sum(t);
     if (threadIdx.x == 0) out[ch] = accumulate ? out[ch] + static_cast<float>(t) : static_cast<float>(t);
 }
@@ -320,23 +328,19 @@ __device__ __forceinline__ void channel_sum(const T* __restrict__ a, float* __re
 // Per-channel mean and biased variance (two passes, f64 sums). One block per channel.
 template <class T>
 __device__ __forceinline__ void bn_stats(const T* __restrict__ x, double* __restrict__ mean, double* __restrict__ var,
-                                         uint32_t n, uint32_t c, uint64_t hw) {
+                                         uint32_t n, uint32_t c, uint64_t hw, uint32_t nhwc) {
     const uint32_t ch = blockIdx.x;
     const double m = static_cast<double>(n) * static_cast<double>(hw);
     double t = 0.0;
-    for (uint32_t s = 0; s < n; ++s) {
-        const T* plane = x + (static_cast<uint64_t>(s) * c + ch) * hw;
-        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(plane[i]);
-    }
+    for (uint32_t s = 0; s < n; ++s)
+        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(x[act_at(nhwc, s, ch, i, c, hw)]);
     const double mu = block_sum(t) / m;
     double q = 0.0;
-    for (uint32_t s = 0; s < n; ++s) {
-        const T* plane = x + (static_cast<uint64_t>(s) * c + ch) * hw;
+    for (uint32_t s = 0; s < n; ++s)
         for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-            const double d = to_f32(plane[i]) - mu;
+            const double d = to_f32(x[act_at(nhwc, s, ch, i, c, hw)]) - mu;
             q += d * d;
         }
-    }
     q = block_sum(q);
     if (threadIdx.x == 0) {
         mean[ch] = mu;
@@ -349,10 +353,10 @@ __device__ __forceinline__ void bn_stats(const T* __restrict__ x, double* __rest
 template <class T>
 __device__ __forceinline__ void affine(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ a,
                                        const float* __restrict__ b, uint64_t total, uint32_t c, uint64_t hw,
-                                       uint32_t relu) {
+                                       uint32_t relu, uint32_t nhwc) {
     for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
          i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
-        const uint32_t ch = static_cast<uint32_t>((i / hw) % c);
+        const uint32_t ch = static_cast<uint32_t>(nhwc ? i % c : (i / hw) % c);
         const float r = fmaf(a != nullptr ? a[ch] : 1.0f, to_f32(x[i]), b[ch]);
         y[i] = from_f32<T>((relu && r < 0.0f) ? 0.0f : r);
     }
@@ -367,18 +371,17 @@ __device__ __forceinline__ void bn_bwd(const T* __restrict__ x, const T* __restr
                                        const double* __restrict__ mean, const double* __restrict__ invstd,
                                        const float* __restrict__ gamma, float* __restrict__ dgamma,
                                        float* __restrict__ dbeta, T* __restrict__ dx, uint32_t n, uint32_t c,
-                                       uint64_t hw, uint32_t batch_stats) {
+                                       uint64_t hw, uint32_t batch_stats, uint32_t nhwc) {
     const uint32_t ch = blockIdx.x;
     const double mu = mean[ch], is = invstd[ch];
     double sd = 0.0, sdx = 0.0;
-    for (uint32_t s = 0; s < n; ++s) {
-        const uint64_t base = (static_cast<uint64_t>(s) * c + ch) * hw;
+    for (uint32_t s = 0; s < n; ++s)
         for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-            const double d = (relu_y == nullptr || to_f32(relu_y[base + i]) > 0.0f) ? to_f32(dy[base + i]) : 0.0f;
+            const uint64_t e = act_at(nhwc, s, ch, i, c, hw);
+            const double d = (relu_y == nullptr || to_f32(relu_y[e]) > 0.0f) ? to_f32(dy[e]) : 0.0f;
             sd += d;
-            sdx += d * ((to_f32(x[base + i]) - mu) * is);
+            sdx += d * ((to_f32(x[e]) - mu) * is);
         }
-    }
     sd = block_sum(sd);
     sdx = block_sum(sdx);
     if (threadIdx.x == 0) {
@@ -389,15 +392,13 @@ __device__ __forceinline__ void bn_bwd(const T* __restrict__ x, const T* __restr
     const double gi = static_cast<double>(gamma[ch]) * is;
     const double inv_m = __drcp_rn(m);  // a reciprocal, not a division: no call, no spill
     const double md = sd * inv_m, mdx = sdx * inv_m;
-    for (uint32_t s = 0; s < n; ++s) {
-        const uint64_t base = (static_cast<uint64_t>(s) * c + ch) * hw;
+    for (uint32_t s = 0; s < n; ++s)
         for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-            const double d = (relu_y == nullptr || to_f32(relu_y[base + i]) > 0.0f) ? to_f32(dy[base + i]) : 0.0f;
-            const double v =
-                batch_stats ? gi * (d - md - (to_f32(x[base + i]) - mu) * is * mdx) : gi * d;
-            dx[base + i] = from_f32<T>(static_cast<float>(v));
+            const uint64_t e = act_at(nhwc, s, ch, i, c, hw);
+            const double d = (relu_y == nullptr || to_f32(relu_y[e]) > 0.0f) ? to_f32(dy[e]) : 0.0f;
+            const double v = batch_stats ? gi * (d - md - (to_f32(x[e]) - mu) * is * mdx) : gi * d;
+            dx[e] = from_f32<T>(static_cast<float>(v));
         }
-    }
 }
 
 // ------------------------------------------------------------------------------ pointwise
@@ -432,49 +433,58 @@ __device__ __forceinline__ void pointwise(uint32_t op, const T* __restrict__ a, 
 
 // ------------------------------------------------------------------------------ pooling
 
+// Pooling kernels index planes (sample, channel) = (pl / c, pl % c) and read and write
+// activations through act_at, so they serve NCHW and NHWC; max-pool indices and the average
+// pool's divided gradients (internal) are in NCHW order whatever the layout.
+
 // Max pooling, one thread per output: the first maximum wins, a NaN replaces any value (as the
-// reference does). `arg` gets the flat input index.
+// reference does). `arg` gets the flat NCHW input index.
 template <class T>
 __device__ __forceinline__ void maxpool_fwd(const T* __restrict__ x, T* __restrict__ y, uint32_t* __restrict__ arg,
-                                            uint32_t nc, uint32_t h, uint32_t w, uint32_t oh, uint32_t ow,
-                                            uint32_t k, uint32_t s, uint32_t pad) {
+                                            uint32_t nc, uint32_t c, uint32_t h, uint32_t w, uint32_t oh,
+                                            uint32_t ow, uint32_t k, uint32_t s, uint32_t pad, uint32_t nhwc) {
     const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= oh * ow) return;
+    const uint64_t in_hw = static_cast<uint64_t>(h) * w, out_hw = static_cast<uint64_t>(oh) * ow;
     for (uint32_t plane = blockIdx.y; plane < nc; plane += gridDim.y) {
-        const uint64_t o = static_cast<uint64_t>(plane) * oh * ow + r;
+        const uint32_t smp = plane / c, ch = plane % c;
         uint32_t h0, h1, w0, w1, e;
         pool_window(r / ow, h, k, s, pad, h0, h1, e);
         pool_window(r % ow, w, k, s, pad, w0, w1, e);
         bool any = false;
         float best = 0.0f;
-        uint64_t bi = 0;
+        uint32_t bp = 0;
         for (uint32_t ih = h0; ih < h1; ++ih)
             for (uint32_t iw = w0; iw < w1; ++iw) {
-                const uint64_t i = (static_cast<uint64_t>(plane) * h + ih) * w + iw;
-                const float v = to_f32(x[i]);
+                const uint32_t pix = ih * w + iw;
+                const float v = to_f32(x[act_at(nhwc, smp, ch, pix, c, in_hw)]);
                 if (!any || v > best || v != v) {  // v != v: NaN
                     any = true;
                     best = v;
-                    bi = i;
+                    bp = pix;
                 }
             }
-        y[o] = from_f32<T>(best);
-        arg[o] = static_cast<uint32_t>(bi);
+        y[act_at(nhwc, smp, ch, r, c, out_hw)] = from_f32<T>(best);
+        arg[static_cast<uint64_t>(plane) * out_hw + r] = static_cast<uint32_t>(plane * in_hw + bp);
     }
 }
 
 // Max pooling backward, one thread per (sample, channel) plane, visiting its outputs in order
 // (the host checked every index lies in its output's plane), so sums are deterministic. The
-// sums are f32 (`dx`); narrow activations are converted after (nn_to_act).
+// sums are f32 (`dx`, in the activations' layout); narrow activations are converted after
+// (nn_to_act).
 template <class T>
 __device__ __forceinline__ void maxpool_bwd(const T* __restrict__ dy, const uint32_t* __restrict__ arg,
-                                            float* __restrict__ dx, uint64_t nc, uint64_t in_plane,
-                                            uint64_t out_plane) {
+                                            float* __restrict__ dx, uint64_t nc, uint32_t c, uint64_t in_plane,
+                                            uint64_t out_plane, uint32_t nhwc) {
     const uint64_t pl = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (pl >= nc) return;
-    float* d = dx + pl * in_plane;
-    for (uint64_t i = 0; i < in_plane; ++i) d[i] = 0.0f;
-    for (uint64_t o = pl * out_plane; o < (pl + 1) * out_plane; ++o) dx[arg[o]] += to_f32(dy[o]);
+    const uint64_t smp = pl / c, ch = pl % c;
+    for (uint64_t i = 0; i < in_plane; ++i) dx[act_at(nhwc, smp, ch, i, c, in_plane)] = 0.0f;
+    for (uint64_t r = 0; r < out_plane; ++r) {
+        const uint64_t pix = arg[pl * out_plane + r] - pl * in_plane;
+        dx[act_at(nhwc, smp, ch, pix, c, in_plane)] += to_f32(dy[act_at(nhwc, smp, ch, r, c, out_plane)]);
+    }
 }
 
 __device__ __forceinline__ float avg_divisor(uint32_t include_pad, uint32_t h0, uint32_t h1, uint32_t w0,
@@ -486,52 +496,52 @@ __device__ __forceinline__ float avg_divisor(uint32_t include_pad, uint32_t h0, 
 
 // Average pooling, one thread per output.
 template <class T>
-__device__ __forceinline__ void avgpool_fwd(const T* __restrict__ x, T* __restrict__ y, uint32_t nc, uint32_t h,
-                                            uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s,
-                                            uint32_t pad, uint32_t include_pad) {
+__device__ __forceinline__ void avgpool_fwd(const T* __restrict__ x, T* __restrict__ y, uint32_t nc, uint32_t c,
+                                            uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k,
+                                            uint32_t s, uint32_t pad, uint32_t include_pad, uint32_t nhwc) {
     const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= oh * ow) return;
+    const uint64_t in_hw = static_cast<uint64_t>(h) * w, out_hw = static_cast<uint64_t>(oh) * ow;
     for (uint32_t pl = blockIdx.y; pl < nc; pl += gridDim.y) {
-        const uint64_t o = static_cast<uint64_t>(pl) * oh * ow + r;
-        const uint64_t plane = pl;
+        const uint32_t smp = pl / c, ch = pl % c;
         uint32_t h0, h1, w0, w1, eh, ew;
         pool_window(r / ow, h, k, s, pad, h0, h1, eh);
         pool_window(r % ow, w, k, s, pad, w0, w1, ew);
         float t = 0.0f;
         for (uint32_t ih = h0; ih < h1; ++ih)
-            for (uint32_t iw = w0; iw < w1; ++iw) t += to_f32(x[(plane * h + ih) * w + iw]);
-        y[o] = from_f32<T>(t / avg_divisor(include_pad, h0, h1, w0, w1, eh, ew));
+            for (uint32_t iw = w0; iw < w1; ++iw) t += to_f32(x[act_at(nhwc, smp, ch, ih * w + iw, c, in_hw)]);
+        y[act_at(nhwc, smp, ch, r, c, out_hw)] = from_f32<T>(t / avg_divisor(include_pad, h0, h1, w0, w1, eh, ew));
     }
 }
 
 // Average pooling backward, step 1: each output's gradient divided by its window's divisor
-// (into an f32 buffer).
+// (into an f32 buffer, NCHW order).
 template <class T>
-__device__ __forceinline__ void avgpool_div(const T* __restrict__ dy, float* __restrict__ q, uint32_t nc, uint32_t h,
-                                            uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s,
-                                            uint32_t pad, uint32_t include_pad) {
+__device__ __forceinline__ void avgpool_div(const T* __restrict__ dy, float* __restrict__ q, uint32_t nc, uint32_t c,
+                                            uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k,
+                                            uint32_t s, uint32_t pad, uint32_t include_pad, uint32_t nhwc) {
     const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= oh * ow) return;
     uint32_t h0, h1, w0, w1, eh, ew;
     pool_window(r / ow, h, k, s, pad, h0, h1, eh);
     pool_window(r % ow, w, k, s, pad, w0, w1, ew);
     const float div = avg_divisor(include_pad, h0, h1, w0, w1, eh, ew);
+    const uint64_t out_hw = static_cast<uint64_t>(oh) * ow;
     for (uint32_t pl = blockIdx.y; pl < nc; pl += gridDim.y) {
-        const uint64_t o = static_cast<uint64_t>(pl) * oh * ow + r;
-        q[o] = to_f32(dy[o]) / div;
+        const uint64_t o = static_cast<uint64_t>(pl) * out_hw + r;
+        q[o] = to_f32(dy[act_at(nhwc, pl / c, pl % c, r, c, out_hw)]) / div;
     }
 }
 
 // Average pooling backward, step 2: one thread per input element gathers the divided gradients
 // of every output window that covers it (no atomics).
 template <class T>
-__device__ __forceinline__ void avgpool_bwd(const float* __restrict__ q, T* __restrict__ dx, uint32_t nc, uint32_t h,
-                                            uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s,
-                                            uint32_t pad) {
+__device__ __forceinline__ void avgpool_bwd(const float* __restrict__ q, T* __restrict__ dx, uint32_t nc, uint32_t c,
+                                            uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k,
+                                            uint32_t s, uint32_t pad, uint32_t nhwc) {
     const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= h * w) return;
     for (uint32_t pl = blockIdx.y; pl < nc; pl += gridDim.y) {
-        const uint64_t i = static_cast<uint64_t>(pl) * h * w + r;
         const uint64_t plane = pl;
         const int ih = static_cast<int>(r / w), iw = static_cast<int>(r % w);
         // Outputs whose window start o*s - pad lies in (i - k, i] (sizes fit in int: the host
@@ -553,26 +563,90 @@ __device__ __forceinline__ void avgpool_bwd(const float* __restrict__ q, T* __re
                 t += q[(plane * oh + a) * ow + b];
             }
         }
-        dx[i] = from_f32<T>(t);
+        dx[act_at(nhwc, pl / c, pl % c, r, c, static_cast<uint64_t>(h) * w)] = from_f32<T>(t);
     }
 }
 
-// Global average pooling: one block per (sample, channel) plane, f64 sum.
+// Global average pooling: one block per (sample, channel) plane, f64 sum. The output [n, c, 1, 1]
+// is the same in both layouts.
 template <class T>
-__device__ __forceinline__ void gap_fwd(const T* __restrict__ x, T* __restrict__ y, uint64_t hw) {
+__device__ __forceinline__ void gap_fwd(const T* __restrict__ x, T* __restrict__ y, uint32_t c, uint64_t hw,
+                                        uint32_t nhwc) {
     const uint64_t pl = blockIdx.x;
     double t = 0.0;
-    for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(x[pl * hw + i]);
+    for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(x[act_at(nhwc, pl / c, pl % c, i, c, hw)]);
     t = block_sum(t);
     if (threadIdx.x == 0) y[pl] = from_f32<T>(static_cast<float>(t / static_cast<double>(hw)));
 }
 
 // Global average pooling backward: dx = dy[plane] / hw.
 template <class T>
-__device__ __forceinline__ void gap_bwd(const T* __restrict__ dy, T* __restrict__ dx, uint64_t total, uint64_t hw) {
+__device__ __forceinline__ void gap_bwd(const T* __restrict__ dy, T* __restrict__ dx, uint64_t total, uint32_t c,
+                                        uint64_t hw, uint32_t nhwc) {
     for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-         i += static_cast<uint64_t>(gridDim.x) * blockDim.x)
-        dx[i] = from_f32<T>(to_f32(dy[i / hw]) / static_cast<float>(hw));
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        const uint64_t plane = nhwc ? (i / (hw * c)) * c + i % c : i / hw;
+        dx[i] = from_f32<T>(to_f32(dy[plane]) / static_cast<float>(hw));
+    }
+}
+
+// dst = src in the other layout: NCHW -> NHWC when `to_nhwc`, else NHWC -> NCHW (one thread per
+// destination element).
+template <class T>
+__device__ __forceinline__ void relayout(const T* __restrict__ src, T* __restrict__ dst, uint64_t n, uint64_t c,
+                                         uint64_t hw, uint32_t to_nhwc) {
+    const uint64_t total = n * c * hw;
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        if (to_nhwc) {
+            const uint64_t smp = i / (hw * c), r = i % (hw * c);
+            dst[i] = src[(smp * c + r % c) * hw + r / c];
+        } else {
+            const uint64_t smp = i / (c * hw), r = i % (c * hw);
+            dst[i] = src[(smp * hw + r % hw) * c + r / hw];
+        }
+    }
+}
+
+// For each of `rows` rows, cnt consecutive elements from src (row stride src_c, from column
+// src_off) to dst (row stride dst_c, from column dst_off): channel concatenation and splitting
+// of NHWC activations (a row is a pixel).
+template <class T>
+__device__ __forceinline__ void copy_cols(const T* __restrict__ src, T* __restrict__ dst, uint64_t rows,
+                                          uint64_t src_c, uint64_t src_off, uint64_t dst_c, uint64_t dst_off,
+                                          uint64_t cnt) {
+    const uint64_t total = rows * cnt;
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        const uint64_t r = i / cnt, j = i % cnt;
+        dst[r * dst_c + dst_off + j] = src[r * src_c + src_off + j];
+    }
+}
+
+// A convolution weight [k][c][rs] (f32, PyTorch's KCRS) as [k][rs][c] of T (KRSC: cuDNN's filter
+// layout for NHWC activations).
+template <class T>
+__device__ __forceinline__ void weight_krsc(const float* __restrict__ w, T* __restrict__ dst, uint64_t k, uint64_t c,
+                                            uint64_t rs) {
+    const uint64_t total = k * c * rs;
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        const uint64_t o = i / (rs * c), r = (i % (rs * c)) / c, ci = i % c;
+        dst[i] = from_f32<T>(w[(o * c + ci) * rs + r]);
+    }
+}
+
+// dst (KCRS, f32) (+)= src (KRSC, T): a weight gradient cuDNN formed for NHWC activations.
+template <class T>
+__device__ __forceinline__ void grad_from_krsc(const T* __restrict__ src, float* __restrict__ dst, uint64_t k,
+                                               uint64_t c, uint64_t rs, uint32_t accumulate) {
+    const uint64_t total = k * c * rs;
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        const uint64_t o = i / (c * rs), ci = (i % (c * rs)) / rs, r = i % rs;
+        const float v = to_f32(src[(o * rs + r) * c + ci]);
+        dst[i] = accumulate ? dst[i] + v : v;
+    }
 }
 
 // dst[i] = src[i] converted (f32 <-> bf16 / f16, or a copy): host tensors, f32 weights and f32
@@ -635,28 +709,30 @@ using namespace senet::nnk;
     SENET_EMU_REGISTER(nn_conv_bwd_weight_##NAME)                                                                  \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_channel_sum_##NAME(const T* __restrict__ a, float* __restrict__ out, uint32_t n, uint32_t c,            \
-                              uint64_t hw, uint32_t accumulate) {                                                  \
-        channel_sum<T>(a, out, n, c, hw, accumulate);                                                              \
+                              uint64_t hw, uint32_t accumulate, uint32_t nhwc) {                                   \
+        channel_sum<T>(a, out, n, c, hw, accumulate, nhwc);                                                              \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_channel_sum_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_bn_stats_##NAME(const T* __restrict__ x, double* __restrict__ mean, double* __restrict__ var,           \
-                           uint32_t n, uint32_t c, uint64_t hw) {                                                  \
-        bn_stats<T>(x, mean, var, n, c, hw);                                                                       \
+                           uint32_t n, uint32_t c, uint64_t hw, uint32_t nhwc) {                                   \
+        bn_stats<T>(x, mean, var, n, c, hw, nhwc);                                                                       \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_bn_stats_##NAME)                                                                         \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_affine_##NAME(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ a,                  \
-                         const float* __restrict__ b, uint64_t total, uint32_t c, uint64_t hw, uint32_t relu) {    \
-        affine<T>(x, y, a, b, total, c, hw, relu);                                                                 \
+                         const float* __restrict__ b, uint64_t total, uint32_t c, uint64_t hw, uint32_t relu,      \
+                         uint32_t nhwc) {                                                                          \
+        affine<T>(x, y, a, b, total, c, hw, relu, nhwc);                                                                 \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_affine_##NAME)                                                                           \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_bn_bwd_##NAME(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ relu_y,          \
                          const double* __restrict__ mean, const double* __restrict__ invstd,                       \
                          const float* __restrict__ gamma, float* __restrict__ dgamma, float* __restrict__ dbeta,   \
-                         T* __restrict__ dx, uint32_t n, uint32_t c, uint64_t hw, uint32_t batch_stats) {          \
-        bn_bwd<T>(x, dy, relu_y, mean, invstd, gamma, dgamma, dbeta, dx, n, c, hw, batch_stats);                   \
+                         T* __restrict__ dx, uint32_t n, uint32_t c, uint64_t hw, uint32_t batch_stats,            \
+                         uint32_t nhwc) {                                                                          \
+        bn_bwd<T>(x, dy, relu_y, mean, invstd, gamma, dgamma, dbeta, dx, n, c, hw, batch_stats, nhwc);                   \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_bn_bwd_##NAME)                                                                           \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
@@ -667,45 +743,47 @@ using namespace senet::nnk;
     SENET_EMU_REGISTER(nn_pointwise_##NAME)                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_maxpool_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint32_t* __restrict__ arg, uint32_t nc, \
-                              uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s,            \
-                              uint32_t pad) {                                                                      \
-        maxpool_fwd<T>(x, y, arg, nc, h, w, oh, ow, k, s, pad);                                                    \
+                              uint32_t c, uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k,            \
+                              uint32_t s, uint32_t pad, uint32_t nhwc) {                                           \
+        maxpool_fwd<T>(x, y, arg, nc, c, h, w, oh, ow, k, s, pad, nhwc);                                                    \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_maxpool_fwd_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_maxpool_bwd_##NAME(const T* __restrict__ dy, const uint32_t* __restrict__ arg, float* __restrict__ dx,  \
-                              uint64_t nc, uint64_t in_plane, uint64_t out_plane) {                                \
-        maxpool_bwd<T>(dy, arg, dx, nc, in_plane, out_plane);                                                      \
+                              uint64_t nc, uint32_t c, uint64_t in_plane, uint64_t out_plane, uint32_t nhwc) {     \
+        maxpool_bwd<T>(dy, arg, dx, nc, c, in_plane, out_plane, nhwc);                                                      \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_maxpool_bwd_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
-        nn_avgpool_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint32_t nc, uint32_t h, uint32_t w,     \
-                              uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad,                      \
-                              uint32_t include_pad) {                                                              \
-        avgpool_fwd<T>(x, y, nc, h, w, oh, ow, k, s, pad, include_pad);                                            \
+        nn_avgpool_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint32_t nc, uint32_t c, uint32_t h,     \
+                              uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad,          \
+                              uint32_t include_pad, uint32_t nhwc) {                                               \
+        avgpool_fwd<T>(x, y, nc, c, h, w, oh, ow, k, s, pad, include_pad, nhwc);                                            \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_avgpool_fwd_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
-        nn_avgpool_div_##NAME(const T* __restrict__ dy, float* __restrict__ q, uint32_t nc, uint32_t h,            \
-                              uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad,          \
-                              uint32_t include_pad) {                                                              \
-        avgpool_div<T>(dy, q, nc, h, w, oh, ow, k, s, pad, include_pad);                                           \
+        nn_avgpool_div_##NAME(const T* __restrict__ dy, float* __restrict__ q, uint32_t nc, uint32_t c,            \
+                              uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s,            \
+                              uint32_t pad, uint32_t include_pad, uint32_t nhwc) {                                 \
+        avgpool_div<T>(dy, q, nc, c, h, w, oh, ow, k, s, pad, include_pad, nhwc);                                           \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_avgpool_div_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
-        nn_avgpool_bwd_##NAME(const float* __restrict__ q, T* __restrict__ dx, uint32_t nc, uint32_t h,            \
-                              uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad) {        \
-        avgpool_bwd<T>(q, dx, nc, h, w, oh, ow, k, s, pad);                                                        \
+        nn_avgpool_bwd_##NAME(const float* __restrict__ q, T* __restrict__ dx, uint32_t nc, uint32_t c,            \
+                              uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s,            \
+                              uint32_t pad, uint32_t nhwc) {                                                       \
+        avgpool_bwd<T>(q, dx, nc, c, h, w, oh, ow, k, s, pad, nhwc);                                                        \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_avgpool_bwd_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
-        nn_gap_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint64_t hw) {                               \
-        gap_fwd<T>(x, y, hw);                                                                                      \
+        nn_gap_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint32_t c, uint64_t hw, uint32_t nhwc) {    \
+        gap_fwd<T>(x, y, c, hw, nhwc);                                                                                      \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_gap_fwd_##NAME)                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
-        nn_gap_bwd_##NAME(const T* __restrict__ dy, T* __restrict__ dx, uint64_t total, uint64_t hw) {             \
-        gap_bwd<T>(dy, dx, total, hw);                                                                             \
+        nn_gap_bwd_##NAME(const T* __restrict__ dy, T* __restrict__ dx, uint64_t total, uint32_t c, uint64_t hw,   \
+                          uint32_t nhwc) {                                                                         \
+        gap_bwd<T>(dy, dx, total, c, hw, nhwc);                                                                             \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_gap_bwd_##NAME)                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
@@ -742,7 +820,31 @@ using namespace senet::nnk;
         nn_mask_##NAME(const T* __restrict__ a, const float* __restrict__ m, T* __restrict__ y, uint64_t n) {      \
         mask<T>(a, m, y, n);                                                                                       \
     }                                                                                                              \
-    SENET_EMU_REGISTER(nn_mask_##NAME)
+    SENET_EMU_REGISTER(nn_mask_##NAME)                                                                             \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_relayout_##NAME(const T* __restrict__ src, T* __restrict__ dst, uint64_t n, uint64_t c, uint64_t hw,    \
+                           uint32_t to_nhwc) {                                                                     \
+        relayout<T>(src, dst, n, c, hw, to_nhwc);                                                                  \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_relayout_##NAME)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_copy_cols_##NAME(const T* __restrict__ src, T* __restrict__ dst, uint64_t rows, uint64_t src_c,         \
+                            uint64_t src_off, uint64_t dst_c, uint64_t dst_off, uint64_t cnt) {                    \
+        copy_cols<T>(src, dst, rows, src_c, src_off, dst_c, dst_off, cnt);                                         \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_copy_cols_##NAME)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_weight_krsc_##NAME(const float* __restrict__ w, T* __restrict__ dst, uint64_t k, uint64_t c,            \
+                              uint64_t rs) {                                                                       \
+        weight_krsc<T>(w, dst, k, c, rs);                                                                          \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_weight_krsc_##NAME)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_grad_from_krsc_##NAME(const T* __restrict__ src, float* __restrict__ dst, uint64_t k, uint64_t c,       \
+                                 uint64_t rs, uint32_t accumulate) {                                               \
+        grad_from_krsc<T>(src, dst, k, c, rs, accumulate);                                                         \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_grad_from_krsc_##NAME)
 
 SENET_NN_KERNELS(f32, float)
 SENET_NN_KERNELS(bf16, __nv_bfloat16)

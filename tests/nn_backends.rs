@@ -346,8 +346,14 @@ fn check_shape_errors<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
     assert!(be.linear(&x, &[0.0; 10], None, 2).is_err());
     let big = PoolGeom::new(5, 1, 0, false).unwrap();
     assert!(be.max_pool2d(&x, &big).is_err());
+    // An NHWC host tensor is refused (the host backends) or taken for what it is (the CUDA
+    // backend converts it on the device).
     let nhwc = x.to_layout(senet::Layout::Nhwc);
-    assert!(be.relu(nhwc).is_err());
+    if let Ok(y) = be.relu(nhwc) {
+        let want = be.relu(x.clone()).unwrap();
+        assert_eq!(y.layout(), senet::Layout::Nchw, "relu of an NHWC input");
+        assert_eq!(y.data(), want.data(), "relu of an NHWC input");
+    }
 }
 
 /// A layer's forward on backend `be` from and to host tensors.
@@ -835,10 +841,14 @@ fn cuda_bf16_se_op_within_bf16_tolerance() {
 /// once, as checked against the host product rounded to bf16.
 #[test]
 fn cuda_bf16_data_movement_is_exact() {
-    use senet::nn::Backend;
     nn_common::set_bf16_inputs(true);
+    check_bf16_data_movement(nn_common::cuda_bf16_backends());
+}
+
+fn check_bf16_data_movement(backends: Vec<senet::nn::Cuda<half::bf16>>) {
+    use senet::nn::Backend;
     let s = seed("bf16 movement");
-    for be in nn_common::cuda_bf16_backends() {
+    for be in backends {
         let be = nn_common::OnHost(&be);
         let parts: Vec<Tensor<f32>> = [3usize, 1, 5]
             .iter()
@@ -1480,4 +1490,123 @@ fn cuda_bound_parameter_misuse_is_an_error() {
         let copied: Vec<Vec<f32>> = copy.parameters().map(|(_, p)| p.value.clone()).collect();
         assert_eq!(copied, before);
     }
+}
+
+// ------------------------------------------------------------------ NHWC (channels-last)
+
+/// The CUDA backend with NHWC activations: every op (convolutions through the kernels'
+/// channels-last indexing or cuDNN's NHWC descriptors and KRSC filters, BatchNorm, pooling,
+/// linear layers on flattened NHWC features, SE), within DESIGN.md's f32 tolerances of the
+/// reference, shape errors still errors, and host tensors of either layout taken.
+#[test]
+fn cuda_nhwc_ops_match_reference() {
+    for be in nn_common::cuda_nhwc_backends::<f32>() {
+        let h = nn_common::OnHost(&be);
+        check_convolution(&h);
+        check_pointwise_ops(&h);
+        check_se_op(&h);
+        check_shape_errors(&h);
+        check_invalid_geometries(&h);
+    }
+}
+
+/// Whole small networks of every block variant and the Inception network (channel concat and
+/// split of NHWC activations), layer by layer and end to end, forward and backward, against the
+/// reference, with NHWC activations on the device.
+#[test]
+fn cuda_nhwc_networks_match_reference() {
+    for be in nn_common::cuda_nhwc_backends::<f32>() {
+        check_small_networks(&be);
+        check_inception_network(&be);
+    }
+}
+
+/// senet's own network kernels sum in the same order whatever the layout, so training steps
+/// with NHWC activations give the NCHW steps' logits, gradients, parameters, momentum and
+/// running statistics bit for bit (the layout changes addresses, not arithmetic), on every
+/// small network without its SE blocks. cuDNN chooses different algorithms per layout, so its
+/// backends are held to the reference instead.
+#[test]
+fn cuda_nhwc_own_kernels_equal_nchw_bit_for_bit() {
+    use senet::nn::ConvEngine;
+    use senet::train::optim::Sgd;
+    let nchw: Vec<_> = nn_common::cuda_backends()
+        .into_iter()
+        .filter(|b| b.conv_engine() == ConvEngine::Own)
+        .collect();
+    assert!(!nchw.is_empty() || senet::cuda::CudaDevice::emulator().is_err());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for a in nchw {
+        let b = senet::nn::Cuda::<f32>::open(
+            a.device().clone(),
+            senet::nn::ConvChoice::Only(ConvEngine::Own),
+        )
+        .unwrap()
+        .with_layout(senet::Layout::Nhwc)
+        .with_poison(true);
+        for (name, mut cfg, xs) in small_configs() {
+            // Without SE: the SE op's kernels are per layout (an NHWC squeeze reduces pixel
+            // tiles in another order), so SE blocks agree within rounding, not bit for bit;
+            // the networks' tests above hold them to the reference.
+            cfg.se = vec![None; cfg.se.len()];
+            let mut na = cfg.build::<f32>(name).unwrap();
+            na.init_weights(seed(name));
+            let mut nb = na.clone();
+            na.bind(&a).unwrap();
+            nb.bind(&b).unwrap();
+            let (mut oa, mut ob) = (Sgd::new(0.9, 1e-4).unwrap(), Sgd::new(0.9, 1e-4).unwrap());
+            for step in 0..3u64 {
+                let x: Tensor<f32> = random_tensor(xs, 40 + step);
+                let la = na.forward(&a, x.clone(), Mode::Train).unwrap();
+                let lb = nb.forward(&b, x, Mode::Train).unwrap();
+                assert_eq!(
+                    bits(la.data()),
+                    bits(lb.data()),
+                    "{name}: step {step} logits"
+                );
+                let dl: Tensor<f32> = random_tensor(la.shape(), 50 + step);
+                na.zero_grad();
+                nb.zero_grad();
+                na.backward_params(&a, dl.clone()).unwrap();
+                nb.backward_params(&b, dl).unwrap();
+                oa.step_on(&a, &mut na, 0.05).unwrap();
+                ob.step_on(&b, &mut nb, 0.05).unwrap();
+            }
+            let x: Tensor<f32> = random_tensor(xs, 99);
+            for mode in [Mode::Eval, Mode::Infer] {
+                let la = na.forward(&a, x.clone(), mode).unwrap();
+                let lb = nb.forward(&b, x.clone(), mode).unwrap();
+                assert_eq!(bits(la.data()), bits(lb.data()), "{name}: {mode} logits");
+            }
+            oa.gather(&na).unwrap();
+            ob.gather(&nb).unwrap();
+            na.unbind().unwrap();
+            nb.unbind().unwrap();
+            assert_eq!(na.state_dict().unwrap(), nb.state_dict().unwrap(), "{name}");
+            for ((n, p), (_, q)) in na.parameters().zip(nb.parameters()) {
+                assert_eq!(bits(&p.value), bits(&q.value), "{name}: {n} values");
+                assert_eq!(bits(&p.grad), bits(&q.grad), "{name}: {n} gradient");
+            }
+            assert_eq!(oa.buffers(), ob.buffers(), "{name}: momentum");
+        }
+    }
+}
+
+/// bf16 activations in NHWC, the fast configuration: each op within DESIGN.md's bf16
+/// tolerance, data movement exact, and ten SGD steps on each small network lower the loss.
+#[test]
+fn cuda_nhwc_bf16_ops_within_bf16_tolerance() {
+    nn_common::set_bf16_inputs(true);
+    for be in nn_common::cuda_nhwc_backends::<half::bf16>() {
+        let h = nn_common::OnHost(&be);
+        check_convolution_within(&h, BF16_TOL, BF16_TOL);
+        check_pointwise_ops(&h);
+        check_se_op(&h);
+    }
+    check_bf16_data_movement(nn_common::cuda_nhwc_backends());
+}
+
+#[test]
+fn cuda_nhwc_bf16_training_steps_lower_the_loss() {
+    check_narrow_training(nn_common::cuda_nhwc_backends::<half::bf16>(), false);
 }

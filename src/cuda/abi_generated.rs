@@ -16,6 +16,7 @@ pub const SENET_EPI_FC2: u32 = 2;
 pub const SENET_EPI_DU: u32 = 3;
 pub const SENET_NN_BIAS: u32 = 1;
 pub const SENET_NN_ACCUMULATE: u32 = 2;
+pub const SENET_NN_NHWC: u32 = 4;
 pub const SENET_SE_PARAMS_SIZE: u32 = 64;
 pub const SENET_SE_PARAMS_ALIGN: u32 = 8;
 pub const SENET_GEMM_PARAMS_SIZE: u32 = 72;

@@ -186,6 +186,20 @@ fn backends_of<A: senet::nn::NnAct>(announce: bool) -> Vec<senet::nn::Cuda<A>> {
         .collect()
 }
 
+/// [`cuda_backends`] with activations of `A` kept NHWC (channels-last) on the device, each
+/// announced.
+pub fn cuda_nhwc_backends<A: senet::nn::NnAct>() -> Vec<senet::nn::Cuda<A>> {
+    use std::io::Write;
+    backends_of(false)
+        .into_iter()
+        .map(|b| {
+            let b = b.with_layout(senet::tensor::Layout::Nhwc);
+            let _ = writeln!(std::io::stderr(), "CUDA backend: {}", b.describe());
+            b
+        })
+        .collect()
+}
+
 /// [`cuda_narrow_backends`] with bf16 activations.
 pub fn cuda_bf16_backends() -> Vec<senet::nn::Cuda<half::bf16>> {
     cuda_narrow_backends()

@@ -520,6 +520,8 @@ pub struct Cuda<A: NnAct = f32> {
     dnn_auto: bool,
     /// This backend's identity (clones share it): parameters bound here name it.
     id: u64,
+    /// The layout of activations on the device.
+    layout: Layout,
     act: std::marker::PhantomData<fn() -> A>,
 }
 
@@ -532,6 +534,7 @@ impl<A: NnAct> Clone for Cuda<A> {
             dnn: self.dnn.clone(),
             dnn_auto: self.dnn_auto,
             id: self.id,
+            layout: self.layout,
             act: std::marker::PhantomData,
         }
     }
@@ -614,7 +617,38 @@ impl<A: NnAct> Cuda<A> {
             dnn,
             dnn_auto,
             id: NEXT_BACKEND_ID.fetch_add(1, Ordering::Relaxed),
+            layout: Layout::Nchw,
             act: std::marker::PhantomData,
+        }
+    }
+
+    /// This backend with its activations in `layout` on the device: [`Layout::Nhwc`]
+    /// (channels-last, as PyTorch's `channels_last`; cuDNN's tensor-core convolutions prefer
+    /// it, with KRSC filters made from the KCRS weights per call) or [`Layout::Nchw`] (the
+    /// default). Host tensors cross in either layout: [`Backend::upload`] converts on the
+    /// device, [`Backend::download`] returns NCHW, max-pool indices stay NCHW flat indices.
+    /// Set it before making tensors: an activation made by a backend in one layout must not
+    /// reach one in the other (as with devices, keep one backend per network).
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// The layout of activations on the device.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The kernels' `nhwc` argument.
+    fn nhwc(&self) -> u32 {
+        (self.layout == Layout::Nhwc) as u32
+    }
+
+    /// The convolution kernels' layout flag.
+    fn conv_layout_flag(&self) -> u32 {
+        match self.layout {
+            Layout::Nhwc => crate::cuda::abi::SENET_NN_NHWC,
+            Layout::Nchw => 0,
         }
     }
 
@@ -653,9 +687,10 @@ impl<A: NnAct> Cuda<A> {
             None => format!("senet's own {} convolution kernels", A::SUFFIX),
         };
         format!(
-            "{}, {} activations, {conv}",
+            "{}, {} activations ({}), {conv}",
             self.dev.info().name,
-            A::SUFFIX
+            A::SUFFIX,
+            self.layout.name().to_uppercase()
         )
     }
 
@@ -765,16 +800,109 @@ impl<A: NnAct> Cuda<A> {
         Ok(out)
     }
 
-    /// The address of a convolution weight (`n` floats at `wp`) in cuDNN's data type: `wp`
-    /// itself with f32 activations, else a copy in A kept alive in `keep`.
-    fn dnn_weight(&self, wp: u64, n: usize, keep: &mut Vec<PoolBuf<A>>) -> Result<u64> {
-        if is_f32::<A>() {
-            return Ok(wp);
-        }
-        let b = self.convert_to_act(wp, n)?;
+    /// The address of convolution `g`'s weight (KCRS floats at `wp`) as cuDNN takes it: of
+    /// cuDNN's data type, KCRS with NCHW activations and KRSC with NHWC ones. `wp` itself for
+    /// f32 NCHW, else a copy kept alive in `keep`.
+    fn dnn_weight(&self, wp: u64, g: &ConvGeom, keep: &mut Vec<PoolBuf<A>>) -> Result<u64> {
+        let n = g.weight_len();
+        let b = match self.layout {
+            Layout::Nchw if is_f32::<A>() => return Ok(wp),
+            Layout::Nchw => self.convert_to_act(wp, n)?,
+            Layout::Nhwc => {
+                let out = self.out::<A>(n)?;
+                let (dst, k, c, rs) = (
+                    self.addr(&out),
+                    g.out_ch as u64,
+                    g.in_per_group() as u64,
+                    (g.kernel * g.kernel) as u64,
+                );
+                let mut args = [arg(&wp), arg(&dst), arg(&k), arg(&c), arg(&rs)];
+                // SAFETY: nn_weight_krsc_A(w, dst, k, c, rs): w holds k * c * rs floats (the
+                // weight of g), `out` as many elements of A.
+                unsafe {
+                    self.launch(
+                        &Self::k("nn_weight_krsc"),
+                        (blocks(n, THREADS as usize), 1, 1),
+                        &mut args,
+                    )?
+                };
+                out
+            }
+        };
         let a = self.addr(&b);
         keep.push(b);
         Ok(a)
+    }
+
+    /// `dst = src` with the other layout (NCHW -> NHWC when `to_nhwc`), `s` elements of A.
+    fn relayout_into(&self, src: u64, dst: u64, s: Shape, to_nhwc: bool) -> Result<()> {
+        let (n, c, hw, t) = (s.n as u64, s.c as u64, s.hw() as u64, to_nhwc as u32);
+        let mut args = [arg(&src), arg(&dst), arg(&n), arg(&c), arg(&hw), arg(&t)];
+        // SAFETY: nn_relayout_A(src, dst, n, c, hw, to_nhwc): src and dst hold s.numel()
+        // elements of A (the callers' buffers).
+        unsafe {
+            self.launch(
+                &Self::k("nn_relayout"),
+                (blocks(s.numel(), THREADS as usize), 1, 1),
+                &mut args,
+            )
+        }
+    }
+
+    /// A pooled NCHW copy of `x` when this backend is NHWC and `x` has more than one pixel
+    /// (where the layouts differ), for ops that read an activation as flat features.
+    fn nchw_copy(&self, x: &GpuTensor<A>) -> Result<Option<PoolBuf<A>>> {
+        let s = x.shape();
+        if self.layout == Layout::Nchw || s.hw() == 1 {
+            return Ok(None);
+        }
+        let b = self.out::<A>(s.numel())?;
+        self.relayout_into(self.addr(&x), self.addr(&b), s, false)?;
+        Ok(Some(b))
+    }
+
+    /// Copies channels [c0, c0 + part.c) of NHWC `src` (with `src_c` channels) to channels
+    /// [d0, ..) of NHWC `dst` (with `dst_c`), for every pixel: `part` is the copied block's
+    /// shape.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_channels_nhwc(
+        &self,
+        src: u64,
+        src_c: usize,
+        c0: usize,
+        dst: u64,
+        dst_c: usize,
+        d0: usize,
+        part: Shape,
+    ) -> Result<()> {
+        let rows = (part.n * part.hw()) as u64;
+        let (sc, so, dc, dof, cnt) = (
+            src_c as u64,
+            c0 as u64,
+            dst_c as u64,
+            d0 as u64,
+            part.c as u64,
+        );
+        let mut args = [
+            arg(&src),
+            arg(&dst),
+            arg(&rows),
+            arg(&sc),
+            arg(&so),
+            arg(&dc),
+            arg(&dof),
+            arg(&cnt),
+        ];
+        // SAFETY: nn_copy_cols_A(src, dst, rows, src_c, src_off, dst_c, dst_off, cnt): src
+        // holds rows * src_c elements, dst rows * dst_c, and c0 + cnt <= src_c, d0 + cnt <=
+        // dst_c (the callers' shapes).
+        unsafe {
+            self.launch(
+                &Self::k("nn_copy_cols"),
+                (blocks(part.numel(), THREADS as usize), 1, 1),
+                &mut args,
+            )
+        }
     }
 
     /// A pooled output buffer (poisoned when asked).
@@ -794,17 +922,23 @@ impl<A: NnAct> Cuda<A> {
         a.at(&self.dev)
     }
 
-    /// A pooled NCHW output tensor (poisoned when asked; otherwise its contents are stale).
+    /// A pooled output tensor in this backend's layout (poisoned when asked; otherwise its
+    /// contents are stale).
     fn out_t(&self, shape: Shape) -> Result<Pooled<A>> {
         shape.validate()?;
         let b = self.out::<A>(shape.numel())?;
         self.pooled(b, shape)
     }
 
-    /// A pooled buffer as an NCHW tensor of `shape`.
-    fn pooled(&self, mut b: PoolBuf<A>, shape: Shape) -> Result<Pooled<A>> {
+    /// A pooled buffer as a tensor of `shape` in this backend's layout.
+    fn pooled(&self, b: PoolBuf<A>, shape: Shape) -> Result<Pooled<A>> {
+        self.pooled_in(b, shape, self.layout)
+    }
+
+    /// A pooled buffer as a tensor of `shape` in `layout`.
+    fn pooled_in(&self, mut b: PoolBuf<A>, shape: Shape, layout: Layout) -> Result<Pooled<A>> {
         let buf = b.buf.take().expect("a fresh pooled buffer");
-        match DeviceTensor::from_buf(buf, shape, Layout::Nchw) {
+        match DeviceTensor::from_buf(buf, shape, layout) {
             Ok(t) => Ok(Pooled {
                 t: Some(t),
                 pool: Some(self.pool.clone()),
@@ -904,7 +1038,7 @@ impl<A: NnAct> Cuda<A> {
         if let Some((d, ws)) = self.dnn_for(xs, ys, g, &[PassKind::Forward])? {
             let wp = self.p_addr(w, &mut keep)?;
             let mut keep_w = Vec::new();
-            let wp = self.dnn_weight(wp, g.weight_len(), &mut keep_w)?;
+            let wp = self.dnn_weight(wp, g, &mut keep_w)?;
             let y = self.out_t(ys)?;
             let pass = Pass::Forward {
                 x: self.addr(&x),
@@ -988,7 +1122,7 @@ impl<A: NnAct> Cuda<A> {
         let mut keep = Vec::new();
         if let Some((d, ws)) = self.dnn_for(xs, ys, g, passes)? {
             let t = self.g_start(dw)?;
-            if is_f32::<A>() {
+            if is_f32::<A>() && self.layout == Layout::Nchw {
                 let pass = Pass::Filter {
                     x: xp,
                     dy: dyp,
@@ -997,7 +1131,8 @@ impl<A: NnAct> Cuda<A> {
                 };
                 self.run_dnn(d, xs, ys, g, pass, ws[0])?;
             } else {
-                // cuDNN forms the gradient in A; it is added to the f32 one after.
+                // cuDNN forms the gradient in A (KRSC with NHWC); it is added to the f32 KCRS
+                // one after.
                 let n = g.weight_len();
                 let tmp = self.out::<A>(n)?;
                 let pass = Pass::Filter {
@@ -1008,16 +1143,34 @@ impl<A: NnAct> Cuda<A> {
                 };
                 self.run_dnn(d, xs, ys, g, pass, ws[0])?;
                 let (src, dst, len, acc) = (self.addr(&tmp), t.addr, n as u64, t.accumulate as u32);
-                let mut args = [arg(&src), arg(&dst), arg(&len), arg(&acc)];
-                // SAFETY: nn_grad_from_act_A(src, dst, n, accumulate): tmp holds n elements of
-                // A, the gradient target n floats.
-                unsafe {
-                    self.launch(
-                        &Self::k("nn_grad_from_act"),
-                        (blocks(n, THREADS as usize), 1, 1),
-                        &mut args,
-                    )?
-                };
+                if self.layout == Layout::Nhwc {
+                    let (k, c, rs) = (
+                        g.out_ch as u64,
+                        g.in_per_group() as u64,
+                        (g.kernel * g.kernel) as u64,
+                    );
+                    let mut args = [arg(&src), arg(&dst), arg(&k), arg(&c), arg(&rs), arg(&acc)];
+                    // SAFETY: nn_grad_from_krsc_A(src, dst, k, c, rs, accumulate): tmp holds
+                    // n = k * c * rs elements of A, the gradient target n floats.
+                    unsafe {
+                        self.launch(
+                            &Self::k("nn_grad_from_krsc"),
+                            (blocks(n, THREADS as usize), 1, 1),
+                            &mut args,
+                        )?
+                    };
+                } else {
+                    let mut args = [arg(&src), arg(&dst), arg(&len), arg(&acc)];
+                    // SAFETY: nn_grad_from_act_A(src, dst, n, accumulate): tmp holds n
+                    // elements of A, the gradient target n floats.
+                    unsafe {
+                        self.launch(
+                            &Self::k("nn_grad_from_act"),
+                            (blocks(n, THREADS as usize), 1, 1),
+                            &mut args,
+                        )?
+                    };
+                }
             }
             self.g_finish(t)?;
             if !need_dx {
@@ -1025,7 +1178,7 @@ impl<A: NnAct> Cuda<A> {
             }
             let wp = self.p_addr(w, &mut keep)?;
             let mut keep_w = Vec::new();
-            let wp = self.dnn_weight(wp, g.weight_len(), &mut keep_w)?;
+            let wp = self.dnn_weight(wp, g, &mut keep_w)?;
             let dx = self.out_t(xs)?;
             let pass = Pass::Data {
                 dy: dyp,
@@ -1040,11 +1193,12 @@ impl<A: NnAct> Cuda<A> {
         // bound gradient), split along its long depth (samples x output pixels) when the
         // output alone gives too few blocks.
         let t = self.g_start(dw)?;
-        p.flags = if t.accumulate {
-            crate::cuda::abi::SENET_NN_ACCUMULATE
-        } else {
-            0
-        };
+        p.flags = self.conv_layout_flag()
+            | if t.accumulate {
+                crate::cuda::abi::SENET_NN_ACCUMULATE
+            } else {
+                0
+            };
         let (splits, kps) = self.weight_grad_splits(g, xs.n * ys.hw());
         let partial = if splits > 1 {
             Some(self.out::<f32>(splits as usize * g.weight_len())?)
@@ -1094,7 +1248,7 @@ impl<A: NnAct> Cuda<A> {
         let wp = self.p_addr(w, &mut keep)?;
         let dx = self.out_t(xs)?;
         let chunk = Self::sample_chunk(g);
-        p.flags = 0;
+        p.flags = self.conv_layout_flag();
         for n0 in (0..xs.n).step_by(chunk) {
             let nn = chunk.min(xs.n - n0);
             let pc = NnConvParams { n: nn as u32, ..p };
@@ -1135,10 +1289,13 @@ impl<A: NnAct> Cuda<A> {
         };
         let y = self.out_t(ys)?;
         let ki = small("linear inputs", k)? as i64;
+        // The features in NCHW order (PyTorch's flatten), whatever the layout.
+        let xc = self.nchw_copy(x)?;
+        let xp = xc.as_ref().map_or(self.addr(&x), |b| self.addr(b));
         // y[n][o] = sum_j x[n][j] W[o][j] + b[o]
         self.gemm(
             false,
-            self.addr(&x),
+            xp,
             (ki, 1),
             wp,
             (1, ki),
@@ -1178,13 +1335,15 @@ impl<A: NnAct> Cuda<A> {
             self.channel_sum(self.addr(&dy), t.addr, ds, t.accumulate)?;
             self.g_finish(t)?;
         }
-        // dW[o][j] += sum_n dy[n][o] x[n][j]
+        // dW[o][j] += sum_n dy[n][o] x[n][j] (x's features in NCHW order)
+        let xc = self.nchw_copy(x)?;
+        let xp = xc.as_ref().map_or(self.addr(&x), |b| self.addr(b));
         let t = self.g_start(dw)?;
         self.gemm(
             true,
             self.addr(&dy),
             (1, oi),
-            self.addr(&x),
+            xp,
             (ki, 1),
             t.addr,
             0,
@@ -1192,19 +1351,28 @@ impl<A: NnAct> Cuda<A> {
             t.accumulate,
         )?;
         self.g_finish(t)?;
-        // dx[n][j] = sum_o dy[n][o] W[o][j]
+        // dx[n][j] = sum_o dy[n][o] W[o][j] (in NCHW order: into a scratch buffer converted
+        // after when the layouts differ)
         let dx = self.out_t(s)?;
+        let scratch = match xc {
+            Some(_) => Some(self.out::<A>(s.numel())?),
+            None => None,
+        };
+        let dxp = scratch.as_ref().map_or(self.addr(&dx), |b| self.addr(b));
         self.gemm(
             false,
             self.addr(&dy),
             (oi, 1),
             wp,
             (ki, 1),
-            self.addr(&dx),
+            dxp,
             0,
             (s.n, k, out),
             false,
         )?;
+        if let Some(b) = &scratch {
+            self.relayout_into(self.addr(b), self.addr(&dx), s, true)?;
+        }
         Ok(GpuTensor::wrap(dx))
     }
 
@@ -1213,11 +1381,12 @@ impl<A: NnAct> Cuda<A> {
         let s = x.shape();
         let y = self.out_t(s)?;
         let (xp, yp) = (self.addr(&x), self.addr(&y));
-        let (total, c, hw, r) = (
+        let (total, c, hw, r, nhwc) = (
             s.numel() as u64,
             small("channels", s.c)?,
             s.hw() as u64,
             relu as u32,
+            self.nhwc(),
         );
         let mut args = [
             arg(&xp),
@@ -1228,8 +1397,9 @@ impl<A: NnAct> Cuda<A> {
             arg(&c),
             arg(&hw),
             arg(&r),
+            arg(&nhwc),
         ];
-        // SAFETY: nn_affine_A(x, y, a, b, total, c, hw, relu): x, y hold `total` elements of
+        // SAFETY: nn_affine_A(x, y, a, b, total, c, hw, relu, nhwc): x, y hold `total` elements of
         // A, b holds c floats and a does too or is null (the callers' contract).
         unsafe {
             self.launch(
@@ -1458,7 +1628,7 @@ impl<A: NnAct> Cuda<A> {
         let Some(d) = &self.dnn else {
             return Ok(None);
         };
-        match d.prepare(&self.dev, xs, ys, g, passes) {
+        match d.prepare(&self.dev, xs, ys, g, self.layout, passes) {
             Ok(ws) => Ok(Some((d, ws))),
             Err(Error::Cudnn(_)) if self.dnn_auto => Ok(None),
             Err(e) => Err(e),
@@ -1481,10 +1651,11 @@ impl<A: NnAct> Cuda<A> {
             None
         };
         let wp = ws.as_ref().map_or(0, |b| self.addr(b));
-        // SAFETY: the callers pass addresses of tensors of xs / ys and of g's weight shape (NCHW,
-        // in A: the Dnn of a Cuda<A> is opened in A's mode), as `Dnn::run` requires; the
+        // SAFETY: the callers pass addresses of tensors of xs / ys in this backend's layout and
+        // of g's weight (KCRS with NCHW, KRSC with NHWC: dnn_weight, and the filter pass's
+        // temporary), in A (the Dnn of a Cuda<A> is opened in A's mode), as `Dnn::run` requires; the
         // workspace holds at least `bytes` bytes.
-        unsafe { d.run(&self.dev, xs, ys, g, pass, wp, bytes) }
+        unsafe { d.run(&self.dev, xs, ys, g, self.layout, pass, wp, bytes) }
     }
 
     fn conv_params(&self, g: &ConvGeom, xs: Shape, ys: Shape) -> Result<NnConvParams> {
@@ -1537,7 +1708,7 @@ impl<A: NnAct> Cuda<A> {
                     .saturating_mul(g.kernel)
                     .saturating_mul(g.kernel),
             )?,
-            flags: 0,
+            flags: self.conv_layout_flag(),
             reserved: 0,
         })
     }
@@ -1656,11 +1827,12 @@ impl<A: NnAct> Cuda<A> {
             dbp,
             self.addr(&dx),
         ];
-        let (n, c, hw, bs) = (
+        let (n, c, hw, bs, nhwc) = (
             small("batch", s.n)?,
             small("channels", s.c)?,
             s.hw() as u64,
             batch_stats as u32,
+            self.nhwc(),
         );
         let mut args = [
             arg(&ptrs[0]),
@@ -1676,9 +1848,10 @@ impl<A: NnAct> Cuda<A> {
             arg(&c),
             arg(&hw),
             arg(&bs),
+            arg(&nhwc),
         ];
         // SAFETY: nn_bn_bwd_A(x, dy, relu_y, mean, invstd, gamma, dgamma, dbeta, dx, n, c,
-        // hw, batch_stats): x, dy, dx (and relu_y) hold s (checked above); the per-channel
+        // hw, batch_stats, nhwc): x, dy, dx (and relu_y) hold s (checked above); the per-channel
         // buffers hold c elements each (the callers' contract).
         unsafe { self.launch(&Self::k("nn_bn_bwd"), (c.max(1), 1, 1), &mut args)? };
         Ok(GpuTensor::wrap(dx))
@@ -1691,8 +1864,18 @@ impl<A: NnAct> Cuda<A> {
         let var = self.out::<f64>(s.c)?;
         let (xp, mp, vp) = (self.addr(&x), self.addr(&mean), self.addr(&var));
         let (n, c, hw) = (small("batch", s.n)?, small("channels", s.c)?, s.hw() as u64);
-        let mut args = [arg(&xp), arg(&mp), arg(&vp), arg(&n), arg(&c), arg(&hw)];
-        // SAFETY: nn_bn_stats_A(x, mean, var, n, c, hw): x holds s, mean and var c doubles.
+        let nhwc = self.nhwc();
+        let mut args = [
+            arg(&xp),
+            arg(&mp),
+            arg(&vp),
+            arg(&n),
+            arg(&c),
+            arg(&hw),
+            arg(&nhwc),
+        ];
+        // SAFETY: nn_bn_stats_A(x, mean, var, n, c, hw, nhwc): x holds s, mean and var c
+        // doubles.
         unsafe { self.launch(&Self::k("nn_bn_stats"), (c.max(1), 1, 1), &mut args)? };
         Ok((mean, var))
     }
@@ -1758,9 +1941,18 @@ impl<A: NnAct> Cuda<A> {
             s.hw() as u64,
             accumulate as u32,
         );
-        let mut args = [arg(&a), arg(&out), arg(&n), arg(&c), arg(&hw), arg(&acc)];
-        // SAFETY: nn_channel_sum_A(a, out, n, c, hw, accumulate); a holds s.numel() floats,
-        // out s.c.
+        let nhwc = self.nhwc();
+        let mut args = [
+            arg(&a),
+            arg(&out),
+            arg(&n),
+            arg(&c),
+            arg(&hw),
+            arg(&acc),
+            arg(&nhwc),
+        ];
+        // SAFETY: nn_channel_sum_A(a, out, n, c, hw, accumulate, nhwc); a holds s.numel()
+        // elements of A in this backend's layout, out s.c floats.
         unsafe { self.launch(&Self::k("nn_channel_sum"), (c.max(1), 1, 1), &mut args) }
     }
 
@@ -1825,24 +2017,35 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
     type PoolIdx = GpuIndices;
     type SeSaved = CudaSeSaved;
 
+    /// Uploads an NCHW or NHWC host tensor (converted to this backend's layout on the device).
     fn upload(&self, x: Tensor<f32>) -> Result<GpuTensor<A>> {
-        if x.layout() != Layout::Nchw {
-            return Err(Error::Shape(format!(
-                "the network backends take NCHW tensors, got {}",
-                x.layout()
-            )));
-        }
+        let s = x.shape();
         let b = self.to_act(x.data())?;
-        Ok(GpuTensor::wrap(self.pooled(b, x.shape())?))
+        if x.layout() == self.layout || s.hw() == 1 {
+            return Ok(GpuTensor::wrap(self.pooled(b, s)?));
+        }
+        let y = self.out::<A>(s.numel())?;
+        self.relayout_into(self.addr(&b), self.addr(&y), s, self.layout == Layout::Nhwc)?;
+        Ok(GpuTensor::wrap(self.pooled(y, s)?))
     }
 
+    /// Downloads an activation as an NCHW host tensor (an NHWC one is converted on the device
+    /// first).
     fn download(&self, x: GpuTensor<A>) -> Result<Tensor<f32>> {
-        let t = x.device_tensor().to_host(&self.dev)?;
+        let t = match self.nchw_copy(&x)? {
+            Some(b) => self
+                .pooled_in(b, x.shape(), Layout::Nchw)?
+                .tensor()
+                .to_host(&self.dev)?,
+            None => x.device_tensor().to_host(&self.dev)?,
+        };
+        // A one-pixel NHWC tensor is already in NCHW order.
+        let t = Tensor::from_vec(t.shape(), Layout::Nchw, t.into_vec())?;
         if let Some(t) = (&t as &dyn Any).downcast_ref::<Tensor<f32>>() {
             return Ok(t.clone());
         }
         let v = t.data().iter().map(|v| v.to_f32()).collect();
-        Tensor::from_vec(t.shape(), t.layout(), v)
+        Tensor::from_vec(t.shape(), Layout::Nchw, v)
     }
 
     fn download_indices(&self, idx: &GpuIndices) -> Result<Vec<u32>> {
@@ -1859,8 +2062,14 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
     fn mul_mask(&self, x: GpuTensor<A>, mask: &[f32]) -> Result<GpuTensor<A>> {
         let s = x.shape();
         check_len("dropout mask", mask.len(), s.numel())?;
-        // The mask stays f32, so its 1 / (1 - p) scale is not rounded to a narrow type.
-        let m = self.up(mask)?;
+        // The mask stays f32, so its 1 / (1 - p) scale is not rounded to a narrow type. It
+        // comes in NCHW order.
+        let m = if self.layout == Layout::Nhwc && s.hw() > 1 {
+            let t = Tensor::from_vec(s, Layout::Nchw, mask.to_vec())?.to_layout(Layout::Nhwc);
+            self.up(t.data())?
+        } else {
+            self.up(mask)?
+        };
         let y = self.out_t(s)?;
         let (ap, bp, yp, total) = (
             self.addr(&x),
@@ -1887,7 +2096,14 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let mut c0 = 0;
         for p in parts {
             let s = p.shape();
-            self.copy_planes(p.device_tensor(), 0, s.c, y.tensor_mut(), c0, out.c, s)?;
+            match self.layout {
+                Layout::Nchw => {
+                    self.copy_planes(p.device_tensor(), 0, s.c, y.tensor_mut(), c0, out.c, s)?
+                }
+                Layout::Nhwc => {
+                    self.copy_channels_nhwc(self.addr(p), s.c, 0, self.addr(&y), out.c, c0, s)?
+                }
+            }
             c0 += s.c;
         }
         Ok(GpuTensor::wrap(y))
@@ -1901,7 +2117,14 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         for &c in sizes {
             let ps = Shape::try_new(s.n, c, s.h, s.w)?;
             let mut y = self.out_t(ps)?;
-            self.copy_planes(x.device_tensor(), c0, s.c, y.tensor_mut(), 0, c, ps)?;
+            match self.layout {
+                Layout::Nchw => {
+                    self.copy_planes(x.device_tensor(), c0, s.c, y.tensor_mut(), 0, c, ps)?
+                }
+                Layout::Nhwc => {
+                    self.copy_channels_nhwc(self.addr(x), s.c, c0, self.addr(&y), c, 0, ps)?
+                }
+            }
             out.push(GpuTensor::wrap(y));
             c0 += c;
         }
@@ -2338,11 +2561,13 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let y = self.out_t(ys)?;
         let am = self.out::<u32>(ys.numel())?;
         let (xp, yp, ap) = (self.addr(&x), self.addr(&y), self.addr(&am));
+        let (c, nhwc) = (xs.c as u32, self.nhwc());
         let mut args = [
             arg(&xp),
             arg(&yp),
             arg(&ap),
             arg(&nc),
+            arg(&c),
             arg(&h),
             arg(&w),
             arg(&oh),
@@ -2350,14 +2575,15 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
             arg(&k),
             arg(&st),
             arg(&pad),
+            arg(&nhwc),
         ];
         let grid = (
             grid_x(ys.hw(), THREADS as usize)?,
             (nc as usize).clamp(1, MAX_GRID_YZ) as u32,
             1,
         );
-        // SAFETY: nn_maxpool_fwd_A(x, y, arg, nc, h, w, oh, ow, k, s, pad): x holds xs, y and
-        // arg hold ys.
+        // SAFETY: nn_maxpool_fwd_A(x, y, arg, nc, c, h, w, oh, ow, k, s, pad, nhwc): x holds
+        // xs, y and arg hold ys (nc = n * c planes).
         unsafe { self.launch(&Self::k("nn_maxpool_fwd"), grid, &mut args)? };
         Ok((
             GpuTensor::wrap(y),
@@ -2398,15 +2624,18 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let (dyp, ap) = (self.addr(&dy), self.addr(&ab));
         let dxp = scratch.as_ref().map_or(self.addr(&dx), |b| self.addr(b));
         let (ipu, opu) = (ip as u64, op as u64);
+        let (c, nhwc) = (input.c as u32, self.nhwc());
         let mut args = [
             arg(&dyp),
             arg(&ap),
             arg(&dxp),
             arg(&nc),
+            arg(&c),
             arg(&ipu),
             arg(&opu),
+            arg(&nhwc),
         ];
-        // SAFETY: nn_maxpool_bwd_A(dy, arg, dx, nc, in_plane, out_plane): dy and arg hold
+        // SAFETY: nn_maxpool_bwd_A(dy, arg, dx, nc, c, in_plane, out_plane, nhwc): dy and arg hold
         // nc * out_plane elements (shapes checked), every index lies in its plane of the f32
         // dx (nc * in_plane floats): nn_maxpool_fwd_A wrote them for this input shape.
         unsafe {
@@ -2439,10 +2668,12 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let inc = g.count_include_pad as u32;
         let y = self.out_t(ys)?;
         let (xp, yp) = (self.addr(&x), self.addr(&y));
+        let (c, nhwc) = (xs.c as u32, self.nhwc());
         let mut args = [
             arg(&xp),
             arg(&yp),
             arg(&nc),
+            arg(&c),
             arg(&h),
             arg(&w),
             arg(&oh),
@@ -2451,13 +2682,14 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
             arg(&st),
             arg(&pad),
             arg(&inc),
+            arg(&nhwc),
         ];
         let grid = (
             grid_x(ys.hw(), THREADS as usize)?,
             (nc as usize).clamp(1, MAX_GRID_YZ) as u32,
             1,
         );
-        // SAFETY: nn_avgpool_fwd_A(x, y, nc, h, w, oh, ow, k, s, pad, include_pad): x holds
+        // SAFETY: nn_avgpool_fwd_A(x, y, nc, c, h, w, oh, ow, k, s, pad, include_pad, nhwc): x holds
         // xs, y ys.
         unsafe { self.launch(&Self::k("nn_avgpool_fwd"), grid, &mut args)? };
         Ok(GpuTensor::wrap(y))
@@ -2479,10 +2711,12 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let dx = self.out_t(input)?;
         let (dyp, qp, dxp) = (self.addr(&dy), self.addr(&q), self.addr(&dx));
         let planes = (nc as usize).clamp(1, MAX_GRID_YZ) as u32;
+        let (c, nhwc) = (input.c as u32, self.nhwc());
         let mut args = [
             arg(&dyp),
             arg(&qp),
             arg(&nc),
+            arg(&c),
             arg(&h),
             arg(&w),
             arg(&oh),
@@ -2491,8 +2725,9 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
             arg(&st),
             arg(&pad),
             arg(&inc),
+            arg(&nhwc),
         ];
-        // SAFETY: nn_avgpool_div_A(dy, q, nc, h, w, oh, ow, k, s, pad, include_pad): dy holds
+        // SAFETY: nn_avgpool_div_A(dy, q, nc, c, h, w, oh, ow, k, s, pad, include_pad, nhwc): dy holds
         // ys elements of A, q ys floats.
         unsafe {
             self.launch(
@@ -2505,6 +2740,7 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
             arg(&qp),
             arg(&dxp),
             arg(&nc),
+            arg(&c),
             arg(&h),
             arg(&w),
             arg(&oh),
@@ -2512,8 +2748,10 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
             arg(&k),
             arg(&st),
             arg(&pad),
+            arg(&nhwc),
         ];
-        // SAFETY: nn_avgpool_bwd_A(q, dx, nc, h, w, oh, ow, k, s, pad): q holds ys, dx input.
+        // SAFETY: nn_avgpool_bwd_A(q, dx, nc, c, h, w, oh, ow, k, s, pad, nhwc): q holds ys,
+        // dx input.
         unsafe {
             self.launch(
                 &Self::k("nn_avgpool_bwd"),
@@ -2534,8 +2772,9 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         }
         let y = self.out_t(Shape::new(s.n, s.c, 1, 1))?;
         let (xp, yp, hw) = (self.addr(&x), self.addr(&y), s.hw() as u64);
-        let mut args = [arg(&xp), arg(&yp), arg(&hw)];
-        // SAFETY: nn_gap_fwd_A(x, y, hw): x holds planes * hw floats, y planes.
+        let (c, nhwc) = (s.c as u32, self.nhwc());
+        let mut args = [arg(&xp), arg(&yp), arg(&c), arg(&hw), arg(&nhwc)];
+        // SAFETY: nn_gap_fwd_A(x, y, c, hw, nhwc): x holds planes * hw elements, y planes.
         unsafe {
             self.launch(
                 &Self::k("nn_gap_fwd"),
@@ -2555,8 +2794,17 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let dx = self.out_t(input)?;
         let (dyp, dxp) = (self.addr(&dy), self.addr(&dx));
         let (total, hw) = (input.numel() as u64, input.hw() as u64);
-        let mut args = [arg(&dyp), arg(&dxp), arg(&total), arg(&hw)];
-        // SAFETY: nn_gap_bwd_A(dy, dx, total, hw): dy holds total / hw floats, dx total.
+        let (c, nhwc) = (input.c as u32, self.nhwc());
+        let mut args = [
+            arg(&dyp),
+            arg(&dxp),
+            arg(&total),
+            arg(&c),
+            arg(&hw),
+            arg(&nhwc),
+        ];
+        // SAFETY: nn_gap_bwd_A(dy, dx, total, c, hw, nhwc): dy holds total / hw elements, dx
+        // total.
         unsafe {
             self.launch(
                 &Self::k("nn_gap_bwd"),

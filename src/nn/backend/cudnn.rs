@@ -21,7 +21,7 @@
 use super::ConvGeom;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
-use crate::tensor::Shape;
+use crate::tensor::{Layout, Shape};
 use cudarc::cudnn::{result as dnn, sys};
 use cudarc::driver::CudaStream;
 use std::collections::HashMap;
@@ -240,7 +240,20 @@ impl DnnMode {
     }
 }
 
-fn tensor_desc(what: &str, s: Shape, dtype: sys::cudnnDataType_t) -> Result<TensorDesc> {
+/// cuDNN's name for a layout (tensors, and filters: KCRS with NCHW, KRSC with NHWC).
+fn format(layout: Layout) -> sys::cudnnTensorFormat_t {
+    match layout {
+        Layout::Nchw => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+        Layout::Nhwc => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+    }
+}
+
+fn tensor_desc(
+    what: &str,
+    s: Shape,
+    dtype: sys::cudnnDataType_t,
+    layout: Layout,
+) -> Result<TensorDesc> {
     let d = TensorDesc(dnn::create_tensor_descriptor().map_err(status("creating a descriptor"))?);
     let dims = [
         cint(what, s.n)?,
@@ -249,15 +262,8 @@ fn tensor_desc(what: &str, s: Shape, dtype: sys::cudnnDataType_t) -> Result<Tens
         cint(what, s.w)?,
     ];
     // SAFETY: `d` is a live descriptor.
-    unsafe {
-        dnn::set_tensor4d_descriptor(
-            d.0,
-            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-            dtype,
-            dims,
-        )
-    }
-    .map_err(status(what))?;
+    unsafe { dnn::set_tensor4d_descriptor(d.0, format(layout), dtype, dims) }
+        .map_err(status(what))?;
     Ok(d)
 }
 
@@ -274,13 +280,15 @@ struct Plan {
 }
 
 impl Plan {
-    /// The descriptors of a convolution of `g` from `xs` to `ys` (NCHW, `g`'s groups; f32 with
-    /// FMA math, f32 with tensor-op (TF32) math, or bf16 data with f32 compute and tensor-op
-    /// math, as `mode` says); algorithms are chosen later, with a handle.
-    fn new(xs: Shape, ys: Shape, g: &ConvGeom, mode: DnnMode) -> Result<Plan> {
+    /// The descriptors of a convolution of `g` from `xs` to `ys` (tensors in `layout`, the
+    /// filter KCRS with NCHW and KRSC with NHWC, as PyTorch's channels-last convolutions have
+    /// them; `g`'s groups; f32 with FMA math, f32 with tensor-op (TF32) math, or bf16 / f16
+    /// data with f32 compute and tensor-op math, as `mode` says); algorithms are chosen later,
+    /// with a handle.
+    fn new(xs: Shape, ys: Shape, g: &ConvGeom, mode: DnnMode, layout: Layout) -> Result<Plan> {
         let dtype = mode.data_type();
-        let x = tensor_desc("convolution input", xs, dtype)?;
-        let y = tensor_desc("convolution output", ys, dtype)?;
+        let x = tensor_desc("convolution input", xs, dtype, layout)?;
+        let y = tensor_desc("convolution output", ys, dtype, layout)?;
         let w =
             FilterDesc(dnn::create_filter_descriptor().map_err(status("creating a descriptor"))?);
         let k = cint("kernel", g.kernel)?;
@@ -291,15 +299,8 @@ impl Plan {
             k,
         ];
         // SAFETY: `w` is a live descriptor.
-        unsafe {
-            dnn::set_filter4d_descriptor(
-                w.0,
-                dtype,
-                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-                dims,
-            )
-        }
-        .map_err(status("convolution weight"))?;
+        unsafe { dnn::set_filter4d_descriptor(w.0, dtype, format(layout), dims) }
+            .map_err(status("convolution weight"))?;
         let conv = ConvDesc(
             dnn::create_convolution_descriptor().map_err(status("creating a descriptor"))?,
         );
@@ -464,7 +465,7 @@ impl Pass {
 
 struct Inner {
     handle: sys::cudnnHandle_t,
-    plans: HashMap<(Shape, ConvGeom), Plan>,
+    plans: HashMap<(Shape, ConvGeom, Layout), Plan>,
     /// Keeps the stream (and its context) alive until the handle is destroyed.
     stream: Arc<CudaStream>,
 }
@@ -549,13 +550,14 @@ impl Dnn {
         xs: Shape,
         ys: Shape,
         g: &ConvGeom,
+        layout: Layout,
         passes: &[PassKind],
     ) -> Result<Vec<usize>> {
         let mut inner = self.lock();
         bind(dev)?;
         let handle = inner.handle;
         let tensor_ops = self.mode.tensor_ops();
-        let plan = Self::plan(&mut inner, xs, ys, g, self.mode)?;
+        let plan = Self::plan(&mut inner, xs, ys, g, self.mode, layout)?;
         passes
             .iter()
             .map(|k| match k {
@@ -569,8 +571,8 @@ impl Dnn {
     /// Runs `pass` on the device's stream (asynchronously, as a kernel launch).
     ///
     /// # Safety
-    /// The addresses in `pass` hold tensors of `xs` (x, dx), `ys` (y, dy) and `g`'s weight
-    /// shape (w, dw) in the mode's data type (f32, bf16 or f16); `ws` holds
+    /// The addresses in `pass` hold tensors of `xs` (x, dx) and `ys` (y, dy) in `layout`, and
+    /// `g`'s weight (w, dw; KCRS with NCHW, KRSC with NHWC), in the mode's data type (f32, bf16 or f16); `ws` holds
     /// `ws_bytes` bytes, at least what [`Dnn::prepare`]
     /// returned for the pass (or is unused when that is 0).
     #[allow(clippy::too_many_arguments)]
@@ -580,6 +582,7 @@ impl Dnn {
         xs: Shape,
         ys: Shape,
         g: &ConvGeom,
+        layout: Layout,
         pass: Pass,
         ws: u64,
         ws_bytes: usize,
@@ -588,7 +591,7 @@ impl Dnn {
         bind(dev)?;
         let handle = inner.handle;
         let tensor_ops = self.mode.tensor_ops();
-        let plan = Self::plan(&mut inner, xs, ys, g, self.mode)?;
+        let plan = Self::plan(&mut inner, xs, ys, g, self.mode, layout)?;
         let (one, zero) = (1.0f32, 0.0f32);
         let alpha = &one as *const f32 as *const c_void;
         let ws_ptr = ws as *mut c_void;
@@ -682,11 +685,12 @@ impl Dnn {
         ys: Shape,
         g: &ConvGeom,
         mode: DnnMode,
+        layout: Layout,
     ) -> Result<&'a mut Plan> {
         use std::collections::hash_map::Entry;
-        match inner.plans.entry((xs, *g)) {
+        match inner.plans.entry((xs, *g, layout)) {
             Entry::Occupied(e) => Ok(e.into_mut()),
-            Entry::Vacant(e) => Ok(e.insert(Plan::new(xs, ys, g, mode)?)),
+            Entry::Vacant(e) => Ok(e.insert(Plan::new(xs, ys, g, mode, layout)?)),
         }
     }
 
@@ -966,13 +970,15 @@ mod tests {
         for (xs, g) in cases {
             let ys = g.output_shape(xs).unwrap();
             for mode in [DnnMode::Exact, DnnMode::Tf32, DnnMode::Bf16, DnnMode::F16] {
-                let plan = Plan::new(xs, ys, &g, mode).unwrap();
-                let d = plan.output_dims().unwrap();
-                assert_eq!(
-                    d.map(|v| v as usize),
-                    [ys.n, ys.c, ys.h, ys.w],
-                    "{xs} {g:?} {mode:?}"
-                );
+                for layout in Layout::ALL {
+                    let plan = Plan::new(xs, ys, &g, mode, layout).unwrap();
+                    let d = plan.output_dims().unwrap();
+                    assert_eq!(
+                        d.map(|v| v as usize),
+                        [ys.n, ys.c, ys.h, ys.w],
+                        "{xs} {g:?} {mode:?} {layout}"
+                    );
+                }
             }
         }
     }
