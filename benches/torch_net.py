@@ -2,8 +2,9 @@
 """PyTorch's side of the network step-time table (issue 8): timm's seresnet50 (or --model) on
 one GPU, a training step (forward, cross-entropy, backward, SGD with momentum and weight decay)
 and an inference forward, eager and (with --compile) torch.compile, in f32 and in bf16 autocast
-with channels_last. With --ours (CSVs of `senet net-bench --csv`, matched by precision) it prints our times next to
-PyTorch's, same model, batch and mode.
+with channels_last. With --ours (CSVs of `senet net-bench --csv`, matched by precision: give it
+our f32 NCHW run and our bf16 `--layout nhwc` run) it prints our times next to PyTorch's, same
+model, batch and mode.
 
     python3 benches/torch_net.py --batch 1,128 --ours net-bench.csv --out torch-net.csv
 

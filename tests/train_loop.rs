@@ -802,6 +802,8 @@ fn senet_commands_on_the_cuda_emulator() {
         "cuda-emu",
         "--precision",
         "bf16",
+        "--layout",
+        "nhwc",
         "--data",
         &spec,
         "--epochs",
@@ -817,7 +819,7 @@ fn senet_commands_on_the_cuda_emulator() {
         &run16_s,
     ]);
     assert!(
-        ok && text.contains("bf16 activations") && text.contains("done: test top-1"),
+        ok && text.contains("bf16 activations (NHWC)") && text.contains("done: test top-1"),
         "{text}"
     );
     let config = std::fs::read_to_string(run16.join("config.json")).unwrap();
@@ -830,7 +832,8 @@ fn senet_commands_on_the_cuda_emulator() {
         "--precision",
         "bf16",
     ]);
-    assert!(ok && text.contains("bf16 activations"), "{text}");
+    // Trained NHWC, evaluated NCHW: the layout is the device's business, not the model's.
+    assert!(ok && text.contains("bf16 activations (NCHW)"), "{text}");
     let csv16 = runs.path().join("net-bench-bf16.csv");
     let (ok, text) = senet(&[
         "net-bench",
@@ -838,6 +841,8 @@ fn senet_commands_on_the_cuda_emulator() {
         "cuda-emu",
         "--precision",
         "bf16",
+        "--layout",
+        "nhwc",
         "--model",
         "seresnet20_cifar",
         "--batch",
@@ -855,7 +860,10 @@ fn senet_commands_on_the_cuda_emulator() {
     ]);
     assert!(ok, "{text}");
     let rows = std::fs::read_to_string(&csv16).unwrap();
-    assert!(rows.lines().skip(1).all(|l| l.contains(",bf16,")), "{rows}");
+    assert!(
+        rows.lines().skip(1).all(|l| l.contains(",bf16,nhwc,")),
+        "{rows}"
+    );
     // f16: a training step with loss scaling through the command line.
     let (ok, text) = senet(&[
         "net-bench",
@@ -877,12 +885,17 @@ fn senet_commands_on_the_cuda_emulator() {
         "train",
     ]);
     assert!(
-        ok && text.contains("f16 activations") && text.contains("| f16 | 2 | train |"),
+        ok && text.contains("f16 activations") && text.contains("| f16 | nchw | 2 | train |"),
         "{text}"
     );
     let (ok, text) = senet(&["net-bench", "--device", "cpu", "--precision", "bf16"]);
     assert!(
         !ok && text.contains("bf16 activations need the CUDA backend"),
+        "{text}"
+    );
+    let (ok, text) = senet(&["train", "--device", "cpu", "--layout", "nhwc"]);
+    assert!(
+        !ok && text.contains("nhwc activations need the CUDA backend"),
         "{text}"
     );
 }

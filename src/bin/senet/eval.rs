@@ -41,6 +41,10 @@ pub struct Args {
     /// Activations: f32, or bf16 / f16 (mixed precision; --device cuda or cuda-emu).
     #[arg(long, default_value = "f32")]
     precision: Precision,
+    /// Layout of activations on the device: nchw, or nhwc (channels-last, the layout cuDNN's
+    /// tensor-core convolutions prefer; CUDA devices only).
+    #[arg(long, default_value = "nchw")]
+    layout: senet::Layout,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -115,21 +119,29 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Bf16(senet::nn::Cuda<half::bf16>),
         F16(senet::nn::Cuda<half::f16>),
     }
+    crate::train::check_layout(args.device, args.layout)?;
     let be = match args.precision {
         Precision::F32 => match args.device.cuda_backend()? {
             None => Be::Host,
             Some(b) => {
+                let b = b.with_layout(args.layout);
                 crate::train::announce_cuda(&b);
                 Be::F32(b)
             }
         },
         Precision::Bf16 => {
-            let b = args.device.cuda_backend_of::<half::bf16>()?;
+            let b = args
+                .device
+                .cuda_backend_of::<half::bf16>()?
+                .with_layout(args.layout);
             crate::train::announce_cuda(&b);
             Be::Bf16(b)
         }
         Precision::F16 => {
-            let b = args.device.cuda_backend_of::<half::f16>()?;
+            let b = args
+                .device
+                .cuda_backend_of::<half::f16>()?
+                .with_layout(args.layout);
             crate::train::announce_cuda(&b);
             Be::F16(b)
         }

@@ -40,6 +40,10 @@ pub struct Args {
     /// parameters, gradients and SGD state; f16 steps with loss scaling; CUDA devices only).
     #[arg(long, default_value = "f32")]
     precision: Precision,
+    /// Layout of activations on the device: nchw, or nhwc (channels-last, the layout cuDNN's
+    /// tensor-core convolutions prefer; CUDA devices only).
+    #[arg(long, default_value = "nchw")]
+    layout: senet::Layout,
     /// After timing, run this many more steps per batch and mode with every op timed (the
     /// device synchronised after each) and print where the time goes, by op kind.
     #[arg(long, default_value_t = 0)]
@@ -67,33 +71,44 @@ pub fn run(args: Args) -> Result<ExitCode> {
             _ => return Err(Error::Config(format!("unknown mode `{m}` (train, infer)"))),
         }
     }
+    crate::train::check_layout(args.device, args.layout)?;
     let rows = match args.precision {
         Precision::F32 => match args.device.cuda_backend()? {
             None => bench(&Cpu, &args, &modes)?,
             Some(b) => {
+                let b = b.with_layout(args.layout);
                 announce_cuda(&b);
                 bench(&b, &args, &modes)?
             }
         },
         Precision::Bf16 => {
-            let b = args.device.cuda_backend_of::<half::bf16>()?;
+            let b = args
+                .device
+                .cuda_backend_of::<half::bf16>()?
+                .with_layout(args.layout);
             announce_cuda(&b);
             bench(&b, &args, &modes)?
         }
         Precision::F16 => {
-            let b = args.device.cuda_backend_of::<half::f16>()?;
+            let b = args
+                .device
+                .cuda_backend_of::<half::f16>()?
+                .with_layout(args.layout);
             announce_cuda(&b);
             bench(&b, &args, &modes)?
         }
     };
-    println!("| model | device | precision | batch | mode | median ms | min ms | images/s |");
-    println!("|---|---|---|---:|---|---:|---:|---:|");
+    println!(
+        "| model | device | precision | layout | batch | mode | median ms | min ms | images/s |"
+    );
+    println!("|---|---|---|---|---:|---|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} |",
             args.model,
             args.device,
             args.precision,
+            args.layout,
             r.batch,
             r.mode,
             r.median_ms,
@@ -102,11 +117,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
         );
     }
     if let Some(path) = &args.csv {
-        let mut csv = String::from("model,device,precision,batch,mode,median_ms,min_ms\n");
+        let mut csv = String::from("model,device,precision,layout,batch,mode,median_ms,min_ms\n");
         for r in &rows {
             csv.push_str(&format!(
-                "{},{},{},{},{},{:.4},{:.4}\n",
-                args.model, args.device, args.precision, r.batch, r.mode, r.median_ms, r.min_ms
+                "{},{},{},{},{},{},{:.4},{:.4}\n",
+                args.model,
+                args.device,
+                args.precision,
+                args.layout,
+                r.batch,
+                r.mode,
+                r.median_ms,
+                r.min_ms
             ));
         }
         std::fs::write(path, csv).map_err(Error::io(format!("writing {}", path.display())))?;

@@ -209,6 +209,10 @@ pub struct Args {
     /// No progress bars (the per-epoch lines are still printed).
     #[arg(long)]
     quiet: bool,
+    /// Layout of activations on the device: nchw, or nhwc (channels-last, the layout cuDNN's
+    /// tensor-core convolutions prefer; CUDA devices only; a run may resume in either).
+    #[arg(long, default_value = "nchw")]
+    layout: senet::Layout,
 }
 
 /// The defaults of `senet train`: 6 epochs of batch 64 keep the default run on the embedded
@@ -359,6 +363,17 @@ pub fn fit_with_progress<B: Backend<f32>>(
     r
 }
 
+/// Errors when `layout` asks for NHWC activations on the CPU (whose backends are NCHW).
+pub fn check_layout(device: Device, layout: senet::Layout) -> Result<()> {
+    if device == Device::Cpu && layout != senet::Layout::Nchw {
+        return Err(Error::Config(format!(
+            "{layout} activations need the CUDA backend (--device cuda or cuda-emu); the CPU \
+             backends are NCHW"
+        )));
+    }
+    Ok(())
+}
+
 /// Says what the CUDA network backend runs, once per command.
 pub fn announce_cuda<A: senet::nn::NnAct>(b: &senet::nn::Cuda<A>) {
     let cc = b.device().info().compute_capability;
@@ -380,20 +395,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         None => (args.recipe.device, args.recipe.precision),
     };
+    check_layout(device, args.layout)?;
+    let layout = args.layout;
     match precision {
         Precision::Bf16 => {
-            let b = device.cuda_backend_of::<half::bf16>()?;
+            let b = device.cuda_backend_of::<half::bf16>()?.with_layout(layout);
             announce_cuda(&b);
             run_on(b, args)
         }
         Precision::F16 => {
-            let b = device.cuda_backend_of::<half::f16>()?;
+            let b = device.cuda_backend_of::<half::f16>()?.with_layout(layout);
             announce_cuda(&b);
             run_on(b, args)
         }
         Precision::F32 => match device.cuda_backend()? {
             None => run_on(Cpu, args),
             Some(b) => {
+                let b = b.with_layout(layout);
                 announce_cuda(&b);
                 run_on(b, args)
             }
