@@ -649,6 +649,104 @@ __device__ __forceinline__ void grad_from_krsc(const T* __restrict__ src, float*
     }
 }
 
+// ------------------------------------------------------------------------------ NHWC reductions
+// Per-channel sums over the rows (the pixels of every sample) of NHWC activations, split over
+// grid.y so that large batches fill the device: block (x, y) covers channels [32 x, 32 x + 32)
+// and rows [y rps, (y + 1) rps); a warp reads 32 consecutive channels of a row (coalesced), the
+// block's 8 warps take every 8th row, each thread sums its rows in order (f64), and the block
+// adds its 8 row lanes in order into part[y * c + ch]. nn_nhwc_finish then adds the splits in
+// order: the same bits every run. Grid: (ceil(c / 32), splits), 256 threads.
+constexpr uint32_t NHWC_LANES = 8;
+
+// Sums of x (mean null) or of squared deviations from mean.
+template <class T>
+__device__ __forceinline__ void nhwc_partial(const T* __restrict__ x, const double* __restrict__ mean,
+                                             double* __restrict__ part, uint64_t rows, uint32_t c, uint64_t rps) {
+    __shared__ double red[NHWC_LANES][32];
+    const uint32_t tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+    const uint32_t ch = blockIdx.x * 32 + tx;
+    const uint64_t r0 = static_cast<uint64_t>(blockIdx.y) * rps;
+    const uint64_t r1 = r0 + rps < rows ? r0 + rps : rows;
+    double t = 0.0;
+    if (ch < c) {
+        const double mu = mean != nullptr ? mean[ch] : 0.0;
+        for (uint64_t r = r0 + ty; r < r1; r += NHWC_LANES) {
+            const float v = to_f32(x[r * c + ch]);
+            if (mean != nullptr) {
+                const double d = v - mu;
+                t += d * d;
+            } else {
+                t += v;
+            }
+        }
+    }
+    red[ty][tx] = t;
+    __syncthreads();
+    if (ty == 0 && ch < c) {
+        double sum = 0.0;
+        for (uint32_t i = 0; i < NHWC_LANES; ++i) sum += red[i][tx];
+        part[static_cast<uint64_t>(blockIdx.y) * c + ch] = sum;
+    }
+}
+
+// BatchNorm backward's two sums (as bn_bwd): sum d into part[y * c + ch] and sum d xhat into
+// part[(splits + y) * c + ch], d = dy masked by relu_y > 0 when relu_y is given.
+template <class T>
+__device__ __forceinline__ void nhwc_bn_bwd_partial(const T* __restrict__ x, const T* __restrict__ dy,
+                                                    const T* __restrict__ relu_y, const double* __restrict__ mean,
+                                                    const double* __restrict__ invstd, double* __restrict__ part,
+                                                    uint64_t rows, uint32_t c, uint64_t rps, uint32_t splits) {
+    __shared__ double red[2][NHWC_LANES][32];
+    const uint32_t tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+    const uint32_t ch = blockIdx.x * 32 + tx;
+    const uint64_t r0 = static_cast<uint64_t>(blockIdx.y) * rps;
+    const uint64_t r1 = r0 + rps < rows ? r0 + rps : rows;
+    double sd = 0.0, sdx = 0.0;
+    if (ch < c) {
+        const double mu = mean[ch], is = invstd[ch];
+        for (uint64_t r = r0 + ty; r < r1; r += NHWC_LANES) {
+            const uint64_t e = r * c + ch;
+            const double d = (relu_y == nullptr || to_f32(relu_y[e]) > 0.0f) ? to_f32(dy[e]) : 0.0f;
+            sd += d;
+            sdx += d * ((to_f32(x[e]) - mu) * is);
+        }
+    }
+    red[0][ty][tx] = sd;
+    red[1][ty][tx] = sdx;
+    __syncthreads();
+    if (ty == 0 && ch < c) {
+        double a = 0.0, b = 0.0;
+        for (uint32_t i = 0; i < NHWC_LANES; ++i) {
+            a += red[0][i][tx];
+            b += red[1][i][tx];
+        }
+        part[static_cast<uint64_t>(blockIdx.y) * c + ch] = a;
+        part[(static_cast<uint64_t>(splits) + blockIdx.y) * c + ch] = b;
+    }
+}
+
+// BatchNorm backward's dx for NHWC activations, elementwise, from the per-channel sums sd and
+// sdx (bn_bwd's formula and rounding).
+template <class T>
+__device__ __forceinline__ void nhwc_bn_bwd_apply(const T* __restrict__ x, const T* __restrict__ dy,
+                                                  const T* __restrict__ relu_y, const double* __restrict__ mean,
+                                                  const double* __restrict__ invstd, const float* __restrict__ gamma,
+                                                  const double* __restrict__ sd, const double* __restrict__ sdx,
+                                                  T* __restrict__ dx, uint64_t total, uint32_t c, double m,
+                                                  uint32_t batch_stats) {
+    const double inv_m = __drcp_rn(m);
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        const uint32_t ch = static_cast<uint32_t>(i % c);
+        const double mu = mean[ch], is = invstd[ch];
+        const double gi = static_cast<double>(gamma[ch]) * is;
+        const double md = sd[ch] * inv_m, mdx = sdx[ch] * inv_m;
+        const double d = (relu_y == nullptr || to_f32(relu_y[i]) > 0.0f) ? to_f32(dy[i]) : 0.0f;
+        const double v = batch_stats ? gi * (d - md - (to_f32(x[i]) - mu) * is * mdx) : gi * d;
+        dx[i] = from_f32<T>(static_cast<float>(v));
+    }
+}
+
 // dst[i] = src[i] converted (f32 <-> bf16 / f16, or a copy): host tensors, f32 weights and f32
 // sums to and from activations.
 template <class S, class D>
@@ -844,7 +942,30 @@ using namespace senet::nnk;
                                  uint64_t rs, uint32_t accumulate) {                                               \
         grad_from_krsc<T>(src, dst, k, c, rs, accumulate);                                                         \
     }                                                                                                              \
-    SENET_EMU_REGISTER(nn_grad_from_krsc_##NAME)
+    SENET_EMU_REGISTER(nn_grad_from_krsc_##NAME)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_nhwc_partial_##NAME(const T* __restrict__ x, const double* __restrict__ mean,                           \
+                               double* __restrict__ part, uint64_t rows, uint32_t c, uint64_t rps) {               \
+        nhwc_partial<T>(x, mean, part, rows, c, rps);                                                              \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_nhwc_partial_##NAME)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_nhwc_bn_bwd_partial_##NAME(const T* __restrict__ x, const T* __restrict__ dy,                           \
+                                      const T* __restrict__ relu_y, const double* __restrict__ mean,               \
+                                      const double* __restrict__ invstd, double* __restrict__ part, uint64_t rows, \
+                                      uint32_t c, uint64_t rps, uint32_t splits) {                                 \
+        nhwc_bn_bwd_partial<T>(x, dy, relu_y, mean, invstd, part, rows, c, rps, splits);                           \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_nhwc_bn_bwd_partial_##NAME)                                                              \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_nhwc_bn_bwd_apply_##NAME(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ relu_y, \
+                                    const double* __restrict__ mean, const double* __restrict__ invstd,            \
+                                    const float* __restrict__ gamma, const double* __restrict__ sd,                \
+                                    const double* __restrict__ sdx, T* __restrict__ dx, uint64_t total,            \
+                                    uint32_t c, double m, uint32_t batch_stats) {                                  \
+        nhwc_bn_bwd_apply<T>(x, dy, relu_y, mean, invstd, gamma, sd, sdx, dx, total, c, m, batch_stats);           \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_nhwc_bn_bwd_apply_##NAME)
 
 SENET_NN_KERNELS(f32, float)
 SENET_NN_KERNELS(bf16, __nv_bfloat16)
@@ -862,6 +983,21 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 SENET_EMU_REGISTER(nn_sum_splits_f32)
+
+// The splits of nn_nhwc_partial added in order, one thread per channel: s = sum over z of
+// part[z * c + ch], then out_d[ch] = s / div (f64) when out_d is given, and out_f[ch] (+)= s
+// (f32, added when accumulate) when out_f is.
+extern "C" __global__ void __launch_bounds__(256)
+    nn_nhwc_finish(const double* __restrict__ part, uint32_t splits, uint32_t c, double div,
+                   double* __restrict__ out_d, float* __restrict__ out_f, uint32_t accumulate) {
+    const uint32_t ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double s = 0.0;
+    for (uint32_t z = 0; z < splits; ++z) s += part[static_cast<uint64_t>(z) * c + ch];
+    if (out_d != nullptr) out_d[ch] = s / div;
+    if (out_f != nullptr) out_f[ch] = accumulate ? out_f[ch] + static_cast<float>(s) : static_cast<float>(s);
+}
+SENET_EMU_REGISTER(nn_nhwc_finish)
 
 // One SGD step with momentum and weight decay, PyTorch's rule in the host optimiser's order and
 // rounding (no fused multiply-adds, so device and host updates agree bit for bit):

@@ -1521,11 +1521,13 @@ fn cuda_nhwc_networks_match_reference() {
     }
 }
 
-/// senet's own network kernels sum in the same order whatever the layout, so training steps
-/// with NHWC activations give the NCHW steps' logits, gradients, parameters, momentum and
-/// running statistics bit for bit (the layout changes addresses, not arithmetic), on every
-/// small network without its SE blocks. cuDNN chooses different algorithms per layout, so its
-/// backends are held to the reference instead.
+/// senet's own network kernels do the same arithmetic whatever the layout (the convolutions,
+/// pooling and elementwise kernels in the same order; BatchNorm's and the bias gradients' NHWC
+/// reductions add the same f32 values in f64 in another order, which for these sizes rounds to
+/// the same f32), so training steps with NHWC activations give the NCHW steps' logits,
+/// gradients, parameters, momentum and running statistics bit for bit on every small network
+/// without its SE blocks. cuDNN chooses different algorithms per layout, so its backends are
+/// held to the reference instead.
 #[test]
 fn cuda_nhwc_own_kernels_equal_nchw_bit_for_bit() {
     use senet::nn::ConvEngine;
@@ -1609,4 +1611,125 @@ fn cuda_nhwc_bf16_ops_within_bf16_tolerance() {
 #[test]
 fn cuda_nhwc_bf16_training_steps_lower_the_loss() {
     check_narrow_training(nn_common::cuda_nhwc_backends::<half::bf16>(), false);
+}
+
+/// The per-channel reductions (BatchNorm statistics, BatchNorm backward plain and through its
+/// fused ReLU, bias gradients) over enough rows that the NHWC kernels split them (2697 pixels in
+/// 6 splits, the last one short) and over channels that do not fill their 32-wide blocks (70),
+/// against the reference; parameter gradients accumulate onto what was there.
+fn check_channel_reductions<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
+    let s = seed("channel reductions");
+    let xs = Shape::new(3, 70, 29, 31);
+    let c = xs.c;
+    let x32: Tensor<f32> = random_tensor(xs, s);
+    let x64: Tensor<f64> = x32.cast();
+    let dy32: Tensor<f32> = random_tensor(xs, s ^ 1);
+    let st = be.batch_norm_stats(&x32).unwrap();
+    let str_ = Reference.batch_norm_stats(&x64).unwrap();
+    close("bn mean (many rows)", &st.mean, &str_.mean, out_tol());
+    close("bn var (many rows)", &st.var, &str_.var, out_tol());
+    let g32 = vec_f32(c, s ^ 2);
+    let g64: Vec<f64> = g32.iter().map(|&v| v as f64).collect();
+    let invstd: Vec<f64> = str_.var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+    let start = vec_f32(c, s ^ 3);
+    let start64: Vec<f64> = start.iter().map(|&v| v as f64).collect();
+    let y32 = be.relu(dy32.clone()).unwrap(); // a ReLU output to mask with: half the entries zero
+    for (fused, batch_stats) in [(false, true), (true, true), (false, false)] {
+        let (mut dg, mut db) = (start.clone(), start.clone());
+        let (mut dgr, mut dbr) = (start64.clone(), start64.clone());
+        let dx = if fused {
+            be.batch_norm_relu_backward(
+                &x32,
+                &y32,
+                dy32.clone(),
+                &str_.mean,
+                &invstd,
+                &g32,
+                batch_stats,
+                &mut dg,
+                &mut db,
+            )
+        } else {
+            be.batch_norm_backward(
+                &x32,
+                &dy32,
+                &str_.mean,
+                &invstd,
+                &g32,
+                batch_stats,
+                &mut dg,
+                &mut db,
+            )
+        }
+        .unwrap();
+        let dxr = Reference
+            .batch_norm_relu_backward(
+                &x64,
+                &(if fused {
+                    y32.cast()
+                } else {
+                    Tensor::<f64>::from_vec(xs, senet::Layout::Nchw, vec![1.0; xs.numel()]).unwrap()
+                }),
+                dy32.cast(),
+                &str_.mean,
+                &invstd,
+                &g64,
+                batch_stats,
+                &mut dgr,
+                &mut dbr,
+            )
+            .unwrap();
+        let what =
+            format!("bn backward (many rows, fused relu {fused}, batch stats {batch_stats})");
+        close(&what, &f64s(&dx), dxr.data(), grad_tol());
+        let f = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        close(&format!("{what} dgamma"), &f(&dg), &dgr, grad_tol());
+        close(&format!("{what} dbeta"), &f(&db), &dbr, grad_tol());
+    }
+    // A bias gradient: a 1x1 convolution's, summed over every pixel, onto earlier values.
+    let geom = ConvGeom::new(c, 9, 1, 1, 0, 1).unwrap();
+    let w32 = vec_f32(geom.weight_len(), s ^ 4);
+    let w64: Vec<f64> = w32.iter().map(|&v| v as f64).collect();
+    let dy: Tensor<f32> = random_tensor(geom.output_shape(xs).unwrap(), s ^ 5);
+    let (mut dw, mut db) = (vec![0.0f32; w32.len()], vec_f32(9, s ^ 6));
+    let (mut dwr, mut dbr) = (
+        vec![0.0f64; w32.len()],
+        db.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+    );
+    be.conv2d_backward(&x32, &w32, &dy, &geom, &mut dw, Some(&mut db), false)
+        .unwrap();
+    Reference
+        .conv2d_backward(
+            &x64,
+            &w64,
+            &dy.cast(),
+            &geom,
+            &mut dwr,
+            Some(&mut dbr),
+            false,
+        )
+        .unwrap();
+    let f = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    close("conv bias gradient (many rows)", &f(&db), &dbr, grad_tol());
+    close(
+        "conv weight gradient (many rows)",
+        &f(&dw),
+        &dwr,
+        grad_tol(),
+    );
+}
+
+#[test]
+fn channel_reductions_over_many_rows_match_reference() {
+    check_channel_reductions(&Cpu);
+}
+
+#[test]
+fn cuda_channel_reductions_over_many_rows_match_reference() {
+    for be in nn_common::cuda_backends() {
+        check_channel_reductions(&nn_common::OnHost(&be));
+    }
+    for be in nn_common::cuda_nhwc_backends::<f32>() {
+        check_channel_reductions(&nn_common::OnHost(&be));
+    }
 }
