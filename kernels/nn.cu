@@ -433,9 +433,28 @@ __device__ __forceinline__ void pointwise(uint32_t op, const T* __restrict__ a, 
 
 // ------------------------------------------------------------------------------ pooling
 
-// Pooling kernels index planes (sample, channel) = (pl / c, pl % c) and read and write
-// activations through act_at, so they serve NCHW and NHWC; max-pool indices and the average
-// pool's divided gradients (internal) are in NCHW order whatever the layout.
+// Pooling kernels visit (plane, pixel) pairs, plane = sample * c + channel, through
+// for_each_pixel: with NCHW on a (pixels, planes) grid, a warp on consecutive pixels of a plane;
+// with NHWC on a flat grid-stride loop in storage order, a warp on consecutive channels of a
+// pixel. Either way they read and write activations through act_at; max-pool indices and the
+// average pool's divided gradients (internal) are in NCHW order whatever the layout.
+template <class F>
+__device__ __forceinline__ void for_each_pixel(uint32_t nhwc, uint32_t nc, uint32_t c, uint32_t npix, F f) {
+    if (nhwc) {
+        const uint64_t total = static_cast<uint64_t>(nc) * npix;
+        for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+             i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+            const uint32_t ch = static_cast<uint32_t>(i % c);
+            const uint64_t rest = i / c;
+            const uint32_t pix = static_cast<uint32_t>(rest % npix), smp = static_cast<uint32_t>(rest / npix);
+            f(smp * c + ch, pix);
+        }
+    } else {
+        const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
+        if (r >= npix) return;
+        for (uint32_t plane = blockIdx.y; plane < nc; plane += gridDim.y) f(plane, r);
+    }
+}
 
 // Max pooling, one thread per output: the first maximum wins, a NaN replaces any value (as the
 // reference does). `arg` gets the flat NCHW input index.
@@ -443,10 +462,8 @@ template <class T>
 __device__ __forceinline__ void maxpool_fwd(const T* __restrict__ x, T* __restrict__ y, uint32_t* __restrict__ arg,
                                             uint32_t nc, uint32_t c, uint32_t h, uint32_t w, uint32_t oh,
                                             uint32_t ow, uint32_t k, uint32_t s, uint32_t pad, uint32_t nhwc) {
-    const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= oh * ow) return;
     const uint64_t in_hw = static_cast<uint64_t>(h) * w, out_hw = static_cast<uint64_t>(oh) * ow;
-    for (uint32_t plane = blockIdx.y; plane < nc; plane += gridDim.y) {
+    for_each_pixel(nhwc, nc, c, oh * ow, [&](uint32_t plane, uint32_t r) {
         const uint32_t smp = plane / c, ch = plane % c;
         uint32_t h0, h1, w0, w1, e;
         pool_window(r / ow, h, k, s, pad, h0, h1, e);
@@ -466,25 +483,43 @@ __device__ __forceinline__ void maxpool_fwd(const T* __restrict__ x, T* __restri
             }
         y[act_at(nhwc, smp, ch, r, c, out_hw)] = from_f32<T>(best);
         arg[static_cast<uint64_t>(plane) * out_hw + r] = static_cast<uint32_t>(plane * in_hw + bp);
-    }
+    });
 }
 
-// Max pooling backward, one thread per (sample, channel) plane, visiting its outputs in order
-// (the host checked every index lies in its output's plane), so sums are deterministic. The
-// sums are f32 (`dx`, in the activations' layout); narrow activations are converted after
-// (nn_to_act).
+// The outputs whose pooling window (PyTorch's, pool_window) covers input position i along one
+// axis: [lo, hi] (empty when lo > hi). Sizes fit in int (the host checks).
+__device__ __forceinline__ void covering(uint32_t i, uint32_t out, uint32_t k, uint32_t s, uint32_t pad, int& lo,
+                                         int& hi) {
+    const int ki = static_cast<int>(k), si = static_cast<int>(s);
+    const int t = static_cast<int>(i + pad);
+    lo = t >= ki ? (t - ki) / si + 1 : 0;
+    hi = min(t / si, static_cast<int>(out) - 1);
+}
+
+// Max pooling backward as a gather, one thread per input element: the gradients of the outputs
+// whose recorded maximum is this element, added in output order (f32, then one rounding), so
+// results repeat bit for bit and no index can send a write astray.
 template <class T>
 __device__ __forceinline__ void maxpool_bwd(const T* __restrict__ dy, const uint32_t* __restrict__ arg,
-                                            float* __restrict__ dx, uint64_t nc, uint32_t c, uint64_t in_plane,
-                                            uint64_t out_plane, uint32_t nhwc) {
-    const uint64_t pl = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (pl >= nc) return;
-    const uint64_t smp = pl / c, ch = pl % c;
-    for (uint64_t i = 0; i < in_plane; ++i) dx[act_at(nhwc, smp, ch, i, c, in_plane)] = 0.0f;
-    for (uint64_t r = 0; r < out_plane; ++r) {
-        const uint64_t pix = arg[pl * out_plane + r] - pl * in_plane;
-        dx[act_at(nhwc, smp, ch, pix, c, in_plane)] += to_f32(dy[act_at(nhwc, smp, ch, r, c, out_plane)]);
-    }
+                                            T* __restrict__ dx, uint32_t nc, uint32_t c, uint32_t h, uint32_t w,
+                                            uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad,
+                                            uint32_t nhwc) {
+    const uint64_t in_hw = static_cast<uint64_t>(h) * w, out_hw = static_cast<uint64_t>(oh) * ow;
+    for_each_pixel(nhwc, nc, c, h * w, [&](uint32_t plane, uint32_t r) {
+        const uint32_t smp = plane / c, ch = plane % c;
+        const uint32_t ih = r / w, iw = r % w;
+        const uint64_t me = plane * in_hw + r;
+        int a0, a1, b0, b1;
+        covering(ih, oh, k, s, pad, a0, a1);
+        covering(iw, ow, k, s, pad, b0, b1);
+        float t = 0.0f;
+        for (int a = a0; a <= a1; ++a)
+            for (int b = b0; b <= b1; ++b) {
+                const uint32_t o = static_cast<uint32_t>(a) * ow + static_cast<uint32_t>(b);
+                if (arg[plane * out_hw + o] == me) t += to_f32(dy[act_at(nhwc, smp, ch, o, c, out_hw)]);
+            }
+        dx[act_at(nhwc, smp, ch, r, c, in_hw)] = from_f32<T>(t);
+    });
 }
 
 __device__ __forceinline__ float avg_divisor(uint32_t include_pad, uint32_t h0, uint32_t h1, uint32_t w0,
@@ -499,10 +534,8 @@ template <class T>
 __device__ __forceinline__ void avgpool_fwd(const T* __restrict__ x, T* __restrict__ y, uint32_t nc, uint32_t c,
                                             uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k,
                                             uint32_t s, uint32_t pad, uint32_t include_pad, uint32_t nhwc) {
-    const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= oh * ow) return;
     const uint64_t in_hw = static_cast<uint64_t>(h) * w, out_hw = static_cast<uint64_t>(oh) * ow;
-    for (uint32_t pl = blockIdx.y; pl < nc; pl += gridDim.y) {
+    for_each_pixel(nhwc, nc, c, oh * ow, [&](uint32_t pl, uint32_t r) {
         const uint32_t smp = pl / c, ch = pl % c;
         uint32_t h0, h1, w0, w1, eh, ew;
         pool_window(r / ow, h, k, s, pad, h0, h1, eh);
@@ -511,7 +544,7 @@ __device__ __forceinline__ void avgpool_fwd(const T* __restrict__ x, T* __restri
         for (uint32_t ih = h0; ih < h1; ++ih)
             for (uint32_t iw = w0; iw < w1; ++iw) t += to_f32(x[act_at(nhwc, smp, ch, ih * w + iw, c, in_hw)]);
         y[act_at(nhwc, smp, ch, r, c, out_hw)] = from_f32<T>(t / avg_divisor(include_pad, h0, h1, w0, w1, eh, ew));
-    }
+    });
 }
 
 // Average pooling backward, step 1: each output's gradient divided by its window's divisor
@@ -520,17 +553,14 @@ template <class T>
 __device__ __forceinline__ void avgpool_div(const T* __restrict__ dy, float* __restrict__ q, uint32_t nc, uint32_t c,
                                             uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k,
                                             uint32_t s, uint32_t pad, uint32_t include_pad, uint32_t nhwc) {
-    const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= oh * ow) return;
-    uint32_t h0, h1, w0, w1, eh, ew;
-    pool_window(r / ow, h, k, s, pad, h0, h1, eh);
-    pool_window(r % ow, w, k, s, pad, w0, w1, ew);
-    const float div = avg_divisor(include_pad, h0, h1, w0, w1, eh, ew);
     const uint64_t out_hw = static_cast<uint64_t>(oh) * ow;
-    for (uint32_t pl = blockIdx.y; pl < nc; pl += gridDim.y) {
-        const uint64_t o = static_cast<uint64_t>(pl) * out_hw + r;
-        q[o] = to_f32(dy[act_at(nhwc, pl / c, pl % c, r, c, out_hw)]) / div;
-    }
+    for_each_pixel(nhwc, nc, c, oh * ow, [&](uint32_t pl, uint32_t r) {
+        uint32_t h0, h1, w0, w1, eh, ew;
+        pool_window(r / ow, h, k, s, pad, h0, h1, eh);
+        pool_window(r % ow, w, k, s, pad, w0, w1, ew);
+        const float div = avg_divisor(include_pad, h0, h1, w0, w1, eh, ew);
+        q[static_cast<uint64_t>(pl) * out_hw + r] = to_f32(dy[act_at(nhwc, pl / c, pl % c, r, c, out_hw)]) / div;
+    });
 }
 
 // Average pooling backward, step 2: one thread per input element gathers the divided gradients
@@ -539,42 +569,47 @@ template <class T>
 __device__ __forceinline__ void avgpool_bwd(const float* __restrict__ q, T* __restrict__ dx, uint32_t nc, uint32_t c,
                                             uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k,
                                             uint32_t s, uint32_t pad, uint32_t nhwc) {
-    const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= h * w) return;
-    for (uint32_t pl = blockIdx.y; pl < nc; pl += gridDim.y) {
+    for_each_pixel(nhwc, nc, c, h * w, [&](uint32_t pl, uint32_t r) {
         const uint64_t plane = pl;
-        const int ih = static_cast<int>(r / w), iw = static_cast<int>(r % w);
-        // Outputs whose window start o*s - pad lies in (i - k, i] (sizes fit in int: the host
-        // checks).
-        const int ki = static_cast<int>(k), si = static_cast<int>(s);
-        const int th = ih + static_cast<int>(pad), tw = iw + static_cast<int>(pad);
-        const int oh_lo = th >= ki ? (th - ki) / si + 1 : 0, ow_lo = tw >= ki ? (tw - ki) / si + 1 : 0;
-        const int oh_hi = min(th / si, static_cast<int>(oh) - 1);
-        const int ow_hi = min(tw / si, static_cast<int>(ow) - 1);
+        const uint32_t ih = r / w, iw = r % w;
+        int a0, a1, b0, b1;
+        covering(ih, oh, k, s, pad, a0, a1);
+        covering(iw, ow, k, s, pad, b0, b1);
         float t = 0.0f;
-        for (int a = oh_lo; a <= oh_hi; ++a) {
+        for (int a = a0; a <= a1; ++a) {
             uint32_t h0, h1, eh;
             pool_window(static_cast<uint32_t>(a), h, k, s, pad, h0, h1, eh);
-            if (ih < static_cast<int>(h0) || ih >= static_cast<int>(h1)) continue;
-            for (int b = ow_lo; b <= ow_hi; ++b) {
+            if (ih < h0 || ih >= h1) continue;
+            for (int b = b0; b <= b1; ++b) {
                 uint32_t w0, w1, ew;
                 pool_window(static_cast<uint32_t>(b), w, k, s, pad, w0, w1, ew);
-                if (iw < static_cast<int>(w0) || iw >= static_cast<int>(w1)) continue;
+                if (iw < w0 || iw >= w1) continue;
                 t += q[(plane * oh + a) * ow + b];
             }
         }
         dx[act_at(nhwc, pl / c, pl % c, r, c, static_cast<uint64_t>(h) * w)] = from_f32<T>(t);
-    }
+    });
 }
 
-// Global average pooling: one block per (sample, channel) plane, f64 sum. The output [n, c, 1, 1]
-// is the same in both layouts.
+// Global average pooling, f64 sums. NCHW: one block per (sample, channel) plane; NHWC: one
+// thread per plane, adjacent threads on adjacent channels, summing its pixels in order. The
+// output [n, c, 1, 1] is the same in both layouts.
 template <class T>
-__device__ __forceinline__ void gap_fwd(const T* __restrict__ x, T* __restrict__ y, uint32_t c, uint64_t hw,
-                                        uint32_t nhwc) {
+__device__ __forceinline__ void gap_fwd(const T* __restrict__ x, T* __restrict__ y, uint32_t nc, uint32_t c,
+                                        uint64_t hw, uint32_t nhwc) {
+    if (nhwc) {
+        for (uint64_t pl = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; pl < nc;
+             pl += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+            const uint64_t smp = pl / c, ch = pl % c;
+            double t = 0.0;
+            for (uint64_t i = 0; i < hw; ++i) t += to_f32(x[(smp * hw + i) * c + ch]);
+            y[pl] = from_f32<T>(static_cast<float>(t / static_cast<double>(hw)));
+        }
+        return;
+    }
     const uint64_t pl = blockIdx.x;
     double t = 0.0;
-    for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(x[act_at(nhwc, pl / c, pl % c, i, c, hw)]);
+    for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(x[pl * hw + i]);
     t = block_sum(t);
     if (threadIdx.x == 0) y[pl] = from_f32<T>(static_cast<float>(t / static_cast<double>(hw)));
 }
@@ -847,9 +882,10 @@ using namespace senet::nnk;
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_maxpool_fwd_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
-        nn_maxpool_bwd_##NAME(const T* __restrict__ dy, const uint32_t* __restrict__ arg, float* __restrict__ dx,  \
-                              uint64_t nc, uint32_t c, uint64_t in_plane, uint64_t out_plane, uint32_t nhwc) {     \
-        maxpool_bwd<T>(dy, arg, dx, nc, c, in_plane, out_plane, nhwc);                                                      \
+        nn_maxpool_bwd_##NAME(const T* __restrict__ dy, const uint32_t* __restrict__ arg, T* __restrict__ dx,      \
+                              uint32_t nc, uint32_t c, uint32_t h, uint32_t w, uint32_t oh, uint32_t ow,           \
+                              uint32_t k, uint32_t s, uint32_t pad, uint32_t nhwc) {                               \
+        maxpool_bwd<T>(dy, arg, dx, nc, c, h, w, oh, ow, k, s, pad, nhwc);                                                      \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_maxpool_bwd_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
@@ -874,8 +910,9 @@ using namespace senet::nnk;
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_avgpool_bwd_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
-        nn_gap_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint32_t c, uint64_t hw, uint32_t nhwc) {    \
-        gap_fwd<T>(x, y, c, hw, nhwc);                                                                                      \
+        nn_gap_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint32_t nc, uint32_t c, uint64_t hw,        \
+                          uint32_t nhwc) {                                                                         \
+        gap_fwd<T>(x, y, nc, c, hw, nhwc);                                                                                      \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_gap_fwd_##NAME)                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                                              \

@@ -274,13 +274,15 @@ impl<A: NnAct> Activation for GpuTensor<A> {
     }
 }
 
-/// Where each max-pool output's maximum came from, in device memory, with the shapes it is
-/// valid for (so a backward cannot route a gradient with indices of another pooling).
+/// Where each max-pool output's maximum came from (flat NCHW input indices, whatever the
+/// layout), in device memory, with the shapes and geometry it is valid for (so a backward
+/// cannot route a gradient with indices of another pooling).
 #[derive(Clone)]
 pub struct GpuIndices {
     buf: Arc<PoolBuf<u32>>,
     input: Shape,
     output: Shape,
+    geom: PoolGeom,
 }
 
 impl std::fmt::Debug for GpuIndices {
@@ -2160,6 +2162,19 @@ impl<A: NnAct> Cuda<A> {
         ])
     }
 
+    /// The grid of a pooling kernel over the pixels of `s` (nc planes): (pixels, planes) for
+    /// NCHW, flat for NHWC (the kernels' for_each_pixel).
+    fn pool_grid(&self, s: Shape, nc: u32) -> Result<(u32, u32, u32)> {
+        Ok(match self.layout {
+            Layout::Nchw => (
+                grid_x(s.hw(), THREADS as usize)?,
+                (nc as usize).clamp(1, MAX_GRID_YZ) as u32,
+                1,
+            ),
+            Layout::Nhwc => (blocks(s.numel(), THREADS as usize), 1, 1),
+        })
+    }
+
     fn check_pool_sizes(xs: Shape, ys: Shape, g: &PoolGeom) -> Result<()> {
         small("pool input plane", xs.hw())?;
         small("pool output plane", ys.hw())?;
@@ -2745,11 +2760,7 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
             arg(&pad),
             arg(&nhwc),
         ];
-        let grid = (
-            grid_x(ys.hw(), THREADS as usize)?,
-            (nc as usize).clamp(1, MAX_GRID_YZ) as u32,
-            1,
-        );
+        let grid = self.pool_grid(ys, nc)?;
         // SAFETY: nn_maxpool_fwd_A(x, y, arg, nc, c, h, w, oh, ow, k, s, pad, nhwc): x holds
         // xs, y and arg hold ys (nc = n * c planes).
         unsafe { self.launch(&Self::k("nn_maxpool_fwd"), grid, &mut args)? };
@@ -2759,6 +2770,7 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
                 buf: Arc::new(am),
                 input: xs,
                 output: ys,
+                geom: *g,
             },
         ))
     }
@@ -2770,28 +2782,19 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         input: Shape,
     ) -> Result<GpuTensor<A>> {
         let ys = dy.shape();
-        // The indices come from this backend's max_pool2d (each lies in its own output's
-        // (sample, channel) plane, which the kernel relies on); check they are for this shape.
+        // The indices come from this backend's max_pool2d; check they are for this shape (the
+        // gather compares them with each input's own index, so stale ones route nothing).
         if argmax.output != ys || argmax.input != input {
             return Err(Error::Shape(format!(
                 "max pool indices for {} -> {} used with gradient {ys} and input {input}",
                 argmax.input, argmax.output
             )));
         }
-        let (ip, op) = (input.hw(), ys.hw());
-        let nc = (input.n * input.c) as u64;
-        let ab = &argmax.buf;
+        let g = &argmax.geom;
+        Self::check_pool_sizes(input, ys, g)?;
+        let [nc, h, w, oh, ow, k, st, pad] = Self::pool_args(g, input, ys)?;
         let dx = self.out_t(input)?;
-        // The sums go to an f32 buffer: dx itself for f32 activations, else a scratch one
-        // converted after (one rounding per element).
-        let scratch = if is_f32::<A>() {
-            None
-        } else {
-            Some(self.out::<f32>(input.numel())?)
-        };
-        let (dyp, ap) = (self.addr(&dy), self.addr(&ab));
-        let dxp = scratch.as_ref().map_or(self.addr(&dx), |b| self.addr(b));
-        let (ipu, opu) = (ip as u64, op as u64);
+        let (dyp, ap, dxp) = (self.addr(&dy), self.addr(&argmax.buf), self.addr(&dx));
         let (c, nhwc) = (input.c as u32, self.nhwc());
         let mut args = [
             arg(&dyp),
@@ -2799,32 +2802,25 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
             arg(&dxp),
             arg(&nc),
             arg(&c),
-            arg(&ipu),
-            arg(&opu),
+            arg(&h),
+            arg(&w),
+            arg(&oh),
+            arg(&ow),
+            arg(&k),
+            arg(&st),
+            arg(&pad),
             arg(&nhwc),
         ];
-        // SAFETY: nn_maxpool_bwd_A(dy, arg, dx, nc, c, in_plane, out_plane, nhwc): dy and arg hold
-        // nc * out_plane elements (shapes checked), every index lies in its plane of the f32
-        // dx (nc * in_plane floats): nn_maxpool_fwd_A wrote them for this input shape.
+        // SAFETY: nn_maxpool_bwd_A(dy, arg, dx, nc, c, h, w, oh, ow, k, s, pad, nhwc): dy and
+        // arg hold ys elements (shapes checked against the indices'), dx input; the kernel
+        // only compares index values, never writes through them.
         unsafe {
             self.launch(
                 &Self::k("nn_maxpool_bwd"),
-                (grid_x(nc as usize, THREADS as usize)?, 1, 1),
+                self.pool_grid(input, nc)?,
                 &mut args,
             )?
         };
-        if let Some(sb) = &scratch {
-            let (src, dst, n) = (self.addr(sb), self.addr(&dx), input.numel() as u64);
-            let mut args = [arg(&src), arg(&dst), arg(&n)];
-            // SAFETY: nn_to_act_A(src, dst, n): the scratch holds n floats, dx n elements.
-            unsafe {
-                self.launch(
-                    &Self::k("nn_to_act"),
-                    (blocks(input.numel(), THREADS as usize), 1, 1),
-                    &mut args,
-                )?
-            };
-        }
         Ok(GpuTensor::wrap(dx))
     }
 
@@ -2852,11 +2848,7 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
             arg(&inc),
             arg(&nhwc),
         ];
-        let grid = (
-            grid_x(ys.hw(), THREADS as usize)?,
-            (nc as usize).clamp(1, MAX_GRID_YZ) as u32,
-            1,
-        );
+        let grid = self.pool_grid(ys, nc)?;
         // SAFETY: nn_avgpool_fwd_A(x, y, nc, c, h, w, oh, ow, k, s, pad, include_pad, nhwc): x holds
         // xs, y ys.
         unsafe { self.launch(&Self::k("nn_avgpool_fwd"), grid, &mut args)? };
@@ -2878,7 +2870,6 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let q = self.out::<f32>(ys.numel())?;
         let dx = self.out_t(input)?;
         let (dyp, qp, dxp) = (self.addr(&dy), self.addr(&q), self.addr(&dx));
-        let planes = (nc as usize).clamp(1, MAX_GRID_YZ) as u32;
         let (c, nhwc) = (input.c as u32, self.nhwc());
         let mut args = [
             arg(&dyp),
@@ -2900,7 +2891,7 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         unsafe {
             self.launch(
                 &Self::k("nn_avgpool_div"),
-                (grid_x(ys.hw(), THREADS as usize)?, planes, 1),
+                self.pool_grid(ys, nc)?,
                 &mut args,
             )?
         };
@@ -2923,7 +2914,7 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         unsafe {
             self.launch(
                 &Self::k("nn_avgpool_bwd"),
-                (grid_x(input.hw(), THREADS as usize)?, planes, 1),
+                self.pool_grid(input, nc)?,
                 &mut args,
             )?
         };
@@ -2940,16 +2931,14 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         }
         let y = self.out_t(Shape::new(s.n, s.c, 1, 1))?;
         let (xp, yp, hw) = (self.addr(&x), self.addr(&y), s.hw() as u64);
-        let (c, nhwc) = (s.c as u32, self.nhwc());
-        let mut args = [arg(&xp), arg(&yp), arg(&c), arg(&hw), arg(&nhwc)];
-        // SAFETY: nn_gap_fwd_A(x, y, c, hw, nhwc): x holds planes * hw elements, y planes.
-        unsafe {
-            self.launch(
-                &Self::k("nn_gap_fwd"),
-                ((planes as u32).max(1), 1, 1),
-                &mut args,
-            )?
+        let (nc, c, nhwc) = (planes as u32, s.c as u32, self.nhwc());
+        let mut args = [arg(&xp), arg(&yp), arg(&nc), arg(&c), arg(&hw), arg(&nhwc)];
+        let grid = match self.layout {
+            Layout::Nchw => ((planes as u32).max(1), 1, 1),
+            Layout::Nhwc => (blocks(planes, THREADS as usize), 1, 1),
         };
+        // SAFETY: nn_gap_fwd_A(x, y, nc, c, hw, nhwc): x holds planes * hw elements, y planes.
+        unsafe { self.launch(&Self::k("nn_gap_fwd"), grid, &mut args)? };
         Ok(GpuTensor::wrap(y))
     }
 
