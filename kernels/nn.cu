@@ -310,37 +310,44 @@ __device__ __forceinline__ void gemm(const TA* __restrict__ A, int64_t sa_m, int
     }
 }
 
-// out[c] (+)= sum over (sample, position) of a[n][c][p] (a bias gradient, f32). One block per
-// channel.
+// out[c] (+)= sum over (sample, position) of NCHW a[n][c][p] (a bias gradient, f32). One block
+// per channel. (NHWC activations take nn_nhwc_partial and nn_nhwc_finish.)
 template <class T>
 __device__ __forceinline__ void channel_sum(const T* __restrict__ a, float* __restrict__ out, uint32_t n, uint32_t c,
-                                            uint64_t hw, uint32_t accumulate, uint32_t nhwc) {
+                                            uint64_t hw, uint32_t accumulate) {
     const uint32_t ch = blockIdx.x;
     double t = 0.0;
-    for (uint32_t s = 0; s < n; ++s)
-        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(a[act_at(nhwc, s, ch, i, c, hw)]);
+    for (uint32_t s = 0; s < n; ++s) {
+        const T* plane = a + (static_cast<uint64_t>(s) * c + ch) * hw;
+        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(plane[i]);
+    }
     t = block_sum(t);
     if (threadIdx.x == 0) out[ch] = accumulate ? out[ch] + static_cast<float>(t) : static_cast<float>(t);
 }
 
 // ------------------------------------------------------------------------------ BatchNorm
 
-// Per-channel mean and biased variance (two passes, f64 sums). One block per channel.
+// Per-channel mean and biased variance of NCHW x (two passes, f64 sums). One block per channel.
+// (NHWC activations take nn_nhwc_partial and nn_nhwc_finish.)
 template <class T>
 __device__ __forceinline__ void bn_stats(const T* __restrict__ x, double* __restrict__ mean, double* __restrict__ var,
-                                         uint32_t n, uint32_t c, uint64_t hw, uint32_t nhwc) {
+                                         uint32_t n, uint32_t c, uint64_t hw) {
     const uint32_t ch = blockIdx.x;
     const double m = static_cast<double>(n) * static_cast<double>(hw);
     double t = 0.0;
-    for (uint32_t s = 0; s < n; ++s)
-        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(x[act_at(nhwc, s, ch, i, c, hw)]);
+    for (uint32_t s = 0; s < n; ++s) {
+        const T* plane = x + (static_cast<uint64_t>(s) * c + ch) * hw;
+        for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) t += to_f32(plane[i]);
+    }
     const double mu = block_sum(t) / m;
     double q = 0.0;
-    for (uint32_t s = 0; s < n; ++s)
+    for (uint32_t s = 0; s < n; ++s) {
+        const T* plane = x + (static_cast<uint64_t>(s) * c + ch) * hw;
         for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-            const double d = to_f32(x[act_at(nhwc, s, ch, i, c, hw)]) - mu;
+            const double d = to_f32(plane[i]) - mu;
             q += d * d;
         }
+    }
     q = block_sum(q);
     if (threadIdx.x == 0) {
         mean[ch] = mu;
@@ -362,7 +369,8 @@ __device__ __forceinline__ void affine(const T* __restrict__ x, T* __restrict__ 
     }
 }
 
-// BatchNorm backward, one block per channel: dgamma += sum dy xhat, dbeta += sum dy, and
+// BatchNorm backward of NCHW activations (NHWC: nn_nhwc_bn_bwd_partial / apply), one block per
+// channel: dgamma += sum dy xhat, dbeta += sum dy, and
 // dx = gamma invstd (dy - mean(dy) - xhat mean(dy xhat)) with batch statistics, or
 // gamma invstd dy with running ones. With `relu_y` (the output of a ReLU fused after the
 // BatchNorm), dy is first masked to where relu_y > 0.
@@ -371,13 +379,13 @@ __device__ __forceinline__ void bn_bwd(const T* __restrict__ x, const T* __restr
                                        const double* __restrict__ mean, const double* __restrict__ invstd,
                                        const float* __restrict__ gamma, float* __restrict__ dgamma,
                                        float* __restrict__ dbeta, T* __restrict__ dx, uint32_t n, uint32_t c,
-                                       uint64_t hw, uint32_t batch_stats, uint32_t nhwc) {
+                                       uint64_t hw, uint32_t batch_stats) {
     const uint32_t ch = blockIdx.x;
     const double mu = mean[ch], is = invstd[ch];
     double sd = 0.0, sdx = 0.0;
     for (uint32_t s = 0; s < n; ++s)
         for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-            const uint64_t e = act_at(nhwc, s, ch, i, c, hw);
+            const uint64_t e = (static_cast<uint64_t>(s) * c + ch) * hw + i;
             const double d = (relu_y == nullptr || to_f32(relu_y[e]) > 0.0f) ? to_f32(dy[e]) : 0.0f;
             sd += d;
             sdx += d * ((to_f32(x[e]) - mu) * is);
@@ -394,7 +402,7 @@ __device__ __forceinline__ void bn_bwd(const T* __restrict__ x, const T* __restr
     const double md = sd * inv_m, mdx = sdx * inv_m;
     for (uint32_t s = 0; s < n; ++s)
         for (uint64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-            const uint64_t e = act_at(nhwc, s, ch, i, c, hw);
+            const uint64_t e = (static_cast<uint64_t>(s) * c + ch) * hw + i;
             const double d = (relu_y == nullptr || to_f32(relu_y[e]) > 0.0f) ? to_f32(dy[e]) : 0.0f;
             const double v = batch_stats ? gi * (d - md - (to_f32(x[e]) - mu) * is * mdx) : gi * d;
             dx[e] = from_f32<T>(static_cast<float>(v));
@@ -842,30 +850,29 @@ using namespace senet::nnk;
     SENET_EMU_REGISTER(nn_conv_bwd_weight_##NAME)                                                                  \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_channel_sum_##NAME(const T* __restrict__ a, float* __restrict__ out, uint32_t n, uint32_t c,            \
-                              uint64_t hw, uint32_t accumulate, uint32_t nhwc) {                                   \
-        channel_sum<T>(a, out, n, c, hw, accumulate, nhwc);                                                              \
+                              uint64_t hw, uint32_t accumulate) {                                                  \
+        channel_sum<T>(a, out, n, c, hw, accumulate);                                                              \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_channel_sum_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_bn_stats_##NAME(const T* __restrict__ x, double* __restrict__ mean, double* __restrict__ var,           \
-                           uint32_t n, uint32_t c, uint64_t hw, uint32_t nhwc) {                                   \
-        bn_stats<T>(x, mean, var, n, c, hw, nhwc);                                                                       \
+                           uint32_t n, uint32_t c, uint64_t hw) {                                                  \
+        bn_stats<T>(x, mean, var, n, c, hw);                                                                       \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_bn_stats_##NAME)                                                                         \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_affine_##NAME(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ a,                  \
                          const float* __restrict__ b, uint64_t total, uint32_t c, uint64_t hw, uint32_t relu,      \
                          uint32_t nhwc) {                                                                          \
-        affine<T>(x, y, a, b, total, c, hw, relu, nhwc);                                                                 \
+        affine<T>(x, y, a, b, total, c, hw, relu, nhwc);                                                           \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_affine_##NAME)                                                                           \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_bn_bwd_##NAME(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ relu_y,          \
                          const double* __restrict__ mean, const double* __restrict__ invstd,                       \
                          const float* __restrict__ gamma, float* __restrict__ dgamma, float* __restrict__ dbeta,   \
-                         T* __restrict__ dx, uint32_t n, uint32_t c, uint64_t hw, uint32_t batch_stats,            \
-                         uint32_t nhwc) {                                                                          \
-        bn_bwd<T>(x, dy, relu_y, mean, invstd, gamma, dgamma, dbeta, dx, n, c, hw, batch_stats, nhwc);                   \
+                         T* __restrict__ dx, uint32_t n, uint32_t c, uint64_t hw, uint32_t batch_stats) {          \
+        bn_bwd<T>(x, dy, relu_y, mean, invstd, gamma, dgamma, dbeta, dx, n, c, hw, batch_stats);                   \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_bn_bwd_##NAME)                                                                           \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
@@ -878,47 +885,47 @@ using namespace senet::nnk;
         nn_maxpool_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint32_t* __restrict__ arg, uint32_t nc, \
                               uint32_t c, uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k,            \
                               uint32_t s, uint32_t pad, uint32_t nhwc) {                                           \
-        maxpool_fwd<T>(x, y, arg, nc, c, h, w, oh, ow, k, s, pad, nhwc);                                                    \
+        maxpool_fwd<T>(x, y, arg, nc, c, h, w, oh, ow, k, s, pad, nhwc);                                           \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_maxpool_fwd_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_maxpool_bwd_##NAME(const T* __restrict__ dy, const uint32_t* __restrict__ arg, T* __restrict__ dx,      \
                               uint32_t nc, uint32_t c, uint32_t h, uint32_t w, uint32_t oh, uint32_t ow,           \
                               uint32_t k, uint32_t s, uint32_t pad, uint32_t nhwc) {                               \
-        maxpool_bwd<T>(dy, arg, dx, nc, c, h, w, oh, ow, k, s, pad, nhwc);                                                      \
+        maxpool_bwd<T>(dy, arg, dx, nc, c, h, w, oh, ow, k, s, pad, nhwc);                                         \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_maxpool_bwd_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_avgpool_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint32_t nc, uint32_t c, uint32_t h,     \
                               uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s, uint32_t pad,          \
                               uint32_t include_pad, uint32_t nhwc) {                                               \
-        avgpool_fwd<T>(x, y, nc, c, h, w, oh, ow, k, s, pad, include_pad, nhwc);                                            \
+        avgpool_fwd<T>(x, y, nc, c, h, w, oh, ow, k, s, pad, include_pad, nhwc);                                   \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_avgpool_fwd_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_avgpool_div_##NAME(const T* __restrict__ dy, float* __restrict__ q, uint32_t nc, uint32_t c,            \
                               uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s,            \
                               uint32_t pad, uint32_t include_pad, uint32_t nhwc) {                                 \
-        avgpool_div<T>(dy, q, nc, c, h, w, oh, ow, k, s, pad, include_pad, nhwc);                                           \
+        avgpool_div<T>(dy, q, nc, c, h, w, oh, ow, k, s, pad, include_pad, nhwc);                                  \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_avgpool_div_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_avgpool_bwd_##NAME(const float* __restrict__ q, T* __restrict__ dx, uint32_t nc, uint32_t c,            \
                               uint32_t h, uint32_t w, uint32_t oh, uint32_t ow, uint32_t k, uint32_t s,            \
                               uint32_t pad, uint32_t nhwc) {                                                       \
-        avgpool_bwd<T>(q, dx, nc, c, h, w, oh, ow, k, s, pad, nhwc);                                                        \
+        avgpool_bwd<T>(q, dx, nc, c, h, w, oh, ow, k, s, pad, nhwc);                                               \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_avgpool_bwd_##NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_gap_fwd_##NAME(const T* __restrict__ x, T* __restrict__ y, uint32_t nc, uint32_t c, uint64_t hw,        \
                           uint32_t nhwc) {                                                                         \
-        gap_fwd<T>(x, y, nc, c, hw, nhwc);                                                                                      \
+        gap_fwd<T>(x, y, nc, c, hw, nhwc);                                                                         \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_gap_fwd_##NAME)                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_gap_bwd_##NAME(const T* __restrict__ dy, T* __restrict__ dx, uint64_t total, uint32_t c, uint64_t hw,   \
                           uint32_t nhwc) {                                                                         \
-        gap_bwd<T>(dy, dx, total, c, hw, nhwc);                                                                             \
+        gap_bwd<T>(dy, dx, total, c, hw, nhwc);                                                                    \
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_gap_bwd_##NAME)                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
@@ -995,7 +1002,8 @@ using namespace senet::nnk;
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_nhwc_bn_bwd_partial_##NAME)                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
-        nn_nhwc_bn_bwd_apply_##NAME(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ relu_y, \
+        nn_nhwc_bn_bwd_apply_##NAME(const T* __restrict__ x, const T* __restrict__ dy,                             \
+                                    const T* __restrict__ relu_y,                                                  \
                                     const double* __restrict__ mean, const double* __restrict__ invstd,            \
                                     const float* __restrict__ gamma, const double* __restrict__ sd,                \
                                     const double* __restrict__ sdx, T* __restrict__ dx, uint64_t total,            \

@@ -1832,12 +1832,11 @@ impl<A: NnAct> Cuda<A> {
             dbp,
             self.addr(&dx),
         ];
-        let (n, c, hw, bs, nhwc) = (
+        let (n, c, hw, bs) = (
             small("batch", s.n)?,
             small("channels", s.c)?,
             s.hw() as u64,
             batch_stats as u32,
-            self.nhwc(),
         );
         let mut args = [
             arg(&ptrs[0]),
@@ -1853,10 +1852,9 @@ impl<A: NnAct> Cuda<A> {
             arg(&c),
             arg(&hw),
             arg(&bs),
-            arg(&nhwc),
         ];
         // SAFETY: nn_bn_bwd_A(x, dy, relu_y, mean, invstd, gamma, dgamma, dbeta, dx, n, c,
-        // hw, batch_stats, nhwc): x, dy, dx (and relu_y) hold s (checked above); the per-channel
+        // hw, batch_stats), NCHW: x, dy, dx (and relu_y) hold s (checked above); the per-channel
         // buffers hold c elements each (the callers' contract).
         unsafe { self.launch(&Self::k("nn_bn_bwd"), (c.max(1), 1, 1), &mut args)? };
         Ok(GpuTensor::wrap(dx))
@@ -2030,17 +2028,8 @@ impl<A: NnAct> Cuda<A> {
             return Ok((mean, var));
         }
         let (n, c, hw) = (small("batch", s.n)?, small("channels", s.c)?, s.hw() as u64);
-        let nhwc = self.nhwc();
-        let mut args = [
-            arg(&xp),
-            arg(&mp),
-            arg(&vp),
-            arg(&n),
-            arg(&c),
-            arg(&hw),
-            arg(&nhwc),
-        ];
-        // SAFETY: nn_bn_stats_A(x, mean, var, n, c, hw, nhwc): x holds s, mean and var c
+        let mut args = [arg(&xp), arg(&mp), arg(&vp), arg(&n), arg(&c), arg(&hw)];
+        // SAFETY: nn_bn_stats_A(x, mean, var, n, c, hw): x holds s (NCHW), mean and var c
         // doubles.
         unsafe { self.launch(&Self::k("nn_bn_stats"), (c.max(1), 1, 1), &mut args)? };
         Ok((mean, var))
@@ -2099,7 +2088,8 @@ impl<A: NnAct> Cuda<A> {
         unsafe { self.launch(&name, grid, &mut args) }
     }
 
-    /// out[c] (+)= sum over samples and positions of a (per-channel sums of `[n][c][hw]`).
+    /// out[c] (+)= sum over samples and positions of a (per-channel sums of an activation of
+    /// shape `s` in this backend's layout).
     fn channel_sum(&self, a: u64, out: u64, s: Shape, accumulate: bool) -> Result<()> {
         if self.layout == Layout::Nhwc {
             let (part, splits) = self.nhwc_partial(a, 0, s)?;
@@ -2111,18 +2101,9 @@ impl<A: NnAct> Cuda<A> {
             s.hw() as u64,
             accumulate as u32,
         );
-        let nhwc = self.nhwc();
-        let mut args = [
-            arg(&a),
-            arg(&out),
-            arg(&n),
-            arg(&c),
-            arg(&hw),
-            arg(&acc),
-            arg(&nhwc),
-        ];
-        // SAFETY: nn_channel_sum_A(a, out, n, c, hw, accumulate, nhwc); a holds s.numel()
-        // elements of A in this backend's layout, out s.c floats.
+        let mut args = [arg(&a), arg(&out), arg(&n), arg(&c), arg(&hw), arg(&acc)];
+        // SAFETY: nn_channel_sum_A(a, out, n, c, hw, accumulate); a holds s.numel() elements
+        // of A (NCHW), out s.c floats.
         unsafe { self.launch(&Self::k("nn_channel_sum"), (c.max(1), 1, 1), &mut args) }
     }
 
