@@ -60,8 +60,11 @@ for p in $phases; do
       for tool in memcheck racecheck synccheck; do
         SENET_GPU_CASES=small phase sanitize ${SANITIZE_LIMIT:-90} compute-sanitizer --tool $tool \
           --error-exitcode 9 "$bin/gpu-tests" --test-threads 1 gpu_f32_nchw gpu_bf16_nhwc gpu_f16_nchw || status=1
+        # memcheck also runs the NHWC ops (their index math is the newest).
+        nn_cases="cuda_convolution cuda_pointwise"
+        [ "$tool" = memcheck ] && nn_cases="$nn_cases cuda_nhwc_ops"
         SENET_TEST_EMULATOR=0 phase sanitize ${SANITIZE_LIMIT:-90} compute-sanitizer --tool $tool \
-          --error-exitcode 9 "$bin/nn-backends-tests" --test-threads 1 cuda_convolution cuda_pointwise || status=1
+          --error-exitcode 9 "$bin/nn-backends-tests" --test-threads 1 $nn_cases || status=1
       done
       grep -E "=== sanitize|ERROR SUMMARY|test result|error" "$out/sanitize.log" | head -30 ;;
     bench)
