@@ -1292,7 +1292,11 @@ fn cuda_se_op_matches_reference() {
 /// (counted by the pool and, independently, by the device handle).
 #[test]
 fn cuda_training_steps_reuse_device_memory() {
-    for be in nn_common::cuda_backends_announced() {
+    // Both layouts: NHWC adds reduction partials and flatten copies, from the pool too.
+    let backends = nn_common::cuda_backends_announced()
+        .into_iter()
+        .chain(nn_common::cuda_nhwc_backends::<f32>());
+    for be in backends {
         for (name, cfg, xs) in small_configs() {
             let mut net = cfg.build::<f32>(name).unwrap();
             net.init_weights(seed(name));
@@ -1571,7 +1575,10 @@ fn check_narrow_training<A: senet::nn::NnAct>(narrow: Vec<senet::nn::Cuda<A>>, s
 #[test]
 fn cuda_bound_training_steps_reuse_device_memory() {
     use senet::train::optim::Sgd;
-    for be in nn_common::cuda_backends() {
+    let backends = nn_common::cuda_backends()
+        .into_iter()
+        .chain(nn_common::cuda_nhwc_backends::<f32>());
+    for be in backends {
         for (name, cfg, xs) in small_configs() {
             let mut net = cfg.build::<f32>(name).unwrap();
             net.init_weights(seed(name));
