@@ -792,13 +792,7 @@ impl<A: NnAct> Cuda<A> {
         let mut args = [arg(&src), arg(&dst), arg(&len)];
         // SAFETY: nn_to_act_A(src, dst, n): src holds n floats (the callers' buffers), `out`
         // n elements of A.
-        unsafe {
-            self.launch(
-                &Self::k("nn_to_act"),
-                (blocks(n, THREADS as usize), 1, 1),
-                &mut args,
-            )?
-        };
+        unsafe { self.launch_flat("nn_to_act", n, &mut args)? };
         Ok(out)
     }
 
@@ -821,13 +815,7 @@ impl<A: NnAct> Cuda<A> {
                 let mut args = [arg(&wp), arg(&dst), arg(&k), arg(&c), arg(&rs)];
                 // SAFETY: nn_weight_krsc_A(w, dst, k, c, rs): w holds k * c * rs floats (the
                 // weight of g), `out` as many elements of A.
-                unsafe {
-                    self.launch(
-                        &Self::k("nn_weight_krsc"),
-                        (blocks(n, THREADS as usize), 1, 1),
-                        &mut args,
-                    )?
-                };
+                unsafe { self.launch_flat("nn_weight_krsc", n, &mut args)? };
                 out
             }
         };
@@ -842,13 +830,7 @@ impl<A: NnAct> Cuda<A> {
         let mut args = [arg(&src), arg(&dst), arg(&n), arg(&c), arg(&hw), arg(&t)];
         // SAFETY: nn_relayout_A(src, dst, n, c, hw, to_nhwc): src and dst hold s.numel()
         // elements of A (the callers' buffers).
-        unsafe {
-            self.launch(
-                &Self::k("nn_relayout"),
-                (blocks(s.numel(), THREADS as usize), 1, 1),
-                &mut args,
-            )
-        }
+        unsafe { self.launch_flat("nn_relayout", s.numel(), &mut args) }
     }
 
     /// A pooled NCHW copy of `x` when this backend is NHWC and `x` has more than one pixel
@@ -898,13 +880,7 @@ impl<A: NnAct> Cuda<A> {
         // SAFETY: nn_copy_cols_A(src, dst, rows, src_c, src_off, dst_c, dst_off, cnt): src
         // holds rows * src_c elements, dst rows * dst_c, and c0 + cnt <= src_c, d0 + cnt <=
         // dst_c (the callers' shapes).
-        unsafe {
-            self.launch(
-                &Self::k("nn_copy_cols"),
-                (blocks(part.numel(), THREADS as usize), 1, 1),
-                &mut args,
-            )
-        }
+        unsafe { self.launch_flat("nn_copy_cols", part.numel(), &mut args) }
     }
 
     /// A pooled output buffer (poisoned when asked).
@@ -965,6 +941,16 @@ impl<A: NnAct> Cuda<A> {
             self.dev
                 .launch(Module::Nn, name, grid, (THREADS, 1, 1), 0, 1, args)
         }
+    }
+
+    /// Launches nn.cu kernel `base` for this backend's activations on enough 256-thread blocks
+    /// for `n` items (grid-stride kernels cover the rest).
+    ///
+    /// # Safety
+    /// As [`Cuda::launch`].
+    unsafe fn launch_flat(&self, base: &str, n: usize, args: &mut [*mut c_void]) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.launch(&Self::k(base), (blocks(n, THREADS as usize), 1, 1), args) }
     }
 
     // ------------------------------------------------------------------ convolution / linear
@@ -1154,24 +1140,12 @@ impl<A: NnAct> Cuda<A> {
                     let mut args = [arg(&src), arg(&dst), arg(&k), arg(&c), arg(&rs), arg(&acc)];
                     // SAFETY: nn_grad_from_krsc_A(src, dst, k, c, rs, accumulate): tmp holds
                     // n = k * c * rs elements of A, the gradient target n floats.
-                    unsafe {
-                        self.launch(
-                            &Self::k("nn_grad_from_krsc"),
-                            (blocks(n, THREADS as usize), 1, 1),
-                            &mut args,
-                        )?
-                    };
+                    unsafe { self.launch_flat("nn_grad_from_krsc", n, &mut args)? };
                 } else {
                     let mut args = [arg(&src), arg(&dst), arg(&len), arg(&acc)];
                     // SAFETY: nn_grad_from_act_A(src, dst, n, accumulate): tmp holds n
                     // elements of A, the gradient target n floats.
-                    unsafe {
-                        self.launch(
-                            &Self::k("nn_grad_from_act"),
-                            (blocks(n, THREADS as usize), 1, 1),
-                            &mut args,
-                        )?
-                    };
+                    unsafe { self.launch_flat("nn_grad_from_act", n, &mut args)? };
                 }
             }
             self.g_finish(t)?;
@@ -1403,13 +1377,7 @@ impl<A: NnAct> Cuda<A> {
         ];
         // SAFETY: nn_affine_A(x, y, a, b, total, c, hw, relu, nhwc): x, y hold `total` elements of
         // A, b holds c floats and a does too or is null (the callers' contract).
-        unsafe {
-            self.launch(
-                &Self::k("nn_affine"),
-                (blocks(s.numel(), THREADS as usize), 1, 1),
-                &mut args,
-            )?
-        };
+        unsafe { self.launch_flat("nn_affine", s.numel(), &mut args)? };
         Ok(GpuTensor::wrap(y))
     }
 
@@ -1929,13 +1897,7 @@ impl<A: NnAct> Cuda<A> {
         // SAFETY: nn_nhwc_bn_bwd_apply_A(x, dy, relu_y, mean, invstd, gamma, sd, sdx, dx,
         // total, c, m, batch_stats): x, dy, relu_y and dx hold total elements of A, the
         // per-channel buffers c each.
-        unsafe {
-            self.launch(
-                &Self::k("nn_nhwc_bn_bwd_apply"),
-                (blocks(s.numel(), THREADS as usize), 1, 1),
-                &mut args,
-            )?
-        };
+        unsafe { self.launch_flat("nn_nhwc_bn_bwd_apply", s.numel(), &mut args)? };
         Ok(GpuTensor::wrap(dx))
     }
 
@@ -2120,13 +2082,7 @@ impl<A: NnAct> Cuda<A> {
         let mut args = [arg(&op), arg(&ap), arg(&bp), arg(&yp), arg(&total)];
         // SAFETY: nn_pointwise_A(op, a, b, y, total); a and y hold `total` floats, and b does
         // for the ops that read it (callers pass b for exactly those).
-        unsafe {
-            self.launch(
-                &Self::k("nn_pointwise"),
-                (blocks(s.numel(), THREADS as usize), 1, 1),
-                &mut args,
-            )?
-        };
+        unsafe { self.launch_flat("nn_pointwise", s.numel(), &mut args)? };
         Ok(GpuTensor::wrap(y))
     }
 
@@ -2244,13 +2200,7 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let mut args = [arg(&ap), arg(&bp), arg(&yp), arg(&total)];
         // SAFETY: nn_mask_A(a, m, y, n): x and y hold `total` elements of A, the mask `total`
         // floats.
-        unsafe {
-            self.launch(
-                &Self::k("nn_mask"),
-                (blocks(s.numel(), THREADS as usize), 1, 1),
-                &mut args,
-            )?
-        };
+        unsafe { self.launch_flat("nn_mask", s.numel(), &mut args)? };
         Ok(GpuTensor::wrap(y))
     }
 
@@ -2943,13 +2893,7 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         ];
         // SAFETY: nn_gap_bwd_A(dy, dx, total, c, hw, nhwc): dy holds total / hw elements, dx
         // total.
-        unsafe {
-            self.launch(
-                &Self::k("nn_gap_bwd"),
-                (blocks(input.numel(), THREADS as usize), 1, 1),
-                &mut args,
-            )?
-        };
+        unsafe { self.launch_flat("nn_gap_bwd", input.numel(), &mut args)? };
         Ok(GpuTensor::wrap(dx))
     }
 
