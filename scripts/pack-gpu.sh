@@ -7,6 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SENET_REQUIRE_NVCC=1
+# The lent cards are H100 / H200 (sm_90): SASS for that arch alone (plus its PTX) keeps the pack
+# well under the 64 MiB a device run can carry (every arch made it 61 MiB). Override to build
+# for others.
+export SENET_CUDA_ARCHS=${SENET_CUDA_ARCHS:-90}
 cargo build --release --bin senet
 # The GPU test binaries: the SE kernels (gpu) and the CUDA network backend (nn_backends,
 # nn_training, train_loop; their cuda tests).
