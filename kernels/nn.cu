@@ -790,6 +790,110 @@ __device__ __forceinline__ void nhwc_bn_bwd_apply(const T* __restrict__ x, const
     }
 }
 
+// ------------------------------------------------------------------------------ im2col + GEMM
+// The im2col convolution engine: im2col writes the input taps of a chunk of samples as
+// col[group][sample][pixel][k] (k = (ci, kh, kw), PyTorch's weight order, contiguous), a GEMM
+// (cuBLAS on a GPU; blas_gemm below, with cuBLAS's exact column-major semantics, on the
+// emulator) multiplies, and col2im gathers the input gradient from dcol (same layout, f32).
+
+// One operand of a column-major GEMM: op(M)(i, l) = M[i + l ld], or M[l + i ld] transposed.
+template <class T>
+struct ColMajor {
+    const T* p;
+    int64_t ld;
+    uint32_t trans;
+    __device__ float operator()(uint32_t i, uint32_t l) const {
+        return to_f32(trans ? p[l + static_cast<int64_t>(i) * ld] : p[i + static_cast<int64_t>(l) * ld]);
+    }
+};
+
+// cublasGemmStridedBatchedEx's contract (f32 compute): for batch z = blockIdx.z,
+// C_z = alpha op(A_z) op(B_z) + beta C_z, column-major, op(A) m x k, op(B) k x n, X_z = X + z
+// stride_x; C is not read when beta is 0. Grid: (n tiles, m tiles, batch).
+template <class TA, class TB, class TC>
+__device__ __forceinline__ void blas_gemm(uint32_t transa, uint32_t transb, uint32_t m, uint32_t n, uint32_t k,
+                                          float alpha, const TA* __restrict__ A, int64_t lda, int64_t sa,
+                                          const TB* __restrict__ B, int64_t ldb, int64_t sb, float beta,
+                                          TC* __restrict__ C, int64_t ldc, int64_t sc) {
+    const int64_t z = blockIdx.z;
+    const uint32_t m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
+    float acc[4][4];
+    tile_gemm(ColMajor<TA>{A + z * sa, lda, transa}, ColMajor<TB>{B + z * sb, ldb, transb}, m, n, 0, k, m0, n0,
+              acc);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    TC* Cz = C + z * sc;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t r = m0 + ty * 4 + i;
+        if (r >= m) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t col = n0 + tx * 4 + j;
+            if (col >= n) continue;
+            TC* out = Cz + r + static_cast<int64_t>(col) * ldc;
+            const float v = alpha * acc[i][j];
+            *out = from_f32<TC>(beta != 0.0f ? v + beta * to_f32(*out) : v);
+        }
+    }
+}
+
+// col[g][s][pix][k] = the input under tap k of output pixel pix (0 in the padding), for the
+// p.n samples at x. One thread per col element.
+template <class T>
+__device__ __forceinline__ void im2col(const NnConvParams& p, const T* __restrict__ x, T* __restrict__ col) {
+    const uint64_t P = static_cast<uint64_t>(p.oh) * p.ow, K = p.kdepth;
+    const uint64_t total = static_cast<uint64_t>(p.groups) * p.n * P * K;
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        const uint32_t kidx = static_cast<uint32_t>(i % K);
+        const uint64_t r = i / K;
+        const uint32_t pix = static_cast<uint32_t>(r % P);
+        const uint64_t gs = r / P;
+        const uint32_t s = static_cast<uint32_t>(gs % p.n), g = static_cast<uint32_t>(gs / p.n);
+        col[i] = from_f32<T>(conv_tap(p, x, s, g, kidx, pix));
+    }
+}
+
+// dx = the sum, over the taps (kh, kw) whose output pixel reads it, of dcol[g][s][pix][k] (f32),
+// in tap order; one thread per dx element of the p.n samples at dx (storage order).
+template <class T>
+__device__ __forceinline__ void col2im(const NnConvParams& p, const float* __restrict__ dcol, T* __restrict__ dx) {
+    const uint32_t nhwc = p.flags & SENET_NN_NHWC;
+    const uint64_t HW = static_cast<uint64_t>(p.h) * p.w, P = static_cast<uint64_t>(p.oh) * p.ow, K = p.kdepth;
+    const uint64_t total = static_cast<uint64_t>(p.n) * p.c * HW;
+    for (uint64_t i = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+        uint32_t s, c, pix;
+        if (nhwc) {
+            c = static_cast<uint32_t>(i % p.c);
+            pix = static_cast<uint32_t>((i / p.c) % HW);
+            s = static_cast<uint32_t>(i / (p.c * HW));
+        } else {
+            pix = static_cast<uint32_t>(i % HW);
+            c = static_cast<uint32_t>((i / HW) % p.c);
+            s = static_cast<uint32_t>(i / (HW * p.c));
+        }
+        const uint32_t g = c / p.icg, ci = c % p.icg;
+        const uint32_t ih = pix / p.w, iw = pix % p.w;
+        const float* base = dcol + (static_cast<uint64_t>(g) * p.n + s) * P * K;
+        float t = 0.0f;
+        for (uint32_t kh = 0; kh < p.k; ++kh) {
+            const int th = static_cast<int>(ih + p.pad) - static_cast<int>(kh);
+            if (th < 0 || th % static_cast<int>(p.stride) != 0) continue;
+            const uint32_t oh = static_cast<uint32_t>(th) / p.stride;
+            if (oh >= p.oh) continue;
+            for (uint32_t kw = 0; kw < p.k; ++kw) {
+                const int tw = static_cast<int>(iw + p.pad) - static_cast<int>(kw);
+                if (tw < 0 || tw % static_cast<int>(p.stride) != 0) continue;
+                const uint32_t ow = static_cast<uint32_t>(tw) / p.stride;
+                if (ow >= p.ow) continue;
+                t += base[(static_cast<uint64_t>(oh) * p.ow + ow) * K + (ci * p.k + kh) * p.k + kw];
+            }
+        }
+        dx[i] = from_f32<T>(t);
+    }
+}
+
 // dst[i] = src[i] converted (f32 <-> bf16 / f16, or a copy): host tensors, f32 weights and f32
 // sums to and from activations.
 template <class S, class D>
@@ -1010,7 +1114,32 @@ using namespace senet::nnk;
                                     uint32_t c, double m, uint32_t batch_stats) {                                  \
         nhwc_bn_bwd_apply<T>(x, dy, relu_y, mean, invstd, gamma, sd, sdx, dx, total, c, m, batch_stats);           \
     }                                                                                                              \
-    SENET_EMU_REGISTER(nn_nhwc_bn_bwd_apply_##NAME)
+    SENET_EMU_REGISTER(nn_nhwc_bn_bwd_apply_##NAME)                                                                \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_blas_act_##NAME(uint32_t transa, uint32_t transb, uint32_t m, uint32_t n, uint32_t k, float alpha,      \
+                           const T* __restrict__ A, int64_t lda, int64_t sa, const T* __restrict__ B, int64_t ldb, \
+                           int64_t sb, float beta, T* __restrict__ C, int64_t ldc, int64_t sc) {                   \
+        blas_gemm<T, T, T>(transa, transb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc);              \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_blas_act_##NAME)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_blas_f32out_##NAME(uint32_t transa, uint32_t transb, uint32_t m, uint32_t n, uint32_t k, float alpha,   \
+                              const T* __restrict__ A, int64_t lda, int64_t sa, const T* __restrict__ B,           \
+                              int64_t ldb, int64_t sb, float beta, float* __restrict__ C, int64_t ldc,             \
+                              int64_t sc) {                                                                        \
+        blas_gemm<T, T, float>(transa, transb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc);          \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_blas_f32out_##NAME)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_im2col_##NAME(NnConvParams p, const T* __restrict__ x, T* __restrict__ col) {                          \
+        im2col<T>(p, x, col);                                                                                      \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_im2col_##NAME)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        nn_col2im_##NAME(NnConvParams p, const float* __restrict__ dcol, T* __restrict__ dx) {                    \
+        col2im<T>(p, dcol, dx);                                                                                    \
+    }                                                                                                              \
+    SENET_EMU_REGISTER(nn_col2im_##NAME)
 
 SENET_NN_KERNELS(f32, float)
 SENET_NN_KERNELS(bf16, __nv_bfloat16)

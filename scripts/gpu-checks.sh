@@ -27,6 +27,12 @@ if [ -n "$cudnn_dir" ]; then
   export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$cudnn_dir
 fi
 echo "cuDNN folder: ${cudnn_dir:-none found}" | tee -a "$out/info.log"
+# cuBLAS for the im2col convolution engine (its GPU tests ask for it), from the same wheels.
+cublas_dir=$(env LD_LIBRARY_PATH="$orig_ld" "$here/find-cudnn.sh" libcublas)
+if [ -n "$cublas_dir" ]; then
+  export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$cublas_dir
+fi
+echo "cuBLAS folder: ${cublas_dir:-none found}" | tee -a "$out/info.log"
 export SENET_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
 phases=${PHASES:-"info tests sanitize bench torch ncu net"}
 bin=$here/bin

@@ -1897,3 +1897,85 @@ fn cuda_channel_reductions_over_many_rows_match_reference() {
         check_channel_reductions(&nn_common::OnHost(&be));
     }
 }
+
+// ------------------------------------------------------------------ the im2col + GEMM engine
+
+/// Convolutions by im2col and GEMMs (cuBLAS on a GPU; on the emulator senet's column-major GEMM
+/// with cuBLAS's contract, so every GEMM argument is checked here), forward, input and weight
+/// gradients, dense, strided, grouped, depthwise, with bias, both layouts, f32 within
+/// DESIGN.md's tolerances and bf16 within its own; then with a column budget of one sample's
+/// columns, so every convolution runs in single-sample chunks (weight gradients summed over
+/// the chunks).
+#[test]
+fn cuda_im2col_convolution_matches_reference() {
+    for layout in senet::Layout::ALL {
+        for be in nn_common::cuda_im2col_backends::<f32>(layout) {
+            check_convolution(&nn_common::OnHost(&be));
+            check_convolution(&nn_common::OnHost(&be.with_col_budget(1)));
+        }
+    }
+}
+
+#[test]
+fn cuda_im2col_bf16_convolution_within_bf16_tolerance() {
+    nn_common::set_bf16_inputs(true);
+    for layout in senet::Layout::ALL {
+        for be in nn_common::cuda_im2col_backends::<half::bf16>(layout) {
+            check_convolution_within(&nn_common::OnHost(&be), BF16_TOL, BF16_TOL);
+        }
+    }
+}
+
+/// Whole networks with their convolutions on the im2col engine: every small network and the
+/// Inception network, layer by layer, forward and backward, both layouts.
+#[test]
+fn cuda_im2col_networks_match_reference() {
+    for layout in senet::Layout::ALL {
+        for be in nn_common::cuda_im2col_backends::<f32>(layout) {
+            assert_eq!(be.conv_engine(), senet::nn::ConvEngine::Cublas);
+            check_small_networks(&be);
+            check_inception_network(&be);
+        }
+    }
+}
+
+/// With bound parameters the weight gradient after `zero_grad` is written by the first chunk's
+/// GEMM (beta 0) and added to by the later ones (beta 1): in single-sample chunks it equals,
+/// bit for bit, the gradient of host parameters (uploaded zeros, beta 1 throughout) on the same
+/// engine, for every small network in both layouts.
+#[test]
+fn cuda_im2col_bound_gradients_sum_over_chunks() {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for layout in senet::Layout::ALL {
+        for be in nn_common::cuda_im2col_backends::<f32>(layout) {
+            let be = be.with_col_budget(1);
+            for (name, cfg, xs) in small_configs() {
+                let mut host = cfg.build::<f32>(name).unwrap();
+                host.init_weights(seed(name));
+                let mut dev = host.clone();
+                dev.bind(&be).unwrap();
+                let x: Tensor<f32> = random_tensor(xs, 5);
+                let mut dl = None;
+                for net in [&mut host, &mut dev] {
+                    // Twice: a bound gradient reads as zero after zero_grad once it exists.
+                    for _ in 0..2 {
+                        net.zero_grad();
+                        let logits = net.forward(&be, x.clone(), Mode::Train).unwrap();
+                        let d = dl
+                            .get_or_insert_with(|| random_tensor::<f32>(logits.shape(), 6))
+                            .clone();
+                        net.backward_params(&be, d).unwrap();
+                    }
+                }
+                dev.unbind().unwrap();
+                for ((n, a), (_, b)) in host.parameters().zip(dev.parameters()) {
+                    assert_eq!(
+                        bits(&a.grad),
+                        bits(&b.grad),
+                        "{name} {layout}: {n} gradient"
+                    );
+                }
+            }
+        }
+    }
+}

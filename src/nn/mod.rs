@@ -27,8 +27,8 @@ pub mod resnet;
 pub mod seq;
 
 pub use backend::{
-    cudnn_version, cudnn_version_string, Backend, ConvChoice, ConvEngine, ConvGeom, Cpu, Cuda,
-    NnAct, OpTime, PoolGeom, Profiled, Reference,
+    cublas_available, cudnn_version, cudnn_version_string, Backend, ConvChoice, ConvEngine,
+    ConvGeom, Cpu, Cuda, NnAct, OpTime, PoolGeom, Profiled, Reference,
 };
 pub use blocks::{BlockConfig, BlockKind, ResidualBlock, SeOptions, SePosition, StrideOn};
 pub use checkpoint::{StateData, StateDict, StateTensor};

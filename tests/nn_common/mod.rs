@@ -200,6 +200,51 @@ pub fn cuda_nhwc_backends<A: senet::nn::NnAct>() -> Vec<senet::nn::Cuda<A>> {
         .collect()
 }
 
+/// The CUDA backends with the im2col engine ([`senet::nn::ConvEngine::Cublas`]) and
+/// activations of `A` in `layout`, each announced: on the emulator (senet's column-major GEMM
+/// standing in for cuBLAS) and on GPU 0 with cuBLAS when there is one (SENET_REQUIRE_GPU=1
+/// makes its absence a failure, as in [`cuda_backends`]).
+pub fn cuda_im2col_backends<A: senet::nn::NnAct>(
+    layout: senet::tensor::Layout,
+) -> Vec<senet::nn::Cuda<A>> {
+    use senet::cuda::CudaDevice;
+    use senet::nn::{ConvChoice, ConvEngine, Cuda};
+    use std::io::Write;
+    let choice = ConvChoice::Only(ConvEngine::Cublas);
+    let mut devs = Vec::new();
+    if std::env::var("SENET_TEST_EMULATOR").as_deref() != Ok("0") {
+        if let Ok(d) = CudaDevice::emulator() {
+            devs.push(d);
+        }
+    }
+    let require = std::env::var("SENET_REQUIRE_GPU").as_deref() == Ok("1");
+    let dev = if senet::cuda::kernels_built() {
+        CudaDevice::new(0)
+    } else {
+        Err(senet::Error::KernelsNotBuilt)
+    };
+    match dev {
+        Ok(d) => devs.push(d),
+        Err(e) => {
+            assert!(
+                !require,
+                "SENET_REQUIRE_GPU=1 but no usable CUDA device: {e}"
+            );
+            let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({e})");
+        }
+    }
+    devs.into_iter()
+        .map(|d| {
+            let b = Cuda::<A>::open(d, choice)
+                .expect("the im2col engine (cuBLAS on a GPU)")
+                .with_layout(layout)
+                .with_poison(true);
+            let _ = writeln!(std::io::stderr(), "CUDA backend: {}", b.describe());
+            b
+        })
+        .collect()
+}
+
 /// [`cuda_narrow_backends`] with bf16 activations.
 pub fn cuda_bf16_backends() -> Vec<senet::nn::Cuda<half::bf16>> {
     cuda_narrow_backends()

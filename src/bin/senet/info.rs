@@ -59,7 +59,14 @@ pub fn run(args: Args) -> senet::Result<ExitCode> {
              picks senet's kernels)",
             senet::nn::cudnn_version_string(v)
         ),
-        Err(e) => println!("cuDNN: not available ({e}); convolutions run on senet's own kernels"),
+        Err(e) => println!("cuDNN: not available ({e})"),
+    }
+    match senet::nn::cublas_available() {
+        Ok(()) => println!(
+            "cuBLAS: loads (im2col + cuBLAS GEMM convolutions on a GPU without cuDNN; \
+             SENET_CONV=cublas asks for them)"
+        ),
+        Err(e) => println!("cuBLAS: not available ({e})"),
     }
     Ok(ExitCode::SUCCESS)
 }

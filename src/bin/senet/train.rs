@@ -380,7 +380,7 @@ pub fn announce_cuda<A: senet::nn::NnAct>(b: &senet::nn::Cuda<A>) {
     println!(
         "device: {} (compute capability {}.{}); activations, parameters, gradients, momentum and \
          BatchNorm statistics stay on the device while training (SENET_CONV=auto|own|cudnn|\
-         cudnn-tf32 picks the convolutions)",
+         cudnn-tf32|cublas picks the convolutions)",
         b.describe(),
         cc.0,
         cc.1

@@ -15,6 +15,7 @@
 //! ([`Cuda::bf16`]: parameters, their gradients and every sum stay f32 or f64); NCHW only;
 //! reductions run in a fixed order, so results repeat bit for bit.
 
+use super::blas::{Blas, BlasType, Gemm};
 use super::cudnn::{ConvChoice, ConvEngine, Dnn, DnnMode, Pass, PassKind};
 use super::{
     check_bn_lens, check_len, check_split, concat_shape, same_shape, Activation, Backend,
@@ -40,6 +41,17 @@ const THREADS: u32 = 256;
 const TILE: usize = 64;
 /// The most blocks along grid.y / grid.z.
 const MAX_GRID_YZ: usize = 65_535;
+/// Elements of A the im2col engine's column buffer may hold by default (64 Mi: 128 MiB of bf16).
+const COL_BUDGET: usize = 64 << 20;
+
+/// The im2col engine's GEMMs.
+#[derive(Debug)]
+enum GemmEngine {
+    /// cuBLAS on a GPU.
+    Cublas(Blas),
+    /// kernels/nn.cu's `nn_blas_*`, cuBLAS's column-major contract, on the emulator.
+    StandIn,
+}
 
 /// A kernel argument: the address of a value the launch copies.
 fn arg<T>(v: &T) -> *mut c_void {
@@ -520,6 +532,11 @@ pub struct Cuda<A: NnAct = f32> {
     /// With [`ConvChoice::Auto`]: a convolution cuDNN has no acceptable algorithm for runs on
     /// the own kernels instead of failing.
     dnn_auto: bool,
+    /// The im2col engine's GEMMs ([`ConvEngine::Cublas`]); `None` runs cuDNN or the own
+    /// kernels.
+    im2col: Option<Arc<GemmEngine>>,
+    /// Elements of A the im2col engine's column buffer may hold (samples are chunked to fit).
+    col_budget: usize,
     /// This backend's identity (clones share it): parameters bound here name it.
     id: u64,
     /// The layout of activations on the device.
@@ -535,6 +552,8 @@ impl<A: NnAct> Clone for Cuda<A> {
             pool: self.pool.clone(),
             dnn: self.dnn.clone(),
             dnn_auto: self.dnn_auto,
+            im2col: self.im2col.clone(),
+            col_budget: self.col_budget,
             id: self.id,
             layout: self.layout,
             act: std::marker::PhantomData,
@@ -603,12 +622,33 @@ impl<A: NnAct> Cuda<A> {
             (_, Some(m)) => m,
             (_, None) => DnnMode::Exact,
         };
+        let emulated = dev.stream().is_none();
         let dnn = match choice {
             ConvChoice::Auto => Dnn::open(&dev, mode).ok().map(Arc::new),
-            ConvChoice::Only(ConvEngine::Own) => None,
+            ConvChoice::Only(ConvEngine::Own | ConvEngine::Cublas) => None,
             ConvChoice::Only(_) => Some(Arc::new(Dnn::open(&dev, mode)?)),
         };
-        Ok(Self::assemble(dev, dnn, choice == ConvChoice::Auto))
+        let im2col = match choice {
+            ConvChoice::Only(ConvEngine::Cublas) if emulated => Some(GemmEngine::StandIn),
+            ConvChoice::Only(ConvEngine::Cublas) => {
+                Some(GemmEngine::Cublas(Blas::open(&dev, false)?))
+            }
+            ConvChoice::Auto if dnn.is_none() && !emulated => {
+                Blas::open(&dev, false).ok().map(GemmEngine::Cublas)
+            }
+            _ => None,
+        };
+        let mut b = Self::assemble(dev, dnn, choice == ConvChoice::Auto);
+        b.im2col = im2col.map(Arc::new);
+        Ok(b)
+    }
+
+    /// Caps the im2col engine's column buffer at `elements` (samples are chunked to fit; at
+    /// least one sample's columns are always made). For tests of the chunking.
+    #[doc(hidden)]
+    pub fn with_col_budget(mut self, elements: usize) -> Self {
+        self.col_budget = elements.max(1);
+        self
     }
 
     fn assemble(dev: Arc<CudaDevice>, dnn: Option<Arc<Dnn>>, dnn_auto: bool) -> Self {
@@ -618,6 +658,8 @@ impl<A: NnAct> Cuda<A> {
             pool: Arc::new(Pool::default()),
             dnn,
             dnn_auto,
+            im2col: None,
+            col_budget: COL_BUDGET,
             id: NEXT_BACKEND_ID.fetch_add(1, Ordering::Relaxed),
             layout: Layout::Nchw,
             act: std::marker::PhantomData,
@@ -661,6 +703,9 @@ impl<A: NnAct> Cuda<A> {
 
     /// Which code runs the convolutions.
     pub fn conv_engine(&self) -> ConvEngine {
+        if self.im2col.is_some() {
+            return ConvEngine::Cublas;
+        }
         match &self.dnn {
             Some(d) if d.mode() == DnnMode::Tf32 => ConvEngine::CudnnTf32,
             Some(_) => ConvEngine::Cudnn,
@@ -686,7 +731,18 @@ impl<A: NnAct> Cuda<A> {
                     ""
                 }
             ),
-            None => format!("senet's own {} convolution kernels", A::SUFFIX),
+            None => match self.im2col.as_deref() {
+                Some(GemmEngine::Cublas(_)) => format!(
+                    "im2col + cuBLAS {} GEMMs (f32 compute) convolutions",
+                    A::SUFFIX
+                ),
+                Some(GemmEngine::StandIn) => format!(
+                    "im2col + GEMM convolutions ({} operands; senet's column-major GEMM stands \
+                     in for cuBLAS on the emulator)",
+                    A::SUFFIX
+                ),
+                None => format!("senet's own {} convolution kernels", A::SUFFIX),
+            },
         };
         format!(
             "{}, {} activations ({}), {conv}",
@@ -1047,6 +1103,17 @@ impl<A: NnAct> Cuda<A> {
                 None => Ok(y),
             };
         }
+        if self.im2col.is_some() {
+            let wp = self.p_addr(w, &mut keep)?;
+            let y = self.conv_fwd_im2col(x, wp, g, xs, ys)?;
+            return match b {
+                Some(b) => {
+                    let bp = self.p_addr(b, &mut keep)?;
+                    self.affine_at(&y, 0, bp, false)
+                }
+                None => Ok(y),
+            };
+        }
         let mut p = self.conv_params(g, xs, ys)?;
         if b.is_some() {
             p.flags |= crate::cuda::abi::SENET_NN_BIAS;
@@ -1164,6 +1231,13 @@ impl<A: NnAct> Cuda<A> {
             self.run_dnn(d, xs, ys, g, pass, ws[1])?;
             return Ok(Some(GpuTensor::wrap(dx)));
         }
+        if self.im2col.is_some() {
+            let t = self.g_start(dw)?;
+            let wp = self.p_addr(w, &mut keep)?;
+            let dx = self.conv_bwd_im2col(x, wp, dy, g, (t.addr, t.accumulate), need_dx)?;
+            self.g_finish(t)?;
+            return Ok(dx);
+        }
         let mut p = self.conv_params(g, xs, ys)?;
         // Weight gradient (accumulated into dw's current values, or written over a zeroed
         // bound gradient), split along its long depth (samples x output pixels) when the
@@ -1239,6 +1313,313 @@ impl<A: NnAct> Cuda<A> {
             // SAFETY: nn_conv_bwd_data_A(p, dy, w, dx): dy and dx point at sample n0 of
             // buffers holding ys and xs; w holds the weight.
             unsafe { self.launch(&Self::k("nn_conv_bwd_data"), grid, &mut args)? };
+        }
+        Ok(Some(GpuTensor::wrap(dx)))
+    }
+
+    /// The im2col engine's GEMM operand type for A.
+    fn blas_type() -> BlasType {
+        match A::SUFFIX {
+            "bf16" => BlasType::Bf16,
+            "f16" => BlasType::F16,
+            _ => BlasType::F32,
+        }
+    }
+
+    /// One strided-batched GEMM of the im2col engine (operands of A; C of A, or f32 with
+    /// `c_f32`): cuBLAS on a GPU, `nn_blas_*` (the same contract) on the emulator.
+    ///
+    /// # Safety
+    /// The addresses in `g` hold what its sizes, leading dimensions and strides reach.
+    unsafe fn blas_gemm(&self, g: &Gemm, c_f32: bool) -> Result<()> {
+        let c_type = if c_f32 {
+            BlasType::F32
+        } else {
+            Self::blas_type()
+        };
+        if let Some(GemmEngine::Cublas(b)) = self.im2col.as_deref() {
+            // SAFETY: forwarded from this function's contract.
+            return unsafe { b.gemm(&self.dev, g, Self::blas_type(), c_type) };
+        }
+        let int = |what: &str, v: usize| small(what, v);
+        let (ta, tb) = (g.transa as u32, g.transb as u32);
+        let (m, n, k) = (
+            int("GEMM rows", g.m)?,
+            int("GEMM columns", g.n)?,
+            int("GEMM depth", g.k)?,
+        );
+        let (alpha, beta) = (1.0f32, g.beta);
+        let (lda, sa, ldb, sb, ldc, sc) = (
+            g.lda as i64,
+            g.stride_a as i64,
+            g.ldb as i64,
+            g.stride_b as i64,
+            g.ldc as i64,
+            g.stride_c as i64,
+        );
+        let mut args = [
+            arg(&ta),
+            arg(&tb),
+            arg(&m),
+            arg(&n),
+            arg(&k),
+            arg(&alpha),
+            arg(&g.a),
+            arg(&lda),
+            arg(&sa),
+            arg(&g.b),
+            arg(&ldb),
+            arg(&sb),
+            arg(&beta),
+            arg(&g.c),
+            arg(&ldc),
+            arg(&sc),
+        ];
+        if g.batch > MAX_GRID_YZ {
+            return Err(Error::Shape(format!(
+                "a GEMM batch of {} is too large",
+                g.batch
+            )));
+        }
+        let grid = (
+            grid_x(g.n, TILE)?,
+            grid_y(g.m, TILE)?,
+            g.batch.max(1) as u32,
+        );
+        let name = Self::k(if c_f32 {
+            "nn_blas_f32out"
+        } else {
+            "nn_blas_act"
+        });
+        // SAFETY: nn_blas_{act,f32out}_A(transa, transb, m, n, k, alpha, A, lda, sa, B, ldb, sb,
+        // beta, C, ldc, sc): the operands as this function's contract says.
+        unsafe { self.launch(&name, grid, &mut args) }
+    }
+
+    /// Samples per im2col chunk: as many as fit the column budget (at least one).
+    fn col_chunk(&self, g: &ConvGeom, xs: Shape, ys: Shape) -> usize {
+        let per = (g.groups * ys.hw() * g.in_per_group() * g.kernel * g.kernel).max(1);
+        (self.col_budget / per)
+            .clamp(1, xs.n.max(1))
+            .min(MAX_GRID_YZ)
+    }
+
+    /// The columns of samples [n0, n0 + nn) of `x` into a pooled buffer:
+    /// col[group][sample][pixel][k].
+    fn im2col(
+        &self,
+        x: u64,
+        p: &NnConvParams,
+        n0: usize,
+        nn: usize,
+        xs: Shape,
+    ) -> Result<PoolBuf<A>> {
+        let pc = NnConvParams { n: nn as u32, ..*p };
+        let total = p.groups as usize * nn * (p.oh * p.ow) as usize * p.kdepth as usize;
+        let col = self.out::<A>(total)?;
+        let (xp, cp) = (
+            x + (n0 * xs.sample_numel() * size_of::<A>()) as u64,
+            self.addr(&col),
+        );
+        let mut args = [arg(&pc), arg(&xp), arg(&cp)];
+        // SAFETY: nn_im2col_A(p, x, col): x points at sample n0 of a buffer holding xs (nn
+        // samples follow), col holds groups * nn * P * K elements.
+        unsafe { self.launch_flat("nn_im2col", total, &mut args)? };
+        Ok(col)
+    }
+
+    /// A convolution's weight (KCRS floats at `wp`) in A for the im2col GEMMs: `wp` itself for
+    /// f32, else a converted copy kept in `keep`.
+    fn act_weight(&self, wp: u64, n: usize, keep: &mut Vec<PoolBuf<A>>) -> Result<u64> {
+        if is_f32::<A>() {
+            return Ok(wp);
+        }
+        let b = self.convert_to_act(wp, n)?;
+        let a = self.addr(&b);
+        keep.push(b);
+        Ok(a)
+    }
+
+    /// y = conv(x, w) by im2col and one strided-batched GEMM per group and chunk of samples.
+    fn conv_fwd_im2col(
+        &self,
+        x: &GpuTensor<A>,
+        wp: u64,
+        g: &ConvGeom,
+        xs: Shape,
+        ys: Shape,
+    ) -> Result<GpuTensor<A>> {
+        let p = self.conv_params(g, xs, ys)?;
+        let mut keep = Vec::new();
+        let wa = self.act_weight(wp, g.weight_len(), &mut keep)?;
+        let y = self.out_t(ys)?;
+        let (pix, kg, ocg, oc) = (ys.hw(), p.kdepth as usize, g.out_per_group(), g.out_ch);
+        let e = size_of::<A>() as u64;
+        let chunk = self.col_chunk(g, xs, ys);
+        let nhwc = self.layout == Layout::Nhwc;
+        for n0 in (0..xs.n).step_by(chunk) {
+            let nn = chunk.min(xs.n - n0);
+            let col = self.im2col(self.addr(&x), &p, n0, nn, xs)?;
+            let y0 = self.addr(&y) + (n0 * ys.sample_numel()) as u64 * e;
+            for gi in 0..g.groups {
+                let colg = self.addr(&col) + (gi * nn * pix * kg) as u64 * e;
+                let wg = wa + (gi * ocg * kg) as u64 * e;
+                let gm = if nhwc {
+                    // y[s][p][g ocg + o] = sum_k W[o][k] col[p][k]: C (ocg x P, ld oc).
+                    Gemm {
+                        transa: true,
+                        transb: false,
+                        m: ocg,
+                        n: pix,
+                        k: kg,
+                        a: wg,
+                        lda: kg,
+                        stride_a: 0,
+                        b: colg,
+                        ldb: kg,
+                        stride_b: pix * kg,
+                        c: y0 + (gi * ocg) as u64 * e,
+                        ldc: oc,
+                        stride_c: pix * oc,
+                        batch: nn,
+                        beta: 0.0,
+                    }
+                } else {
+                    // y[s][g ocg + o][p]: C (P x ocg, ld P) = col (P x K) W^T (K x ocg).
+                    Gemm {
+                        transa: true,
+                        transb: false,
+                        m: pix,
+                        n: ocg,
+                        k: kg,
+                        a: colg,
+                        lda: kg,
+                        stride_a: pix * kg,
+                        b: wg,
+                        ldb: kg,
+                        stride_b: 0,
+                        c: y0 + (gi * ocg * pix) as u64 * e,
+                        ldc: pix,
+                        stride_c: oc * pix,
+                        batch: nn,
+                        beta: 0.0,
+                    }
+                };
+                // SAFETY: col holds groups x nn x P x K elements, the weight oc x K, y the
+                // chunk's nn samples of ys; the GEMM reaches only those.
+                unsafe { self.blas_gemm(&gm, false)? };
+            }
+        }
+        Ok(GpuTensor::wrap(y))
+    }
+
+    /// The im2col engine's backward: the weight gradient (f32, at `dw.0`, added when `dw.1`)
+    /// as one GEMM per group and chunk over samples x pixels, then (with `need_dx`) dcol = W^T
+    /// dy per sample (f32) and col2im.
+    fn conv_bwd_im2col(
+        &self,
+        x: &GpuTensor<A>,
+        wp: u64,
+        dy: &GpuTensor<A>,
+        g: &ConvGeom,
+        (dwp, accumulate): (u64, bool),
+        need_dx: bool,
+    ) -> Result<Option<GpuTensor<A>>> {
+        let xs = x.shape();
+        let ys = dy.shape();
+        let p = self.conv_params(g, xs, ys)?;
+        let mut keep = Vec::new();
+        let (pix, kg, ocg, oc) = (ys.hw(), p.kdepth as usize, g.out_per_group(), g.out_ch);
+        let e = size_of::<A>() as u64;
+        let chunk = self.col_chunk(g, xs, ys);
+        let nhwc = self.layout == Layout::Nhwc;
+        for n0 in (0..xs.n).step_by(chunk) {
+            let nn = chunk.min(xs.n - n0);
+            let col = self.im2col(self.addr(&x), &p, n0, nn, xs)?;
+            // dy of the chunk with channels innermost ([s][p][oc]): as stored (NHWC), or
+            // converted.
+            let dy0 = self.addr(&dy) + (n0 * ys.sample_numel()) as u64 * e;
+            let cs = Shape::try_new(nn, oc, ys.h, ys.w)?;
+            let conv = if nhwc {
+                None
+            } else {
+                let b = self.out::<A>(cs.numel())?;
+                self.relayout_into(dy0, self.addr(&b), cs, true)?;
+                Some(b)
+            };
+            let dyc = conv.as_ref().map_or(dy0, |b| self.addr(b));
+            for gi in 0..g.groups {
+                // dW^T (K x ocg, ld K) (+)= col (K x nn P) dy^T (nn P x ocg).
+                let gm = Gemm {
+                    transa: false,
+                    transb: true,
+                    m: kg,
+                    n: ocg,
+                    k: nn * pix,
+                    a: self.addr(&col) + (gi * nn * pix * kg) as u64 * e,
+                    lda: kg,
+                    stride_a: 0,
+                    b: dyc + (gi * ocg) as u64 * e,
+                    ldb: oc,
+                    stride_b: 0,
+                    c: dwp + (gi * ocg * kg * size_of::<f32>()) as u64,
+                    ldc: kg,
+                    stride_c: 0,
+                    batch: 1,
+                    beta: if accumulate || n0 > 0 { 1.0 } else { 0.0 },
+                };
+                // SAFETY: col holds groups x nn x P x K elements, dyc nn P rows of oc, dw the
+                // weight's oc x K floats.
+                unsafe { self.blas_gemm(&gm, true)? };
+            }
+        }
+        if !need_dx {
+            return Ok(None);
+        }
+        let wa = self.act_weight(wp, g.weight_len(), &mut keep)?;
+        let dx = self.out_t(xs)?;
+        for n0 in (0..xs.n).step_by(chunk) {
+            let nn = chunk.min(xs.n - n0);
+            let dcol = self.out::<f32>(g.groups * nn * pix * kg)?;
+            let dy0 = self.addr(&dy) + (n0 * ys.sample_numel()) as u64 * e;
+            for gi in 0..g.groups {
+                // dcol[g][s] (K x P, ld K) = W_g^T (K x ocg) dy_g[s] (ocg x P).
+                let (b, ldb, stride_b, transb) = if nhwc {
+                    (dy0 + (gi * ocg) as u64 * e, oc, pix * oc, false)
+                } else {
+                    (dy0 + (gi * ocg * pix) as u64 * e, pix, oc * pix, true)
+                };
+                let gm = Gemm {
+                    transa: false,
+                    transb,
+                    m: kg,
+                    n: pix,
+                    k: ocg,
+                    a: wa + (gi * ocg * kg) as u64 * e,
+                    lda: kg,
+                    stride_a: 0,
+                    b,
+                    ldb,
+                    stride_b,
+                    c: self.addr(&dcol) + (gi * nn * pix * kg * size_of::<f32>()) as u64,
+                    ldc: kg,
+                    stride_c: pix * kg,
+                    batch: nn,
+                    beta: 0.0,
+                };
+                // SAFETY: the weight holds oc x K elements, dy the chunk's samples of ys, dcol
+                // groups x nn x P x K floats.
+                unsafe { self.blas_gemm(&gm, true)? };
+            }
+            let pc = NnConvParams { n: nn as u32, ..p };
+            let (dcp, dxp) = (
+                self.addr(&dcol),
+                self.addr(&dx) + (n0 * xs.sample_numel()) as u64 * e,
+            );
+            let mut args = [arg(&pc), arg(&dcp), arg(&dxp)];
+            // SAFETY: nn_col2im_A(p, dcol, dx): dcol holds groups x nn x P x K floats, dx
+            // points at sample n0 of a buffer holding xs (nn samples follow).
+            unsafe { self.launch_flat("nn_col2im", nn * xs.sample_numel(), &mut args)? };
         }
         Ok(Some(GpuTensor::wrap(dx)))
     }

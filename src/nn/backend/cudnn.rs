@@ -42,6 +42,10 @@ pub enum ConvEngine {
     /// cuDNN with TF32 tensor cores allowed (PyTorch's default for f32 convolutions):
     /// deterministic algorithms, f16-like accuracy.
     CudnnTf32,
+    /// im2col and cuBLAS GEMMs (f32 compute; tensor cores for bf16 / f16), the engine where
+    /// cuDNN is absent; on the kernel emulator senet's column-major GEMM stands in for cuBLAS,
+    /// so the path (im2col, every GEMM's arguments, col2im) is checked without a GPU.
+    Cublas,
 }
 
 impl fmt::Display for ConvEngine {
@@ -50,17 +54,19 @@ impl fmt::Display for ConvEngine {
             ConvEngine::Own => "own",
             ConvEngine::Cudnn => "cudnn",
             ConvEngine::CudnnTf32 => "cudnn-tf32",
+            ConvEngine::Cublas => "cublas",
         })
     }
 }
 
 /// A request for a [`ConvEngine`]: one of them, or `auto` (exact cuDNN where it loads on a GPU
-/// and has an algorithm for the convolution, else the own kernels).
+/// and has an algorithm for the convolution; im2col + cuBLAS on a GPU without cuDNN; else the
+/// own kernels).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ConvChoice {
     /// [`ConvEngine::Cudnn`] on a GPU with the library on the loader's path, else
-    /// [`ConvEngine::Own`]; a convolution cuDNN has no acceptable algorithm for runs on the own
-    /// kernels.
+    /// [`ConvEngine::Cublas`] on a GPU with cuBLAS, else [`ConvEngine::Own`]; a convolution
+    /// cuDNN has no acceptable algorithm for runs on the own kernels.
     #[default]
     Auto,
     /// This engine, or an error when it cannot run.
@@ -76,8 +82,10 @@ impl FromStr for ConvChoice {
             "own" | "senet" => Ok(ConvChoice::Only(ConvEngine::Own)),
             "cudnn" => Ok(ConvChoice::Only(ConvEngine::Cudnn)),
             "cudnn-tf32" | "tf32" => Ok(ConvChoice::Only(ConvEngine::CudnnTf32)),
+            "cublas" | "im2col" => Ok(ConvChoice::Only(ConvEngine::Cublas)),
             other => Err(Error::Config(format!(
-                "unknown convolution engine `{other}` (expected auto, own, cudnn or cudnn-tf32)"
+                "unknown convolution engine `{other}` (expected auto, own, cudnn, cudnn-tf32 or \
+                 cublas)"
             ))),
         }
     }
@@ -933,7 +941,11 @@ mod tests {
             "cudnn-tf32".parse::<ConvChoice>().unwrap(),
             ConvChoice::Only(ConvEngine::CudnnTf32)
         );
-        assert!("cublas".parse::<ConvChoice>().is_err());
+        assert_eq!(
+            "cublas".parse::<ConvChoice>().unwrap(),
+            ConvChoice::Only(ConvEngine::Cublas)
+        );
+        assert!("cublass".parse::<ConvChoice>().is_err());
     }
 
     /// The descriptors say what the geometry says: cuDNN derives our output shape from them,

@@ -12,12 +12,14 @@
 //! and `Cpu`, device memory for `Cuda`). Every op validates its shapes and returns
 //! [`Error::Shape`](crate::Error) instead of panicking.
 
+mod blas;
 mod cpu;
 mod cuda;
 mod cudnn;
 mod profile;
 mod reference;
 
+pub use blas::cublas_available;
 pub use cpu::Cpu;
 pub use cuda::{Cuda, CudaParam, CudaSeSaved, GpuTensor, NnAct};
 pub use cudnn::{cudnn_version, version_string as cudnn_version_string, ConvChoice, ConvEngine};
