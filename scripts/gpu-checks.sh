@@ -88,13 +88,16 @@ for p in $phases; do
       grep -E "se_|dram__|lts__|gpu__time" "$out/ncu.log" | head -80 ;;
     net)
       # The CUDA network backend next to timm's seresnet50 on the same card.
-      # Convolutions through cuDNN (exact f32 when found, then TF32) and through senet's own kernels.
+      # Convolutions through cuDNN (exact f32 when found, then TF32), senet's own kernels, and
+      # im2col + cuBLAS.
       phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
         --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --profile 2 --csv "$out/net-bench.csv" || status=1
       SENET_CONV=cudnn-tf32 phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
         --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench-tf32.csv" || status=1
       SENET_CONV=own phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
         --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench-own.csv" || status=1
+      SENET_CONV=cublas phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
+        --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench-cublas.csv" || status=1
       # Mixed precision: bf16 activations (cuDNN's bf16 convolutions where it loads), NHWC
       # (channels-last, as PyTorch's side runs bf16), then NCHW for the layout's share.
       phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 --precision bf16 \

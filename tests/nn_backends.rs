@@ -1348,6 +1348,14 @@ fn cuda_conv_engine_choice_on_the_emulator() {
     let e =
         senet::nn::Cuda::with_conv(dev.clone(), ConvChoice::Only(ConvEngine::Cudnn)).unwrap_err();
     assert!(e.to_string().contains("cuDNN needs a GPU"), "{e}");
+    // The im2col engine on the emulator: its stand-in GEMM, said so.
+    let b = senet::nn::Cuda::with_conv(dev.clone(), ConvChoice::Only(ConvEngine::Cublas)).unwrap();
+    assert_eq!(b.conv_engine(), ConvEngine::Cublas);
+    assert!(
+        b.describe().contains("stands in for cuBLAS"),
+        "{}",
+        b.describe()
+    );
     // The same for bf16 activations; TF32 is an f32 mode and refused there.
     for choice in [ConvChoice::Auto, ConvChoice::Only(ConvEngine::Own)] {
         let b = senet::nn::Cuda::bf16(dev.clone(), choice).unwrap();
