@@ -17,6 +17,7 @@ const SYMBOLS: &[&str] = &[
     "cublasCreate_v2",
     "cublasDestroy_v2",
     "cublasSetStream_v2",
+    "cublasSetMathMode",
     "cublasGemmStridedBatchedEx",
 ];
 
@@ -136,6 +137,21 @@ impl Blas {
         // SAFETY: a live handle; the stream belongs to the device's context, which is current.
         unsafe { blas::set_stream(inner.handle, stream.cu_stream() as *mut _) }
             .map_err(|e| Error::Unsupported(format!("cuBLAS: setting the stream: {e:?}")))?;
+        // Default math, and no reduced-precision reductions: a bf16 / f16 output is rounded
+        // once from f32 sums (split-K partials stay f32), as the emulator's stand-in does.
+        // (DEFAULT_MATH is 0, so the flag alone is the combination.)
+        // SAFETY: a live handle whose context is current.
+        let status = unsafe {
+            sys::cublasSetMathMode(
+                inner.handle,
+                sys::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION,
+            )
+        };
+        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(Error::Unsupported(format!(
+                "cuBLAS: setting the math mode: {status:?}"
+            )));
+        }
         Ok(Blas {
             inner: Mutex::new(inner),
             tf32,
@@ -155,10 +171,17 @@ impl Blas {
         c: BlasType,
     ) -> Result<()> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(ctx) = dev.context() {
-            ctx.bind_to_thread()
-                .map_err(Error::driver("binding the context for cuBLAS"))?;
+        if !dev.stream().is_some_and(|s| Arc::ptr_eq(s, &inner.stream)) {
+            return Err(Error::Config(
+                "a cuBLAS handle used with another device's backend".into(),
+            ));
         }
+        // The handle's own context.
+        inner
+            .stream
+            .context()
+            .bind_to_thread()
+            .map_err(Error::driver("binding the context for cuBLAS"))?;
         let op = |t: bool| {
             if t {
                 sys::cublasOperation_t::CUBLAS_OP_T

@@ -1396,7 +1396,8 @@ impl<A: NnAct> Cuda<A> {
         unsafe { self.launch(&name, grid, &mut args) }
     }
 
-    /// Samples per im2col chunk: as many as fit the column budget (at least one).
+    /// Samples per im2col chunk: as many as fit the column budget (at least one). The budget
+    /// counts elements of A; the input gradient's f32 dcol has as many elements.
     fn col_chunk(&self, g: &ConvGeom, xs: Shape, ys: Shape) -> usize {
         let per = (g.groups * ys.hw() * g.in_per_group() * g.kernel * g.kernel).max(1);
         (self.col_budget / per)
@@ -1415,7 +1416,7 @@ impl<A: NnAct> Cuda<A> {
         xs: Shape,
     ) -> Result<PoolBuf<A>> {
         let pc = NnConvParams { n: nn as u32, ..*p };
-        let total = p.groups as usize * nn * (p.oh * p.ow) as usize * p.kdepth as usize;
+        let total = p.groups as usize * nn * (p.oh as usize * p.ow as usize) * p.kdepth as usize;
         let col = self.out::<A>(total)?;
         let (xp, cp) = (
             x + (n0 * xs.sample_numel() * size_of::<A>()) as u64,
