@@ -51,23 +51,14 @@ pub enum Device {
 impl Device {
     /// The CUDA backend this device names, opening the device (`None` for the CPU), with the
     /// convolution engine the `SENET_CONV` environment variable asks for (`auto`, the default:
-    /// exact cuDNN where it loads on a GPU; `own`; `cudnn`; `cudnn-tf32`). Errors clearly when
+    /// exact cuDNN where it loads on a GPU, else cuBLAS; `own`; `cudnn`; `cudnn-tf32`; `cublas`). Errors clearly when
     /// there is no GPU (or no emulator in this build), or when cuDNN is asked for and cannot
     /// run.
     pub fn cuda_backend(self) -> Result<Option<crate::nn::Cuda>> {
-        use crate::cuda::CudaDevice;
-        use crate::nn::{ConvChoice, Cuda};
-        Ok(match self {
-            Device::Cpu => None,
-            Device::Cuda => Some(Cuda::with_conv(
-                CudaDevice::new(0)?,
-                ConvChoice::from_env()?,
-            )?),
-            Device::CudaEmu => Some(Cuda::with_conv(
-                CudaDevice::emulator()?,
-                ConvChoice::from_env()?,
-            )?),
-        })
+        match self {
+            Device::Cpu => Ok(None),
+            _ => self.cuda_backend_of::<f32>().map(Some),
+        }
     }
 
     /// [`Device::cuda_backend`] with activations of `A` (bf16 or f16 for mixed precision):

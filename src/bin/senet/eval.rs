@@ -120,31 +120,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
         F16(senet::nn::Cuda<half::f16>),
     }
     crate::train::check_layout(args.device, args.layout)?;
+    use crate::train::open_cuda;
+    let (device, layout) = (args.device, args.layout);
     let be = match args.precision {
-        Precision::F32 => match args.device.cuda_backend()? {
-            None => Be::Host,
-            Some(b) => {
-                let b = b.with_layout(args.layout);
-                crate::train::announce_cuda(&b);
-                Be::F32(b)
-            }
-        },
-        Precision::Bf16 => {
-            let b = args
-                .device
-                .cuda_backend_of::<half::bf16>()?
-                .with_layout(args.layout);
-            crate::train::announce_cuda(&b);
-            Be::Bf16(b)
-        }
-        Precision::F16 => {
-            let b = args
-                .device
-                .cuda_backend_of::<half::f16>()?
-                .with_layout(args.layout);
-            crate::train::announce_cuda(&b);
-            Be::F16(b)
-        }
+        Precision::F32 if device == Device::Cpu => Be::Host,
+        Precision::F32 => Be::F32(open_cuda(device, layout)?),
+        Precision::Bf16 => Be::Bf16(open_cuda(device, layout)?),
+        Precision::F16 => Be::F16(open_cuda(device, layout)?),
     };
     let run = |net: &mut senet::nn::Network<f32>, progress: &mut Progress| {
         macro_rules! on {

@@ -1,7 +1,7 @@
 //! `senet net-bench`: the time of one training step (forward, loss, backward, SGD update) and of
 //! one inference forward of a whole network, per backend and batch size.
 
-use crate::train::announce_cuda;
+use crate::train::open_cuda;
 use senet::nn::{models, Backend, Cpu, Mode, Network, Profiled};
 use senet::train::loss::cross_entropy;
 use senet::train::optim::{step_with, LossScaler, Sgd};
@@ -72,31 +72,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
     }
     crate::train::check_layout(args.device, args.layout)?;
+    let (device, layout) = (args.device, args.layout);
     let rows = match args.precision {
-        Precision::F32 => match args.device.cuda_backend()? {
-            None => bench(&Cpu, &args, &modes)?,
-            Some(b) => {
-                let b = b.with_layout(args.layout);
-                announce_cuda(&b);
-                bench(&b, &args, &modes)?
-            }
-        },
-        Precision::Bf16 => {
-            let b = args
-                .device
-                .cuda_backend_of::<half::bf16>()?
-                .with_layout(args.layout);
-            announce_cuda(&b);
-            bench(&b, &args, &modes)?
-        }
-        Precision::F16 => {
-            let b = args
-                .device
-                .cuda_backend_of::<half::f16>()?
-                .with_layout(args.layout);
-            announce_cuda(&b);
-            bench(&b, &args, &modes)?
-        }
+        Precision::F32 if device == Device::Cpu => bench(&Cpu, &args, &modes)?,
+        Precision::F32 => bench(&open_cuda::<f32>(device, layout)?, &args, &modes)?,
+        Precision::Bf16 => bench(&open_cuda::<half::bf16>(device, layout)?, &args, &modes)?,
+        Precision::F16 => bench(&open_cuda::<half::f16>(device, layout)?, &args, &modes)?,
     };
     println!(
         "| model | device | precision | layout | batch | mode | median ms | min ms | images/s |"

@@ -374,6 +374,17 @@ pub fn check_layout(device: Device, layout: senet::Layout) -> Result<()> {
     Ok(())
 }
 
+/// The CUDA backend `device` names (not the CPU), with activations of `A` kept in `layout`,
+/// announced.
+pub fn open_cuda<A: senet::nn::NnAct>(
+    device: Device,
+    layout: senet::Layout,
+) -> Result<senet::nn::Cuda<A>> {
+    let b = device.cuda_backend_of::<A>()?.with_layout(layout);
+    announce_cuda(&b);
+    Ok(b)
+}
+
 /// Says what the CUDA network backend runs, once per command.
 pub fn announce_cuda<A: senet::nn::NnAct>(b: &senet::nn::Cuda<A>) {
     let cc = b.device().info().compute_capability;
@@ -398,24 +409,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     check_layout(device, args.layout)?;
     let layout = args.layout;
     match precision {
-        Precision::Bf16 => {
-            let b = device.cuda_backend_of::<half::bf16>()?.with_layout(layout);
-            announce_cuda(&b);
-            run_on(b, args)
-        }
-        Precision::F16 => {
-            let b = device.cuda_backend_of::<half::f16>()?.with_layout(layout);
-            announce_cuda(&b);
-            run_on(b, args)
-        }
-        Precision::F32 => match device.cuda_backend()? {
-            None => run_on(Cpu, args),
-            Some(b) => {
-                let b = b.with_layout(layout);
-                announce_cuda(&b);
-                run_on(b, args)
-            }
-        },
+        Precision::Bf16 => run_on(open_cuda::<half::bf16>(device, layout)?, args),
+        Precision::F16 => run_on(open_cuda::<half::f16>(device, layout)?, args),
+        Precision::F32 if device == Device::Cpu => run_on(Cpu, args),
+        Precision::F32 => run_on(open_cuda::<f32>(device, layout)?, args),
     }
 }
 
