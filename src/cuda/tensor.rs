@@ -154,34 +154,6 @@ impl<T: CudaElement> DeviceTensor<T> {
         )
     }
 
-    /// Copies `len` elements from `src` (starting `src_at` elements into its logical data) to
-    /// this tensor's element `dst_at`, on the device.
-    pub(crate) fn copy_range_from(
-        &mut self,
-        dev: &CudaDevice,
-        dst_at: usize,
-        src: &DeviceTensor<T>,
-        src_at: usize,
-        len: usize,
-    ) -> Result<()> {
-        let (n, m) = (self.shape.numel(), src.shape.numel());
-        if dst_at.checked_add(len).is_none_or(|e| e > n)
-            || src_at.checked_add(len).is_none_or(|e| e > m)
-        {
-            return Err(Error::Shape(format!(
-                "copy of {len} elements from {src_at} of {} to {dst_at} of {}",
-                src.shape, self.shape
-            )));
-        }
-        dev.copy(
-            &src.buf,
-            src.offset + src_at,
-            &mut self.buf,
-            self.offset + dst_at,
-            len,
-        )
-    }
-
     /// The logical shape.
     pub fn shape(&self) -> Shape {
         self.shape

@@ -857,27 +857,22 @@ impl<A: NnAct> Cuda<A> {
     /// f32 NCHW, else a copy kept alive in `keep`.
     fn dnn_weight(&self, wp: u64, g: &ConvGeom, keep: &mut Vec<PoolBuf<A>>) -> Result<u64> {
         let n = g.weight_len();
-        let b = match self.layout {
-            Layout::Nchw if is_f32::<A>() => return Ok(wp),
-            Layout::Nchw => self.convert_to_act(wp, n)?,
-            Layout::Nhwc => {
-                let out = self.out::<A>(n)?;
-                let (dst, k, c, rs) = (
-                    self.addr(&out),
-                    g.out_ch as u64,
-                    g.in_per_group() as u64,
-                    (g.kernel * g.kernel) as u64,
-                );
-                let mut args = [arg(&wp), arg(&dst), arg(&k), arg(&c), arg(&rs)];
-                // SAFETY: nn_weight_krsc_A(w, dst, k, c, rs): w holds k * c * rs floats (the
-                // weight of g), `out` as many elements of A.
-                unsafe { self.launch_flat("nn_weight_krsc", n, &mut args)? };
-                out
-            }
-        };
-        let a = self.addr(&b);
-        keep.push(b);
-        Ok(a)
+        if self.layout == Layout::Nchw {
+            return self.act_weight(wp, n, keep);
+        }
+        let out = self.out::<A>(n)?;
+        let (dst, k, c, rs) = (
+            self.addr(&out),
+            g.out_ch as u64,
+            g.in_per_group() as u64,
+            (g.kernel * g.kernel) as u64,
+        );
+        let mut args = [arg(&wp), arg(&dst), arg(&k), arg(&c), arg(&rs)];
+        // SAFETY: nn_weight_krsc_A(w, dst, k, c, rs): w holds k * c * rs floats (the weight of
+        // g), `out` as many elements of A.
+        unsafe { self.launch_flat("nn_weight_krsc", n, &mut args)? };
+        keep.push(out);
+        Ok(dst)
     }
 
     /// `dst = src` with the other layout (NCHW -> NHWC when `to_nhwc`), `s` elements of A.
@@ -901,11 +896,12 @@ impl<A: NnAct> Cuda<A> {
         Ok(Some(b))
     }
 
-    /// Copies channels [c0, c0 + part.c) of NHWC `src` (with `src_c` channels) to channels
-    /// [d0, ..) of NHWC `dst` (with `dst_c`), for every pixel: `part` is the copied block's
-    /// shape.
+    /// Copies channels [c0, c0 + part.c) of `src` (with `src_c` channels) to channels
+    /// [d0, ..) of `dst` (with `dst_c`), activations in this backend's layout: `part` is the
+    /// copied block's shape. One kernel for every sample: NHWC rows are pixels (a channel is
+    /// one element of a row), NCHW rows are samples (a channel is a plane of hw elements).
     #[allow(clippy::too_many_arguments)]
-    fn copy_channels_nhwc(
+    fn copy_channels(
         &self,
         src: u64,
         src_c: usize,
@@ -915,13 +911,17 @@ impl<A: NnAct> Cuda<A> {
         d0: usize,
         part: Shape,
     ) -> Result<()> {
-        let rows = (part.n * part.hw()) as u64;
+        let (rows, unit) = match self.layout {
+            Layout::Nhwc => (part.n * part.hw(), 1),
+            Layout::Nchw => (part.n, part.hw()),
+        };
+        let rows = rows as u64;
         let (sc, so, dc, dof, cnt) = (
-            src_c as u64,
-            c0 as u64,
-            dst_c as u64,
-            d0 as u64,
-            part.c as u64,
+            (src_c * unit) as u64,
+            (c0 * unit) as u64,
+            (dst_c * unit) as u64,
+            (d0 * unit) as u64,
+            (part.c * unit) as u64,
         );
         let mut args = [
             arg(&src),
@@ -934,8 +934,8 @@ impl<A: NnAct> Cuda<A> {
             arg(&cnt),
         ];
         // SAFETY: nn_copy_cols_A(src, dst, rows, src_c, src_off, dst_c, dst_off, cnt): src
-        // holds rows * src_c elements, dst rows * dst_c, and c0 + cnt <= src_c, d0 + cnt <=
-        // dst_c (the callers' shapes).
+        // holds rows x src_c units, dst rows x dst_c, and c0 + part.c <= src_c, d0 + part.c
+        // <= dst_c (the callers' shapes), so every access stays in its row.
         unsafe { self.launch_flat("nn_copy_cols", part.numel(), &mut args) }
     }
 
@@ -2083,33 +2083,6 @@ impl<A: NnAct> Cuda<A> {
         (splits as u32, kps as u32)
     }
 
-    /// Copies, for every sample, `shape.c` channel planes starting at channel `src_c0` of `src`
-    /// (which has `src_c` channels per sample) to channel `dst_c0` of `dst` (`dst_c` per
-    /// sample): one device copy per sample.
-    #[allow(clippy::too_many_arguments)]
-    fn copy_planes(
-        &self,
-        src: &DeviceTensor<A>,
-        src_c0: usize,
-        src_c: usize,
-        dst: &mut DeviceTensor<A>,
-        dst_c0: usize,
-        dst_c: usize,
-        shape: Shape,
-    ) -> Result<()> {
-        let hw = shape.hw();
-        for n in 0..shape.n {
-            dst.copy_range_from(
-                &self.dev,
-                (n * dst_c + dst_c0) * hw,
-                src,
-                (n * src_c + src_c0) * hw,
-                shape.c * hw,
-            )?;
-        }
-        Ok(())
-    }
-
     /// BatchNorm backward, with `relu_y` the output of a fused ReLU (masks dy).
     #[allow(clippy::too_many_arguments)]
     fn bn_backward(
@@ -2588,18 +2561,11 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
 
     fn concat_channels(&self, parts: &[GpuTensor<A>]) -> Result<GpuTensor<A>> {
         let out = concat_shape(parts.iter().map(|p| p.shape()))?;
-        let mut y = self.out_t(out)?;
+        let y = self.out_t(out)?;
         let mut c0 = 0;
         for p in parts {
             let s = p.shape();
-            match self.layout {
-                Layout::Nchw => {
-                    self.copy_planes(p.device_tensor(), 0, s.c, y.tensor_mut(), c0, out.c, s)?
-                }
-                Layout::Nhwc => {
-                    self.copy_channels_nhwc(self.addr(p), s.c, 0, self.addr(&y), out.c, c0, s)?
-                }
-            }
+            self.copy_channels(self.addr(p), s.c, 0, self.addr(&y), out.c, c0, s)?;
             c0 += s.c;
         }
         Ok(GpuTensor::wrap(y))
@@ -2612,15 +2578,8 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let mut c0 = 0;
         for &c in sizes {
             let ps = Shape::try_new(s.n, c, s.h, s.w)?;
-            let mut y = self.out_t(ps)?;
-            match self.layout {
-                Layout::Nchw => {
-                    self.copy_planes(x.device_tensor(), c0, s.c, y.tensor_mut(), 0, c, ps)?
-                }
-                Layout::Nhwc => {
-                    self.copy_channels_nhwc(self.addr(x), s.c, c0, self.addr(&y), c, 0, ps)?
-                }
-            }
+            let y = self.out_t(ps)?;
+            self.copy_channels(self.addr(x), s.c, c0, self.addr(&y), c, 0, ps)?;
             out.push(GpuTensor::wrap(y));
             c0 += c;
         }
