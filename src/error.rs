@@ -67,6 +67,23 @@ pub enum Error {
     /// A checkpoint or data file is malformed or does not match the model.
     #[error("{0}")]
     Format(String),
+    /// An operand lives on another device than the op runs on (another GPU or context, the
+    /// emulator vs a GPU, or memory no device knows). Nothing was queued or written.
+    #[error("wrong device for {operand}: {detail}")]
+    WrongDevice {
+        /// Which operand (`x`, `residual`, `dy`, `w1`, `workspace`, ...).
+        operand: &'static str,
+        /// Where it lives and where the op runs.
+        detail: String,
+    },
+    /// Memory for a buffer could not be had (the size comes from the caller: a shape, a batch).
+    #[error("out of memory: {what} needs {bytes} bytes")]
+    OutOfMemory {
+        /// What was being allocated.
+        what: String,
+        /// Bytes asked for.
+        bytes: usize,
+    },
 }
 
 /// `Result` with [`Error`].

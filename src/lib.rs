@@ -4,10 +4,12 @@
 pub mod cuda;
 pub mod error;
 mod linalg;
+#[cfg(feature = "nn")]
 pub mod nn;
 pub mod rng;
 pub mod se;
 pub mod tensor;
+#[cfg(feature = "nn")]
 pub mod train;
 
 pub use error::{Error, Result};

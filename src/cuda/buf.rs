@@ -1,6 +1,7 @@
 //! Buffers that live either in CUDA device memory or, for the CPU emulator, in host memory that
 //! is only ever touched through raw addresses (as device memory is).
 
+use super::view::DeviceId;
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use std::alloc::{self, Layout};
 use std::marker::PhantomData;
@@ -12,6 +13,7 @@ pub trait DevElem:
 }
 impl DevElem for f32 {}
 impl DevElem for u32 {}
+impl DevElem for u8 {}
 impl DevElem for f64 {}
 impl DevElem for half::f16 {}
 impl DevElem for half::bf16 {}
@@ -29,6 +31,17 @@ impl<T: DevElem> Buf<T> {
             Buf::Host(h) => h.len,
         }
     }
+
+    /// The device the buffer belongs to.
+    pub(crate) fn owner(&self) -> DeviceId {
+        match self {
+            Buf::Cuda(s) => DeviceId::Cuda {
+                ordinal: s.context().ordinal(),
+                context: s.context().cu_ctx() as usize,
+            },
+            Buf::Host(h) => DeviceId::Emulator(h.owner),
+        }
+    }
 }
 
 /// Host memory standing in for device memory: 256-byte aligned (like cudaMalloc), zeroed, and
@@ -37,6 +50,8 @@ impl<T: DevElem> Buf<T> {
 pub(crate) struct HostBuf<T> {
     ptr: *mut u8,
     len: usize,
+    /// The emulator instance that allocated it.
+    owner: u64,
     layout: Layout,
     _t: PhantomData<T>,
 }
@@ -48,7 +63,7 @@ unsafe impl<T: Send> Send for HostBuf<T> {}
 unsafe impl<T: Sync> Sync for HostBuf<T> {}
 
 impl<T: DevElem> HostBuf<T> {
-    pub(crate) fn zeros(len: usize) -> Option<Self> {
+    pub(crate) fn zeros(len: usize, owner: u64) -> Option<Self> {
         let bytes = len.checked_mul(std::mem::size_of::<T>())?.max(1);
         let layout = Layout::from_size_align(bytes, 256).ok()?;
         // SAFETY: the layout has non-zero size.
@@ -59,6 +74,7 @@ impl<T: DevElem> HostBuf<T> {
         Some(HostBuf {
             ptr,
             len,
+            owner,
             layout,
             _t: PhantomData,
         })

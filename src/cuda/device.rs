@@ -3,6 +3,7 @@
 //! needs.
 
 use super::buf::{Buf, DevElem, HostBuf};
+use super::view::DeviceId;
 use super::Module;
 use crate::error::{Error, Result};
 use cudarc::driver::sys::{CUdevice_attribute as Attr, CUfunction_attribute as FnAttr};
@@ -10,7 +11,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePt
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What the crate needs to know about a device to pick kernels and launch shapes.
@@ -34,31 +35,6 @@ pub struct DeviceInfo {
     pub driver_version: i32,
 }
 
-/// Scratch buffers reused between calls: split-reduction partials and the integer tickets that
-/// pick the block that combines them (zeroed once, reset by the kernels after each use).
-#[derive(Default)]
-pub(crate) struct Scratch {
-    pub(crate) ws: Option<Buf<f32>>,
-    pub(crate) tickets: Option<Buf<u32>>,
-}
-
-impl Scratch {
-    /// The device addresses of the partials and tickets buffers.
-    pub(crate) fn addrs(&self, dev: &CudaDevice) -> Result<(u64, u64)> {
-        match (&self.ws, &self.tickets) {
-            (Some(ws), Some(t)) => Ok((dev.addr(ws), dev.addr(t))),
-            _ => Err(Error::Config("scratch buffers were not allocated".into())),
-        }
-    }
-}
-
-/// Per-call intermediates of the SE backward (dg, du, dz), kept between calls. Locked for a
-/// whole backward pass; separate from [`Scratch`], which each launch locks briefly.
-#[derive(Default)]
-pub(crate) struct BackwardScratch {
-    pub(crate) bufs: [Option<Buf<f32>>; 3],
-}
-
 struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -68,11 +44,27 @@ struct Cuda {
 
 enum Backend {
     Cuda(Cuda),
-    Emulator,
+    /// The emulator instance `id`; `queue` serialises its launches and copies as a stream would.
+    Emulator {
+        id: u64,
+        queue: Mutex<()>,
+    },
 }
 
+/// Emulator instances made so far (each gets the next number as its identity).
+static EMULATORS: AtomicU64 = AtomicU64::new(0);
+
 /// A CUDA device handle. Cheap to share (`Arc`); every operation runs on its one stream, in
-/// order, and the host waits only where it needs data back.
+/// order, and the host waits only where it needs data back. The stream is the handle's own
+/// ([`CudaDevice::new`]) or a caller's ([`CudaDevice::from_stream`],
+/// [`CudaDevice::from_raw_stream`]): a framework that owns the stream and the memory hands both
+/// in, and senet's launches and copies are queued on that stream with the framework's work.
+///
+/// # The asynchronous contract
+/// An op returns once its launches (and any device-side copies or fills) are queued: the results
+/// are ready after the stream has reached that point. Nothing synchronises the device or the
+/// stream except where a method says so ([`CudaDevice::synchronize`], and the copies to the host,
+/// which wait for the stream).
 ///
 /// [`CudaDevice::emulator`] gives a handle whose kernels run on the CPU: the same kernel
 /// sources compiled by the host C++ compiler, run one fiber per CUDA thread. It exists so the
@@ -80,8 +72,8 @@ enum Backend {
 pub struct CudaDevice {
     backend: Backend,
     info: DeviceInfo,
-    scratch: Mutex<Scratch>,
-    backward: Mutex<BackwardScratch>,
+    /// The SE op's workspace for calls that do not bring their own (grown as needed).
+    workspace: Mutex<Option<Buf<u8>>>,
     clusters: Mutex<HashMap<(String, u32), usize>>,
     /// Buffers allocated through this handle so far.
     allocs: AtomicUsize,
@@ -100,26 +92,49 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl CudaDevice {
-    /// Opens device `ordinal`. Errors (never panics) with [`Error::NoDriver`] when libcuda cannot
-    /// be loaded, [`Error::NoDevice`] when there is no such device, and
-    /// [`Error::UnsupportedDevice`] below compute capability 8.0.
+    /// Opens device `ordinal` (its primary context, the one PyTorch and candle use) with a stream
+    /// of its own. Errors (never panics) with [`Error::NoDriver`] when libcuda cannot be loaded,
+    /// [`Error::NoDevice`] when there is no such device, and [`Error::UnsupportedDevice`] below
+    /// compute capability 8.0.
     pub fn new(ordinal: usize) -> Result<Arc<Self>> {
-        // SAFETY: only probes whether the driver library can be loaded; without this check
-        // cudarc's dynamic loading panics on a machine without libcuda.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::NoDriver("libcuda could not be loaded".into()));
-        }
-        let count = CudaContext::device_count()
-            .map_err(|e| Error::NoDriver(format!("cuInit / cuDeviceGetCount failed: {e}")))?;
-        if count <= 0 {
-            return Err(Error::NoDevice("the driver reports 0 devices".into()));
-        }
-        if ordinal >= count as usize {
-            return Err(Error::NoDevice(format!(
-                "device {ordinal} requested, {count} present"
-            )));
-        }
-        let ctx = CudaContext::new(ordinal).map_err(Error::driver("creating a context"))?;
+        let ctx = open_context(ordinal)?;
+        let stream = ctx
+            .new_stream()
+            .map_err(Error::driver("creating a stream"))?;
+        Self::with_stream(stream)
+    }
+
+    /// A handle on the caller's stream (and so its context and device): every launch and copy
+    /// of this handle is queued on `stream`, after the caller's work already there, and senet's
+    /// kernel modules load into the stream's context. Nothing is synchronised.
+    ///
+    /// Errors as [`CudaDevice::new`] does for the device.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Arc<Self>> {
+        Self::with_stream(stream)
+    }
+
+    /// A handle on a stream created by another library (another cudarc version, PyTorch's
+    /// `torch.cuda.current_stream().cuda_stream`): the stream is borrowed, never destroyed, and
+    /// runs in device `ordinal`'s primary context.
+    ///
+    /// # Safety
+    /// `stream` must be a valid stream of device `ordinal`'s primary context (or null, the
+    /// legacy default stream), and must outlive this handle and every op queued through it.
+    pub unsafe fn from_raw_stream(
+        stream: cudarc::driver::sys::CUstream,
+        ordinal: usize,
+    ) -> Result<Arc<Self>> {
+        let ctx = open_context(ordinal)?;
+        // SAFETY: forwarded from this function's contract.
+        let stream = unsafe { ctx.wrap_borrowed_stream(stream) };
+        Self::with_stream(stream)
+    }
+
+    fn with_stream(stream: Arc<CudaStream>) -> Result<Arc<Self>> {
+        let ctx = stream.context().clone();
+        let ordinal = ctx.ordinal();
+        ctx.bind_to_thread()
+            .map_err(Error::driver("binding the context"))?;
         let attr = |a: Attr| {
             ctx.attribute(a)
                 .map_err(Error::driver("reading device attributes"))
@@ -130,8 +145,8 @@ impl CudaDevice {
         );
         let mut total_memory = 0usize;
         let mut driver_version = 0i32;
-        // SAFETY: the context is bound to this thread by CudaContext::new; each call writes one
-        // value through a valid pointer.
+        // SAFETY: the context is bound to this thread (above); each call writes one value
+        // through a valid pointer.
         unsafe {
             cudarc::driver::sys::cuDeviceTotalMem_v2(&mut total_memory, ctx.cu_device())
                 .result()
@@ -159,9 +174,6 @@ impl CudaDevice {
                 info.name, cc.0, cc.1
             )));
         }
-        let stream = ctx
-            .new_stream()
-            .map_err(Error::driver("creating a stream"))?;
         Ok(Arc::new(CudaDevice {
             backend: Backend::Cuda(Cuda {
                 ctx,
@@ -170,8 +182,7 @@ impl CudaDevice {
                 functions: Mutex::new(HashMap::new()),
             }),
             info,
-            scratch: Mutex::new(Scratch::default()),
-            backward: Mutex::new(BackwardScratch::default()),
+            workspace: Mutex::new(None),
             clusters: Mutex::new(HashMap::new()),
             allocs: AtomicUsize::new(0),
         }))
@@ -188,7 +199,10 @@ impl CudaDevice {
             ));
         }
         Ok(Arc::new(CudaDevice {
-            backend: Backend::Emulator,
+            backend: Backend::Emulator {
+                id: EMULATORS.fetch_add(1, Ordering::Relaxed) + 1,
+                queue: Mutex::new(()),
+            },
             info: DeviceInfo {
                 ordinal: 0,
                 name: "senet CPU emulator".into(),
@@ -199,8 +213,7 @@ impl CudaDevice {
                 total_memory: 16 << 30,
                 driver_version: 0,
             },
-            scratch: Mutex::new(Scratch::default()),
-            backward: Mutex::new(BackwardScratch::default()),
+            workspace: Mutex::new(None),
             clusters: Mutex::new(HashMap::new()),
             allocs: AtomicUsize::new(0),
         }))
@@ -213,14 +226,69 @@ impl CudaDevice {
 
     /// True for the CPU emulator.
     pub fn is_emulator(&self) -> bool {
-        matches!(self.backend, Backend::Emulator)
+        matches!(self.backend, Backend::Emulator { .. })
+    }
+
+    /// This handle's device: buffers and views of another are refused by every op.
+    pub fn id(&self) -> DeviceId {
+        match &self.backend {
+            Backend::Cuda(c) => DeviceId::Cuda {
+                ordinal: c.ctx.ordinal(),
+                context: c.ctx.cu_ctx() as usize,
+            },
+            Backend::Emulator { id, .. } => DeviceId::Emulator(*id),
+        }
+    }
+
+    /// The device a raw address belongs to, as the driver reports it; on the emulator, this one.
+    pub(crate) fn owner_of_address(&self, addr: u64) -> DeviceId {
+        let Backend::Cuda(c) = &self.backend else {
+            return self.id();
+        };
+        use cudarc::driver::sys::CUpointer_attribute as P;
+        let mut ordinal: i32 = -1;
+        let mut context: cudarc::driver::sys::CUcontext = std::ptr::null_mut();
+        if c.ctx.bind_to_thread().is_err() {
+            return DeviceId::Unknown;
+        }
+        // SAFETY: each query writes one value of the attribute's documented type through a
+        // valid pointer; an address the driver does not know is an error, not a fault.
+        let known = unsafe {
+            cudarc::driver::sys::cuPointerGetAttribute(
+                (&mut ordinal as *mut i32).cast(),
+                P::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                addr,
+            )
+            .result()
+            .is_ok()
+                && cudarc::driver::sys::cuPointerGetAttribute(
+                    (&mut context as *mut cudarc::driver::sys::CUcontext).cast(),
+                    P::CU_POINTER_ATTRIBUTE_CONTEXT,
+                    addr,
+                )
+                .result()
+                .is_ok()
+        };
+        if !known || ordinal < 0 {
+            return DeviceId::Unknown;
+        }
+        // Pool and virtual-memory allocations report no context: they are the device's.
+        let context = if context.is_null() && ordinal as usize == c.ctx.ordinal() {
+            c.ctx.cu_ctx() as usize
+        } else {
+            context as usize
+        };
+        DeviceId::Cuda {
+            ordinal: ordinal as usize,
+            context,
+        }
     }
 
     /// The stream every operation of this handle runs on (`None` for the emulator).
     pub fn stream(&self) -> Option<&Arc<CudaStream>> {
         match &self.backend {
             Backend::Cuda(c) => Some(&c.stream),
-            Backend::Emulator => None,
+            Backend::Emulator { .. } => None,
         }
     }
 
@@ -228,7 +296,7 @@ impl CudaDevice {
     pub fn context(&self) -> Option<&Arc<CudaContext>> {
         match &self.backend {
             Backend::Cuda(c) => Some(&c.ctx),
-            Backend::Emulator => None,
+            Backend::Emulator { .. } => None,
         }
     }
 
@@ -239,7 +307,7 @@ impl CudaDevice {
                 .stream
                 .synchronize()
                 .map_err(Error::driver("synchronizing the stream")),
-            Backend::Emulator => Ok(()),
+            Backend::Emulator { .. } => Ok(()),
         }
     }
 
@@ -250,7 +318,7 @@ impl CudaDevice {
             Backend::Cuda(_) => {
                 self.info.compute_capability.0 >= 9 && !Module::Fused.fatbin().is_empty()
             }
-            Backend::Emulator => true,
+            Backend::Emulator { .. } => true,
         }
     }
 
@@ -340,7 +408,9 @@ impl CudaDevice {
                 }
                 .map_err(Error::driver(format!("launching {name}")))
             }
-            Backend::Emulator => {
+            Backend::Emulator { queue, .. } => {
+                // In order, one at a time per emulator, as on a stream.
+                let _queued = lock(queue);
                 // SAFETY: forwarded from the caller's contract; emulator addresses are host
                 // allocations owned by live buffers.
                 unsafe { super::emu::launch(name, grid, block, smem, cluster, args) }
@@ -392,7 +462,7 @@ impl CudaDevice {
                     .map_err(Error::driver("querying cluster occupancy"))?
                     as usize)
             }
-            Backend::Emulator => Ok(if smem as usize <= self.info.max_smem_per_block {
+            Backend::Emulator { .. } => Ok(if smem as usize <= self.info.max_smem_per_block {
                 2
             } else {
                 0
@@ -418,9 +488,14 @@ impl CudaDevice {
                 .alloc_zeros::<T>(len)
                 .map(Buf::Cuda)
                 .map_err(Error::driver("allocating device memory")),
-            Backend::Emulator => HostBuf::zeros(len).map(Buf::Host).ok_or_else(|| {
-                Error::Unsupported(format!("emulator: cannot allocate {len} elements"))
-            }),
+            Backend::Emulator { id, .. } => {
+                HostBuf::zeros(len, *id)
+                    .map(Buf::Host)
+                    .ok_or_else(|| Error::OutOfMemory {
+                        what: "emulator device buffer".into(),
+                        bytes: len.saturating_mul(std::mem::size_of::<T>()),
+                    })
+            }
         }
     }
 
@@ -446,7 +521,7 @@ impl CudaDevice {
                     .memcpy_htod(data, &mut view)
                     .map_err(Error::driver("copying to the device"))
             }
-            (Backend::Emulator, Buf::Host(h)) => {
+            (Backend::Emulator { .. }, Buf::Host(h)) => {
                 h.write(offset, data);
                 Ok(())
             }
@@ -469,7 +544,7 @@ impl CudaDevice {
                     .clone_dtoh(&view)
                     .map_err(Error::driver("copying to the host"))
             }
-            (Backend::Emulator, Buf::Host(h)) => Ok(h.read(offset, len)),
+            (Backend::Emulator { .. }, Buf::Host(h)) => Ok(h.read(offset, len)),
             _ => Err(foreign()),
         }
     }
@@ -493,7 +568,7 @@ impl CudaDevice {
                     .memcpy_dtod(&from, &mut to)
                     .map_err(Error::driver("device-to-device copy"))
             }
-            (Backend::Emulator, Buf::Host(s), Buf::Host(d)) => {
+            (Backend::Emulator { .. }, Buf::Host(s), Buf::Host(d)) => {
                 d.copy_from(dst_off, s, src_off, len);
                 Ok(())
             }
@@ -530,7 +605,7 @@ impl CudaDevice {
                 }
                 .map_err(Error::driver("filling device memory"))
             }
-            (Backend::Emulator, Buf::Host(h)) => {
+            (Backend::Emulator { .. }, Buf::Host(h)) => {
                 h.fill_bytes(offset, len, byte);
                 Ok(())
             }
@@ -546,41 +621,73 @@ impl CudaDevice {
                 p
             }
             (_, Buf::Host(h)) => h.addr(),
-            // A device buffer handed to the emulator: no address it could use.
-            (Backend::Emulator, Buf::Cuda(_)) => 0,
-        }
-    }
-
-    /// Locks the backward's intermediates, growing buffer `i` to at least `lens[i]` floats.
-    pub(crate) fn backward_scratch(
-        &self,
-        lens: [usize; 3],
-    ) -> Result<MutexGuard<'_, BackwardScratch>> {
-        let mut s = lock(&self.backward);
-        for (slot, len) in s.bufs.iter_mut().zip(lens) {
-            if slot.as_ref().is_none_or(|b| b.len() < len.max(1)) {
-                *slot = Some(self.alloc_zeros::<f32>(len.max(1))?);
+            // A device buffer handed to the emulator: its address means nothing there. The ops
+            // check every operand's owner (Buf::owner) before they get here.
+            (Backend::Emulator { .. }, Buf::Cuda(s)) => {
+                let (p, _sync) = s.device_ptr(s.stream());
+                p
             }
         }
-        Ok(s)
     }
 
-    /// Locks the scratch buffers, growing them to at least `ws_floats` partials and `tickets`
-    /// tickets (new tickets are zeroed).
-    pub(crate) fn scratch(
-        &self,
-        ws_floats: usize,
-        tickets: usize,
-    ) -> Result<MutexGuard<'_, Scratch>> {
-        let mut s = lock(&self.scratch);
-        if s.ws.as_ref().is_none_or(|b| b.len() < ws_floats.max(1)) {
-            s.ws = Some(self.alloc_zeros::<f32>(ws_floats.max(1).next_power_of_two())?);
+    /// Sets `bytes` bytes at device address `addr` to `byte`, queued on the stream.
+    ///
+    /// # Safety
+    /// `addr..addr + bytes` must be memory of this device that nothing else uses meanwhile.
+    pub(crate) unsafe fn fill_raw(&self, addr: u64, bytes: usize, byte: u8) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
         }
-        if s.tickets.as_ref().is_none_or(|b| b.len() < tickets.max(1)) {
-            s.tickets = Some(self.alloc_zeros::<u32>(tickets.max(1).next_power_of_two())?);
+        match &self.backend {
+            Backend::Cuda(c) => {
+                c.ctx
+                    .bind_to_thread()
+                    .map_err(Error::driver("binding the context"))?;
+                // SAFETY: forwarded from this function's contract.
+                unsafe {
+                    cudarc::driver::result::memset_d8_async(addr, byte, bytes, c.stream.cu_stream())
+                }
+                .map_err(Error::driver("filling device memory"))
+            }
+            Backend::Emulator { queue, .. } => {
+                let _queued = lock(queue);
+                // SAFETY: forwarded from this function's contract (emulator memory is host
+                // memory).
+                unsafe { std::ptr::write_bytes(addr as *mut u8, byte, bytes) };
+                Ok(())
+            }
         }
-        Ok(s)
     }
+
+    /// Locks the handle's own workspace for the SE op, grown to at least `bytes` bytes.
+    pub(crate) fn workspace(&self, bytes: usize) -> Result<MutexGuard<'_, Option<Buf<u8>>>> {
+        let mut w = lock(&self.workspace);
+        if w.as_ref().is_none_or(|b| b.len() < bytes.max(1)) {
+            // Drop the old buffer first, so the peak is the new size alone.
+            *w = None;
+            *w = Some(self.alloc_zeros::<u8>(bytes.max(1).next_power_of_two())?);
+        }
+        Ok(w)
+    }
+}
+
+/// Device `ordinal`'s primary context, after checking that the driver loads and the device
+/// exists (cudarc's loader panics without libcuda).
+fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    if super::libs::open("cuda").is_none() {
+        return Err(Error::NoDriver("libcuda could not be loaded".into()));
+    }
+    let count = CudaContext::device_count()
+        .map_err(|e| Error::NoDriver(format!("cuInit / cuDeviceGetCount failed: {e}")))?;
+    if count <= 0 {
+        return Err(Error::NoDevice("the driver reports 0 devices".into()));
+    }
+    if ordinal >= count as usize {
+        return Err(Error::NoDevice(format!(
+            "device {ordinal} requested, {count} present"
+        )));
+    }
+    CudaContext::new(ordinal).map_err(Error::driver("creating a context"))
 }
 
 fn check_range<T: DevElem>(buf: &Buf<T>, offset: usize, len: usize) -> Result<()> {

@@ -8,12 +8,15 @@ pub mod abi;
 mod buf;
 mod device;
 mod emu;
+pub(crate) mod libs;
 mod tensor;
+mod view;
 
 pub(crate) use buf::Buf;
 pub use buf::DevElem;
 pub use device::{CudaDevice, DeviceInfo};
 pub use tensor::{CudaElement, DeviceTensor};
+pub use view::{DeviceId, DeviceView, DeviceViewMut};
 
 /// The kernels build.rs embedded (fatbins per module), the nvcc that built them, and ptxas's
 /// resource report.
@@ -44,6 +47,7 @@ pub(crate) enum Module {
     Scale,
     Excite,
     Fused,
+    #[cfg(feature = "nn")]
     Nn,
 }
 
@@ -60,6 +64,7 @@ impl Module {
             Module::Scale => "scale",
             Module::Excite => "excite",
             Module::Fused => "fused",
+            #[cfg(feature = "nn")]
             Module::Nn => "nn",
         }
     }
@@ -70,6 +75,7 @@ impl Module {
             Module::Scale => kernels::SCALE,
             Module::Excite => kernels::EXCITE,
             Module::Fused => kernels::FUSED,
+            #[cfg(feature = "nn")]
             Module::Nn => kernels::NN,
         }
     }

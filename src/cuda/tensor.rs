@@ -1,6 +1,7 @@
 //! Device tensors: a device buffer with a shape, a layout and an element type.
 
 use super::buf::{Buf, DevElem};
+use super::view::{DeviceId, DeviceView, DeviceViewMut};
 use super::CudaDevice;
 use crate::error::{Error, Result};
 use crate::tensor::{Element, Layout, Shape, Tensor};
@@ -172,6 +173,22 @@ impl<T: CudaElement> DeviceTensor<T> {
     /// Bytes of the tensor's elements.
     pub fn bytes(&self) -> usize {
         self.shape.numel() * std::mem::size_of::<T>()
+    }
+
+    /// The device the tensor lives on.
+    pub fn device(&self) -> DeviceId {
+        self.buf.owner()
+    }
+
+    /// A read-only view of the tensor's elements, for the borrowed-memory API
+    /// ([`se::cuda::forward_views`](crate::se::cuda::forward_views)) on `dev`.
+    pub fn view(&self, dev: &CudaDevice) -> DeviceView<'_, T> {
+        DeviceView::owned(self.addr(dev), self.shape.numel(), self.device())
+    }
+
+    /// A writable view of the tensor's elements, for the borrowed-memory API on `dev`.
+    pub fn view_mut(&mut self, dev: &CudaDevice) -> DeviceViewMut<'_, T> {
+        DeviceViewMut::owned(self.addr_mut(dev), self.shape.numel(), self.device())
     }
 
     /// Device address of the first element (for kernels that only read it).

@@ -36,8 +36,8 @@
 //! hard-sigmoid' = 1/6 where 0 < s < 1. The epilogue's ReLU mask is recomputed in backward as
 //! `s * x + residual > 0`, with the same f32 expression forward used.
 
-use super::{check_activation, check_saved_len, weights::check_len};
-use super::{Activation, Gate, SeConfig, SeGrads, SeWeights};
+use super::{check_activation, check_saved_len, check_shapes, weights::check_len};
+use super::{Activation, Gate, SeConfig, SeGrads, SeGradsMut, SeWeights, SeWeightsRef};
 use crate::error::{Error, Result};
 use crate::linalg::{sgemm, sgemm_scaled};
 use crate::tensor::{DType, Element, Layout, Shape, Tensor};
@@ -85,10 +85,99 @@ impl CpuSaved {
         }
     }
 
-    fn check(&self, n: usize, c: usize, d: usize) -> Result<()> {
-        check_saved_len(n, c, d, self.z.len(), self.h.len(), self.s.len())?;
-        check_len("saved u", self.u.len(), n * d)
+    /// The saved state as borrowed slices (for [`backward_slices`]).
+    pub fn view(&self) -> CpuSavedRef<'_> {
+        CpuSavedRef {
+            z: &self.z,
+            h: &self.h,
+            u: &self.u,
+            s: &self.s,
+        }
     }
+
+    /// The buffers as borrowed mutable slices (for [`forward_slices`]).
+    pub fn view_mut(&mut self) -> CpuSavedMut<'_> {
+        CpuSavedMut {
+            z: &mut self.z,
+            h: &mut self.h,
+            u: &mut self.u,
+            s: &mut self.s,
+        }
+    }
+}
+
+/// [`CpuSaved`] in someone else's buffers, read by backward: `z`, `s` `[n][channels]`, `h`, `u`
+/// `[n][hidden]`, f32.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuSavedRef<'a> {
+    /// Squeezed means.
+    pub z: &'a [f32],
+    /// Hidden pre-activation.
+    pub h: &'a [f32],
+    /// Hidden activation.
+    pub u: &'a [f32],
+    /// Channel weights.
+    pub s: &'a [f32],
+}
+
+/// Buffers forward writes its saved state into (shaped as [`CpuSavedRef`]).
+#[derive(Debug, PartialEq)]
+pub struct CpuSavedMut<'a> {
+    /// Squeezed means.
+    pub z: &'a mut [f32],
+    /// Hidden pre-activation.
+    pub h: &'a mut [f32],
+    /// Hidden activation.
+    pub u: &'a mut [f32],
+    /// Channel weights.
+    pub s: &'a mut [f32],
+}
+
+fn check_saved(lens: [usize; 4], n: usize, c: usize, d: usize) -> Result<()> {
+    let [z, h, u, s] = lens;
+    check_saved_len(n, c, d, z, h, s)?;
+    check_len("saved u", u, n * d)
+}
+
+/// One forward call's operands as slices: `x`, `residual`, `y` hold the shape's elements in its
+/// layout; with `residual` the fused epilogue `y = relu(s * x + residual)` runs.
+#[derive(Debug)]
+pub struct SeForwardSlices<'a, T> {
+    /// The input.
+    pub x: &'a [T],
+    /// The residual of the fused epilogue.
+    pub residual: Option<&'a [T]>,
+    /// The output.
+    pub y: &'a mut [T],
+    /// The weights (their config is the op's).
+    pub weights: SeWeightsRef<'a>,
+    /// Where forward writes what backward needs.
+    pub saved: CpuSavedMut<'a>,
+}
+
+/// One backward call's operands as slices. With `accumulate`, `dx` gets the gradient added to
+/// what it holds; parameter gradients are overwritten; `dresidual` is given exactly when
+/// `residual` is.
+#[derive(Debug)]
+pub struct SeBackwardSlices<'a, T> {
+    /// The forward's input.
+    pub x: &'a [T],
+    /// The forward's residual.
+    pub residual: Option<&'a [T]>,
+    /// d loss / d y.
+    pub dy: &'a [T],
+    /// The weights.
+    pub weights: SeWeightsRef<'a>,
+    /// What forward saved.
+    pub saved: CpuSavedRef<'a>,
+    /// d loss / d x.
+    pub dx: &'a mut [T],
+    /// Add to `dx` instead of overwriting it.
+    pub accumulate: bool,
+    /// d loss / d residual.
+    pub dresidual: Option<&'a mut [T]>,
+    /// Parameter gradients.
+    pub grads: SeGradsMut<'a>,
 }
 
 /// [`forward`]'s results.
@@ -206,13 +295,50 @@ pub fn forward_into<T: Element>(
 ) -> Result<()> {
     check_activation(w, x, residual, None)?;
     same_as_x("output y", x, y.shape(), y.layout())?;
-    let sh = x.shape();
-    saved.check(sh.n, sh.c, w.config.hidden)?;
-    let p = Problem::new(w, sh, x.layout());
-    let xs = x.data();
-    let rs = residual.map(|r| r.data());
-    let CpuSaved { z, h, u, s } = saved;
-    let ys = y.data_mut();
+    forward_slices(
+        x.shape(),
+        x.layout(),
+        SeForwardSlices {
+            x: x.data(),
+            residual: residual.map(|r| r.data()),
+            y: y.data_mut(),
+            weights: w.view(),
+            saved: saved.view_mut(),
+        },
+    )
+}
+
+/// SE forward on plain slices (a framework's buffers, no [`Tensor`] and no copy): `shape` and
+/// `layout` describe `x`, `residual` and `y`. Allocates nothing.
+///
+/// Errors (never panics) when the weights are inconsistent, the shape does not have the
+/// config's channels, or a slice has the wrong length.
+pub fn forward_slices<T: Element>(
+    shape: Shape,
+    layout: Layout,
+    args: SeForwardSlices<'_, T>,
+) -> Result<()> {
+    let w = args.weights;
+    w.validate()?;
+    check_shapes(&w.config, shape, layout, None, None)?;
+    let numel = shape.numel();
+    check_len("x", args.x.len(), numel)?;
+    if let Some(r) = args.residual {
+        check_len("residual", r.len(), numel)?;
+    }
+    check_len("y", args.y.len(), numel)?;
+    let sh = shape;
+    let CpuSavedMut { z, h, u, s } = args.saved;
+    check_saved(
+        [z.len(), h.len(), u.len(), s.len()],
+        sh.n,
+        sh.c,
+        w.config.hidden,
+    )?;
+    let p = Problem::new(w, sh, layout);
+    let xs = args.x;
+    let rs = args.residual;
+    let ys = args.y;
     let (se, c, d) = (p.sample, p.c, p.d);
 
     let threads = rayon::current_num_threads();
@@ -331,16 +457,64 @@ pub fn backward_into<T: Element>(
     if let Some(dr) = &dresidual {
         same_as_x("gradient d residual", x, dr.shape(), dr.layout())?;
     }
-    if residual.is_some() != dresidual.is_some() {
+    backward_slices(
+        x.shape(),
+        x.layout(),
+        SeBackwardSlices {
+            x: x.data(),
+            residual: residual.map(|r| r.data()),
+            dy: dy.data(),
+            weights: w.view(),
+            saved: saved.view(),
+            dx: dx.data_mut(),
+            accumulate,
+            dresidual: dresidual.map(|t| t.data_mut()),
+            grads: grads.view_mut(),
+        },
+    )
+}
+
+/// SE backward on plain slices (a framework's buffers, no [`Tensor`] and no copy): `shape` and
+/// `layout` describe every activation slice. Reuses a per-thread scratch buffer, so repeated
+/// calls allocate nothing.
+///
+/// Errors (never panics) on inconsistent weights, a shape without the config's channels, a
+/// slice of the wrong length, or `dresidual` given without `residual` (or the reverse).
+pub fn backward_slices<T: Element>(
+    shape: Shape,
+    layout: Layout,
+    args: SeBackwardSlices<'_, T>,
+) -> Result<()> {
+    let w = args.weights;
+    w.validate()?;
+    let cfg = w.config;
+    check_shapes(&cfg, shape, layout, None, None)?;
+    let numel = shape.numel();
+    check_len("x", args.x.len(), numel)?;
+    check_len("dy", args.dy.len(), numel)?;
+    check_len("dx", args.dx.len(), numel)?;
+    if let Some(r) = args.residual {
+        check_len("residual", r.len(), numel)?;
+    }
+    if let Some(r) = &args.dresidual {
+        check_len("dresidual", r.len(), numel)?;
+    }
+    if args.residual.is_some() != args.dresidual.is_some() {
         return Err(Error::Config(
             "d residual must be given exactly when the residual is".into(),
         ));
     }
-    let cfg = w.config;
-    let sh = x.shape();
-    saved.check(sh.n, sh.c, cfg.hidden)?;
-    check_grads(grads, &cfg)?;
-    let p = Problem::new(w, sh, x.layout());
+    let sh = shape;
+    let sv = args.saved;
+    check_saved(
+        [sv.z.len(), sv.h.len(), sv.u.len(), sv.s.len()],
+        sh.n,
+        sh.c,
+        cfg.hidden,
+    )?;
+    let mut grads = args.grads;
+    grads.check(&cfg)?;
+    let p = Problem::new(w, sh, layout);
     let stride = p.scratch_stride();
     SCRATCH.with(|cell| {
         // Take the buffer (a nested call on this thread, e.g. from a rayon join, then simply
@@ -348,20 +522,15 @@ pub fn backward_into<T: Element>(
         let mut scratch = std::mem::take(&mut *cell.borrow_mut());
         scratch.clear();
         scratch.resize(sh.n * stride, 0.0);
-        let args = BwdArgs {
-            x: x.data(),
-            r: residual.map(|r| r.data()),
-            dy: dy.data(),
-            saved,
-            accumulate,
+        let bargs = BwdArgs {
+            x: args.x,
+            r: args.residual,
+            dy: args.dy,
+            saved: sv,
+            accumulate: args.accumulate,
         };
-        p.backward(
-            &args,
-            dx.data_mut(),
-            dresidual.map(|t| t.data_mut()),
-            &mut scratch,
-        );
-        p.param_grads(saved, &scratch, grads);
+        p.backward(&bargs, args.dx, args.dresidual, &mut scratch);
+        p.param_grads(&sv, &scratch, &mut grads);
         *cell.borrow_mut() = scratch;
     });
     Ok(())
@@ -381,23 +550,6 @@ fn same_as_x<T: Element>(what: &str, x: &Tensor<T>, shape: Shape, layout: Layout
         )));
     }
     Ok(())
-}
-
-fn check_grads(g: &SeGrads<f32>, cfg: &SeConfig) -> Result<()> {
-    let (c, d) = (cfg.channels, cfg.hidden);
-    check_len("grad dw1", g.dw1.len(), d * c)?;
-    check_len("grad dw2", g.dw2.len(), c * d)?;
-    match (&g.db1, &g.db2, cfg.bias) {
-        (Some(b1), Some(b2), true) => {
-            check_len("grad db1", b1.len(), d)?;
-            check_len("grad db2", b2.len(), c)
-        }
-        (None, None, false) => Ok(()),
-        _ => Err(Error::Config(format!(
-            "bias gradients must be present iff config.bias ({})",
-            cfg.bias
-        ))),
-    }
 }
 
 /// Defines `$name`, which runs `$imp` for f16/bf16 through a copy compiled for AVX2, FMA and
@@ -463,7 +615,7 @@ struct BwdArgs<'a, T> {
     x: &'a [T],
     r: Option<&'a [T]>,
     dy: &'a [T],
-    saved: &'a CpuSaved,
+    saved: CpuSavedRef<'a>,
     accumulate: bool,
 }
 
@@ -479,12 +631,12 @@ impl<'a> Problem<'a> {
             &self, x: &[T], r: Option<&[T]>, y: &mut [T], u0: usize, s: &[f32]
         )
     }
-    fn new(w: &'a SeWeights, sh: Shape, layout: Layout) -> Self {
+    fn new(w: SeWeightsRef<'a>, sh: Shape, layout: Layout) -> Self {
         Problem {
-            w1: &w.w1,
-            b1: w.b1.as_deref(),
-            w2: &w.w2,
-            b2: w.b2.as_deref(),
+            w1: w.w1,
+            b1: w.b1,
+            w2: w.w2,
+            b2: w.b2,
             act: w.config.activation,
             gate: w.config.gate,
             layout,
@@ -873,7 +1025,7 @@ impl<'a> Problem<'a> {
 
     /// dW1, dW2 (and the biases') from every sample's dg and du in `scratch`, batched over the
     /// samples and split over the threads by blocks of output rows.
-    fn param_grads(&self, saved: &CpuSaved, scratch: &[f32], grads: &mut SeGrads<f32>) {
+    fn param_grads(&self, saved: &CpuSavedRef, scratch: &[f32], grads: &mut SeGradsMut) {
         let (c, d, n) = (self.c, self.d, self.n);
         let dg = &scratch[n * c..][..n * c];
         let du = &scratch[3 * n * c..][..n * d];
@@ -884,9 +1036,9 @@ impl<'a> Problem<'a> {
             c,
             d,
             n,
-            &mut grads.dw2,
+            grads.dw2,
             (dg, 1, ci),
-            (&saved.u, di, 1),
+            (saved.u, di, 1),
             false,
             par,
         );
@@ -894,19 +1046,19 @@ impl<'a> Problem<'a> {
             d,
             c,
             n,
-            &mut grads.dw1,
+            grads.dw1,
             (du, 1, di),
-            (&saved.z, ci, 1),
+            (saved.z, ci, 1),
             false,
             par,
         );
-        if let Some(db2) = grads.db2.as_mut() {
+        if let Some(db2) = grads.db2.as_deref_mut() {
             db2.fill(0.0);
             for k in 0..n {
                 add_to(db2, &dg[k * c..][..c]);
             }
         }
-        if let Some(db1) = grads.db1.as_mut() {
+        if let Some(db1) = grads.db1.as_deref_mut() {
             db1.fill(0.0);
             for k in 0..n {
                 add_to(db1, &du[k * d..][..d]);

@@ -13,7 +13,7 @@ pub mod reference;
 pub mod weights;
 
 pub use config::{make_divisible, sigmoid, Activation, Gate, SeConfig};
-pub use weights::{Init, SeGrads, SeWeights};
+pub use weights::{Init, SeGrads, SeGradsMut, SeWeights, SeWeightsRef};
 
 use crate::error::{Error, Result};
 use crate::tensor::{Element, Layout, Shape, Tensor};

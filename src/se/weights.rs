@@ -86,11 +86,46 @@ impl SeWeights {
     /// Checks the config and every buffer's length (and that biases are present iff
     /// `config.bias`).
     pub fn validate(&self) -> Result<()> {
+        self.view().validate()
+    }
+
+    /// The weights as borrowed slices.
+    pub fn view(&self) -> SeWeightsRef<'_> {
+        SeWeightsRef {
+            config: self.config,
+            w1: &self.w1,
+            b1: self.b1.as_deref(),
+            w2: &self.w2,
+            b2: self.b2.as_deref(),
+        }
+    }
+}
+
+/// SE weights borrowed from someone else's buffers (a framework's parameters), in
+/// [`SeWeights`]' layout: what the CPU path reads, without a copy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SeWeightsRef<'a> {
+    /// The configuration these weights belong to.
+    pub config: SeConfig,
+    /// FC1 weight, `[hidden][channels]`.
+    pub w1: &'a [f32],
+    /// FC1 bias, `[hidden]` (present iff `config.bias`).
+    pub b1: Option<&'a [f32]>,
+    /// FC2 weight, `[channels][hidden]`.
+    pub w2: &'a [f32],
+    /// FC2 bias, `[channels]` (present iff `config.bias`).
+    pub b2: Option<&'a [f32]>,
+}
+
+impl SeWeightsRef<'_> {
+    /// Checks the config and every slice's length (and that biases are present iff
+    /// `config.bias`).
+    pub fn validate(&self) -> Result<()> {
         self.config.validate()?;
         let (c, d) = (self.config.channels, self.config.hidden);
         check_len("w1", self.w1.len(), d * c)?;
         check_len("w2", self.w2.len(), c * d)?;
-        match (&self.b1, &self.b2, self.config.bias) {
+        match (self.b1, self.b2, self.config.bias) {
             (Some(b1), Some(b2), true) => {
                 check_len("b1", b1.len(), d)?;
                 check_len("b2", b2.len(), c)
@@ -99,6 +134,39 @@ impl SeWeights {
             _ => Err(Error::Config(format!(
                 "biases must be present iff config.bias ({})",
                 self.config.bias
+            ))),
+        }
+    }
+}
+
+/// Parameter gradients written into someone else's buffers, shaped like [`SeWeightsRef`].
+#[derive(Debug, PartialEq)]
+pub struct SeGradsMut<'a> {
+    /// d loss / d w1, `[hidden][channels]`.
+    pub dw1: &'a mut [f32],
+    /// d loss / d b1 (iff bias).
+    pub db1: Option<&'a mut [f32]>,
+    /// d loss / d w2, `[channels][hidden]`.
+    pub dw2: &'a mut [f32],
+    /// d loss / d b2 (iff bias).
+    pub db2: Option<&'a mut [f32]>,
+}
+
+impl SeGradsMut<'_> {
+    /// Checks every slice's length against `cfg` (and that biases are present iff `cfg.bias`).
+    pub fn check(&self, cfg: &SeConfig) -> Result<()> {
+        let (c, d) = (cfg.channels, cfg.hidden);
+        check_len("grad dw1", self.dw1.len(), d * c)?;
+        check_len("grad dw2", self.dw2.len(), c * d)?;
+        match (&self.db1, &self.db2, cfg.bias) {
+            (Some(b1), Some(b2), true) => {
+                check_len("grad db1", b1.len(), d)?;
+                check_len("grad db2", b2.len(), c)
+            }
+            (None, None, false) => Ok(()),
+            _ => Err(Error::Config(format!(
+                "bias gradients must be present iff config.bias ({})",
+                cfg.bias
             ))),
         }
     }
@@ -114,6 +182,18 @@ pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> Resu
             got,
             expected,
         })
+    }
+}
+
+impl SeGrads<f32> {
+    /// The gradients as borrowed mutable slices.
+    pub fn view_mut(&mut self) -> SeGradsMut<'_> {
+        SeGradsMut {
+            dw1: &mut self.dw1,
+            db1: self.db1.as_deref_mut(),
+            dw2: &mut self.dw2,
+            db2: self.db2.as_deref_mut(),
+        }
     }
 }
 

@@ -24,19 +24,13 @@ const SYMBOLS: &[&str] = &[
 /// Whether a usable cuBLAS loads (on the loader's path, with every function senet calls), or
 /// why not. Needs no GPU.
 pub fn cublas_available() -> std::result::Result<(), String> {
-    // SAFETY: only probes whether the library can be loaded (cudarc panics on a missing one).
-    if !unsafe { sys::is_culib_present() } {
-        return Err("libcublas is not on the library path".into());
+    // Probed by senet, not cudarc (which panics on a missing library).
+    let lib = crate::cuda::libs::open("cublas")
+        .ok_or_else(|| "libcublas is not on the library path".to_string())?;
+    match crate::cuda::libs::missing_symbol(&lib, SYMBOLS) {
+        Some(name) => Err(format!("the cuBLAS library found lacks {name}")),
+        None => Ok(()),
     }
-    // SAFETY: the library loads (checked above), so this returns it instead of panicking.
-    let lib = unsafe { sys::culib() };
-    for name in SYMBOLS {
-        // SAFETY: a lookup only; the symbol is not called through this type.
-        if unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_err() {
-            return Err(format!("the cuBLAS library found lacks {name}"));
-        }
-    }
-    Ok(())
 }
 
 /// The element type of GEMM operands.

@@ -148,17 +148,11 @@ const SYMBOLS: &[&str] = &[
 /// it must be on the loader's path, be cuDNN 9 (the bindings' version), have every function
 /// senet calls, and pass its own sub-library checks. Needs no GPU.
 pub fn cudnn_version() -> std::result::Result<usize, String> {
-    // SAFETY: only probes whether the library can be loaded (cudarc panics on a missing one).
-    if !unsafe { sys::is_culib_present() } {
-        return Err("libcudnn.so.9 is not on the library path".into());
-    }
-    // SAFETY: the library loads (checked above), so this returns it instead of panicking.
-    let lib = unsafe { sys::culib() };
-    for name in SYMBOLS {
-        // SAFETY: a lookup only; the symbol is not called through this type.
-        if unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_err() {
-            return Err(format!("the cuDNN library found lacks {name}"));
-        }
+    // Probed by senet, not cudarc (which panics on a missing library).
+    let lib = crate::cuda::libs::open("cudnn")
+        .ok_or_else(|| "libcudnn.so.9 is not on the library path".to_string())?;
+    if let Some(name) = crate::cuda::libs::missing_symbol(&lib, SYMBOLS) {
+        return Err(format!("the cuDNN library found lacks {name}"));
     }
     let version = dnn::get_version();
     if version < 90000 {
