@@ -85,3 +85,22 @@ fn emulated_invalid_inputs_are_errors() {
     let Some(dev) = emulator() else { return };
     cases::invalid_inputs_are_errors(&dev);
 }
+
+/// Every operand of forward and backward from a second emulator instance is refused, naming
+/// the operand, before anything is written.
+#[test]
+fn emulated_wrong_device_operands_are_refused() {
+    let (Some(a), Some(b)) = (emulator(), emulator()) else {
+        return;
+    };
+    assert_ne!(a.id(), b.id());
+    let w = weights(
+        12,
+        4,
+        true,
+        senet::Activation::Relu,
+        senet::Gate::Sigmoid,
+        seed("emulated wrong device"),
+    );
+    common::views::wrong_device_operands_are_refused(&a, &b, &w);
+}

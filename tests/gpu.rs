@@ -167,3 +167,247 @@ fn gpu_more_than_2_pow_31_elements() {
         assert!(worst <= 1e-2, "{layout}: worst |y - s x| = {worst}");
     }
 }
+
+/// The caller's stream and memory: a handle made from a stream of the caller's (cudarc
+/// `CudaSlice`s allocated on it as operands, a caller workspace) runs forward and backward on
+/// that stream: the results are right after synchronising only that stream, and the same calls
+/// captured into a CUDA graph on the stream (raw-address views, as PyTorch passes them) and
+/// replayed give the same bits; so every launch and fill went to that stream. GPU operands
+/// handed to an emulator handle, and emulator operands handed to the GPU, are refused.
+#[test]
+fn gpu_callers_stream_memory_and_graph_capture() {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use cudarc::driver::{CudaSlice, DevicePtr};
+    use senet::cuda::{CudaDevice, DeviceView, DeviceViewMut};
+    use senet::se::check;
+    use senet::se::cuda::{
+        Direction, SeBackwardViews, SeForwardViews, SeGradViewsMut, SeSavedViews, SeSavedViewsMut,
+        SeWeightViews,
+    };
+    let Some(own) = gpu() else { return };
+    let seed = seed("gpu caller stream");
+    let stream = own.context().unwrap().new_stream().unwrap();
+    let dev = CudaDevice::from_stream(stream.clone()).unwrap();
+    assert_eq!(dev.id(), own.id(), "one context, one device identity");
+    let (shape, layout) = (Shape::new(3, 40, 9, 11), Layout::Nhwc);
+    let w = weights(40, 8, true, Activation::Relu, Gate::Sigmoid, seed);
+    let cfg = w.config;
+    let x = check::input::<bf16>(shape, layout, seed + 1).unwrap();
+    let r =
+        check::residual_off_kink(&w, &x, check::input(shape, layout, seed + 2).unwrap()).unwrap();
+    let dy = check::input::<bf16>(shape, layout, seed + 3).unwrap();
+    let exp = check::expected(&w, &x, Some(&r), &dy).unwrap();
+    let (n, c, d, numel) = (shape.n, 40, 8, shape.numel());
+    let up = |v: &[f32]| stream.clone_htod(v).unwrap();
+    let (w1, b1, w2, b2) = (
+        up(&w.w1),
+        up(w.b1.as_ref().unwrap()),
+        up(&w.w2),
+        up(w.b2.as_ref().unwrap()),
+    );
+    let (xs, rs, dys) = (
+        stream.clone_htod(x.data()).unwrap(),
+        stream.clone_htod(r.data()).unwrap(),
+        stream.clone_htod(dy.data()).unwrap(),
+    );
+    let zeros = |len: usize| stream.alloc_zeros::<f32>(len).unwrap();
+    let (mut z, mut h, mut u, mut s) = (zeros(n * c), zeros(n * d), zeros(n * d), zeros(n * c));
+    let (mut dw1, mut db1, mut dw2, mut db2) = (zeros(d * c), zeros(d), zeros(c * d), zeros(c));
+    let mut y = stream.alloc_zeros::<bf16>(numel).unwrap();
+    let mut dx = stream.alloc_zeros::<bf16>(numel).unwrap();
+    let mut dres = stream.alloc_zeros::<bf16>(numel).unwrap();
+    let opts = SeOptions::default();
+    let ws_bytes = [Direction::Forward, Direction::Backward]
+        .map(|dir| {
+            secuda::workspace_bytes(&dev, &cfg, shape, layout, senet::DType::BF16, dir, opts)
+                .unwrap()
+        })
+        .into_iter()
+        .max()
+        .unwrap();
+    let mut ws: CudaSlice<u8> = stream.alloc_zeros(ws_bytes).unwrap();
+
+    // 1. Views of the caller's cudarc buffers, on the caller's stream.
+    {
+        let weights = SeWeightViews {
+            w1: DeviceView::from_cudarc(&dev, &w1),
+            b1: Some(DeviceView::from_cudarc(&dev, &b1)),
+            w2: DeviceView::from_cudarc(&dev, &w2),
+            b2: Some(DeviceView::from_cudarc(&dev, &b2)),
+        };
+        let args = SeForwardViews {
+            x: DeviceView::from_cudarc(&dev, &xs),
+            residual: Some(DeviceView::from_cudarc(&dev, &rs)),
+            y: DeviceViewMut::from_cudarc(&dev, &mut y),
+            weights,
+            saved: SeSavedViewsMut {
+                z: DeviceViewMut::from_cudarc(&dev, &mut z),
+                h: DeviceViewMut::from_cudarc(&dev, &mut h),
+                u: DeviceViewMut::from_cudarc(&dev, &mut u),
+                s: DeviceViewMut::from_cudarc(&dev, &mut s),
+            },
+        };
+        let wsv = DeviceViewMut::from_cudarc(&dev, &mut ws);
+        secuda::forward_views(&dev, &cfg, shape, layout, args, wsv, opts).unwrap();
+    }
+    {
+        let args = SeBackwardViews {
+            x: DeviceView::from_cudarc(&dev, &xs),
+            residual: Some(DeviceView::from_cudarc(&dev, &rs)),
+            dy: DeviceView::from_cudarc(&dev, &dys),
+            weights: SeWeightViews {
+                w1: DeviceView::from_cudarc(&dev, &w1),
+                b1: Some(DeviceView::from_cudarc(&dev, &b1)),
+                w2: DeviceView::from_cudarc(&dev, &w2),
+                b2: Some(DeviceView::from_cudarc(&dev, &b2)),
+            },
+            saved: SeSavedViews {
+                z: DeviceView::from_cudarc(&dev, &z),
+                h: DeviceView::from_cudarc(&dev, &h),
+                u: DeviceView::from_cudarc(&dev, &u),
+                s: DeviceView::from_cudarc(&dev, &s),
+            },
+            dx: DeviceViewMut::from_cudarc(&dev, &mut dx),
+            accumulate: false,
+            dresidual: Some(DeviceViewMut::from_cudarc(&dev, &mut dres)),
+            grads: SeGradViewsMut {
+                dw1: DeviceViewMut::from_cudarc(&dev, &mut dw1),
+                db1: Some(DeviceViewMut::from_cudarc(&dev, &mut db1)),
+                dw2: DeviceViewMut::from_cudarc(&dev, &mut dw2),
+                db2: Some(DeviceViewMut::from_cudarc(&dev, &mut db2)),
+            },
+        };
+        let wsv = DeviceViewMut::from_cudarc(&dev, &mut ws);
+        secuda::backward_views(&dev, &cfg, shape, layout, args, wsv, opts).unwrap();
+    }
+    stream.synchronize().unwrap();
+    let host = |v: &CudaSlice<f32>| stream.clone_dtoh(v).unwrap();
+    let host16 = |v: &CudaSlice<bf16>| stream.clone_dtoh(v).unwrap();
+    let obs = check::Observed {
+        y: Some(host16(&y).iter().map(|v| v.to_f64()).collect()),
+        z: Some(check::widen(&host(&z))),
+        h: Some(check::widen(&host(&h))),
+        u: Some(check::widen(&host(&u))),
+        s: Some(check::widen(&host(&s))),
+        dx: Some(host16(&dx).iter().map(|v| v.to_f64()).collect()),
+        dresidual: Some(host16(&dres).iter().map(|v| v.to_f64()).collect()),
+        grads: Some(check::widen_grads(&senet::SeGrads {
+            dw1: host(&dw1),
+            db1: Some(host(&db1)),
+            dw2: host(&dw2),
+            db2: Some(host(&db2)),
+        })),
+    };
+    let bad: Vec<_> = check::compare(&exp, &obs, senet::DType::BF16)
+        .into_iter()
+        .filter(|c| !c.pass())
+        .map(|c| format!("{}: {:.3e} > {:.0e}", c.what, c.err, c.tol))
+        .collect();
+    assert!(bad.is_empty(), "caller-stream results: {bad:?}");
+    let first = (host16(&y), host16(&dx), host(&dw1), host(&s));
+
+    // 2. The same calls captured into a graph on the caller's stream, then replayed.
+    let addr = |p: u64| p;
+    let a = |sl: &CudaSlice<f32>| addr(sl.device_ptr(&stream).0);
+    let a16 = |sl: &CudaSlice<bf16>| addr(sl.device_ptr(&stream).0);
+    let (px, pr, pdy, py, pdx, pdres) =
+        (a16(&xs), a16(&rs), a16(&dys), a16(&y), a16(&dx), a16(&dres));
+    let (pz, ph, pu, ps) = (a(&z), a(&h), a(&u), a(&s));
+    let (pw1, pb1, pw2, pb2) = (a(&w1), a(&b1), a(&w2), a(&b2));
+    let (pdw1, pdb1, pdw2, pdb2) = (a(&dw1), a(&db1), a(&dw2), a(&db2));
+    let pws = ws.device_ptr(&stream).0;
+    // SAFETY (every raw view): the addresses are the cudarc buffers above, alive and sized so,
+    // used on this stream only.
+    let weights = || unsafe {
+        SeWeightViews {
+            w1: DeviceView::from_raw(&dev, pw1, d * c),
+            b1: Some(DeviceView::from_raw(&dev, pb1, d)),
+            w2: DeviceView::from_raw(&dev, pw2, c * d),
+            b2: Some(DeviceView::from_raw(&dev, pb2, c)),
+        }
+    };
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    unsafe {
+        let args = SeForwardViews {
+            x: DeviceView::<bf16>::from_raw(&dev, px, numel),
+            residual: Some(DeviceView::from_raw(&dev, pr, numel)),
+            y: DeviceViewMut::from_raw(&dev, py, numel),
+            weights: weights(),
+            saved: SeSavedViewsMut {
+                z: DeviceViewMut::from_raw(&dev, pz, n * c),
+                h: DeviceViewMut::from_raw(&dev, ph, n * d),
+                u: DeviceViewMut::from_raw(&dev, pu, n * d),
+                s: DeviceViewMut::from_raw(&dev, ps, n * c),
+            },
+        };
+        let wsv = DeviceViewMut::from_raw(&dev, pws, ws_bytes);
+        secuda::forward_views(&dev, &cfg, shape, layout, args, wsv, opts).unwrap();
+        let args = SeBackwardViews {
+            x: DeviceView::<bf16>::from_raw(&dev, px, numel),
+            residual: Some(DeviceView::from_raw(&dev, pr, numel)),
+            dy: DeviceView::from_raw(&dev, pdy, numel),
+            weights: weights(),
+            saved: SeSavedViews {
+                z: DeviceView::from_raw(&dev, pz, n * c),
+                h: DeviceView::from_raw(&dev, ph, n * d),
+                u: DeviceView::from_raw(&dev, pu, n * d),
+                s: DeviceView::from_raw(&dev, ps, n * c),
+            },
+            dx: DeviceViewMut::from_raw(&dev, pdx, numel),
+            accumulate: false,
+            dresidual: Some(DeviceViewMut::from_raw(&dev, pdres, numel)),
+            grads: SeGradViewsMut {
+                dw1: DeviceViewMut::from_raw(&dev, pdw1, d * c),
+                db1: Some(DeviceViewMut::from_raw(&dev, pdb1, d)),
+                dw2: DeviceViewMut::from_raw(&dev, pdw2, c * d),
+                db2: Some(DeviceViewMut::from_raw(&dev, pdb2, c)),
+            },
+        };
+        let wsv = DeviceViewMut::from_raw(&dev, pws, ws_bytes);
+        secuda::backward_views(&dev, &cfg, shape, layout, args, wsv, opts).unwrap();
+    }
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("the capture recorded the op's launches");
+    for out in [&mut y, &mut dx] {
+        stream.memset_zeros(out).unwrap();
+    }
+    for out in [&mut dw1, &mut s] {
+        stream.memset_zeros(out).unwrap();
+    }
+    graph.launch().unwrap();
+    stream.synchronize().unwrap();
+    let replay = (host16(&y), host16(&dx), host(&dw1), host(&s));
+    assert!(
+        replay
+            .0
+            .iter()
+            .zip(&first.0)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+            && replay
+                .1
+                .iter()
+                .zip(&first.1)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+            && replay
+                .2
+                .iter()
+                .zip(&first.2)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+            && replay
+                .3
+                .iter()
+                .zip(&first.3)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the graph replay differs from the direct run"
+    );
+
+    // 3. GPU vs emulator operands are refused both ways.
+    if let Ok(emu) = CudaDevice::emulator() {
+        common::views::wrong_device_operands_are_refused(&own, &emu, &w);
+        common::views::wrong_device_operands_are_refused(&emu, &own, &w);
+    }
+}

@@ -6,6 +6,7 @@
 //! d residual, dW1, db1, dW2, db2) judged by `senet::se::check`; each path run twice and
 //! required to give the same bits; accumulation into an existing dx checked.
 
+use super::views::{self, SharedWorkspace};
 use super::{tensor, weights};
 use half::bf16;
 use senet::cuda::{CudaDevice, CudaElement, DeviceTensor};
@@ -123,8 +124,15 @@ fn judge(
     }
 }
 
-/// Runs one case on every path; returns the failures.
-pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<String> {
+/// Runs one case on every path; returns the failures. Each path also runs once through the
+/// borrowed-memory API (tests/common/views.rs), which must give the owned API's bits, with
+/// `shared` as its workspace.
+pub fn run_case<T: CudaElement>(
+    dev: &CudaDevice,
+    case: Case,
+    seed: u64,
+    shared: &mut SharedWorkspace,
+) -> Vec<String> {
     let mut fails = Vec::new();
     let (shape, layout) = (case.shape, case.layout);
     let c = shape.c;
@@ -247,6 +255,7 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
                 f32bits(&g.dw2),
                 g.db1.as_deref().map(f32bits),
                 g.db2.as_deref().map(f32bits),
+                dres.as_ref().map(bits),
             );
             if run == 0 {
                 let obs = Observed {
@@ -256,6 +265,18 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
                     ..Default::default()
                 };
                 judge(&tag, "backward", &exp, &obs, T::DTYPE, &mut fails);
+                // The same call through the borrowed API: the owned API's bits.
+                match views::run_views(dev, shared, &w, &x, r.as_ref(), &dy, case.offsets, opts) {
+                    Ok((vf, vb)) => {
+                        if fwd_bits.as_ref() != Some(&vf) {
+                            fails.push(format!("{tag} views forward differs from owned in bits"));
+                        }
+                        if vb != this_bwd {
+                            fails.push(format!("{tag} views backward differs from owned in bits"));
+                        }
+                    }
+                    Err(e) => fails.push(format!("{tag} views error: {e}")),
+                }
                 bwd_bits = Some(this_bwd);
             } else if bwd_bits.as_ref() != Some(&this_bwd) {
                 fails.push(format!("{tag} backward: second run differs in bits"));
@@ -311,11 +332,13 @@ pub fn run_case<T: CudaElement>(dev: &CudaDevice, case: Case, seed: u64) -> Vec<
 /// Runs every case, prints a summary and every failure, then asserts none failed.
 pub fn run_all<T: CudaElement>(dev: &CudaDevice, label: &str, cases: &[Case], seed: u64) {
     let mut fails = Vec::new();
+    let mut shared = SharedWorkspace::default();
     for (i, case) in cases.iter().enumerate() {
         fails.extend(run_case::<T>(
             dev,
             *case,
             seed.wrapping_add(i as u64 * 7919),
+            &mut shared,
         ));
     }
     println!(

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cases;
+pub mod views;
 
 use senet::cuda::CudaDevice;
 use senet::{Activation, Gate, Init, Layout, SeConfig, SeWeights, Shape, Tensor};
