@@ -1,7 +1,9 @@
 //! The Rust side of the kernel emulator (kernels/emu): availability and the launch call.
 
 use crate::error::{Error, Result};
-use std::ffi::{c_char, c_void, CString};
+#[cfg(senet_emu)]
+use std::ffi::c_char;
+use std::ffi::{c_void, CString};
 
 #[cfg(senet_emu)]
 extern "C" {

@@ -35,6 +35,7 @@ pub(crate) fn open(stem: &str) -> Option<Library> {
     })
 }
 
+#[cfg(feature = "nn")]
 /// The first of `symbols` that `lib` lacks, if any.
 pub(crate) fn missing_symbol<'a>(lib: &Library, symbols: &[&'a str]) -> Option<&'a str> {
     symbols.iter().copied().find(|name| {

@@ -70,6 +70,7 @@ impl<T: CudaElement> DeviceTensor<T> {
         })
     }
 
+    #[cfg(feature = "nn")]
     /// A tensor over an existing buffer (at offset 0); its contents are whatever the buffer
     /// holds.
     pub(crate) fn from_buf(buf: Buf<T>, shape: Shape, layout: Layout) -> Result<Self> {
@@ -89,6 +90,7 @@ impl<T: CudaElement> DeviceTensor<T> {
         })
     }
 
+    #[cfg(feature = "nn")]
     /// The buffer, given back.
     pub(crate) fn into_buf(self) -> Buf<T> {
         self.buf

@@ -116,6 +116,7 @@ impl SeOptions {
     }
 }
 
+#[cfg(feature = "nn")]
 /// Splits SE-shaped buffers (`[w1, b1, w2, b2]` or their gradients: `hidden x C`, `hidden`,
 /// `C x hidden`, `C`, the biases exactly when `config` has them) into the two weights and two
 /// optional biases, or an error naming `what` when they do not fit.
@@ -180,6 +181,7 @@ impl DeviceSeWeights {
         }
     }
 
+    #[cfg(feature = "nn")]
     /// Host weights written into caller buffers (`[w1, b1, w2, b2]`, the biases only when the
     /// config has them), each exactly its tensor's length: the network backend's pooled
     /// buffers.
@@ -200,6 +202,7 @@ impl DeviceSeWeights {
         Ok(d)
     }
 
+    #[cfg(feature = "nn")]
     /// Caller buffers that already hold the weights (`[w1, b1, w2, b2]`, the biases exactly
     /// when the config has them, each its tensor's length).
     pub(crate) fn from_bufs(config: SeConfig, bufs: [Option<Buf<f32>>; 4]) -> Result<Self> {
@@ -213,6 +216,7 @@ impl DeviceSeWeights {
         })
     }
 
+    #[cfg(feature = "nn")]
     /// The buffers, for reuse.
     pub(crate) fn into_bufs(self) -> impl Iterator<Item = Buf<f32>> {
         [Some(self.w1), self.b1, Some(self.w2), self.b2]
@@ -253,6 +257,7 @@ impl DeviceSeSaved {
         })
     }
 
+    #[cfg(feature = "nn")]
     /// Caller buffers (`z, h, u, s`: `n * channels`, `n * hidden`, `n * hidden`,
     /// `n * channels` elements) as the saved state of a batch of `n`.
     pub(crate) fn from_bufs(config: SeConfig, n: usize, bufs: [Buf<f32>; 4]) -> Result<Self> {
@@ -281,6 +286,7 @@ impl DeviceSeSaved {
         })
     }
 
+    #[cfg(feature = "nn")]
     /// The buffers, for reuse.
     pub(crate) fn into_bufs(self) -> [Buf<f32>; 4] {
         [self.z, self.h, self.u, self.s]
@@ -349,6 +355,7 @@ impl DeviceSeGrads {
         })
     }
 
+    #[cfg(feature = "nn")]
     /// Caller buffers as gradient storage for `config` (`[dw1, db1, dw2, db2]`, the biases
     /// exactly when the config has them); contents are overwritten by a backward pass.
     pub(crate) fn from_bufs(config: SeConfig, bufs: [Option<Buf<f32>>; 4]) -> Result<Self> {
@@ -362,6 +369,7 @@ impl DeviceSeGrads {
         })
     }
 
+    #[cfg(feature = "nn")]
     /// The buffers, for reuse.
     pub(crate) fn into_bufs(self) -> impl Iterator<Item = Buf<f32>> {
         [Some(self.dw1), self.db1, Some(self.dw2), self.db2]
