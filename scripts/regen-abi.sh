@@ -1,9 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates src/cuda/abi_generated.rs from kernels/abi.h (needs libclang, e.g. Debian's
-# libclang1-14). The build writes bindgen's output to OUT_DIR; this copies it into the tree.
+# Regenerates src/cuda/abi_generated.rs from kernels/abi.h with bindgen (needs libclang, e.g.
+# Debian's libclang1-14), through tools/abi-check. Without --write that tool only compares (CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SENET_REQUIRE_BINDGEN=1 cargo build --quiet --lib
-out=$(ls -t target/debug/build/senet-*/out/abi_bindgen.rs | head -n 1)
-cp "$out" src/cuda/abi_generated.rs
-echo "updated src/cuda/abi_generated.rs from $out"
+cargo run --quiet --manifest-path tools/abi-check/Cargo.toml --target-dir target/abi-check -- --write

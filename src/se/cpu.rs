@@ -824,7 +824,7 @@ impl<'a> Problem<'a> {
                     .enumerate()
                     .for_each(|(n, dsn)| self.dsum(&Sample::of(a, n, se, c), 0, dsn));
                 let mut e = Excited { ds, dg, dz, du };
-                self.dexcite(&a.saved.h, &a.saved.s, &mut e, threads);
+                self.dexcite(a.saved.h, a.saved.s, &mut e, threads);
                 let dz = &*e.dz;
                 let one = |n: usize, dxn: &mut [T], drn: Option<&mut [T]>| {
                     let dzn = &dz[n * c..][..c];

@@ -91,6 +91,16 @@ pub(super) struct Regions {
     pub(super) dz: u64,
 }
 
+/// One squeeze / dgate launch: kernel, grid, block, what it needs of the workspace, parameters.
+struct ReducePlan {
+    name: String,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    tickets: usize,
+    partials: usize,
+    params: SeParams,
+}
+
 /// Whether a launch sequence runs, or only measures the workspace it needs.
 pub(super) enum Mode<'a> {
     /// Records each launch's needs; launches nothing (operand addresses are placeholders).
@@ -183,14 +193,7 @@ impl Ctx<'_> {
         dres: u64,
         out: u64,
     ) -> Result<()> {
-        let plan = |aligned: bool| -> Result<(
-            String,
-            (u32, u32, u32),
-            (u32, u32, u32),
-            usize,
-            usize,
-            SeParams,
-        )> {
+        let plan = |aligned: bool| -> Result<ReducePlan> {
             let mut p = self.base_params(n);
             let (c, hw, esize) = (self.cfg.channels, self.hw, self.esize);
             let v = 16 / esize;
@@ -263,21 +266,28 @@ impl Ctx<'_> {
                     )
                 }
             };
-            Ok((name, grid, block, tickets, ws, p))
+            Ok(ReducePlan {
+                name,
+                grid,
+                block,
+                tickets,
+                partials: ws,
+                params: p,
+            })
         };
         let aligned = [dy, x, r, dres].iter().all(|&q| q % 16 == 0);
         let (name, grid, block, p) = match &self.mode {
             Mode::Size(need) => {
                 // The vector path (chosen per pointer) changes the grid: size for both.
                 for a in [true, false] {
-                    let (_, _, _, tickets, ws, _) = plan(a)?;
-                    need.set(need.get().with(tickets, ws));
+                    let pl = plan(a)?;
+                    need.set(need.get().with(pl.tickets, pl.partials));
                 }
                 return Ok(());
             }
             Mode::Run(_) => {
-                let (name, grid, block, _, _, p) = plan(aligned)?;
-                (name, grid, block, p)
+                let pl = plan(aligned)?;
+                (pl.name, pl.grid, pl.block, pl.params)
             }
         };
         let (wsp, tkp) = self.scratch();

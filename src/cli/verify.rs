@@ -3,19 +3,19 @@
 //!
 //! Backends: `reference` (its gradients by central differences), `cpu` (the fast CPU path),
 //! `cuda` (every GPU path, when a device is present) and `emulator` (the same kernels on the
-//! CPU emulator). Outputs and gradients are judged by `senet::se::check` with DESIGN.md's
+//! CPU emulator). Outputs and gradients are judged by `crate::se::check` with DESIGN.md's
 //! tolerances.
 
-use half::{bf16, f16};
-use senet::cuda::{CudaDevice, CudaElement, DeviceTensor};
-use senet::se::check::{self, Check, Observed};
-use senet::se::cuda::{self as secuda, DeviceSeWeights, SeOptions, SePath};
-use senet::se::gradcheck::finite_differences;
-use senet::se::{cpu, reference};
-use senet::{
+use crate::cuda::{CudaDevice, CudaElement, DeviceTensor};
+use crate::se::check::{self, Check, Observed};
+use crate::se::cuda::{self as secuda, DeviceSeWeights, SeOptions, SePath};
+use crate::se::gradcheck::finite_differences;
+use crate::se::{cpu, reference};
+use crate::{
     rel_l2_error, Activation, DType, Element, Error, Gate, Init, Layout, Result, SeConfig,
     SeWeights, Shape, Tensor,
 };
+use half::{bf16, f16};
 use std::process::ExitCode;
 
 /// Options of `senet verify`.
@@ -292,11 +292,11 @@ fn each_dtype(dtypes: &[DType], mut f: impl FnMut(DType) -> Result<()>) -> Resul
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let seed = args.seed.unwrap_or_else(senet::rng::fresh_seed);
+    let seed = args.seed.unwrap_or_else(crate::rng::fresh_seed);
     println!("senet verify: seed {seed} (replay with --seed {seed})");
-    let shapes: Vec<Shape> = crate::parse_all(&args.shapes)?;
-    let dtypes: Vec<DType> = crate::parse_all(&args.dtypes)?;
-    let layouts: Vec<Layout> = crate::parse_all(&args.layouts)?;
+    let shapes: Vec<Shape> = super::parse_all(&args.shapes)?;
+    let dtypes: Vec<DType> = super::parse_all(&args.dtypes)?;
+    let layouts: Vec<Layout> = super::parse_all(&args.layouts)?;
     let want = |b: &str| args.backends.iter().any(|x| x == b || x == "all");
     let mut rows = Vec::new();
     if want("reference") {

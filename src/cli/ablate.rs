@@ -2,13 +2,13 @@
 //! per stage, the integration variants), each variant trained with the same recipe; writes a
 //! markdown table and a bar chart.
 
-use crate::train::{fit_with_progress, timestamp, Defaults, Recipe, ScheduleKind};
-use senet::nn::{models, Cpu, SeOptions};
-use senet::train::ablate::{markdown, paper_variants, Row};
-use senet::train::plot;
-use senet::train::trainer::SeSpec;
-use senet::train::{ModelSpec, Trainer};
-use senet::{Error, Result};
+use super::train::{fit_with_progress, timestamp, Defaults, Recipe, ScheduleKind};
+use crate::nn::{models, Cpu, SeOptions};
+use crate::train::ablate::{markdown, paper_variants, Row};
+use crate::train::plot;
+use crate::train::trainer::SeSpec;
+use crate::train::{ModelSpec, Trainer};
+use crate::{Error, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -60,8 +60,8 @@ const TRAIN_SIZE: usize = 4000;
 const TEST_SIZE: usize = 1000;
 
 pub fn run(mut args: Args) -> Result<ExitCode> {
-    if args.recipe.device != senet::train::Device::Cpu {
-        return Err(senet::Error::Unsupported(format!(
+    if args.recipe.device != crate::train::Device::Cpu {
+        return Err(crate::Error::Unsupported(format!(
             "ablate runs on the CPU backend only, not --device {}",
             args.recipe.device
         )));

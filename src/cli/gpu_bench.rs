@@ -6,15 +6,15 @@
 //! reported. Forward must move 2N bytes (read x, write y) and backward 3N (read dy and x, write
 //! dx), N = tensor bytes; "% copy" is the achieved fraction of the copy's bandwidth.
 
-use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::CudaEvent;
-use half::bf16;
-use senet::cuda::{CudaDevice, CudaElement, DeviceTensor};
-use senet::se::cuda::{
+use crate::cuda::{CudaDevice, CudaElement, DeviceTensor};
+use crate::se::cuda::{
     self as secuda, choose_path, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights, Direction,
     SeOptions, SePath,
 };
-use senet::{DType, Error, Init, Layout, Result, SeConfig, SeWeights, Shape, Tensor};
+use crate::{DType, Error, Init, Layout, Result, SeConfig, SeWeights, Shape, Tensor};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaEvent;
+use half::bf16;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -257,16 +257,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         info.sm_count,
         info.l2_bytes >> 20,
         info.driver_version,
-        senet::cuda::kernels::NVCC_VERSION
+        crate::cuda::kernels::NVCC_VERSION
     );
     let shapes = if args.shapes.is_empty() {
         default_shapes()
     } else {
-        crate::parse_all(&args.shapes)?
+        super::parse_all(&args.shapes)?
     };
-    let dtypes: Vec<DType> = crate::parse_all(&args.dtypes)?;
-    let layouts: Vec<Layout> = crate::parse_all(&args.layouts)?;
-    let paths: Vec<SePath> = crate::parse_all(&args.paths)?;
+    let dtypes: Vec<DType> = super::parse_all(&args.dtypes)?;
+    let layouts: Vec<Layout> = super::parse_all(&args.layouts)?;
+    let paths: Vec<SePath> = super::parse_all(&args.paths)?;
     let mut rows = Vec::new();
     let total = shapes.len() * dtypes.len() * layouts.len();
     let bar = indicatif::ProgressBar::new(total as u64);

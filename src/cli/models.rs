@@ -1,6 +1,6 @@
 //! `senet models`: every model the registry knows, with its size and cost.
 
-use senet::nn::{models, Network};
+use crate::nn::{models, Network};
 use std::process::ExitCode;
 
 /// Options of `senet models`.
@@ -10,7 +10,7 @@ pub struct Args {
     names: Vec<String>,
 }
 
-pub fn run(args: Args) -> senet::Result<ExitCode> {
+pub fn run(args: Args) -> crate::Result<ExitCode> {
     let names: Vec<String> = if args.names.is_empty() {
         models::MODELS.iter().map(|m| m.name.to_string()).collect()
     } else {

@@ -1,15 +1,15 @@
 //! `senet train`: trains a network with the paper's recipe (scaled by options) into a run
 //! folder, or resumes one.
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use senet::nn::{Backend, Cpu};
-use senet::train::data::DataSplit;
-use senet::train::trainer::{paper_lr, StepInfo};
-use senet::train::{
+use crate::nn::{Backend, Cpu};
+use crate::train::data::DataSplit;
+use crate::train::trainer::{paper_lr, StepInfo};
+use crate::train::{
     Augment, DataSpec, Decay, Device, EpochMetrics, LrSchedule, ModelSpec, Observer, Precision,
     TrainConfig, Trainer,
 };
-use senet::{Error, Result};
+use crate::{Error, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -212,7 +212,7 @@ pub struct Args {
     /// Layout of activations on the device: nchw, or nhwc (channels-last, the layout cuDNN's
     /// tensor-core convolutions prefer; CUDA devices only; a run may resume in either).
     #[arg(long, default_value = "nchw")]
-    layout: senet::Layout,
+    layout: crate::Layout,
 }
 
 /// The defaults of `senet train`: 6 epochs of batch 64 keep the default run on the embedded
@@ -364,8 +364,8 @@ pub fn fit_with_progress<B: Backend<f32>>(
 }
 
 /// Errors when `layout` asks for NHWC activations on the CPU (whose backends are NCHW).
-pub fn check_layout(device: Device, layout: senet::Layout) -> Result<()> {
-    if device == Device::Cpu && layout != senet::Layout::Nchw {
+pub fn check_layout(device: Device, layout: crate::Layout) -> Result<()> {
+    if device == Device::Cpu && layout != crate::Layout::Nchw {
         return Err(Error::Config(format!(
             "{layout} activations need the CUDA backend (--device cuda or cuda-emu); the CPU \
              backends are NCHW"
@@ -376,17 +376,17 @@ pub fn check_layout(device: Device, layout: senet::Layout) -> Result<()> {
 
 /// The CUDA backend `device` names (not the CPU), with activations of `A` kept in `layout`,
 /// announced.
-pub fn open_cuda<A: senet::nn::NnAct>(
+pub fn open_cuda<A: crate::nn::NnAct>(
     device: Device,
-    layout: senet::Layout,
-) -> Result<senet::nn::Cuda<A>> {
+    layout: crate::Layout,
+) -> Result<crate::nn::Cuda<A>> {
     let b = device.cuda_backend_of::<A>()?.with_layout(layout);
     announce_cuda(&b);
     Ok(b)
 }
 
 /// Says what the CUDA network backend runs, once per command.
-pub fn announce_cuda<A: senet::nn::NnAct>(b: &senet::nn::Cuda<A>) {
+pub fn announce_cuda<A: crate::nn::NnAct>(b: &crate::nn::Cuda<A>) {
     let cc = b.device().info().compute_capability;
     println!(
         "device: {} (compute capability {}.{}); activations, parameters, gradients, momentum and \

@@ -1,10 +1,10 @@
 //! `senet eval`: top-1 / top-5 of a checkpoint on a data set.
 
-use crate::train::Progress;
-use senet::nn::Cpu;
-use senet::train::trainer::{evaluate, subset, TEST_SUBSET, TRAIN_SUBSET};
-use senet::train::{Augment, DataSpec, Dataset, Device, ModelSpec, Precision, TrainConfig};
-use senet::{Error, Result};
+use super::train::Progress;
+use crate::nn::Cpu;
+use crate::train::trainer::{evaluate, subset, TEST_SUBSET, TRAIN_SUBSET};
+use crate::train::{Augment, DataSpec, Dataset, Device, ModelSpec, Precision, TrainConfig};
+use crate::{Error, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -44,7 +44,7 @@ pub struct Args {
     /// Layout of activations on the device: nchw, or nhwc (channels-last, the layout cuDNN's
     /// tensor-core convolutions prefer; CUDA devices only).
     #[arg(long, default_value = "nchw")]
-    layout: senet::Layout,
+    layout: crate::Layout,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -115,12 +115,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut progress = Progress::new("eval", false);
     enum Be {
         Host,
-        F32(senet::nn::Cuda),
-        Bf16(senet::nn::Cuda<half::bf16>),
-        F16(senet::nn::Cuda<half::f16>),
+        F32(crate::nn::Cuda),
+        Bf16(crate::nn::Cuda<half::bf16>),
+        F16(crate::nn::Cuda<half::f16>),
     }
-    crate::train::check_layout(args.device, args.layout)?;
-    use crate::train::open_cuda;
+    super::train::check_layout(args.device, args.layout)?;
+    use super::train::open_cuda;
     let (device, layout) = (args.device, args.layout);
     let be = match args.precision {
         Precision::F32 if device == Device::Cpu => Be::Host,
@@ -128,7 +128,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Precision::Bf16 => Be::Bf16(open_cuda(device, layout)?),
         Precision::F16 => Be::F16(open_cuda(device, layout)?),
     };
-    let run = |net: &mut senet::nn::Network<f32>, progress: &mut Progress| {
+    let run = |net: &mut crate::nn::Network<f32>, progress: &mut Progress| {
         macro_rules! on {
             ($b:expr) => {
                 evaluate(

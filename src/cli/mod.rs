@@ -1,4 +1,5 @@
-//! `senet`: the command-line tool. Each subcommand lives in its own module.
+//! `senet`: the command-line tool (feature `cli`). Each subcommand lives in its own module;
+//! `src/bin/senet.rs` only calls [`main`], so the tool is compiled once, with the library.
 
 mod ablate;
 mod bench;
@@ -47,13 +48,12 @@ enum Command {
 }
 
 /// Parses every string of a list option (`--dtypes f32,bf16`).
-pub fn parse_all<T: std::str::FromStr<Err = senet::Error>>(
-    items: &[String],
-) -> senet::Result<Vec<T>> {
+fn parse_all<T: std::str::FromStr<Err = crate::Error>>(items: &[String]) -> crate::Result<Vec<T>> {
     items.iter().map(|s| s.parse()).collect()
 }
 
-fn main() -> ExitCode {
+/// Runs the tool on the process's arguments; the exit code says whether the command succeeded.
+pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Verify(a) => verify::run(a),

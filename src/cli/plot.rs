@@ -1,10 +1,10 @@
 //! `senet plot`: the training curves of one or several runs on one chart (SE against plain,
 //! as in the paper's figure).
 
-use senet::train::metrics::read_csv;
-use senet::train::plot::{curves, Series};
-use senet::train::TrainConfig;
-use senet::{Error, Result};
+use crate::train::metrics::read_csv;
+use crate::train::plot::{curves, Series};
+use crate::train::TrainConfig;
+use crate::{Error, Result};
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -7,10 +7,10 @@
 //! rate of a parallel memcpy (read + write counted) on the same threads. The minimum is printed
 //! too: on a shared machine it is the time least disturbed by other processes.
 
+use crate::se::{cpu, reference};
+use crate::{DType, Element, Error, Init, Layout, Result, SeConfig, SeWeights, Shape, Tensor};
 use half::{bf16, f16};
 use indicatif::{ProgressBar, ProgressStyle};
-use senet::se::{cpu, reference};
-use senet::{DType, Element, Error, Init, Layout, Result, SeConfig, SeWeights, Shape, Tensor};
 use std::fmt;
 use std::process::ExitCode;
 use std::str::FromStr;
@@ -70,9 +70,9 @@ impl FromStr for ShapeArg {
 /// [`Backend::prepare`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backend {
-    /// The f64 oracle ([`senet::se::reference`]).
+    /// The f64 oracle ([`crate::se::reference`]).
     Reference,
-    /// The fast CPU path ([`senet::se::cpu`]), with its schedule picked per shape (`Auto`) or
+    /// The fast CPU path ([`crate::se::cpu`]), with its schedule picked per shape (`Auto`) or
     /// forced, to compare schedules side by side.
     Cpu(cpu::Schedule),
 }

@@ -1,6 +1,6 @@
 //! `senet info`: what this build carries and which devices it sees.
 
-use senet::cuda::{self, CudaDevice};
+use crate::cuda::{self, CudaDevice};
 use std::process::ExitCode;
 
 /// Options of `senet info`.
@@ -11,7 +11,7 @@ pub struct Args {
     kernels: bool,
 }
 
-pub fn run(args: Args) -> senet::Result<ExitCode> {
+pub fn run(args: Args) -> crate::Result<ExitCode> {
     println!("senet {}", env!("CARGO_PKG_VERSION"));
     if cuda::kernels_built() {
         println!(
@@ -53,15 +53,15 @@ pub fn run(args: Args) -> senet::Result<ExitCode> {
         }
         Err(e) => println!("device: none ({e})"),
     }
-    match senet::nn::cudnn_version() {
+    match crate::nn::cudnn_version() {
         Ok(v) => println!(
             "cuDNN: {} (the CUDA network backend's convolutions on a GPU; SENET_CONV=own \
              picks senet's kernels)",
-            senet::nn::cudnn_version_string(v)
+            crate::nn::cudnn_version_string(v)
         ),
         Err(e) => println!("cuDNN: not available ({e})"),
     }
-    match senet::nn::cublas_available() {
+    match crate::nn::cublas_available() {
         Ok(()) => println!(
             "cuBLAS: loads (im2col + cuBLAS GEMM convolutions on a GPU without cuDNN; \
              SENET_CONV=cublas asks for them)"

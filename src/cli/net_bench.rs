@@ -1,12 +1,12 @@
 //! `senet net-bench`: the time of one training step (forward, loss, backward, SGD update) and of
 //! one inference forward of a whole network, per backend and batch size.
 
-use crate::train::open_cuda;
-use senet::nn::{models, Backend, Cpu, Mode, Network, Profiled};
-use senet::train::loss::cross_entropy;
-use senet::train::optim::{step_with, LossScaler, Sgd};
-use senet::train::{Device, Precision};
-use senet::{rng, Error, Layout, Result, Tensor};
+use super::train::open_cuda;
+use crate::nn::{models, Backend, Cpu, Mode, Network, Profiled};
+use crate::train::loss::cross_entropy;
+use crate::train::optim::{step_with, LossScaler, Sgd};
+use crate::train::{Device, Precision};
+use crate::{rng, Error, Layout, Result, Tensor};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -43,7 +43,7 @@ pub struct Args {
     /// Layout of activations on the device: nchw, or nhwc (channels-last, the layout cuDNN's
     /// tensor-core convolutions prefer; CUDA devices only).
     #[arg(long, default_value = "nchw")]
-    layout: senet::Layout,
+    layout: crate::Layout,
     /// After timing, run this many more steps per batch and mode with every op timed (the
     /// device synchronised after each) and print where the time goes, by op kind.
     #[arg(long, default_value_t = 0)]
@@ -71,7 +71,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             _ => return Err(Error::Config(format!("unknown mode `{m}` (train, infer)"))),
         }
     }
-    crate::train::check_layout(args.device, args.layout)?;
+    super::train::check_layout(args.device, args.layout)?;
     let (device, layout) = (args.device, args.layout);
     let rows = match args.precision {
         Precision::F32 if device == Device::Cpu => bench(&Cpu, &args, &modes)?,
@@ -209,7 +209,7 @@ fn bench<B: Backend<f32> + Clone>(be: &B, args: &Args, modes: &[&'static str]) -
     net.bind(be)?;
     let mut rows = Vec::new();
     for &n in &args.batch {
-        let shape = senet::Shape::try_new(n, c, h, w)?;
+        let shape = crate::Shape::try_new(n, c, h, w)?;
         let x = Tensor::from_vec(
             shape,
             Layout::Nchw,
