@@ -1039,12 +1039,14 @@ fn check_bf16_data_movement(backends: Vec<senet::nn::Cuda<half::bf16>>) {
     }
 }
 
-/// A convolution whose samples x groups exceed the grid's z limit runs in sample chunks (the
-/// CUDA backend's forward and input-gradient kernels): every chunk lands at its own samples,
-/// for f32 and bf16 activations alike.
-fn check_sample_chunks<B: Backend<f32, T = Tensor<f32>>>(be: &B, tol: f64) {
+/// A convolution whose samples x groups exceed the grid's z limit (`max_grid_yz`: 65,535 on a
+/// GPU, 1,024 on the emulator) runs in sample chunks (the CUDA backend's forward and
+/// input-gradient kernels): every chunk lands at its own samples, for f32 and bf16 activations
+/// alike.
+fn check_sample_chunks<B: Backend<f32, T = Tensor<f32>>>(be: &B, max_grid_yz: u32, tol: f64) {
     let s = seed("conv chunks");
-    let c = 4100; // 65535 / 4100 = 15 samples per chunk
+    // 17 samples of c groups: chunks of max_grid_yz / c = 14 samples, then 3.
+    let c = max_grid_yz as usize / 15 + 1;
     let geom = ConvGeom::new(c, c, 1, 1, 0, c).unwrap();
     let x32: Tensor<f32> = random_tensor(Shape::new(17, c, 1, 2), s);
     let w32 = vec_f32(geom.weight_len(), s ^ 1);
@@ -1073,11 +1075,13 @@ fn check_sample_chunks<B: Backend<f32, T = Tensor<f32>>>(be: &B, tol: f64) {
 #[test]
 fn cuda_convolution_sample_chunks() {
     for be in nn_common::cuda_backends() {
-        check_sample_chunks(&nn_common::OnHost(&be), OUT_TOL);
+        let limit = be.device().info().max_grid_yz;
+        check_sample_chunks(&nn_common::OnHost(&be), limit, OUT_TOL);
     }
     nn_common::set_bf16_inputs(true);
     for be in nn_common::cuda_bf16_backends() {
-        check_sample_chunks(&nn_common::OnHost(&be), BF16_TOL);
+        let limit = be.device().info().max_grid_yz;
+        check_sample_chunks(&nn_common::OnHost(&be), limit, BF16_TOL);
     }
 }
 

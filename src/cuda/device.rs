@@ -31,6 +31,9 @@ pub struct DeviceInfo {
     pub max_smem_per_block: usize,
     /// Global memory in bytes.
     pub total_memory: usize,
+    /// The most blocks a grid may have along y and along z (65,535 on every CUDA GPU; the
+    /// emulator says 1,024, so tests reach the chunking paths on small shapes).
+    pub max_grid_yz: u32,
     /// Driver version as reported by the driver (e.g. 13000 for CUDA 13.0); 0 for the emulator.
     pub driver_version: i32,
 }
@@ -50,6 +53,11 @@ enum Backend {
         queue: Mutex<()>,
     },
 }
+
+/// The emulator's grid.y / grid.z limit (a GPU's is 65,535): small, so that tests reach every
+/// path that splits a launch over the grid limit on small shapes; launches beyond it fail, as
+/// on a GPU.
+const EMULATOR_MAX_GRID_YZ: u32 = 1024;
 
 /// Emulator instances made so far (each gets the next number as its identity).
 static EMULATORS: AtomicU64 = AtomicU64::new(0);
@@ -166,6 +174,9 @@ impl CudaDevice {
             max_smem_per_block: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
                 as usize,
             total_memory,
+            max_grid_yz: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y)?
+                .min(attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z)?)
+                as u32,
             driver_version,
         };
         if cc.0 < 8 {
@@ -211,6 +222,7 @@ impl CudaDevice {
                 l2_bytes: 4 << 20,
                 max_smem_per_block: 227 << 10,
                 total_memory: 16 << 30,
+                max_grid_yz: EMULATOR_MAX_GRID_YZ,
                 driver_version: 0,
             },
             workspace: Mutex::new(None),
@@ -409,6 +421,18 @@ impl CudaDevice {
                 .map_err(Error::driver(format!("launching {name}")))
             }
             Backend::Emulator { queue, .. } => {
+                let threads = block.0 as u64 * block.1 as u64 * block.2 as u64;
+                if grid.1 > self.info.max_grid_yz || grid.2 > self.info.max_grid_yz {
+                    return Err(Error::KernelFailed(format!(
+                        "{name}: grid {grid:?} exceeds the device's grid.y / grid.z limit of {}",
+                        self.info.max_grid_yz
+                    )));
+                }
+                if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || threads == 0 || threads > 1024 {
+                    return Err(Error::KernelFailed(format!(
+                        "{name}: invalid launch shape grid {grid:?} block {block:?}"
+                    )));
+                }
                 // In order, one at a time per emulator, as on a stream.
                 let _queued = lock(queue);
                 // SAFETY: forwarded from the caller's contract; emulator addresses are host

@@ -40,6 +40,10 @@ const THREADS: u32 = 256;
 /// GEMM tile edge (TM = TN in nn.cu).
 const TILE: usize = 64;
 /// The most blocks along grid.y / grid.z.
+/// The grid's y and z limit on a GPU; a device may say less ([`DeviceInfo::max_grid_yz`]: the
+/// emulator does, so the tests reach the chunking paths on small shapes).
+///
+/// [`DeviceInfo::max_grid_yz`]: crate::cuda::DeviceInfo::max_grid_yz
 const MAX_GRID_YZ: usize = 65_535;
 /// Elements of A the im2col engine's column buffer may hold by default (64 Mi: 128 MiB of bf16).
 const COL_BUDGET: usize = 64 << 20;
@@ -84,12 +88,12 @@ fn grid_x(n: usize, per: usize) -> Result<u32> {
     Ok(b as u32)
 }
 
-/// grid.y likewise (at most 65,535 blocks).
-fn grid_y(n: usize, per: usize) -> Result<u32> {
+/// grid.y likewise (at most `limit` blocks: the device's [`CudaDevice::info`] says).
+fn grid_y(n: usize, per: usize, limit: usize) -> Result<u32> {
     let b = n.div_ceil(per).max(1);
-    if b > MAX_GRID_YZ {
+    if b > limit {
         return Err(Error::Shape(format!(
-            "{n} items need more than {MAX_GRID_YZ} blocks along grid.y"
+            "{n} items need more than {limit} blocks along grid.y"
         )));
     }
     Ok(b as u32)
@@ -1124,7 +1128,7 @@ impl<A: NnAct> Cuda<A> {
             None => 0,
         };
         let y = self.out_t(ys)?;
-        let chunk = Self::sample_chunk(g);
+        let chunk = self.sample_chunk(g);
         for n0 in (0..xs.n).step_by(chunk) {
             let nn = chunk.min(xs.n - n0);
             let pc = NnConvParams { n: nn as u32, ..p };
@@ -1133,7 +1137,7 @@ impl<A: NnAct> Cuda<A> {
             let mut args = [arg(&pc), arg(&xp), arg(&wp), arg(&bp), arg(&yp)];
             let grid = (
                 grid_x(ys.hw(), TILE)?,
-                grid_y(g.out_per_group(), TILE)?,
+                grid_y(g.out_per_group(), TILE, self.max_yz())?,
                 (nn * g.groups) as u32,
             );
             // SAFETY: nn_conv_fwd_A(p, x, w, bias, y): x and y point at sample n0 of buffers
@@ -1266,12 +1270,12 @@ impl<A: NnAct> Cuda<A> {
             arg(&kps),
         ];
         let z = g.groups * splits as usize;
-        if z > MAX_GRID_YZ {
+        if z > self.max_yz() {
             return Err(Error::Shape(format!("{} groups are too many", g.groups)));
         }
         let grid = (
             grid_x(g.in_per_group() * g.kernel * g.kernel, TILE)?,
-            grid_y(g.out_per_group(), TILE)?,
+            grid_y(g.out_per_group(), TILE, self.max_yz())?,
             z as u32,
         );
         // SAFETY: nn_conv_bwd_weight_A(p, x, dy, dw, partial, splits, k_per_split): x holds
@@ -1297,7 +1301,7 @@ impl<A: NnAct> Cuda<A> {
         }
         let wp = self.p_addr(w, &mut keep)?;
         let dx = self.out_t(xs)?;
-        let chunk = Self::sample_chunk(g);
+        let chunk = self.sample_chunk(g);
         p.flags = self.conv_layout_flag();
         for n0 in (0..xs.n).step_by(chunk) {
             let nn = chunk.min(xs.n - n0);
@@ -1307,7 +1311,7 @@ impl<A: NnAct> Cuda<A> {
             let mut args = [arg(&pc), arg(&dyp), arg(&wp), arg(&dxp)];
             let grid = (
                 grid_x(xs.hw(), TILE)?,
-                grid_y(g.in_per_group(), TILE)?,
+                grid_y(g.in_per_group(), TILE, self.max_yz())?,
                 (nn * g.groups) as u32,
             );
             // SAFETY: nn_conv_bwd_data_A(p, dy, w, dx): dy and dx point at sample n0 of
@@ -1375,7 +1379,7 @@ impl<A: NnAct> Cuda<A> {
             arg(&ldc),
             arg(&sc),
         ];
-        if g.batch > MAX_GRID_YZ {
+        if g.batch > self.max_yz() {
             return Err(Error::Shape(format!(
                 "a GEMM batch of {} is too large",
                 g.batch
@@ -1383,7 +1387,7 @@ impl<A: NnAct> Cuda<A> {
         }
         let grid = (
             grid_x(g.n, TILE)?,
-            grid_y(g.m, TILE)?,
+            grid_y(g.m, TILE, self.max_yz())?,
             g.batch.max(1) as u32,
         );
         let name = Self::k(if c_f32 {
@@ -1402,7 +1406,7 @@ impl<A: NnAct> Cuda<A> {
         let per = (g.groups * ys.hw() * g.in_per_group() * g.kernel * g.kernel).max(1);
         (self.col_budget / per)
             .clamp(1, xs.n.max(1))
-            .min(MAX_GRID_YZ)
+            .min(self.max_yz())
     }
 
     /// The columns of samples [n0, n0 + nn) of `x` into a pooled buffer:
@@ -2034,7 +2038,7 @@ impl<A: NnAct> Cuda<A> {
                 .saturating_mul(g.kernel),
         )?;
         small("groups", g.groups)?;
-        if g.groups > MAX_GRID_YZ {
+        if g.groups > self.max_yz() {
             return Err(Error::Shape(format!(
                 "{} convolution groups exceed the CUDA grid",
                 g.groups
@@ -2076,7 +2080,7 @@ impl<A: NnAct> Cuda<A> {
             * g.groups;
         let want = (2 * self.dev.info().sm_count as usize).div_ceil(tiles.max(1));
         let most = (k / MIN_DEPTH).max(1);
-        let most = most.min(MAX_GRID_YZ / g.groups.max(1)).max(1);
+        let most = most.min(self.max_yz() / g.groups.max(1)).max(1);
         let splits = want.clamp(1, most);
         let kps = k.div_ceil(splits).div_ceil(TK) * TK;
         let splits = k.div_ceil(kps.max(1)).max(1);
@@ -2196,7 +2200,7 @@ impl<A: NnAct> Cuda<A> {
     ) -> Result<GpuTensor<A>> {
         let s = x.shape();
         let rows = s.n * s.hw();
-        let (rps, splits) = Self::nhwc_splits(rows);
+        let (rps, splits) = self.nhwc_splits(rows);
         let part = self.out::<f64>(2 * splits as usize * s.c)?;
         let sd = self.out::<f64>(s.c)?;
         let sdx = self.out::<f64>(s.c)?;
@@ -2258,10 +2262,13 @@ impl<A: NnAct> Cuda<A> {
 
     /// Rows per split and splits of the NHWC per-channel reductions over `rows` rows (pixels
     /// of every sample): splits of 512 rows, fewer where the grid would overflow. A function
-    /// of the shape only, so results do not depend on the device.
-    fn nhwc_splits(rows: usize) -> (u64, u32) {
+    /// of the shape only (below the emulator's smaller grid limit, 512 Ki rows: beyond it the
+    /// emulator splits differently from a GPU), so results do not depend on the device.
+    fn nhwc_splits(&self, rows: usize) -> (u64, u32) {
         const MIN_ROWS: usize = 512;
-        let splits = rows.div_ceil(MIN_ROWS).clamp(1, MAX_GRID_YZ);
+        let splits = rows
+            .div_ceil(MIN_ROWS)
+            .clamp(1, MAX_GRID_YZ.min(self.max_yz()));
         let rps = rows.div_ceil(splits).max(1);
         (rps as u64, rows.div_ceil(rps).max(1) as u32)
     }
@@ -2271,7 +2278,7 @@ impl<A: NnAct> Cuda<A> {
     /// splits * c doubles, and the splits.
     fn nhwc_partial(&self, x: u64, mean: u64, s: Shape) -> Result<(PoolBuf<f64>, u32)> {
         let rows = s.n * s.hw();
-        let (rps, splits) = Self::nhwc_splits(rows);
+        let (rps, splits) = self.nhwc_splits(rows);
         let part = self.out::<f64>(splits as usize * s.c)?;
         let (pp, rows, c) = (self.addr(&part), rows as u64, small("channels", s.c)?);
         let mut args = [
@@ -2353,8 +2360,13 @@ impl<A: NnAct> Cuda<A> {
     }
 
     /// Samples per launch so that samples x groups fits grid.z.
-    fn sample_chunk(g: &ConvGeom) -> usize {
-        (MAX_GRID_YZ / g.groups).max(1)
+    fn sample_chunk(&self, g: &ConvGeom) -> usize {
+        (self.max_yz() / g.groups).max(1)
+    }
+
+    /// The device's grid.y / grid.z limit.
+    fn max_yz(&self) -> usize {
+        (self.dev.info().max_grid_yz as usize).min(MAX_GRID_YZ)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2393,7 +2405,7 @@ impl<A: NnAct> Cuda<A> {
             arg(&ku),
             arg(&acc),
         ];
-        let grid = (grid_x(n, TILE)?, grid_y(m, TILE)?, 1);
+        let grid = (grid_x(n, TILE)?, grid_y(m, TILE, self.max_yz())?, 1);
         let name = Self::k(if wgrad {
             "nn_gemm_wgrad"
         } else {
@@ -2460,7 +2472,7 @@ impl<A: NnAct> Cuda<A> {
         Ok(match self.layout {
             Layout::Nchw => (
                 grid_x(s.hw(), THREADS as usize)?,
-                (nc as usize).clamp(1, MAX_GRID_YZ) as u32,
+                (nc as usize).clamp(1, self.max_yz()) as u32,
                 1,
             ),
             Layout::Nhwc => (blocks(s.numel(), THREADS as usize), 1, 1),

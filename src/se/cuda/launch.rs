@@ -171,6 +171,11 @@ impl Ctx<'_> {
         self.dev.info().sm_count as usize
     }
 
+    /// The device's grid.y / grid.z limit.
+    fn max_yz(&self) -> usize {
+        self.dev.info().max_grid_yz as usize
+    }
+
     /// The addresses of the split partials and the tickets (placeholders when sizing).
     fn scratch(&self) -> (u64, u64) {
         match &self.mode {
@@ -226,7 +231,7 @@ impl Ctx<'_> {
                             1
                         };
                         let max_splits = hw.div_ceil(32 * v * 4).max(1);
-                        let splits = want.clamp(1, max_splits.min(65535));
+                        let splits = want.clamp(1, max_splits.min(self.max_yz()));
                         let per = hw.div_ceil(splits).div_ceil(8) * 8;
                         let splits = hw.div_ceil(per);
                         p.splits = splits as u32;
@@ -246,7 +251,7 @@ impl Ctx<'_> {
                     let tile = 32 * if vec { v } else { 1 };
                     let blocks = n * c.div_ceil(tile);
                     let want = (4 * self.sms()).div_ceil(blocks).max(1);
-                    let splits = want.clamp(1, hw.div_ceil(8).clamp(1, 65535));
+                    let splits = want.clamp(1, hw.div_ceil(8).clamp(1, self.max_yz()));
                     let per = hw.div_ceil(splits);
                     let splits = hw.div_ceil(per);
                     p.splits = splits as u32;
@@ -360,7 +365,7 @@ impl Ctx<'_> {
             reserved: 0,
         };
         let gy = m.div_ceil(32);
-        if gy > 65535 {
+        if gy > self.max_yz() {
             return Err(Error::Shape(format!(
                 "gemm with {m} rows exceeds the grid limit"
             )));
