@@ -487,3 +487,143 @@ fn invalid_inputs_are_errors() {
     // Zero-sized dimensions cannot even make a tensor.
     assert!(Tensor::<f32>::zeros(Shape::new(0, 8, 3, 3), Layout::Nchw).is_err());
 }
+
+/// The slice API (`forward_slices` / `backward_slices`: a framework's buffers, no `Tensor`) on
+/// every shape of the case list, both layouts, f32 / f16 / bf16, with every operand a sub-slice
+/// of a larger buffer and the weights, saved state and gradients borrowed: the Tensor API's bits,
+/// and within DESIGN.md's tolerance of the f64 reference.
+#[test]
+fn slice_api_matches_tensor_api_and_reference() {
+    fn run<T: Element>(seed: u64) {
+        use senet::se::cpu::{SeBackwardSlices, SeForwardSlices};
+        let mut k = 0u64;
+        for shape in shapes() {
+            for layout in Layout::ALL {
+                k += 1;
+                let s = seed.wrapping_add(k * 7919);
+                let cfg = SeConfig::with_hidden(shape.c, 1 + shape.c / 3)
+                    .unwrap()
+                    .bias(k % 2 == 0)
+                    .activation(if k % 3 == 0 {
+                        Activation::Silu
+                    } else {
+                        Activation::Relu
+                    })
+                    .gate(if k % 4 == 1 {
+                        Gate::HardSigmoid
+                    } else {
+                        Gate::Sigmoid
+                    });
+                let w = weights(cfg, s);
+                let x = check::input::<T>(shape, layout, s ^ 1).unwrap();
+                let r =
+                    check::residual_off_kink(&w, &x, check::input(shape, layout, s ^ 2).unwrap())
+                        .unwrap();
+                let dy = check::input::<T>(shape, layout, s ^ 3).unwrap();
+                let want_f = cpu::forward(&w, &x, Some(&r)).unwrap();
+                let want_b = cpu::backward(&w, &x, Some(&r), &want_f.saved, &dy).unwrap();
+
+                // Every activation three elements into a buffer with room after it.
+                let numel = shape.numel();
+                let inside = |t: &Tensor<T>| {
+                    let mut v = vec![T::from_f32(7.0); numel + 6];
+                    v[3..3 + numel].copy_from_slice(t.data());
+                    v
+                };
+                let (xb, rb, dyb) = (inside(&x), inside(&r), inside(&dy));
+                let mut yb = vec![T::from_f32(f32::NAN); numel + 6];
+                let mut saved = CpuSaved::new(&cfg, shape.n);
+                cpu::forward_slices(
+                    shape,
+                    layout,
+                    SeForwardSlices {
+                        x: &xb[3..3 + numel],
+                        residual: Some(&rb[3..3 + numel]),
+                        y: &mut yb[3..3 + numel],
+                        weights: w.view(),
+                        saved: saved.view_mut(),
+                    },
+                )
+                .unwrap();
+                assert_eq!(&yb[3..3 + numel], want_f.y.data(), "{shape} {layout} y");
+                assert!(yb[..3]
+                    .iter()
+                    .chain(&yb[3 + numel..])
+                    .all(|v| v.to_f32().is_nan()));
+                assert_eq!(saved, want_f.saved, "{shape} {layout} saved");
+
+                let mut dxb = vec![T::from_f32(f32::NAN); numel + 6];
+                let mut drb = vec![T::from_f32(f32::NAN); numel + 6];
+                let mut grads = cpu::zero_grads(&cfg);
+                cpu::backward_slices(
+                    shape,
+                    layout,
+                    SeBackwardSlices {
+                        x: &xb[3..3 + numel],
+                        residual: Some(&rb[3..3 + numel]),
+                        dy: &dyb[3..3 + numel],
+                        weights: w.view(),
+                        saved: saved.view(),
+                        dx: &mut dxb[3..3 + numel],
+                        accumulate: false,
+                        dresidual: Some(&mut drb[3..3 + numel]),
+                        grads: grads.view_mut(),
+                    },
+                )
+                .unwrap();
+                assert_eq!(&dxb[3..3 + numel], want_b.dx.data(), "{shape} {layout} dx");
+                let dres = want_b.dresidual.as_ref().unwrap();
+                assert_eq!(&drb[3..3 + numel], dres.data(), "{shape} {layout} dres");
+                assert_eq!(grads, want_b.grads, "{shape} {layout} grads");
+
+                // And against the f64 reference.
+                let exp = check::expected(&w, &x, Some(&r), &dy).unwrap();
+                let y: Vec<f64> = yb[3..3 + numel].iter().map(|v| v.to_f64()).collect();
+                let dx: Vec<f64> = dxb[3..3 + numel].iter().map(|v| v.to_f64()).collect();
+                let dr: Vec<f64> = drb[3..3 + numel].iter().map(|v| v.to_f64()).collect();
+                let obs = Observed {
+                    y: Some(y),
+                    dx: Some(dx),
+                    dresidual: Some(dr),
+                    grads: Some(check::widen_grads(&grads)),
+                    ..Default::default()
+                };
+                for c in check::compare(&exp, &obs, T::DTYPE) {
+                    assert!(
+                        c.pass(),
+                        "{shape} {layout} {}: {:.3e} > {:.0e}",
+                        c.what,
+                        c.err,
+                        c.tol
+                    );
+                }
+            }
+        }
+        // Wrong lengths are errors, not panics.
+        let shape = Shape::new(2, 8, 3, 3);
+        let cfg = SeConfig::with_hidden(8, 2).unwrap();
+        let w = weights(cfg, seed);
+        let x = vec![T::from_f32(0.5); shape.numel()];
+        let mut y = vec![T::from_f32(0.0); shape.numel() - 1];
+        let mut saved = CpuSaved::new(&cfg, shape.n);
+        let e = cpu::forward_slices(
+            shape,
+            Layout::Nchw,
+            SeForwardSlices {
+                x: &x,
+                residual: None,
+                y: &mut y,
+                weights: w.view(),
+                saved: saved.view_mut(),
+            },
+        );
+        assert!(matches!(e, Err(senet::Error::Length { .. })), "{e:?}");
+    }
+    let seed = senet::rng::fresh_seed();
+    println!("seed {seed}");
+    pool().install(|| {
+        run::<f32>(seed);
+        run::<half::f16>(seed ^ 1);
+        run::<half::bf16>(seed ^ 2);
+    });
+}

@@ -24,28 +24,43 @@ fn emulator() -> Option<Arc<CudaDevice>> {
     }
 }
 
-/// Unfriendly shapes (C = 1, 3, 17, 1000; HW = 1, 3, 49; N = 1 and 300) and mid-sized ones
-/// whose samples span several CTAs of a cluster and several chunks.
+/// Unfriendly shapes (C = 1, 3, 17, 300; HW = 1, 3, 15, 49, 1089; N = 1, 2, 3) that between
+/// them reach every kernel variant: NCHW staged and split-row pooling (1x8x33x33: splits with
+/// partials and tickets), NHWC vector and scalar tiles, split-K GEMMs with tickets (C = 300),
+/// the cluster kernels over more samples than resident clusters. With SENET_FULL_TESTS=1 also
+/// C = 1000, a batch of 130 and of 300 (split-K over samples in the weight gradients),
+/// mid-sized shapes whose samples span several CTAs of a cluster and several chunks, and a
+/// sample whose cluster forward fits but backward does not.
 fn shapes() -> Vec<Shape> {
-    vec![
+    let mut v = vec![
         Shape::new(1, 1, 1, 1),
         Shape::new(2, 3, 1, 3),
         Shape::new(1, 17, 7, 7),
-        Shape::new(3, 17, 1, 1),
-        Shape::new(2, 1000, 1, 3),
-        Shape::new(2, 24, 45, 45),
-        Shape::new(300, 40, 2, 3),
-        Shape::new(2, 64, 28, 28),
-        Shape::new(1, 72, 56, 57),
-        // A cluster forward fits (one 120 KB slice per CTA), its backward (two) does not.
-        Shape::new(1, 8, 150, 200),
-    ]
+        Shape::new(3, 16, 3, 5),
+        Shape::new(1, 8, 33, 33),
+        Shape::new(2, 300, 1, 3),
+    ];
+    if full() {
+        v.extend([
+            Shape::new(2, 1000, 1, 3),
+            Shape::new(130, 8, 1, 2),
+            Shape::new(3, 17, 1, 1),
+            Shape::new(2, 24, 45, 45),
+            Shape::new(300, 40, 2, 3),
+            Shape::new(2, 64, 28, 28),
+            Shape::new(1, 72, 56, 57),
+            // A cluster forward fits (one 120 KB slice per CTA), its backward (two) does not.
+            Shape::new(1, 8, 150, 200),
+        ]);
+    }
+    v
 }
 
 fn run<T: CudaElement>(layout: Layout) {
     let Some(dev) = emulator() else { return };
     let seed = seed(&format!("emulated {} {layout}", T::DTYPE));
-    let list = cases::cases(layout, &shapes(), 20_000);
+    // Every gate x bias x epilogue at the small shapes; half of them, rotating, above.
+    let list = cases::cases(layout, &shapes(), if full() { 20_000 } else { 2_000 });
     cases::run_all::<T>(&dev, &format!("emulated {layout}"), &list, seed);
 }
 

@@ -8,6 +8,13 @@ use senet::cuda::CudaDevice;
 use senet::{Activation, Gate, Init, Layout, SeConfig, SeWeights, Shape, Tensor};
 use std::sync::Arc;
 
+/// The exhaustive tier: `SENET_FULL_TESTS=1` (CI sets it) runs the full case lists, the large
+/// shapes and the long training runs. Without it each test runs a smaller list that still
+/// covers every kernel, path, dtype, layout, gate, bias and epilogue, so `cargo test` stays quick.
+pub fn full() -> bool {
+    std::env::var("SENET_FULL_TESTS").as_deref() == Ok("1")
+}
+
 /// A fresh seed per call (printed, so a failure can be replayed with SENET_TEST_SEED).
 pub fn seed(label: &str) -> u64 {
     let s = match std::env::var("SENET_TEST_SEED") {
