@@ -363,21 +363,27 @@ fn same_training<B: senet::nn::Backend<f32>>(a: &Trainer<B>, b: &Trainer<B>) {
 /// Train 2 epochs of 6 steps straight through, and again stopping after `stop` steps, saving,
 /// and resuming from the folder (config, data, weights, momentum, state); compare bit for bit.
 fn resume_case<B: senet::nn::Backend<f32> + Clone>(backend: B, stop: usize) {
-    resume_case_on(backend, Device::Cpu, stop)
+    resume_case_on(backend, Device::Cpu, stop, 6)
 }
 
-fn resume_case_on<B: senet::nn::Backend<f32> + Clone>(backend: B, device: Device, stop: usize) {
+/// As [`resume_case`], on `device`, with `per_epoch` steps of 8 samples per epoch.
+fn resume_case_on<B: senet::nn::Backend<f32> + Clone>(
+    backend: B,
+    device: Device,
+    stop: usize,
+    per_epoch: usize,
+) {
     let data_dir = tempfile::tempdir().unwrap();
-    write_squares_idx(data_dir.path(), 48, 12, 9);
+    write_squares_idx(data_dir.path(), 8 * per_epoch, 12, 9);
     let spec = DataSpec::Idx(data_dir.path().to_path_buf());
     let split = spec.load().unwrap();
     let mut config = tiny_config(spec, &split, 2);
     config.device = device;
 
     let mut straight = Trainer::new(backend.clone(), config.clone(), &split).unwrap();
-    assert_eq!(straight.steps_per_epoch(), 6);
+    assert_eq!(straight.steps_per_epoch(), per_epoch);
     straight.fit(None, &mut ()).unwrap();
-    assert_eq!(straight.state().global_step, 12);
+    assert_eq!(straight.state().global_step, 2 * per_epoch as u64);
 
     let run = tempfile::tempdir().unwrap();
     let mut first = Trainer::new(backend.clone(), config.clone(), &split).unwrap();
@@ -426,7 +432,8 @@ fn resume_on_the_cuda_backend() {
         } else {
             Device::Cuda
         };
-        resume_case_on(be, device, 4);
+        // Three steps an epoch: the emulator is slow; stopping at 2 is mid-epoch.
+        resume_case_on(be, device, 2, 3);
     }
 }
 
@@ -910,11 +917,12 @@ fn an_f16_run_that_overflows_at_any_scale_stops_clearly() {
         return;
     };
     let be = senet::nn::Cuda::<half::f16>::open(dev, senet::nn::ConvChoice::Auto).unwrap();
-    let split = squares_split(16 * 20, 8, 12);
+    // Batches of 4: the overflow does not depend on the batch, the emulator's time does.
+    let split = squares_split(4 * 20, 8, 12);
     let mut c = tiny_config(DataSpec::Digits, &split, 1);
     c.device = Device::CudaEmu;
     c.precision = senet::train::Precision::F16;
-    c.batch_size = 16;
+    c.batch_size = 4;
     let mut t = Trainer::new(be, c, &split).unwrap();
     assert_eq!(t.state().scaler.as_ref().map(|s| s.scale()), Some(65536.0));
     // The stem convolution's outputs reach about 1e6: past f16's 65504.

@@ -5,6 +5,13 @@ use senet::nn::{Module, Network, Real, Slot};
 use senet::rng;
 use senet::{Layout, Shape, Tensor};
 
+/// The exhaustive tier: `SENET_FULL_TESTS=1` (CI sets it) trains every small network in the
+/// training tests and runs the long training runs; without it each such test takes one network
+/// (a different one per test, so between them every block variant still trains).
+pub fn full() -> bool {
+    std::env::var("SENET_FULL_TESTS").as_deref() == Ok("1")
+}
+
 /// A fresh seed, printed so a failure can be replayed (`SENET_TEST_SEED=...`).
 pub fn seed(label: &str) -> u64 {
     let s = std::env::var("SENET_TEST_SEED")
