@@ -13,8 +13,14 @@ pub fn seeded(seed: u64) -> SeedRng {
 
 /// `len` values drawn uniformly from `[lo, hi)`.
 pub fn uniform_vec(len: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
+    let mut next = uniform_stream(lo, hi, seed);
+    (0..len).map(|_| next()).collect()
+}
+
+/// The values of [`uniform_vec`], one per call, in the same order.
+pub fn uniform_stream(lo: f32, hi: f32, seed: u64) -> impl FnMut() -> f32 {
     let mut rng = seeded(seed);
-    (0..len).map(|_| rng.gen_range(lo..hi)).collect()
+    move || rng.gen_range(lo..hi)
 }
 
 /// `len` values drawn from a normal distribution with mean 0 and standard deviation `std`.

@@ -45,6 +45,23 @@ impl std::str::FromStr for Layout {
     }
 }
 
+/// A vector of `len` copies of `value`, or [`Error::OutOfMemory`] naming `what` when the memory
+/// cannot be had (sizes that come from a caller must not abort the process).
+pub(crate) fn try_vec<T: Clone>(len: usize, value: T, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    reserve(&mut v, len, what)?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+/// Reserves room for `extra` more elements, or [`Error::OutOfMemory`] naming `what`.
+pub(crate) fn reserve<T>(v: &mut Vec<T>, extra: usize, what: &str) -> Result<()> {
+    v.try_reserve_exact(extra).map_err(|_| Error::OutOfMemory {
+        what: what.to_string(),
+        bytes: extra.saturating_mul(std::mem::size_of::<T>()),
+    })
+}
+
 /// Logical shape of an activation tensor: batch, channels, height, width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Shape {
@@ -336,17 +353,18 @@ impl<T: Element> Tensor<T> {
         Ok(Tensor {
             shape,
             layout,
-            data: vec![T::default(); shape.numel()],
+            data: try_vec(shape.numel(), T::default(), "a host tensor")?,
         })
     }
 
     /// A tensor of values drawn uniformly from `[-1, 1)` with a seeded generator, rounded to `T`.
     pub fn random(shape: Shape, layout: Layout, seed: u64) -> Result<Self> {
         shape.validate()?;
-        let data = crate::rng::uniform_vec(shape.numel(), -1.0, 1.0, seed)
-            .into_iter()
-            .map(T::from_f32)
-            .collect();
+        // Fallible first, so a size no machine has is an error rather than an abort.
+        let mut data = try_vec(0, T::default(), "a host tensor")?;
+        reserve(&mut data, shape.numel(), "a host tensor")?;
+        let mut values = crate::rng::uniform_stream(-1.0, 1.0, seed);
+        data.extend((0..shape.numel()).map(|_| T::from_f32(values())));
         Ok(Tensor {
             shape,
             layout,

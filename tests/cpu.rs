@@ -503,8 +503,8 @@ fn slice_api_matches_tensor_api_and_reference() {
                 let s = seed.wrapping_add(k * 7919);
                 let cfg = SeConfig::with_hidden(shape.c, 1 + shape.c / 3)
                     .unwrap()
-                    .bias(k % 2 == 0)
-                    .activation(if k % 3 == 0 {
+                    .bias(k.is_multiple_of(2))
+                    .activation(if k.is_multiple_of(3) {
                         Activation::Silu
                     } else {
                         Activation::Relu

@@ -135,3 +135,50 @@ fn state_dict_round_trip_across_element_types() {
     }
     assert!(b.load_state_dict(&bad).is_err());
 }
+
+/// A state dict without BatchNorm's `num_batches_tracked` (many published ResNet-family
+/// checkpoints, any dict saved with floating-point tensors only) loads as in PyTorch: every
+/// other tensor is taken and the counters keep their values. Other missing or extra tensors
+/// are still errors.
+#[test]
+fn checkpoints_without_batch_counters_load_as_in_pytorch() {
+    let s = seed("counters");
+    let mut a = small();
+    randomize_network(&mut a, s);
+    let good = a.to_safetensors_bytes().unwrap();
+    let stripped = edited(&good, |l| {
+        l.retain(|(n, ..)| !n.ends_with("num_batches_tracked"))
+    });
+    let removed = SafeTensors::deserialize(&good).unwrap().len()
+        - SafeTensors::deserialize(&stripped).unwrap().len();
+    assert!(removed > 10, "the model has BatchNorm counters to drop");
+
+    // Into a network whose counters moved: the floats are the file's, the counters its own.
+    let mut b = small();
+    b.init_weights(s ^ 1);
+    let x = random_tensor(Shape::new(2, 1, 28, 28), s);
+    b.forward(&Cpu, x.clone(), Mode::Train).unwrap();
+    b.forward(&Cpu, x, Mode::Train).unwrap();
+    let before = b.state_dict().unwrap();
+    b.load_safetensors_bytes(&stripped).unwrap();
+    let (want, got) = (a.state_dict().unwrap(), b.state_dict().unwrap());
+    for (name, t) in &got {
+        if name.ends_with("num_batches_tracked") {
+            assert_eq!(t, &before[name], "{name}: the counter was not kept");
+            assert_eq!(t.data, StateData::I64(vec![2]), "{name}");
+        } else {
+            assert_eq!(t, &want[name], "{name}: not loaded");
+        }
+    }
+
+    // Still strict about everything else.
+    let also_missing = edited(&stripped, |l| l.retain(|(n, ..)| n != "fc.weight"));
+    let e = load_err(&also_missing);
+    assert!(e.contains("missing") && e.contains("fc.weight"), "{e}");
+    assert!(!e.contains("num_batches_tracked"), "{e}");
+    let extra = edited(&stripped, |l| {
+        l.push(("head.extra".into(), Dtype::F32, vec![2], vec![0; 8]))
+    });
+    let e = load_err(&extra);
+    assert!(e.contains("unexpected") && e.contains("head.extra"), "{e}");
+}

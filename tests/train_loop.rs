@@ -948,3 +948,37 @@ fn an_f16_run_that_overflows_at_any_scale_stops_clearly() {
         "a skipped step made momentum"
     );
 }
+
+/// A size no machine has is an error naming the bytes, not an abort: the process exits with
+/// the tool's error status (not a signal) and says "out of memory".
+#[test]
+fn a_tensor_too_large_for_memory_is_an_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_senet"))
+        .args([
+            "bench",
+            "--shapes",
+            "1x1x100000x100000",
+            "--dtypes",
+            "f32",
+            "--layouts",
+            "nchw",
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("out of memory") && text.contains("40000000000"),
+        "{text}"
+    );
+    // And in the library: a tensor of 2^40 elements is OutOfMemory with its byte count.
+    let huge = senet::Shape::new(1 << 20, 1 << 10, 32, 32);
+    match senet::Tensor::<f32>::zeros(huge, senet::Layout::Nchw) {
+        Err(senet::Error::OutOfMemory { bytes, .. }) => assert_eq!(bytes, 1 << 42),
+        other => panic!("{:?}", other.map(|t| t.shape())),
+    }
+}

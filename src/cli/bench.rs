@@ -237,8 +237,8 @@ fn time_calls(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(Durati
 /// Read + write GB/s of a parallel memcpy of `bytes` bytes on the current rayon pool.
 fn memcpy_gbs(bytes: usize, iters: usize) -> Result<f64> {
     use rayon::prelude::*;
-    let src = vec![1u8; bytes];
-    let mut dst = vec![0u8; bytes];
+    let src = crate::tensor::try_vec(bytes, 1u8, "the memcpy baseline's source")?;
+    let mut dst = crate::tensor::try_vec(bytes, 0u8, "the memcpy baseline's destination")?;
     let chunk = (bytes / (4 * rayon::current_num_threads())).max(1 << 16);
     let (t, _) = time_calls(iters, || {
         dst.par_chunks_mut(chunk)

@@ -5,7 +5,9 @@
 //! Parameters and BatchNorm running statistics are F32; `num_batches_tracked` is an I64
 //! scalar (shape `[]`). Loading is strict and all-or-nothing: a missing or unexpected tensor,
 //! a wrong shape or a wrong dtype is an [`Error::Format`] naming it, and the network is left
-//! unchanged.
+//! unchanged. The one exception is PyTorch's: a checkpoint without `num_batches_tracked`
+//! counters (many published ResNet-family weights) loads, the counters keep their values, and
+//! one note on stderr says so.
 
 use crate::error::{Error, Result};
 use crate::nn::network::Network;
@@ -176,10 +178,18 @@ impl<E: Real> Network<E> {
             expected.push((name, shape, is_counter));
         });
         let mut missing = Vec::new();
+        let mut counters_kept = 0usize;
         let mut decoded: HashMap<String, Decoded> = HashMap::new();
         for (name, shape, is_counter) in &expected {
             let Some(e) = entries.get(name.as_str()) else {
-                missing.push(name.clone());
+                // BatchNorm's `num_batches_tracked` is absent from many published checkpoints
+                // (and from any dict saved with floating-point tensors only): PyTorch keeps the
+                // module's own counter then, and so does senet.
+                if *is_counter {
+                    counters_kept += 1;
+                } else {
+                    missing.push(name.clone());
+                }
                 continue;
             };
             let want = if *is_counter { Dtype::I64 } else { Dtype::F32 };
@@ -240,7 +250,16 @@ impl<E: Real> Network<E> {
         });
         match failure {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => {
+                if counters_kept > 0 {
+                    eprintln!(
+                        "note: the checkpoint has no `num_batches_tracked` for {counters_kept} \
+                         BatchNorm layers of `{}`; their counters are kept, as PyTorch does",
+                        self.name()
+                    );
+                }
+                Ok(())
+            }
         }
     }
 }
