@@ -7,7 +7,7 @@ mod nn_common;
 
 use nn_common::{random_tensor, randomize_network, seed};
 use senet::nn::backend::{Backend, ConvGeom, Cpu, PoolGeom, Reference};
-use senet::nn::blocks::{BlockKind, SeOptions, SePosition, StrideOn};
+use senet::nn::blocks::{BlockKind, SeBlockConfig, SePosition, StrideOn};
 use senet::nn::inception::{InceptionModule, InceptionPool, InceptionSpec};
 use senet::nn::layers::{GlobalAvgPool, Linear};
 use senet::nn::{Layer, Mode, Module, Network, ResNetConfig, Seq, Stem};
@@ -626,7 +626,7 @@ fn compare_networks<B: Backend<f32>>(
 }
 
 fn small_configs() -> Vec<(&'static str, ResNetConfig, Shape)> {
-    let se = |position, bias| SeOptions {
+    let se = |position, bias| SeBlockConfig {
         reduction: 2,
         divisor: 1,
         bias,
@@ -706,10 +706,10 @@ fn check_inception_network<B: Backend<f32>>(be: &B) {
         stride: 2,
         ..spec
     };
-    let se = Some(SeOptions {
+    let se = Some(SeBlockConfig {
         reduction: 4,
         divisor: 1,
-        ..SeOptions::default()
+        ..SeBlockConfig::default()
     });
     for mode in [Mode::Train, Mode::Infer] {
         let s = seed("inception");
@@ -723,7 +723,7 @@ fn inception_net<E: senet::nn::Real>(
     name: &str,
     a: &InceptionSpec,
     b: &InceptionSpec,
-    se: Option<SeOptions>,
+    se: Option<SeBlockConfig>,
 ) -> Network<E> {
     let c1 = a.out_channels(3);
     let c2 = b.out_channels(c1);
@@ -1655,7 +1655,7 @@ fn cuda_bound_parameter_misuse_is_an_error() {
         let n = net.bind(&be).unwrap();
         assert!(n > 0);
         // A bound operand of the wrong length.
-        let mut w = Param::<f32>::new(&[1], senet::nn::Init::Ones).bindable();
+        let mut w = Param::<f32>::new(&[1], senet::nn::ParamInit::Ones).bindable();
         w.init(1);
         assert!(be.bind(&mut w).unwrap());
         let x = be.upload(random_tensor(Shape::new(1, 4, 1, 1), 3)).unwrap();

@@ -13,7 +13,9 @@ mod nn_common;
 
 use nn_common::{quantize, random_tensor, randomize_module, randomize_network, seed};
 use senet::nn::backend::{ConvGeom, PoolGeom, Reference};
-use senet::nn::blocks::{BlockConfig, BlockKind, ResidualBlock, SeOptions, SePosition, StrideOn};
+use senet::nn::blocks::{
+    BlockConfig, BlockKind, ResidualBlock, SeBlockConfig, SePosition, StrideOn,
+};
 use senet::nn::inception::{InceptionModule, InceptionPool, InceptionSpec};
 use senet::nn::layers::{
     AvgPool2d, BatchNorm2d, Conv2d, Dropout, GlobalAvgPool, Linear, MaxPool2d, Relu, SqueezeExcite,
@@ -387,8 +389,8 @@ fn squeeze_excite() {
     }
 }
 
-fn se(position: SePosition, bias: bool) -> SeOptions {
-    SeOptions {
+fn se(position: SePosition, bias: bool) -> SeBlockConfig {
+    SeBlockConfig {
         reduction: 2,
         divisor: 1,
         bias,

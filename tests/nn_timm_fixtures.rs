@@ -4,7 +4,7 @@
 //! regenerate them.
 
 use safetensors::tensor::{Dtype, SafeTensors};
-use senet::nn::{BlockKind, Cpu, Mode, Network, Reference, ResNetConfig, SeOptions, Stem};
+use senet::nn::{BlockKind, Cpu, Mode, Network, Reference, ResNetConfig, SeBlockConfig, Stem};
 use senet::{rel_l2_error, Layout, Shape, Tensor};
 use std::path::PathBuf;
 
@@ -22,7 +22,7 @@ fn config(name: &str) -> ResNetConfig {
             let mut c = ResNetConfig::imagenet(BlockKind::Basic, &[1, 1, 1, 1]);
             c.channels = vec![8, 12, 16, 24];
             c.num_classes = 10;
-            c.with_se(SeOptions::default())
+            c.with_se(SeBlockConfig::default())
         }
         "tiny_senet" => {
             let mut c = ResNetConfig::imagenet(BlockKind::Bottleneck, &[1, 2, 1, 1]);
@@ -34,7 +34,7 @@ fn config(name: &str) -> ResNetConfig {
             c.down_kernel = 3;
             c.num_classes = 7;
             c.drop_rate = 0.2;
-            c.with_se(SeOptions::default())
+            c.with_se(SeBlockConfig::default())
         }
         "tiny_resnet_bottleneck" => {
             let mut c = ResNetConfig::imagenet(BlockKind::Bottleneck, &[2, 1, 1, 1]);

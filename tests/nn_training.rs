@@ -4,7 +4,7 @@
 
 mod nn_common;
 
-use senet::nn::{Backend, BlockKind, Cpu, Mode, ResNetConfig, SeOptions, Stem};
+use senet::nn::{Backend, BlockKind, Cpu, Mode, ResNetConfig, SeBlockConfig, Stem};
 use senet::{rng, Layout, Shape, Tensor};
 
 /// Mean softmax cross-entropy of logits `[n, k, 1, 1]` and its gradient.
@@ -99,10 +99,10 @@ fn train_with<B: Backend<f32>>(
     cfg.stem = Stem::Conv3 { width: 4 };
     cfg.block = BlockKind::Basic;
     cfg.se = vec![
-        Some(SeOptions {
+        Some(SeBlockConfig {
             reduction: 2,
             divisor: 1,
-            ..SeOptions::default()
+            ..SeBlockConfig::default()
         });
         3
     ];

@@ -3,7 +3,7 @@
 //! markdown table and a bar chart.
 
 use super::train::{fit_with_progress, timestamp, Defaults, Recipe, ScheduleKind};
-use crate::nn::{models, Cpu, SeOptions};
+use crate::nn::{models, Cpu, SeBlockConfig};
 use crate::train::ablate::{markdown, paper_variants, Row};
 use crate::train::plot;
 use crate::train::trainer::SeSpec;
@@ -84,10 +84,10 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
     }
     args.recipe.train_size = args.recipe.train_size.or(Some(TRAIN_SIZE));
     args.recipe.test_size = args.recipe.test_size.or(Some(TEST_SIZE));
-    let base = SeOptions {
+    let base = SeBlockConfig {
         reduction: args.reduction,
         divisor: 1,
-        ..SeOptions::default()
+        ..SeBlockConfig::default()
     };
     let variants: Vec<_> = paper_variants(stages, base)
         .into_iter()
@@ -99,10 +99,10 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
         .unwrap_or_else(|| PathBuf::from("runs").join(format!("ablate-{}", timestamp())));
     std::fs::create_dir_all(&out).map_err(Error::io(format!("creating {}", out.display())))?;
     let split = args.recipe.data.load()?;
-    let mut distinct: Vec<(Vec<Option<SeOptions>>, Row)> = Vec::new();
+    let mut distinct: Vec<(Vec<Option<SeBlockConfig>>, Row)> = Vec::new();
     let mut rows = Vec::new();
     let total = {
-        let mut seen: Vec<&Vec<Option<SeOptions>>> = Vec::new();
+        let mut seen: Vec<&Vec<Option<SeBlockConfig>>> = Vec::new();
         for v in &variants {
             if !seen.contains(&&v.se) {
                 seen.push(&v.se);

@@ -43,7 +43,7 @@ impl SePosition {
 
 /// How a block's SE is built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SeOptions {
+pub struct SeBlockConfig {
     /// Reduction ratio `r` (hidden = `C / r`, rounded to a multiple of `divisor`).
     pub reduction: usize,
     /// Rounding divisor of the hidden width (timm: 8; 1 keeps `C / r` exactly, at least 1).
@@ -54,10 +54,10 @@ pub struct SeOptions {
     pub position: SePosition,
 }
 
-impl Default for SeOptions {
+impl Default for SeBlockConfig {
     /// timm's SE: `r = 16`, divisor 8, biases, standard position.
     fn default() -> Self {
-        SeOptions {
+        SeBlockConfig {
             reduction: 16,
             divisor: 8,
             bias: true,
@@ -66,7 +66,7 @@ impl Default for SeOptions {
     }
 }
 
-impl SeOptions {
+impl SeBlockConfig {
     /// The SE configuration for `channels`.
     pub fn config(&self, channels: usize) -> Result<SeConfig> {
         if self.reduction == 0 {
@@ -133,7 +133,7 @@ pub struct BlockConfig {
     /// Kernel of the projection shortcut when it strides (1, or 3 for SENet-154).
     pub down_kernel: usize,
     /// The SE block, if any.
-    pub se: Option<SeOptions>,
+    pub se: Option<SeBlockConfig>,
     /// Initialise the branch's last BN scale to zero (timm's `zero_init_last`).
     pub zero_init_last: bool,
 }

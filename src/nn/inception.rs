@@ -5,9 +5,9 @@
 //! each module's SE is `inception_3a_se.fc1` / `.fc2`.
 
 use crate::error::Result;
-use crate::nn::backend::Activation;
+use crate::nn::backend::ActTensor;
 use crate::nn::backend::{Backend, ConvGeom, PoolGeom};
-use crate::nn::blocks::SeOptions;
+use crate::nn::blocks::SeBlockConfig;
 use crate::nn::layers::{
     no_forward, AvgPool2d, BatchNorm2d, Conv2d, GlobalAvgPool, Linear, MaxPool2d, Module, Relu,
     SqueezeExcite,
@@ -111,7 +111,7 @@ pub struct InceptionModule<E> {
 
 impl<E: Real> InceptionModule<E> {
     /// Builds module `spec` for `in_ch` input channels, with SE on its output if `se` is set.
-    pub fn new(spec: &InceptionSpec, in_ch: usize, se: Option<SeOptions>) -> Result<Self> {
+    pub fn new(spec: &InceptionSpec, in_ch: usize, se: Option<SeBlockConfig>) -> Result<Self> {
         let p = format!("inception_{}_", spec.name);
         let s = spec.stride;
         let mut branches = Vec::new();
@@ -287,7 +287,7 @@ impl<E: Real> Module<E> for InceptionModule<E> {
 /// at 224x224.
 pub fn bn_inception<E: Real>(
     name: &str,
-    se: Option<SeOptions>,
+    se: Option<SeBlockConfig>,
     classes: usize,
 ) -> Result<Network<E>> {
     let mut body = Seq::new();

@@ -6,10 +6,10 @@
 
 use crate::error::{Error, Result};
 use crate::nn::backend::{
-    Activation, Backend, BnDeviceSaved, BnParamsMut, BnRun, ConvGeom, PoolGeom, SeParams,
-    SeParamsMut,
+    ActTensor, Backend, BnDeviceSaved, BnParamsMut, BnRun, ConvGeom, PoolGeom, SeLayerParams,
+    SeLayerParamsMut,
 };
-use crate::nn::param::{Init, Mode, Param, Real, Slot, SlotRef, Visit, VisitMut};
+use crate::nn::param::{Mode, Param, ParamInit, Real, Slot, SlotRef, Visit, VisitMut};
 use crate::rng;
 use crate::se::{SeConfig, SeWeights};
 use crate::tensor::Shape;
@@ -115,10 +115,14 @@ impl<E: Real> Conv2d<E> {
         let fan_in = (geom.in_per_group() * k2) as f32;
         Conv2d {
             geom,
-            weight: Param::new(&geom.weight_shape(), Init::Normal((2.0 / fan_out).sqrt()))
-                .bindable(),
-            bias: bias
-                .then(|| Param::new(&[geom.out_ch], Init::Uniform(1.0 / fan_in.sqrt())).bindable()),
+            weight: Param::new(
+                &geom.weight_shape(),
+                ParamInit::Normal((2.0 / fan_out).sqrt()),
+            )
+            .bindable(),
+            bias: bias.then(|| {
+                Param::new(&[geom.out_ch], ParamInit::Uniform(1.0 / fan_in.sqrt())).bindable()
+            }),
             input_grad: true,
             cache: None,
         }
@@ -241,10 +245,10 @@ impl<E: Real> BatchNorm2d<E> {
             channels,
             eps: 1e-5,
             momentum: 0.1,
-            weight: Param::new(&[channels], Init::Ones).bindable(),
-            bias: Param::new(&[channels], Init::Zeros).bindable(),
-            running_mean: Param::new(&[channels], Init::Zeros).bindable(),
-            running_var: Param::new(&[channels], Init::Ones).bindable(),
+            weight: Param::new(&[channels], ParamInit::Ones).bindable(),
+            bias: Param::new(&[channels], ParamInit::Zeros).bindable(),
+            running_mean: Param::new(&[channels], ParamInit::Zeros).bindable(),
+            running_var: Param::new(&[channels], ParamInit::Ones).bindable(),
             num_batches_tracked: 0,
             cache: None,
         }
@@ -252,7 +256,7 @@ impl<E: Real> BatchNorm2d<E> {
 
     /// Initialises the scale to zero (timm's `zero_init_last` for a residual branch's last BN).
     pub fn zero_init(mut self) -> Self {
-        self.weight = Param::new(&[self.channels], Init::Zeros).bindable();
+        self.weight = Param::new(&[self.channels], ParamInit::Zeros).bindable();
         self
     }
 
@@ -708,8 +712,8 @@ impl<E: Real> Linear<E> {
         Linear {
             in_features,
             out_features,
-            weight: Param::new(&[out_features, in_features], Init::Uniform(bound)).bindable(),
-            bias: bias.then(|| Param::new(&[out_features], Init::Uniform(bound)).bindable()),
+            weight: Param::new(&[out_features, in_features], ParamInit::Uniform(bound)).bindable(),
+            bias: bias.then(|| Param::new(&[out_features], ParamInit::Uniform(bound)).bindable()),
             cache: None,
         }
     }
@@ -886,12 +890,14 @@ impl<E: Real> SqueezeExcite<E> {
         let bias = config.bias;
         Ok(SqueezeExcite {
             config,
-            fc1_weight: Param::new(&[d, c, 1, 1], Init::Normal((2.0 / d as f32).sqrt())).bindable(),
+            fc1_weight: Param::new(&[d, c, 1, 1], ParamInit::Normal((2.0 / d as f32).sqrt()))
+                .bindable(),
             fc1_bias: bias
-                .then(|| Param::new(&[d], Init::Uniform(1.0 / (c as f32).sqrt())).bindable()),
-            fc2_weight: Param::new(&[c, d, 1, 1], Init::Normal((2.0 / c as f32).sqrt())).bindable(),
+                .then(|| Param::new(&[d], ParamInit::Uniform(1.0 / (c as f32).sqrt())).bindable()),
+            fc2_weight: Param::new(&[c, d, 1, 1], ParamInit::Normal((2.0 / c as f32).sqrt()))
+                .bindable(),
             fc2_bias: bias
-                .then(|| Param::new(&[c], Init::Uniform(1.0 / (d as f32).sqrt())).bindable()),
+                .then(|| Param::new(&[c], ParamInit::Uniform(1.0 / (d as f32).sqrt())).bindable()),
             cache: None,
         })
     }
@@ -906,8 +912,8 @@ impl<E: Real> SqueezeExcite<E> {
         crate::nn::backend::se_weights(self.config, &self.params())
     }
 
-    fn params(&self) -> SeParams<'_, E> {
-        SeParams {
+    fn params(&self) -> SeLayerParams<'_, E> {
+        SeLayerParams {
             fc1_weight: &self.fc1_weight,
             fc1_bias: self.fc1_bias.as_ref(),
             fc2_weight: &self.fc2_weight,
@@ -971,7 +977,7 @@ impl<E: Real> SqueezeExcite<E> {
             Some(r) => Some(r.get::<B::T>()?),
             None => None,
         };
-        let p = SeParamsMut {
+        let p = SeLayerParamsMut {
             fc1_weight: &mut self.fc1_weight,
             fc1_bias: self.fc1_bias.as_mut(),
             fc2_weight: &mut self.fc2_weight,

@@ -30,10 +30,10 @@ pub use backend::{
     cublas_available, cudnn_version, cudnn_version_string, Backend, ConvChoice, ConvEngine,
     ConvGeom, Cpu, Cuda, NnAct, OpTime, PoolGeom, Profiled, Reference,
 };
-pub use blocks::{BlockConfig, BlockKind, ResidualBlock, SeOptions, SePosition, StrideOn};
+pub use blocks::{BlockConfig, BlockKind, ResidualBlock, SeBlockConfig, SePosition, StrideOn};
 pub use checkpoint::{StateData, StateDict, StateTensor};
 pub use layers::{Module, SqueezeExcite};
 pub use network::Network;
-pub use param::{DeviceStore, Init, Mode, Param, Real, Slot, SlotRef};
+pub use param::{DeviceStore, Mode, Param, ParamInit, Real, Slot, SlotRef};
 pub use resnet::{ResNetConfig, Stem};
 pub use seq::{Layer, Seq};

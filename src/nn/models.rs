@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::nn::backend::PoolGeom;
-use crate::nn::blocks::{BlockKind, SeOptions};
+use crate::nn::blocks::{BlockKind, SeBlockConfig};
 use crate::nn::inception::bn_inception;
 use crate::nn::network::Network;
 use crate::nn::param::Real;
@@ -59,18 +59,18 @@ pub const MODELS: &[ModelEntry] = &[
 
 /// The SE of the small CIFAR/MNIST models: their stages have 16/32/64 channels, where timm's
 /// `r = 16` rounded up to 8 would be a reduction of 2; use `r = 4` exactly.
-pub fn small_se() -> SeOptions {
-    SeOptions {
+pub fn small_se() -> SeBlockConfig {
+    SeBlockConfig {
         reduction: 4,
         divisor: 1,
-        ..SeOptions::default()
+        ..SeBlockConfig::default()
     }
 }
 
 /// The configuration of a ResNet-family model, or `None` if `name` is not one.
 pub fn resnet_config(name: &str) -> Option<ResNetConfig> {
     use BlockKind::{Basic, Bottleneck};
-    let se = SeOptions::default();
+    let se = SeBlockConfig::default();
     let resnext = |layers: &[usize]| ResNetConfig {
         cardinality: 32,
         base_width: 4,
@@ -131,7 +131,7 @@ pub fn build<E: Real>(name: &str) -> Result<Network<E>> {
     }
     match name {
         "bn_inception" => bn_inception(name, None, 1000),
-        "se_bn_inception" => bn_inception(name, Some(SeOptions::default()), 1000),
+        "se_bn_inception" => bn_inception(name, Some(SeBlockConfig::default()), 1000),
         _ => Err(Error::Config(format!(
             "unknown model `{name}`; known: {}",
             MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")

@@ -65,7 +65,7 @@ impl Mode {
 
 /// How a parameter or buffer is filled by [`Param::init`].
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Init {
+pub enum ParamInit {
     /// All zeros.
     Zeros,
     /// All ones.
@@ -110,7 +110,7 @@ pub trait DeviceStore: Send + Sync + fmt::Debug + std::any::Any {
 #[derive(Debug)]
 pub struct Param<E> {
     shape: Vec<usize>,
-    init: Init,
+    init: ParamInit,
     /// The values, row-major in PyTorch's layout; empty until initialised (and while bound).
     pub value: Vec<E>,
     /// The accumulated gradient, shaped like `value`; empty until the first backward pass
@@ -172,7 +172,7 @@ impl<E: PartialEq> PartialEq for Param<E> {
 
 impl<E: Real> Param<E> {
     /// A parameter of `shape` that [`Param::init`] fills according to `init`; allocates nothing.
-    pub fn new(shape: &[usize], init: Init) -> Self {
+    pub fn new(shape: &[usize], init: ParamInit) -> Self {
         Param {
             shape: shape.to_vec(),
             init,
@@ -267,19 +267,19 @@ impl<E: Real> Param<E> {
         self.bound.is_some() || self.value.len() == self.numel()
     }
 
-    /// Fills the values from `seed` according to the parameter's [`Init`] (dropping a device
+    /// Fills the values from `seed` according to the parameter's [`ParamInit`] (dropping a device
     /// binding: the new values replace the device's).
     pub fn init(&mut self, seed: u64) {
         self.bound = None;
         let n = self.numel();
         self.value = match self.init {
-            Init::Zeros => vec![E::ZERO; n],
-            Init::Ones => vec![E::ONE; n],
-            Init::Normal(std) => rng::normal_vec(n, std, seed)
+            ParamInit::Zeros => vec![E::ZERO; n],
+            ParamInit::Ones => vec![E::ONE; n],
+            ParamInit::Normal(std) => rng::normal_vec(n, std, seed)
                 .into_iter()
                 .map(E::from_f32)
                 .collect(),
-            Init::Uniform(b) => rng::uniform_vec(n, -b, b, seed)
+            ParamInit::Uniform(b) => rng::uniform_vec(n, -b, b, seed)
                 .into_iter()
                 .map(E::from_f32)
                 .collect(),
@@ -419,7 +419,7 @@ mod tests {
 
     #[test]
     fn lazy_values_and_grads() {
-        let mut p = Param::<f32>::new(&[4, 3, 1, 1], Init::Normal(0.5));
+        let mut p = Param::<f32>::new(&[4, 3, 1, 1], ParamInit::Normal(0.5));
         assert_eq!(p.numel(), 12);
         assert!(!p.is_initialised());
         assert!(p.values("w").is_err());
@@ -473,7 +473,7 @@ mod tests {
 
     #[test]
     fn a_bound_parameter_lives_on_its_store_until_unbound() {
-        let mut p = Param::<f32>::new(&[2, 3], Init::Ones).bindable();
+        let mut p = Param::<f32>::new(&[2, 3], ParamInit::Ones).bindable();
         assert!(p.is_bindable());
         p.init(1);
         p.bind_store(fake());
@@ -493,7 +493,7 @@ mod tests {
         assert_eq!(p.grad, vec![0.5; 6]);
         assert_eq!(p, q);
         // zero_grad reaches the store.
-        let mut r = Param::<f32>::new(&[6], Init::Zeros);
+        let mut r = Param::<f32>::new(&[6], ParamInit::Zeros);
         r.bind_store(fake());
         r.zero_grad();
         r.unbind().unwrap();

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::nn::backend::{ConvGeom, PoolGeom};
-use crate::nn::blocks::{BlockConfig, BlockKind, ResidualBlock, SeOptions, StrideOn};
+use crate::nn::blocks::{BlockConfig, BlockKind, ResidualBlock, SeBlockConfig, StrideOn};
 use crate::nn::layers::{BatchNorm2d, Conv2d, Dropout, GlobalAvgPool, Linear, MaxPool2d, Relu};
 use crate::nn::network::Network;
 use crate::nn::param::Real;
@@ -64,7 +64,7 @@ pub struct ResNetConfig {
     /// The stem's max pool (timm: 3x3, stride 2, padding 1; Caffe: 3x3, stride 2, ceil mode).
     pub stem_pool: Option<PoolGeom>,
     /// SE per stage (`None`: no SE in that stage); its length must equal `layers`'.
-    pub se: Vec<Option<SeOptions>>,
+    pub se: Vec<Option<SeBlockConfig>>,
     /// Input channels (3 for RGB, 1 for MNIST).
     pub in_chans: usize,
     /// Input height and width the model is meant for.
@@ -126,7 +126,7 @@ impl ResNetConfig {
     }
 
     /// The same configuration with SE (`opts`) in every stage.
-    pub fn with_se(mut self, opts: SeOptions) -> Self {
+    pub fn with_se(mut self, opts: SeBlockConfig) -> Self {
         self.se = vec![Some(opts); self.layers.len()];
         self
     }

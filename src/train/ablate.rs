@@ -3,7 +3,7 @@
 //! Identity). [`paper_variants`] lists them for a ResNet-family model; [`markdown`] writes the
 //! results table.
 
-use crate::nn::{SeOptions, SePosition};
+use crate::nn::{SeBlockConfig, SePosition};
 use crate::train::trainer::position_name;
 
 /// One network of an ablation.
@@ -14,7 +14,7 @@ pub struct Variant {
     /// A short name for tables and plots.
     pub name: String,
     /// SE per stage (`None`: none in that stage).
-    pub se: Vec<Option<SeOptions>>,
+    pub se: Vec<Option<SeBlockConfig>>,
 }
 
 /// The ratios the paper tries (table 10).
@@ -31,8 +31,8 @@ pub const POSITIONS: [SePosition; 4] = [
 /// Every variant of the four ablations for a model of `stages` stages, `base` being the SE of
 /// the reference SE network (its ratio and position). Variants that coincide (the reference
 /// appears in every ablation) are listed in each group; run each distinct one once.
-pub fn paper_variants(stages: usize, base: SeOptions) -> Vec<Variant> {
-    let all = |o: SeOptions| vec![Some(o); stages];
+pub fn paper_variants(stages: usize, base: SeBlockConfig) -> Vec<Variant> {
+    let all = |o: SeBlockConfig| vec![Some(o); stages];
     let mut v = vec![
         Variant {
             group: "se",
@@ -46,7 +46,7 @@ pub fn paper_variants(stages: usize, base: SeOptions) -> Vec<Variant> {
         },
     ];
     for r in RATIOS {
-        let o = SeOptions {
+        let o = SeBlockConfig {
             reduction: r,
             ..base
         };
@@ -71,7 +71,7 @@ pub fn paper_variants(stages: usize, base: SeOptions) -> Vec<Variant> {
         se: all(base),
     });
     for p in POSITIONS {
-        let o = SeOptions {
+        let o = SeBlockConfig {
             position: p,
             ..base
         };
@@ -86,8 +86,8 @@ pub fn paper_variants(stages: usize, base: SeOptions) -> Vec<Variant> {
 
 /// A one-line description of SE per stage: `SE r=4 standard` when every stage has the same,
 /// else per stage (`-` for none).
-pub fn describe(se: &[Option<SeOptions>]) -> String {
-    let one = |o: &Option<SeOptions>| match o {
+pub fn describe(se: &[Option<SeBlockConfig>]) -> String {
+    let one = |o: &Option<SeBlockConfig>| match o {
         None => "-".to_string(),
         Some(o) => format!("r={} {}", o.reduction, position_name(o.position)),
     };
@@ -157,10 +157,10 @@ mod tests {
 
     #[test]
     fn variants_cover_the_paper() {
-        let base = SeOptions {
+        let base = SeBlockConfig {
             reduction: 4,
             divisor: 1,
-            ..SeOptions::default()
+            ..SeBlockConfig::default()
         };
         let v = paper_variants(3, base);
         assert_eq!(v.len(), 2 + 5 + 4 + 4);

@@ -15,7 +15,7 @@
 //!   order that work stealing decides, so two runs, resumed or not, agree only to rounding).
 
 use crate::error::{Error, Result};
-use crate::nn::{models, Backend, Mode, Network, SeOptions, SePosition, Stem};
+use crate::nn::{models, Backend, Mode, Network, SeBlockConfig, SePosition, Stem};
 use crate::train::augment::Augment;
 use crate::train::data::{DataSpec, DataSplit, Dataset, Subset};
 use crate::train::loader::{epoch_order, num_batches, Loader, Sampling};
@@ -163,7 +163,7 @@ impl fmt::Display for Device {
     }
 }
 
-/// SE options as saved in a config (mirrors [`SeOptions`]).
+/// SE options as saved in a config (mirrors [`SeBlockConfig`]).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SeSpec {
     /// Reduction ratio `r`.
@@ -189,7 +189,7 @@ pub fn position_name(p: SePosition) -> &'static str {
 
 impl SeSpec {
     /// The spec of `o`.
-    pub fn from_options(o: SeOptions) -> Self {
+    pub fn from_options(o: SeBlockConfig) -> Self {
         SeSpec {
             reduction: o.reduction,
             divisor: o.divisor,
@@ -199,12 +199,12 @@ impl SeSpec {
     }
 
     /// The options this spec names.
-    pub fn options(&self) -> Result<SeOptions> {
+    pub fn options(&self) -> Result<SeBlockConfig> {
         let position = SePosition::ALL
             .into_iter()
             .find(|p| position_name(*p) == self.position)
             .ok_or_else(|| Error::Config(format!("unknown SE position `{}`", self.position)))?;
-        Ok(SeOptions {
+        Ok(SeBlockConfig {
             reduction: self.reduction,
             divisor: self.divisor,
             bias: self.bias,

@@ -18,9 +18,9 @@
 use super::blas::{Blas, BlasType, Gemm};
 use super::cudnn::{ConvChoice, ConvEngine, Dnn, DnnMode, Pass, PassKind};
 use super::{
-    check_bn_lens, check_len, check_split, concat_shape, same_shape, Activation, Backend,
-    BnDeviceSaved, BnParamsMut, BnRun, BnStats, ConvGeom, PoolGeom, SeBackward, SeParams,
-    SeParamsMut,
+    check_bn_lens, check_len, check_split, concat_shape, same_shape, ActTensor, Backend,
+    BnDeviceSaved, BnParamsMut, BnRun, BnStats, ConvGeom, PoolGeom, SeBackward, SeLayerParams,
+    SeLayerParamsMut,
 };
 use crate::cuda::abi::NnConvParams;
 use crate::cuda::{Buf, CudaDevice, CudaElement, DevElem, DeviceTensor, Module};
@@ -284,7 +284,7 @@ impl<A: NnAct> std::fmt::Debug for GpuTensor<A> {
     }
 }
 
-impl<A: NnAct> Activation for GpuTensor<A> {
+impl<A: NnAct> ActTensor for GpuTensor<A> {
     fn shape(&self) -> Shape {
         self.device_tensor().shape()
     }
@@ -1851,7 +1851,7 @@ impl<A: NnAct> Cuda<A> {
     fn se_bound_weights(
         &self,
         config: SeConfig,
-        p: &SeParams<'_, f32>,
+        p: &SeLayerParams<'_, f32>,
     ) -> Result<Option<DeviceSeWeights>> {
         let all = [
             Some(p.fc1_weight),
@@ -3303,7 +3303,7 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
     fn se_forward_p(
         &self,
         config: SeConfig,
-        p: SeParams<'_, f32>,
+        p: SeLayerParams<'_, f32>,
         x: &GpuTensor<A>,
         residual: Option<&GpuTensor<A>>,
     ) -> Result<(GpuTensor<A>, Self::SeSaved)> {
@@ -3316,7 +3316,7 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
     fn se_backward_p(
         &self,
         config: SeConfig,
-        p: SeParamsMut<'_, f32>,
+        p: SeLayerParamsMut<'_, f32>,
         x: &GpuTensor<A>,
         residual: Option<&GpuTensor<A>>,
         saved: &Self::SeSaved,

@@ -267,12 +267,12 @@ pub struct SeBackward<T> {
 
 /// An activation tensor as a backend stores it: a host [`Tensor`] for the CPU backends, device
 /// memory for [`Cuda`]. Cloning may share storage (backends never write an input in place).
-pub trait Activation: Clone + Send + Sync + std::fmt::Debug + 'static {
+pub trait ActTensor: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// The NCHW shape.
     fn shape(&self) -> Shape;
 }
 
-impl<E: Real> Activation for Tensor<E> {
+impl<E: Real> ActTensor for Tensor<E> {
     fn shape(&self) -> Shape {
         Tensor::shape(self)
     }
@@ -299,7 +299,7 @@ pub(crate) fn unscale_host<E: Real>(g: &mut [E], factor: f32) -> bool {
 /// are slices are *accumulated into* (`+=`), so parameter gradients sum over calls.
 pub trait Backend<E: Real>: Sync {
     /// An activation tensor.
-    type T: Activation;
+    type T: ActTensor;
 
     /// What max pooling records for its backward (the position of each window's maximum).
     type PoolIdx: Clone + Send + Sync + std::fmt::Debug + 'static;
@@ -598,7 +598,7 @@ pub trait Backend<E: Real>: Sync {
     fn se_forward_p(
         &self,
         config: SeConfig,
-        p: SeParams<'_, E>,
+        p: SeLayerParams<'_, E>,
         x: &Self::T,
         residual: Option<&Self::T>,
     ) -> Result<(Self::T, Self::SeSaved)> {
@@ -610,7 +610,7 @@ pub trait Backend<E: Real>: Sync {
     fn se_backward_p(
         &self,
         config: SeConfig,
-        p: SeParamsMut<'_, E>,
+        p: SeLayerParamsMut<'_, E>,
         x: &Self::T,
         residual: Option<&Self::T>,
         saved: &Self::SeSaved,
@@ -664,7 +664,7 @@ pub type BnDeviceSaved = std::sync::Arc<dyn std::any::Any + Send + Sync>;
 
 /// An SE block's parameters (timm's `fc1` / `fc2` 1x1 convolutions), as an op takes them.
 #[derive(Clone, Copy, Debug)]
-pub struct SeParams<'a, E> {
+pub struct SeLayerParams<'a, E> {
     /// FC1 weight, `[hidden, C, 1, 1]`.
     pub fc1_weight: &'a Param<E>,
     /// FC1 bias, `[hidden]`.
@@ -675,9 +675,9 @@ pub struct SeParams<'a, E> {
     pub fc2_bias: Option<&'a Param<E>>,
 }
 
-/// [`SeParams`] with their gradients writable (backward).
+/// [`SeLayerParams`] with their gradients writable (backward).
 #[derive(Debug)]
-pub struct SeParamsMut<'a, E> {
+pub struct SeLayerParamsMut<'a, E> {
     /// FC1 weight.
     pub fc1_weight: &'a mut Param<E>,
     /// FC1 bias.
@@ -688,10 +688,10 @@ pub struct SeParamsMut<'a, E> {
     pub fc2_bias: Option<&'a mut Param<E>>,
 }
 
-impl<E> SeParamsMut<'_, E> {
+impl<E> SeLayerParamsMut<'_, E> {
     /// The parameters read-only.
-    pub fn as_ref(&self) -> SeParams<'_, E> {
-        SeParams {
+    pub fn as_ref(&self) -> SeLayerParams<'_, E> {
+        SeLayerParams {
             fc1_weight: self.fc1_weight,
             fc1_bias: self.fc1_bias.as_deref(),
             fc2_weight: self.fc2_weight,
@@ -701,7 +701,7 @@ impl<E> SeParamsMut<'_, E> {
 }
 
 /// The host values of SE parameters in the SE op's form (f32, PyTorch layout).
-pub fn se_weights<E: Real>(config: SeConfig, p: &SeParams<'_, E>) -> Result<SeWeights> {
+pub fn se_weights<E: Real>(config: SeConfig, p: &SeLayerParams<'_, E>) -> Result<SeWeights> {
     let f = |p: &Param<E>, what: &str| -> Result<Vec<f32>> {
         Ok(p.values(what)?.iter().map(|v| v.to_f32()).collect())
     };
@@ -717,7 +717,7 @@ pub fn se_weights<E: Real>(config: SeConfig, p: &SeParams<'_, E>) -> Result<SeWe
 }
 
 /// Adds SE parameter gradients (as the SE op returns them) to the host gradients.
-fn add_se_grads<E: Real>(p: SeParamsMut<'_, E>, g: SeGrads<f64>) -> Result<()> {
+fn add_se_grads<E: Real>(p: SeLayerParamsMut<'_, E>, g: SeGrads<f64>) -> Result<()> {
     let add = |p: &mut Param<E>, g: &[f64]| -> Result<()> {
         let g: Vec<E> = g.iter().map(|&v| E::from_f64(v)).collect();
         p.accumulate(&g)

@@ -6,8 +6,8 @@
 //! profiled step is slower than an unprofiled one and its total is reported separately.
 
 use super::{
-    Backend, BnDeviceSaved, BnParamsMut, BnRun, BnStats, ConvGeom, PoolGeom, SeBackward, SeParams,
-    SeParamsMut,
+    Backend, BnDeviceSaved, BnParamsMut, BnRun, BnStats, ConvGeom, PoolGeom, SeBackward,
+    SeLayerParams, SeLayerParamsMut,
 };
 use crate::error::Result;
 use crate::nn::param::{Param, Real};
@@ -429,7 +429,7 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
     fn se_forward_p(
         &self,
         config: SeConfig,
-        p: SeParams<'_, E>,
+        p: SeLayerParams<'_, E>,
         x: &Self::T,
         residual: Option<&Self::T>,
     ) -> Result<(Self::T, Self::SeSaved)> {
@@ -440,7 +440,7 @@ impl<E: Real, B: Backend<E>> Backend<E> for Profiled<B> {
     fn se_backward_p(
         &self,
         config: SeConfig,
-        p: SeParamsMut<'_, E>,
+        p: SeLayerParamsMut<'_, E>,
         x: &Self::T,
         residual: Option<&Self::T>,
         saved: &Self::SeSaved,
