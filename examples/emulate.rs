@@ -3,7 +3,8 @@
 //! kernel work without a GPU).
 //!
 //!     cargo run --release --example emulate -- N C H W OFFSET
-use senet::cuda::{CudaDevice, DeviceTensor};
+use senet::cuda::testing;
+use senet::cuda::CudaDevice;
 use senet::se::check;
 use senet::se::cuda::{self as secuda, DeviceSeWeights, SeOptions, SePath};
 use senet::*;
@@ -22,7 +23,7 @@ fn main() -> Result<()> {
         let x = check::input::<f32>(shape, layout, 2)?;
         let rf = senet::se::reference::forward(&w, &x, None)?;
         let dw = DeviceSeWeights::upload(&dev, &w)?;
-        let xd = DeviceTensor::from_host_at_offset(&dev, &x, off)?;
+        let xd = testing::from_host_at_offset(&dev, &x, off)?;
         for path in [SePath::ThreeKernel, SePath::Cluster] {
             let out = secuda::forward(&dev, &dw, &xd, None, SeOptions::with_path(path))?;
             let sv = out.saved.download(&dev)?;

@@ -10,6 +10,7 @@ mod device;
 mod emu;
 pub(crate) mod libs;
 mod tensor;
+pub mod testing;
 mod view;
 
 pub(crate) use buf::Buf;

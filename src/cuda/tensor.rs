@@ -47,11 +47,12 @@ impl<T: CudaElement> std::fmt::Debug for DeviceTensor<T> {
 impl<T: CudaElement> DeviceTensor<T> {
     /// A zero-filled tensor.
     pub fn zeros(dev: &CudaDevice, shape: Shape, layout: Layout) -> Result<Self> {
-        Self::zeros_at_offset(dev, shape, layout, 0)
+        Self::zeros_at(dev, shape, layout, 0)
     }
 
-    /// A zero-filled tensor whose first element sits `offset` elements into its allocation.
-    pub fn zeros_at_offset(
+    /// A zero-filled tensor whose first element sits `offset` elements into its allocation
+    /// (test support: `testing::zeros_at_offset`).
+    pub(crate) fn zeros_at(
         dev: &CudaDevice,
         shape: Shape,
         layout: Layout,
@@ -98,13 +99,13 @@ impl<T: CudaElement> DeviceTensor<T> {
 
     /// Uploads a host tensor.
     pub fn from_host(dev: &CudaDevice, t: &Tensor<T>) -> Result<Self> {
-        Self::from_host_at_offset(dev, t, 0)
+        Self::from_host_at(dev, t, 0)
     }
 
     /// Uploads a host tensor so that its first element sits `offset` elements into the
     /// allocation (offset 1 of a 2-byte type gives a pointer that is not 16-byte aligned).
-    pub fn from_host_at_offset(dev: &CudaDevice, t: &Tensor<T>, offset: usize) -> Result<Self> {
-        let mut d = Self::zeros_at_offset(dev, t.shape(), t.layout(), offset)?;
+    pub(crate) fn from_host_at(dev: &CudaDevice, t: &Tensor<T>, offset: usize) -> Result<Self> {
+        let mut d = Self::zeros_at(dev, t.shape(), t.layout(), offset)?;
         dev.write(&mut d.buf, offset, t.data())?;
         Ok(d)
     }
@@ -136,7 +137,7 @@ impl<T: CudaElement> DeviceTensor<T> {
 
     /// Overwrites every element with NaN (all bits set), so a kernel that forgets an element
     /// fails the comparison with the reference.
-    pub fn poison(&mut self, dev: &CudaDevice) -> Result<()> {
+    pub(crate) fn poison_all(&mut self, dev: &CudaDevice) -> Result<()> {
         dev.fill_bytes(&mut self.buf, self.offset, self.shape.numel(), 0xff)
     }
 

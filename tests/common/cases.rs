@@ -9,6 +9,7 @@
 use super::views::{self, SharedWorkspace};
 use super::{tensor, weights};
 use half::bf16;
+use senet::cuda::testing::{self, Poison};
 use senet::cuda::{CudaDevice, CudaElement, DeviceTensor};
 use senet::se::check::{self, Observed};
 use senet::se::cuda::{
@@ -149,17 +150,17 @@ pub fn run_case<T: CudaElement>(
 
     let [ox, or, ody, oo] = case.offsets;
     let dw = DeviceSeWeights::upload(dev, &w).unwrap();
-    let xd = DeviceTensor::from_host_at_offset(dev, &x, ox).unwrap();
+    let xd = testing::from_host_at_offset(dev, &x, ox).unwrap();
     let rd = r
         .as_ref()
-        .map(|r| DeviceTensor::from_host_at_offset(dev, r, or).unwrap());
-    let dyd = DeviceTensor::from_host_at_offset(dev, &dy, ody).unwrap();
-    let mut yd = DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo).unwrap();
-    let mut dxd = DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo).unwrap();
+        .map(|r| testing::from_host_at_offset(dev, r, or).unwrap());
+    let dyd = testing::from_host_at_offset(dev, &dy, ody).unwrap();
+    let mut yd = testing::zeros_at_offset::<T>(dev, shape, layout, oo).unwrap();
+    let mut dxd = testing::zeros_at_offset::<T>(dev, shape, layout, oo).unwrap();
     // d residual shares the outputs' alignment, so its 16-byte store paths run too.
     let mut dresd = r
         .as_ref()
-        .map(|_| DeviceTensor::<T>::zeros_at_offset(dev, shape, layout, oo).unwrap());
+        .map(|_| testing::zeros_at_offset::<T>(dev, shape, layout, oo).unwrap());
     let mut saved = DeviceSeSaved::new(dev, w.config, shape.n).unwrap();
     let mut grads = DeviceSeGrads::new(dev, w.config).unwrap();
 
@@ -284,7 +285,7 @@ pub fn run_case<T: CudaElement>(
         }
         // Accumulating into an existing gradient: dx = acc0 + gradient.
         if fwd_bits.is_some() && backward_ran {
-            let mut dxa = DeviceTensor::from_host_at_offset(dev, &acc0, oo).unwrap();
+            let mut dxa = testing::from_host_at_offset(dev, &acc0, oo).unwrap();
             if let Some(dr) = dresd.as_mut() {
                 dr.poison(dev).unwrap();
             }

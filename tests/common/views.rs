@@ -4,6 +4,7 @@
 //! one workspace reused across cases of different shapes; and every operand from another device
 //! refused before anything is written.
 
+use senet::cuda::testing::Poison;
 use senet::cuda::{CudaDevice, CudaElement, DeviceTensor, DeviceView, DeviceViewMut};
 use senet::se::cuda::{
     self as secuda, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights, Direction, SeBackwardViews,

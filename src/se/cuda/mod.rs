@@ -324,7 +324,7 @@ impl DeviceSeSaved {
     }
 
     /// Poisons every buffer with NaN (tests).
-    pub fn poison(&mut self, dev: &CudaDevice) -> Result<()> {
+    pub(crate) fn poison_all(&mut self, dev: &CudaDevice) -> Result<()> {
         for b in [&mut self.z, &mut self.h, &mut self.u, &mut self.s] {
             poison_f32(dev, b)?;
         }
@@ -399,7 +399,7 @@ impl DeviceSeGrads {
     }
 
     /// Poisons every buffer with NaN (tests).
-    pub fn poison(&mut self, dev: &CudaDevice) -> Result<()> {
+    pub(crate) fn poison_all(&mut self, dev: &CudaDevice) -> Result<()> {
         poison_f32(dev, &mut self.dw1)?;
         poison_f32(dev, &mut self.dw2)?;
         for b in [&mut self.db1, &mut self.db2].into_iter().flatten() {

@@ -3,6 +3,7 @@
 //! panic, where there is no GPU. Exits non-zero on any failure.
 
 use half::bf16;
+use senet::cuda::testing::Poison;
 use senet::cuda::{CudaDevice, DeviceTensor, DeviceViewMut};
 use senet::se::cpu::{self, CpuSaved, SeForwardSlices};
 use senet::se::cuda::{self as secuda, DeviceSeSaved, DeviceSeWeights, Direction, SeForwardViews};
@@ -47,9 +48,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         yd.poison(&dev)?;
         let mut sv = DeviceSeSaved::new(&dev, cfg, shape.n)?;
         let opts = Default::default();
-        let bytes =
-            secuda::workspace_bytes(&dev, &cfg, shape, layout, DType::BF16, Direction::Forward, opts)?;
-        let ws = DeviceTensor::<f32>::zeros(&dev, Shape::try_new(1, 1, 1, bytes / 4 + 1)?, Layout::Nchw)?;
+        let bytes = secuda::workspace_bytes(
+            &dev,
+            &cfg,
+            shape,
+            layout,
+            DType::BF16,
+            Direction::Forward,
+            opts,
+        )?;
+        let ws = DeviceTensor::<f32>::zeros(
+            &dev,
+            Shape::try_new(1, 1, 1, bytes / 4 + 1)?,
+            Layout::Nchw,
+        )?;
         // SAFETY: the tensor's own bytes, used by this call only.
         let wsv = unsafe { DeviceViewMut::<u8>::from_raw(&dev, ws.view(&dev).addr(), bytes) };
         let args = SeForwardViews {

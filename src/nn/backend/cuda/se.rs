@@ -34,7 +34,7 @@ impl<A: NnAct> Cuda<A> {
         ];
         let mut sv = DeviceSeSaved::from_bufs(config, n, bufs)?;
         if self.poison {
-            sv.poison(&self.dev)?;
+            sv.poison_all(&self.dev)?;
         }
         se_gpu::forward_into(
             &self.dev,
@@ -76,7 +76,7 @@ impl<A: NnAct> Cuda<A> {
         ];
         let mut grads = DeviceSeGrads::from_bufs(config, bufs)?;
         if self.poison {
-            grads.poison(&self.dev)?;
+            grads.poison_all(&self.dev)?;
         }
         se_gpu::backward_into(
             &self.dev,
