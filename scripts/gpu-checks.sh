@@ -58,19 +58,19 @@ for p in $phases; do
       grep -E "device|kernel builds|cuDNN" "$out/info.log" ;;
     tests)
       phase tests ${TESTS_LIMIT:-300} "$bin/gpu-tests" --test-threads 8 || status=1
-      SENET_TEST_EMULATOR=0 phase tests ${NN_TESTS_LIMIT:-120} "$bin/nn-backends-tests" cuda_ || status=1
-      SENET_TEST_EMULATOR=0 phase tests ${NN_TESTS_LIMIT:-120} "$bin/nn-training-tests" cuda || status=1
-      SENET_TEST_EMULATOR=0 phase tests ${NN_TESTS_LIMIT:-120} "$bin/train-loop-tests" resume_on_the_cuda_backend || status=1
+      SENET_TEST_EMULATOR=0 phase tests ${NN_TESTS_LIMIT:-120} "$bin/nn-tests" backends::cuda_ || status=1
+      SENET_TEST_EMULATOR=0 phase tests ${NN_TESTS_LIMIT:-120} "$bin/nn-tests" training::a_small_se_network_learns_on_cuda || status=1
+      SENET_TEST_EMULATOR=0 phase tests ${NN_TESTS_LIMIT:-120} "$bin/train-tests" run::resume_on_the_cuda_backend || status=1
       grep -E "^test |FAIL|failures|test result|cases x" "$out/tests.log" | head -60 ;;
     sanitize)
       for tool in memcheck racecheck synccheck; do
         SENET_GPU_CASES=small phase sanitize ${SANITIZE_LIMIT:-90} compute-sanitizer --tool $tool \
           --error-exitcode 9 "$bin/gpu-tests" --test-threads 1 gpu_f32_nchw gpu_bf16_nhwc gpu_f16_nchw || status=1
         # memcheck also runs the NHWC ops (their index math is the newest).
-        nn_cases="cuda_convolution cuda_pointwise"
-        [ "$tool" = memcheck ] && nn_cases="$nn_cases cuda_nhwc_ops"
+        nn_cases="backends::cuda_convolution backends::cuda_pointwise"
+        [ "$tool" = memcheck ] && nn_cases="$nn_cases backends::cuda_nhwc_ops"
         SENET_TEST_EMULATOR=0 phase sanitize ${SANITIZE_LIMIT:-90} compute-sanitizer --tool $tool \
-          --error-exitcode 9 "$bin/nn-backends-tests" --test-threads 1 $nn_cases || status=1
+          --error-exitcode 9 "$bin/nn-tests" --test-threads 1 $nn_cases || status=1
       done
       grep -E "=== sanitize|ERROR SUMMARY|test result|error" "$out/sanitize.log" | head -30 ;;
     bench)

@@ -12,8 +12,8 @@ export SENET_REQUIRE_NVCC=1
 # for others.
 export SENET_CUDA_ARCHS=${SENET_CUDA_ARCHS:-90}
 cargo build --release --bin senet
-# The GPU test binaries: the SE kernels (gpu) and the CUDA network backend (nn_backends,
-# nn_training, train_loop; their cuda tests).
+# The GPU test binaries: the SE kernels (gpu) and the CUDA network backend (nn: backends and
+# training; train: the CUDA resume; their cuda tests).
 exe() {
   cargo test --release --no-run --test "$1" --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
@@ -26,9 +26,8 @@ rm -rf gpu-pack
 mkdir -p gpu-pack/bin
 cp target/release/senet gpu-pack/bin/senet
 cp "$(exe gpu)" gpu-pack/bin/gpu-tests
-cp "$(exe nn_backends)" gpu-pack/bin/nn-backends-tests
-cp "$(exe nn_training)" gpu-pack/bin/nn-training-tests
-cp "$(exe train_loop)" gpu-pack/bin/train-loop-tests
+cp "$(exe nn)" gpu-pack/bin/nn-tests
+cp "$(exe train)" gpu-pack/bin/train-tests
 strip gpu-pack/bin/*
 cp scripts/gpu-checks.sh scripts/find-cudnn.sh benches/torch_se.py benches/torch_net.py gpu-pack/
 { git rev-parse HEAD; git status --short; } > gpu-pack/COMMIT

@@ -1,5 +1,5 @@
 //! One SE case on a device (real or emulated), every path, against the reference; shared by
-//! tests/gpu.rs and tests/emulated.rs.
+//! tests/gpu.rs and tests/se/emulated.rs.
 //!
 //! Per case: fresh random inputs (never zero, residual kept off the ReLU kink); outputs poisoned
 //! with NaN before every launch; forward (y and the saved z, h, u, s) and backward (dx,

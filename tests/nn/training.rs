@@ -2,8 +2,6 @@
 //! momentum and weight decay) -> zero_grad -> forward(Infer). A small SE network must fit a
 //! small synthetic task on the fast CPU backend and on the CUDA backend.
 
-mod nn_common;
-
 use senet::nn::{Backend, BlockKind, Cpu, Mode, ResNetConfig, SeBlockConfig, Stem};
 use senet::{rng, Layout, Shape, Tensor};
 
@@ -41,11 +39,11 @@ fn a_small_se_network_learns() {
 /// step, from the same weights and data, through the same SGD.
 #[test]
 fn a_small_se_network_learns_on_cuda() {
-    for be in nn_common::cuda_backends_announced() {
-        if nn_common::full() {
+    for be in crate::nn_common::cuda_backends_announced() {
+        if crate::nn_common::full() {
             learns(&be);
         } else {
-            let seed = nn_common::seed("training");
+            let seed = crate::nn_common::seed("training");
             let cpu = losses(&Cpu, 6, seed);
             let cuda = losses(&be, 6, seed);
             eprintln!("cpu {cpu:.6?}\ncuda {cuda:.6?}");
@@ -61,7 +59,7 @@ fn a_small_se_network_learns_on_cuda() {
 }
 
 fn learns<B: Backend<f32>>(be: &B) {
-    let (net, x, labels, last, first) = train(be, 40, nn_common::seed("training"));
+    let (net, x, labels, last, first) = train(be, 40, crate::nn_common::seed("training"));
     check_learned(be, net, x, labels, first, last);
 }
 

@@ -1,9 +1,7 @@
 //! The oracle's own tests: a case computed by hand, layout agreement, finite differences for
 //! every gradient, reduced-precision inputs, and invalid inputs.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use half::{bf16, f16};
 use senet::se::gradcheck::finite_differences;
 use senet::se::reference::{backward, forward};

@@ -1,9 +1,7 @@
 //! Checkpoints: a safetensors round trip, and clear errors for a missing or extra tensor, a
 //! wrong shape, or a wrong dtype.
 
-mod nn_common;
-
-use nn_common::{random_tensor, randomize_network, seed};
+use crate::nn_common::{random_tensor, randomize_network, seed};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use senet::nn::{models, Cpu, Mode, Network, StateData};
 use senet::{Error, Shape};

@@ -3,9 +3,7 @@
 //! relative L2, on the same rounded inputs); on an instance where the reference's own formulas
 //! in f32 already miss those, within 4x of that run (`close_conditioned`).
 
-mod nn_common;
-
-use nn_common::{random_tensor, randomize_network, seed};
+use crate::nn_common::{random_tensor, randomize_network, seed};
 use senet::nn::backend::{Backend, ConvGeom, Cpu, PoolGeom, Reference};
 use senet::nn::blocks::{BlockKind, SeBlockConfig, SePosition, StrideOn};
 use senet::nn::inception::{InceptionModule, InceptionPool, InceptionSpec};
@@ -21,21 +19,21 @@ const BF16_TOL: f64 = 1e-2;
 const F16_TOL: f64 = 2e-3;
 
 /// The output tolerance of the op checks: f32's, or the narrow type's while this thread's
-/// inputs are rounded to it (`nn_common::set_narrow_inputs`, the narrow backends' tests).
+/// inputs are rounded to it (`crate::nn_common::set_narrow_inputs`, the narrow backends' tests).
 fn out_tol() -> f64 {
-    match nn_common::narrow_inputs() {
-        nn_common::Narrow::None => OUT_TOL,
-        nn_common::Narrow::Bf16 => BF16_TOL,
-        nn_common::Narrow::F16 => F16_TOL,
+    match crate::nn_common::narrow_inputs() {
+        crate::nn_common::Narrow::None => OUT_TOL,
+        crate::nn_common::Narrow::Bf16 => BF16_TOL,
+        crate::nn_common::Narrow::F16 => F16_TOL,
     }
 }
 
 /// The gradient tolerance of the op checks (as [`out_tol`]).
 fn grad_tol() -> f64 {
-    match nn_common::narrow_inputs() {
-        nn_common::Narrow::None => GRAD_TOL,
-        nn_common::Narrow::Bf16 => BF16_TOL,
-        nn_common::Narrow::F16 => F16_TOL,
+    match crate::nn_common::narrow_inputs() {
+        crate::nn_common::Narrow::None => GRAD_TOL,
+        crate::nn_common::Narrow::Bf16 => BF16_TOL,
+        crate::nn_common::Narrow::F16 => F16_TOL,
     }
 }
 
@@ -568,9 +566,9 @@ fn compare_networks<B: Backend<f32>>(
     // feeding a training-mode BatchNorm, an SE bias behind one), whose f32 rounding is
     // relative to their terms rather than their value. The per-op tests above check each
     // gradient op on its own, and the f64 gradient checks check the formulas.
-    let g = nn_common::grads(&mut net);
-    let gr = nn_common::grads(&mut reference);
-    let gn = nn_common::grads(&mut naive);
+    let g = crate::nn_common::grads(&mut net);
+    let gr = crate::nn_common::grads(&mut reference);
+    let gn = crate::nn_common::grads(&mut naive);
     assert_eq!(g.len(), gr.len());
     assert_eq!(g.len(), gn.len());
     for (name, _) in net.body().layers() {
@@ -670,7 +668,7 @@ fn small_configs() -> Vec<(&'static str, ResNetConfig, Shape)> {
 /// `pick`-th (so that between the tests every network still trains).
 fn training_configs(pick: usize) -> Vec<(&'static str, ResNetConfig, Shape)> {
     let all = small_configs();
-    if nn_common::full() {
+    if crate::nn_common::full() {
         return all;
     }
     let k = pick % all.len();
@@ -963,8 +961,8 @@ fn convolution_matches_reference() {
 
 #[test]
 fn cuda_convolution_matches_reference() {
-    for be in nn_common::cuda_backends_announced() {
-        check_convolution(&nn_common::OnHost(&be));
+    for be in crate::nn_common::cuda_backends_announced() {
+        check_convolution(&crate::nn_common::OnHost(&be));
     }
 }
 
@@ -972,8 +970,8 @@ fn cuda_convolution_matches_reference() {
 /// so it is held to DESIGN.md's f16 tolerance, 2e-3, outputs and gradients alike.
 #[test]
 fn cuda_tf32_convolution_within_f16_tolerance() {
-    for be in nn_common::cuda_tf32_backends() {
-        check_convolution_within(&nn_common::OnHost(&be), 2e-3, 2e-3);
+    for be in crate::nn_common::cuda_tf32_backends() {
+        check_convolution_within(&crate::nn_common::OnHost(&be), 2e-3, 2e-3);
     }
 }
 
@@ -982,25 +980,25 @@ fn cuda_tf32_convolution_within_f16_tolerance() {
 
 #[test]
 fn cuda_bf16_convolution_within_bf16_tolerance() {
-    nn_common::set_bf16_inputs(true);
-    for be in nn_common::cuda_bf16_backends() {
-        check_convolution_within(&nn_common::OnHost(&be), BF16_TOL, BF16_TOL);
+    crate::nn_common::set_bf16_inputs(true);
+    for be in crate::nn_common::cuda_bf16_backends() {
+        check_convolution_within(&crate::nn_common::OnHost(&be), BF16_TOL, BF16_TOL);
     }
 }
 
 #[test]
 fn cuda_bf16_pointwise_ops_within_bf16_tolerance() {
-    nn_common::set_bf16_inputs(true);
-    for be in nn_common::cuda_bf16_backends() {
-        check_pointwise_ops(&nn_common::OnHost(&be));
+    crate::nn_common::set_bf16_inputs(true);
+    for be in crate::nn_common::cuda_bf16_backends() {
+        check_pointwise_ops(&crate::nn_common::OnHost(&be));
     }
 }
 
 #[test]
 fn cuda_bf16_se_op_within_bf16_tolerance() {
-    nn_common::set_bf16_inputs(true);
-    for be in nn_common::cuda_bf16_backends() {
-        check_se_op(&nn_common::OnHost(&be));
+    crate::nn_common::set_bf16_inputs(true);
+    for be in crate::nn_common::cuda_bf16_backends() {
+        check_se_op(&crate::nn_common::OnHost(&be));
     }
 }
 
@@ -1009,15 +1007,15 @@ fn cuda_bf16_se_op_within_bf16_tolerance() {
 /// once, as checked against the host product rounded to bf16.
 #[test]
 fn cuda_bf16_data_movement_is_exact() {
-    nn_common::set_bf16_inputs(true);
-    check_bf16_data_movement(nn_common::cuda_bf16_backends());
+    crate::nn_common::set_bf16_inputs(true);
+    check_bf16_data_movement(crate::nn_common::cuda_bf16_backends());
 }
 
 fn check_bf16_data_movement(backends: Vec<senet::nn::Cuda<half::bf16>>) {
     use senet::nn::Backend;
     let s = seed("bf16 movement");
     for be in backends {
-        let be = nn_common::OnHost(&be);
+        let be = crate::nn_common::OnHost(&be);
         let parts: Vec<Tensor<f32>> = [3usize, 1, 5]
             .iter()
             .enumerate()
@@ -1085,14 +1083,14 @@ fn check_sample_chunks<B: Backend<f32, T = Tensor<f32>>>(be: &B, max_grid_yz: u3
 
 #[test]
 fn cuda_convolution_sample_chunks() {
-    for be in nn_common::cuda_backends() {
+    for be in crate::nn_common::cuda_backends() {
         let limit = be.device().info().max_grid_yz;
-        check_sample_chunks(&nn_common::OnHost(&be), limit, OUT_TOL);
+        check_sample_chunks(&crate::nn_common::OnHost(&be), limit, OUT_TOL);
     }
-    nn_common::set_bf16_inputs(true);
-    for be in nn_common::cuda_bf16_backends() {
+    crate::nn_common::set_bf16_inputs(true);
+    for be in crate::nn_common::cuda_bf16_backends() {
         let limit = be.device().info().max_grid_yz;
-        check_sample_chunks(&nn_common::OnHost(&be), limit, BF16_TOL);
+        check_sample_chunks(&crate::nn_common::OnHost(&be), limit, BF16_TOL);
     }
 }
 
@@ -1100,9 +1098,9 @@ fn cuda_convolution_sample_chunks() {
 
 #[test]
 fn cuda_f16_ops_within_f16_tolerance() {
-    nn_common::set_narrow_inputs(nn_common::Narrow::F16);
-    for be in nn_common::cuda_f16_backends() {
-        let h = nn_common::OnHost(&be);
+    crate::nn_common::set_narrow_inputs(crate::nn_common::Narrow::F16);
+    for be in crate::nn_common::cuda_f16_backends() {
+        let h = crate::nn_common::OnHost(&be);
         check_convolution_within(&h, F16_TOL, F16_TOL);
         check_pointwise_ops(&h);
         check_se_op(&h);
@@ -1163,7 +1161,7 @@ fn loss_scaling_is_exact_on_the_host() {
 
 #[test]
 fn cuda_loss_scaling_is_exact_on_the_device() {
-    for be in nn_common::cuda_backends() {
+    for be in crate::nn_common::cuda_backends() {
         check_loss_scaling_is_exact(&be, true);
     }
 }
@@ -1176,7 +1174,7 @@ fn cuda_loss_scaling_is_exact_on_the_device() {
 fn cuda_f16_loss_scaling_skips_overflowing_steps() {
     use senet::train::loss::cross_entropy;
     use senet::train::optim::{LossScaler, Sgd};
-    for be in nn_common::cuda_f16_backends() {
+    for be in crate::nn_common::cuda_f16_backends() {
         let (name, cfg, xs) = small_configs().remove(0);
         let s = seed(name);
         let mut net = cfg.build::<f32>(name).unwrap();
@@ -1209,7 +1207,7 @@ fn cuda_f16_loss_scaling_skips_overflowing_steps() {
             assert!(store.read_momentum().unwrap().is_none(), "{n}: momentum");
         }
         let mut taken = 0;
-        if nn_common::full() {
+        if crate::nn_common::full() {
             // Halving all the way down to a workable scale.
             for _ in 0..40 {
                 if step(&mut net, &mut scaler) {
@@ -1231,9 +1229,9 @@ fn cuda_f16_loss_scaling_skips_overflowing_steps() {
 
 #[test]
 fn cuda_bf16_shape_errors_are_errors() {
-    for be in nn_common::cuda_bf16_backends() {
-        check_shape_errors(&nn_common::OnHost(&be));
-        check_invalid_geometries(&nn_common::OnHost(&be));
+    for be in crate::nn_common::cuda_bf16_backends() {
+        check_shape_errors(&crate::nn_common::OnHost(&be));
+        check_invalid_geometries(&crate::nn_common::OnHost(&be));
     }
 }
 
@@ -1244,8 +1242,8 @@ fn pointwise_ops_match_reference() {
 
 #[test]
 fn cuda_pointwise_ops_match_reference() {
-    for be in nn_common::cuda_backends_announced() {
-        check_pointwise_ops(&nn_common::OnHost(&be));
+    for be in crate::nn_common::cuda_backends_announced() {
+        check_pointwise_ops(&crate::nn_common::OnHost(&be));
     }
 }
 
@@ -1256,8 +1254,8 @@ fn shape_errors_are_errors() {
 
 #[test]
 fn cuda_shape_errors_are_errors() {
-    for be in nn_common::cuda_backends_announced() {
-        check_shape_errors(&nn_common::OnHost(&be));
+    for be in crate::nn_common::cuda_backends_announced() {
+        check_shape_errors(&crate::nn_common::OnHost(&be));
     }
 }
 
@@ -1268,7 +1266,7 @@ fn small_networks_match_reference() {
 
 #[test]
 fn cuda_small_networks_match_reference() {
-    for be in nn_common::cuda_backends_announced() {
+    for be in crate::nn_common::cuda_backends_announced() {
         check_small_networks(&be);
     }
 }
@@ -1280,7 +1278,7 @@ fn inception_network_matches_reference() {
 
 #[test]
 fn cuda_inception_network_matches_reference() {
-    for be in nn_common::cuda_backends_announced() {
+    for be in crate::nn_common::cuda_backends_announced() {
         check_inception_network(&be);
     }
 }
@@ -1292,8 +1290,8 @@ fn invalid_geometries_are_errors_not_panics() {
 
 #[test]
 fn cuda_invalid_geometries_are_errors_not_panics() {
-    for be in nn_common::cuda_backends_announced() {
-        check_invalid_geometries(&nn_common::OnHost(&be));
+    for be in crate::nn_common::cuda_backends_announced() {
+        check_invalid_geometries(&crate::nn_common::OnHost(&be));
     }
 }
 
@@ -1304,8 +1302,8 @@ fn se_op_matches_reference() {
 
 #[test]
 fn cuda_se_op_matches_reference() {
-    for be in nn_common::cuda_backends_announced() {
-        check_se_op(&nn_common::OnHost(&be));
+    for be in crate::nn_common::cuda_backends_announced() {
+        check_se_op(&crate::nn_common::OnHost(&be));
     }
 }
 
@@ -1315,9 +1313,9 @@ fn cuda_se_op_matches_reference() {
 #[test]
 fn cuda_training_steps_reuse_device_memory() {
     // Both layouts: NHWC adds reduction partials and flatten copies, from the pool too.
-    let backends = nn_common::cuda_backends_announced()
+    let backends = crate::nn_common::cuda_backends_announced()
         .into_iter()
-        .chain(nn_common::cuda_nhwc_backends::<f32>());
+        .chain(crate::nn_common::cuda_nhwc_backends::<f32>());
     for (k, be) in backends.enumerate() {
         for (name, cfg, xs) in training_configs(2 + k) {
             let mut net = cfg.build::<f32>(name).unwrap();
@@ -1415,8 +1413,8 @@ fn profiled_backend_is_transparent_and_counts_every_op() {
         a.backward_params(&Cpu, dl.clone()).unwrap();
         b.backward_params(&p, dl).unwrap();
         assert_eq!(
-            nn_common::grads(&mut a),
-            nn_common::grads(&mut b),
+            crate::nn_common::grads(&mut a),
+            crate::nn_common::grads(&mut b),
             "{name}: gradients"
         );
         let report = p.report();
@@ -1450,7 +1448,7 @@ fn profiled_backend_is_transparent_and_counts_every_op() {
 #[test]
 fn cuda_bound_parameters_train_exactly_as_host_ones() {
     use senet::train::optim::Sgd;
-    for be in nn_common::cuda_backends_announced() {
+    for be in crate::nn_common::cuda_backends_announced() {
         for (name, cfg, xs) in training_configs(2) {
             let mut host = cfg.build::<f32>(name).unwrap();
             host.init_weights(seed(name));
@@ -1536,14 +1534,14 @@ fn cuda_bound_parameters_train_exactly_as_host_ones() {
 /// loss is within 1e-2 (relative) of the f32 backend's on the same weights and batch.
 #[test]
 fn cuda_bf16_training_steps_lower_the_loss() {
-    check_narrow_training(nn_common::cuda_bf16_backends(), false, 0);
+    check_narrow_training(crate::nn_common::cuda_bf16_backends(), false, 0);
 }
 
 /// As `cuda_bf16_training_steps_lower_the_loss`, with f16 activations and dynamic loss scaling
 /// (PyTorch's default scale, 65536).
 #[test]
 fn cuda_f16_training_steps_lower_the_loss() {
-    check_narrow_training(nn_common::cuda_f16_backends(), true, 1);
+    check_narrow_training(crate::nn_common::cuda_f16_backends(), true, 1);
 }
 
 fn check_narrow_training<A: senet::nn::NnAct>(
@@ -1553,7 +1551,7 @@ fn check_narrow_training<A: senet::nn::NnAct>(
 ) {
     use senet::train::loss::cross_entropy;
     use senet::train::optim::{LossScaler, Sgd};
-    let f32s = nn_common::cuda_backends();
+    let f32s = crate::nn_common::cuda_backends();
     for (be, exact) in narrow.iter().zip(&f32s) {
         for (name, cfg, xs) in training_configs(pick) {
             let s = seed(name);
@@ -1609,9 +1607,9 @@ fn check_narrow_training<A: senet::nn::NnAct>(
 #[test]
 fn cuda_bound_training_steps_reuse_device_memory() {
     use senet::train::optim::Sgd;
-    let backends = nn_common::cuda_backends()
+    let backends = crate::nn_common::cuda_backends()
         .into_iter()
-        .chain(nn_common::cuda_nhwc_backends::<f32>());
+        .chain(crate::nn_common::cuda_nhwc_backends::<f32>());
     for (k, be) in backends.enumerate() {
         for (name, cfg, xs) in training_configs(1 + k) {
             let mut net = cfg.build::<f32>(name).unwrap();
@@ -1647,7 +1645,7 @@ fn cuda_bound_training_steps_reuse_device_memory() {
 fn cuda_bound_parameter_misuse_is_an_error() {
     use senet::nn::Param;
     use senet::train::optim::Sgd;
-    for be in nn_common::cuda_backends() {
+    for be in crate::nn_common::cuda_backends() {
         let (name, cfg, xs) = small_configs().remove(0);
         let mut net = cfg.build::<f32>(name).unwrap();
         net.init_weights(seed(name));
@@ -1698,8 +1696,8 @@ fn cuda_bound_parameter_misuse_is_an_error() {
 /// reference, shape errors still errors, and host tensors of either layout taken.
 #[test]
 fn cuda_nhwc_ops_match_reference() {
-    for be in nn_common::cuda_nhwc_backends::<f32>() {
-        let h = nn_common::OnHost(&be);
+    for be in crate::nn_common::cuda_nhwc_backends::<f32>() {
+        let h = crate::nn_common::OnHost(&be);
         check_convolution(&h);
         check_pointwise_ops(&h);
         check_se_op(&h);
@@ -1713,7 +1711,7 @@ fn cuda_nhwc_ops_match_reference() {
 /// reference, with NHWC activations on the device.
 #[test]
 fn cuda_nhwc_networks_match_reference() {
-    for be in nn_common::cuda_nhwc_backends::<f32>() {
+    for be in crate::nn_common::cuda_nhwc_backends::<f32>() {
         check_small_networks(&be);
         check_inception_network(&be);
     }
@@ -1730,7 +1728,7 @@ fn cuda_nhwc_networks_match_reference() {
 fn cuda_nhwc_own_kernels_equal_nchw_bit_for_bit() {
     use senet::nn::ConvEngine;
     use senet::train::optim::Sgd;
-    let nchw: Vec<_> = nn_common::cuda_backends()
+    let nchw: Vec<_> = crate::nn_common::cuda_backends()
         .into_iter()
         .filter(|b| b.conv_engine() == ConvEngine::Own)
         .collect();
@@ -1756,7 +1754,7 @@ fn cuda_nhwc_own_kernels_equal_nchw_bit_for_bit() {
             nb.bind(&b).unwrap();
             let (mut oa, mut ob) = (Sgd::new(0.9, 1e-4).unwrap(), Sgd::new(0.9, 1e-4).unwrap());
             // Two steps reach momentum; SENET_FULL_TESTS=1 runs three.
-            let steps = if nn_common::full() { 3 } else { 2 };
+            let steps = if crate::nn_common::full() { 3 } else { 2 };
             for step in 0..steps {
                 let x: Tensor<f32> = random_tensor(xs, 40 + step);
                 let la = na.forward(&a, x.clone(), Mode::Train).unwrap();
@@ -1798,19 +1796,23 @@ fn cuda_nhwc_own_kernels_equal_nchw_bit_for_bit() {
 /// tolerance, data movement exact, and ten SGD steps on each small network lower the loss.
 #[test]
 fn cuda_nhwc_bf16_ops_within_bf16_tolerance() {
-    nn_common::set_bf16_inputs(true);
-    for be in nn_common::cuda_nhwc_backends::<half::bf16>() {
-        let h = nn_common::OnHost(&be);
+    crate::nn_common::set_bf16_inputs(true);
+    for be in crate::nn_common::cuda_nhwc_backends::<half::bf16>() {
+        let h = crate::nn_common::OnHost(&be);
         check_convolution_within(&h, BF16_TOL, BF16_TOL);
         check_pointwise_ops(&h);
         check_se_op(&h);
     }
-    check_bf16_data_movement(nn_common::cuda_nhwc_backends());
+    check_bf16_data_movement(crate::nn_common::cuda_nhwc_backends());
 }
 
 #[test]
 fn cuda_nhwc_bf16_training_steps_lower_the_loss() {
-    check_narrow_training(nn_common::cuda_nhwc_backends::<half::bf16>(), false, 2);
+    check_narrow_training(
+        crate::nn_common::cuda_nhwc_backends::<half::bf16>(),
+        false,
+        2,
+    );
 }
 
 /// The per-channel reductions (BatchNorm statistics, BatchNorm backward plain and through its
@@ -1926,11 +1928,11 @@ fn channel_reductions_over_many_rows_match_reference() {
 
 #[test]
 fn cuda_channel_reductions_over_many_rows_match_reference() {
-    for be in nn_common::cuda_backends() {
-        check_channel_reductions(&nn_common::OnHost(&be));
+    for be in crate::nn_common::cuda_backends() {
+        check_channel_reductions(&crate::nn_common::OnHost(&be));
     }
-    for be in nn_common::cuda_nhwc_backends::<f32>() {
-        check_channel_reductions(&nn_common::OnHost(&be));
+    for be in crate::nn_common::cuda_nhwc_backends::<f32>() {
+        check_channel_reductions(&crate::nn_common::OnHost(&be));
     }
 }
 
@@ -1945,19 +1947,19 @@ fn cuda_channel_reductions_over_many_rows_match_reference() {
 #[test]
 fn cuda_im2col_convolution_matches_reference() {
     for layout in senet::Layout::ALL {
-        for be in nn_common::cuda_im2col_backends::<f32>(layout) {
-            check_convolution(&nn_common::OnHost(&be));
-            check_convolution(&nn_common::OnHost(&be.with_col_budget(1)));
+        for be in crate::nn_common::cuda_im2col_backends::<f32>(layout) {
+            check_convolution(&crate::nn_common::OnHost(&be));
+            check_convolution(&crate::nn_common::OnHost(&be.with_col_budget(1)));
         }
     }
 }
 
 #[test]
 fn cuda_im2col_bf16_convolution_within_bf16_tolerance() {
-    nn_common::set_bf16_inputs(true);
+    crate::nn_common::set_bf16_inputs(true);
     for layout in senet::Layout::ALL {
-        for be in nn_common::cuda_im2col_backends::<half::bf16>(layout) {
-            check_convolution_within(&nn_common::OnHost(&be), BF16_TOL, BF16_TOL);
+        for be in crate::nn_common::cuda_im2col_backends::<half::bf16>(layout) {
+            check_convolution_within(&crate::nn_common::OnHost(&be), BF16_TOL, BF16_TOL);
         }
     }
 }
@@ -1967,7 +1969,7 @@ fn cuda_im2col_bf16_convolution_within_bf16_tolerance() {
 #[test]
 fn cuda_im2col_networks_match_reference() {
     for layout in senet::Layout::ALL {
-        for be in nn_common::cuda_im2col_backends::<f32>(layout) {
+        for be in crate::nn_common::cuda_im2col_backends::<f32>(layout) {
             assert_eq!(be.conv_engine(), senet::nn::ConvEngine::Cublas);
             check_small_networks(&be);
             check_inception_network(&be);
@@ -1983,7 +1985,7 @@ fn cuda_im2col_networks_match_reference() {
 fn cuda_im2col_bound_gradients_sum_over_chunks() {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (k, layout) in senet::Layout::ALL.into_iter().enumerate() {
-        for be in nn_common::cuda_im2col_backends::<f32>(layout) {
+        for be in crate::nn_common::cuda_im2col_backends::<f32>(layout) {
             let be = be.with_col_budget(1);
             for (name, cfg, xs) in training_configs(k) {
                 let mut host = cfg.build::<f32>(name).unwrap();

@@ -3,8 +3,6 @@
 //! computation, resume that continues bit for bit, a short run whose loss falls, run folders,
 //! and the `senet` commands end to end on tiny generated data.
 
-mod nn_common;
-
 use senet::nn::{Cpu, Mode, Reference, SlotRef};
 use senet::tensor::{Layout, Shape, Tensor};
 use senet::train::data::{DataKind, DataSplit, InMemory};
@@ -426,7 +424,7 @@ fn resume_on_the_fast_cpu_backend_with_one_thread() {
 /// kernel emulator here; on a GPU as well when one is present).
 #[test]
 fn resume_on_the_cuda_backend() {
-    for be in nn_common::cuda_backends_announced() {
+    for be in crate::nn_common::cuda_backends_announced() {
         let device = if be.device().is_emulator() {
             Device::CudaEmu
         } else {

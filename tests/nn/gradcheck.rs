@@ -9,9 +9,7 @@
 //! that are zero, such as a bias before a training-mode BatchNorm). A component whose step
 //! sizes never agree sits on a ReLU or max-pool kink; it is skipped, and at most 2% may be.
 
-mod nn_common;
-
-use nn_common::{quantize, random_tensor, randomize_module, randomize_network, seed};
+use crate::nn_common::{quantize, random_tensor, randomize_module, randomize_network, seed};
 use senet::nn::backend::{ConvGeom, PoolGeom, Reference};
 use senet::nn::blocks::{
     BlockConfig, BlockKind, ResidualBlock, SeBlockConfig, SePosition, StrideOn,

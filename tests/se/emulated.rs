@@ -4,10 +4,8 @@
 //! machines without one. Timing and the hardware memory model are not; tests/gpu.rs is the
 //! real thing.
 
-mod common;
-
-use common::cases;
-use common::*;
+use crate::common::cases;
+use crate::common::*;
 use half::{bf16, f16};
 use senet::cuda::{CudaDevice, CudaElement};
 use senet::{Layout, Shape};
@@ -117,5 +115,5 @@ fn emulated_wrong_device_operands_are_refused() {
         senet::Gate::Sigmoid,
         seed("emulated wrong device"),
     );
-    common::views::wrong_device_operands_are_refused(&a, &b, &w);
+    crate::common::views::wrong_device_operands_are_refused(&a, &b, &w);
 }
