@@ -37,13 +37,17 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let require_nvcc = flag("SENET_REQUIRE_NVCC");
 
-    // The network kernels (nn.cu) only with the `nn` feature: a lean build compiles the SE op's.
+    // The network kernels (nn_*.cu) only with the `nn` feature: a lean build compiles the SE op's.
     let with_nn = env::var_os("CARGO_FEATURE_NN").is_some();
     let mut sources: Vec<PathBuf> = fs::read_dir("kernels")
         .map(|rd| {
             rd.filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-                .filter(|p| with_nn || p.file_stem().is_none_or(|s| s != "nn"))
+                .filter(|p| {
+                    with_nn
+                        || p.file_stem()
+                            .is_none_or(|s| !s.to_string_lossy().starts_with("nn_"))
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -176,6 +180,7 @@ fn main() {
     )
     .unwrap();
     fs::write(out.join("kernels.rs"), generated).expect("write kernels.rs");
+    fs::write(out.join("kernel_args.rs"), kernel_args(&sources)).expect("write kernel_args.rs");
 
     if nvcc.is_none() && with_emulator {
         build_emulator(&out, &sources);
@@ -412,4 +417,256 @@ fn summarize(module: &str, log: &str) -> Summary {
         }
     }
     Summary { lines, problems }
+}
+
+/// One `extern "C" __global__` entry point of a kernel file.
+struct Entry {
+    /// Its name, or for a `NAME_##T` family the part before the type suffix.
+    name: String,
+    /// Whether the name takes a type suffix (`_f32`, `_bf16`, `_f16`) at launch.
+    typed: bool,
+    /// (C type, parameter name) in order.
+    params: Vec<(String, String)>,
+}
+
+/// The entry points of one kernel source: every `extern "C" __global__` function, macro bodies
+/// included (their `NAME_##NAME` families become one entry with `typed`).
+fn entries(text: &str) -> Vec<Entry> {
+    let text = text.replace("\\\n", " ");
+    let mut out = Vec::new();
+    let key = "extern \"C\" __global__";
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find(key) {
+        rest = &rest[at + key.len()..];
+        let b = rest.as_bytes();
+        let mut i = 0;
+        let ident = |i: &mut usize| {
+            while *i < b.len() && b[*i].is_ascii_whitespace() {
+                *i += 1;
+            }
+            let s = *i;
+            while *i < b.len() && (b[*i].is_ascii_alphanumeric() || b[*i] == b'_' || b[*i] == b'#')
+            {
+                *i += 1;
+            }
+            rest[s..*i].to_string()
+        };
+        let skip_parens = |i: &mut usize| -> String {
+            while b[*i] != b'(' {
+                *i += 1;
+            }
+            let (mut depth, s) = (0, *i + 1);
+            loop {
+                match b[*i] {
+                    b'(' => depth += 1,
+                    b')' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            *i += 1;
+                            return rest[s..*i - 1].to_string();
+                        }
+                    }
+                    _ => {}
+                }
+                *i += 1;
+            }
+        };
+        let name = loop {
+            let id = ident(&mut i);
+            assert!(
+                !id.is_empty(),
+                "kernel signature not understood near {:?}",
+                &rest[..80.min(rest.len())]
+            );
+            if id == "void" {
+                continue;
+            }
+            if id == "__launch_bounds__" || id == "__cluster_dims__" {
+                skip_parens(&mut i);
+                continue;
+            }
+            break id;
+        };
+        let params = skip_parens(&mut i);
+        let (name, typed) = match name.strip_suffix("_##NAME") {
+            Some(base) => (base.to_string(), true),
+            None => (name, false),
+        };
+        let params = params
+            .split(',')
+            .map(|p| {
+                let p = p.replace('*', " * ");
+                let toks: Vec<&str> = p.split_whitespace().collect();
+                let (pname, ty) = toks.split_last().expect("a named kernel parameter");
+                let ty: Vec<&str> = ty
+                    .iter()
+                    .copied()
+                    .filter(|t| *t != "__restrict__")
+                    .collect();
+                (ty.join(" "), pname.to_string())
+            })
+            .collect();
+        out.push(Entry {
+            name,
+            typed,
+            params,
+        });
+    }
+    out
+}
+
+/// UpperCamelCase of a snake_case name.
+fn camel(s: &str) -> String {
+    s.split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next().map_or(String::new(), |f| {
+                f.to_ascii_uppercase().to_string() + c.as_str()
+            })
+        })
+        .collect()
+}
+
+/// The Rust field type for a kernel parameter's C type: device pointers are `In` (const) or
+/// `Out`, scalars and parameter structs their Rust equivalents.
+fn rust_type(c: &str, kernel: &str) -> &'static str {
+    if c.contains('*') {
+        return if c.split_whitespace().any(|t| t == "const") {
+            "In"
+        } else {
+            "Out"
+        };
+    }
+    match c {
+        "float" => "f32",
+        "double" => "f64",
+        "uint32_t" | "unsigned int" | "unsigned" => "u32",
+        "int" | "int32_t" => "i32",
+        "uint64_t" => "u64",
+        "int64_t" => "i64",
+        "SeParams" => "abi::SeParams",
+        "SeGemmParams" => "abi::SeGemmParams",
+        "NnConvParams" => "abi::NnConvParams",
+        other => {
+            panic!("kernel {kernel}: parameter type `{other}` has no Rust equivalent in build.rs")
+        }
+    }
+}
+
+/// The typed launch arguments: `Module` (one per kernel source) and, per entry point, a struct
+/// with the kernel's parameters as named, typed fields, so a launch site that passes a wrong
+/// argument, a wrong order or a wrong type does not compile. Generated from the sources, so a
+/// changed kernel signature changes the struct.
+fn kernel_args(sources: &[PathBuf]) -> String {
+    const KEYWORDS: &[&str] = &[
+        "in", "ref", "type", "fn", "match", "loop", "move", "mod", "use", "where", "as", "box",
+        "impl", "self", "struct", "enum", "let", "mut", "dyn", "trait", "crate", "super", "extern",
+    ];
+    let mut g = String::from(
+        "// Generated by build.rs from the kernel sources: see build.rs `kernel_args`.\n",
+    );
+    let modules: Vec<(String, String)> = sources
+        .iter()
+        .map(|p| {
+            let stem = p.file_stem().unwrap().to_string_lossy().to_string();
+            (camel(&stem), stem)
+        })
+        .collect();
+    g.push_str("/// Kernel modules, one per `kernels/*.cu` this build compiles.\n");
+    g.push_str("#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]\npub(crate) enum Module {\n");
+    for (v, stem) in &modules {
+        writeln!(g, "    /// `kernels/{stem}.cu`.\n    {v},").unwrap();
+    }
+    g.push_str("}\n\nimpl Module {\n    /// How many modules there are.\n");
+    writeln!(g, "    pub(crate) const COUNT: usize = {};", modules.len()).unwrap();
+    g.push_str("    /// A dense index, for per-module tables.\n    pub(crate) fn index(self) -> usize {\n        self as usize\n    }\n");
+    g.push_str("    /// The source's file stem.\n    pub(crate) fn name(self) -> &'static str {\n        match self {\n");
+    for (v, stem) in &modules {
+        writeln!(g, "            Module::{v} => {stem:?},").unwrap();
+    }
+    g.push_str("        }\n    }\n    /// The module's embedded fatbin (empty when not built).\n    pub(crate) fn fatbin(self) -> &'static [u8] {\n        match self {\n");
+    for (v, stem) in &modules {
+        writeln!(
+            g,
+            "            Module::{v} => kernels::{},",
+            stem.to_uppercase()
+        )
+        .unwrap();
+    }
+    g.push_str("        }\n    }\n}\n");
+    let mut all = String::from(
+        "\n/// Every entry point: (name without type suffix, module, instantiated per type, argument count).\n\
+         pub(crate) const ALL: &[(&str, Module, bool, usize)] = &[\n",
+    );
+    let mut structs = String::new();
+    for (src, (variant, stem)) in sources.iter().zip(&modules) {
+        let text =
+            fs::read_to_string(src).unwrap_or_else(|e| panic!("reading {}: {e}", src.display()));
+        for e in entries(&text) {
+            writeln!(
+                all,
+                "    ({:?}, Module::{variant}, {}, {}),",
+                e.name,
+                e.typed,
+                e.params.len()
+            )
+            .unwrap();
+            let g = &mut structs;
+            let sig: Vec<String> = e.params.iter().map(|(t, n)| format!("{t} {n}")).collect();
+            let shown = if e.typed {
+                format!("{}_{{f32,bf16,f16}}", e.name)
+            } else {
+                e.name.clone()
+            };
+            writeln!(
+                g,
+                "\n/// Arguments of `{shown}` (kernels/{stem}.cu): `({})`.",
+                sig.join(", ")
+            )
+            .unwrap();
+            writeln!(
+                g,
+                "#[derive(Clone, Copy, Debug)]\n#[allow(non_snake_case)]\npub(crate) struct {} {{",
+                camel(&e.name)
+            )
+            .unwrap();
+            for (t, n) in &e.params {
+                let field = if KEYWORDS.contains(&n.as_str()) {
+                    format!("r#{n}")
+                } else {
+                    n.clone()
+                };
+                writeln!(
+                    g,
+                    "    /// `{t} {n}`.\n    pub {field}: {},",
+                    rust_type(t, &e.name)
+                )
+                .unwrap();
+            }
+            g.push_str("}\n");
+            writeln!(g, "impl Kernel for {} {{", camel(&e.name)).unwrap();
+            writeln!(g, "    const NAME: &'static str = {:?};", e.name).unwrap();
+            writeln!(g, "    const MODULE: Module = Module::{variant};").unwrap();
+            writeln!(g, "    const TYPED: bool = {};", e.typed).unwrap();
+            g.push_str("    fn args(&self) -> Vec<*mut c_void> {\n        vec![");
+            let a: Vec<String> = e
+                .params
+                .iter()
+                .map(|(_, n)| {
+                    let field = if KEYWORDS.contains(&n.as_str()) {
+                        format!("r#{n}")
+                    } else {
+                        n.clone()
+                    };
+                    format!("arg(&self.{field})")
+                })
+                .collect();
+            g.push_str(&a.join(", "));
+            g.push_str("]\n    }\n}\n");
+        }
+    }
+    all.push_str("];\n");
+    g.push_str(&all);
+    g.push_str(&structs);
+    g
 }

@@ -74,7 +74,7 @@ typedef struct SeGemmParams {
 #define SENET_NN_ACCUMULATE 2u /* the weight gradient adds into dw instead of overwriting */
 #define SENET_NN_NHWC 4u       /* activations (x, y and their gradients) are NHWC, not NCHW */
 
-/* One convolution (NCHW or NHWC activations, square kernel, groups), for the network kernels of nn.cu. */
+/* One convolution (NCHW or NHWC activations, square kernel, groups), for the network kernels of nn_*.cu. */
 typedef struct NnConvParams {
     uint32_t n;      /* batch */
     uint32_t c;      /* input channels */

@@ -3,6 +3,7 @@
 //! needs.
 
 use super::buf::{Buf, DevElem, HostBuf};
+use super::kargs::Kernel;
 use super::view::DeviceId;
 use super::Module;
 use crate::error::{Error, Result};
@@ -374,15 +375,45 @@ impl CudaDevice {
         Ok(f)
     }
 
-    /// Launches kernel `name` of `module`. `cluster` is the kernel's compile-time cluster size
-    /// (1 for none); `smem` the dynamic shared memory, which raises the kernel's limit first
-    /// when above 48 KiB.
+    /// Launches kernel `K` with the arguments `k`: `ty` is the activation type's suffix (`f32`,
+    /// `bf16`, `f16`) for a kernel instantiated per type, `None` for one that is not. `cluster`
+    /// is the kernel's compile-time cluster size (1 for none); `smem` the dynamic shared memory,
+    /// which raises the kernel's limit first when above 48 KiB. Queued on the device's stream.
+    ///
+    /// # Safety
+    /// Every device address in `k` must cover what the kernel reads and writes for the sizes
+    /// among its arguments (the argument order and types are checked at compile time).
+    pub(crate) unsafe fn launch_kernel<K: Kernel>(
+        &self,
+        k: &K,
+        ty: Option<&str>,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        cluster: u32,
+    ) -> Result<()> {
+        let name = match (K::TYPED, ty) {
+            (true, Some(t)) => format!("{}_{t}", K::NAME),
+            (false, None) => K::NAME.to_string(),
+            (typed, _) => return Err(Error::Config(format!(
+                "kernel {}: launched with type suffix {ty:?}, but it is {}instantiated per type",
+                K::NAME,
+                if typed { "" } else { "not " }
+            ))),
+        };
+        let mut args = k.args();
+        // SAFETY: the arguments match the kernel's parameters by construction (generated from
+        // its source); the addresses per this function's contract.
+        unsafe { self.launch(K::MODULE, &name, grid, block, smem, cluster, &mut args) }
+    }
+
+    /// Launches kernel `name` of `module` with `args` (see [`CudaDevice::launch_kernel`]).
     ///
     /// # Safety
     /// `args` must point to values whose types and order match the kernel's parameters, and
     /// every device address among them must cover what the kernel reads and writes.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn launch(
+    unsafe fn launch(
         &self,
         module: Module,
         name: &str,

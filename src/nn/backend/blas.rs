@@ -1,7 +1,7 @@
 //! cuBLAS for the im2col convolution engine ([`super::ConvEngine::Cublas`]): cudarc's `cublas`
 //! bindings, the library loaded at run time. One handle on the device's stream; every GEMM is
 //! `cublasGemmStridedBatchedEx` with f32 compute (TF32 only where the mode allows it). On the
-//! kernel emulator the CUDA backend runs `nn_blas_*` from kernels/nn.cu instead, a GEMM with
+//! kernel emulator the CUDA backend runs `nn_blas_*` from kernels/nn_conv.cu instead, a GEMM with
 //! this call's exact column-major contract, so CI checks every argument the backend passes.
 
 use crate::cuda::CudaDevice;

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 /// Which code runs the CUDA backend's convolutions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ConvEngine {
-    /// senet's implicit-GEMM kernels (kernels/nn.cu): always available, and what the kernel
+    /// senet's implicit-GEMM kernels (kernels/nn_conv.cu): always available, and what the kernel
     /// emulator runs.
     Own,
     /// cuDNN, loaded at run time, deterministic algorithms: exact f32 (FMA math) with f32

@@ -5,7 +5,7 @@
 //! - [`Reference`]: plain loops with f64 accumulation, for any [`Real`] (`f32` or `f64`). The
 //!   oracle, and the backend of the gradient checks (in f64).
 //! - [`Cpu`]: fast and multi-threaded (`f32`): im2col + GEMM convolutions on rayon.
-//! - [`Cuda`]: the kernels of `kernels/nn.cu` and the SE kernels on a CUDA device or the kernel
+//! - [`Cuda`]: the network kernels of `kernels/nn_*.cu` and the SE kernels on a CUDA device or the kernel
 //!   emulator (`f32`), activations in device memory.
 //!
 //! Activations are NCHW, stored as the backend's [`Backend::T`] (host tensors for `Reference`

@@ -7,17 +7,12 @@
 use super::{chunk_samples, SeOptions, SePath, CLUSTER, FUSED_THREADS, STAGE_BYTES};
 use super::{cluster_smem_bytes, Direction};
 use crate::cuda::abi::{self, SeGemmParams, SeParams};
-use crate::cuda::{CudaDevice, Module};
+use crate::cuda::kargs::{self, In, Kernel, Out};
+use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 use crate::se::SeConfig;
 use crate::tensor::{Layout, Shape};
 use std::cell::Cell;
-use std::ffi::c_void;
-
-/// A kernel argument: the address of a value the launch copies.
-fn arg<T>(v: &T) -> *mut c_void {
-    v as *const T as *mut c_void
-}
 
 /// What one call needs of the workspace: tickets (u32), split partials (f32), and backward's
 /// intermediates dg, du, dz (f32 each).
@@ -92,8 +87,17 @@ pub(super) struct Regions {
 }
 
 /// One squeeze / dgate launch: kernel, grid, block, what it needs of the workspace, parameters.
+/// Which squeeze (or dgate) kernel a reduction runs.
+#[derive(Clone, Copy, Debug)]
+enum Reduce {
+    NchwStaged,
+    NchwRows,
+    Nhwc,
+    NhwcVec,
+}
+
 struct ReducePlan {
-    name: String,
+    kernel: Reduce,
     grid: (u32, u32, u32),
     block: (u32, u32, u32),
     tickets: usize,
@@ -205,8 +209,7 @@ impl Ctx<'_> {
             if r != 0 {
                 p.flags |= abi::SENET_FLAG_RESIDUAL;
             }
-            let family = if grad { "se_dgate" } else { "se_pool" };
-            let (name, grid, block, tickets, ws) = match self.layout {
+            let (kernel, grid, block, tickets, ws) = match self.layout {
                 Layout::Nchw => {
                     if same_phase(&[dy, x, r, dres]) {
                         p.flags |= abi::SENET_FLAG_VEC;
@@ -217,7 +220,7 @@ impl Ctx<'_> {
                         p.rows = u32_of(per, "rows per block")?;
                         let blocks = rows.div_ceil(per);
                         (
-                            format!("{family}_nchw_staged_{}", self.suffix),
+                            Reduce::NchwStaged,
                             (u32_of(blocks, "blocks")?, 1, 1),
                             (256, 1, 1),
                             0,
@@ -238,7 +241,7 @@ impl Ctx<'_> {
                         p.hw_split = per as u64;
                         let ws = if splits > 1 { splits * rows } else { 0 };
                         (
-                            format!("{family}_nchw_rows_{}", self.suffix),
+                            Reduce::NchwRows,
                             (u32_of(blocks, "blocks")?, splits as u32, 1),
                             (256, 1, 1),
                             blocks,
@@ -257,13 +260,8 @@ impl Ctx<'_> {
                     p.splits = splits as u32;
                     p.hw_split = per as u64;
                     let ws = if splits > 1 { splits * n * c } else { 0 };
-                    let name = format!(
-                        "{family}_nhwc{}_{}",
-                        if vec { "_vec" } else { "" },
-                        self.suffix
-                    );
                     (
-                        name,
+                        if vec { Reduce::NhwcVec } else { Reduce::Nhwc },
                         (u32_of(blocks, "blocks")?, splits as u32, 1),
                         (32, 8, 1),
                         blocks,
@@ -272,7 +270,7 @@ impl Ctx<'_> {
                 }
             };
             Ok(ReducePlan {
-                name,
+                kernel,
                 grid,
                 block,
                 tickets,
@@ -281,7 +279,7 @@ impl Ctx<'_> {
             })
         };
         let aligned = [dy, x, r, dres].iter().all(|&q| q % 16 == 0);
-        let (name, grid, block, p) = match &self.mode {
+        let (kernel, grid, block, p) = match &self.mode {
             Mode::Size(need) => {
                 // The vector path (chosen per pointer) changes the grid: size for both.
                 for a in [true, false] {
@@ -292,31 +290,67 @@ impl Ctx<'_> {
             }
             Mode::Run(_) => {
                 let pl = plan(aligned)?;
-                (pl.name, pl.grid, pl.block, pl.params)
+                (pl.kernel, pl.grid, pl.block, pl.params)
             }
         };
         let (wsp, tkp) = self.scratch();
-        let mut args: Vec<*mut c_void> = if grad {
-            vec![
-                arg(&p),
-                arg(&dy),
-                arg(&x),
-                arg(&r),
-                arg(&s),
-                arg(&dres),
-                arg(&out),
-                arg(&wsp),
-                arg(&tkp),
-            ]
-        } else {
-            vec![arg(&p), arg(&x), arg(&out), arg(&wsp), arg(&tkp)]
-        };
-        // SAFETY: argument types and order match the kernel's signature in squeeze.cu; every
+        let (ws, tickets, ty) = (Out(wsp), Out(tkp), Some(self.suffix));
+        // SAFETY (every launch below): the arguments are the kernel's (squeeze.cu); every
         // address covers the sizes `p` describes (checked by the callers); the workspace regions
         // were sized by this same plan.
-        unsafe {
-            self.dev
-                .launch(Module::Squeeze, &name, grid, block, 0, 1, &mut args)
+        macro_rules! pool {
+            ($k:ident) => {
+                unsafe {
+                    self.dev.launch_kernel(
+                        &kargs::$k {
+                            p,
+                            x: In(x),
+                            z: Out(out),
+                            ws,
+                            tickets,
+                        },
+                        ty,
+                        grid,
+                        block,
+                        0,
+                        1,
+                    )
+                }
+            };
+        }
+        macro_rules! dgate {
+            ($k:ident) => {
+                unsafe {
+                    self.dev.launch_kernel(
+                        &kargs::$k {
+                            p,
+                            dy: In(dy),
+                            x: In(x),
+                            r: In(r),
+                            s: In(s),
+                            dres: Out(dres),
+                            dg: Out(out),
+                            ws,
+                            tickets,
+                        },
+                        ty,
+                        grid,
+                        block,
+                        0,
+                        1,
+                    )
+                }
+            };
+        }
+        match (grad, kernel) {
+            (false, Reduce::NchwStaged) => pool!(SePoolNchwStaged),
+            (false, Reduce::NchwRows) => pool!(SePoolNchwRows),
+            (false, Reduce::Nhwc) => pool!(SePoolNhwc),
+            (false, Reduce::NhwcVec) => pool!(SePoolNhwcVec),
+            (true, Reduce::NchwStaged) => dgate!(SeDgateNchwStaged),
+            (true, Reduce::NchwRows) => dgate!(SeDgateNchwRows),
+            (true, Reduce::Nhwc) => dgate!(SeDgateNhwc),
+            (true, Reduce::NhwcVec) => dgate!(SeDgateNhwcVec),
         }
     }
 
@@ -381,58 +415,38 @@ impl Ctx<'_> {
             return Ok(());
         }
         let (wsp, tkp) = self.scratch();
-        let mut args = [
-            arg(&p),
-            arg(&a),
-            arg(&bmat),
-            arg(&out),
-            arg(&out2),
-            arg(&bias),
-            arg(&aux),
-            arg(&wsp),
-            arg(&tkp),
-        ];
-        // SAFETY: matches se_gemm_f32's signature; A, B, out (and out2 / bias / aux where the
-        // epilogue reads them) cover the m x k, k x n and m x n ranges the strides describe; the
-        // workspace regions were sized by this same plan.
-        unsafe {
-            self.dev.launch(
-                Module::Excite,
-                "se_gemm_f32",
-                grid,
-                (256, 1, 1),
-                0,
-                1,
-                &mut args,
-            )
-        }
+        let args = kargs::SeGemmF32 {
+            p,
+            A: In(a),
+            B: In(bmat),
+            C: Out(out),
+            C2: Out(out2),
+            bias: In(bias),
+            aux: In(aux),
+            ws: Out(wsp),
+            tickets: Out(tkp),
+        };
+        // SAFETY: A, B, out (and out2 / bias / aux where the epilogue reads them) cover the
+        // m x k, k x n and m x n ranges the strides describe; the workspace regions were sized by
+        // this same plan.
+        unsafe { self.dev.launch_kernel(&args, None, grid, (256, 1, 1), 0, 1) }
     }
 
     fn colsum(&self, input: u64, out: u64, rows: usize, cols: usize) -> Result<()> {
         if let Mode::Size(_) = self.mode {
             return Ok(());
         }
-        let (rows32, cols32, acc) = (u32_of(rows, "rows")?, u32_of(cols, "cols")?, 0u32);
-        let mut args = [
-            arg(&input),
-            arg(&out),
-            arg(&rows32),
-            arg(&cols32),
-            arg(&acc),
-        ];
+        let (rows32, cols32) = (u32_of(rows, "rows")?, u32_of(cols, "cols")?);
+        let args = kargs::SeColsumF32 {
+            r#in: In(input),
+            out: Out(out),
+            rows: rows32,
+            cols: cols32,
+            accumulate: 0,
+        };
         let grid = (cols32.div_ceil(256), 1, 1);
-        // SAFETY: matches se_colsum_f32; `input` holds rows x cols floats, `out` cols.
-        unsafe {
-            self.dev.launch(
-                Module::Excite,
-                "se_colsum_f32",
-                grid,
-                (256, 1, 1),
-                0,
-                1,
-                &mut args,
-            )
-        }
+        // SAFETY: `input` holds rows x cols floats, `out` cols.
+        unsafe { self.dev.launch_kernel(&args, None, grid, (256, 1, 1), 0, 1) }
     }
 
     /// The element-wise pass: scale (forward) or dx (backward) over `n` samples.
@@ -464,24 +478,28 @@ impl Ctx<'_> {
         }
         let v = 16 / self.esize;
         let blocks = total.div_ceil(v * 256 * 4).clamp(1, self.sms() * 8);
-        let name = format!("{}_{}", if dx { "se_dx" } else { "se_scale" }, self.suffix);
-        let mut args = if dx {
-            [arg(&p), arg(&a), arg(&s), arg(&r_or_dz), arg(&out)]
-        } else {
-            [arg(&p), arg(&a), arg(&r_or_dz), arg(&s), arg(&out)]
-        };
-        // SAFETY: matches se_scale_* (p, x, r, s, y) / se_dx_* (p, g, s, dz, dx); the tensors
-        // hold n * c * hw elements, s and dz n * c floats.
+        let (grid, block, ty) = ((blocks as u32, 1, 1), (256, 1, 1), Some(self.suffix));
+        // SAFETY: the tensors hold n * c * hw elements, s and dz n * c floats.
         unsafe {
-            self.dev.launch(
-                Module::Scale,
-                &name,
-                (blocks as u32, 1, 1),
-                (256, 1, 1),
-                0,
-                1,
-                &mut args,
-            )
+            if dx {
+                let k = kargs::SeDx {
+                    p,
+                    g: In(a),
+                    s: In(s),
+                    dz: In(r_or_dz),
+                    dx: Out(out),
+                };
+                self.dev.launch_kernel(&k, ty, grid, block, 0, 1)
+            } else {
+                let k = kargs::SeScale {
+                    p,
+                    x: In(a),
+                    r: In(r_or_dz),
+                    s: In(s),
+                    y: Out(out),
+                };
+                self.dev.launch_kernel(&k, ty, grid, block, 0, 1)
+            }
         }
     }
 }
@@ -538,36 +556,42 @@ pub(super) fn run_forward(
         if same_phase(&[xp, rp, yp]) {
             p.flags |= abi::SENET_FLAG_VEC;
         }
-        let name = format!("se_fused_fwd_{}_{}", layout.name(), cx.suffix);
         let smem = cluster_smem_bytes(&cfg, shape, layout, esize, Direction::Forward);
-        let grid = cluster_grid(dev, &name, smem, shape.n)?;
-        let mut args = [
-            arg(&p),
-            arg(&xp),
-            arg(&rp),
-            arg(&yp),
-            arg(&w1),
-            arg(&b1),
-            arg(&w2),
-            arg(&b2),
-            arg(&zp),
-            arg(&hp),
-            arg(&up),
-            arg(&sp),
-        ];
-        // SAFETY: matches se_fused_fwd_*; x, r, y hold n * c * hw elements, the saved buffers
-        // n * c (z, s) and n * d (h, u) floats, the weights the config's sizes.
-        unsafe {
-            dev.launch(
-                Module::Fused,
-                &name,
-                (grid, 1, 1),
-                (FUSED_THREADS, 1, 1),
-                smem as u32,
-                CLUSTER as u32,
-                &mut args,
-            )
-        }?;
+        macro_rules! fused {
+            ($k:ident) => {{
+                let k = kargs::$k {
+                    p,
+                    x: In(xp),
+                    r: In(rp),
+                    y: Out(yp),
+                    w1: In(w1),
+                    b1: In(b1),
+                    w2: In(w2),
+                    b2: In(b2),
+                    z: Out(zp),
+                    h: Out(hp),
+                    u: Out(up),
+                    s: Out(sp),
+                };
+                let grid = cluster_grid(dev, &k, cx.suffix, smem, shape.n)?;
+                // SAFETY: x, r, y hold n * c * hw elements, the saved buffers n * c (z, s) and
+                // n * d (h, u) floats, the weights the config's sizes.
+                unsafe {
+                    dev.launch_kernel(
+                        &k,
+                        Some(cx.suffix),
+                        (grid, 1, 1),
+                        (FUSED_THREADS, 1, 1),
+                        smem as u32,
+                        CLUSTER as u32,
+                    )
+                }?
+            }};
+        }
+        match layout {
+            Layout::Nchw => fused!(SeFusedFwdNchw),
+            Layout::Nhwc => fused!(SeFusedFwdNhwc),
+        }
         return Ok(());
     }
     let streams = if rp != 0 { 2 } else { 1 };
@@ -613,14 +637,18 @@ pub(super) fn run_forward(
     Ok(())
 }
 
-fn cluster_grid(dev: &CudaDevice, name: &str, smem: usize, n: usize) -> Result<u32> {
-    let clusters = dev.max_active_clusters(
-        Module::Fused,
-        name,
-        CLUSTER as u32,
-        FUSED_THREADS,
-        smem as u32,
-    )?;
+/// How many CTAs the cluster kernel `K` (type suffix `ty`) runs on: as many whole clusters as
+/// fit at once, at most one per sample.
+fn cluster_grid<K: Kernel>(
+    dev: &CudaDevice,
+    _k: &K,
+    ty: &str,
+    smem: usize,
+    n: usize,
+) -> Result<u32> {
+    let name = format!("{}_{ty}", K::NAME);
+    let clusters =
+        dev.max_active_clusters(K::MODULE, &name, CLUSTER as u32, FUSED_THREADS, smem as u32)?;
     if clusters == 0 {
         return Err(Error::Unsupported(format!(
             "no cluster of {CLUSTER} CTAs with {smem} bytes of shared memory fits on {}",
@@ -699,36 +727,42 @@ pub(super) fn run_backward(
             if same_phase(&[dyp, xp, rp, dresp, dxp]) {
                 p.flags |= abi::SENET_FLAG_VEC;
             }
-            let name = format!("se_fused_bwd_{}_{}", layout.name(), cx.suffix);
             let smem = cluster_smem_bytes(&cx.cfg, shape, layout, esize, Direction::Backward);
-            let grid = cluster_grid(dev, &name, smem, n)?;
-            let mut args = [
-                arg(&p),
-                arg(&dyp),
-                arg(&xp),
-                arg(&rp),
-                arg(&sp),
-                arg(&hp),
-                arg(&w1),
-                arg(&w2),
-                arg(&dresp),
-                arg(&dxp),
-                arg(&dgp),
-                arg(&dup),
-            ];
-            // SAFETY: matches se_fused_bwd_*; activations hold n * c * hw elements, s and dg n * c,
-            // h and du n * d floats.
-            unsafe {
-                dev.launch(
-                    Module::Fused,
-                    &name,
-                    (grid, 1, 1),
-                    (FUSED_THREADS, 1, 1),
-                    smem as u32,
-                    CLUSTER as u32,
-                    &mut args,
-                )
-            }?;
+            macro_rules! fused {
+                ($k:ident) => {{
+                    let k = kargs::$k {
+                        p,
+                        dy: In(dyp),
+                        x: In(xp),
+                        r: In(rp),
+                        s: In(sp),
+                        h: In(hp),
+                        w1: In(w1),
+                        w2: In(w2),
+                        dres: Out(dresp),
+                        dx: Out(dxp),
+                        dg: Out(dgp),
+                        du: Out(dup),
+                    };
+                    let grid = cluster_grid(dev, &k, cx.suffix, smem, n)?;
+                    // SAFETY: activations hold n * c * hw elements, s and dg n * c, h and du
+                    // n * d floats.
+                    unsafe {
+                        dev.launch_kernel(
+                            &k,
+                            Some(cx.suffix),
+                            (grid, 1, 1),
+                            (FUSED_THREADS, 1, 1),
+                            smem as u32,
+                            CLUSTER as u32,
+                        )
+                    }?
+                }};
+            }
+            match layout {
+                Layout::Nchw => fused!(SeFusedBwdNchw),
+                Layout::Nhwc => fused!(SeFusedBwdNhwc),
+            }
         }
     } else {
         let streams = if rp != 0 { 3 } else { 2 };

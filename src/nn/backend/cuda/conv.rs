@@ -24,10 +24,16 @@ impl<A: NnAct> Cuda<A> {
             g.in_per_group() as u64,
             (g.kernel * g.kernel) as u64,
         );
-        let mut args = [arg(&wp), arg(&dst), arg(&k), arg(&c), arg(&rs)];
+        let args = kargs::NnWeightKrsc {
+            w: In(wp),
+            dst: Out(dst),
+            k,
+            c,
+            rs,
+        };
         // SAFETY: nn_weight_krsc_A(w, dst, k, c, rs): w holds k * c * rs floats (the weight of
         // g), `out` as many elements of A.
-        unsafe { self.launch_flat("nn_weight_krsc", n, &mut args)? };
+        unsafe { self.launch_flat(&args, n)? };
         keep.push(out);
         Ok(dst)
     }
@@ -97,7 +103,13 @@ impl<A: NnAct> Cuda<A> {
             let pc = NnConvParams { n: nn as u32, ..p };
             let xp = self.addr(&x) + (n0 * xs.sample_numel() * size_of::<A>()) as u64;
             let yp = self.addr(&y) + (n0 * ys.sample_numel() * size_of::<A>()) as u64;
-            let mut args = [arg(&pc), arg(&xp), arg(&wp), arg(&bp), arg(&yp)];
+            let args = kargs::NnConvFwd {
+                p: pc,
+                x: In(xp),
+                w: In(wp),
+                bias: In(bp),
+                y: Out(yp),
+            };
             let grid = (
                 grid_x(ys.hw(), TILE)?,
                 grid_y(g.out_per_group(), TILE, self.max_yz())?,
@@ -106,7 +118,7 @@ impl<A: NnAct> Cuda<A> {
             // SAFETY: nn_conv_fwd_A(p, x, w, bias, y): x and y point at sample n0 of buffers
             // holding xs and ys; nn samples follow; w holds the weight; bias out_ch floats when
             // the flag is set.
-            unsafe { self.launch(&Self::k("nn_conv_fwd"), grid, &mut args)? };
+            unsafe { self.launch(&args, grid)? };
         }
         Ok(GpuTensor::wrap(y))
     }
@@ -171,15 +183,27 @@ impl<A: NnAct> Cuda<A> {
                         g.in_per_group() as u64,
                         (g.kernel * g.kernel) as u64,
                     );
-                    let mut args = [arg(&src), arg(&dst), arg(&k), arg(&c), arg(&rs), arg(&acc)];
+                    let args = kargs::NnGradFromKrsc {
+                        src: In(src),
+                        dst: Out(dst),
+                        k,
+                        c,
+                        rs,
+                        accumulate: acc,
+                    };
                     // SAFETY: nn_grad_from_krsc_A(src, dst, k, c, rs, accumulate): tmp holds
                     // n = k * c * rs elements of A, the gradient target n floats.
-                    unsafe { self.launch_flat("nn_grad_from_krsc", n, &mut args)? };
+                    unsafe { self.launch_flat(&args, n)? };
                 } else {
-                    let mut args = [arg(&src), arg(&dst), arg(&len), arg(&acc)];
+                    let args = kargs::NnGradFromAct {
+                        src: In(src),
+                        dst: Out(dst),
+                        n: len,
+                        accumulate: acc,
+                    };
                     // SAFETY: nn_grad_from_act_A(src, dst, n, accumulate): tmp holds n
                     // elements of A, the gradient target n floats.
-                    unsafe { self.launch_flat("nn_grad_from_act", n, &mut args)? };
+                    unsafe { self.launch_flat(&args, n)? };
                 }
             }
             self.g_finish(t)?;
@@ -223,15 +247,15 @@ impl<A: NnAct> Cuda<A> {
             None
         };
         let (dwp, pp) = (t.addr, partial.as_ref().map_or(0, |b| self.addr(b)));
-        let mut args = [
-            arg(&p),
-            arg(&xp),
-            arg(&dyp),
-            arg(&dwp),
-            arg(&pp),
-            arg(&splits),
-            arg(&kps),
-        ];
+        let args = kargs::NnConvBwdWeight {
+            p,
+            x: In(xp),
+            dy: In(dyp),
+            dw: Out(dwp),
+            partial: Out(pp),
+            splits,
+            k_per_split: kps,
+        };
         let z = g.groups * splits as usize;
         if z > self.max_yz() {
             return Err(Error::Shape(format!("{} groups are too many", g.groups)));
@@ -244,19 +268,19 @@ impl<A: NnAct> Cuda<A> {
         // SAFETY: nn_conv_bwd_weight_A(p, x, dy, dw, partial, splits, k_per_split): x holds
         // xs, dy holds ys, dw the weight, partial splits weights when splits > 1; the splits
         // cover the depth (weight_grad_splits).
-        unsafe { self.launch(&Self::k("nn_conv_bwd_weight"), grid, &mut args)? };
+        unsafe { self.launch(&args, grid)? };
         if splits > 1 {
             let (len, acc) = (g.weight_len() as u64, t.accumulate as u32);
-            let mut args = [arg(&pp), arg(&dwp), arg(&len), arg(&splits), arg(&acc)];
+            let args = kargs::NnSumSplitsF32 {
+                partial: In(pp),
+                out: Out(dwp),
+                len,
+                splits,
+                accumulate: acc,
+            };
             // SAFETY: nn_sum_splits_f32(partial, out, len, splits, accumulate): partial holds
             // splits * len floats, dw len.
-            unsafe {
-                self.launch(
-                    "nn_sum_splits_f32",
-                    (blocks(g.weight_len(), THREADS as usize), 1, 1),
-                    &mut args,
-                )?
-            };
+            unsafe { self.launch(&args, (blocks(g.weight_len(), THREADS as usize), 1, 1))? };
         }
         self.g_finish(t)?;
         if !need_dx {
@@ -271,7 +295,12 @@ impl<A: NnAct> Cuda<A> {
             let pc = NnConvParams { n: nn as u32, ..p };
             let dyp = self.addr(&dy) + (n0 * ys.sample_numel() * size_of::<A>()) as u64;
             let dxp = self.addr(&dx) + (n0 * xs.sample_numel() * size_of::<A>()) as u64;
-            let mut args = [arg(&pc), arg(&dyp), arg(&wp), arg(&dxp)];
+            let args = kargs::NnConvBwdData {
+                p: pc,
+                dy: In(dyp),
+                w: In(wp),
+                dx: Out(dxp),
+            };
             let grid = (
                 grid_x(xs.hw(), TILE)?,
                 grid_y(g.in_per_group(), TILE, self.max_yz())?,
@@ -279,7 +308,7 @@ impl<A: NnAct> Cuda<A> {
             );
             // SAFETY: nn_conv_bwd_data_A(p, dy, w, dx): dy and dx point at sample n0 of
             // buffers holding ys and xs; w holds the weight.
-            unsafe { self.launch(&Self::k("nn_conv_bwd_data"), grid, &mut args)? };
+            unsafe { self.launch(&args, grid)? };
         }
         Ok(Some(GpuTensor::wrap(dx)))
     }
@@ -552,30 +581,44 @@ impl<A: NnAct> Cuda<A> {
             small("GEMM columns", n)?,
             small("GEMM depth", k)?,
         );
-        let acc = accumulate as u32;
-        let mut args = [
-            arg(&a),
-            arg(&sa_m),
-            arg(&sa_k),
-            arg(&b),
-            arg(&sb_k),
-            arg(&sb_n),
-            arg(&c),
-            arg(&bias),
-            arg(&mu),
-            arg(&nu),
-            arg(&ku),
-            arg(&acc),
-        ];
         let grid = (grid_x(n, TILE)?, grid_y(m, TILE, self.max_yz())?, 1);
-        let name = Self::k(if wgrad {
-            "nn_gemm_wgrad"
-        } else {
-            "nn_gemm_act"
-        });
-        // SAFETY: nn_gemm_{act,wgrad}_A(A, sa_m, sa_k, B, sb_k, sb_n, C, bias, M, N, K,
-        // accumulate); the callers pass buffers of at least M*K (A), K*N (B), M*N (C) and N
-        // (bias) elements of the kernel's types in the strides given.
-        unsafe { self.launch(&name, grid, &mut args) }
+        let (a, b, bias, accumulate) = (In(a), In(b), In(bias), accumulate as u32);
+        // SAFETY: the callers pass buffers of at least M*K (A), K*N (B), M*N (C) and N (bias)
+        // elements of the kernel's types in the strides given.
+        unsafe {
+            if wgrad {
+                let k = kargs::NnGemmWgrad {
+                    A: a,
+                    sa_m,
+                    sa_k,
+                    B: b,
+                    sb_k,
+                    sb_n,
+                    C: Out(c),
+                    bias,
+                    M: mu,
+                    N: nu,
+                    K: ku,
+                    accumulate,
+                };
+                self.launch(&k, grid)
+            } else {
+                let k = kargs::NnGemmAct {
+                    A: a,
+                    sa_m,
+                    sa_k,
+                    B: b,
+                    sb_k,
+                    sb_n,
+                    C: Out(c),
+                    bias,
+                    M: mu,
+                    N: nu,
+                    K: ku,
+                    accumulate,
+                };
+                self.launch(&k, grid)
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ use super::*;
 pub(super) enum GemmEngine {
     /// cuBLAS on a GPU.
     Cublas(Blas),
-    /// kernels/nn.cu's `nn_blas_*`, cuBLAS's column-major contract, on the emulator.
+    /// kernels/nn_conv.cu's `nn_blas_*`, cuBLAS's column-major contract, on the emulator.
     StandIn,
 }
 
@@ -54,24 +54,6 @@ impl<A: NnAct> Cuda<A> {
             g.ldc as i64,
             g.stride_c as i64,
         );
-        let mut args = [
-            arg(&ta),
-            arg(&tb),
-            arg(&m),
-            arg(&n),
-            arg(&k),
-            arg(&alpha),
-            arg(&g.a),
-            arg(&lda),
-            arg(&sa),
-            arg(&g.b),
-            arg(&ldb),
-            arg(&sb),
-            arg(&beta),
-            arg(&g.c),
-            arg(&ldc),
-            arg(&sc),
-        ];
         if g.batch > self.max_yz() {
             return Err(Error::Shape(format!(
                 "a GEMM batch of {} is too large",
@@ -83,14 +65,51 @@ impl<A: NnAct> Cuda<A> {
             grid_y(g.m, TILE, self.max_yz())?,
             g.batch.max(1) as u32,
         );
-        let name = Self::k(if c_f32 {
-            "nn_blas_f32out"
-        } else {
-            "nn_blas_act"
-        });
-        // SAFETY: nn_blas_{act,f32out}_A(transa, transb, m, n, k, alpha, A, lda, sa, B, ldb, sb,
-        // beta, C, ldc, sc): the operands as this function's contract says.
-        unsafe { self.launch(&name, grid, &mut args) }
+        let (a, b) = (In(g.a), In(g.b));
+        // SAFETY: the operands as this function's contract says.
+        unsafe {
+            if c_f32 {
+                let k = kargs::NnBlasF32out {
+                    transa: ta,
+                    transb: tb,
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    A: a,
+                    lda,
+                    sa,
+                    B: b,
+                    ldb,
+                    sb,
+                    beta,
+                    C: Out(g.c),
+                    ldc,
+                    sc,
+                };
+                self.launch(&k, grid)
+            } else {
+                let k = kargs::NnBlasAct {
+                    transa: ta,
+                    transb: tb,
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    A: a,
+                    lda,
+                    sa,
+                    B: b,
+                    ldb,
+                    sb,
+                    beta,
+                    C: Out(g.c),
+                    ldc,
+                    sc,
+                };
+                self.launch(&k, grid)
+            }
+        }
     }
 
     /// Samples per im2col chunk: as many as fit the column budget (at least one). The budget
@@ -119,10 +138,14 @@ impl<A: NnAct> Cuda<A> {
             x + (n0 * xs.sample_numel() * size_of::<A>()) as u64,
             self.addr(&col),
         );
-        let mut args = [arg(&pc), arg(&xp), arg(&cp)];
+        let args = kargs::NnIm2col {
+            p: pc,
+            x: In(xp),
+            col: Out(cp),
+        };
         // SAFETY: nn_im2col_A(p, x, col): x points at sample n0 of a buffer holding xs (nn
         // samples follow), col holds groups * nn * P * K elements.
-        unsafe { self.launch_flat("nn_im2col", total, &mut args)? };
+        unsafe { self.launch_flat(&args, total)? };
         Ok(col)
     }
 
@@ -302,10 +325,14 @@ impl<A: NnAct> Cuda<A> {
                 self.addr(&dcol),
                 self.addr(&dx) + (n0 * xs.sample_numel()) as u64 * e,
             );
-            let mut args = [arg(&pc), arg(&dcp), arg(&dxp)];
+            let args = kargs::NnCol2im {
+                p: pc,
+                dcol: In(dcp),
+                dx: Out(dxp),
+            };
             // SAFETY: nn_col2im_A(p, dcol, dx): dcol holds groups x nn x P x K floats, dx
             // points at sample n0 of a buffer holding xs (nn samples follow).
-            unsafe { self.launch_flat("nn_col2im", nn * xs.sample_numel(), &mut args)? };
+            unsafe { self.launch_flat(&args, nn * xs.sample_numel())? };
         }
         Ok(Some(GpuTensor::wrap(dx)))
     }

@@ -205,20 +205,31 @@ impl<A: NnAct> Cuda<A> {
     pub(super) fn convert_to_act(&self, src: u64, n: usize) -> Result<PoolBuf<A>> {
         let out = self.out::<A>(n)?;
         let (dst, len) = (self.addr(&out), n as u64);
-        let mut args = [arg(&src), arg(&dst), arg(&len)];
+        let args = kargs::NnToAct {
+            src: In(src),
+            dst: Out(dst),
+            n: len,
+        };
         // SAFETY: nn_to_act_A(src, dst, n): src holds n floats (the callers' buffers), `out`
         // n elements of A.
-        unsafe { self.launch_flat("nn_to_act", n, &mut args)? };
+        unsafe { self.launch_flat(&args, n)? };
         Ok(out)
     }
 
     /// `dst = src` with the other layout (NCHW -> NHWC when `to_nhwc`), `s` elements of A.
     pub(super) fn relayout_into(&self, src: u64, dst: u64, s: Shape, to_nhwc: bool) -> Result<()> {
         let (n, c, hw, t) = (s.n as u64, s.c as u64, s.hw() as u64, to_nhwc as u32);
-        let mut args = [arg(&src), arg(&dst), arg(&n), arg(&c), arg(&hw), arg(&t)];
+        let args = kargs::NnRelayout {
+            src: In(src),
+            dst: Out(dst),
+            n,
+            c,
+            hw,
+            to_nhwc: t,
+        };
         // SAFETY: nn_relayout_A(src, dst, n, c, hw, to_nhwc): src and dst hold s.numel()
         // elements of A (the callers' buffers).
-        unsafe { self.launch_flat("nn_relayout", s.numel(), &mut args) }
+        unsafe { self.launch_flat(&args, s.numel()) }
     }
 
     /// A pooled NCHW copy of `x` when this backend is NHWC and `x` has more than one pixel
@@ -260,20 +271,20 @@ impl<A: NnAct> Cuda<A> {
             (d0 * unit) as u64,
             (part.c * unit) as u64,
         );
-        let mut args = [
-            arg(&src),
-            arg(&dst),
-            arg(&rows),
-            arg(&sc),
-            arg(&so),
-            arg(&dc),
-            arg(&dof),
-            arg(&cnt),
-        ];
+        let args = kargs::NnCopyCols {
+            src: In(src),
+            dst: Out(dst),
+            rows,
+            src_c: sc,
+            src_off: so,
+            dst_c: dc,
+            dst_off: dof,
+            cnt,
+        };
         // SAFETY: nn_copy_cols_A(src, dst, rows, src_c, src_off, dst_c, dst_off, cnt): src
         // holds rows x src_c units, dst rows x dst_c, and c0 + part.c <= src_c, d0 + part.c
         // <= dst_c (the callers' shapes), so every access stays in its row.
-        unsafe { self.launch_flat("nn_copy_cols", part.numel(), &mut args) }
+        unsafe { self.launch_flat(&args, part.numel()) }
     }
 
     /// A pooled output buffer (poisoned when asked).

@@ -1,4 +1,4 @@
-//! The CUDA backend: every op of [`Backend`] as kernels of `kernels/nn.cu` (convolutions as
+//! The CUDA backend: every op of [`Backend`] as the kernels of `kernels/nn_*.cu` (convolutions as
 //! implicit GEMMs, BatchNorm, pooling, linear, pointwise) and the crate's SE kernels, on a
 //! [`CudaDevice`] — a GPU, or the CPU emulator of the kernels in tests.
 //!
@@ -31,7 +31,8 @@ use super::{
     SeLayerParamsMut,
 };
 use crate::cuda::abi::NnConvParams;
-use crate::cuda::{Buf, CudaDevice, CudaElement, DevElem, DeviceTensor, Module};
+use crate::cuda::kargs::{self, In, Kernel, Out};
+use crate::cuda::{Buf, CudaDevice, CudaElement, DevElem, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::nn::param::{DeviceStore, Param};
 use crate::se::cuda::{self as se_gpu, DeviceSeGrads, DeviceSeSaved, DeviceSeWeights};
@@ -39,7 +40,6 @@ use crate::se::{SeConfig, SeWeights};
 use crate::tensor::{Layout, Shape, Tensor};
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
-use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -64,7 +64,7 @@ pub use tensor::{CudaSeSaved, GpuIndices, GpuTensor};
 
 /// The kernels' block size.
 const THREADS: u32 = 256;
-/// GEMM tile edge (TM = TN in nn.cu).
+/// GEMM tile edge (TM = TN in nn_common.cuh).
 const TILE: usize = 64;
 /// The most blocks along grid.y / grid.z.
 /// The grid's y and z limit on a GPU; a device may say less ([`DeviceInfo::max_grid_yz`]: the
@@ -74,11 +74,6 @@ const TILE: usize = 64;
 const MAX_GRID_YZ: usize = 65_535;
 /// Elements of A the im2col engine's column buffer may hold by default (64 Mi: 128 MiB of bf16).
 const COL_BUDGET: usize = 64 << 20;
-
-/// A kernel argument: the address of a value the launch copies.
-fn arg<T>(v: &T) -> *mut c_void {
-    v as *const T as *mut c_void
-}
 
 /// Checks a size the kernels hold in 32-bit (signed) integers.
 fn small(what: &str, v: usize) -> Result<u32> {
@@ -322,11 +317,6 @@ impl<A: NnAct> Cuda<A> {
         }
     }
 
-    /// The name of nn.cu kernel `base` for this backend's activations (`nn_affine_bf16`).
-    fn k(base: &str) -> String {
-        format!("{base}_{}", A::SUFFIX)
-    }
-
     /// Which code runs the convolutions.
     pub fn conv_engine(&self) -> ConvEngine {
         if self.im2col.is_some() {
@@ -405,32 +395,25 @@ impl<A: NnAct> Cuda<A> {
             .clear();
     }
 
-    /// Launches `name` from nn.cu with 256-thread blocks.
+    /// Launches network kernel `k` (for this backend's activation type when the kernel is
+    /// instantiated per type) with 256-thread blocks.
     ///
     /// # Safety
-    /// `args` match the kernel's parameters and every address covers what the kernel touches
-    /// for the sizes among them.
-    unsafe fn launch(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        args: &mut [*mut c_void],
-    ) -> Result<()> {
+    /// Every address in `k` covers what the kernel touches for the sizes among its arguments.
+    unsafe fn launch<K: Kernel>(&self, k: &K, grid: (u32, u32, u32)) -> Result<()> {
+        let ty = K::TYPED.then_some(A::SUFFIX);
         // SAFETY: forwarded from this function's contract.
-        unsafe {
-            self.dev
-                .launch(Module::Nn, name, grid, (THREADS, 1, 1), 0, 1, args)
-        }
+        unsafe { self.dev.launch_kernel(k, ty, grid, (THREADS, 1, 1), 0, 1) }
     }
 
-    /// Launches nn.cu kernel `base` for this backend's activations on enough 256-thread blocks
-    /// for `n` items (grid-stride kernels cover the rest).
+    /// Launches network kernel `k` on enough 256-thread blocks for `n` items (grid-stride
+    /// kernels cover the rest).
     ///
     /// # Safety
     /// As [`Cuda::launch`].
-    unsafe fn launch_flat(&self, base: &str, n: usize, args: &mut [*mut c_void]) -> Result<()> {
+    unsafe fn launch_flat<K: Kernel>(&self, k: &K, n: usize) -> Result<()> {
         // SAFETY: forwarded from this function's contract.
-        unsafe { self.launch(&Self::k(base), (blocks(n, THREADS as usize), 1, 1), args) }
+        unsafe { self.launch(k, (blocks(n, THREADS as usize), 1, 1)) }
     }
 }
 
@@ -499,10 +482,15 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
             self.addr(&y),
             s.numel() as u64,
         );
-        let mut args = [arg(&ap), arg(&bp), arg(&yp), arg(&total)];
+        let args = kargs::NnMask {
+            a: In(ap),
+            m: In(bp),
+            y: Out(yp),
+            n: total,
+        };
         // SAFETY: nn_mask_A(a, m, y, n): x and y hold `total` elements of A, the mask `total`
         // floats.
-        unsafe { self.launch_flat("nn_mask", s.numel(), &mut args)? };
+        unsafe { self.launch_flat(&args, s.numel())? };
         Ok(GpuTensor::wrap(y))
     }
 
@@ -681,16 +669,15 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
                 continue; // reads as zero: stays zero, and finite
             }
             let (gp, n) = (self.dev.addr(gb), c.len as u64);
-            let mut args = [arg(&gp), arg(&n), arg(&factor), arg(&fp)];
+            let args = kargs::NnUnscaleF32 {
+                g: Out(gp),
+                n,
+                factor,
+                flag: Out(fp),
+            };
             // SAFETY: nn_unscale_f32(g, n, factor, flag): g is this parameter's bound gradient
             // of n floats, flag one u32.
-            unsafe {
-                self.launch(
-                    "nn_unscale_f32",
-                    (blocks(c.len, THREADS as usize), 1, 1),
-                    &mut args,
-                )?
-            };
+            unsafe { self.launch(&args, (blocks(c.len, THREADS as usize), 1, 1))? };
         }
         let bad = self.down(&flag, 1)?;
         Ok(finite && bad[0] == 0)
@@ -734,19 +721,19 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let mp = ml.as_ref().map_or(0, |b| self.dev.addr(b));
         let wp = c.value_addr(&self.dev)?;
         let (len, first) = (n as u64, first as u32);
-        let mut args = [
-            arg(&wp),
-            arg(&gp),
-            arg(&mp),
-            arg(&len),
-            arg(&lr),
-            arg(&momentum),
-            arg(&weight_decay),
-            arg(&first),
-        ];
+        let args = kargs::NnSgdF32 {
+            w: Out(wp),
+            grad: In(gp),
+            buf: Out(mp),
+            n: len,
+            lr,
+            momentum,
+            wd: weight_decay,
+            first,
+        };
         // SAFETY: nn_sgd_f32(w, grad, buf, n, lr, momentum, wd, first): w, buf (and grad unless
         // null) hold n floats: the bound storage of this parameter.
-        unsafe { self.launch("nn_sgd_f32", (blocks(n, THREADS as usize), 1, 1), &mut args)? };
+        unsafe { self.launch(&args, (blocks(n, THREADS as usize), 1, 1))? };
         Ok(true)
     }
 
@@ -815,34 +802,28 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
             1.0
         };
         let train = run.train as u32;
-        let mut args = [
-            arg(&ptrs[0]),
-            arg(&ptrs[1]),
-            arg(&ptrs[2]),
-            arg(&ptrs[3]),
-            arg(&ptrs[4]),
-            arg(&ptrs[5]),
-            arg(&ptrs[6]),
-            arg(&ptrs[7]),
-            arg(&ptrs[8]),
-            arg(&ptrs[9]),
-            arg(&cc),
-            arg(&run.eps),
-            arg(&run.momentum),
-            arg(&unbias),
-            arg(&train),
-        ];
+        let args = kargs::NnBnPrepareF32 {
+            bmean: In(ptrs[0]),
+            bvar: In(ptrs[1]),
+            gamma: In(ptrs[2]),
+            beta: In(ptrs[3]),
+            rm: Out(ptrs[4]),
+            rv: Out(ptrs[5]),
+            mean_out: Out(ptrs[6]),
+            invstd_out: Out(ptrs[7]),
+            a: Out(ptrs[8]),
+            b: Out(ptrs[9]),
+            c: cc,
+            eps: run.eps,
+            mo: run.momentum,
+            unbias,
+            train,
+        };
         // SAFETY: nn_bn_prepare_f32(bmean, bvar, gamma, beta, rm, rv, mean_out, invstd_out, a,
         // b, c, eps, mo, unbias, train): every per-channel buffer holds c elements (the bound
         // storages were checked above); bmean / bvar are read only in training and mean_out
         // written only outside it, so the null ones are never touched.
-        unsafe {
-            self.launch(
-                "nn_bn_prepare_f32",
-                (blocks(c, THREADS as usize), 1, 1),
-                &mut args,
-            )?
-        };
+        unsafe { self.launch(&args, (blocks(c, THREADS as usize), 1, 1))? };
         let y = self.affine_at(x, self.addr(&a), self.addr(&b), run.relu)?;
         let saved: BnDeviceSaved = Arc::new(CudaBnSaved {
             mean,
@@ -964,25 +945,25 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let am = self.out::<u32>(ys.numel())?;
         let (xp, yp, ap) = (self.addr(&x), self.addr(&y), self.addr(&am));
         let (c, nhwc) = (xs.c as u32, self.nhwc());
-        let mut args = [
-            arg(&xp),
-            arg(&yp),
-            arg(&ap),
-            arg(&nc),
-            arg(&c),
-            arg(&h),
-            arg(&w),
-            arg(&oh),
-            arg(&ow),
-            arg(&k),
-            arg(&st),
-            arg(&pad),
-            arg(&nhwc),
-        ];
+        let args = kargs::NnMaxpoolFwd {
+            x: In(xp),
+            y: Out(yp),
+            arg: Out(ap),
+            nc,
+            c,
+            h,
+            w,
+            oh,
+            ow,
+            k,
+            s: st,
+            pad,
+            nhwc,
+        };
         let grid = self.pool_grid(ys, nc)?;
         // SAFETY: nn_maxpool_fwd_A(x, y, arg, nc, c, h, w, oh, ow, k, s, pad, nhwc): x holds
         // xs, y and arg hold ys (nc = n * c planes).
-        unsafe { self.launch(&Self::k("nn_maxpool_fwd"), grid, &mut args)? };
+        unsafe { self.launch(&args, grid)? };
         Ok((
             GpuTensor::wrap(y),
             GpuIndices {
@@ -1015,31 +996,25 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let dx = self.out_t(input)?;
         let (dyp, ap, dxp) = (self.addr(&dy), self.addr(&argmax.buf), self.addr(&dx));
         let (c, nhwc) = (input.c as u32, self.nhwc());
-        let mut args = [
-            arg(&dyp),
-            arg(&ap),
-            arg(&dxp),
-            arg(&nc),
-            arg(&c),
-            arg(&h),
-            arg(&w),
-            arg(&oh),
-            arg(&ow),
-            arg(&k),
-            arg(&st),
-            arg(&pad),
-            arg(&nhwc),
-        ];
+        let args = kargs::NnMaxpoolBwd {
+            dy: In(dyp),
+            arg: In(ap),
+            dx: Out(dxp),
+            nc,
+            c,
+            h,
+            w,
+            oh,
+            ow,
+            k,
+            s: st,
+            pad,
+            nhwc,
+        };
         // SAFETY: nn_maxpool_bwd_A(dy, arg, dx, nc, c, h, w, oh, ow, k, s, pad, nhwc): dy and
         // arg hold ys elements (shapes checked against the indices'), dx input; the kernel
         // only compares index values, never writes through them.
-        unsafe {
-            self.launch(
-                &Self::k("nn_maxpool_bwd"),
-                self.pool_grid(input, nc)?,
-                &mut args,
-            )?
-        };
+        unsafe { self.launch(&args, self.pool_grid(input, nc)?)? };
         Ok(GpuTensor::wrap(dx))
     }
 
@@ -1052,25 +1027,25 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let y = self.out_t(ys)?;
         let (xp, yp) = (self.addr(&x), self.addr(&y));
         let (c, nhwc) = (xs.c as u32, self.nhwc());
-        let mut args = [
-            arg(&xp),
-            arg(&yp),
-            arg(&nc),
-            arg(&c),
-            arg(&h),
-            arg(&w),
-            arg(&oh),
-            arg(&ow),
-            arg(&k),
-            arg(&st),
-            arg(&pad),
-            arg(&inc),
-            arg(&nhwc),
-        ];
+        let args = kargs::NnAvgpoolFwd {
+            x: In(xp),
+            y: Out(yp),
+            nc,
+            c,
+            h,
+            w,
+            oh,
+            ow,
+            k,
+            s: st,
+            pad,
+            include_pad: inc,
+            nhwc,
+        };
         let grid = self.pool_grid(ys, nc)?;
         // SAFETY: nn_avgpool_fwd_A(x, y, nc, c, h, w, oh, ow, k, s, pad, include_pad, nhwc): x holds
         // xs, y ys.
-        unsafe { self.launch(&Self::k("nn_avgpool_fwd"), grid, &mut args)? };
+        unsafe { self.launch(&args, grid)? };
         Ok(GpuTensor::wrap(y))
     }
 
@@ -1090,53 +1065,41 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let dx = self.out_t(input)?;
         let (dyp, qp, dxp) = (self.addr(&dy), self.addr(&q), self.addr(&dx));
         let (c, nhwc) = (input.c as u32, self.nhwc());
-        let mut args = [
-            arg(&dyp),
-            arg(&qp),
-            arg(&nc),
-            arg(&c),
-            arg(&h),
-            arg(&w),
-            arg(&oh),
-            arg(&ow),
-            arg(&k),
-            arg(&st),
-            arg(&pad),
-            arg(&inc),
-            arg(&nhwc),
-        ];
+        let args = kargs::NnAvgpoolDiv {
+            dy: In(dyp),
+            q: Out(qp),
+            nc,
+            c,
+            h,
+            w,
+            oh,
+            ow,
+            k,
+            s: st,
+            pad,
+            include_pad: inc,
+            nhwc,
+        };
         // SAFETY: nn_avgpool_div_A(dy, q, nc, c, h, w, oh, ow, k, s, pad, include_pad, nhwc): dy holds
         // ys elements of A, q ys floats.
-        unsafe {
-            self.launch(
-                &Self::k("nn_avgpool_div"),
-                self.pool_grid(ys, nc)?,
-                &mut args,
-            )?
+        unsafe { self.launch(&args, self.pool_grid(ys, nc)?)? };
+        let args = kargs::NnAvgpoolBwd {
+            q: In(qp),
+            dx: Out(dxp),
+            nc,
+            c,
+            h,
+            w,
+            oh,
+            ow,
+            k,
+            s: st,
+            pad,
+            nhwc,
         };
-        let mut args = [
-            arg(&qp),
-            arg(&dxp),
-            arg(&nc),
-            arg(&c),
-            arg(&h),
-            arg(&w),
-            arg(&oh),
-            arg(&ow),
-            arg(&k),
-            arg(&st),
-            arg(&pad),
-            arg(&nhwc),
-        ];
         // SAFETY: nn_avgpool_bwd_A(q, dx, nc, c, h, w, oh, ow, k, s, pad, nhwc): q holds ys,
         // dx input.
-        unsafe {
-            self.launch(
-                &Self::k("nn_avgpool_bwd"),
-                self.pool_grid(input, nc)?,
-                &mut args,
-            )?
-        };
+        unsafe { self.launch(&args, self.pool_grid(input, nc)?)? };
         Ok(GpuTensor::wrap(dx))
     }
 
@@ -1151,13 +1114,20 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let y = self.out_t(Shape::new(s.n, s.c, 1, 1))?;
         let (xp, yp, hw) = (self.addr(&x), self.addr(&y), s.hw() as u64);
         let (nc, c, nhwc) = (planes as u32, s.c as u32, self.nhwc());
-        let mut args = [arg(&xp), arg(&yp), arg(&nc), arg(&c), arg(&hw), arg(&nhwc)];
+        let args = kargs::NnGapFwd {
+            x: In(xp),
+            y: Out(yp),
+            nc,
+            c,
+            hw,
+            nhwc,
+        };
         let grid = match self.layout {
             Layout::Nchw => ((planes as u32).max(1), 1, 1),
             Layout::Nhwc => (blocks(planes, THREADS as usize), 1, 1),
         };
         // SAFETY: nn_gap_fwd_A(x, y, nc, c, hw, nhwc): x holds planes * hw elements, y planes.
-        unsafe { self.launch(&Self::k("nn_gap_fwd"), grid, &mut args)? };
+        unsafe { self.launch(&args, grid)? };
         Ok(GpuTensor::wrap(y))
     }
 
@@ -1171,17 +1141,17 @@ impl<A: NnAct> Backend<f32> for Cuda<A> {
         let (dyp, dxp) = (self.addr(&dy), self.addr(&dx));
         let (total, hw) = (input.numel() as u64, input.hw() as u64);
         let (c, nhwc) = (input.c as u32, self.nhwc());
-        let mut args = [
-            arg(&dyp),
-            arg(&dxp),
-            arg(&total),
-            arg(&c),
-            arg(&hw),
-            arg(&nhwc),
-        ];
+        let args = kargs::NnGapBwd {
+            dy: In(dyp),
+            dx: Out(dxp),
+            total,
+            c,
+            hw,
+            nhwc,
+        };
         // SAFETY: nn_gap_bwd_A(dy, dx, total, c, hw, nhwc): dy holds total / hw elements, dx
         // total.
-        unsafe { self.launch_flat("nn_gap_bwd", input.numel(), &mut args)? };
+        unsafe { self.launch_flat(&args, input.numel())? };
         Ok(GpuTensor::wrap(dx))
     }
 

@@ -30,20 +30,20 @@ impl<A: NnAct> Cuda<A> {
             relu as u32,
             self.nhwc(),
         );
-        let mut args = [
-            arg(&xp),
-            arg(&yp),
-            arg(&ap),
-            arg(&bp),
-            arg(&total),
-            arg(&c),
-            arg(&hw),
-            arg(&r),
-            arg(&nhwc),
-        ];
+        let args = kargs::NnAffine {
+            x: In(xp),
+            y: Out(yp),
+            a: In(ap),
+            b: In(bp),
+            total,
+            c,
+            hw,
+            relu: r,
+            nhwc,
+        };
         // SAFETY: nn_affine_A(x, y, a, b, total, c, hw, relu, nhwc): x, y hold `total` elements of
         // A, b holds c floats and a does too or is null (the callers' contract).
-        unsafe { self.launch_flat("nn_affine", s.numel(), &mut args)? };
+        unsafe { self.launch_flat(&args, s.numel())? };
         Ok(GpuTensor::wrap(y))
     }
 
@@ -125,25 +125,25 @@ impl<A: NnAct> Cuda<A> {
             s.hw() as u64,
             batch_stats as u32,
         );
-        let mut args = [
-            arg(&ptrs[0]),
-            arg(&ptrs[1]),
-            arg(&ptrs[2]),
-            arg(&ptrs[3]),
-            arg(&ptrs[4]),
-            arg(&ptrs[5]),
-            arg(&ptrs[6]),
-            arg(&ptrs[7]),
-            arg(&ptrs[8]),
-            arg(&n),
-            arg(&c),
-            arg(&hw),
-            arg(&bs),
-        ];
+        let args = kargs::NnBnBwd {
+            x: In(ptrs[0]),
+            dy: In(ptrs[1]),
+            relu_y: In(ptrs[2]),
+            mean: In(ptrs[3]),
+            invstd: In(ptrs[4]),
+            gamma: In(ptrs[5]),
+            dgamma: Out(ptrs[6]),
+            dbeta: Out(ptrs[7]),
+            dx: Out(ptrs[8]),
+            n,
+            c,
+            hw,
+            batch_stats: bs,
+        };
         // SAFETY: nn_bn_bwd_A(x, dy, relu_y, mean, invstd, gamma, dgamma, dbeta, dx, n, c,
         // hw, batch_stats), NCHW: x, dy, dx (and relu_y) hold s (checked above); the per-channel
         // buffers hold c elements each (the callers' contract).
-        unsafe { self.launch(&Self::k("nn_bn_bwd"), (c.max(1), 1, 1), &mut args)? };
+        unsafe { self.launch(&args, (c.max(1), 1, 1))? };
         Ok(GpuTensor::wrap(dx))
     }
 
@@ -171,52 +171,46 @@ impl<A: NnAct> Cuda<A> {
             self.addr(&part),
         );
         let (rows_u, c) = (rows as u64, small("channels", s.c)?);
-        let mut args = [
-            arg(&xp),
-            arg(&dyp),
-            arg(&ryp),
-            arg(&mp),
-            arg(&ip),
-            arg(&pp),
-            arg(&rows_u),
-            arg(&c),
-            arg(&rps),
-            arg(&splits),
-        ];
+        let args = kargs::NnNhwcBnBwdPartial {
+            x: In(xp),
+            dy: In(dyp),
+            relu_y: In(ryp),
+            mean: In(mp),
+            invstd: In(ip),
+            part: Out(pp),
+            rows: rows_u,
+            c,
+            rps,
+            splits,
+        };
         // SAFETY: nn_nhwc_bn_bwd_partial_A(x, dy, relu_y, mean, invstd, part, rows, c, rps,
         // splits): x, dy (and relu_y) hold rows * c elements of A (shapes checked by the
         // caller), mean and invstd c doubles, part 2 * splits * c doubles.
-        unsafe {
-            self.launch(
-                &Self::k("nn_nhwc_bn_bwd_partial"),
-                (s.c.div_ceil(32) as u32, splits, 1),
-                &mut args,
-            )?
-        };
+        unsafe { self.launch(&args, (s.c.div_ceil(32) as u32, splits, 1))? };
         let second = pp + (splits as usize * s.c * size_of::<f64>()) as u64;
         self.nhwc_finish(pp, splits, s.c, 1.0, self.addr(&sd), dbp, true)?;
         self.nhwc_finish(second, splits, s.c, 1.0, self.addr(&sdx), dgp, true)?;
         let (sdp, sdxp, dxp) = (self.addr(&sd), self.addr(&sdx), self.addr(&dx));
         let (total, m, bs) = (s.numel() as u64, rows as f64, batch_stats as u32);
-        let mut args = [
-            arg(&xp),
-            arg(&dyp),
-            arg(&ryp),
-            arg(&mp),
-            arg(&ip),
-            arg(&gp),
-            arg(&sdp),
-            arg(&sdxp),
-            arg(&dxp),
-            arg(&total),
-            arg(&c),
-            arg(&m),
-            arg(&bs),
-        ];
+        let args = kargs::NnNhwcBnBwdApply {
+            x: In(xp),
+            dy: In(dyp),
+            relu_y: In(ryp),
+            mean: In(mp),
+            invstd: In(ip),
+            gamma: In(gp),
+            sd: In(sdp),
+            sdx: In(sdxp),
+            dx: Out(dxp),
+            total,
+            c,
+            m,
+            batch_stats: bs,
+        };
         // SAFETY: nn_nhwc_bn_bwd_apply_A(x, dy, relu_y, mean, invstd, gamma, sd, sdx, dx,
         // total, c, m, batch_stats): x, dy, relu_y and dx hold total elements of A, the
         // per-channel buffers c each.
-        unsafe { self.launch_flat("nn_nhwc_bn_bwd_apply", s.numel(), &mut args)? };
+        unsafe { self.launch_flat(&args, s.numel())? };
         Ok(GpuTensor::wrap(dx))
     }
 
@@ -241,24 +235,18 @@ impl<A: NnAct> Cuda<A> {
         let (rps, splits) = self.nhwc_splits(rows);
         let part = self.out::<f64>(splits as usize * s.c)?;
         let (pp, rows, c) = (self.addr(&part), rows as u64, small("channels", s.c)?);
-        let mut args = [
-            arg(&x),
-            arg(&mean),
-            arg(&pp),
-            arg(&rows),
-            arg(&c),
-            arg(&rps),
-        ];
+        let args = kargs::NnNhwcPartial {
+            x: In(x),
+            mean: In(mean),
+            part: Out(pp),
+            rows,
+            c,
+            rps,
+        };
         // SAFETY: nn_nhwc_partial_A(x, mean, part, rows, c, rps): x holds rows * c elements of
         // A, mean c doubles (or is null), part splits * c doubles; the grid covers c / 32 x
         // splits blocks of rps rows.
-        unsafe {
-            self.launch(
-                &Self::k("nn_nhwc_partial"),
-                (s.c.div_ceil(32) as u32, splits, 1),
-                &mut args,
-            )?
-        };
+        unsafe { self.launch(&args, (s.c.div_ceil(32) as u32, splits, 1))? };
         Ok((part, splits))
     }
 
@@ -276,24 +264,18 @@ impl<A: NnAct> Cuda<A> {
         accumulate: bool,
     ) -> Result<()> {
         let (cu, acc) = (small("channels", c)?, accumulate as u32);
-        let mut args = [
-            arg(&part),
-            arg(&splits),
-            arg(&cu),
-            arg(&div),
-            arg(&out_d),
-            arg(&out_f),
-            arg(&acc),
-        ];
+        let args = kargs::NnNhwcFinish {
+            part: In(part),
+            splits,
+            c: cu,
+            div,
+            out_d: Out(out_d),
+            out_f: Out(out_f),
+            accumulate: acc,
+        };
         // SAFETY: nn_nhwc_finish(part, splits, c, div, out_d, out_f, accumulate): part holds
         // splits * c doubles, out_d c doubles and out_f c floats where not null.
-        unsafe {
-            self.launch(
-                "nn_nhwc_finish",
-                (blocks(c, THREADS as usize), 1, 1),
-                &mut args,
-            )
-        }
+        unsafe { self.launch(&args, (blocks(c, THREADS as usize), 1, 1)) }
     }
 
     /// Per-channel batch mean and biased variance (f64) of `x`, left on the device.
@@ -312,10 +294,17 @@ impl<A: NnAct> Cuda<A> {
             return Ok((mean, var));
         }
         let (n, c, hw) = (small("batch", s.n)?, small("channels", s.c)?, s.hw() as u64);
-        let mut args = [arg(&xp), arg(&mp), arg(&vp), arg(&n), arg(&c), arg(&hw)];
+        let args = kargs::NnBnStats {
+            x: In(xp),
+            mean: Out(mp),
+            var: Out(vp),
+            n,
+            c,
+            hw,
+        };
         // SAFETY: nn_bn_stats_A(x, mean, var, n, c, hw): x holds s (NCHW), mean and var c
         // doubles.
-        unsafe { self.launch(&Self::k("nn_bn_stats"), (c.max(1), 1, 1), &mut args)? };
+        unsafe { self.launch(&args, (c.max(1), 1, 1))? };
         Ok((mean, var))
     }
 
@@ -332,9 +321,16 @@ impl<A: NnAct> Cuda<A> {
             s.hw() as u64,
             accumulate as u32,
         );
-        let mut args = [arg(&a), arg(&out), arg(&n), arg(&c), arg(&hw), arg(&acc)];
+        let args = kargs::NnChannelSum {
+            a: In(a),
+            out: Out(out),
+            n,
+            c,
+            hw,
+            accumulate: acc,
+        };
         // SAFETY: nn_channel_sum_A(a, out, n, c, hw, accumulate); a holds s.numel() elements
         // of A (NCHW), out s.c floats.
-        unsafe { self.launch(&Self::k("nn_channel_sum"), (c.max(1), 1, 1), &mut args) }
+        unsafe { self.launch(&args, (c.max(1), 1, 1)) }
     }
 }

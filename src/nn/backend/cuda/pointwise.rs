@@ -11,16 +11,16 @@ impl<A: NnAct> Cuda<A> {
     /// `dst = (accumulate ? dst : 0) + src` over `n` floats (device addresses).
     pub(super) fn add_into(&self, dst: u64, src: u64, n: usize, accumulate: bool) -> Result<()> {
         let (len, splits, acc) = (n as u64, 1u32, accumulate as u32);
-        let mut args = [arg(&src), arg(&dst), arg(&len), arg(&splits), arg(&acc)];
+        let args = kargs::NnSumSplitsF32 {
+            partial: In(src),
+            out: Out(dst),
+            len,
+            splits,
+            accumulate: acc,
+        };
         // SAFETY: nn_sum_splits_f32(partial, out, len, splits = 1, accumulate): src and dst
         // hold n floats each and do not overlap (the callers' buffers).
-        unsafe {
-            self.launch(
-                "nn_sum_splits_f32",
-                (blocks(n, THREADS as usize), 1, 1),
-                &mut args,
-            )
-        }
+        unsafe { self.launch(&args, (blocks(n, THREADS as usize), 1, 1)) }
     }
 
     pub(super) fn pointwise(
@@ -33,10 +33,16 @@ impl<A: NnAct> Cuda<A> {
         let total = s.numel() as u64;
         let y = self.out_t(s)?;
         let (ap, bp, yp) = (self.addr(&a), b.map_or(0, |b| self.addr(&b)), self.addr(&y));
-        let mut args = [arg(&op), arg(&ap), arg(&bp), arg(&yp), arg(&total)];
+        let args = kargs::NnPointwise {
+            op,
+            a: In(ap),
+            b: In(bp),
+            y: Out(yp),
+            total,
+        };
         // SAFETY: nn_pointwise_A(op, a, b, y, total); a and y hold `total` floats, and b does
         // for the ops that read it (callers pass b for exactly those).
-        unsafe { self.launch_flat("nn_pointwise", s.numel(), &mut args)? };
+        unsafe { self.launch_flat(&args, s.numel())? };
         Ok(GpuTensor::wrap(y))
     }
 }
