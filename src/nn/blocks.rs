@@ -6,9 +6,9 @@
 
 use crate::error::{Error, Result};
 use crate::nn::backend::{Backend, ConvGeom};
+use crate::nn::chain::{Branch, Leaf};
 use crate::nn::layers::{no_forward, BatchNorm2d, Conv2d, Module, Relu, SqueezeExcite};
 use crate::nn::param::{Mode, Real, Visit, VisitMut};
-use crate::nn::seq::{Layer, Seq};
 use crate::se::{make_divisible, SeConfig};
 use crate::tensor::Shape;
 
@@ -174,8 +174,8 @@ impl BlockConfig {
 #[derive(Clone, Debug)]
 pub struct ResidualBlock<E> {
     config: BlockConfig,
-    branch: Seq<E>,
-    shortcut: Option<Seq<E>>,
+    branch: Branch<E>,
+    shortcut: Option<Branch<E>>,
     /// SE outside the branch (every position but [`SePosition::After3x3`]).
     se: Option<SqueezeExcite<E>>,
     /// The ReLU output of the add (when it is not fused into SE), for backward.
@@ -195,15 +195,15 @@ impl<E: Real> ResidualBlock<E> {
         }
         let out = cfg.out_ch();
         let width = cfg.width();
-        let mut branch = Seq::new();
-        let bn = |c| Layer::BatchNorm2d(BatchNorm2d::new(c));
+        let mut branch = Branch::new();
+        let bn = |c| Leaf::BatchNorm2d(BatchNorm2d::new(c));
         let last_bn = |c| {
             let b = BatchNorm2d::new(c);
-            Layer::BatchNorm2d(if cfg.zero_init_last { b.zero_init() } else { b })
+            Leaf::BatchNorm2d(if cfg.zero_init_last { b.zero_init() } else { b })
         };
-        let relu = || Layer::Relu(Relu::new());
-        let conv = |i, o, k, s, p, g| -> Result<Layer<E>> {
-            Ok(Layer::Conv2d(Conv2d::new(
+        let relu = || Leaf::Relu(Relu::new());
+        let conv = |i, o, k, s, p, g| -> Result<Leaf<E>> {
+            Ok(Leaf::Conv2d(Conv2d::new(
                 ConvGeom::new(i, o, k, s, p, g)?,
                 false,
             )))
@@ -247,7 +247,7 @@ impl<E: Real> ResidualBlock<E> {
                     let opts = cfg.se.unwrap_or_default();
                     branch.push(
                         "se",
-                        Layer::SqueezeExcite(SqueezeExcite::new(opts.config(width)?)?),
+                        Leaf::SqueezeExcite(SqueezeExcite::new(opts.config(width)?)?),
                     );
                 }
                 branch.push("conv3", conv(width, out, 1, 1, 0, 1)?);
@@ -258,7 +258,7 @@ impl<E: Real> ResidualBlock<E> {
             let k = if cfg.stride == 1 { 1 } else { cfg.down_kernel };
             let pad = ((cfg.stride - 1) + (k - 1)) / 2;
             Some(
-                Seq::new()
+                Branch::new()
                     .with("downsample.0", conv(cfg.in_ch, out, k, cfg.stride, pad, 1)?)
                     .with("downsample.1", bn(out)),
             )
@@ -291,12 +291,12 @@ impl<E: Real> ResidualBlock<E> {
     }
 
     /// The residual branch (convolutions, BNs, ReLUs, and SE when it sits after the 3x3).
-    pub fn branch(&self) -> &Seq<E> {
+    pub fn branch(&self) -> &Branch<E> {
         &self.branch
     }
 
     /// The projection shortcut, if the block has one.
-    pub fn shortcut(&self) -> Option<&Seq<E>> {
+    pub fn shortcut(&self) -> Option<&Branch<E>> {
         self.shortcut.as_ref()
     }
 

@@ -8,13 +8,11 @@ use crate::error::Result;
 use crate::nn::backend::ActTensor;
 use crate::nn::backend::{Backend, ConvGeom, PoolGeom};
 use crate::nn::blocks::SeBlockConfig;
+use crate::nn::chain::{Branch, Chain, Leaf};
 use crate::nn::layers::{
-    no_forward, AvgPool2d, BatchNorm2d, Conv2d, GlobalAvgPool, Linear, MaxPool2d, Module, Relu,
-    SqueezeExcite,
+    no_forward, AvgPool2d, BatchNorm2d, Conv2d, MaxPool2d, Module, Relu, SqueezeExcite,
 };
-use crate::nn::network::Network;
 use crate::nn::param::{Mode, Real, Visit, VisitMut};
-use crate::nn::seq::{Layer, Seq};
 use crate::tensor::Shape;
 
 /// The pooling branch of an Inception module.
@@ -91,32 +89,42 @@ pub const BN_INCEPTION: [InceptionSpec; 10] = {
 };
 
 /// Appends `conv -> bn -> relu` named `<name>`, `<name>_bn`, `<relu>`.
-fn conv_bn_relu<E: Real>(s: &mut Seq<E>, name: &str, relu: &str, g: ConvGeom) -> Result<()> {
-    s.push(name, Layer::Conv2d(Conv2d::new(g, true)));
+pub(crate) fn conv_bn_relu<E: Real, L: From<Leaf<E>>>(
+    s: &mut Chain<L>,
+    name: &str,
+    relu: &str,
+    g: ConvGeom,
+) -> Result<()> {
+    s.push(name, Leaf::Conv2d(Conv2d::new(g, true)).into());
     s.push(
         format!("{name}_bn"),
-        Layer::BatchNorm2d(BatchNorm2d::new(g.out_ch)),
+        Leaf::BatchNorm2d(BatchNorm2d::new(g.out_ch)).into(),
     );
-    s.push(relu, Layer::Relu(Relu::new()));
+    s.push(relu, Leaf::Relu(Relu::new()).into());
     Ok(())
 }
 
 /// An Inception module: parallel branches concatenated along channels, then SE (if any).
 #[derive(Clone, Debug)]
 pub struct InceptionModule<E> {
-    branches: Vec<Seq<E>>,
+    branches: Vec<Branch<E>>,
     se: Option<(String, SqueezeExcite<E>)>,
     sizes: Option<Vec<usize>>,
 }
 
 impl<E: Real> InceptionModule<E> {
+    /// The parallel branches, in concatenation order.
+    pub fn branches(&self) -> &[Branch<E>] {
+        &self.branches
+    }
+
     /// Builds module `spec` for `in_ch` input channels, with SE on its output if `se` is set.
     pub fn new(spec: &InceptionSpec, in_ch: usize, se: Option<SeBlockConfig>) -> Result<Self> {
         let p = format!("inception_{}_", spec.name);
         let s = spec.stride;
         let mut branches = Vec::new();
         if spec.n1x1 > 0 {
-            let mut b = Seq::new();
+            let mut b = Branch::new();
             conv_bn_relu(
                 &mut b,
                 &format!("{p}1x1"),
@@ -125,7 +133,7 @@ impl<E: Real> InceptionModule<E> {
             )?;
             branches.push(b);
         }
-        let mut b = Seq::new();
+        let mut b = Branch::new();
         conv_bn_relu(
             &mut b,
             &format!("{p}3x3_reduce"),
@@ -139,7 +147,7 @@ impl<E: Real> InceptionModule<E> {
             ConvGeom::new(spec.n3x3.0, spec.n3x3.1, 3, s, 1, 1)?,
         )?;
         branches.push(b);
-        let mut b = Seq::new();
+        let mut b = Branch::new();
         conv_bn_relu(
             &mut b,
             &format!("{p}double_3x3_reduce"),
@@ -165,10 +173,10 @@ impl<E: Real> InceptionModule<E> {
             PoolGeom::new(3, s, 0, true)?
         };
         let pool = match spec.pool {
-            InceptionPool::Avg => Layer::AvgPool2d(AvgPool2d::new(geom)),
-            InceptionPool::Max => Layer::MaxPool2d(MaxPool2d::new(geom)),
+            InceptionPool::Avg => Leaf::AvgPool2d(AvgPool2d::new(geom)),
+            InceptionPool::Max => Leaf::MaxPool2d(MaxPool2d::new(geom)),
         };
-        let mut b = Seq::new().with(format!("{p}pool"), pool);
+        let mut b = Branch::new().with(format!("{p}pool"), pool);
         if spec.proj > 0 {
             conv_bn_relu(
                 &mut b,
@@ -281,50 +289,4 @@ impl<E: Real> Module<E> for InceptionModule<E> {
         }
         Ok(total)
     }
-}
-
-/// BN-Inception (with SE on every module's output when `se` is set), for `classes` classes
-/// at 224x224.
-pub fn bn_inception<E: Real>(
-    name: &str,
-    se: Option<SeBlockConfig>,
-    classes: usize,
-) -> Result<Network<E>> {
-    let mut body = Seq::new();
-    conv_bn_relu(
-        &mut body,
-        "conv1_7x7_s2",
-        "conv1_relu_7x7",
-        ConvGeom::new(3, 64, 7, 2, 3, 1)?,
-    )?;
-    let pool = || -> Result<Layer<E>> {
-        Ok(Layer::MaxPool2d(MaxPool2d::new(PoolGeom::new(
-            3, 2, 0, true,
-        )?)))
-    };
-    body.push("pool1_3x3_s2", pool()?);
-    conv_bn_relu(
-        &mut body,
-        "conv2_3x3_reduce",
-        "conv2_relu_3x3_reduce",
-        ConvGeom::new(64, 64, 1, 1, 0, 1)?,
-    )?;
-    conv_bn_relu(
-        &mut body,
-        "conv2_3x3",
-        "conv2_relu_3x3",
-        ConvGeom::new(64, 192, 3, 1, 1, 1)?,
-    )?;
-    body.push("pool2_3x3_s2", pool()?);
-    let mut c = 192;
-    for spec in &BN_INCEPTION {
-        body.push(
-            "",
-            Layer::Inception(Box::new(InceptionModule::new(spec, c, se)?)),
-        );
-        c = spec.out_channels(c);
-    }
-    body.push("global_pool", Layer::GlobalAvgPool(GlobalAvgPool::new()));
-    body.push("last_linear", Layer::Linear(Linear::new(c, classes, true)));
-    Network::new(name, (3, 224, 224), classes, body)
 }

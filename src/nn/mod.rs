@@ -6,8 +6,13 @@
 //!   rayon) implement it, so one network runs on each.
 //! - [`layers`]: Conv2d, BatchNorm2d, ReLU, MaxPool2d, AvgPool2d, global average pooling,
 //!   Linear, Dropout and the SE block ([`SqueezeExcite`], through the crate's SE op).
+//! - [`chain`]: [`Chain`], a named sequence of layers (a BatchNorm + ReLU pair fused), and
+//!   [`Leaf`], the plain layers a block's [`Branch`] holds.
 //! - [`blocks`]: ResNet basic and bottleneck blocks, ResNeXt and SENet-154 bottlenecks, with SE
 //!   standard, PRE, POST, Identity or after the 3x3 convolution ([`SePosition`]).
+//! - [`seq`]: [`Layer`] (leaves, residual blocks, Inception modules) and [`Seq`], a network's
+//!   body. Modules read bottom-up: layers -> chain -> blocks, inception -> seq -> network,
+//!   resnet -> models.
 //! - [`resnet`], [`inception`], [`models`]: the architectures and the registry by name.
 //! - [`network`]: [`Network`], the API a training loop uses.
 //! - [`checkpoint`]: safetensors with timm's names and shapes.
@@ -17,6 +22,7 @@
 
 pub mod backend;
 pub mod blocks;
+pub mod chain;
 pub mod checkpoint;
 pub mod inception;
 pub mod layers;
@@ -31,6 +37,7 @@ pub use backend::{
     ConvGeom, Cpu, Cuda, NnAct, OpTime, PoolGeom, Profiled, Reference,
 };
 pub use blocks::{BlockConfig, BlockKind, ResidualBlock, SeBlockConfig, SePosition, StrideOn};
+pub use chain::{Branch, Chain, ChainItem, Leaf};
 pub use checkpoint::{StateData, StateDict, StateTensor};
 pub use layers::{Module, SqueezeExcite};
 pub use network::Network;

@@ -4,12 +4,15 @@
 //! counts of SENet-154 cost nothing); [`create`] also initialises the weights.
 
 use crate::error::{Error, Result};
+use crate::nn::backend::ConvGeom;
 use crate::nn::backend::PoolGeom;
 use crate::nn::blocks::{BlockKind, SeBlockConfig};
-use crate::nn::inception::bn_inception;
+use crate::nn::inception::{conv_bn_relu, InceptionModule, BN_INCEPTION};
+use crate::nn::layers::{GlobalAvgPool, Linear, MaxPool2d};
 use crate::nn::network::Network;
 use crate::nn::param::Real;
 use crate::nn::resnet::{ResNetConfig, Stem};
+use crate::nn::seq::{Layer, Seq};
 
 /// A registry entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,4 +147,50 @@ pub fn create<E: Real>(name: &str, seed: u64) -> Result<Network<E>> {
     let mut net = build(name)?;
     net.init_weights(seed);
     Ok(net)
+}
+
+/// BN-Inception (with SE on every module's output when `se` is set), for `classes` classes
+/// at 224x224.
+pub fn bn_inception<E: Real>(
+    name: &str,
+    se: Option<SeBlockConfig>,
+    classes: usize,
+) -> Result<Network<E>> {
+    let mut body = Seq::new();
+    conv_bn_relu(
+        &mut body,
+        "conv1_7x7_s2",
+        "conv1_relu_7x7",
+        ConvGeom::new(3, 64, 7, 2, 3, 1)?,
+    )?;
+    let pool = || -> Result<Layer<E>> {
+        Ok(Layer::MaxPool2d(MaxPool2d::new(PoolGeom::new(
+            3, 2, 0, true,
+        )?)))
+    };
+    body.push("pool1_3x3_s2", pool()?);
+    conv_bn_relu(
+        &mut body,
+        "conv2_3x3_reduce",
+        "conv2_relu_3x3_reduce",
+        ConvGeom::new(64, 64, 1, 1, 0, 1)?,
+    )?;
+    conv_bn_relu(
+        &mut body,
+        "conv2_3x3",
+        "conv2_relu_3x3",
+        ConvGeom::new(64, 192, 3, 1, 1, 1)?,
+    )?;
+    body.push("pool2_3x3_s2", pool()?);
+    let mut c = 192;
+    for spec in &BN_INCEPTION {
+        body.push(
+            "",
+            Layer::Inception(Box::new(InceptionModule::new(spec, c, se)?)),
+        );
+        c = spec.out_channels(c);
+    }
+    body.push("global_pool", Layer::GlobalAvgPool(GlobalAvgPool::new()));
+    body.push("last_linear", Layer::Linear(Linear::new(c, classes, true)));
+    Network::new(name, (3, 224, 224), classes, body)
 }

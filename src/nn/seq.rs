@@ -1,8 +1,10 @@
-//! [`Layer`], the closed set of network pieces, and [`Seq`], a named sequence of them.
+//! [`Layer`], the closed set of network pieces (the plain [`Leaf`] layers plus residual blocks
+//! and Inception modules), and [`Seq`], a named sequence of them: a network's body.
 
 use crate::error::Result;
 use crate::nn::backend::Backend;
 use crate::nn::blocks::ResidualBlock;
+use crate::nn::chain::{Chain, ChainItem, Leaf};
 use crate::nn::inception::InceptionModule;
 use crate::nn::layers::{
     AvgPool2d, BatchNorm2d, Conv2d, Dropout, GlobalAvgPool, Linear, MaxPool2d, Module, Relu,
@@ -102,106 +104,38 @@ impl<E> AsLayer for Linear<E> {}
 impl<E> AsLayer for Dropout<E> {}
 impl<E> AsLayer for SqueezeExcite<E> {}
 
-/// A sequence of named layers, run in order (and backward in reverse). A layer's parameters are
-/// named `<layer name>.<parameter>`; names may contain dots (`conv1.0`, `downsample.1`).
-///
-/// A BatchNorm followed by a ReLU runs as one fused pass in every mode (and, when recording,
-/// one fused backward: [`BatchNorm2d::forward_fused_relu`](crate::nn::layers::BatchNorm2d)).
-#[derive(Clone, Debug, Default)]
-pub struct Seq<E> {
-    layers: Vec<(String, Layer<E>)>,
-}
+/// A network's body: a chain of [`Layer`]s (see [`Chain`] for naming and the fused
+/// BatchNorm + ReLU).
+pub type Seq<E> = Chain<Layer<E>>;
 
-impl<E: Real> Seq<E> {
-    /// An empty sequence.
-    pub fn new() -> Self {
-        Seq { layers: Vec::new() }
+impl<E: Real> ChainItem<E> for Layer<E> {
+    fn as_batchnorm(&mut self) -> Option<&mut BatchNorm2d<E>> {
+        match self {
+            Layer::BatchNorm2d(b) => Some(b),
+            _ => None,
+        }
     }
 
-    /// Appends a layer named `name`.
-    pub fn push(&mut self, name: impl Into<String>, layer: Layer<E>) {
-        self.layers.push((name.into(), layer));
-    }
-
-    /// Appends a layer (builder form).
-    pub fn with(mut self, name: impl Into<String>, layer: Layer<E>) -> Self {
-        self.push(name, layer);
-        self
-    }
-
-    /// The layers and their names.
-    pub fn layers(&self) -> &[(String, Layer<E>)] {
-        &self.layers
-    }
-
-    /// The layers, mutably.
-    pub fn layers_mut(&mut self) -> &mut [(String, Layer<E>)] {
-        &mut self.layers
-    }
-
-    /// True when there are no layers.
-    pub fn is_empty(&self) -> bool {
-        self.layers.is_empty()
+    fn as_relu(&mut self) -> Option<&mut Relu<E>> {
+        match self {
+            Layer::Relu(r) => Some(r),
+            _ => None,
+        }
     }
 }
 
-fn child_prefix(prefix: &str, name: &str) -> String {
-    if name.is_empty() {
-        prefix.to_string()
-    } else {
-        format!("{prefix}{name}.")
-    }
-}
-
-impl<E: Real> Module<E> for Seq<E> {
-    fn forward<B: Backend<E>>(&mut self, b: &B, mut x: B::T, mode: Mode) -> Result<B::T> {
-        let mut i = 0;
-        while i < self.layers.len() {
-            // BatchNorm followed by ReLU: one pass (and one fused backward when recording).
-            if let [(_, Layer::BatchNorm2d(bn)), (_, Layer::Relu(r)), ..] = &mut self.layers[i..] {
-                x = bn.forward_fused_relu(b, x, mode)?;
-                r.mark_fused(mode);
-                i += 2;
-                continue;
-            }
-            x = self.layers[i].1.forward(b, x, mode)?;
-            i += 1;
+impl<E> From<Leaf<E>> for Layer<E> {
+    fn from(l: Leaf<E>) -> Self {
+        match l {
+            Leaf::Conv2d(l) => Layer::Conv2d(l),
+            Leaf::BatchNorm2d(l) => Layer::BatchNorm2d(l),
+            Leaf::Relu(l) => Layer::Relu(l),
+            Leaf::MaxPool2d(l) => Layer::MaxPool2d(l),
+            Leaf::AvgPool2d(l) => Layer::AvgPool2d(l),
+            Leaf::GlobalAvgPool(l) => Layer::GlobalAvgPool(l),
+            Leaf::Linear(l) => Layer::Linear(l),
+            Leaf::Dropout(l) => Layer::Dropout(l),
+            Leaf::SqueezeExcite(l) => Layer::SqueezeExcite(l),
         }
-        Ok(x)
-    }
-
-    fn backward<B: Backend<E>>(&mut self, b: &B, mut dy: B::T) -> Result<B::T> {
-        for (_, l) in self.layers.iter_mut().rev() {
-            dy = l.backward(b, dy)?;
-        }
-        Ok(dy)
-    }
-
-    fn visit<'a>(&'a self, prefix: &str, f: Visit<'a, '_, E>) {
-        for (name, l) in &self.layers {
-            l.visit(&child_prefix(prefix, name), f);
-        }
-    }
-
-    fn visit_mut<'a>(&'a mut self, prefix: &str, f: VisitMut<'a, '_, E>) {
-        for (name, l) in &mut self.layers {
-            l.visit_mut(&child_prefix(prefix, name), f);
-        }
-    }
-
-    fn output_shape(&self, mut x: Shape) -> Result<Shape> {
-        for (_, l) in &self.layers {
-            x = l.output_shape(x)?;
-        }
-        Ok(x)
-    }
-
-    fn macs(&self, mut x: Shape) -> Result<u64> {
-        let mut total = 0;
-        for (_, l) in &self.layers {
-            total += l.macs(x)?;
-            x = l.output_shape(x)?;
-        }
-        Ok(total)
     }
 }

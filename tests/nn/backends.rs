@@ -8,7 +8,7 @@ use senet::nn::backend::{Backend, ConvGeom, Cpu, PoolGeom, Reference};
 use senet::nn::blocks::{BlockKind, SeBlockConfig, SePosition, StrideOn};
 use senet::nn::inception::{InceptionModule, InceptionPool, InceptionSpec};
 use senet::nn::layers::{GlobalAvgPool, Linear};
-use senet::nn::{Layer, Mode, Module, Network, ResNetConfig, Seq, Stem};
+use senet::nn::{Branch, Layer, Mode, Module, Network, ResNetConfig, Seq, Stem};
 use senet::{rel_l2_error, rng, Shape, Tensor};
 
 const OUT_TOL: f64 = 1e-5;
@@ -420,11 +420,27 @@ fn layer_flips<B: Backend<f32>>(
     if sign_flip(&y32, &y64) {
         return true;
     }
+    let seq = |c: &Branch<f32>| -> Seq<f32> {
+        c.layers()
+            .iter()
+            .fold(Seq::new(), |s, (n, l)| s.with(n.clone(), l.clone().into()))
+    };
+    let seq64 = |c: &Branch<f64>| -> Seq<f64> {
+        c.layers()
+            .iter()
+            .fold(Seq::new(), |s, (n, l)| s.with(n.clone(), l.clone().into()))
+    };
     match (l32, l64) {
         (Layer::Residual(a), Layer::Residual(b)) => {
-            seq_flips(be, a.branch(), b.branch(), x, mode)
-                || matches!((a.shortcut(), b.shortcut()), (Some(p), Some(q)) if seq_flips(be, p, q, x, mode))
+            seq_flips(be, &seq(a.branch()), &seq64(b.branch()), x, mode)
+                || matches!((a.shortcut(), b.shortcut()), (Some(p), Some(q)) if seq_flips(be, &seq(p), &seq64(q), x, mode))
         }
+        // Every branch of an Inception module reads the module's input.
+        (Layer::Inception(a), Layer::Inception(b)) => a
+            .branches()
+            .iter()
+            .zip(b.branches())
+            .any(|(p, q)| seq_flips(be, &seq(p), &seq64(q), x, mode)),
         _ => false,
     }
 }
