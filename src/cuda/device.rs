@@ -395,11 +395,14 @@ impl CudaDevice {
         let name = match (K::TYPED, ty) {
             (true, Some(t)) => format!("{}_{t}", K::NAME),
             (false, None) => K::NAME.to_string(),
-            (typed, _) => return Err(Error::Config(format!(
-                "kernel {}: launched with type suffix {ty:?}, but it is {}instantiated per type",
-                K::NAME,
-                if typed { "" } else { "not " }
-            ))),
+            (typed, _) => {
+                let per = if typed { "" } else { "not " };
+                return Err(Error::Config(format!(
+                    "kernel {}: launched with type suffix {ty:?}, but it is {per}instantiated \
+                     per type",
+                    K::NAME
+                )));
+            }
         };
         let mut args = k.args();
         // SAFETY: the arguments match the kernel's parameters by construction (generated from
