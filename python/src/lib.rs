@@ -90,7 +90,9 @@ fn problem(
 /// A required pointer: non-null.
 fn req(what: &str, p: usize) -> PyResult<usize> {
     if p == 0 {
-        Err(PyValueError::new_err(format!("senet: {what} is a null pointer")))
+        Err(PyValueError::new_err(format!(
+            "senet: {what} is a null pointer"
+        )))
     } else {
         Ok(p)
     }
