@@ -38,7 +38,7 @@ def test_eval_logits(name, fmt):
     assert count == 16 and count.skipped == []
     assert all(type(m).__name__ != "SEModule" for m in pat.modules())
     assert pat.state_dict().keys() == ref.state_dict().keys()
-    x = torch.randn(2, 3, 64, 64).to(memory_format=fmt)
+    x = torch.randn(2, 3, 48, 48).to(memory_format=fmt)
     ref, pat = ref.to(memory_format=fmt), pat.to(memory_format=fmt)
     with torch.no_grad():
         a, b = ref(x), pat(x)
@@ -54,7 +54,7 @@ def test_train_grads_vs_f64(name):
     pat = copy.deepcopy(ref)
     assert st.patch(pat) == 16
     r64 = copy.deepcopy(ref).double()
-    x = torch.randn(4, 3, 64, 64)
+    x = torch.randn(4, 3, 48, 48)
     target = torch.randint(0, 10, (4,))
     grads = []
     for m, xx in ((ref, x), (pat, x), (r64, x.double())):
