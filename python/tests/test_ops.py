@@ -177,3 +177,23 @@ def test_cuda_tensor_gives_clear_error():
     w1, b1, w2, b2 = (t.cuda() for t in _weights(16, 4, True))
     with pytest.raises(st.SenetDeviceError, match="CPU tensors only"):
         st.squeeze_excite(torch.randn(2, 16, 3, 3, device="cuda"), w1, b1, w2, b2)
+
+
+def test_bf16_module_weights_cast_and_grads_cast_back():
+    """A model converted with .to(bfloat16): the op reads f32 copies of the bf16 weights and
+    returns their gradients in bf16, close to the f32 module's on the same values."""
+    se = st.SqueezeExcite(48, rd_channels=12)
+    se_bf = st.SqueezeExcite(48, rd_channels=12).to(torch.bfloat16)
+    se_bf.load_state_dict(se.state_dict())
+    se.load_state_dict({k: v.float() for k, v in se_bf.state_dict().items()})  # same rounded values
+    x = torch.randn(3, 48, 5, 6).to(torch.bfloat16)
+    y_bf = se_bf(x)
+    y = se(x.float())
+    assert y_bf.dtype == torch.bfloat16
+    assert rel_err(y_bf, y) < 4e-3
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_bf.backward(dy.to(torch.bfloat16))
+    for (name, p), p_bf in zip(se.named_parameters(), se_bf.parameters()):
+        assert p_bf.grad.dtype == torch.bfloat16, name
+        assert rel_err(p_bf.grad, p.grad) < 2e-2, name
