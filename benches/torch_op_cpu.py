@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""senet's SE op through PyTorch (senet_torch) vs timm's SEModule, eager and torch.compile, on
+the CPU, side by side in one run; and timm seresnet50's training step patched vs unpatched.
+
+- SE alone at ResNet-50's four stages (batch 32, f32, NCHW and channels_last), forward (no_grad)
+  and forward + backward (autograd, d x and the parameter gradients): timm eager, timm under
+  torch.compile (default mode), the senet op (senet_torch.SqueezeExcite), and senet's own path
+  called directly on preallocated buffers (senet_torch._senet.forward / backward: no torch op,
+  no allocation), the floor the op is held to.
+- seresnet50 (timm, random init, 224x224, batch 8, SGD) training step, unpatched vs patched, and
+  SE's share of the unpatched step estimated from timm's SE forward + backward timed alone at
+  each SE module's shape (16 modules).
+
+Threads: torch.set_num_threads(THREADS) and RAYON_NUM_THREADS=THREADS (senet's pool), 2 by
+default. Median of ITERS timed runs after WARMUP.
+
+    PYENV=$(scripts/python-env.sh | tail -n 1)
+    (cd python && "$PYENV/bin/maturin" develop --release)
+    "$PYENV/bin/python" benches/torch_op_cpu.py [--iters 10] [--threads 2] [--skip-net]
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--iters", type=int, default=10)
+ap.add_argument("--warmup", type=int, default=2)
+ap.add_argument("--net-iters", type=int, default=5)
+ap.add_argument("--skip-net", action="store_true")
+ap.add_argument("--skip-compile", action="store_true")
+ap.add_argument("--skip-se", action="store_true", help="only the seresnet50 training step")
+args = ap.parse_args()
+os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # before senet's pool starts
+
+import torch  # noqa: E402
+import timm  # noqa: E402
+from timm.layers.squeeze_excite import SEModule  # noqa: E402
+
+import senet_torch as st  # noqa: E402
+from senet_torch import _senet  # noqa: E402
+
+torch.set_num_threads(args.threads)
+torch.manual_seed(0)
+
+STAGES = [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7)]
+
+
+def median_ms(fn, iters=None, warmup=None):
+    iters = iters or args.iters
+    warmup = args.warmup if warmup is None else warmup
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def se_timings(shape, fmt):
+    n, c, h, w = shape
+    timm_m = SEModule(c, rd_ratio=1.0 / 16)
+    ours = st.SqueezeExcite(c, rd_ratio=1.0 / 16)
+    ours.load_state_dict(timm_m.state_dict())
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    dy = torch.randn(shape).contiguous(memory_format=fmt)
+    xg = x.clone().requires_grad_()
+    out = {}
+
+    def fwd(m):
+        def f():
+            with torch.no_grad():
+                m(x)
+        return f
+
+    def fwd_bwd(m):
+        def f():
+            xg.grad = None
+            for p in m.parameters():
+                p.grad = None
+            m(xg).backward(dy)
+        return f
+
+    mods = [("timm eager", timm_m), ("senet op", ours)]
+    if not args.skip_compile:
+        torch._dynamo.reset()
+        mods.insert(1, ("timm compile", torch.compile(timm_m)))
+    for name, m in mods:
+        out[(name, "fwd")] = median_ms(fwd(m))
+        out[(name, "fwd+bwd")] = median_ms(fwd_bwd(m))
+
+    # senet's own path on preallocated buffers: no op dispatch, no allocation.
+    d = ours.fc1.out_channels
+    layout = "nhwc" if fmt == torch.channels_last else "nchw"
+    w1, b1 = ours.fc1.weight.detach(), ours.fc1.bias.detach()
+    w2, b2 = ours.fc2.weight.detach(), ours.fc2.bias.detach()
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+    z, s = torch.empty(n, c), torch.empty(n, c)
+    hh, u = torch.empty(n, d), torch.empty(n, d)
+    dw1, db1, dw2, db2 = (torch.empty_like(t) for t in (w1, b1, w2, b2))
+    cfg = ("float32", layout, tuple(x.shape), d, True, "relu", "sigmoid")
+
+    def raw_fwd():
+        _senet.forward(*cfg, x.data_ptr(), 0, y.data_ptr(), w1.data_ptr(), b1.data_ptr(),
+                       w2.data_ptr(), b2.data_ptr(), z.data_ptr(), hh.data_ptr(), u.data_ptr(), s.data_ptr())
+
+    def raw_bwd():
+        _senet.backward(*cfg, x.data_ptr(), 0, dy.data_ptr(), w1.data_ptr(), b1.data_ptr(),
+                        w2.data_ptr(), b2.data_ptr(), z.data_ptr(), hh.data_ptr(), u.data_ptr(), s.data_ptr(),
+                        dx.data_ptr(), 0, dw1.data_ptr(), db1.data_ptr(), dw2.data_ptr(), db2.data_ptr())
+
+    def raw_both():
+        raw_fwd()
+        raw_bwd()
+
+    out[("senet own", "fwd")] = median_ms(raw_fwd)
+    out[("senet own", "fwd+bwd")] = median_ms(raw_both)
+    # the op's result is senet's own
+    with torch.no_grad():
+        raw_fwd()
+        assert torch.equal(ours(x), y)
+    return out
+
+
+def header():
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"cpu: {cpu}, {os.cpu_count()} logical CPUs; commit {commit}")
+    print(f"load before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"torch {torch.__version__}, timm {timm.__version__}, python {sys.version.split()[0]}; "
+          f"{args.threads} threads (torch and senet), median of {args.iters} after {args.warmup} warm-up")
+
+
+def main():
+    header()
+    if not args.skip_se:
+        se_table()
+    if not args.skip_net:
+        net_table()
+
+
+def se_table():
+    print()
+    print("## SE alone (f32, batch 32, reduction 16), ms")
+    print()
+    cols = ["timm eager", "timm compile", "senet op", "senet own"]
+    if args.skip_compile:
+        cols.remove("timm compile")
+    print("| shape | layout | dir | " + " | ".join(cols) + " | op vs eager | op vs compile | op / own |")
+    print("|---|---|---|" + "---|" * len(cols) + "---|---|---|")
+    for shape in STAGES:
+        for fmt, lname in ((torch.contiguous_format, "nchw"), (torch.channels_last, "nhwc")):
+            r = se_timings(shape, fmt)
+            for dr in ("fwd", "fwd+bwd"):
+                vals = " | ".join(f"{r[(c, dr)]:.2f}" for c in cols)
+                op = r[("senet op", dr)]
+                vs_c = f"{r[('timm compile', dr)] / op:.1f}x" if not args.skip_compile else "-"
+                print(f"| {'x'.join(map(str, shape))} | {lname} | {dr} | {vals} | "
+                      f"{r[('timm eager', dr)] / op:.1f}x | {vs_c} | {op / r[('senet own', dr)]:.2f} |",
+                      flush=True)
+
+
+def net_table():
+    print()
+    print("## timm seresnet50 training step (batch 8, 224x224, f32, SGD), ms")
+    print()
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 224, 224)
+    target = torch.randint(0, 1000, (8,))
+    steps = {}
+    for patched in (False, True):
+        torch.manual_seed(0)
+        m = timm.create_model("seresnet50", pretrained=False).train()
+        if patched:
+            assert st.patch(m) == 16
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+
+        def step(m=m, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(m(x), target).backward()
+            opt.step()
+
+        steps[patched] = step
+    # Alternate the two models' steps, so a change in the machine's load hits both alike.
+    times = {False: [], True: []}
+    for patched in (False, True):
+        steps[patched]()  # warm-up
+    for _ in range(args.net_iters):
+        for patched in (False, True):
+            t = time.perf_counter()
+            steps[patched]()
+            times[patched].append((time.perf_counter() - t) * 1e3)
+    res = {k: statistics.median(v) for k, v in times.items()}
+    # SE's share of the unpatched step: timm SEModule fwd+bwd timed alone at each SE's shape.
+    se_ms = {False: 0.0, True: 0.0}
+    for (c, hw), count in (((256, 56), 3), ((512, 28), 4), ((1024, 14), 6), ((2048, 7), 3)):
+        shape = (8, c, hw, hw)
+        tm = SEModule(c, rd_ratio=1.0 / 16)
+        om = st.SqueezeExcite(c)
+        om.load_state_dict(tm.state_dict())
+        xg = torch.randn(shape, requires_grad=True)
+        dy = torch.randn(shape)
+        for patched, mod in ((False, tm), (True, om)):
+            se_ms[patched] += count * median_ms(lambda: mod(xg).backward(dy), iters=args.iters)
+    print("| model | step ms | SE fwd+bwd alone, 16 modules, ms | SE share |")
+    print("|---|---|---|---|")
+    for patched in (False, True):
+        print(f"| seresnet50 {'patched (senet)' if patched else 'unpatched (timm)'} | {res[patched]:.0f} | "
+              f"{se_ms[patched]:.1f} | {100 * se_ms[patched] / res[patched]:.1f}% |")
+    print()
+    print(f"patched step / unpatched step: {res[True] / res[False]:.3f} (median of {args.net_iters} "
+          f"alternating steps each; per-step ratios: "
+          f"{', '.join(f'{p / u:.2f}' for u, p in zip(times[False], times[True]))})")
+
+
+if __name__ == "__main__":
+    main()

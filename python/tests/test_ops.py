@@ -1,0 +1,199 @@
+"""The custom ops: opcheck, gradcheck in f64, f32 / bf16 against timm's SEModule over odd shapes,
+both memory formats and every act / gate / bias / residual combination, torch.compile, errors."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import senet_torch as st
+from conftest import reference, rel_err, timm_se
+
+COMBOS = list(itertools.product(["relu", "silu"], ["sigmoid", "hard_sigmoid"], [True, False], [False, True]))
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+def _weights(c, d, bias, dtype=torch.float32, requires_grad=False):
+    w1 = (torch.randn(d, c, 1, 1, dtype=dtype) / c**0.5).requires_grad_(requires_grad)
+    w2 = (torch.randn(c, d, 1, 1, dtype=dtype) / d**0.5).requires_grad_(requires_grad)
+    b1 = (0.1 * torch.randn(d, dtype=dtype)).requires_grad_(requires_grad) if bias else None
+    b2 = (0.1 * torch.randn(c, dtype=dtype)).requires_grad_(requires_grad) if bias else None
+    return w1, b1, w2, b2
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("act,gate,bias,res", COMBOS[::3] + [COMBOS[-1]])
+def test_opcheck(fmt, act, gate, bias, res):
+    x = torch.randn(2, 12, 3, 5).to(memory_format=fmt).requires_grad_()
+    w1, b1, w2, b2 = _weights(12, 4, bias, requires_grad=True)
+    r = torch.randn(2, 12, 3, 5).to(memory_format=fmt).requires_grad_() if res else None
+    torch.library.opcheck(torch.ops.senet.se_forward.default, (x, w1, b1, w2, b2, r, act, gate))
+
+
+@pytest.mark.parametrize("act,gate,bias,res", COMBOS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gradcheck_f64(act, gate, bias, res, fmt):
+    x = torch.randn(2, 6, 3, 2, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    w1, b1, w2, b2 = _weights(6, 3, bias, torch.float64, requires_grad=True)
+    r = torch.randn(2, 6, 3, 2, dtype=torch.float64).to(memory_format=fmt).requires_grad_() if res else None
+
+    def f(x, w1, b1, w2, b2, r):
+        return st.squeeze_excite(x, w1, b1, w2, b2, r, act, gate)
+
+    assert torch.autograd.gradcheck(f, (x, w1, b1, w2, b2, r))
+    # and the f64 path computes the reference's values
+    y = f(x, w1, b1, w2, b2, r)
+    torch.testing.assert_close(y, reference(x, w1, b1, w2, b2, r, act, gate), rtol=1e-12, atol=1e-12)
+
+
+SHAPES = [(1, 8, 1, 1), (3, 24, 7, 5), (2, 72, 9, 11), (5, 40, 2, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("act,gate,bias,res", COMBOS)
+def test_f32_vs_timm(shape, fmt, act, gate, bias, res):
+    n, c, h, w = shape
+    d = max(c // 4, 1)
+    m = timm_se(c, d, bias, act, gate)
+    se = st.SqueezeExcite(c, rd_channels=d, bias=bias, activation=act, gate=gate)
+    se.load_state_dict(m.state_dict())
+    x = torch.randn(shape).to(memory_format=fmt)
+    r = torch.randn(shape).to(memory_format=fmt) if res else None
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    r1 = r.clone().requires_grad_() if res else None
+    r2 = r.clone().requires_grad_() if res else None
+    y_timm = m(x1) if r is None else F.relu(m(x1) + r1)
+    y = se(x2, r2)
+    assert y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y, y_timm, rtol=1e-5, atol=1e-6)
+    dy = torch.randn(shape)
+    y_timm.backward(dy)
+    y.backward(dy)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-5)
+    if res:
+        torch.testing.assert_close(r2.grad, r1.grad, rtol=1e-5, atol=1e-6)
+    for (name, p_timm), (name2, p) in zip(m.named_parameters(), se.named_parameters()):
+        assert name == name2
+        torch.testing.assert_close(p.grad, p_timm.grad, rtol=1e-4, atol=1e-5, msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("act,gate,bias,res", COMBOS)
+def test_bf16_vs_timm(shape, fmt, act, gate, bias, res):
+    """bf16 activations, f32 weights (the kernels' contract): against timm's SEModule run in f32
+    on the same bf16-rounded inputs, within bf16's rounding of the outputs."""
+    n, c, h, w = shape
+    d = max(c // 4, 1)
+    m = timm_se(c, d, bias, act, gate)
+    se = st.SqueezeExcite(c, rd_channels=d, bias=bias, activation=act, gate=gate)
+    se.load_state_dict(m.state_dict())
+    xb = torch.randn(shape).to(torch.bfloat16).to(memory_format=fmt)
+    rb = torch.randn(shape).to(torch.bfloat16).to(memory_format=fmt) if res else None
+    x1 = xb.float().requires_grad_()
+    r1 = rb.float().requires_grad_() if res else None
+    x2 = xb.clone().requires_grad_()
+    r2 = rb.clone().requires_grad_() if res else None
+    y_timm = m(x1) if rb is None else F.relu(m(x1) + r1)
+    y = se(x2, r2)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt)
+    assert rel_err(y, y_timm) < 4e-3
+    dy = torch.randn(shape).to(torch.bfloat16)
+    y_timm.backward(dy.float())
+    y.backward(dy)
+    assert x2.grad.dtype == torch.bfloat16
+    assert rel_err(x2.grad, x1.grad) < 8e-3
+    for (name, p_timm), p in zip(m.named_parameters(), se.parameters()):
+        assert p.grad.dtype == torch.float32
+        assert rel_err(p.grad, p_timm.grad) < 2e-2, name
+
+
+def test_odd_strides_made_contiguous():
+    x = torch.randn(2, 16, 6, 8)[:, :, ::2, 1:]  # neither NCHW- nor NHWC-contiguous
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    w1, b1, w2, b2 = _weights(16, 8, True)
+    y = st.squeeze_excite(x, w1, b1, w2, b2)
+    torch.testing.assert_close(y, reference(x, w1, b1, w2, b2).float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_torch_compile_fullgraph(fmt):
+    m = timm_se(32, 8, True, "silu", "hard_sigmoid")
+    se = st.SqueezeExcite(32, rd_channels=8, activation="silu", gate="hard_sigmoid")
+    se.load_state_dict(m.state_dict())
+    compiled = torch.compile(se, fullgraph=True)
+    x = torch.randn(3, 32, 5, 7).to(memory_format=fmt)
+    r = torch.randn(3, 32, 5, 7).to(memory_format=fmt)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = se(xe, r), compiled(xc, r)
+    assert torch.equal(ye, yc)
+    dy = torch.randn_like(ye)
+    ye.backward(dy)
+    grads_e = [xe.grad] + [p.grad.clone() for p in se.parameters()]
+    se.zero_grad()
+    yc.backward(dy)
+    grads_c = [xc.grad] + [p.grad for p in se.parameters()]
+    for a, b in zip(grads_e, grads_c):
+        assert torch.equal(a, b)
+
+
+def test_meta_tensors():
+    x = torch.empty(4, 24, 5, 5, device="meta").to(memory_format=torch.channels_last)
+    w1, b1, w2, b2 = (t.to("meta") for t in _weights(24, 8, True))
+    y, z, h, u, s = torch.ops.senet.se_forward(x, w1, b1, w2, b2, None, "relu", "sigmoid")
+    assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert z.shape == (4, 24) and h.shape == (4, 8) and u.shape == (4, 8) and s.shape == (4, 24)
+
+
+def test_errors():
+    w1, b1, w2, b2 = _weights(16, 4, True)
+    x = torch.randn(2, 16, 3, 3)
+    with pytest.raises(ValueError, match="4-D"):
+        st.squeeze_excite(x[0], w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="channels"):
+        st.squeeze_excite(torch.randn(2, 8, 3, 3), w1, b1, w2, b2)
+    with pytest.raises(TypeError, match="float32"):
+        st.squeeze_excite(x.to(torch.int32), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="residual"):
+        st.squeeze_excite(x, w1, b1, w2, b2, torch.randn(2, 16, 3, 4))
+    with pytest.raises(ValueError, match="biases"):
+        st.squeeze_excite(x, w1, b1, w2, None)
+    with pytest.raises(ValueError, match="activation"):
+        st.squeeze_excite(x, w1, b1, w2, b2, None, "gelu")
+    with pytest.raises(ValueError, match="zero-sized"):
+        st.squeeze_excite(torch.randn(0, 16, 3, 3), w1, b1, w2, b2)
+    # the Rust side's own checks (a direct call with a bad config)
+    with pytest.raises(ValueError, match="layout"):
+        st._senet.forward("float32", "nwhc", (2, 16, 3, 3), 4, True, "relu", "sigmoid", *([1] * 11))
+    with pytest.raises(ValueError, match="null"):
+        st._senet.forward("float32", "nchw", (2, 16, 3, 3), 4, False, "relu", "sigmoid", *([0] * 11))
+
+
+def test_cuda_tensor_gives_clear_error():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device to put a tensor on")
+    w1, b1, w2, b2 = (t.cuda() for t in _weights(16, 4, True))
+    with pytest.raises(st.SenetDeviceError, match="CPU tensors only"):
+        st.squeeze_excite(torch.randn(2, 16, 3, 3, device="cuda"), w1, b1, w2, b2)
+
+
+def test_bf16_module_weights_cast_and_grads_cast_back():
+    """A model converted with .to(bfloat16): the op reads f32 copies of the bf16 weights and
+    returns their gradients in bf16, close to the f32 module's on the same values."""
+    se = st.SqueezeExcite(48, rd_channels=12)
+    se_bf = st.SqueezeExcite(48, rd_channels=12).to(torch.bfloat16)
+    se_bf.load_state_dict(se.state_dict())
+    se.load_state_dict({k: v.float() for k, v in se_bf.state_dict().items()})  # same rounded values
+    x = torch.randn(3, 48, 5, 6).to(torch.bfloat16)
+    y_bf = se_bf(x)
+    y = se(x.float())
+    assert y_bf.dtype == torch.bfloat16
+    assert rel_err(y_bf, y) < 4e-3
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_bf.backward(dy.to(torch.bfloat16))
+    for (name, p), p_bf in zip(se.named_parameters(), se_bf.parameters()):
+        assert p_bf.grad.dtype == torch.bfloat16, name
+        assert rel_err(p_bf.grad, p.grad) < 2e-2, name
