@@ -67,7 +67,11 @@ impl SqueezeExcite {
     /// `SqueezeExcitation(in_channels, squeeze_channels)` with `fc1` / `fc2` 1x1 convolutions
     /// with bias, SiLU and sigmoid, loaded from the same names under `vb` (e.g.
     /// `features.1.0.block.1`).
-    pub fn efficientnet(in_channels: usize, squeeze_channels: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn efficientnet(
+        in_channels: usize,
+        squeeze_channels: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let config = SeConfig::with_hidden(in_channels, squeeze_channels)
             .map_err(super::err)?
             .activation(Activation::Silu)

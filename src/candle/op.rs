@@ -280,7 +280,10 @@ impl SeOp {
     pub(super) fn shape_of(&self, what: &str, l: &CLayout) -> Result<Shape> {
         let shape = match *l.dims() {
             [n, c, h, w] => Shape::try_new(n, c, h, w).map_err(err)?,
-            _ => bail!("senet se: {what} has shape {:?}; [N, C, H, W] expected", l.dims()),
+            _ => bail!(
+                "senet se: {what} has shape {:?}; [N, C, H, W] expected",
+                l.dims()
+            ),
         };
         if memory_layout(l) != Some(self.layout) {
             bail!(
