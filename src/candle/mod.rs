@@ -29,6 +29,8 @@
 //! Errors, never panics: wrong ranks or shapes, a config that disagrees with the parameters,
 //! unsupported dtypes and operands on different devices are candle errors.
 
+#[cfg(feature = "candle-cuda")]
+mod cuda;
 mod module;
 mod op;
 

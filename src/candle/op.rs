@@ -355,7 +355,7 @@ impl SeOp {
             }
         }
         let params = params_f32(p.0, p.1, self.config.num_params())?;
-        let weights = self.weights(&params)?;
+        let weights = self.weights(params)?;
         let mut saved = CpuSaved::new(&self.config, shape.n);
         let y = match x.0.dtype() {
             DType::F32 => CpuStorage::F32(self.cpu_fwd_t(x, r, shape, weights, &mut saved)?),
@@ -470,7 +470,7 @@ impl SeOp {
             None => None,
         };
         let params = params_f32(ps, pl, self.config.num_params())?;
-        let weights = self.weights(&params)?;
+        let weights = self.weights(params)?;
         let mut dx = vec![T::zero(); numel];
         let mut dres = rs.map(|_| vec![T::zero(); numel]);
         let mut grads = vec![0f32; self.config.num_params()];
