@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+#[cfg(feature = "candle")]
+pub mod candle;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod cuda;
