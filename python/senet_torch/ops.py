@@ -113,13 +113,28 @@ def _check(
         if t is not None and t.device != x.device:
             raise SenetDeviceError(f"senet: operands on {t.device} and {x.device}")
     if x.device.type not in ("cpu", "meta"):
-        if x.device.type == "cuda" and not _senet.cuda_supported():
+        if x.device.type != "cuda":
+            raise SenetDeviceError(f"senet: unsupported device {x.device}")
+        if not _senet.cuda_supported():
             raise SenetDeviceError(
-                "senet: this build of senet_torch runs on CPU tensors only (the CUDA binding is "
-                f"not built); x is on {x.device}"
+                "senet: this build of senet_torch has no CUDA kernels (nvcc was not found when "
+                f"it was built); x is on {x.device}"
             )
-        raise SenetDeviceError(f"senet: unsupported device {x.device}")
+        if x.dtype == torch.float64:
+            raise TypeError("senet: float64 runs on the CPU only; CUDA takes float32, bfloat16, float16")
     return c, d
+
+
+def _stream(x: Tensor) -> Tuple[int, int]:
+    """(device ordinal, torch's current stream on it) for a CUDA tensor."""
+    return x.device.index or 0, torch.cuda.current_stream(x.device).cuda_stream
+
+
+def _workspace(x: Tensor, args, backward: bool) -> Tensor:
+    """The op's scratch memory, from torch's caching allocator (on x's device)."""
+    dev, stream = _stream(x)
+    n = _senet.cuda_workspace_bytes(*args, dev, stream, backward)
+    return torch.empty((max(n, 1),), dtype=torch.uint8, device=x.device)
 
 
 def _ptr(t: Optional[Tensor]) -> int:
@@ -162,12 +177,17 @@ def se_forward(
     h = x.new_empty((n, d), dtype=sd)
     u = x.new_empty((n, d), dtype=sd)
     s = x.new_empty((n, c), dtype=sd)
-    _senet.forward(
-        _DTYPES[x.dtype], layout, tuple(x.shape), d, b1 is not None, activation, gate,
+    problem = (_DTYPES[x.dtype], layout, tuple(x.shape), d, b1 is not None, activation, gate)
+    ptrs = (
         x.data_ptr(), _ptr(residual), y.data_ptr(),
         w1.data_ptr(), _ptr(b1), w2.data_ptr(), _ptr(b2),
         z.data_ptr(), h.data_ptr(), u.data_ptr(), s.data_ptr(),
     )
+    if x.is_cuda:
+        ws = _workspace(x, problem, False)
+        _senet.forward_cuda(*problem, *_stream(x), *ptrs, ws.data_ptr(), ws.numel())
+    else:
+        _senet.forward(*problem, *ptrs)
     return y, z, h, u, s
 
 
@@ -226,13 +246,18 @@ def se_backward(
     dw2 = torch.empty_like(w2k)
     db1 = torch.empty_like(b1k) if b1k is not None else None
     db2 = torch.empty_like(b2k) if b2k is not None else None
-    _senet.backward(
-        _DTYPES[x.dtype], layout, tuple(x.shape), d, b1 is not None, activation, gate,
+    problem = (_DTYPES[x.dtype], layout, tuple(x.shape), d, b1 is not None, activation, gate)
+    ptrs = (
         x.data_ptr(), _ptr(residual), dy.data_ptr(),
         w1k.data_ptr(), _ptr(b1k), w2k.data_ptr(), _ptr(b2k),
         z.data_ptr(), h.data_ptr(), u.data_ptr(), s.data_ptr(),
         dx.data_ptr(), _ptr(dres), dw1.data_ptr(), _ptr(db1), dw2.data_ptr(), _ptr(db2),
     )
+    if x.is_cuda:
+        ws = _workspace(x, problem, True)
+        _senet.backward_cuda(*problem, *_stream(x), *ptrs, ws.data_ptr(), ws.numel())
+    else:
+        _senet.backward(*problem, *ptrs)
     empty = x.new_empty((0,))
     return (
         dx,

@@ -18,6 +18,7 @@ use senet::se::cpu::{
 use senet::se::{SeGradsMut, SeWeightsRef};
 use senet::{Activation, Element, Gate, Layout, SeConfig, Shape};
 
+mod cuda_path;
 mod f64_path;
 
 /// Maps a senet error to a Python exception (ValueError for bad input, RuntimeError otherwise).
@@ -409,10 +410,158 @@ fn dtype_of(dtype: &str) -> senet::Result<Dt> {
     })
 }
 
-/// Whether this build can run the op on CUDA tensors (it cannot yet: CPU only).
+/// Whether this build can run the op on CUDA tensors: senet's kernels were compiled into it
+/// (nvcc was found when the wheel was built). A driver and a device are checked at the call.
 #[pyfunction]
 fn cuda_supported() -> bool {
-    false
+    senet::cuda::kernels_built()
+}
+
+fn cuda_dtype(dtype: &str) -> PyResult<senet::DType> {
+    match dtype_of(dtype).map_err(py_err)? {
+        Dt::F32 => Ok(senet::DType::F32),
+        Dt::BF16 => Ok(senet::DType::BF16),
+        Dt::F16 => Ok(senet::DType::F16),
+        Dt::F64 => Err(pyo3::exceptions::PyTypeError::new_err(
+            "senet: float64 runs on the CPU only (the kernels take float32, bfloat16, float16)",
+        )),
+    }
+}
+
+/// Workspace bytes the CUDA op needs for this problem on device `device` (forward, or backward
+/// when `backward`); senet_torch allocates them with torch.
+#[pyfunction]
+#[pyo3(signature = (dtype, layout, shape, hidden, bias, activation, gate, device, stream, backward))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_workspace_bytes(
+    dtype: &str,
+    layout: &str,
+    shape: (usize, usize, usize, usize),
+    hidden: usize,
+    bias: bool,
+    activation: &str,
+    gate: &str,
+    device: usize,
+    stream: usize,
+    backward: bool,
+) -> PyResult<usize> {
+    let p = problem(layout, shape, hidden, bias, activation, gate)?;
+    cuda_path::workspace(&p, cuda_dtype(dtype)?, device, stream, backward)
+}
+
+/// [`forward`] on CUDA tensors of device `device`, queued on `stream` (torch's current stream)
+/// with `workspace` (`workspace_len` bytes, from [`cuda_workspace_bytes`]).
+#[pyfunction]
+#[pyo3(signature = (dtype, layout, shape, hidden, bias, activation, gate, device, stream, x, residual, y, w1, b1, w2, b2, z, h, u, s, workspace, workspace_len))]
+#[allow(clippy::too_many_arguments)]
+fn forward_cuda(
+    dtype: &str,
+    layout: &str,
+    shape: (usize, usize, usize, usize),
+    hidden: usize,
+    bias: bool,
+    activation: &str,
+    gate: &str,
+    device: usize,
+    stream: usize,
+    x: usize,
+    residual: usize,
+    y: usize,
+    w1: usize,
+    b1: usize,
+    w2: usize,
+    b2: usize,
+    z: usize,
+    h: usize,
+    u: usize,
+    s: usize,
+    workspace: usize,
+    workspace_len: usize,
+) -> PyResult<()> {
+    let p = problem(layout, shape, hidden, bias, activation, gate)?;
+    check_ptrs(&p.config, [w1, b1, w2, b2], [z, h, u, s])?;
+    let ptr = cuda_path::CudaPtrs {
+        x: req("x", x)?,
+        residual,
+        y_or_dy: req("y", y)?,
+        w: [w1, b1, w2, b2],
+        saved: [z, h, u, s],
+        grads: [0; 6],
+        workspace: (workspace, workspace_len),
+    };
+    // SAFETY: senet_torch allocated every buffer on `device` with torch for this problem and
+    // keeps the tensors alive (torch's allocator orders reuse on the stream).
+    unsafe {
+        match cuda_dtype(dtype)? {
+            senet::DType::F32 => cuda_path::forward::<f32>(&p, device, stream, &ptr),
+            senet::DType::BF16 => cuda_path::forward::<bf16>(&p, device, stream, &ptr),
+            _ => cuda_path::forward::<f16>(&p, device, stream, &ptr),
+        }
+    }
+    .map_err(py_err)
+}
+
+/// [`backward`] on CUDA tensors (see [`forward_cuda`]).
+#[pyfunction]
+#[pyo3(signature = (dtype, layout, shape, hidden, bias, activation, gate, device, stream, x, residual, dy, w1, b1, w2, b2, z, h, u, s, dx, dresidual, dw1, db1, dw2, db2, workspace, workspace_len))]
+#[allow(clippy::too_many_arguments)]
+fn backward_cuda(
+    dtype: &str,
+    layout: &str,
+    shape: (usize, usize, usize, usize),
+    hidden: usize,
+    bias: bool,
+    activation: &str,
+    gate: &str,
+    device: usize,
+    stream: usize,
+    x: usize,
+    residual: usize,
+    dy: usize,
+    w1: usize,
+    b1: usize,
+    w2: usize,
+    b2: usize,
+    z: usize,
+    h: usize,
+    u: usize,
+    s: usize,
+    dx: usize,
+    dresidual: usize,
+    dw1: usize,
+    db1: usize,
+    dw2: usize,
+    db2: usize,
+    workspace: usize,
+    workspace_len: usize,
+) -> PyResult<()> {
+    let p = problem(layout, shape, hidden, bias, activation, gate)?;
+    check_ptrs(&p.config, [w1, b1, w2, b2], [z, h, u, s])?;
+    let ptr = cuda_path::CudaPtrs {
+        x: req("x", x)?,
+        residual,
+        y_or_dy: req("dy", dy)?,
+        w: [w1, b1, w2, b2],
+        saved: [z, h, u, s],
+        grads: [
+            req("dx", dx)?,
+            dresidual,
+            req("dw1", dw1)?,
+            db1,
+            req("dw2", dw2)?,
+            db2,
+        ],
+        workspace: (workspace, workspace_len),
+    };
+    // SAFETY: as in forward_cuda.
+    unsafe {
+        match cuda_dtype(dtype)? {
+            senet::DType::F32 => cuda_path::backward::<f32>(&p, device, stream, &ptr),
+            senet::DType::BF16 => cuda_path::backward::<bf16>(&p, device, stream, &ptr),
+            _ => cuda_path::backward::<f16>(&p, device, stream, &ptr),
+        }
+    }
+    .map_err(py_err)
 }
 
 /// The extension module `senet_torch._senet`.
@@ -421,5 +570,8 @@ fn _senet(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_supported, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_workspace_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(forward_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(backward_cuda, m)?)?;
     Ok(())
 }

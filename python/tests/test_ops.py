@@ -2,6 +2,7 @@
 both memory formats and every act / gate / bias / residual combination, torch.compile, errors."""
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -171,12 +172,73 @@ def test_errors():
         st._senet.forward("float32", "nchw", (2, 16, 3, 3), 4, False, "relu", "sigmoid", *([0] * 11))
 
 
-def test_cuda_tensor_gives_clear_error():
+def _need_gpu():
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA device to put a tensor on")
-    w1, b1, w2, b2 = (t.cuda() for t in _weights(16, 4, True))
-    with pytest.raises(st.SenetDeviceError, match="CPU tensors only"):
-        st.squeeze_excite(torch.randn(2, 16, 3, 3, device="cuda"), w1, b1, w2, b2)
+        if os.environ.get("SENET_REQUIRE_GPU") == "1":
+            pytest.fail("SENET_REQUIRE_GPU=1 but torch sees no CUDA device")
+        pytest.skip("no CUDA device")
+    if not st._senet.cuda_supported():
+        w1, b1, w2, b2 = (t.cuda() for t in _weights(16, 4, True))
+        with pytest.raises(st.SenetDeviceError, match="no CUDA kernels"):
+            st.squeeze_excite(torch.randn(2, 16, 3, 3, device="cuda"), w1, b1, w2, b2)
+        pytest.skip("this build has no CUDA kernels (checked that it says so)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_cuda_matches_cpu_forward_and_backward(dtype, channels_last, residual):
+    """On a GPU: the op on CUDA tensors (senet's kernels on torch's current stream, torch's
+    memory) against the CPU op on the same values, forward and every gradient."""
+    _need_gpu()
+    torch.manual_seed(3)
+    c, d = 40, 10
+    x = torch.randn(3, c, 7, 5).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    r = torch.randn_like(x) if residual else None
+    w = [t.requires_grad_() for t in _weights(c, d, True)]
+    out = {}
+    for dev in ("cpu", "cuda"):
+        xs = x.to(dev).requires_grad_()
+        rs = r.to(dev).requires_grad_() if r is not None else None
+        ws = [t.detach().to(dev).requires_grad_() for t in w]
+        y = st.squeeze_excite(xs, *ws, rs)
+        y.float().square().sum().backward()
+        grads = [xs.grad] + [t.grad for t in ws] + ([rs.grad] if rs is not None else [])
+        out[dev] = [y.detach().float().cpu()] + [g.float().cpu() for g in grads]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(out["cpu"], out["cuda"]):
+        assert rel_err(b.double(), a.double()) <= tol
+
+
+def test_cuda_side_stream_and_graph_capture():
+    """On a GPU: the op queues on torch's current stream (a side stream here; the result is read
+    after synchronising only that stream), and it can be captured in a CUDA graph and replayed."""
+    _need_gpu()
+    c, d = 64, 16
+    w1, b1, w2, b2 = (t.cuda() for t in _weights(c, d, True))
+    x = torch.randn(4, c, 9, 9, device="cuda")
+    want = st.squeeze_excite(x.cpu(), w1.cpu(), b1.cpu(), w2.cpu(), b2.cpu())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = st.squeeze_excite(x, w1, b1, w2, b2)
+    side.synchronize()
+    assert rel_err(y.cpu().double(), want.double()) <= 1e-5
+    static_x = x.clone()
+    with torch.cuda.stream(side):
+        st.squeeze_excite(static_x, w1, b1, w2, b2)  # warm-up outside capture
+    side.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = st.squeeze_excite(static_x, w1, b1, w2, b2)
+    x2 = torch.randn_like(x)
+    static_x.copy_(x2)
+    g.replay()
+    torch.cuda.synchronize()
+    want2 = st.squeeze_excite(x2.cpu(), w1.cpu(), b1.cpu(), w2.cpu(), b2.cpu())
+    assert rel_err(static_y.cpu().double(), want2.double()) <= 1e-5
 
 
 def test_bf16_module_weights_cast_and_grads_cast_back():
