@@ -1,7 +1,8 @@
 // The CPU side of cuda_emu.h: fibers, barriers, clusters, the kernel registry and the launch
 // entry point the Rust crate calls. Built by build.rs together with every kernels/*.cu.
 //
-// Checking builds (build.rs, SENET_EMU_SANITIZE; see README.md in this folder):
+// Checking builds (build.rs, SENET_EMU_SANITIZE; see README.md in this folder). This file is
+// compiled on its own and never instrumented: only kernel code is checked.
 // - thread:    ThreadSanitizer. Every CUDA thread is a TSan fiber, switched without implied
 //              synchronisation; each barrier is annotated as the happens-before it is on a GPU
 //              (__syncthreads per block, a shuffle per warp, cluster.sync per cluster); blocks
@@ -16,6 +17,7 @@
 // and the blocks of a grid in a seeded random order; SENET_EMU_THREADS=N runs blocks on N OS
 // threads.
 #include <setjmp.h>
+#include <unistd.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -34,13 +36,12 @@
 
 #include "cuda_emu.h"
 
-#if defined(__SANITIZE_THREAD__)
-#define SENET_EMU_TSAN 1
+// build.rs compiles this file on its own, never instrumented, and defines the build's mode.
+#if defined(SENET_EMU_TSAN)
 #include <sanitizer/tsan_interface.h>
 extern "C" void AnnotateNewMemory(const char* file, int line, const volatile void* mem, size_t size);
 #endif
-#if defined(__SANITIZE_ADDRESS__)
-#define SENET_EMU_ASAN 1
+#if defined(SENET_EMU_ASAN)
 #include <sanitizer/asan_interface.h>
 #endif
 #if defined(SENET_EMU_TSAN) || defined(SENET_EMU_ASAN)
@@ -49,15 +50,9 @@ extern "C" void AnnotateNewMemory(const char* file, int line, const volatile voi
 #define SENET_EMU_UCONTEXT 1
 #endif
 
-// The emulator's own code is never instrumented: the scheduler state the fibers touch is not
-// kernel memory, and its accesses must not order kernel threads in TSan's eyes.
-#if defined(SENET_EMU_TSAN)
-#define SENET_EMU_RT __attribute__((no_sanitize_thread, noinline))
-#elif defined(SENET_EMU_INITCHECK)
-#define SENET_EMU_RT __attribute__((no_sanitize_address))
-#else
-#define SENET_EMU_RT
-#endif
+
+// The kernels' object (build.rs's generated unit).
+extern "C" void senet_emu_kernels_linked();
 
 namespace senet_emu {
 
@@ -224,7 +219,7 @@ thread_local bool g_in_kernel = false;
 
 // TSan: the range is new memory (no earlier access orders or races with what follows). Used for
 // memory a new block reuses: shared memory, thread state, fiber stacks.
-SENET_EMU_RT void fresh(const void* p, std::size_t n) {
+void fresh(const void* p, std::size_t n) {
 #if defined(SENET_EMU_TSAN)
     if (p && n) AnnotateNewMemory(__FILE__, __LINE__, p, n);
 #else
@@ -239,7 +234,7 @@ std::map<std::string, std::pair<void*, Thunk>>& registry() {
 }
 
 // ------------------------------------------------------------------ switching
-SENET_EMU_RT void to_scheduler(Block* b, bool dying) {
+void to_scheduler(Block* b, bool dying) {
     Fiber* f = b->cur;
     g_in_kernel = false;
 #if defined(SENET_EMU_UCONTEXT)
@@ -261,13 +256,13 @@ SENET_EMU_RT void to_scheduler(Block* b, bool dying) {
     g_in_kernel = true;
 }
 
-SENET_EMU_RT void park(St s) {
+void park(St s) {
     Block* b = g_run;
     b->cur->st = s;
     to_scheduler(b, false);
 }
 
-SENET_EMU_RT void fiber_entry() {
+void fiber_entry() {
     Block* b = g_run;
 #if defined(SENET_EMU_ASAN)
     __sanitizer_finish_switch_fiber(nullptr, &b->sched_bottom, &b->sched_size);
@@ -283,7 +278,7 @@ SENET_EMU_RT void fiber_entry() {
 }
 
 // Runs fiber f until it parks or finishes.
-SENET_EMU_RT void resume(Block* b, Fiber& f) {
+void resume(Block* b, Fiber& f) {
     b->cur = &f;
     g_thread = &f.ts;
 #if defined(SENET_EMU_UCONTEXT)
@@ -313,7 +308,7 @@ SENET_EMU_RT void resume(Block* b, Fiber& f) {
 
 // Waits for every block of the cluster at the OS level. Returns false if the wait timed out
 // (some block never reached its cluster.sync: divergent barrier).
-SENET_EMU_RT bool cluster_barrier(Cluster* c) {
+bool cluster_barrier(Cluster* c) {
     std::unique_lock<std::mutex> lk(c->m);
     if (c->broken) return false;
     const unsigned long gen = c->generation;
@@ -332,7 +327,7 @@ SENET_EMU_RT bool cluster_barrier(Cluster* c) {
     return true;
 }
 
-SENET_EMU_RT void break_cluster(Cluster* c) {
+void break_cluster(Cluster* c) {
     std::lock_guard<std::mutex> lk(c->m);
     c->broken = true;
     c->cv.notify_all();
@@ -359,7 +354,7 @@ std::string seed_note() {
 
 // Runs every thread of one block to completion. Returns false with b->error set on a barrier
 // that can never be released (divergent __syncthreads / shuffle / cluster.sync).
-SENET_EMU_RT bool run_block(Block* b) {
+bool run_block(Block* b) {
     const unsigned int n = b->bs.block_dim.x * b->bs.block_dim.y * b->bs.block_dim.z;
     fresh(b->fibers.data(), b->fibers.capacity() * sizeof(Fiber));
     fresh(b->dsmem.data(), b->dsmem.size());
@@ -487,9 +482,9 @@ void on_sanitizer_death() {
 
 }  // namespace
 
-SENET_EMU_RT unsigned char* dynamic_smem() { return g_run->dsmem.data(); }
+unsigned char* dynamic_smem() { return g_run->dsmem.data(); }
 
-SENET_EMU_RT void syncthreads() {
+void syncthreads() {
     Block* b = g_run;
     Fiber* f = b->cur;
     f->gen = b->bar_gen;
@@ -502,7 +497,7 @@ SENET_EMU_RT void syncthreads() {
 #endif
 }
 
-SENET_EMU_RT static void warp_barrier(Block* b) {
+static void warp_barrier(Block* b) {
     Fiber* f = b->cur;
     const unsigned int w = f->ts.linear / 32;
     f->gen = b->warp_gen[w];
@@ -515,7 +510,7 @@ SENET_EMU_RT static void warp_barrier(Block* b) {
 #endif
 }
 
-SENET_EMU_RT void warp_exchange(uint64_t value, uint64_t* out, int lane_xor) {
+void warp_exchange(uint64_t value, uint64_t* out, int lane_xor) {
     Block* b = g_run;
     const unsigned int me = b->cur->ts.linear;
     b->slots[me] = value;
@@ -525,7 +520,7 @@ SENET_EMU_RT void warp_exchange(uint64_t value, uint64_t* out, int lane_xor) {
     warp_barrier(b);  // everyone has read before the slots are reused
 }
 
-SENET_EMU_RT void cluster_sync() {
+void cluster_sync() {
     Block* b = g_run;
     if (!b->cluster) fail("cluster.sync() in a kernel launched without a cluster");
     Fiber* f = b->cur;
@@ -539,9 +534,9 @@ SENET_EMU_RT void cluster_sync() {
 #endif
 }
 
-SENET_EMU_RT unsigned int cluster_rank() { return g_run->cluster ? g_run->rank : 0; }
+unsigned int cluster_rank() { return g_run->cluster ? g_run->rank : 0; }
 
-SENET_EMU_RT void* map_shared_rank(void* p, unsigned int rank) {
+void* map_shared_rank(void* p, unsigned int rank) {
     Block* b = g_run;
     if (!b->cluster || rank >= b->cluster->size) fail("map_shared_rank: rank outside the cluster");
     auto* c = static_cast<unsigned char*>(p);
@@ -552,7 +547,7 @@ SENET_EMU_RT void* map_shared_rank(void* p, unsigned int rank) {
     return other->dsmem.data() + (c - base);
 }
 
-SENET_EMU_RT void shared_var(void* p, std::size_t n, const char* name) {
+void shared_var(void* p, std::size_t n, const char* name) {
     Block* b = g_run;
     for (auto& v : b->statics)
         if (v.p == p) return;
@@ -568,7 +563,7 @@ SENET_EMU_RT void shared_var(void* p, std::size_t n, const char* name) {
     b->statics.push_back(std::move(v));
 }
 
-SENET_EMU_RT void check_vector_align(const void* p, const char* what) {
+void check_vector_align(const void* p, const char* what) {
     const auto a = reinterpret_cast<uintptr_t>(p);
     if ((a & 15u) == 0) return;
     Block* b = g_run;
@@ -578,20 +573,20 @@ SENET_EMU_RT void check_vector_align(const void* p, const char* what) {
     fail(msg);
 }
 
-SENET_EMU_RT void fail(const char* msg) {
+void fail(const char* msg) {
     Block* b = g_run;
     b->error = msg;
     to_scheduler(b, true);  // the fiber is never resumed
     std::abort();
 }
 
-SENET_EMU_RT void register_kernel(const char* name, void* fn, Thunk thunk) { registry()[name] = {fn, thunk}; }
+void register_kernel(const char* name, void* fn, Thunk thunk) { registry()[name] = {fn, thunk}; }
 
 #if defined(SENET_EMU_INITCHECK)
 namespace {
 // The shadow bytes covering [a, a + n), or nullptr when that is not shared memory of the
 // running block (or of its cluster).
-SENET_EMU_RT unsigned char* shadow_of(Block* b, uintptr_t a, std::size_t n, std::string* what) {
+unsigned char* shadow_of(Block* b, uintptr_t a, std::size_t n, std::string* what) {
     auto in = [&](const unsigned char* p, std::size_t len) {
         return a >= reinterpret_cast<uintptr_t>(p) && a + n <= reinterpret_cast<uintptr_t>(p) + len;
     };
@@ -618,7 +613,7 @@ SENET_EMU_RT unsigned char* shadow_of(Block* b, uintptr_t a, std::size_t n, std:
     return nullptr;
 }
 
-SENET_EMU_RT void initcheck_load(uintptr_t a, std::size_t n) {
+void initcheck_load(uintptr_t a, std::size_t n) {
     if (!g_in_kernel) return;
     Block* b = g_run;
     if (!b) return;
@@ -637,7 +632,7 @@ SENET_EMU_RT void initcheck_load(uintptr_t a, std::size_t n) {
     }
 }
 
-SENET_EMU_RT void initcheck_store(uintptr_t a, std::size_t n) {
+void initcheck_store(uintptr_t a, std::size_t n) {
     if (!g_in_kernel) return;
     Block* b = g_run;
     if (!b) return;
@@ -653,24 +648,56 @@ SENET_EMU_RT void initcheck_store(uintptr_t a, std::size_t n) {
 // instrumented code (build.rs: -fsanitize=kernel-address, call threshold 0).
 extern "C" {
 #define SENET_EMU_HOOK(n)                                                                                     \
-    SENET_EMU_RT void __asan_load##n##_noabort(uintptr_t a) { senet_emu::initcheck_load(a, n); }              \
-    SENET_EMU_RT void __asan_store##n##_noabort(uintptr_t a) { senet_emu::initcheck_store(a, n); }
+    void __asan_load##n##_noabort(uintptr_t a) { senet_emu::initcheck_load(a, n); }              \
+    void __asan_store##n##_noabort(uintptr_t a) { senet_emu::initcheck_store(a, n); }
 SENET_EMU_HOOK(1)
 SENET_EMU_HOOK(2)
 SENET_EMU_HOOK(4)
 SENET_EMU_HOOK(8)
 SENET_EMU_HOOK(16)
 #undef SENET_EMU_HOOK
-SENET_EMU_RT void __asan_loadN_noabort(uintptr_t a, std::size_t n) { senet_emu::initcheck_load(a, n); }
-SENET_EMU_RT void __asan_storeN_noabort(uintptr_t a, std::size_t n) { senet_emu::initcheck_store(a, n); }
-SENET_EMU_RT void __asan_handle_no_return() {}
+void __asan_loadN_noabort(uintptr_t a, std::size_t n) { senet_emu::initcheck_load(a, n); }
+void __asan_storeN_noabort(uintptr_t a, std::size_t n) { senet_emu::initcheck_store(a, n); }
+void __asan_handle_no_return() {}
 }
 #endif
 
 using namespace senet_emu;
 
 namespace {
-SENET_EMU_RT void setup_block(Block& b, dim3 idx, dim3 bd, dim3 g, unsigned int smem, const char* name, void* fn,
+// SENET_EMU_COVERAGE=PREFIX: at exit, PREFIX.<pid> lists every registered kernel ("registered
+// NAME") and every kernel launched ("launched NAME"); scripts/sanitize.sh checks that its runs
+// launch every kernel.
+std::mutex g_cov_m;
+std::map<std::string, unsigned long>* g_launched = nullptr;
+
+void write_coverage() {
+    const char* prefix = std::getenv("SENET_EMU_COVERAGE");
+    if (!prefix || !*prefix) return;
+    std::string path = std::string(prefix) + "." + std::to_string(static_cast<long>(getpid()));
+    FILE* f = std::fopen(path.c_str(), "w");
+    if (!f) return;
+    for (auto& kv : registry()) std::fprintf(f, "registered %s\n", kv.first.c_str());
+    std::lock_guard<std::mutex> lk(g_cov_m);
+    if (g_launched)
+        for (auto& kv : *g_launched) std::fprintf(f, "launched %s\n", kv.first.c_str());
+    std::fclose(f);
+}
+
+void note_launch(const char* name) {
+    static const bool on = [] {
+        const char* p = std::getenv("SENET_EMU_COVERAGE");
+        if (!p || !*p) return false;
+        std::atexit(write_coverage);
+        return true;
+    }();
+    if (!on) return;
+    std::lock_guard<std::mutex> lk(g_cov_m);
+    if (!g_launched) g_launched = new std::map<std::string, unsigned long>;
+    ++(*g_launched)[name];
+}
+
+void setup_block(Block& b, dim3 idx, dim3 bd, dim3 g, unsigned int smem, const char* name, void* fn,
                               Thunk thunk, void** args, uint64_t rng, char* done) {
     fresh(&b.bs, sizeof b.bs);
     b.bs.block_idx = idx;
@@ -700,7 +727,7 @@ uint64_t launch_seed(const char* name, const dim3& g, const dim3& bd, unsigned i
 }  // namespace
 
 // Runs kernel `name` to completion. Returns 0, or 1 with a message in err.
-extern "C" SENET_EMU_RT int senet_emu_launch(const char* name, const unsigned int* grid, const unsigned int* block,
+extern "C" int senet_emu_launch(const char* name, const unsigned int* grid, const unsigned int* block,
                                              unsigned int smem, unsigned int cluster, void** args, char* err,
                                              std::size_t errlen) {
 #if defined(SENET_EMU_TSAN) || defined(SENET_EMU_ASAN)
@@ -716,18 +743,24 @@ extern "C" SENET_EMU_RT int senet_emu_launch(const char* name, const unsigned in
     };
     auto it = registry().find(name);
     if (it == registry().end()) return set_err(std::string("no emulated kernel named ") + name);
+    note_launch(name);
+    senet_emu_kernels_linked();
     const dim3 g{grid[0], grid[1], grid[2]}, bd{block[0], block[1], block[2]};
     if (bd.x * bd.y * bd.z == 0 || bd.x * bd.y * bd.z > 1024) return set_err("block size must be 1..1024 threads");
     if (g.x == 0 || g.y == 0 || g.z == 0) return set_err("empty grid");
     if (cluster == 0) cluster = 1;
     if (g.x % cluster != 0) return set_err("grid.x is not a multiple of the cluster size");
     uint64_t rng = launch_seed(name, g, bd, smem);
+    const uint64_t base = splitmix(rng);
     // One done-token per worker: every finished thread releases it, this thread acquires them
     // all after the workers end, so the next launch (and the host) sees every kernel write.
     std::unique_ptr<char[]> done(new char[64]);
     auto setup = [&](Block& b, unsigned int x, unsigned int y, unsigned int z, unsigned int worker) {
-        setup_block(b, dim3{x, y, z}, bd, g, smem, name, it->second.first, it->second.second, args,
-                    splitmix(rng), &done[worker % 64]);
+        // Each block's fiber order depends on the launch's seed and its index only, not on
+        // which worker runs it or when.
+        uint64_t s = base ^ (((static_cast<uint64_t>(z) * g.y + y) * g.x + x) * 0x9E3779B97F4A7C15ull);
+        setup_block(b, dim3{x, y, z}, bd, g, smem, name, it->second.first, it->second.second, args, splitmix(s),
+                    &done[worker % 64]);
     };
     auto acquire_done = [&] {
 #if defined(SENET_EMU_TSAN)
