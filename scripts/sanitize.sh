@@ -41,7 +41,7 @@ for mode in "${modes[@]}"; do
     SENET_EMU_SANITIZE=$mode CARGO_TARGET_DIR=$dir \
       CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$runner \
       SENET_EMU_COVERAGE=$cov/$mode \
-      TSAN_OPTIONS="halt_on_error=1 exitcode=66 ${TSAN_OPTIONS:-}" \
+      TSAN_OPTIONS="suppressions=$PWD/scripts/tsan-rust.supp halt_on_error=1 exitcode=66 ${TSAN_OPTIONS:-}" \
       ASAN_OPTIONS="detect_leaks=0 verify_asan_link_order=0 ${ASAN_OPTIONS:-}" \
       UBSAN_OPTIONS="print_stacktrace=1 halt_on_error=1 ${UBSAN_OPTIONS:-}" \
       cargo test --quiet "$@"

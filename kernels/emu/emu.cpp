@@ -39,7 +39,6 @@
 // build.rs compiles this file on its own, never instrumented, and defines the build's mode.
 #if defined(SENET_EMU_TSAN)
 #include <sanitizer/tsan_interface.h>
-extern "C" void AnnotateNewMemory(const char* file, int line, const volatile void* mem, size_t size);
 #endif
 #if defined(SENET_EMU_ASAN)
 #include <sanitizer/asan_interface.h>
@@ -187,6 +186,7 @@ struct Block {
     unsigned long warp_gen[32] = {};
     std::unique_ptr<Tokens> tok;
     char* done_token = nullptr;  // released by every finished thread; acquired by the launcher
+    std::unique_ptr<char> retire{new char};  // released by finished threads; acquired by the next block
     Cluster* cluster = nullptr;
     unsigned int rank = 0;
     std::string error;
@@ -217,29 +217,20 @@ struct Cluster {
 thread_local Block* g_run = nullptr;
 thread_local bool g_in_kernel = false;
 
-// TSan: the range is new memory (no earlier access orders or races with what follows). Used for
-// memory a new block reuses: shared memory, thread state, fiber stacks.
-void fresh(const void* p, std::size_t n) {
-#if defined(SENET_EMU_TSAN)
-    if (p && n) AnnotateNewMemory(__FILE__, __LINE__, p, n);
-#else
-    (void)p;
-    (void)n;
-#endif
-}
-
 std::map<std::string, std::pair<void*, Thunk>>& registry() {
     static std::map<std::string, std::pair<void*, Thunk>> r;
     return r;
 }
 
 // ------------------------------------------------------------------ switching
-void to_scheduler(Block* b, bool dying) {
+// dying: the fiber is never resumed. failing: it stops the launch with b->error, which the
+// scheduler reads (a synchronising switch, for TSan: the launch ends anyway).
+void to_scheduler(Block* b, bool dying, bool failing = false) {
     Fiber* f = b->cur;
     g_in_kernel = false;
 #if defined(SENET_EMU_UCONTEXT)
 #if defined(SENET_EMU_TSAN)
-    __tsan_switch_to_fiber(b->tsan_sched, __tsan_switch_to_fiber_no_sync);
+    __tsan_switch_to_fiber(b->tsan_sched, failing ? 0 : __tsan_switch_to_fiber_no_sync);
 #endif
 #if defined(SENET_EMU_ASAN)
     __sanitizer_start_switch_fiber(dying ? nullptr : &f->fake_stack, b->sched_bottom, b->sched_size);
@@ -249,7 +240,9 @@ void to_scheduler(Block* b, bool dying) {
     __sanitizer_finish_switch_fiber(f->fake_stack, &b->sched_bottom, &b->sched_size);
 #endif
     (void)dying;
+    (void)failing;
 #else
+    (void)failing;
     if (dying) _longjmp(b->sched, 1);
     if (_setjmp(f->jb) == 0) _longjmp(b->sched, 1);
 #endif
@@ -273,6 +266,7 @@ void fiber_entry() {
     b->cur->st = St::Done;
 #if defined(SENET_EMU_TSAN)
     __tsan_release(b->done_token);
+    __tsan_release(b->retire.get());
 #endif
     to_scheduler(b, true);
 }
@@ -356,8 +350,6 @@ std::string seed_note() {
 // that can never be released (divergent __syncthreads / shuffle / cluster.sync).
 bool run_block(Block* b) {
     const unsigned int n = b->bs.block_dim.x * b->bs.block_dim.y * b->bs.block_dim.z;
-    fresh(b->fibers.data(), b->fibers.capacity() * sizeof(Fiber));
-    fresh(b->dsmem.data(), b->dsmem.size());
     b->fibers.assign(n, Fiber{});
     if (!b->stacks) b->stacks = take_stacks();
     b->slots.assign(n, 0);
@@ -371,9 +363,11 @@ bool run_block(Block* b) {
     b->dsmem_written.assign(b->dsmem.size(), 0);
 #endif
 #if defined(SENET_EMU_TSAN)
-    // Each block's threads start on fresh stack memory in TSan's eyes (a stack slot reused
-    // from an earlier block is not a race).
-    AnnotateNewMemory(__FILE__, __LINE__, b->stacks.get(), static_cast<std::size_t>(n) * kStack);
+    // This block's threads happen after the earlier blocks this OS thread ran: they reuse their
+    // fiber stacks, static __shared__ variables (thread_local) and shared-memory buffer, which
+    // would otherwise look racy. (So TSan sees races between blocks on different OS threads
+    // only; blocks are spread over the workers in a random order, see README.md.)
+    __tsan_acquire(b->retire.get());
     b->tsan_sched = __tsan_get_current_fiber();
 #endif
 #if defined(SENET_EMU_ASAN)
@@ -400,6 +394,8 @@ bool run_block(Block* b) {
         Block* b;
         ~Cleanup() {
 #if defined(SENET_EMU_TSAN)
+            // The block is over: what its threads allocated or wrote is the scheduler's now.
+            __tsan_acquire(b->retire.get());
             for (auto& f : b->fibers)
                 if (f.tsan) __tsan_destroy_fiber(f.tsan);
 #endif
@@ -551,11 +547,11 @@ void shared_var(void* p, std::size_t n, const char* name) {
     Block* b = g_run;
     for (auto& v : b->statics)
         if (v.p == p) return;
-    // First thread of this block to reach the declaration: the variable starts as garbage (and,
-    // for TSan, as memory no earlier block touched).
-    fresh(p, n);
-    std::memset(p, kPoison, n);
-    fresh(p, n);
+    // First thread of this block to reach the declaration: the variable starts as garbage.
+    // (Written byte by byte through volatile, never through memset, so TSan, whose memset
+    // interceptor would record it, sees only the kernel's own accesses.)
+    volatile unsigned char* q = static_cast<unsigned char*>(p);
+    for (std::size_t i = 0; i < n; ++i) q[i] = kPoison;
     SharedVar v{static_cast<unsigned char*>(p), n, name, {}};
 #if defined(SENET_EMU_INITCHECK)
     v.written.assign(n, 0);
@@ -576,7 +572,7 @@ void check_vector_align(const void* p, const char* what) {
 void fail(const char* msg) {
     Block* b = g_run;
     b->error = msg;
-    to_scheduler(b, true);  // the fiber is never resumed
+    to_scheduler(b, true, true);  // the fiber is never resumed
     std::abort();
 }
 
@@ -699,7 +695,6 @@ void note_launch(const char* name) {
 
 void setup_block(Block& b, dim3 idx, dim3 bd, dim3 g, unsigned int smem, const char* name, void* fn,
                               Thunk thunk, void** args, uint64_t rng, char* done) {
-    fresh(&b.bs, sizeof b.bs);
     b.bs.block_idx = idx;
     b.bs.block_dim = bd;
     b.bs.grid_dim = g;
@@ -707,7 +702,6 @@ void setup_block(Block& b, dim3 idx, dim3 bd, dim3 g, unsigned int smem, const c
     // Its own heap block, exactly the launch's size: ASan's redzone starts at the end.
     std::vector<unsigned char>().swap(b.dsmem);
 #endif
-    fresh(b.dsmem.data(), b.dsmem.size());
     b.dsmem.assign(smem, kPoison);  // shared memory starts as garbage, as on a GPU
     b.name = name;
     b.fn = fn;

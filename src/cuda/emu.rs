@@ -104,6 +104,11 @@ mod planted {
         std::env::var_os("SENET_PLANTED_CHILD").is_some()
     }
 
+    /// `var`'s value in this process (scripts/sanitize.sh's suppressions and the like) with `add`.
+    fn with_env(var: &str, add: &str) -> String {
+        format!("{} {add}", std::env::var(var).unwrap_or_default())
+    }
+
     /// Runs test `name` alone in a child process; returns (success, stdout + stderr).
     fn run_child(name: &str) -> (bool, String) {
         let exe = std::env::current_exe().expect("test binary path");
@@ -115,9 +120,12 @@ mod planted {
                 "--test-threads=1",
             ])
             .env("SENET_PLANTED_CHILD", "1")
-            .env("TSAN_OPTIONS", "halt_on_error=1 exitcode=66")
-            .env("ASAN_OPTIONS", "detect_leaks=0 verify_asan_link_order=0")
-            .env("UBSAN_OPTIONS", "print_stacktrace=1")
+            .env("TSAN_OPTIONS", with_env("TSAN_OPTIONS", "halt_on_error=1 exitcode=66"))
+            .env(
+                "ASAN_OPTIONS",
+                with_env("ASAN_OPTIONS", "detect_leaks=0 verify_asan_link_order=0"),
+            )
+            .env("UBSAN_OPTIONS", with_env("UBSAN_OPTIONS", "print_stacktrace=1"))
             .output()
             .expect("run the child test");
         let text = format!(
