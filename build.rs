@@ -306,8 +306,7 @@ fn build_emulator(out: &Path, sources: &[PathBuf]) {
                 .flag("-fsanitize=kernel-address")
                 .flag("--param=asan-instrumentation-with-call-threshold=0")
                 .flag("--param=asan-stack=0")
-                .flag("--param=asan-globals=0")
-                ;
+                .flag("--param=asan-globals=0");
             &[]
         }
         _ => &[],

@@ -45,7 +45,9 @@
 #endif
 #if defined(SENET_EMU_TSAN) || defined(SENET_EMU_ASAN)
 #include <sanitizer/common_interface_defs.h>
-// Stack switches go through swapcontext, which the sanitizers are told about.
+#endif
+#if defined(SENET_EMU_ASAN)
+// ASan: stack switches go through swapcontext, announced with start/finish_switch_fiber.
 #define SENET_EMU_UCONTEXT 1
 #endif
 
@@ -228,10 +230,18 @@ std::map<std::string, std::pair<void*, Thunk>>& registry() {
 void to_scheduler(Block* b, bool dying, bool failing = false) {
     Fiber* f = b->cur;
     g_in_kernel = false;
-#if defined(SENET_EMU_UCONTEXT)
 #if defined(SENET_EMU_TSAN)
-    __tsan_switch_to_fiber(b->tsan_sched, failing ? 0 : __tsan_switch_to_fiber_no_sync);
-#endif
+    // TSan: the jump buffer is set while this fiber is TSan's current one, then the switch.
+    const unsigned flags = failing ? 0 : __tsan_switch_to_fiber_no_sync;
+    if (dying) {
+        __tsan_switch_to_fiber(b->tsan_sched, flags);
+        _longjmp(b->sched, 1);
+    }
+    if (_setjmp(f->jb) == 0) {
+        __tsan_switch_to_fiber(b->tsan_sched, flags);
+        _longjmp(b->sched, 1);
+    }
+#elif defined(SENET_EMU_UCONTEXT)
 #if defined(SENET_EMU_ASAN)
     __sanitizer_start_switch_fiber(dying ? nullptr : &f->fake_stack, b->sched_bottom, b->sched_size);
 #endif
@@ -275,11 +285,17 @@ void fiber_entry() {
 void resume(Block* b, Fiber& f) {
     b->cur = &f;
     g_thread = &f.ts;
-#if defined(SENET_EMU_UCONTEXT)
-    f.started = true;
 #if defined(SENET_EMU_TSAN)
-    __tsan_switch_to_fiber(f.tsan, __tsan_switch_to_fiber_no_sync);
-#endif
+    if (_setjmp(b->sched) == 0) {
+        __tsan_switch_to_fiber(f.tsan, __tsan_switch_to_fiber_no_sync);
+        if (!f.started) {
+            f.started = true;
+            setcontext(&f.uc);
+        }
+        _longjmp(f.jb, 1);
+    }
+#elif defined(SENET_EMU_UCONTEXT)
+    f.started = true;
 #if defined(SENET_EMU_ASAN)
     void* fake = nullptr;
     char* bottom = static_cast<char*>(f.uc.uc_stack.ss_sp);

@@ -120,12 +120,18 @@ mod planted {
                 "--test-threads=1",
             ])
             .env("SENET_PLANTED_CHILD", "1")
-            .env("TSAN_OPTIONS", with_env("TSAN_OPTIONS", "halt_on_error=1 exitcode=66"))
+            .env(
+                "TSAN_OPTIONS",
+                with_env("TSAN_OPTIONS", "halt_on_error=1 exitcode=66"),
+            )
             .env(
                 "ASAN_OPTIONS",
                 with_env("ASAN_OPTIONS", "detect_leaks=0 verify_asan_link_order=0"),
             )
-            .env("UBSAN_OPTIONS", with_env("UBSAN_OPTIONS", "print_stacktrace=1"))
+            .env(
+                "UBSAN_OPTIONS",
+                with_env("UBSAN_OPTIONS", "print_stacktrace=1"),
+            )
             .output()
             .expect("run the child test");
         let text = format!(
@@ -237,7 +243,9 @@ mod planted {
                 ],
             );
         } else {
-            eprintln!("planted_block_race: cross-block races need the thread build (scripts/sanitize.sh)");
+            eprintln!(
+                "planted_block_race: cross-block races need the thread build (scripts/sanitize.sh)"
+            );
         }
     }
 
@@ -275,7 +283,11 @@ mod planted {
         if mode() == "address" {
             expect_caught(
                 "planted_misaligned_vector",
-                &["misaligned address", "senet_planted_misaligned", "planted.cu"],
+                &[
+                    "misaligned address",
+                    "senet_planted_misaligned",
+                    "planted.cu",
+                ],
             );
         }
     }
