@@ -46,9 +46,13 @@ for mode in "${modes[@]}"; do
       UBSAN_OPTIONS="print_stacktrace=1 halt_on_error=1 ${UBSAN_OPTIONS:-}" \
       cargo test --quiet "$@"
   }
-  run --lib planted
-  run --test se emulated
-  run --test nn -- "${nn_filter[@]}"
+  # TSan allows 8,128 live threads and fibers: one test at a time (a cluster launch alone holds
+  # 8 x 512 fibers).
+  tt=()
+  [ "$mode" = thread ] && tt=(--test-threads=1)
+  run --lib -- planted "${tt[@]}"
+  run --test se -- emulated "${tt[@]}"
+  run --test nn -- "${nn_filter[@]}" "${tt[@]}"
   # Every kernel the emulator registers (the planted ones aside) was launched in this mode.
   registered=$(cat "$cov/$mode".* | awk '$1 == "registered" {print $2}' | grep -v '^senet_planted_' | sort -u)
   launched=$(cat "$cov/$mode".* | awk '$1 == "launched" {print $2}' | sort -u)

@@ -132,6 +132,28 @@ void give_stacks(std::unique_ptr<char[]> p) {
     if (p && g_pool.size() < 16) g_pool.push_back(std::move(p));
 }
 
+#if defined(SENET_EMU_TSAN)
+// TSan fibers, created once and reused by every Block object (each is a few mmap'd regions that
+// TSan never gives back: creating them per block or per cluster exhausts the process's memory
+// mappings). Two Block objects running at once never share one.
+std::mutex g_tsan_m;
+std::vector<void*> g_tsan_free;
+
+void* take_tsan_fiber() {
+    std::lock_guard<std::mutex> lk(g_tsan_m);
+    if (g_tsan_free.empty()) return __tsan_create_fiber(0);
+    void* f = g_tsan_free.back();
+    g_tsan_free.pop_back();
+    return f;
+}
+
+void give_tsan_fibers(std::vector<void*>& v) {
+    std::lock_guard<std::mutex> lk(g_tsan_m);
+    g_tsan_free.insert(g_tsan_free.end(), v.begin(), v.end());
+    v.clear();
+}
+#endif
+
 enum class St { Run, Block, Warp, Cluster, Done };
 
 struct Cluster;
@@ -160,6 +182,7 @@ struct Tokens {
     char block[2];
     char warp[32][2];
     char done;
+    char start;  // released by the scheduler before the block's threads run: they see its setup
 };
 
 // A static __shared__ variable met in the running block (registered by SENET_EMU_SHARED).
@@ -171,7 +194,12 @@ struct SharedVar {
 };
 
 struct Block {
-    ~Block() { give_stacks(std::move(stacks)); }
+    ~Block() {
+        give_stacks(std::move(stacks));
+#if defined(SENET_EMU_TSAN)
+        give_tsan_fibers(tsan_pool);
+#endif
+    }
     BlockState bs;
     std::vector<Fiber> fibers;
     std::unique_ptr<char[]> stacks;
@@ -198,6 +226,8 @@ struct Block {
     void** args = nullptr;
 #if defined(SENET_EMU_TSAN)
     void* tsan_sched = nullptr;
+    // TSan fibers, one per thread slot, kept across the blocks this Block object runs.
+    std::vector<void*> tsan_pool;
 #endif
 #if defined(SENET_EMU_ASAN)
     const void* sched_bottom = nullptr;
@@ -269,6 +299,9 @@ void fiber_entry() {
     Block* b = g_run;
 #if defined(SENET_EMU_ASAN)
     __sanitizer_finish_switch_fiber(nullptr, &b->sched_bottom, &b->sched_size);
+#endif
+#if defined(SENET_EMU_TSAN)
+    __tsan_acquire(&b->tok->start);  // the fiber may be reused: order it after this block's setup
 #endif
     g_in_kernel = true;
     b->thunk(b->fn, b->args);
@@ -384,6 +417,7 @@ bool run_block(Block* b) {
     // would otherwise look racy. (So TSan sees races between blocks on different OS threads
     // only; blocks are spread over the workers in a random order, see README.md.)
     __tsan_acquire(b->retire.get());
+    __tsan_release(&b->tok->start);
     b->tsan_sched = __tsan_get_current_fiber();
 #endif
 #if defined(SENET_EMU_ASAN)
@@ -403,7 +437,8 @@ bool run_block(Block* b) {
         f.uc.uc_link = nullptr;
         makecontext(&f.uc, fiber_entry, 0);
 #if defined(SENET_EMU_TSAN)
-        f.tsan = __tsan_create_fiber(0);
+        if (b->tsan_pool.size() <= i) b->tsan_pool.push_back(take_tsan_fiber());
+        f.tsan = b->tsan_pool[i];
 #endif
     }
     struct Cleanup {
@@ -412,8 +447,6 @@ bool run_block(Block* b) {
 #if defined(SENET_EMU_TSAN)
             // The block is over: what its threads allocated or wrote is the scheduler's now.
             __tsan_acquire(b->retire.get());
-            for (auto& f : b->fibers)
-                if (f.tsan) __tsan_destroy_fiber(f.tsan);
 #endif
             b->cur = nullptr;
         }
