@@ -704,6 +704,9 @@ SENET_EMU_HOOK(16)
 void __asan_loadN_noabort(uintptr_t a, std::size_t n) { senet_emu::initcheck_load(a, n); }
 void __asan_storeN_noabort(uintptr_t a, std::size_t n) { senet_emu::initcheck_store(a, n); }
 void __asan_handle_no_return() {}
+// Dynamic-initialisation order checks (globals instrumentation is off; these remain).
+void __asan_before_dynamic_init(const char*) {}
+void __asan_after_dynamic_init() {}
 }
 #endif
 
