@@ -160,7 +160,8 @@ struct Cluster;
 
 // A fiber starts on its own stack through ucontext once; after that, switches go through
 // _setjmp/_longjmp, which unlike swapcontext save no signal mask (no system call per switch).
-// Sanitizer builds switch with swapcontext and announce every switch.
+// The address build switches with swapcontext (announced to ASan); the thread build keeps
+// _setjmp/_longjmp and announces each switch to TSan (__tsan_switch_to_fiber).
 struct Fiber {
     ucontext_t uc;
     jmp_buf jb;
