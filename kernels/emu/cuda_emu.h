@@ -4,9 +4,13 @@
 // Model: one fiber per CUDA thread; a block's fibers run on one OS thread and switch only at
 // barriers (__syncthreads, warp shuffles, cluster.sync), so code between barriers runs as if
 // each thread ran alone. The blocks of a thread-block cluster run on separate OS threads at the
-// same time, with a real barrier for cluster.sync and real cross-block shared-memory access.
-// Static __shared__ variables are thread_local (one copy per block being run). What this cannot
-// show: timing, the hardware memory model beyond sequential consistency, and bank conflicts.
+// same time, with a real barrier for cluster.sync and real cross-block shared-memory access;
+// other grids' blocks run on SENET_EMU_THREADS OS threads (1 by default, 2 in checking builds).
+// Static __shared__ variables are thread_local (one copy per OS thread); build.rs registers each
+// declaration (SENET_EMU_SHARED) so it is poisoned per block and initcheck can watch it.
+// README.md in this folder: what the checking builds (TSan, ASan + UBSan, initcheck) catch, and
+// what this cannot show (timing, the hardware memory model beyond the annotated barriers, bank
+// conflicts).
 #pragma once
 
 #include <cmath>
@@ -54,9 +58,15 @@ void warp_exchange(uint64_t value, uint64_t* out, int src_lane_xor);
 void cluster_sync();
 unsigned int cluster_rank();
 void* map_shared_rank(void* p, unsigned int rank);
+void shared_var(void* p, std::size_t bytes, const char* name);
+void check_vector_align(const void* p, const char* what);
 [[noreturn]] void fail(const char* msg);
 
 }  // namespace senet_emu
+
+// Added by build.rs after each static __shared__ declaration (same line): registers the variable
+// with the running block, which poisons it once per block and (initcheck) tracks its writes.
+#define SENET_EMU_SHARED(name) senet_emu::shared_var(static_cast<void*>(&(name)), sizeof(name), #name)
 
 #define threadIdx (senet_emu::g_thread->tid)
 #define blockIdx (senet_emu::g_block_state->block_idx)
@@ -95,6 +105,24 @@ template <typename T> inline T __ldg(const T* p) { return *p; }
 template <typename T> inline T __ldcs(const T* p) { return *p; }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
 template <typename T> inline void __stcs(T* p, T v) { *p = v; }
+// 16-byte vector forms check the alignment a GPU faults on (naming the kernel and address);
+// plain dereferences of a misaligned uint4 are caught by UBSan in the address build.
+inline uint4 __ldg(const uint4* p) {
+    senet_emu::check_vector_align(p, "__ldg");
+    return *p;
+}
+inline uint4 __ldcs(const uint4* p) {
+    senet_emu::check_vector_align(p, "__ldcs");
+    return *p;
+}
+inline uint4 __ldcg(const uint4* p) {
+    senet_emu::check_vector_align(p, "__ldcg");
+    return *p;
+}
+inline void __stcs(uint4* p, uint4 v) {
+    senet_emu::check_vector_align(p, "__stcs");
+    *p = v;
+}
 
 template <typename A, typename B>
 inline typename std::common_type<A, B>::type min(A a, B b) {

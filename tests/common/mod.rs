@@ -15,6 +15,13 @@ pub fn full() -> bool {
     std::env::var("SENET_FULL_TESTS").as_deref() == Ok("1")
 }
 
+/// The sanitizer tier (scripts/sanitize.sh sets `SENET_EMU_SANITIZE` for a checking emulator):
+/// every shape of the quick list, but two of each shape's eight gate / bias / epilogue
+/// combinations (rotating, so each appears), as the checked kernels run several times slower.
+pub fn sanitizing() -> bool {
+    std::env::var_os("SENET_EMU_SANITIZE").is_some_and(|v| !v.is_empty())
+}
+
 /// A fresh seed per call (printed, so a failure can be replayed with SENET_TEST_SEED).
 pub fn seed(label: &str) -> u64 {
     let s = match std::env::var("SENET_TEST_SEED") {
