@@ -28,6 +28,34 @@
 //!
 //! Errors, never panics: wrong ranks or shapes, a config that disagrees with the parameters,
 //! unsupported dtypes and operands on different devices are candle errors.
+//!
+//! # Example
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use senet::candle::{se, SqueezeExcite};
+//! use senet::{Activation, SeConfig};
+//!
+//! let dev = Device::Cpu;
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+//! // timm's SEModule(256, rd_ratio=1/16): fc1 256 -> 16, ReLU, fc2 16 -> 256, sigmoid.
+//! let block = SqueezeExcite::timm(256, 16, vb.pp("se"))?;
+//! let x = Tensor::randn(0f32, 1.0, (8, 256, 14, 14), &dev)?;
+//! let y = block.forward(&x)?;                         // s * x
+//! let y2 = block.forward_residual(&x, &x)?;           // relu(s * x + residual), one pass
+//! let grads = y.sum_all()?.backward()?;               // senet's backward through candle's autograd
+//! // Channels-last: NHWC memory permuted to NCHW shape works as is (and y keeps that layout).
+//! let x_cl = x.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))?;
+//! let y_cl = block.forward(&x_cl)?;
+//! // The functional op: any act / gate / bias / residual combination from the config.
+//! let cfg = SeConfig::with_hidden(256, 16)?.activation(Activation::Silu).bias(false);
+//! let (w1, w2) = (Tensor::randn(0f32, 0.1, (16, 256), &dev)?, Tensor::randn(0f32, 0.1, (256, 16), &dev)?);
+//! let y3 = se(&x, &w1, None, &w2, None, None, &cfg)?;
+//! # let _ = (y2, grads, y_cl, y3);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #[cfg(feature = "candle-cuda")]
 mod cuda;
