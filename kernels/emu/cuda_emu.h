@@ -76,7 +76,7 @@ void check_vector_align(const void* p, const char* what);
 inline void __syncthreads() { senet_emu::syncthreads(); }
 inline double __drcp_rn(double x) { return 1.0 / x; }
 // Single-rounding float arithmetic (never contracted into an FMA: the emulator builds with
-// -ffp-contract=off, and these are separate operations).
+// -ffp-contract=off and nvcc with --fmad=false; an FMA a kernel wants is an explicit fmaf).
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }

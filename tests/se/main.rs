@@ -2,6 +2,7 @@
 //! by hand), the fast CPU path against it, and the GPU kernels on the CPU emulator
 //! (tests/gpu.rs runs the same cases on a real device).
 
+mod codegen;
 #[path = "../common/mod.rs"]
 mod common;
 mod cpu;
