@@ -5,7 +5,11 @@
 //!   matmuls, activation, sigmoid, broadcast multiply);
 //! - `senet-candle`: `senet::candle::se` (packs the parameters per call);
 //! - `senet-candle-packed`: `senet::candle::se_packed` on parameters kept packed;
-//! - `senet-cpu`: senet's own CPU path (`se::cpu::forward` / `backward`) on the same shape.
+//! - `senet-cpu`: senet's own CPU path (`se::cpu::forward` / `backward`) on the same shape;
+//! - `candle-autograd` (fwd+bwd only): what candle's `backward()` itself does around any op whose
+//!   input is a `Var`, at this shape, with no op at all: seed `dy = ones_like(y)` and accumulate
+//!   the input's gradient as `zeros_like(x) + dx` (two fresh full-size tensors and an add). No
+//!   custom op can avoid it; `senet-cpu` plus it is the floor for `senet-candle`'s fwd+bwd.
 //!
 //! `fwd` is the forward; `fwd+bwd` adds the backward through candle's autograd (`y.backward()`,
 //! which seeds `dy = 1`, with `x` and every parameter a `Var`); for senet's own path, forward
@@ -110,6 +114,12 @@ fn bench(cr: &mut Criterion) {
                     .unwrap()
                     .backward()
                     .unwrap()
+            })
+        });
+        g.bench_function(BenchmarkId::new("fwd+bwd", "candle-autograd"), |b| {
+            b.iter(|| {
+                let dy = x.ones_like().unwrap().contiguous().unwrap();
+                x.zeros_like().unwrap().add(&dy).unwrap()
             })
         });
         g.bench_function(BenchmarkId::new("fwd+bwd", "senet-cpu"), |b| {

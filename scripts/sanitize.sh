@@ -38,11 +38,11 @@ for mode in "${modes[@]}"; do
     *) echo "unknown mode $mode (thread, address, initcheck)" >&2; exit 2 ;;
   esac
   # The sanitizer runtime first in the process (test binaries only, never cargo or rustc).
-  runner=
-  [ -n "$preload" ] && runner="env LD_PRELOAD=$preload"
+  # (No runner at all without a runtime to preload: cargo refuses an empty one.)
+  runner=()
+  [ -n "$preload" ] && runner=("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=env LD_PRELOAD=$preload")
   run() {
-    SENET_EMU_SANITIZE=$mode CARGO_TARGET_DIR=$dir \
-      CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$runner \
+    env "${runner[@]}" SENET_EMU_SANITIZE=$mode CARGO_TARGET_DIR=$dir \
       SENET_EMU_COVERAGE=$cov/$mode \
       TSAN_OPTIONS="suppressions=$PWD/scripts/tsan-rust.supp halt_on_error=1 exitcode=66 ${TSAN_OPTIONS:-}" \
       ASAN_OPTIONS="detect_leaks=0 verify_asan_link_order=0 ${ASAN_OPTIONS:-}" \

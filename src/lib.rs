@@ -18,4 +18,4 @@ pub mod train;
 
 pub use error::{Error, Result};
 pub use se::{Activation, Gate, Init, SeConfig, SeGrads, SeWeights};
-pub use tensor::{rel_l2_error, DType, Element, Layout, Shape, Tensor};
+pub use tensor::{advise_huge_pages, rel_l2_error, DType, Element, Layout, Shape, Tensor};

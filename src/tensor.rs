@@ -50,8 +50,51 @@ impl std::str::FromStr for Layout {
 pub(crate) fn try_vec<T: Clone>(len: usize, value: T, what: &str) -> Result<Vec<T>> {
     let mut v = Vec::new();
     reserve(&mut v, len, what)?;
+    advise_huge_pages(v.spare_capacity_mut());
     v.resize(len, value);
     Ok(v)
+}
+
+/// `len` zeros from the allocator's zeroed memory, advised for huge pages, or
+/// [`Error::OutOfMemory`] naming `what`. A large block comes from `calloc` straight from the OS,
+/// already zero: nothing writes it twice (once to zero it, once with the result), and its pages
+/// are faulted in by whichever threads write them first, in parallel.
+pub(crate) fn try_zeros<T: bytemuck::Zeroable>(len: usize, what: &str) -> Result<Vec<T>> {
+    let v = bytemuck::allocation::try_zeroed_vec(len).map_err(|()| Error::OutOfMemory {
+        what: what.to_string(),
+        bytes: len.saturating_mul(std::mem::size_of::<T>()),
+    })?;
+    advise_huge_pages(&v);
+    Ok(v)
+}
+
+/// Asks the OS for transparent huge pages on a freshly allocated buffer (its 2 MiB-aligned part)
+/// before anything writes to it; buffers under 4 MiB are left alone.
+///
+/// A fresh large allocation is mapped lazily: the first write to each 4 KiB page faults into the
+/// kernel, which zeroes it. For a 100 MB activation that is 25,000 faults, several times the SE
+/// op's own time on the CPU (benches/results/2026-12-04-torch-op-cpu.md). With huge pages it is
+/// 50. senet's own outputs ([`Tensor::zeros`], the candle op's and the PyTorch op's outputs) are
+/// advised; a caller that allocates its own outputs can advise them too. Advisory only: it
+/// changes no contents, errors are ignored, and it does nothing off Linux or where the system
+/// disables transparent huge pages.
+pub fn advise_huge_pages<T>(buf: &[T]) {
+    const HUGE: usize = 2 << 20;
+    let bytes = std::mem::size_of_val(buf);
+    if bytes < 2 * HUGE {
+        return;
+    }
+    let ptr = buf.as_ptr() as usize;
+    let start = ptr.next_multiple_of(HUGE);
+    let end = (ptr + bytes) / HUGE * HUGE;
+    if end > start {
+        #[cfg(target_os = "linux")]
+        // SAFETY: [start, end) lies inside `buf`'s allocation; MADV_HUGEPAGE changes no contents
+        // and no mapping the program can observe.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
 }
 
 /// Reserves room for `extra` more elements, or [`Error::OutOfMemory`] naming `what`.
@@ -353,7 +396,7 @@ impl<T: Element> Tensor<T> {
         Ok(Tensor {
             shape,
             layout,
-            data: try_vec(shape.numel(), T::default(), "a host tensor")?,
+            data: try_zeros(shape.numel(), "a host tensor")?,
         })
     }
 
@@ -463,6 +506,27 @@ pub fn rel_l2_error(out: &[f64], reference: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeroed_buffers_and_huge_page_advice() {
+        // Large enough to be advised (and mapped fresh), in every element type.
+        let n = 3 << 20;
+        let a: Vec<f32> = try_zeros(n, "test").unwrap();
+        assert!(a.len() == n && a.iter().all(|v| v.to_bits() == 0));
+        let b: Vec<bf16> = try_zeros(n + 1, "test").unwrap();
+        assert!(b.len() == n + 1 && b.iter().all(|v| v.to_bits() == 0));
+        let t = Tensor::<f16>::zeros(Shape::new(1, 3, 1024, 1024), Layout::Nhwc).unwrap();
+        assert!(t.data().iter().all(|v| v.to_bits() == 0));
+        // Advice on small, empty and unaligned slices is a no-op, never a fault.
+        advise_huge_pages::<f32>(&[]);
+        advise_huge_pages(&a[1..17]);
+        advise_huge_pages(&b[3..]);
+        // An allocation the system cannot give is an error, not an abort.
+        match try_zeros::<f64>(usize::MAX / 16, "the impossible") {
+            Err(Error::OutOfMemory { what, .. }) => assert_eq!(what, "the impossible"),
+            other => panic!("expected OutOfMemory, got {:?}", other.map(|v| v.len())),
+        }
+    }
 
     #[test]
     fn zero_dims_and_overflow_are_errors() {

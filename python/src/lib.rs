@@ -159,24 +159,14 @@ unsafe fn weights_f32<'a>(cfg: SeConfig, w: [usize; 4]) -> SeWeightsRef<'a> {
     }
 }
 
-/// Asks the kernel for transparent huge pages on a large output buffer that torch has just
-/// allocated (the 2 MiB-aligned part of it), before anything touches it: a fresh 100 MB buffer
-/// otherwise costs 25,000 page faults on first write, several times the SE op itself (measured
-/// in benches/results). Advisory only: errors are ignored, and other platforms do nothing.
+/// [`senet::advise_huge_pages`] on `numel` elements of `T` at `ptr` (an output torch has just
+/// allocated, not yet touched).
 fn advise_huge_pages(ptr: usize, bytes: usize) {
-    const HUGE: usize = 2 << 20;
-    if bytes < 2 * HUGE {
+    if ptr == 0 {
         return;
     }
-    let start = ptr.next_multiple_of(HUGE);
-    let end = (ptr + bytes) / HUGE * HUGE;
-    if end > start {
-        #[cfg(target_os = "linux")]
-        // SAFETY: the range lies inside a live allocation; MADV_HUGEPAGE changes no contents.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-        }
-    }
+    // SAFETY: torch allocated `bytes` at `ptr` for this call's output; only the range is used.
+    senet::advise_huge_pages(unsafe { std::slice::from_raw_parts(ptr as *const u8, bytes) });
 }
 
 /// # Safety

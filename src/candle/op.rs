@@ -3,7 +3,7 @@
 use super::{err, memory_layout, to_memory_layout};
 use crate::se::cpu::{self, CpuSaved, SeBackwardSlices, SeForwardSlices};
 use crate::se::{SeConfig, SeGradsMut, SeWeightsRef};
-use crate::tensor::{Element, Layout, Shape};
+use crate::tensor::{try_zeros, Element, Layout, Shape};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout as CLayout, Result,
@@ -380,7 +380,7 @@ impl SeOp {
         let rs = r
             .map(|(s, l)| cpu_slice::<T>("residual", s, l, numel))
             .transpose()?;
-        let mut y = vec![T::zero(); numel];
+        let mut y = try_zeros(numel, "the SE output").map_err(err)?;
         cpu::forward_slices(
             shape,
             self.layout,
@@ -471,8 +471,11 @@ impl SeOp {
         };
         let params = params_f32(ps, pl, self.config.num_params())?;
         let weights = self.weights(params)?;
-        let mut dx = vec![T::zero(); numel];
-        let mut dres = rs.map(|_| vec![T::zero(); numel]);
+        let mut dx = try_zeros(numel, "the SE input gradient").map_err(err)?;
+        let mut dres = match rs {
+            Some(_) => Some(try_zeros(numel, "the residual gradient").map_err(err)?),
+            None => None,
+        };
         let mut grads = vec![0f32; self.config.num_params()];
         cpu::backward_slices(
             shape,
