@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check, from a folder made by scripts/pack-gpu.sh. Logs go to $OUT (default ./out).
 #
-#   PHASES="info tests sanitize bench torch ncu net" ./gpu-checks.sh
+#   PHASES="info tests pytorch sanitize bench torch ncu net" ./gpu-checks.sh
 #
 # info:     nvidia-smi, `senet info --kernels`
 # tests:    the GPU test suite with SENET_REQUIRE_GPU=1 (a missing GPU fails)
+# pytorch:  senet_torch's CUDA tests (test_cuda_*: CUDA vs CPU, a side stream, graph capture)
+#           from the packed wheel, with the machine's torch
 # sanitize: compute-sanitizer memcheck, racecheck and synccheck over a reduced case list
 # bench:    `senet gpu-bench` (CSV to $OUT/gpu-bench.csv)
 # torch:    benches/torch_se.py on the same card, with our CSV for the side-by-side ratios
@@ -34,7 +36,7 @@ if [ -n "$cublas_dir" ]; then
 fi
 echo "cuBLAS folder: ${cublas_dir:-none found}" | tee -a "$out/info.log"
 export SENET_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
-phases=${PHASES:-"info tests sanitize bench torch ncu net"}
+phases=${PHASES:-"info tests pytorch sanitize bench torch ncu net"}
 bin=$here/bin
 
 phase() { # name limit-seconds command...
@@ -62,6 +64,19 @@ for p in $phases; do
       SENET_TEST_EMULATOR=0 phase tests ${NN_TESTS_LIMIT:-120} "$bin/nn-tests" training::a_small_se_network_learns_on_cuda || status=1
       SENET_TEST_EMULATOR=0 phase tests ${NN_TESTS_LIMIT:-120} "$bin/train-tests" run::resume_on_the_cuda_backend || status=1
       grep -E "^test |FAIL|failures|test result|cases x" "$out/tests.log" | head -60 ;;
+    pytorch)
+      # The wheel is a zip: unpacked next to the tests, no pip needed (abi3, no dependencies
+      # beyond the machine's torch).
+      rm -rf "$here/pylib" && mkdir -p "$here/pylib"
+      python3 -m zipfile -e "$here"/wheels/senet_torch-*.whl "$here/pylib"
+      if env LD_LIBRARY_PATH="$orig_ld" python3 -c "import pytest" 2>/dev/null; then
+        phase pytorch ${PYTORCH_LIMIT:-240} env LD_LIBRARY_PATH="$orig_ld" PYTHONPATH="$here/pylib" \
+          python3 -m pytest -q -p no:cacheprovider "$here/python-tests/test_ops.py" -k cuda || status=1
+      else
+        echo "pytest is not installed here: senet_torch's CUDA tests not run" | tee -a "$out/pytorch.log"
+        status=1
+      fi
+      grep -E "passed|failed|skipped|error|Error" "$out/pytorch.log" | tail -20 ;;
     sanitize)
       for tool in memcheck racecheck synccheck; do
         SENET_GPU_CASES=small phase sanitize ${SANITIZE_LIMIT:-90} compute-sanitizer --tool $tool \

@@ -30,5 +30,10 @@ cp "$(exe nn)" gpu-pack/bin/nn-tests
 cp "$(exe train)" gpu-pack/bin/train-tests
 strip gpu-pack/bin/*
 cp scripts/gpu-checks.sh scripts/find-cudnn.sh benches/torch_se.py benches/torch_net.py gpu-pack/
+# senet_torch's wheel (kernels embedded, same arch) and its tests, for the `pytorch` phase.
+PYENV=$(scripts/python-env.sh | tail -n 1)
+(cd python && CARGO_TARGET_DIR=$HOME/.cache/senet/py-target "$PYENV/bin/maturin" build --release \
+  --quiet --out ../gpu-pack/wheels)
+cp -r python/tests gpu-pack/python-tests
 { git rev-parse HEAD; git status --short; } > gpu-pack/COMMIT
 du -sh gpu-pack
