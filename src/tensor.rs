@@ -60,10 +60,8 @@ pub(crate) fn try_vec<T: Clone>(len: usize, value: T, what: &str) -> Result<Vec<
 /// already zero: nothing writes it twice (once to zero it, once with the result), and its pages
 /// are faulted in by whichever threads write them first, in parallel.
 pub(crate) fn try_zeros<T: bytemuck::Zeroable>(len: usize, what: &str) -> Result<Vec<T>> {
-    let v = bytemuck::allocation::try_zeroed_vec(len).map_err(|()| Error::OutOfMemory {
-        what: what.to_string(),
-        bytes: len.saturating_mul(std::mem::size_of::<T>()),
-    })?;
+    let v =
+        bytemuck::allocation::try_zeroed_vec(len).map_err(|()| out_of_memory::<T>(len, what))?;
     advise_huge_pages(&v);
     Ok(v)
 }
@@ -99,10 +97,16 @@ pub fn advise_huge_pages<T>(buf: &[T]) {
 
 /// Reserves room for `extra` more elements, or [`Error::OutOfMemory`] naming `what`.
 pub(crate) fn reserve<T>(v: &mut Vec<T>, extra: usize, what: &str) -> Result<()> {
-    v.try_reserve_exact(extra).map_err(|_| Error::OutOfMemory {
+    v.try_reserve_exact(extra)
+        .map_err(|_| out_of_memory::<T>(extra, what))
+}
+
+/// [`Error::OutOfMemory`] for `len` elements of `T`, naming `what`.
+fn out_of_memory<T>(len: usize, what: &str) -> Error {
+    Error::OutOfMemory {
         what: what.to_string(),
-        bytes: extra.saturating_mul(std::mem::size_of::<T>()),
-    })
+        bytes: len.saturating_mul(std::mem::size_of::<T>()),
+    }
 }
 
 /// Logical shape of an activation tensor: batch, channels, height, width.

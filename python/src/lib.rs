@@ -159,8 +159,8 @@ unsafe fn weights_f32<'a>(cfg: SeConfig, w: [usize; 4]) -> SeWeightsRef<'a> {
     }
 }
 
-/// [`senet::advise_huge_pages`] on `numel` elements of `T` at `ptr` (an output torch has just
-/// allocated, not yet touched).
+/// [`senet::advise_huge_pages`] on the `bytes` at `ptr` (an output torch has just allocated, not
+/// yet touched).
 fn advise_huge_pages(ptr: usize, bytes: usize) {
     if ptr == 0 {
         return;
