@@ -166,8 +166,9 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 SENET_EMU_REGISTER(nn_sum_splits_f32)
 
-// Loss scaling: g *= factor, and flag[0] = 1 when a result is not finite (every writer stores
-// the same value, so the unordered writes agree).
+// Loss scaling: g *= factor, and flag[0] = 1 when a result is not finite. Atomically: plain
+// stores of the same value from several threads are still a data race in CUDA's memory model
+// (ThreadSanitizer on the emulator reported it).
 extern "C" __global__ void __launch_bounds__(256)
     nn_unscale_f32(float* __restrict__ g, uint64_t n, float factor, uint32_t* __restrict__ flag) {
     bool bad = false;

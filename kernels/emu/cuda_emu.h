@@ -88,6 +88,7 @@ inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned int atomicOr(unsigned int* p, unsigned int v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned int /*mask*/, T v, int lane_mask) {
