@@ -121,11 +121,6 @@ using namespace senet::nnk;
     }                                                                                                              \
     SENET_EMU_REGISTER(nn_to_act_##NAME)                                                                           \
     extern "C" __global__ void __launch_bounds__(256)                                                              \
-        nn_from_act_##NAME(const T* __restrict__ src, float* __restrict__ dst, uint64_t n) {                       \
-        convert<T, float>(src, dst, n);                                                                            \
-    }                                                                                                              \
-    SENET_EMU_REGISTER(nn_from_act_##NAME)                                                                         \
-    extern "C" __global__ void __launch_bounds__(256)                                                              \
         nn_grad_from_act_##NAME(const T* __restrict__ src, float* __restrict__ dst, uint64_t n,                    \
                                 uint32_t accumulate) {                                                             \
         grad_from_act<T>(src, dst, n, accumulate);                                                                 \
@@ -178,7 +173,7 @@ extern "C" __global__ void __launch_bounds__(256)
         g[i] = v;
         bad |= !(fabsf(v) <= 3.402823466e38f);  // NaN fails the comparison
     }
-    if (bad) flag[0] = 1u;
+    if (bad) atomicOr(flag, 1u);
 }
 SENET_EMU_REGISTER(nn_unscale_f32)
 

@@ -38,6 +38,56 @@ impl<A: NnAct> Cuda<A> {
         Ok(dst)
     }
 
+    /// Writes (or with `accumulate` adds) the weight gradient cuDNN formed in A at `tmp` (KCRS,
+    /// or KRSC with NHWC activations) into the f32 KCRS gradient at `dst`.
+    ///
+    /// # Safety
+    /// `dst` is a device address holding `g.weight_len()` floats that no other stream uses.
+    pub(super) unsafe fn dnn_grad_to_f32(
+        &self,
+        tmp: &PoolBuf<A>,
+        dst: u64,
+        g: &ConvGeom,
+        accumulate: bool,
+    ) -> Result<()> {
+        let n = g.weight_len();
+        if tmp.len() < n {
+            return Err(Error::Shape(format!(
+                "cuDNN weight gradient: {} elements for a {n}-element weight",
+                tmp.len()
+            )));
+        }
+        let (src, acc) = (self.addr(tmp), accumulate as u32);
+        if self.layout == Layout::Nhwc {
+            let (k, c, rs) = (
+                g.out_ch as u64,
+                g.in_per_group() as u64,
+                (g.kernel * g.kernel) as u64,
+            );
+            let args = kargs::NnGradFromKrsc {
+                src: In(src),
+                dst: Out(dst),
+                k,
+                c,
+                rs,
+                accumulate: acc,
+            };
+            // SAFETY: nn_grad_from_krsc_A(src, dst, k, c, rs, accumulate): tmp holds at least
+            // n = k * c * rs elements of A (checked), dst n floats (this function's contract).
+            unsafe { self.launch_flat(&args, n) }
+        } else {
+            let args = kargs::NnGradFromAct {
+                src: In(src),
+                dst: Out(dst),
+                n: n as u64,
+                accumulate: acc,
+            };
+            // SAFETY: nn_grad_from_act_A(src, dst, n, accumulate): tmp holds at least n
+            // elements of A (checked), dst n floats (this function's contract).
+            unsafe { self.launch_flat(&args, n) }
+        }
+    }
+
     pub(super) fn conv_fwd(
         &self,
         x: &GpuTensor<A>,
@@ -176,35 +226,8 @@ impl<A: NnAct> Cuda<A> {
                     accumulate: false,
                 };
                 self.run_dnn(d, xs, ys, g, pass, ws[0])?;
-                let (src, dst, len, acc) = (self.addr(&tmp), t.addr, n as u64, t.accumulate as u32);
-                if self.layout == Layout::Nhwc {
-                    let (k, c, rs) = (
-                        g.out_ch as u64,
-                        g.in_per_group() as u64,
-                        (g.kernel * g.kernel) as u64,
-                    );
-                    let args = kargs::NnGradFromKrsc {
-                        src: In(src),
-                        dst: Out(dst),
-                        k,
-                        c,
-                        rs,
-                        accumulate: acc,
-                    };
-                    // SAFETY: nn_grad_from_krsc_A(src, dst, k, c, rs, accumulate): tmp holds
-                    // n = k * c * rs elements of A, the gradient target n floats.
-                    unsafe { self.launch_flat(&args, n)? };
-                } else {
-                    let args = kargs::NnGradFromAct {
-                        src: In(src),
-                        dst: Out(dst),
-                        n: len,
-                        accumulate: acc,
-                    };
-                    // SAFETY: nn_grad_from_act_A(src, dst, n, accumulate): tmp holds n
-                    // elements of A, the gradient target n floats.
-                    unsafe { self.launch_flat(&args, n)? };
-                }
+                // SAFETY: t.addr is the gradient target of g's weight: n floats.
+                unsafe { self.dnn_grad_to_f32(&tmp, t.addr, g, t.accumulate)? };
             }
             self.g_finish(t)?;
             if !need_dx {
@@ -620,5 +643,129 @@ impl<A: NnAct> Cuda<A> {
                 self.launch(&k, grid)
             }
         }
+    }
+}
+
+/// The layout and type conversions around cuDNN's convolutions (weights to KRSC and to the
+/// activation type, cuDNN's weight gradient back to f32 KCRS, plain or accumulated) on the
+/// emulator, which has no cuDNN: the kernels run here as they would beside it, on poisoned
+/// outputs, against a host permutation; every value is exact (one rounding to A, or a widening).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Element;
+
+    fn check<A: NnAct + Element>() {
+        let dev = match CudaDevice::emulator() {
+            Ok(d) => d,
+            Err(e) => {
+                println!("skipped: {e}");
+                return;
+            }
+        };
+        // Grouped, with a rectangular in-per-group x kernel-area block: k = 6, c = 3, rs = 9.
+        let g = ConvGeom::new(6, 6, 3, 1, 1, 2).unwrap();
+        let (k, c, rs) = (g.out_ch, g.in_per_group(), g.kernel * g.kernel);
+        let n = g.weight_len();
+        assert_eq!(n, k * c * rs);
+        let kcrs = |kk: usize, cc: usize, p: usize| (kk * c + cc) * rs + p;
+        let krsc = |kk: usize, cc: usize, p: usize| (kk * rs + p) * c + cc;
+        let w = crate::rng::uniform_vec(n, -2.0, 2.0, 7);
+        for layout in Layout::ALL {
+            let be = Cuda::<A>::open(dev.clone(), ConvChoice::Auto)
+                .unwrap()
+                .with_layout(layout)
+                .with_poison(true);
+            let tag = format!("{:?} {layout}", A::DTYPE);
+            let wb = be.up(&w).unwrap();
+            let wp = be.addr(&wb);
+
+            // f32 -> A, element for element (nn_to_act_A).
+            let act = be.convert_to_act(wp, n).unwrap();
+            let got: Vec<A> = be.down(&act, n).unwrap();
+            for (i, (g, v)) in got.iter().zip(&w).enumerate() {
+                assert_eq!(*g, A::from_f32(*v), "{tag} to_act [{i}]");
+            }
+
+            // The weight as cuDNN takes it (nn_weight_krsc_A with NHWC).
+            let mut keep = Vec::new();
+            let dp = be.dnn_weight(wp, &g, &mut keep).unwrap();
+            if layout == Layout::Nchw && is_f32::<A>() {
+                assert_eq!(dp, wp, "{tag}: f32 NCHW takes the weight in place");
+            } else {
+                let b = keep.last().expect("a converted copy is kept");
+                assert_eq!(dp, be.addr(b));
+                let got: Vec<A> = be.down(b, n).unwrap();
+                for kk in 0..k {
+                    for cc in 0..c {
+                        for p in 0..rs {
+                            let at = if layout == Layout::Nhwc {
+                                krsc(kk, cc, p)
+                            } else {
+                                kcrs(kk, cc, p)
+                            };
+                            let want = A::from_f32(w[kcrs(kk, cc, p)]);
+                            assert_eq!(got[at], want, "{tag} weight k={kk} c={cc} rs={p}");
+                        }
+                    }
+                }
+            }
+
+            // cuDNN's gradient in A (KRSC with NHWC) into the f32 KCRS one (nn_grad_from_krsc_A,
+            // nn_grad_from_act_A), written and accumulated.
+            let src: Vec<A> = crate::rng::uniform_vec(n, -1.0, 1.0, 11)
+                .into_iter()
+                .map(A::from_f32)
+                .collect();
+            let tmp = be.up(&src).unwrap();
+            let prior = crate::rng::uniform_vec(n, -1.0, 1.0, 13);
+            for accumulate in [false, true] {
+                let dst = be.up(&prior).unwrap();
+                // SAFETY: dst holds n = g.weight_len() floats, used by this thread only.
+                unsafe { be.dnn_grad_to_f32(&tmp, be.addr(&dst), &g, accumulate) }.unwrap();
+                let got: Vec<f32> = be.down(&dst, n).unwrap();
+                for kk in 0..k {
+                    for cc in 0..c {
+                        for p in 0..rs {
+                            let i = kcrs(kk, cc, p);
+                            let from = if layout == Layout::Nhwc {
+                                src[krsc(kk, cc, p)]
+                            } else {
+                                src[i]
+                            };
+                            let want = if accumulate {
+                                prior[i] + from.to_f32()
+                            } else {
+                                from.to_f32()
+                            };
+                            assert_eq!(
+                                got[i].to_bits(),
+                                want.to_bits(),
+                                "{tag} gradient accumulate={accumulate} k={kk} c={cc} rs={p}"
+                            );
+                        }
+                    }
+                }
+            }
+            // A buffer shorter than the weight is refused before any launch.
+            let short = be.up(&src[..n - 1]).unwrap();
+            let dst = be.up(&prior).unwrap();
+            // SAFETY: as above.
+            let e = unsafe { be.dnn_grad_to_f32(&short, be.addr(&dst), &g, false) };
+            assert!(matches!(e, Err(Error::Shape(_))), "{tag}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn emulated_cudnn_conversions_f32() {
+        check::<f32>();
+    }
+    #[test]
+    fn emulated_cudnn_conversions_bf16() {
+        check::<half::bf16>();
+    }
+    #[test]
+    fn emulated_cudnn_conversions_f16() {
+        check::<half::f16>();
     }
 }
