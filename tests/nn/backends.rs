@@ -252,6 +252,16 @@ fn check_pointwise_ops<B: Backend<f32, T = Tensor<f32>>>(be: &B) {
         y.data()[7]
     );
 
+    // Dropout's mask multiply (zeros and 1 / keep), as the network's training forward runs it.
+    let mask32: Vec<f32> = rng::uniform_vec(xs.numel(), 0.0, 1.0, s ^ 14)
+        .into_iter()
+        .map(|u| if u < 0.3 { 0.0 } else { 1.0 / 0.7 })
+        .collect();
+    let mask64: Vec<f64> = mask32.iter().map(|&v| v as f64).collect();
+    let y = be.mul_mask(x32.clone(), &mask32).unwrap();
+    let yr = Reference.mul_mask(x64.clone(), &mask64).unwrap();
+    close("dropout mask", &f64s(&y), yr.data(), out_tol());
+
     let y = be.relu(x32.clone()).unwrap();
     let yr = Reference.relu(x64.clone()).unwrap();
     close("relu", &f64s(&y), yr.data(), 0.0);
@@ -1018,18 +1028,24 @@ fn cuda_bf16_se_op_within_bf16_tolerance() {
     }
 }
 
-/// The data-movement ops in bf16 are exact: channel concat and split of bf16 values, zeros, and
-/// a dropout mask whose f32 scale (1 / 0.7, not a bf16 value) multiplies in f32 and rounds
-/// once, as checked against the host product rounded to bf16.
+/// The data-movement ops in bf16 and f16 are exact: channel concat and split of narrow
+/// values, zeros, and a dropout mask whose f32 scale (1 / 0.7, not a narrow value) multiplies in
+/// f32 and rounds once, as checked against the host product rounded to the activation type.
 #[test]
 fn cuda_bf16_data_movement_is_exact() {
     crate::nn_common::set_bf16_inputs(true);
-    check_bf16_data_movement(crate::nn_common::cuda_bf16_backends());
+    check_narrow_data_movement(crate::nn_common::cuda_bf16_backends());
 }
 
-fn check_bf16_data_movement(backends: Vec<senet::nn::Cuda<half::bf16>>) {
+#[test]
+fn cuda_f16_data_movement_is_exact() {
+    crate::nn_common::set_narrow_inputs(crate::nn_common::Narrow::F16);
+    check_narrow_data_movement(crate::nn_common::cuda_f16_backends());
+}
+
+fn check_narrow_data_movement<A: senet::nn::NnAct>(backends: Vec<senet::nn::Cuda<A>>) {
     use senet::nn::Backend;
-    let s = seed("bf16 movement");
+    let s = seed(&format!("{:?} movement", A::DTYPE));
     for be in backends {
         let be = crate::nn_common::OnHost(&be);
         let parts: Vec<Tensor<f32>> = [3usize, 1, 5]
@@ -1058,7 +1074,7 @@ fn check_bf16_data_movement(backends: Vec<senet::nn::Cuda<half::bf16>>) {
             .collect();
         let y = be.mul_mask(x.clone(), &mask).unwrap();
         for ((&g, &v), &m) in y.data().iter().zip(x.data()).zip(&mask) {
-            let w = half::bf16::from_f32(v * m).to_f32();
+            let w = A::from_f32(v * m).to_f32();
             assert_eq!(g, w, "dropout mask: {v} * {m}");
         }
     }
@@ -1819,7 +1835,21 @@ fn cuda_nhwc_bf16_ops_within_bf16_tolerance() {
         check_pointwise_ops(&h);
         check_se_op(&h);
     }
-    check_bf16_data_movement(crate::nn_common::cuda_nhwc_backends());
+    check_narrow_data_movement(crate::nn_common::cuda_nhwc_backends::<half::bf16>());
+}
+
+/// f16 activations in NHWC: each op within DESIGN.md's f16 tolerance (the NHWC BatchNorm
+/// reductions and backward in f16 among them), data movement exact.
+#[test]
+fn cuda_nhwc_f16_ops_within_f16_tolerance() {
+    crate::nn_common::set_narrow_inputs(crate::nn_common::Narrow::F16);
+    for be in crate::nn_common::cuda_nhwc_backends::<half::f16>() {
+        let h = crate::nn_common::OnHost(&be);
+        check_convolution_within(&h, F16_TOL, F16_TOL);
+        check_pointwise_ops(&h);
+        check_se_op(&h);
+    }
+    check_narrow_data_movement(crate::nn_common::cuda_nhwc_backends::<half::f16>());
 }
 
 #[test]
@@ -1976,6 +2006,16 @@ fn cuda_im2col_bf16_convolution_within_bf16_tolerance() {
     for layout in senet::Layout::ALL {
         for be in crate::nn_common::cuda_im2col_backends::<half::bf16>(layout) {
             check_convolution_within(&crate::nn_common::OnHost(&be), BF16_TOL, BF16_TOL);
+        }
+    }
+}
+
+#[test]
+fn cuda_im2col_f16_convolution_within_f16_tolerance() {
+    crate::nn_common::set_narrow_inputs(crate::nn_common::Narrow::F16);
+    for layout in senet::Layout::ALL {
+        for be in crate::nn_common::cuda_im2col_backends::<half::f16>(layout) {
+            check_convolution_within(&crate::nn_common::OnHost(&be), F16_TOL, F16_TOL);
         }
     }
 }
