@@ -7,11 +7,13 @@
 #   initcheck  reads of shared memory that no thread of the block wrote
 # Each mode builds in its own target directory, target/sanitize-MODE (seeded from target/debug
 # the first time, so only senet itself recompiles), runs the planted-bug tests (each detector
-# must fail on its bug), the emulated SE suite and the network kernels' backend tests, and
-# checks that every kernel of the emulator was launched. Fiber and block order are random per
-# run; a failure prints its seed, and SENET_EMU_SEED=N reruns that schedule.
+# must fail on its bug), the cuDNN-side conversion kernels, the emulated SE suite and the
+# network kernels' backend tests, and checks that every kernel of the emulator was launched.
+# The SE lists are thinned under a checking emulator (tests/common/mod.rs, `sanitizer`): half of
+# each shape's combinations, one under thread. Fiber and block order are random per run; a
+# failure prints its seed, and SENET_EMU_SEED=N reruns that schedule.
 # Usage: scripts/sanitize.sh [MODE...]   (default: thread address initcheck)
-#        SENET_SANITIZE_SCOPE=se limits the suite to the SE kernels (what CI runs).
+#        SENET_SANITIZE_SCOPE=se limits the suite to the SE kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 modes=("$@")
@@ -19,10 +21,13 @@ modes=("$@")
 t0=$SECONDS
 cov=$(mktemp -d)
 trap 'rm -rf "$cov"' EXIT
-# The network backend's emulator tests (every network kernel, dtype and layout). Measured under
-# address with also training_steps and networks skipped: 24 tests, 337 s on a loaded machine, 22
-# of the 145 kernels unlaunched (f16 variants, act / KRSC conversions), hence those are kept.
-nn_filter=(backends::cuda_ --skip sample_chunks --skip conv_engine)
+# The network backend's emulator tests (every network kernel, dtype and layout, the split
+# reductions, chunked convolutions and accumulated gradients): all but the whole-network and
+# training ones, which repeat the same kernels at length, and the engine-choice one (no kernels).
+nn_filter=(backends::cuda_ --skip conv_engine --skip networks --skip training)
+# Under thread also without the three that train or run networks through the same kernels again
+# (with them the network tests took 544 s under TSan here, without them 130 s).
+nn_thread_skip=(--skip bound_parameters_train --skip equal_nchw_bit_for_bit --skip loss_scaling_is_exact)
 for mode in "${modes[@]}"; do
   echo "=== [$((SECONDS - t0))s] SENET_EMU_SANITIZE=$mode"
   dir=target/sanitize-$mode
@@ -53,22 +58,16 @@ for mode in "${modes[@]}"; do
   # 8 x 512 fibers).
   tt=()
   [ "$mode" = thread ] && tt=(--test-threads=1)
-  run --lib -- planted "${tt[@]}"
-  if [ "$mode" = thread ] && [ "${SENET_SANITIZE_ALL:-0}" != 1 ]; then
-    # TSan is ~25x the plain emulator: emulated_f32_nchw + emulated_in_place took 644 s here. CI
-    # runs the f32 NHWC list (vector paths, split-K tickets, the cluster kernels) and skips the
-    # coverage check; SENET_SANITIZE_ALL=1 runs the whole list (every kernel).
-    run --test se -- emulated_f32_nhwc "${tt[@]}"
-    echo "SENET_EMU_SANITIZE=thread: subset (SENET_SANITIZE_ALL=1 for every kernel)"
-    continue
-  fi
+  run --lib -- planted cudnn_conversions "${tt[@]}"
   run --test se -- emulated "${tt[@]}"
-  # SENET_SANITIZE_SCOPE=se: the SE kernels only (CI's budget); the network kernels otherwise.
+  # SENET_SANITIZE_SCOPE=se: the SE kernels only; the network kernels otherwise.
   keep='.'
   if [ "${SENET_SANITIZE_SCOPE:-all}" = se ]; then
     keep='^se_'
+  elif [ "$mode" = thread ]; then
+    run --test nn -- "${nn_filter[@]}" "${nn_thread_skip[@]}" "${tt[@]}"
   else
-    run --test nn -- "${nn_filter[@]}" "${tt[@]}"
+    run --test nn -- "${nn_filter[@]}"
   fi
   # Every kernel the emulator registers (the planted ones aside) was launched in this mode.
   registered=$(cat "$cov/$mode".* | awk '$1 == "registered" {print $2}' | grep -v '^senet_planted_' | grep -- "$keep" | sort -u)

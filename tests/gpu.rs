@@ -53,11 +53,11 @@ fn run_all<T: CudaElement>(layout: Layout) {
             Shape::new(2, 24, 45, 45),
             Shape::new(2, 512, 28, 28),
         ];
-        cases::cases(layout, &shapes, 0)
+        cases::cases(layout, &shapes, |_| 4)
     } else {
         let mut shapes = unfriendly_shapes();
         shapes.extend(friendly_shapes());
-        cases::cases(layout, &shapes, usize::MAX)
+        cases::cases(layout, &shapes, |_| 8)
     };
     cases::run_all::<T>(&dev, &format!("gpu {layout}"), &list, seed);
 }

@@ -63,26 +63,31 @@ pub fn paths(dev: &CudaDevice) -> Vec<(SePath, SeOptions)> {
     v
 }
 
-/// Every gate x bias x epilogue for each shape (SiLU on a quarter of them), rotating through
-/// aligned, uniformly misaligned and differently misaligned buffers.
-pub fn cases(layout: Layout, shapes: &[Shape], all_combos_up_to: usize) -> Vec<Case> {
+/// For each shape, `per_shape(shape)` (1 to 8) of its eight gate x bias x epilogue
+/// combinations: a window that starts one combination later at each shape, so over a few
+/// shapes every combination appears. The cases taken rotate through aligned, uniformly
+/// misaligned and differently misaligned buffers, and every fourth takes SiLU.
+pub fn cases(layout: Layout, shapes: &[Shape], per_shape: impl Fn(Shape) -> usize) -> Vec<Case> {
     let mut out = Vec::new();
-    let mut k = 0usize;
-    for &shape in shapes {
+    let mut m = 0usize;
+    for (i, &shape) in shapes.iter().enumerate() {
+        let keep = per_shape(shape).clamp(1, 8);
+        let mut j = 0usize;
         for gate in Gate::ALL {
             for bias in [true, false] {
                 for epilogue in [false, true] {
-                    let offsets = [[0, 0, 0, 0], [1, 1, 1, 1], [1, 3, 2, 0]][k % 3];
-                    let act = if k % 4 == 3 {
+                    let slot = (j + 8 - i % 8) % 8;
+                    j += 1;
+                    if slot >= keep {
+                        continue;
+                    }
+                    let offsets = [[0, 0, 0, 0], [1, 1, 1, 1], [1, 3, 2, 0]][m % 3];
+                    let act = if m % 4 == 3 {
                         Activation::Silu
                     } else {
                         Activation::Relu
                     };
-                    k += 1;
-                    // Large shapes: two combinations each, rotating, so all appear overall.
-                    if shape.numel() > all_combos_up_to && (k % 4) > 1 {
-                        continue;
-                    }
+                    m += 1;
                     out.push(Case {
                         shape,
                         layout,

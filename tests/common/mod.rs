@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cases;
+pub mod graph;
 pub mod views;
 
 use senet::cuda::CudaDevice;
@@ -15,11 +16,14 @@ pub fn full() -> bool {
     std::env::var("SENET_FULL_TESTS").as_deref() == Ok("1")
 }
 
-/// The sanitizer tier (scripts/sanitize.sh sets `SENET_EMU_SANITIZE` for a checking emulator):
-/// every shape of the quick list, but two of each shape's eight gate / bias / epilogue
-/// combinations (rotating, so each appears), as the checked kernels run several times slower.
-pub fn sanitizing() -> bool {
-    std::env::var_os("SENET_EMU_SANITIZE").is_some_and(|v| !v.is_empty())
+/// The sanitizer tier: the checking emulator's mode (`thread`, `address`, `initcheck`) when
+/// scripts/sanitize.sh runs the suite (`SENET_EMU_SANITIZE`). The SE lists then take every shape
+/// of the quick list with four of each shape's eight gate / bias / epilogue combinations (one
+/// under `thread`), rotating so each appears, as the checked kernels run several times slower.
+pub fn sanitizer() -> Option<String> {
+    std::env::var("SENET_EMU_SANITIZE")
+        .ok()
+        .filter(|v| !v.is_empty())
 }
 
 /// A fresh seed per call (printed, so a failure can be replayed with SENET_TEST_SEED).
