@@ -614,6 +614,56 @@ mod cuda {
         }
     }
 
+    /// senet's kernels are queued on candle's own stream: the op's forward and backward through
+    /// candle's autograd, captured into a CUDA graph on that stream, leave senet's kernels
+    /// (`se_*`) among the graph's kernel nodes, and replaying the graph gives the eager results
+    /// bit for bit (nothing ran elsewhere, nothing synchronised).
+    #[test]
+    fn op_runs_on_candles_stream() {
+        use cudarc::driver::sys;
+        let Some(dev) = device() else { return };
+        let Device::Cuda(cd) = &dev else {
+            panic!("candle's CUDA device 0 is not a CUDA device: {dev:?}")
+        };
+        let stream = cd.cuda_stream();
+        let cfg = SeConfig::with_hidden(32, 8).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 32, 7, 7), &dev).unwrap()).unwrap();
+        let w1 = Tensor::randn(0f32, 0.3, (8, 32), &dev).unwrap();
+        let b1 = Tensor::randn(0f32, 0.3, 8, &dev).unwrap();
+        let w2 = Tensor::randn(0f32, 0.3, (32, 8), &dev).unwrap();
+        let b2 = Tensor::randn(0f32, 0.3, 32, &dev).unwrap();
+        let run = || {
+            let y = se(x.as_tensor(), &w1, Some(&b1), &w2, Some(&b2), None, &cfg).unwrap();
+            let g = y.sum_all().unwrap().backward().unwrap();
+            let dx = g.get(x.as_tensor()).expect("a gradient for x").clone();
+            (y, dx)
+        };
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|v| v.to_bits()).collect()
+        };
+        // Eagerly first: loads the kernels and makes senet's handle for this stream.
+        let (y0, dx0) = run();
+        let (y0, dx0) = (bits(&y0), bits(&dx0));
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .unwrap();
+        let (y, dx) = run();
+        let graph = stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .unwrap()
+            .expect("the capture recorded launches");
+        let names = common::graph::kernel_names(graph.cu_graph());
+        assert!(
+            names.iter().filter(|n| n.starts_with("se_")).count() >= 2,
+            "senet's forward and backward kernels on candle's stream: {names:?}"
+        );
+        graph.launch().unwrap();
+        stream.synchronize().unwrap();
+        assert_eq!(bits(&y), y0, "replayed forward");
+        assert_eq!(bits(&dx), dx0, "replayed input gradient");
+    }
+
     #[test]
     fn mismatched_devices_are_errors() {
         let Some(dev) = device() else { return };

@@ -372,6 +372,11 @@ fn gpu_callers_stream_memory_and_graph_capture() {
         .end_capture(CUgraphInstantiate_flags(0))
         .unwrap()
         .expect("the capture recorded the op's launches");
+    let names = graph::kernel_names(graph.cu_graph());
+    assert!(
+        names.iter().filter(|n| n.starts_with("se_")).count() >= 2,
+        "senet's forward and backward kernels are in the graph captured on the caller's stream: {names:?}"
+    );
     for out in [&mut y, &mut dx] {
         stream.memset_zeros(out).unwrap();
     }
