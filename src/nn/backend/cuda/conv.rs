@@ -3,6 +3,16 @@
 
 use super::*;
 
+/// A convolution weight's (output channels, input channels per group, kernel area): the dims the
+/// KCRS <-> KRSC kernels take.
+fn krsc_dims(g: &ConvGeom) -> (u64, u64, u64) {
+    (
+        g.out_ch as u64,
+        g.in_per_group() as u64,
+        (g.kernel * g.kernel) as u64,
+    )
+}
+
 impl<A: NnAct> Cuda<A> {
     /// The address of convolution `g`'s weight (KCRS floats at `wp`) as cuDNN takes it: of
     /// cuDNN's data type, KCRS with NCHW activations and KRSC with NHWC ones. `wp` itself for
@@ -18,12 +28,8 @@ impl<A: NnAct> Cuda<A> {
             return self.act_weight(wp, n, keep);
         }
         let out = self.out::<A>(n)?;
-        let (dst, k, c, rs) = (
-            self.addr(&out),
-            g.out_ch as u64,
-            g.in_per_group() as u64,
-            (g.kernel * g.kernel) as u64,
-        );
+        let dst = self.addr(&out);
+        let (k, c, rs) = krsc_dims(g);
         let args = kargs::NnWeightKrsc {
             w: In(wp),
             dst: Out(dst),
@@ -59,11 +65,7 @@ impl<A: NnAct> Cuda<A> {
         }
         let (src, acc) = (self.addr(tmp), accumulate as u32);
         if self.layout == Layout::Nhwc {
-            let (k, c, rs) = (
-                g.out_ch as u64,
-                g.in_per_group() as u64,
-                (g.kernel * g.kernel) as u64,
-            );
+            let (k, c, rs) = krsc_dims(g);
             let args = kargs::NnGradFromKrsc {
                 src: In(src),
                 dst: Out(dst),
