@@ -292,9 +292,15 @@ def _setup_context(ctx, inputs, output):
     ctx.activation = activation
     ctx.gate = gate
     ctx.mark_non_differentiable(z, h, u, s)
+    # The saved state's gradients are never read: leave them None rather than have autograd
+    # fill [N, C] zero tensors on every backward (a parallel fill wakes torch's OpenMP threads,
+    # which then spin on the cores senet's own threads are about to use).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, _dz, _dh, _du, _ds):
+    if dy is None:  # no gradient reached y (grads are not materialized, see _setup_context)
+        return (None,) * 8
     x, w1, b1, w2, b2, residual, z, h, u, s = ctx.saved_tensors
     dx, dres, dw1, db1, dw2, db2 = se_backward(
         dy, x, w1, b1, w2, b2, residual, z, h, u, s, ctx.activation, ctx.gate
