@@ -7,11 +7,13 @@ the CPU, side by side in one run; and timm seresnet50's training step patched vs
   torch.compile (default mode), the senet op (senet_torch.SqueezeExcite), and senet's own path
   called directly on preallocated buffers (senet_torch._senet.forward / backward: no torch op,
   no allocation), the floor the op is held to.
-- seresnet50 (timm, random init, 224x224, batch 8, SGD) training step, unpatched vs patched, and
-  SE's share of the unpatched step estimated from timm's SE forward + backward timed alone at
-  each SE module's shape (16 modules).
+- seresnet50 (timm, random init, 224x224, batch 8, SGD) training step: unpatched, patched (senet
+  on torch's OpenMP threads, the default) and patched with senet on rayon's own pool, steps
+  alternating; SE's share of each step from torch.profiler (SE forward ranges, and the backward
+  nodes correlated to them by sequence number).
 
-Threads: torch.set_num_threads(THREADS) and RAYON_NUM_THREADS=THREADS (senet's pool), 2 by
+Threads: torch.set_num_threads(THREADS), which senet_torch follows (its CPU work runs on torch's
+OpenMP threads), and RAYON_NUM_THREADS=THREADS (rayon's pool, where that is used), 2 by
 default. Median of ITERS timed runs after WARMUP.
 
     PYENV=$(scripts/python-env.sh | tail -n 1)
@@ -172,6 +174,47 @@ def se_table():
                       flush=True)
 
 
+def wrap_se_forwards(model):
+    """Wraps every SE module's forward in a profiler range named "se_block" (no cost unless a
+    profiler is recording); returns how many."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, (SEModule, st.SqueezeExcite)):
+            def fwd(*a, _f=mod.forward, **k):
+                with torch.profiler.record_function("se_block"):
+                    return _f(*a, **k)
+            mod.forward = fwd
+            n += 1
+    return n
+
+
+def se_share(step):
+    """One profiled step: (step ms, SE forward ms, SE backward ms). Forward: the "se_block"
+    ranges. Backward: the autograd nodes whose sequence numbers belong to ops recorded inside
+    those ranges (PyTorch's forward-backward correlation), timed by the engine's
+    evaluate_function events (each node's whole backward)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        step()
+        wall = (time.perf_counter() - t) * 1e3
+    events = prof.events()
+    seqs, fwd = set(), 0.0
+
+    def walk(e):
+        for c in e.cpu_children:
+            if c.sequence_nr >= 0:
+                seqs.add(c.sequence_nr)
+            walk(c)
+
+    for e in events:
+        if e.name == "se_block":
+            fwd += e.cpu_time_total / 1e3
+            walk(e)
+    bwd = sum(e.cpu_time_total / 1e3 for e in events
+              if e.name.startswith("autograd::engine::evaluate_function") and e.sequence_nr in seqs)
+    return wall, fwd, bwd
+
+
 def net_table():
     print()
     print("## timm seresnet50 training step (batch 8, 224x224, f32, SGD), ms")
@@ -179,50 +222,63 @@ def net_table():
     torch.manual_seed(0)
     x = torch.randn(8, 3, 224, 224)
     target = torch.randint(0, 1000, (8,))
+    # "openmp": senet's CPU work on torch's OpenMP threads (the default); "rayon": on rayon's own
+    # pool, beside torch's spinning OpenMP workers (how senet_torch ran before).
+    variants = [("unpatched (timm)", False, None), ("patched, senet on torch's threads", True, "openmp"),
+                ("patched, senet on its own rayon pool", True, "rayon")]
+    if _senet.cpu_pool() != "openmp":
+        print("(no OpenMP runtime found in torch: the op runs on rayon's pool)")
+        variants = variants[:2]
     steps = {}
-    for patched in (False, True):
+    for name, patched, pool in variants:
         torch.manual_seed(0)
         m = timm.create_model("seresnet50", pretrained=False).train()
         if patched:
             assert st.patch(m) == 16
+        assert wrap_se_forwards(m) == 16
         opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
 
-        def step(m=m, opt=opt):
+        def step(m=m, opt=opt, pool=pool):
+            if pool:
+                _senet.set_cpu_pool(pool)
             opt.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(m(x), target).backward()
             opt.step()
 
-        steps[patched] = step
-    # Alternate the two models' steps, so a change in the machine's load hits both alike.
-    times = {False: [], True: []}
-    for patched in (False, True):
-        steps[patched]()  # warm-up
+        steps[name] = step
+    # Alternate the variants' steps, so a change in the machine's load hits all alike.
+    times = {k: [] for k in steps}
+    for f in steps.values():
+        f()  # warm-up
     for _ in range(args.net_iters):
-        for patched in (False, True):
+        for k, f in steps.items():
             t = time.perf_counter()
-            steps[patched]()
-            times[patched].append((time.perf_counter() - t) * 1e3)
-    res = {k: statistics.median(v) for k, v in times.items()}
-    # SE's share of the unpatched step: timm SEModule fwd+bwd timed alone at each SE's shape.
-    se_ms = {False: 0.0, True: 0.0}
-    for (c, hw), count in (((256, 56), 3), ((512, 28), 4), ((1024, 14), 6), ((2048, 7), 3)):
-        shape = (8, c, hw, hw)
-        tm = SEModule(c, rd_ratio=1.0 / 16)
-        om = st.SqueezeExcite(c)
-        om.load_state_dict(tm.state_dict())
-        xg = torch.randn(shape, requires_grad=True)
-        dy = torch.randn(shape)
-        for patched, mod in ((False, tm), (True, om)):
-            se_ms[patched] += count * median_ms(lambda: mod(xg).backward(dy), iters=args.iters)
-    print("| model | step ms | SE fwd+bwd alone, 16 modules, ms | SE share |")
-    print("|---|---|---|---|")
-    for patched in (False, True):
-        print(f"| seresnet50 {'patched (senet)' if patched else 'unpatched (timm)'} | {res[patched]:.0f} | "
-              f"{se_ms[patched]:.1f} | {100 * se_ms[patched] / res[patched]:.1f}% |")
+            f()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    # SE's share from the profiler: a few profiled steps per variant, alternating.
+    prof = {k: [] for k in steps}
+    for _ in range(3):
+        for k, f in steps.items():
+            prof[k].append(se_share(f))
+    _senet.set_cpu_pool("openmp")
+    med = statistics.median
+    print("| model | step ms | SE fwd ms | SE bwd ms | SE share of the profiled step |")
+    print("|---|---|---|---|---|")
+    for k in steps:
+        walls, fw, bw = zip(*prof[k])
+        share = med(100 * (f + b) / w for w, f, b in prof[k])
+        print(f"| seresnet50 {k} | {med(times[k]):.0f} | {med(fw):.1f} | {med(bw):.1f} | {share:.1f}% |")
     print()
-    print(f"patched step / unpatched step: {res[True] / res[False]:.3f} (median of {args.net_iters} "
-          f"alternating steps each; per-step ratios: "
-          f"{', '.join(f'{p / u:.2f}' for u, p in zip(times[False], times[True]))})")
+    base = times[variants[0][0]]
+    for k in list(steps)[1:]:
+        ratios = sorted(p / u for u, p in zip(base, times[k]))
+        q = len(ratios) // 4
+        print(f"{k} / unpatched step: {med(times[k]) / med(base):.3f} (medians of {args.net_iters} "
+              f"alternating steps); per-step ratios {ratios[0]:.2f}-{ratios[-1]:.2f}, "
+              f"interquartile {ratios[q]:.2f}-{ratios[-1 - q]:.2f}")
+    print()
+    print("SE fwd / bwd: medians over 3 profiled steps per model (torch.profiler, CPU); share: SE "
+          "forward + backward over that step's wall time.")
 
 
 if __name__ == "__main__":

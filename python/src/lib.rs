@@ -4,7 +4,8 @@
 //! gradients with torch, checks dtypes, devices and contiguity, and passes `data_ptr()` integers
 //! with the shape, layout and config. This module rebuilds slices over those buffers (no copy)
 //! and runs senet's fast CPU path (f32, f16, bf16) or, for f64, an f64 version of the reference
-//! math with f64 weights (for `torch.autograd.gradcheck`). The GIL is released while it runs.
+//! math with f64 weights (for `torch.autograd.gradcheck`). The GIL is released while it runs, and
+//! CPU work runs on torch's own OpenMP threads (see `omp`).
 //!
 //! Every function checks what it can (config, shape, null pointers) and raises `ValueError`;
 //! the sizes behind the pointers are the caller's contract (senet_torch checks them).
@@ -20,6 +21,7 @@ use senet::{Activation, Element, Gate, Layout, SeConfig, Shape};
 
 mod cuda_path;
 mod f64_path;
+mod omp;
 
 /// Maps a senet error to a Python exception (ValueError for bad input, RuntimeError otherwise).
 fn py_err(e: senet::Error) -> PyErr {
@@ -30,6 +32,10 @@ fn py_err(e: senet::Error) -> PyErr {
         other => PyRuntimeError::new_err(format!("senet: {other}")),
     }
 }
+
+/// Problems with fewer elements than this run on one thread (measured: at 1x64x1x1 a call on two
+/// threads cost ~35 us more than the work).
+const SERIAL_BELOW: usize = 1 << 15;
 
 /// The op's static description, parsed and validated.
 #[derive(Clone, Copy, Debug)]
@@ -297,7 +303,9 @@ fn forward(
             }
         }
     };
-    py.detach(run).map_err(py_err)
+    py.detach(|| omp::run(p.shape.numel() < SERIAL_BELOW, run))
+        .map_err(PyRuntimeError::new_err)?
+        .map_err(py_err)
 }
 
 /// SE backward on CPU buffers: writes `dx`, `d residual` (iff the forward had a residual) and
@@ -375,7 +383,9 @@ fn backward(
             }
         }
     };
-    py.detach(run).map_err(py_err)
+    py.detach(|| omp::run(p.shape.numel() < SERIAL_BELOW, run))
+        .map_err(PyRuntimeError::new_err)?
+        .map_err(py_err)
 }
 
 #[derive(Clone, Copy)]
@@ -554,11 +564,35 @@ fn backward_cuda(
     .map_err(py_err)
 }
 
+/// Chooses the threads CPU calls run on: `"openmp"` (torch's own OpenMP threads, the default
+/// where torch's OpenMP runtime is loaded) or `"rayon"` (rayon's global pool). For benchmarks.
+#[pyfunction]
+fn set_cpu_pool(name: &str) -> PyResult<()> {
+    omp::set_pool(name).map_err(PyValueError::new_err)
+}
+
+/// The pool CPU calls run on now: `"openmp"` or `"rayon"`.
+#[pyfunction]
+fn cpu_pool() -> &'static str {
+    omp::pool()
+}
+
+/// How many threads a CPU call made now from this thread runs on (torch's OpenMP thread count
+/// on this thread with the "openmp" pool, rayon's global pool size with "rayon").
+#[pyfunction]
+fn cpu_threads(py: Python<'_>) -> PyResult<usize> {
+    py.detach(|| omp::run(false, rayon::current_num_threads))
+        .map_err(PyRuntimeError::new_err)
+}
+
 /// The extension module `senet_torch._senet`.
 #[pymodule]
 fn _senet(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
+    m.add_function(wrap_pyfunction!(set_cpu_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_supported, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(forward_cuda, m)?)?;

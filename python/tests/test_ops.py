@@ -158,6 +158,80 @@ def test_backward_runs_no_torch_kernels_besides_the_op():
     assert x.grad is not None and all(p.grad is not None for p in se.parameters())
 
 
+def _fwd_bwd(x, se, dy):
+    xg = x.clone().requires_grad_()
+    se.zero_grad(set_to_none=True)
+    y = se(xg)
+    y.backward(dy)
+    return y.detach(), xg.grad, [p.grad.clone() for p in se.parameters()]
+
+
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(), reason="torch without OpenMP")
+def test_cpu_work_runs_on_torchs_openmp_threads():
+    """senet's CPU work runs as a rayon pool hosted by torch's OpenMP threads: as many as
+    torch.set_num_threads says, and the same results as on rayon's own pool."""
+    from senet_torch import _senet
+
+    assert _senet.cpu_pool() == "openmp"
+    before = torch.get_num_threads()
+    se = st.SqueezeExcite(48, rd_channels=12)
+    x = torch.randn(16, 48, 9, 11)
+    dy = torch.randn_like(x)
+    ref = reference(x.double(), *(t.detach().double() for t in (se.fc1.weight, se.fc1.bias, se.fc2.weight, se.fc2.bias)))
+    try:
+        for n in (1, 3, 2):
+            torch.set_num_threads(n)
+            assert _senet.cpu_threads() == n
+            y, dx, grads = _fwd_bwd(x, se, dy)
+            assert rel_err(y, ref) < 1e-5
+            _senet.set_cpu_pool("rayon")
+            try:
+                y_r, dx_r, grads_r = _fwd_bwd(x, se, dy)
+            finally:
+                _senet.set_cpu_pool("openmp")
+            # Same values; summation order may differ with the thread count.
+            assert rel_err(y, y_r) < 1e-6 and rel_err(dx, dx_r) < 1e-5
+            for g, g_r in zip(grads, grads_r):
+                assert rel_err(g, g_r) < 1e-5
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="unknown thread pool"):
+        _senet.set_cpu_pool("tbb")
+
+
+def test_concurrent_calls_from_python_threads():
+    """Calls from several Python threads at once (each gets its own OpenMP team) neither deadlock
+    nor mix results."""
+    import threading
+
+    se = st.SqueezeExcite(64, rd_channels=16)
+    xs = [torch.randn(8, 64, 7, 5) for _ in range(4)]
+    dy = torch.randn(8, 64, 7, 5)
+    expected = [_fwd_bwd(x, se, dy)[:2] for x in xs]
+    got, errors = [None] * 4, []
+
+    def worker(i):
+        try:
+            for _ in range(5):
+                xg = xs[i].clone().requires_grad_()
+                y = st.squeeze_excite(xg, se.fc1.weight.detach(), se.fc1.bias.detach(),
+                                      se.fc2.weight.detach(), se.fc2.bias.detach())
+                y.backward(dy)
+                got[i] = (y.detach(), xg.grad)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a call did not return"
+    assert not errors, errors
+    for (y, dx), (ye, dxe) in zip(got, expected):
+        assert rel_err(y, ye) < 1e-6 and rel_err(dx, dxe) < 1e-5
+
+
 def test_meta_tensors():
     x = torch.empty(4, 24, 5, 5, device="meta").to(memory_format=torch.channels_last)
     w1, b1, w2, b2 = (t.to("meta") for t in _weights(24, 8, True))
