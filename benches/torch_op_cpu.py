@@ -6,7 +6,8 @@ the CPU, side by side in one run; and timm seresnet50's training step patched vs
   and forward + backward (autograd, d x and the parameter gradients): timm eager, timm under
   torch.compile (default mode), the senet op (senet_torch.SqueezeExcite), and senet's own path
   called directly on preallocated buffers (senet_torch._senet.forward / backward: no torch op,
-  no allocation), the floor the op is held to.
+  no allocation), and the same calls on outputs torch allocates per call (as the op's are): the
+  floor the op is held to, with and without the cost of fresh memory.
 - seresnet50 (timm, random init, 224x224, batch 8, SGD) training step: unpatched, patched (senet
   on torch's OpenMP threads, the default) and patched with senet on rayon's own pool, steps
   alternating; SE's share of each step from torch.profiler (SE forward ranges, and the backward
@@ -122,8 +123,28 @@ def se_timings(shape, fmt):
         raw_fwd()
         raw_bwd()
 
+    # The same calls with every output allocated by torch per call, as the op's are: what any op
+    # pays for fresh memory, without the op's dispatch, checks and autograd.
+    def fresh_fwd():
+        yf = torch.empty_like(x)
+        zf, sf = torch.empty(n, c), torch.empty(n, c)
+        hf, uf = torch.empty(n, d), torch.empty(n, d)
+        _senet.forward(*cfg, x.data_ptr(), 0, yf.data_ptr(), w1.data_ptr(), b1.data_ptr(),
+                       w2.data_ptr(), b2.data_ptr(), zf.data_ptr(), hf.data_ptr(), uf.data_ptr(), sf.data_ptr())
+        return zf, hf, uf, sf
+
+    def fresh_both():
+        zf, hf, uf, sf = fresh_fwd()
+        dxf = torch.empty_like(x)
+        gw1, gb1, gw2, gb2 = (torch.empty_like(t) for t in (w1, b1, w2, b2))
+        _senet.backward(*cfg, x.data_ptr(), 0, dy.data_ptr(), w1.data_ptr(), b1.data_ptr(),
+                        w2.data_ptr(), b2.data_ptr(), zf.data_ptr(), hf.data_ptr(), uf.data_ptr(), sf.data_ptr(),
+                        dxf.data_ptr(), 0, gw1.data_ptr(), gb1.data_ptr(), gw2.data_ptr(), gb2.data_ptr())
+
     out[("senet own", "fwd")] = median_ms(raw_fwd)
     out[("senet own", "fwd+bwd")] = median_ms(raw_both)
+    out[("own, fresh outputs", "fwd")] = median_ms(fresh_fwd)
+    out[("own, fresh outputs", "fwd+bwd")] = median_ms(fresh_both)
     # the op's result is senet's own
     with torch.no_grad():
         raw_fwd()
@@ -157,11 +178,11 @@ def se_table():
     print()
     print("## SE alone (f32, batch 32, reduction 16), ms")
     print()
-    cols = ["timm eager", "timm compile", "senet op", "senet own"]
+    cols = ["timm eager", "timm compile", "senet op", "senet own", "own, fresh outputs"]
     if args.skip_compile:
         cols.remove("timm compile")
-    print("| shape | layout | dir | " + " | ".join(cols) + " | op vs eager | op vs compile | op / own |")
-    print("|---|---|---|" + "---|" * len(cols) + "---|---|---|")
+    print("| shape | layout | dir | " + " | ".join(cols) + " | op vs eager | op vs compile | op / own | op / own fresh |")
+    print("|---|---|---|" + "---|" * len(cols) + "---|---|---|---|")
     for shape in STAGES:
         for fmt, lname in ((torch.contiguous_format, "nchw"), (torch.channels_last, "nhwc")):
             r = se_timings(shape, fmt)
@@ -170,7 +191,8 @@ def se_table():
                 op = r[("senet op", dr)]
                 vs_c = f"{r[('timm compile', dr)] / op:.1f}x" if not args.skip_compile else "-"
                 print(f"| {'x'.join(map(str, shape))} | {lname} | {dr} | {vals} | "
-                      f"{r[('timm eager', dr)] / op:.1f}x | {vs_c} | {op / r[('senet own', dr)]:.2f} |",
+                      f"{r[('timm eager', dr)] / op:.1f}x | {vs_c} | {op / r[('senet own', dr)]:.2f} | "
+                      f"{op / r[('own, fresh outputs', dr)]:.2f} |",
                       flush=True)
 
 
