@@ -131,10 +131,11 @@ def se_timings(shape, fmt):
         hf, uf = torch.empty(n, d), torch.empty(n, d)
         _senet.forward(*cfg, x.data_ptr(), 0, yf.data_ptr(), w1.data_ptr(), b1.data_ptr(),
                        w2.data_ptr(), b2.data_ptr(), zf.data_ptr(), hf.data_ptr(), uf.data_ptr(), sf.data_ptr())
-        return zf, hf, uf, sf
+        return yf, zf, hf, uf, sf
 
     def fresh_both():
-        zf, hf, uf, sf = fresh_fwd()
+        # y stays alive through the backward, as a layer's output does (and the op's).
+        yf, zf, hf, uf, sf = fresh_fwd()
         dxf = torch.empty_like(x)
         gw1, gb1, gw2, gb2 = (torch.empty_like(t) for t in (w1, b1, w2, b2))
         _senet.backward(*cfg, x.data_ptr(), 0, dy.data_ptr(), w1.data_ptr(), b1.data_ptr(),
