@@ -14,8 +14,10 @@
 //! the work is done, which ends the region. senet's code is unchanged: it sees a rayon pool of
 //! torch's thread count (`torch.set_num_threads`).
 //!
-//! Where no OpenMP runtime is loaded (a torch built without it), when called from inside a rayon
-//! pool, or with [`set_pool`]`("rayon")`, the call runs on rayon's global pool as before.
+//! Where no OpenMP runtime is loaded (a torch built without it; any non-Unix build), when called
+//! from inside a rayon pool, or with [`set_pool`]`("rayon")`, the call runs on rayon's global
+//! pool as before. The pool's workers run on the OpenMP threads' stacks (`OMP_STACKSIZE`; glibc's
+//! default 8 MiB), not rayon's.
 
 use std::ffi::{c_int, c_uint, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -35,6 +37,13 @@ struct Omp {
 }
 
 /// The process's OpenMP runtime (torch's libgomp), if one is loaded with global symbols.
+#[cfg(not(unix))]
+fn omp() -> Option<&'static Omp> {
+    None
+}
+
+/// The process's OpenMP runtime (torch's libgomp), if one is loaded with global symbols.
+#[cfg(unix)]
 fn omp() -> Option<&'static Omp> {
     static OMP: OnceLock<Option<Omp>> = OnceLock::new();
     OMP.get_or_init(|| {
