@@ -3,8 +3,8 @@
 # candle-kernels compiles candle's own kernels with nvcc, and cudarc's dynamic linking), checks
 # that one cudarc serves both, and runs tests/candle.rs: on a machine with a GPU the CUDA tests
 # run (SENET_REQUIRE_GPU=1 makes a missing GPU a failure); without a driver, stub CUDA libraries
-# (every function returns CUDA_ERROR_STUB_LIBRARY, as NVIDIA's stubs do) let it link, and the CUDA
-# tests skip. Slow: candle-kernels takes tens of minutes on 2 cores; not part of CI.
+# (scripts/cuda-stubs.sh: every function returns CUDA_ERROR_STUB_LIBRARY, as NVIDIA's stubs do)
+# let it link, and the CUDA tests skip. Slow: candle-kernels takes tens of minutes on 2 cores; not part of CI.
 #   scripts/check-candle-cuda.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,26 +29,9 @@ if ldconfig -p | grep -q 'libcuda\.so\.1'; then
   echo "--- a CUDA driver is installed: linking against it"
 else
   echo "--- stub CUDA libraries (no driver on this machine)"
-  mkdir -p "$stubs/lib64"
   cudarc_src=$(cargo metadata --features candle-cuda --format-version 1 \
     | python3 -c 'import json,sys; m=json.load(sys.stdin); print([p for p in m["packages"] if p["name"]=="cudarc"][0]["manifest_path"].rsplit("/",1)[0])')
-  python3 - "$cudarc_src" "$stubs" <<'PY'
-import re, sys, pathlib
-src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-# (library, cudarc bindings, the error every stub returns: a "not available / stub" code)
-for lib, sysfile, err in [("cuda", "driver", 34), ("nvrtc", "nvrtc", 7), ("cublas", "cublas", 1),
-                          ("cublasLt", "cublaslt", 1), ("curand", "curand", 1000), ("cudnn", "cudnn", 1)]:
-    text = (src / "src" / sysfile / "sys" / "mod.rs").read_text()
-    names = sorted(set(re.findall(r'extern "C" \{\s*(?:pub )?fn (\w+)\(', text)))
-    (out / f"{lib}_stub.c").write_text("".join(f"int {n}(void) {{ return {err}; }}\n" for n in names))
-    print(f"lib{lib}: {len(names)} stub functions")
-PY
-  # The sonames of the CUDA 13 libraries, so the binary asks for what a real install provides.
-  for pair in cuda:1 nvrtc:13 cublas:13 cublasLt:13 curand:10 cudnn:9; do
-    lib=${pair%:*} so=lib${pair%:*}.so.${pair#*:}
-    gcc -shared -fPIC -Wl,-soname,"$so" -o "$stubs/lib64/$so" "$stubs/${lib}_stub.c"
-    ln -sf "$so" "$stubs/lib64/lib$lib.so"
-  done
+  scripts/cuda-stubs.sh "$stubs" "$cudarc_src" cuda:1 nvrtc:13 cublas:13 cublasLt:13 curand:10 cudnn:9
   # candle-kernels links the CUDA runtime (the toolchain's own, from the compiler wheels).
   ln -sf "$cuda_root/lib/libcudart.so.13" "$stubs/lib64/libcudart.so"
   lib_path=("LD_LIBRARY_PATH=$stubs/lib64:$cuda_root/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}")

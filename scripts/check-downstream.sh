@@ -3,8 +3,8 @@
 # while cudarc's `dynamic-linking` is on (as under candle's `cuda` feature). Checks that the
 # dependency tree holds none of the network / CLI dependencies, then runs the op on the CPU and
 # the emulator. Dynamic linking needs libcuda and libnvrtc at link and load time: without a CUDA
-# driver here, stub libraries are generated whose every function returns an error
-# (CUDA_ERROR_STUB_LIBRARY), as NVIDIA's own stubs do.
+# driver here, scripts/cuda-stubs.sh generates stub libraries whose every function returns an
+# error (CUDA_ERROR_STUB_LIBRARY), as NVIDIA's own stubs do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 manifest=tests/downstream/Cargo.toml
@@ -21,23 +21,9 @@ fi
 
 echo "--- stub libcuda / libnvrtc (no driver on this machine)"
 stubs="$target/cuda-stubs"
-mkdir -p "$stubs/lib64"
 cudarc_src=$(cargo metadata --manifest-path "$manifest" --format-version 1 \
   | python3 -c 'import json,sys; m=json.load(sys.stdin); print([p for p in m["packages"] if p["name"]=="cudarc"][0]["manifest_path"].rsplit("/",1)[0])')
-python3 - "$cudarc_src" "$stubs" <<'PY'
-import re, sys, pathlib
-src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-for lib, sysfile, err in [("cuda", "src/driver/sys/mod.rs", 34), ("nvrtc", "src/nvrtc/sys/mod.rs", 7)]:
-    text = (src / sysfile).read_text()
-    names = sorted(set(re.findall(r'extern "C" \{\s*fn (\w+)\(', text)))
-    c = "".join(f"int {n}(void) {{ return {err}; }}\n" for n in names)
-    (out / f"{lib}_stub.c").write_text(c)
-    print(f"lib{lib}: {len(names)} stub functions")
-PY
-gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stubs/lib64/libcuda.so.1" "$stubs/cuda_stub.c"
-ln -sf libcuda.so.1 "$stubs/lib64/libcuda.so"
-gcc -shared -fPIC -Wl,-soname,libnvrtc.so.13 -o "$stubs/lib64/libnvrtc.so.13" "$stubs/nvrtc_stub.c"
-ln -sf libnvrtc.so.13 "$stubs/lib64/libnvrtc.so"
+scripts/cuda-stubs.sh "$stubs" "$cudarc_src" cuda:1 nvrtc:13
 
 echo "--- build and run"
 CUDA_HOME="$stubs" CARGO_TARGET_DIR="$target" cargo build --manifest-path "$manifest"
