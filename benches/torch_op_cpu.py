@@ -110,37 +110,33 @@ def se_timings(shape, fmt):
     dw1, db1, dw2, db2 = (torch.empty_like(t) for t in (w1, b1, w2, b2))
     cfg = ("float32", layout, tuple(x.shape), d, True, "relu", "sigmoid")
 
-    def raw_fwd():
+    def call_fwd(y, z, hh, u, s):
         _senet.forward(*cfg, x.data_ptr(), 0, y.data_ptr(), w1.data_ptr(), b1.data_ptr(),
                        w2.data_ptr(), b2.data_ptr(), z.data_ptr(), hh.data_ptr(), u.data_ptr(), s.data_ptr())
 
-    def raw_bwd():
+    def call_bwd(z, hh, u, s, dx, dw1, db1, dw2, db2):
         _senet.backward(*cfg, x.data_ptr(), 0, dy.data_ptr(), w1.data_ptr(), b1.data_ptr(),
                         w2.data_ptr(), b2.data_ptr(), z.data_ptr(), hh.data_ptr(), u.data_ptr(), s.data_ptr(),
                         dx.data_ptr(), 0, dw1.data_ptr(), db1.data_ptr(), dw2.data_ptr(), db2.data_ptr())
 
+    def raw_fwd():
+        call_fwd(y, z, hh, u, s)
+
     def raw_both():
         raw_fwd()
-        raw_bwd()
+        call_bwd(z, hh, u, s, dx, dw1, db1, dw2, db2)
 
     # The same calls with every output allocated by torch per call, as the op's are: what any op
     # pays for fresh memory, without the op's dispatch, checks and autograd.
     def fresh_fwd():
-        yf = torch.empty_like(x)
-        zf, sf = torch.empty(n, c), torch.empty(n, c)
-        hf, uf = torch.empty(n, d), torch.empty(n, d)
-        _senet.forward(*cfg, x.data_ptr(), 0, yf.data_ptr(), w1.data_ptr(), b1.data_ptr(),
-                       w2.data_ptr(), b2.data_ptr(), zf.data_ptr(), hf.data_ptr(), uf.data_ptr(), sf.data_ptr())
-        return yf, zf, hf, uf, sf
+        outs = (torch.empty_like(x), torch.empty(n, c), torch.empty(n, d), torch.empty(n, d), torch.empty(n, c))
+        call_fwd(*outs)
+        return outs
 
     def fresh_both():
         # y stays alive through the backward, as a layer's output does (and the op's).
-        yf, zf, hf, uf, sf = fresh_fwd()
-        dxf = torch.empty_like(x)
-        gw1, gb1, gw2, gb2 = (torch.empty_like(t) for t in (w1, b1, w2, b2))
-        _senet.backward(*cfg, x.data_ptr(), 0, dy.data_ptr(), w1.data_ptr(), b1.data_ptr(),
-                        w2.data_ptr(), b2.data_ptr(), zf.data_ptr(), hf.data_ptr(), uf.data_ptr(), sf.data_ptr(),
-                        dxf.data_ptr(), 0, gw1.data_ptr(), gb1.data_ptr(), gw2.data_ptr(), gb2.data_ptr())
+        yf, *state = fresh_fwd()
+        call_bwd(*state, torch.empty_like(x), *(torch.empty_like(t) for t in (w1, b1, w2, b2)))
 
     out[("senet own", "fwd")] = median_ms(raw_fwd)
     out[("senet own", "fwd+bwd")] = median_ms(raw_both)

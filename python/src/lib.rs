@@ -37,6 +37,18 @@ fn py_err(e: senet::Error) -> PyErr {
 /// threads cost ~35 us more than the work).
 const SERIAL_BELOW: usize = 1 << 15;
 
+/// Runs a CPU call's work with the GIL released, on torch's threads ([`omp::run`]): one thread
+/// below [`SERIAL_BELOW`] elements.
+fn run_cpu(
+    py: Python<'_>,
+    p: Problem,
+    run: impl FnOnce() -> senet::Result<()> + Send + 'static,
+) -> PyResult<()> {
+    py.detach(|| omp::run(p.shape.numel() < SERIAL_BELOW, run))
+        .map_err(PyRuntimeError::new_err)?
+        .map_err(py_err)
+}
+
 /// The op's static description, parsed and validated.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Problem {
@@ -303,9 +315,7 @@ fn forward(
             }
         }
     };
-    py.detach(|| omp::run(p.shape.numel() < SERIAL_BELOW, run))
-        .map_err(PyRuntimeError::new_err)?
-        .map_err(py_err)
+    run_cpu(py, p, run)
 }
 
 /// SE backward on CPU buffers: writes `dx`, `d residual` (iff the forward had a residual) and
@@ -383,9 +393,7 @@ fn backward(
             }
         }
     };
-    py.detach(|| omp::run(p.shape.numel() < SERIAL_BELOW, run))
-        .map_err(PyRuntimeError::new_err)?
-        .map_err(py_err)
+    run_cpu(py, p, run)
 }
 
 #[derive(Clone, Copy)]

@@ -88,10 +88,15 @@ pub(crate) fn set_pool(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The OpenMP runtime CPU calls run on, unless none is found or [`set_pool`] chose rayon.
+fn active() -> Option<&'static Omp> {
+    omp().filter(|_| !USE_RAYON.load(Ordering::Relaxed))
+}
+
 /// Which pool CPU calls run on now: "openmp" when torch's OpenMP runtime is found and not
 /// switched off, else "rayon".
 pub(crate) fn pool() -> &'static str {
-    if !USE_RAYON.load(Ordering::Relaxed) && omp().is_some() {
+    if active().is_some() {
         "openmp"
     } else {
         "rayon"
@@ -209,12 +214,8 @@ pub(crate) fn run<R: Send + 'static>(
     serial: bool,
     f: impl FnOnce() -> R + Send + 'static,
 ) -> Result<R, String> {
-    let omp = match omp() {
-        Some(omp)
-            if !USE_RAYON.load(Ordering::Relaxed) && rayon::current_thread_index().is_none() =>
-        {
-            omp
-        }
+    let omp = match active() {
+        Some(omp) if rayon::current_thread_index().is_none() => omp,
         _ => return Ok(f()),
     };
     let out: Arc<Mutex<Option<std::thread::Result<R>>>> = Arc::new(Mutex::new(None));

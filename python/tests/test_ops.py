@@ -205,8 +205,9 @@ def test_concurrent_calls_from_python_threads():
     import threading
 
     se = st.SqueezeExcite(64, rd_channels=16)
-    xs = [torch.randn(8, 64, 7, 5) for _ in range(4)]
-    dy = torch.randn(8, 64, 7, 5)
+    # 8x64x9x9 = 41472 elements: above the one-thread cut-off, so each call runs a whole team.
+    xs = [torch.randn(8, 64, 9, 9) for _ in range(4)]
+    dy = torch.randn(8, 64, 9, 9)
     expected = [_fwd_bwd(x, se, dy)[:2] for x in xs]
     got, errors = [None] * 4, []
 
