@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check, from a folder made by scripts/pack-gpu.sh. Logs go to $OUT (default ./out).
 #
-#   PHASES="info tests pytorch sanitize bench torch ncu net" ./gpu-checks.sh
+#   PHASES="info tests pytorch sanitize bench torch ncu net" DEADLINE=450 ./gpu-checks.sh
 #
 # info:     nvidia-smi, `senet info --kernels`
 # tests:    the GPU test suite with SENET_REQUIRE_GPU=1 (a missing GPU fails)
@@ -39,9 +39,21 @@ export SENET_REQUIRE_GPU=1 PYTHONUNBUFFERED=1
 phases=${PHASES:-"info tests pytorch sanitize bench torch ncu net"}
 bin=$here/bin
 
+# DEADLINE=S (seconds from the start): each phase's limit is cut to the time left, and a phase
+# with under 15 s left is skipped (reported as failed), so that one device call ends inside its
+# own limit with every log written.
+deadline=${DEADLINE:-0}
 phase() { # name limit-seconds command...
   local name=$1 limit=$2
   shift 2
+  if [ "$deadline" -gt 0 ]; then
+    local left=$((deadline - SECONDS))
+    if [ "$left" -lt 15 ]; then
+      echo "=== $name SKIPPED (deadline ${deadline}s reached): $*" | tee -a "$out/$name.log"
+      return 3
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+  fi
   local t0=$SECONDS
   echo "=== $name: $*" | tee -a "$out/$name.log"
   timeout "$limit" "$@" >>"$out/$name.log" 2>&1
