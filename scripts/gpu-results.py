@@ -17,7 +17,7 @@ import pathlib
 import re
 import sys
 
-PHASES = ["info", "tests", "sanitize", "bench", "torch", "ncu", "net"]
+PHASES = ["info", "tests", "pytorch", "sanitize", "bench", "torch", "ncu", "net", "train"]
 
 
 def read(out, name):
@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--command", default="cd gpu-pack && OUT=$OUT ./gpu-checks.sh",
                     help="the command that ran gpu-checks.sh, as it should appear in the file")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
+    ap.add_argument("--tag", default="", help="appended to the file name (several runs in a day)")
     a = ap.parse_args()
     if not a.out.is_dir():
         print(f"{a.out}: not a folder", file=sys.stderr)
@@ -80,7 +81,8 @@ def main():
     card = card_name(logs["info"], logs["torch"])
     commit = commit_of(logs["info"])
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    dest = a.results / f"{a.date}-gpu-{slug}.md"
+    tag = f"-{a.tag}" if a.tag else ""
+    dest = a.results / f"{a.date}-gpu-{slug}{tag}.md"
 
     w = []
     w.append(f"# GPU checks on {card} ({a.date})\n")
@@ -113,15 +115,17 @@ def main():
 
     fenced("info", "Device and kernels", r"NVIDIA|Driver|CUDA|device|kernel builds|cuDNN")
     fenced("tests", "GPU tests (SENET_REQUIRE_GPU=1)", r"^test |FAIL|panicked|test result|cases x|^CUDA backend:|skipped cuDNN")
+    fenced("pytorch", "senet_torch's CUDA tests (the packed wheel, the machine's torch)", r"^=== |passed|failed|FAILED|Error")
     fenced("sanitize", "compute-sanitizer", r"^=== |ERROR SUMMARY|test result|Invalid|Race|Barrier|error")
     if logs["bench"] is not None:
         w.append("## `senet gpu-bench`\n")
     tabled("bench")
     fenced("torch", "PyTorch (timm SEModule) on the same card, and the ratios", r"^device:|^  ")
     tabled("torch")
-    fenced("ncu", "Nsight Compute", r"se_|dram__|lts__|gpu__time")
+    fenced("ncu", "Nsight Compute", r"^\s+se_|dram__|lts__|gpu__time")
     fenced("net", "Whole network: `senet net-bench` and torch_net.py", r"^=== |^device:|^# |ms \(|epoch|done:|^profile:")
     tabled("net")
+    fenced("train", "`senet train --device cuda` (one epoch on a digits subset)", r"epoch|done:|error|parameters")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text("\n".join(w) + "\n")

@@ -94,6 +94,13 @@ fn gpu_in_place_forward() {
     cases::in_place_matches(&dev, seed("in_place"));
 }
 
+/// Cluster launches at several sizes in turn (a larger after a smaller).
+#[test]
+fn gpu_cluster_sizes_in_any_order() {
+    let Some(dev) = gpu() else { return };
+    cases::cluster_sizes_in_any_order(&dev, seed("cluster sizes"));
+}
+
 /// Bad input is an error before any launch, never a panic.
 #[test]
 fn gpu_invalid_inputs_are_errors() {

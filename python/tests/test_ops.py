@@ -293,8 +293,10 @@ def test_cuda_matches_cpu_forward_and_backward(dtype, channels_last, residual):
     w = [t.requires_grad_() for t in _weights(c, d, True)]
     out = {}
     for dev in ("cpu", "cuda"):
-        xs = x.to(dev).requires_grad_()
-        rs = r.to(dev).requires_grad_() if r is not None else None
+        # detach(): each device's inputs are leaves of their own (x.to("cuda") of a leaf that
+        # requires grad would be a non-leaf, with no .grad).
+        xs = x.detach().to(dev).requires_grad_()
+        rs = r.detach().to(dev).requires_grad_() if r is not None else None
         ws = [t.detach().to(dev).requires_grad_() for t in w]
         y = st.squeeze_excite(xs, *ws, rs)
         y.float().square().sum().backward()

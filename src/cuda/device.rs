@@ -63,6 +63,9 @@ const EMULATOR_MAX_GRID_YZ: u32 = 1024;
 /// Emulator instances made so far (each gets the next number as its identity).
 static EMULATORS: AtomicU64 = AtomicU64::new(0);
 
+/// Dynamic shared memory a kernel may use per CTA before its limit must be raised.
+const DEFAULT_SMEM_LIMIT: u32 = 48 << 10;
+
 /// A CUDA device handle. Cheap to share (`Arc`); every operation runs on its one stream, in
 /// order, and the host waits only where it needs data back. The stream is the handle's own
 /// ([`CudaDevice::new`]) or a caller's ([`CudaDevice::from_stream`],
@@ -84,6 +87,11 @@ pub struct CudaDevice {
     /// The SE op's workspace for calls that do not bring their own (grown as needed).
     workspace: Mutex<Option<Buf<u8>>>,
     clusters: Mutex<HashMap<(String, u32), usize>>,
+    /// Each kernel's dynamic shared-memory limit as raised so far (absent: the default 48 KiB).
+    /// The limit is a property of the function, shared by every launch and occupancy query, so
+    /// it only ever grows: lowering it for a smaller request would fail a later launch that
+    /// needs more (CUDA_ERROR_INVALID_VALUE).
+    smem_limits: Mutex<HashMap<String, u32>>,
     /// Buffers allocated through this handle so far.
     allocs: AtomicUsize,
 }
@@ -196,6 +204,7 @@ impl CudaDevice {
             info,
             workspace: Mutex::new(None),
             clusters: Mutex::new(HashMap::new()),
+            smem_limits: Mutex::new(HashMap::new()),
             allocs: AtomicUsize::new(0),
         }))
     }
@@ -228,6 +237,7 @@ impl CudaDevice {
             },
             workspace: Mutex::new(None),
             clusters: Mutex::new(HashMap::new()),
+            smem_limits: Mutex::new(HashMap::new()),
             allocs: AtomicUsize::new(0),
         }))
     }
@@ -429,15 +439,7 @@ impl CudaDevice {
         match &self.backend {
             Backend::Cuda(c) => {
                 let f = Self::function(c, module, name)?;
-                if smem > 48 << 10 {
-                    f.set_attribute(
-                        FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        smem as i32,
-                    )
-                    .map_err(Error::driver(format!(
-                        "raising {name}'s shared-memory limit"
-                    )))?;
-                }
+                self.raise_smem_limit(Some(&f), name, smem)?;
                 c.ctx
                     .bind_to_thread()
                     .map_err(Error::driver("binding the context"))?;
@@ -465,6 +467,17 @@ impl CudaDevice {
                 if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || threads == 0 || threads > 1024 {
                     return Err(Error::KernelFailed(format!(
                         "{name}: invalid launch shape grid {grid:?} block {block:?}"
+                    )));
+                }
+                // The driver refuses a launch above the function's shared-memory limit.
+                let limit = lock(&self.smem_limits)
+                    .get(name)
+                    .copied()
+                    .unwrap_or(DEFAULT_SMEM_LIMIT);
+                if smem > limit {
+                    return Err(Error::KernelFailed(format!(
+                        "{name}: {smem} bytes of dynamic shared memory above the function's \
+                         limit of {limit} (CUDA_ERROR_INVALID_VALUE on a GPU)"
                     )));
                 }
                 // In order, one at a time per emulator, as on a stream.
@@ -506,11 +519,7 @@ impl CudaDevice {
         match &self.backend {
             Backend::Cuda(c) => {
                 let f = Self::function(c, module, name)?;
-                f.set_attribute(
-                    FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .map_err(Error::driver("raising the shared-memory limit"))?;
+                self.raise_smem_limit(Some(&f), name, smem)?;
                 let probe = LaunchConfig {
                     grid_dim: (cluster, 1, 1),
                     block_dim: (threads, 1, 1),
@@ -521,11 +530,37 @@ impl CudaDevice {
                     as usize)
             }
             Backend::Emulator { .. } => Ok(if smem as usize <= self.info.max_smem_per_block {
+                self.raise_smem_limit(None, name, smem)?;
                 2
             } else {
                 0
             }),
         }
+    }
+
+    /// Raises kernel `name`'s dynamic shared-memory limit to `smem` bytes if it is lower; never
+    /// lowers it (see `smem_limits`). `f`: the loaded function (None on the emulator, which
+    /// only records the limit and checks launches against it).
+    fn raise_smem_limit(&self, f: Option<&CudaFunction>, name: &str, smem: u32) -> Result<()> {
+        if smem <= DEFAULT_SMEM_LIMIT {
+            return Ok(());
+        }
+        // Held while the driver is told, so that two threads never leave it at the lower value.
+        let mut limits = lock(&self.smem_limits);
+        if limits.get(name).is_some_and(|&l| l >= smem) {
+            return Ok(());
+        }
+        if let Some(f) = f {
+            f.set_attribute(
+                FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(Error::driver(format!(
+                "raising {name}'s shared-memory limit"
+            )))?;
+        }
+        limits.insert(name.to_string(), smem);
+        Ok(())
     }
 
     // -------------------------------------------------------------------------- memory

@@ -386,6 +386,47 @@ pub fn in_place_matches(dev: &CudaDevice, seed: u64) {
     }
 }
 
+/// The cluster kernels at several sizes in turn, a larger one again after a smaller one (as the
+/// SE blocks of one network step run): each launch gets the shared memory it needs, and a
+/// repeated size gives the bits it gave the first time. (The first GPU run found the shared-
+/// memory limit lowered by a smaller size's occupancy query, failing the next larger launch.)
+pub fn cluster_sizes_in_any_order(dev: &CudaDevice, seed: u64) {
+    if !dev.has_clusters() {
+        println!("skipped: no cluster kernels on {}", dev.info().name);
+        return;
+    }
+    let opts = SeOptions::with_path(SePath::Cluster);
+    // (channels, hw): shared memory per CTA falls from the first to the second; the third
+    // needs more than the default 48 KiB.
+    let sizes = [(16, 28), (32, 14), (64, 56)];
+    for layout in Layout::ALL {
+        let mut first: Vec<Option<(Vec<u8>, Vec<u8>)>> = vec![None; sizes.len()];
+        for &i in &[0, 1, 0, 2, 1, 0] {
+            let (c, hw) = sizes[i];
+            let shape = Shape::new(2, c, hw, hw);
+            let s = seed + i as u64 * 10;
+            let w = weights(c, c / 4, true, Activation::Relu, Gate::Sigmoid, s);
+            let dw = DeviceSeWeights::upload(dev, &w).unwrap();
+            let x = DeviceTensor::from_host(dev, &tensor::<f32>(shape, layout, s + 1)).unwrap();
+            let dy = DeviceTensor::from_host(dev, &tensor::<f32>(shape, layout, s + 2)).unwrap();
+            let what = format!("{shape} {layout} (size {i})");
+            let fwd = secuda::forward(dev, &dw, &x, None, opts)
+                .unwrap_or_else(|e| panic!("forward {what}: {e}"));
+            assert_eq!(fwd.path, SePath::Cluster, "{what}");
+            let bwd = secuda::backward(dev, &dw, &x, None, &fwd.saved, &dy, opts)
+                .unwrap_or_else(|e| panic!("backward {what}: {e}"));
+            let got = (
+                bits(&fwd.y.to_host(dev).unwrap()),
+                bits(&bwd.dx.to_host(dev).unwrap()),
+            );
+            match &first[i] {
+                None => first[i] = Some(got),
+                Some(f) => assert!(f == &got, "{what}: not the bits of its first run"),
+            }
+        }
+    }
+}
+
 /// Bad input is an error before any launch, never a panic.
 pub fn invalid_inputs_are_errors(dev: &CudaDevice) {
     let w = weights(8, 8, true, Activation::Relu, Gate::Sigmoid, 1);

@@ -101,6 +101,13 @@ fn emulated_in_place_forward() {
     cases::in_place_matches(&dev, seed("emulated in_place"));
 }
 
+/// Cluster launches at several sizes in turn (a larger after a smaller).
+#[test]
+fn emulated_cluster_sizes_in_any_order() {
+    let Some(dev) = emulator() else { return };
+    cases::cluster_sizes_in_any_order(&dev, seed("emulated cluster sizes"));
+}
+
 #[test]
 fn emulated_invalid_inputs_are_errors() {
     let Some(dev) = emulator() else { return };

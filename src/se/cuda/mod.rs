@@ -19,7 +19,7 @@
 //! - [`SePath::Cluster`] (sm_90+): one launch; a cluster of 8 CTAs holds a sample in shared
 //!   memory, so x is read once (2N forward, 3N backward).
 //!
-//! [`SePath::Auto`] picks by shape, dtype and device. All paths agree with
+//! [`SePath::Auto`] picks by shape, dtype and device ([`choose_path`]). All paths agree with
 //! [`reference`](super::reference) within DESIGN.md's tolerances and are deterministic.
 
 mod launch;
@@ -486,9 +486,15 @@ pub fn cluster_fits(
 
 /// The path [`SePath::Auto`] resolves to.
 ///
-/// The cluster kernel when it fits on chip and the per-sample weight reads stay small next to
-/// the sample (they come from L2 once per sample); otherwise L2-chunking when the tensors
-/// touched exceed half the L2; otherwise the three-kernel path.
+/// The cluster kernel when every sample's cluster is resident at once (one CTA per SM: at most
+/// `sm_count / 8` samples, and at least 2), the sample fits on chip and the per-sample weight
+/// reads stay small next to it; otherwise the three-kernel path.
+///
+/// Set from the first measurements on an H200 (benches/results/2026-12-04-h200-first-run.md):
+/// at batch 8 the cluster kernel was the fastest path at most ResNet-50 stages (forward
+/// 24.6 us against three-kernel 35.3 at 8x512x28x28 bf16); at batch 256, where the clusters
+/// run in many waves, the three-kernel path was the fastest at 15 of 16 stage / dtype / layout
+/// points in each direction, and L2 chunking never was (it is kept as an explicit choice).
 pub fn choose_path(
     dev: &CudaDevice,
     cfg: &SeConfig,
@@ -499,15 +505,12 @@ pub fn choose_path(
 ) -> SePath {
     let sample_bytes = shape.sample_numel() * esize;
     let weight_bytes = 2 * cfg.channels * cfg.hidden * 4;
-    if cluster_fits(dev, cfg, shape, layout, esize, dir)
+    let one_wave = shape.n >= 2 && shape.n * CLUSTER <= dev.info().sm_count as usize;
+    if one_wave
         && weight_bytes * 4 <= sample_bytes
-        && shape.n >= 2
+        && cluster_fits(dev, cfg, shape, layout, esize, dir)
     {
-        return SePath::Cluster;
-    }
-    let streams = if dir == Direction::Forward { 1 } else { 2 };
-    if streams * shape.numel() * esize > dev.info().l2_bytes / 2 {
-        SePath::L2Chunked
+        SePath::Cluster
     } else {
         SePath::ThreeKernel
     }
