@@ -487,8 +487,9 @@ pub fn cluster_fits(
 /// The path [`SePath::Auto`] resolves to.
 ///
 /// The cluster kernel when every sample's cluster is resident at once (one CTA per SM: at most
-/// `sm_count / 8` samples, and at least 2), the sample fits on chip and the per-sample weight
-/// reads stay small next to it; otherwise the three-kernel path.
+/// `sm_count / 8` samples, and at least 2), the sample fits on chip, the driver reports
+/// occupancy for it, and the per-sample weight reads stay small next to it; otherwise the
+/// three-kernel path (also when the occupancy query is refused: never an error).
 ///
 /// Set from the first measurements on an H200 (benches/results/2026-12-04-h200-first-run.md):
 /// at batch 8 the cluster kernel was the fastest path at most ResNet-50 stages (forward
@@ -509,11 +510,47 @@ pub fn choose_path(
     if one_wave
         && weight_bytes * 4 <= sample_bytes
         && cluster_fits(dev, cfg, shape, layout, esize, dir)
+        && cluster_resident(dev, cfg, shape, layout, esize, dir)
     {
         SePath::Cluster
     } else {
         SePath::ThreeKernel
     }
+}
+
+/// Whether the driver reports room for at least one cluster of the fused kernel at this shape's
+/// shared memory (cached per kernel and size). A refused query or no occupancy sends
+/// [`SePath::Auto`] to the three-kernel path instead of failing the call. The 2-byte types ask
+/// for the bf16 kernel (the f16 one is the same code).
+fn cluster_resident(
+    dev: &CudaDevice,
+    cfg: &SeConfig,
+    shape: Shape,
+    layout: Layout,
+    esize: usize,
+    dir: Direction,
+) -> bool {
+    use crate::cuda::kargs::{
+        Kernel, SeFusedBwdNchw, SeFusedBwdNhwc, SeFusedFwdNchw, SeFusedFwdNhwc,
+    };
+    let (module, name) = match (dir, layout) {
+        (Direction::Forward, Layout::Nchw) => (SeFusedFwdNchw::MODULE, SeFusedFwdNchw::NAME),
+        (Direction::Forward, Layout::Nhwc) => (SeFusedFwdNhwc::MODULE, SeFusedFwdNhwc::NAME),
+        (Direction::Backward, Layout::Nchw) => (SeFusedBwdNchw::MODULE, SeFusedBwdNchw::NAME),
+        (Direction::Backward, Layout::Nhwc) => (SeFusedBwdNhwc::MODULE, SeFusedBwdNhwc::NAME),
+    };
+    let ty = if esize == 4 { "f32" } else { "bf16" };
+    let smem = cluster_smem_bytes(cfg, shape, layout, esize, dir);
+    matches!(
+        dev.max_active_clusters(
+            module,
+            &format!("{name}_{ty}"),
+            CLUSTER as u32,
+            FUSED_THREADS,
+            smem as u32,
+        ),
+        Ok(n) if n > 0
+    )
 }
 
 fn resolve(
