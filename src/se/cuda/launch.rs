@@ -26,6 +26,9 @@ pub(super) struct Need {
 /// Workspace regions start on this alignment; a workspace may start anywhere (one alignment's
 /// worth of slack is counted in).
 const ALIGN: usize = 256;
+/// Most splits of H*W per (sample, channel tile) in the NHWC squeeze: enough blocks for a
+/// batch-1 stage-1 tensor (64 x 49 pixels at 1x256x56x56), a short final sum.
+const NHWC_MAX_SPLITS: usize = 64;
 
 fn aligned(bytes: usize) -> usize {
     bytes.div_ceil(ALIGN) * ALIGN
@@ -254,7 +257,10 @@ impl Ctx<'_> {
                     let tile = 32 * if vec { v } else { 1 };
                     let blocks = n * c.div_ceil(tile);
                     let want = (4 * self.sms()).div_ceil(blocks).max(1);
-                    let splits = want.clamp(1, hw.div_ceil(8).clamp(1, self.max_yz()));
+                    // At most NHWC_MAX_SPLITS: the last block adds the partials (8 chains of
+                    // splits / 8 dependent loads).
+                    let cap = hw.div_ceil(8).clamp(1, self.max_yz().min(NHWC_MAX_SPLITS));
+                    let splits = want.clamp(1, cap);
                     let per = hw.div_ceil(splits);
                     let splits = hw.div_ceil(per);
                     p.splits = splits as u32;
