@@ -276,15 +276,17 @@ __device__ void reduce_nhwc(const SeParams& p, const ReduceArgs<T, GRAD>& a) {
         // a fixed order (the same bits every run) and a dependent chain of splits / 8 loads, not
         // splits (one warp adding 392 partials serially took 273 us at 1x256x56x56 bf16 on an
         // H200). red is free again: warp 0 read it before the ticket's barrier.
+        float t[V];
 #pragma unroll
-        for (int k = 0; k < V; ++k) {
-            float t = 0.0f;
-            if (c0 + k < p.c) {
-                for (uint32_t sidx = wy; sidx < p.splits; sidx += kNhwcWarps)
-                    t += __ldcg(a.ws + sidx * plane + nc0 + k);
-            }
-            red[wy][lane * V + k] = t;
+        for (int k = 0; k < V; ++k) t[k] = 0.0f;
+#pragma unroll 1
+        for (uint32_t sidx = wy; sidx < p.splits; sidx += kNhwcWarps) {
+#pragma unroll
+            for (int k = 0; k < V; ++k)
+                if (c0 + k < p.c) t[k] += __ldcg(a.ws + sidx * plane + nc0 + k);
         }
+#pragma unroll
+        for (int k = 0; k < V; ++k) red[wy][lane * V + k] = t[k];
         __syncthreads();
         if (wy == 0) {
 #pragma unroll
