@@ -121,21 +121,21 @@ for p in $phases; do
       # Convolutions through cuDNN (exact f32 when found, then TF32), senet's own kernels, and
       # im2col + cuBLAS.
       phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
-        --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --profile 2 --csv "$out/net-bench.csv" || status=1
+        --batch ${NET_BATCH:-1,32,128} --iters 3 --warmup 1 --profile 2 --csv "$out/net-bench.csv" || status=1
       SENET_CONV=cudnn-tf32 phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
-        --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench-tf32.csv" || status=1
+        --batch ${NET_BATCH:-1,32,128} --iters 3 --warmup 1 --csv "$out/net-bench-tf32.csv" || status=1
       SENET_CONV=own phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
-        --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench-own.csv" || status=1
+        --batch ${NET_BATCH:-1,32,128} --iters 3 --warmup 1 --csv "$out/net-bench-own.csv" || status=1
       SENET_CONV=cublas phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 \
-        --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench-cublas.csv" || status=1
+        --batch ${NET_BATCH:-1,32,128} --iters 3 --warmup 1 --csv "$out/net-bench-cublas.csv" || status=1
       # Mixed precision: bf16 activations (cuDNN's bf16 convolutions where it loads), NHWC
       # (channels-last, as PyTorch's side runs bf16), then NCHW for the layout's share.
       phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 --precision bf16 \
-        --layout nhwc --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --profile 2 --csv "$out/net-bench-bf16.csv" || status=1
+        --layout nhwc --batch ${NET_BATCH:-1,32,128} --iters 3 --warmup 1 --profile 2 --csv "$out/net-bench-bf16.csv" || status=1
       phase net ${NET_LIMIT:-240} "$bin/senet" net-bench --device cuda --model seresnet50 --precision bf16 \
-        --batch ${NET_BATCH:-1,32} --iters 3 --warmup 1 --csv "$out/net-bench-bf16-nchw.csv" || status=1
+        --batch ${NET_BATCH:-1,32,128} --iters 3 --warmup 1 --csv "$out/net-bench-bf16-nchw.csv" || status=1
       phase net ${NET_TORCH_LIMIT:-240} env LD_LIBRARY_PATH="$orig_ld" python3 "$here/torch_net.py" \
-        --batch ${NET_BATCH:-1,32} --profile 2 --ours "$out/net-bench.csv,$out/net-bench-bf16.csv" --out "$out/torch-net.csv" ${NET_TORCH_ARGS:-} || status=1
+        --batch ${NET_BATCH:-1,32,128} --profile 2 --ours "$out/net-bench.csv,$out/net-bench-bf16.csv" --out "$out/torch-net.csv" ${NET_TORCH_ARGS:-} || status=1
       # End to end: one epoch of `senet train --device cuda` on a digits subset.
       phase net ${NET_TRAIN_LIMIT:-180} "$bin/senet" train --device cuda --epochs 1 --train-size 2048 \
         --test-size 512 --run-dir "$out/train-cuda" --quiet || status=1
