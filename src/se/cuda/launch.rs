@@ -643,6 +643,17 @@ pub(super) fn run_forward(
     Ok(())
 }
 
+/// How many clusters of the cluster kernel `K` (type suffix `ty`) with `smem` bytes of shared
+/// memory per CTA can be resident at once (cached by the device handle).
+pub(super) fn resident_clusters<K: Kernel>(
+    dev: &CudaDevice,
+    ty: &str,
+    smem: usize,
+) -> Result<usize> {
+    let name = format!("{}_{ty}", K::NAME);
+    dev.max_active_clusters(K::MODULE, &name, CLUSTER as u32, FUSED_THREADS, smem as u32)
+}
+
 /// How many CTAs the cluster kernel `K` (type suffix `ty`) runs on: as many whole clusters as
 /// fit at once, at most one per sample.
 fn cluster_grid<K: Kernel>(
@@ -652,9 +663,7 @@ fn cluster_grid<K: Kernel>(
     smem: usize,
     n: usize,
 ) -> Result<u32> {
-    let name = format!("{}_{ty}", K::NAME);
-    let clusters =
-        dev.max_active_clusters(K::MODULE, &name, CLUSTER as u32, FUSED_THREADS, smem as u32)?;
+    let clusters = resident_clusters::<K>(dev, ty, smem)?;
     if clusters == 0 {
         return Err(Error::Unsupported(format!(
             "no cluster of {CLUSTER} CTAs with {smem} bytes of shared memory fits on {}",

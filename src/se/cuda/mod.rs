@@ -491,7 +491,7 @@ pub fn cluster_fits(
 /// occupancy for it, and the per-sample weight reads stay small next to it; otherwise the
 /// three-kernel path (also when the occupancy query is refused: never an error).
 ///
-/// Set from the first measurements on an H200 (benches/results/2026-12-04-h200-first-run.md):
+/// Set from the first measurements on an H200 (benches/results/2026-12-04-gpu-nvidia-h200-run1.md):
 /// at batch 8 the cluster kernel was the fastest path at most ResNet-50 stages (forward
 /// 24.6 us against three-kernel 35.3 at 8x512x28x28 bf16); at batch 256, where the clusters
 /// run in many waves, the three-kernel path was the fastest at 15 of 16 stage / dtype / layout
@@ -530,27 +530,24 @@ fn cluster_resident(
     esize: usize,
     dir: Direction,
 ) -> bool {
-    use crate::cuda::kargs::{
-        Kernel, SeFusedBwdNchw, SeFusedBwdNhwc, SeFusedFwdNchw, SeFusedFwdNhwc,
-    };
-    let (module, name) = match (dir, layout) {
-        (Direction::Forward, Layout::Nchw) => (SeFusedFwdNchw::MODULE, SeFusedFwdNchw::NAME),
-        (Direction::Forward, Layout::Nhwc) => (SeFusedFwdNhwc::MODULE, SeFusedFwdNhwc::NAME),
-        (Direction::Backward, Layout::Nchw) => (SeFusedBwdNchw::MODULE, SeFusedBwdNchw::NAME),
-        (Direction::Backward, Layout::Nhwc) => (SeFusedBwdNhwc::MODULE, SeFusedBwdNhwc::NAME),
-    };
+    use crate::cuda::kargs::{SeFusedBwdNchw, SeFusedBwdNhwc, SeFusedFwdNchw, SeFusedFwdNhwc};
     let ty = if esize == 4 { "f32" } else { "bf16" };
     let smem = cluster_smem_bytes(cfg, shape, layout, esize, dir);
-    matches!(
-        dev.max_active_clusters(
-            module,
-            &format!("{name}_{ty}"),
-            CLUSTER as u32,
-            FUSED_THREADS,
-            smem as u32,
-        ),
-        Ok(n) if n > 0
-    )
+    let resident = match (dir, layout) {
+        (Direction::Forward, Layout::Nchw) => {
+            launch::resident_clusters::<SeFusedFwdNchw>(dev, ty, smem)
+        }
+        (Direction::Forward, Layout::Nhwc) => {
+            launch::resident_clusters::<SeFusedFwdNhwc>(dev, ty, smem)
+        }
+        (Direction::Backward, Layout::Nchw) => {
+            launch::resident_clusters::<SeFusedBwdNchw>(dev, ty, smem)
+        }
+        (Direction::Backward, Layout::Nhwc) => {
+            launch::resident_clusters::<SeFusedBwdNhwc>(dev, ty, smem)
+        }
+    };
+    matches!(resident, Ok(n) if n > 0)
 }
 
 fn resolve(
