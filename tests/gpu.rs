@@ -204,8 +204,8 @@ fn gpu_callers_stream_memory_and_graph_capture() {
     assert_eq!(dev.id(), own.id(), "one context, one device identity");
     let (shape, layout) = (Shape::new(3, 40, 9, 11), Layout::Nhwc);
     let w = weights(40, 8, true, Activation::Relu, Gate::Sigmoid, seed);
+    let (x, w) = check::input_off_kinks::<bf16>(w, shape, layout, seed + 1).unwrap();
     let cfg = w.config;
-    let x = check::input::<bf16>(shape, layout, seed + 1).unwrap();
     let r =
         check::residual_off_kink(&w, &x, check::input(shape, layout, seed + 2).unwrap()).unwrap();
     let dy = check::input::<bf16>(shape, layout, seed + 3).unwrap();

@@ -100,7 +100,7 @@ fn inputs<T: Element>(
     for v in w.w1.iter_mut().chain(w.w2.iter_mut()) {
         *v *= 2.0;
     }
-    let x = check::input::<T>(shape, layout, seed + 1)?;
+    let (x, w) = check::input_off_kinks::<T>(w, shape, layout, seed + 1)?;
     let r = if epilogue {
         Some(check::residual_off_kink(
             &w,

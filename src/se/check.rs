@@ -10,9 +10,10 @@
 //! |fl(sum) - sum| <= gamma_n sum |terms|); it equals |value| when nothing cancels, so where
 //! there is no cancellation this is exactly DESIGN.md's relative error.
 //!
-//! Inputs from [`input`] never hold zeros (nor f16 subnormals), and [`residual_off_kink`] keeps
-//! the epilogue's pre-activation away from the ReLU's kink, where f32 and f64 may legitimately
-//! take different sides.
+//! Inputs from [`input`] never hold zeros (nor f16 subnormals). Values that meet a kink (the
+//! ReLU's at 0, the hard sigmoid's at -3 and 3) are kept away from it, since there f32 and f64
+//! may legitimately take different sides: [`weights_off_kinks`] for the excitation's hidden and
+//! gate inputs, [`residual_off_kink`] for the epilogue's pre-activation.
 
 use super::reference::{self, SeBackward, SeForward, SeSaved};
 use super::{Activation, SeGrads, SeWeights};
@@ -108,14 +109,11 @@ pub fn expected<T: Element>(
     })
 }
 
+/// Summand magnitudes of the forward's sums: `M_z` (mean |x|, `[n][c]`), `M_h`
+/// (`|b1| + |W1| M_z`, `[n][d]`) and `M_a` (`|b2| + |W2| M_h`, `[n][c]`; `|act(h)| <= |h|` for
+/// both activations, so `M_h` bounds u too).
 #[allow(clippy::needless_range_loop)] // indices mirror the reference's loops
-fn magnitudes<T: Element>(
-    w: &SeWeights,
-    x: &Tensor<T>,
-    r: Option<&Tensor<T>>,
-    dy: &Tensor<T>,
-    saved: &SeSaved,
-) -> Result<Magnitudes> {
+fn forward_magnitudes<T: Element>(w: &SeWeights, x: &Tensor<T>) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let sh = x.shape();
     let cfg = w.config;
     let (n, c, d, hw) = (sh.n, sh.c, cfg.hidden, sh.hw());
@@ -131,7 +129,7 @@ fn magnitudes<T: Element>(
         }
     }
     let mut mh = vec![0.0; n * d];
-    let mut ms = vec![0.0; n * c];
+    let mut ma = vec![0.0; n * c];
     for nn in 0..n {
         for j in 0..d {
             let t: f64 = (0..c)
@@ -143,10 +141,257 @@ fn magnitudes<T: Element>(
             let t: f64 = (0..d)
                 .map(|j| (w.w2[cc * d + j] as f64).abs() * mh[nn * d + j])
                 .sum();
-            let a = nn * c + cc;
-            ms[a] = (cfg.gate.derivative(saved.a[a]) * (bias(&w.b2, cc) + t)).max(saved.s[a].abs());
+            ma[nn * c + cc] = bias(&w.b2, cc) + t;
         }
     }
+    (mz, mh, ma)
+}
+
+/// f32's unit roundoff.
+const UNIT: f64 = f32::EPSILON as f64 / 2.0;
+
+/// A value closer to a kink than this many times its worst-case f32 rounding error is moved.
+pub const KINK_MARGIN: f64 = 16.0;
+
+/// The kinks of the excitation's functions: the ReLU's at 0 (h), the hard sigmoid's at -3 and 3
+/// (a). SiLU and the sigmoid are smooth.
+fn kinks(w: &SeWeights) -> (&'static [f64], &'static [f64]) {
+    let h: &'static [f64] = match w.config.activation {
+        Activation::Relu => &[0.0],
+        Activation::Silu => &[],
+    };
+    let a: &'static [f64] = match w.config.gate {
+        super::Gate::HardSigmoid => &[-3.0, 3.0],
+        super::Gate::Sigmoid => &[],
+    };
+    (h, a)
+}
+
+/// Worst-case bounds on the f32 rounding errors of the excitation's values, whatever the order
+/// of the sums (|fl(sum) - sum| <= gamma_k sum |terms|, gamma_k ~ k u).
+struct RoundingBounds {
+    /// Of z, `[n][c]`: the pooled mean's, `(hw + 2) u mean|x|`.
+    z: Vec<f64>,
+    /// Of h, `[n][d]`: z's carried through |W1|, plus the layer's own.
+    h: Vec<f64>,
+    /// Of u = act(h), `[n][d]`.
+    u: Vec<f64>,
+    /// Of a, `[n][c]`: u's carried through |W2|, plus the layer's own.
+    a: Vec<f64>,
+}
+
+#[allow(clippy::needless_range_loop)] // indices mirror the reference's loops
+fn rounding_bounds<T: Element>(w: &SeWeights, x: &Tensor<T>, saved: &SeSaved) -> RoundingBounds {
+    let sh = x.shape();
+    let cfg = w.config;
+    let (n, c, d, hw) = (sh.n, sh.c, cfg.hidden, sh.hw());
+    let (mz, _, _) = forward_magnitudes(w, x);
+    let bias = |b: &Option<Vec<f32>>, i: usize| b.as_ref().map_or(0.0, |b| (b[i] as f64).abs());
+    let ez: Vec<f64> = mz.iter().map(|m| (hw as f64 + 2.0) * UNIT * m).collect();
+    let mut eh = vec![0.0; n * d];
+    let mut eu = vec![0.0; n * d];
+    let mut ea = vec![0.0; n * c];
+    for nn in 0..n {
+        for j in 0..d {
+            let (mut terms, mut carried) = (bias(&w.b1, j), 0.0);
+            for cc in 0..c {
+                let w1 = (w.w1[j * c + cc] as f64).abs();
+                terms += w1 * saved.z[nn * c + cc].abs();
+                carried += w1 * ez[nn * c + cc];
+            }
+            eh[nn * d + j] = (c as f64 + 1.0) * UNIT * terms + carried;
+            let h = saved.h[nn * d + j];
+            // |act'| <= 1.1, plus the activation's own rounding.
+            eu[nn * d + j] = 1.1 * eh[nn * d + j] + 4.0 * UNIT * cfg.activation.apply(h).abs();
+        }
+        for cc in 0..c {
+            let (mut terms, mut carried) = (bias(&w.b2, cc), 0.0);
+            for j in 0..d {
+                let w2 = (w.w2[cc * d + j] as f64).abs();
+                terms += w2 * cfg.activation.apply(saved.h[nn * d + j]).abs();
+                carried += w2 * eu[nn * d + j];
+            }
+            ea[nn * c + cc] = (d as f64 + 1.0) * UNIT * terms + carried;
+        }
+    }
+    RoundingBounds {
+        z: ez,
+        h: eh,
+        u: eu,
+        a: ea,
+    }
+}
+
+/// How close, on input `x`, the excitation's values come to a kink of their functions (a
+/// hidden pre-activation h to the ReLU's at 0, a gate input a to the hard sigmoid's at -3 and
+/// 3), in units of each value's worst-case f32 rounding error: below 1, f32 and the f64
+/// reference may take different sides of the kink, and both derivatives are right. Infinite
+/// when no function has a kink (or a value sits on one exactly, with no rounding error).
+pub fn kink_distance<T: Element>(w: &SeWeights, x: &Tensor<T>) -> Result<f64> {
+    let saved = reference::forward(w, x, None)?.saved;
+    let e = rounding_bounds(w, x, &saved);
+    let (hk, ak) = kinks(w);
+    let dist = |v: f64, e: f64, ks: &[f64]| {
+        ks.iter()
+            .map(|k| {
+                let gap = (v - k).abs();
+                if e > 0.0 {
+                    gap / e
+                } else {
+                    f64::INFINITY
+                }
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let h = saved.h.iter().zip(&e.h).map(|(&v, &e)| dist(v, e, hk));
+    let a = saved.a.iter().zip(&e.a).map(|(&v, &e)| dist(v, e, ak));
+    Ok(h.chain(a).fold(f64::INFINITY, f64::min))
+}
+
+/// `w` with its excitation weights nudged so that, on input `x`, no hidden pre-activation h
+/// (ReLU) or gate input a (hard sigmoid) lies within [`KINK_MARGIN`] times its worst-case f32
+/// rounding error of a kink ([`kink_distance`] `>= KINK_MARGIN` afterwards). There f32 and the
+/// f64 reference may take different sides, and both derivatives are right (seen: h = 1.7e-8
+/// in f64 and -1.1e-8 in f32, zeroing a whole row of dW1 in one and not the other). The nudge
+/// changes the one weight of that row facing the largest input (or the bias) so the value lands
+/// twice the margin from the kink, on the side it was on: a change of the order of f32's
+/// rounding, which leaves the draw as random as it was. A nudge for one sample moves the others
+/// too, so this repeats (at most 16 rounds).
+///
+/// An error when no weight can move a value: a row without bias whose inputs are all within
+/// their own rounding error of 0 (pooled means that cancel, as with one channel whose few
+/// pixels sum to almost nothing). Draw another `x` then.
+pub fn weights_off_kinks<T: Element>(mut w: SeWeights, x: &Tensor<T>) -> Result<SeWeights> {
+    let sh = x.shape();
+    let (n, c, d) = (sh.n, sh.c, w.config.hidden);
+    let (hk, ak) = kinks(&w);
+    // The change that puts `v` twice the margin from the kink it is near, if it is near one.
+    let shift = |v: f64, e: f64, ks: &[f64]| {
+        ks.iter()
+            .find(|&&k| (v - k).abs() < KINK_MARGIN * e)
+            .map(|&k| {
+                let side = if v >= k { 1.0 } else { -1.0 };
+                k + side * 2.0 * KINK_MARGIN * e - v
+            })
+    };
+    let stuck = |what: String| {
+        Err(crate::error::Error::Config(format!(
+            "{what} is within its rounding error of a kink and no weight can move it: draw \
+             another input"
+        )))
+    };
+    for _ in 0..16 {
+        let mut moved = false;
+        let saved = reference::forward(&w, x, None)?.saved;
+        let e = rounding_bounds(&w, x, &saved);
+        // Moving a weight by t moves its sum by t v and the sum's error bound by |t| (its
+        // input's error + (k + 1) u |v|): of use only where v stands well clear of its own error.
+        let clear = |v: f64, err: f64, k: usize| {
+            v.abs() > 4.0 * KINK_MARGIN * (err + (k as f64 + 1.0) * UNIT * v.abs())
+        };
+        for nn in 0..n {
+            for j in 0..d {
+                let Some(dh) = shift(saved.h[nn * d + j], e.h[nn * d + j], hk) else {
+                    continue;
+                };
+                let (cm, zm) = argmax_abs(&saved.z[nn * c..(nn + 1) * c]);
+                if clear(zm, e.z[nn * c + cm], c) {
+                    w.w1[j * c + cm] += (dh / zm) as f32;
+                } else if let Some(b1) = w.b1.as_mut() {
+                    b1[j] += dh as f32;
+                } else {
+                    return stuck(format!("h of sample {nn}, hidden unit {j}"));
+                }
+                moved = true;
+            }
+        }
+        if moved {
+            continue; // h changed: u, a and their bounds are stale
+        }
+        for nn in 0..n {
+            let u: Vec<f64> = saved.h[nn * d..(nn + 1) * d]
+                .iter()
+                .map(|&h| w.config.activation.apply(h))
+                .collect();
+            for cc in 0..c {
+                let Some(da) = shift(saved.a[nn * c + cc], e.a[nn * c + cc], ak) else {
+                    continue;
+                };
+                let (jm, um) = argmax_abs(&u);
+                if clear(um, e.u[nn * d + jm], d) {
+                    w.w2[cc * d + jm] += (da / um) as f32;
+                } else if let Some(b2) = w.b2.as_mut() {
+                    b2[cc] += da as f32;
+                } else {
+                    return stuck(format!("a of sample {nn}, channel {cc}"));
+                }
+                moved = true;
+            }
+        }
+        if !moved {
+            return Ok(w);
+        }
+    }
+    Err(crate::error::Error::Config(
+        "could not move the excitation's values off their kinks in 16 rounds".into(),
+    ))
+}
+
+/// An input from [`input`] and `w` moved off the kinks on it ([`weights_off_kinks`]): the
+/// usual way to draw a case. Where the nudge cannot work for that `x` (pooled means that cancel
+/// to within rounding, with no bias to move instead) the next `x` in the seed's sequence is
+/// drawn, up to 8 times.
+pub fn input_off_kinks<T: Element>(
+    w: SeWeights,
+    shape: Shape,
+    layout: Layout,
+    seed: u64,
+) -> Result<(Tensor<T>, SeWeights)> {
+    let mut k = 0u64;
+    loop {
+        let x = input::<T>(
+            shape,
+            layout,
+            seed.wrapping_add(k.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        )?;
+        match weights_off_kinks(w.clone(), &x) {
+            Ok(w) => return Ok((x, w)),
+            Err(e) if k == 7 => return Err(e),
+            Err(_) => k += 1,
+        }
+    }
+}
+
+/// Index and value of the element of largest magnitude (`(0, 0.0)` for an empty slice).
+fn argmax_abs(v: &[f64]) -> (usize, f64) {
+    v.iter().copied().enumerate().fold(
+        (0, 0.0),
+        |(bi, bv), (i, x)| {
+            if x.abs() > bv.abs() {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        },
+    )
+}
+
+#[allow(clippy::needless_range_loop)] // indices mirror the reference's loops
+fn magnitudes<T: Element>(
+    w: &SeWeights,
+    x: &Tensor<T>,
+    r: Option<&Tensor<T>>,
+    dy: &Tensor<T>,
+    saved: &SeSaved,
+) -> Result<Magnitudes> {
+    let sh = x.shape();
+    let cfg = w.config;
+    let (n, c, d, hw) = (sh.n, sh.c, cfg.hidden, sh.hw());
+    let xd = x.to_f64_vec();
+    let (mz, mh, ma) = forward_magnitudes(w, x);
+    let ms: Vec<f64> = (0..n * c)
+        .map(|a| (cfg.gate.derivative(saved.a[a]) * ma[a]).max(saved.s[a].abs()))
+        .collect();
     // y = s x (+ r): |x| M_s (+ |r|).
     let mut my = vec![0.0; sh.numel()];
     let mut g = vec![0.0; sh.numel()];

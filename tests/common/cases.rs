@@ -144,7 +144,7 @@ pub fn run_case<T: CudaElement>(
     let c = shape.c;
     let d = SeConfig::with_reduction(c, 16).unwrap().hidden;
     let w = weights(c, d, case.bias, case.act, case.gate, seed);
-    let x = check::input::<T>(shape, layout, seed + 1).unwrap();
+    let (x, w) = check::input_off_kinks::<T>(w, shape, layout, seed + 1).unwrap();
     let r = case.epilogue.then(|| {
         check::residual_off_kink(&w, &x, check::input::<T>(shape, layout, seed + 2).unwrap())
             .unwrap()

@@ -106,8 +106,8 @@ fn one_case<T: Element>(
         "{} {shape} {layout} {cfg} residual={epi} seed={seed}",
         T::DTYPE
     );
-    let w = weights(cfg, seed);
-    let x = check::input::<T>(shape, layout, seed ^ 0x11).unwrap();
+    let (x, w) = check::input_off_kinks::<T>(weights(cfg, seed), shape, layout, seed ^ 0x11)
+        .unwrap_or_else(|e| panic!("{e} ({ctx})"));
     let r = check::residual_off_kink(
         &w,
         &x,
@@ -299,8 +299,7 @@ fn sweep<T: Element>(seed: u64) -> Tally {
 }
 
 fn run_sweep<T: Element>() {
-    let seed = senet::rng::fresh_seed();
-    println!("{} seed {seed}", T::DTYPE);
+    let seed = crate::common::seed(&format!("{} sweep", T::DTYPE));
     let t = pool().install(|| sweep::<T>(seed));
     let expected: usize = shapes().iter().map(|&s| configs(s).len() * 2 * 2).sum();
     assert_eq!(t.cases, expected);
@@ -525,8 +524,8 @@ fn slice_api_matches_tensor_api_and_reference() {
                     } else {
                         Gate::Sigmoid
                     });
-                let w = weights(cfg, s);
-                let x = check::input::<T>(shape, layout, s ^ 1).unwrap();
+                let (x, w) =
+                    check::input_off_kinks::<T>(weights(cfg, s), shape, layout, s ^ 1).unwrap();
                 let r =
                     check::residual_off_kink(&w, &x, check::input(shape, layout, s ^ 2).unwrap())
                         .unwrap();
@@ -637,4 +636,99 @@ fn slice_api_matches_tensor_api_and_reference() {
         run::<half::f16>(seed ^ 1);
         run::<half::bf16>(seed ^ 2);
     });
+}
+
+/// CI's failure of 2026-12-04 (f16, 2x600x2x3 NHWC, ReLU): with the weights as drawn, hidden
+/// unit 115 of sample 1 has h = 1.7e-8 in f64 and -1.1e-8 in f32 (its summands are of size
+/// 6.7), so the CPU path zeroed that row of dW1 and the reference did not. Both are right: the
+/// case must be drawn off the kink, which `check::weights_off_kinks` does.
+#[test]
+fn a_hidden_unit_at_the_relu_kink_is_moved_off_it() {
+    let cfg = SeConfig::with_hidden(600, 201).unwrap();
+    let (shape, layout, seed) = (Shape::new(2, 600, 2, 3), Layout::Nhwc, 17963126102042839305);
+    let x = check::input::<f16>(shape, layout, seed ^ 0x11).unwrap();
+    let raw = weights(cfg, seed);
+    let before = check::kink_distance(&raw, &x).unwrap();
+    assert!(
+        before < 1.0,
+        "the seed no longer draws the CI case ({before})"
+    );
+    let moved = check::weights_off_kinks(raw.clone(), &x).unwrap();
+    assert!(check::kink_distance(&moved, &x).unwrap() >= check::KINK_MARGIN);
+    // A handful of W1's 120,600 weights, each by a fraction of the init's bound (1/sqrt(600)
+    // = 0.041): the draw stays a random one.
+    let changed: Vec<f32> = moved
+        .w1
+        .iter()
+        .zip(&raw.w1)
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| (a - b).abs())
+        .collect();
+    assert!(
+        !changed.is_empty() && changed.len() <= 10,
+        "{} weights moved",
+        changed.len()
+    );
+    assert!(changed.iter().all(|&d| d < 0.01), "moves {changed:?}");
+    assert_eq!(moved.w2, raw.w2, "no gate kinks here: W2 untouched");
+    // And the whole case passes under every schedule.
+    pool().install(|| one_case::<f16>(cfg, shape, layout, true, seed, &mut Tally::default()));
+}
+
+/// Values exactly on a kink, built by hand: h = 0 (ReLU) for sample 0 and a = 3 (hard sigmoid)
+/// for sample 1. Afterwards every h and a is at least `KINK_MARGIN` rounding errors from its
+/// kinks, each on its side, and the weights moved by next to nothing. A row whose only input pools to exactly 0
+/// (no bias) cannot be moved: an error, and `input_off_kinks` draws another x.
+#[test]
+fn weights_off_kinks_moves_values_exactly_on_a_kink() {
+    let cfg = SeConfig::with_hidden(2, 2)
+        .unwrap()
+        .bias(false)
+        .activation(Activation::Relu)
+        .gate(Gate::HardSigmoid);
+    let shape = Shape::new(2, 2, 1, 1);
+    // HW = 1, so z = x: z0 = (0.5, 0.25), z1 = (0.75, -0.5).
+    let x = Tensor::<f32>::from_vec(shape, Layout::Nchw, vec![0.5, 0.25, 0.75, -0.5]).unwrap();
+    // h0 = (0.5 * 0.5 - 1 * 0.25, ...) = (0, 0.75); h1 = (0.875, 0.25).
+    // a1[1] = 2 * 0.875 + 5 * 0.25 = 3.
+    let w = SeWeights::from_parts(
+        cfg,
+        vec![0.5, -1.0, 1.0, 1.0],
+        None,
+        vec![1.0, 1.0, 2.0, 5.0],
+        None,
+    )
+    .unwrap();
+    let f = reference::forward(&w, &x, None).unwrap().saved;
+    assert_eq!((f.h[0], f.a[3]), (0.0, 3.0), "the hand-built case");
+    assert_eq!(check::kink_distance(&w, &x).unwrap(), 0.0);
+    let moved = check::weights_off_kinks(w.clone(), &x).unwrap();
+    assert!(check::kink_distance(&moved, &x).unwrap() >= check::KINK_MARGIN);
+    let f = reference::forward(&moved, &x, None).unwrap().saved;
+    assert!(
+        f.h[0] > 0.0 && f.a[3] > 3.0,
+        "each value kept its side (h {}, a {})",
+        f.h[0],
+        f.a[3]
+    );
+    for (got, was) in moved
+        .w1
+        .iter()
+        .chain(&moved.w2)
+        .zip(w.w1.iter().chain(&w.w2))
+    {
+        assert!(
+            (got - was).abs() <= 1e-4 * was.abs(),
+            "a weight moved from {was} to {got}"
+        );
+    }
+    assert_ne!(moved.w1, w.w1, "h was on the kink: W1 must have moved");
+    assert_ne!(moved.w2, w.w2, "a was on a kink: W2 must have moved");
+
+    // One channel whose pixels pool to exactly 0, no bias: nothing can move h.
+    let cfg1 = SeConfig::with_hidden(1, 1).unwrap().bias(false);
+    let x1 =
+        Tensor::<f32>::from_vec(Shape::new(1, 1, 1, 2), Layout::Nchw, vec![0.5, -0.5]).unwrap();
+    let w1 = SeWeights::from_parts(cfg1, vec![0.7], None, vec![1.0], None).unwrap();
+    assert!(check::weights_off_kinks(w1, &x1).is_err());
 }
