@@ -2,7 +2,9 @@
 //!
 //! The loss is `sum(y * probe)`, so its gradient with respect to `y` is `probe`. Inputs are f64
 //! and perturbed by 1e-6; weights are stored as f32, so each weight is perturbed by about
-//! 2^-12 and the perturbation actually stored is used in the quotient.
+//! 2^-12 and the perturbation actually stored is used in the quotient. Differences are only
+//! right away from the kinks of ReLU and the hard sigmoid: [`clear_of_kinks`] says whether a
+//! case is.
 
 use super::reference::forward;
 use super::{SeGrads, SeWeights};
@@ -119,4 +121,63 @@ pub fn finite_differences(
             .map(|_| fd_tensor(w, x, residual, p, true))
             .transpose()?,
     })
+}
+
+/// Whether central differences can be trusted on `(w, x, residual)`: every value that meets a
+/// kink (a hidden pre-activation h at the ReLU's 0, a gate input a at the hard sigmoid's -3 and
+/// 3, the epilogue's `s x + r` at its ReLU's 0) lies further from it than four times what
+/// [`finite_differences`]'s perturbations can move it (a weight by 2^-12, an input by 1e-6).
+/// Differences across a kink mix both sides' slopes, and are wrong where the backward is
+/// right: draw another case when this is false.
+pub fn clear_of_kinks(
+    w: &SeWeights,
+    x: &Tensor<f64>,
+    residual: Option<&Tensor<f64>>,
+) -> Result<bool> {
+    use super::{Activation, Gate};
+    let saved = forward(w, x, residual)?.saved;
+    let cfg = w.config;
+    let sh = x.shape();
+    let (c, d, hw) = (sh.c, cfg.hidden, sh.hw());
+    let (wstep, xstep) = (2f64.powi(-12), 1e-6);
+    let max_abs = |v: &[f32]| v.iter().fold(0.0f64, |m, &a| m.max((a as f64).abs()));
+    let (w1max, w2max) = (max_abs(&w.w1), max_abs(&w.w2));
+    let gate_slope = match cfg.gate {
+        Gate::Sigmoid => 0.25,
+        Gate::HardSigmoid => 1.0 / 6.0,
+    };
+    for n in 0..sh.n {
+        let z = &saved.z[n * c..(n + 1) * c];
+        let h = &saved.h[n * d..(n + 1) * d];
+        let a = &saved.a[n * c..(n + 1) * c];
+        let zmax = z.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        let umax = h
+            .iter()
+            .fold(1.0f64, |m, &v| m.max(cfg.activation.apply(v).abs()));
+        // One weight or one input moves at a time: h by a W1 / b1 step times z, or by W1 times
+        // an x step; a by a W2 / b2 step times u, or by W2 times the move of one u (|act'| <= 1.1).
+        let dh = wstep * zmax + w1max * xstep;
+        let da = wstep * umax + w2max * 1.1 * dh;
+        if cfg.activation == Activation::Relu && h.iter().any(|v| v.abs() <= 4.0 * dh) {
+            return Ok(false);
+        }
+        if cfg.gate == Gate::HardSigmoid && a.iter().any(|v| (v.abs() - 3.0).abs() <= 4.0 * da) {
+            return Ok(false);
+        }
+        if let Some(r) = residual {
+            for cc in 0..c {
+                let s = saved.s[n * c + cc];
+                for p in 0..hw {
+                    let i = sh.offset(x.layout(), n, cc, p);
+                    let xv = x.data()[i];
+                    let t = s * xv + r.data()[i];
+                    let dt = xv.abs() * gate_slope * da + (s.abs() + 1.0) * xstep;
+                    if t.abs() <= 4.0 * dt {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+    Ok(true)
 }

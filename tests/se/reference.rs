@@ -3,7 +3,7 @@
 
 use crate::common::*;
 use half::{bf16, f16};
-use senet::se::gradcheck::finite_differences;
+use senet::se::gradcheck::{clear_of_kinks, finite_differences};
 use senet::se::reference::{backward, forward};
 use senet::{Activation, Element, Gate, Layout, SeConfig, SeWeights, Shape, Tensor};
 
@@ -99,11 +99,20 @@ fn finite_differences_every_gradient() {
         for act in Activation::ALL {
             for bias in [true, false] {
                 for epilogue in [false, true] {
-                    let s = seed.wrapping_add(cases * 101);
+                    let mut s = seed.wrapping_add(cases * 101);
                     cases += 1;
-                    let w = weights(5, 3, bias, act, gate, s);
-                    let x = tensor::<f64>(shape, Layout::Nchw, s + 1);
-                    let r = epilogue.then(|| tensor::<f64>(shape, Layout::Nchw, s + 2));
+                    // Differences across a kink are wrong, not the backward: draw until clear.
+                    let (w, x, r) = (0..1000)
+                        .find_map(|_| {
+                            s = s.wrapping_add(0x9e37_79b9);
+                            let w = weights(5, 3, bias, act, gate, s);
+                            let x = tensor::<f64>(shape, Layout::Nchw, s + 1);
+                            let r = epilogue.then(|| tensor::<f64>(shape, Layout::Nchw, s + 2));
+                            clear_of_kinks(&w, &x, r.as_ref())
+                                .unwrap()
+                                .then_some((w, x, r))
+                        })
+                        .expect("a case clear of the kinks in 1000 draws");
                     let probe = tensor::<f64>(shape, Layout::Nchw, s + 3);
                     let f = forward(&w, &x, r.as_ref()).unwrap();
                     let b = backward(&w, &x, r.as_ref(), &f.saved, &probe).unwrap();
@@ -130,6 +139,44 @@ fn finite_differences_every_gradient() {
         }
     }
     assert_eq!(cases, 16);
+}
+
+/// `clear_of_kinks` refuses a case with a value on each kind of kink, built by hand from the
+/// hand-computed case above: h at the ReLU's 0, a at the hard sigmoid's 3, and the epilogue's
+/// s x + r at 0; and accepts the case itself.
+#[test]
+fn clear_of_kinks_sees_each_kink() {
+    let cfg = SeConfig::with_hidden(2, 1).unwrap().gate(Gate::HardSigmoid);
+    let shape = Shape::new(1, 2, 1, 2);
+    let x = Tensor::<f64>::from_vec(shape, Layout::Nchw, vec![1.0, 3.0, 2.0, 4.0]).unwrap();
+    let w = |b1: f32, b2: f32| {
+        SeWeights::from_parts(
+            cfg,
+            vec![0.5, -0.25],
+            Some(vec![b1]),
+            vec![2.0, -4.0],
+            Some(vec![0.0, b2]),
+        )
+        .unwrap()
+    };
+    // h = 0.5 * 2 - 0.25 * 3 + b1 = 0.25 + b1; a[1] = -4 relu(h) + b2 (b2 - 2 at b1 = 0.25).
+    assert!(
+        clear_of_kinks(&w(0.25, 1.0), &x, None).unwrap(),
+        "the hand case is clear"
+    );
+    assert!(!clear_of_kinks(&w(-0.25, 1.0), &x, None).unwrap(), "h = 0");
+    assert!(
+        !clear_of_kinks(&w(0.25, 5.0), &x, None).unwrap(),
+        "a[1] = 3"
+    );
+    // s = [2/3, 1/3]: x[0] = 1 with r[0] = -2/3 puts s x + r at 0 (up to rounding).
+    let r = Tensor::<f64>::from_vec(shape, Layout::Nchw, vec![-2.0 / 3.0, 0.5, 0.5, 0.5]).unwrap();
+    assert!(
+        !clear_of_kinks(&w(0.25, 1.0), &x, Some(&r)).unwrap(),
+        "s x + r = 0"
+    );
+    let r = Tensor::<f64>::from_vec(shape, Layout::Nchw, vec![0.5; 4]).unwrap();
+    assert!(clear_of_kinks(&w(0.25, 1.0), &x, Some(&r)).unwrap());
 }
 
 /// f16 / bf16 through the reference: rounding the inputs costs at most the dtype's tolerance on
