@@ -150,7 +150,16 @@ fn forward_magnitudes<T: Element>(w: &SeWeights, x: &Tensor<T>) -> (Vec<f64>, Ve
 /// f32's unit roundoff.
 const UNIT: f64 = f32::EPSILON as f64 / 2.0;
 
-/// A value closer to a kink than this many times its worst-case f32 rounding error is moved.
+/// The rounding error of a sum of `k` terms, relative to the sum of their magnitudes: the
+/// probabilistic bound `lambda sqrt(k) u` (Higham and Mary, "A new approach to probabilistic
+/// rounding error analysis", 2019), with lambda = 4. The worst case, `k u`, is reached only when
+/// every rounding errs the same way; taking it makes the margin around a kink as wide as a
+/// pooled mean over 56 x 56 pixels is large, leaving no weight that can move a value out.
+fn gamma(k: usize) -> f64 {
+    4.0 * (k as f64).sqrt() * UNIT
+}
+
+/// A value closer to a kink than this many times its f32 rounding-error bound is moved.
 pub const KINK_MARGIN: f64 = 16.0;
 
 /// The kinks of the excitation's functions: the ReLU's at 0 (h), the hard sigmoid's at -3 and 3
@@ -167,8 +176,8 @@ fn kinks(w: &SeWeights) -> (&'static [f64], &'static [f64]) {
     (h, a)
 }
 
-/// Worst-case bounds on the f32 rounding errors of the excitation's values, whatever the order
-/// of the sums (|fl(sum) - sum| <= gamma_k sum |terms|, gamma_k ~ k u).
+/// Bounds on the f32 rounding errors of the excitation's values, whatever the order of the sums
+/// (|fl(sum) - sum| <= gamma(k) sum |terms|, see [`gamma`]).
 struct RoundingBounds {
     /// Of z, `[n][c]`: the pooled mean's, `(hw + 2) u mean|x|`.
     z: Vec<f64>,
@@ -187,7 +196,7 @@ fn rounding_bounds<T: Element>(w: &SeWeights, x: &Tensor<T>, saved: &SeSaved) ->
     let (n, c, d, hw) = (sh.n, sh.c, cfg.hidden, sh.hw());
     let (mz, _, _) = forward_magnitudes(w, x);
     let bias = |b: &Option<Vec<f32>>, i: usize| b.as_ref().map_or(0.0, |b| (b[i] as f64).abs());
-    let ez: Vec<f64> = mz.iter().map(|m| (hw as f64 + 2.0) * UNIT * m).collect();
+    let ez: Vec<f64> = mz.iter().map(|m| gamma(hw + 2) * m).collect();
     let mut eh = vec![0.0; n * d];
     let mut eu = vec![0.0; n * d];
     let mut ea = vec![0.0; n * c];
@@ -199,7 +208,7 @@ fn rounding_bounds<T: Element>(w: &SeWeights, x: &Tensor<T>, saved: &SeSaved) ->
                 terms += w1 * saved.z[nn * c + cc].abs();
                 carried += w1 * ez[nn * c + cc];
             }
-            eh[nn * d + j] = (c as f64 + 1.0) * UNIT * terms + carried;
+            eh[nn * d + j] = gamma(c + 1) * terms + carried;
             let h = saved.h[nn * d + j];
             // |act'| <= 1.1, plus the activation's own rounding.
             eu[nn * d + j] = 1.1 * eh[nn * d + j] + 4.0 * UNIT * cfg.activation.apply(h).abs();
@@ -211,7 +220,7 @@ fn rounding_bounds<T: Element>(w: &SeWeights, x: &Tensor<T>, saved: &SeSaved) ->
                 terms += w2 * cfg.activation.apply(saved.h[nn * d + j]).abs();
                 carried += w2 * eu[nn * d + j];
             }
-            ea[nn * c + cc] = (d as f64 + 1.0) * UNIT * terms + carried;
+            ea[nn * c + cc] = gamma(d + 1) * terms + carried;
         }
     }
     RoundingBounds {
@@ -224,7 +233,7 @@ fn rounding_bounds<T: Element>(w: &SeWeights, x: &Tensor<T>, saved: &SeSaved) ->
 
 /// How close, on input `x`, the excitation's values come to a kink of their functions (a
 /// hidden pre-activation h to the ReLU's at 0, a gate input a to the hard sigmoid's at -3 and
-/// 3), in units of each value's worst-case f32 rounding error: below 1, f32 and the f64
+/// 3), in units of each value's f32 rounding-error bound: below 1, f32 and the f64
 /// reference may take different sides of the kink, and both derivatives are right. Infinite
 /// when no function has a kink (or a value sits on one exactly, with no rounding error).
 pub fn kink_distance<T: Element>(w: &SeWeights, x: &Tensor<T>) -> Result<f64> {
@@ -249,14 +258,14 @@ pub fn kink_distance<T: Element>(w: &SeWeights, x: &Tensor<T>) -> Result<f64> {
 }
 
 /// `w` with its excitation weights nudged so that, on input `x`, no hidden pre-activation h
-/// (ReLU) or gate input a (hard sigmoid) lies within [`KINK_MARGIN`] times its worst-case f32
-/// rounding error of a kink ([`kink_distance`] `>= KINK_MARGIN` afterwards). There f32 and the
-/// f64 reference may take different sides, and both derivatives are right (seen: h = 1.7e-8
-/// in f64 and -1.1e-8 in f32, zeroing a whole row of dW1 in one and not the other). The nudge
-/// changes the one weight of that row facing the largest input (or the bias) so the value lands
-/// twice the margin from the kink, on the side it was on: a change of the order of f32's
-/// rounding, which leaves the draw as random as it was. A nudge for one sample moves the others
-/// too, so this repeats (at most 16 rounds).
+/// (ReLU) or gate input a (hard sigmoid) lies within [`KINK_MARGIN`] times its f32
+/// rounding-error bound of a kink ([`kink_distance`] `>= KINK_MARGIN` afterwards). There f32
+/// and the f64 reference may take different sides, and both derivatives are right (seen:
+/// h = 1.7e-8 in f64 and -1.1e-8 in f32, zeroing a whole row of dW1 in one and not the other).
+/// The nudge changes the one weight of that row facing the largest input (or the bias) so the
+/// value lands twice the margin from the kink, on the side it was on: a few weights move, by a
+/// small fraction of their size, and the draw stays a random one. A nudge for one sample moves
+/// the others too, so this repeats (at most 16 rounds).
 ///
 /// An error when no weight can move a value: a row without bias whose inputs are all within
 /// their own rounding error of 0 (pooled means that cancel, as with one channel whose few
@@ -287,7 +296,7 @@ pub fn weights_off_kinks<T: Element>(mut w: SeWeights, x: &Tensor<T>) -> Result<
         // Moving a weight by t moves its sum by t v and the sum's error bound by |t| (its
         // input's error + (k + 1) u |v|): of use only where v stands well clear of its own error.
         let clear = |v: f64, err: f64, k: usize| {
-            v.abs() > 4.0 * KINK_MARGIN * (err + (k as f64 + 1.0) * UNIT * v.abs())
+            v.abs() > 4.0 * KINK_MARGIN * (err + gamma(k + 1) * v.abs())
         };
         for nn in 0..n {
             for j in 0..d {

@@ -676,9 +676,10 @@ fn a_hidden_unit_at_the_relu_kink_is_moved_off_it() {
 }
 
 /// Values exactly on a kink, built by hand: h = 0 (ReLU) for sample 0 and a = 3 (hard sigmoid)
-/// for sample 1. Afterwards every h and a is at least `KINK_MARGIN` rounding errors from its
-/// kinks, each on its side, and the weights moved by next to nothing. A row whose only input pools to exactly 0
-/// (no bias) cannot be moved: an error, and `input_off_kinks` draws another x.
+/// for sample 1. Afterwards every h and a is at least `KINK_MARGIN` rounding-error bounds from
+/// its kinks, each on its side, and no weight moved by as much as 1e-3 of itself. A row whose
+/// only input pools to exactly 0 (no bias) cannot be moved: an error, and `input_off_kinks`
+/// draws another x.
 #[test]
 fn weights_off_kinks_moves_values_exactly_on_a_kink() {
     let cfg = SeConfig::with_hidden(2, 2)
@@ -718,7 +719,7 @@ fn weights_off_kinks_moves_values_exactly_on_a_kink() {
         .zip(w.w1.iter().chain(&w.w2))
     {
         assert!(
-            (got - was).abs() <= 1e-4 * was.abs(),
+            (got - was).abs() < 1e-3 * was.abs(),
             "a weight moved from {was} to {got}"
         );
     }
