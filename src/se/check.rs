@@ -115,19 +115,9 @@ pub fn expected<T: Element>(
 #[allow(clippy::needless_range_loop)] // indices mirror the reference's loops
 fn forward_magnitudes<T: Element>(w: &SeWeights, x: &Tensor<T>) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let sh = x.shape();
-    let cfg = w.config;
-    let (n, c, d, hw) = (sh.n, sh.c, cfg.hidden, sh.hw());
-    let xd = x.to_f64_vec();
+    let (n, c, d) = (sh.n, sh.c, w.config.hidden);
     let bias = |b: &Option<Vec<f32>>, i: usize| b.as_ref().map_or(0.0, |b| (b[i] as f64).abs());
-    let mut mz = vec![0.0; n * c];
-    for nn in 0..n {
-        for cc in 0..c {
-            let t: f64 = (0..hw)
-                .map(|p| xd[sh.offset(x.layout(), nn, cc, p)].abs())
-                .sum();
-            mz[nn * c + cc] = t / hw as f64;
-        }
-    }
+    let mz = pooled_magnitudes(x);
     let mut mh = vec![0.0; n * d];
     let mut ma = vec![0.0; n * c];
     for nn in 0..n {
@@ -147,6 +137,22 @@ fn forward_magnitudes<T: Element>(w: &SeWeights, x: &Tensor<T>) -> (Vec<f64>, Ve
     (mz, mh, ma)
 }
 
+/// `M_z`: mean |x| per sample and channel, `[n][c]`.
+fn pooled_magnitudes<T: Element>(x: &Tensor<T>) -> Vec<f64> {
+    let sh = x.shape();
+    let xd = x.to_f64_vec();
+    let mut mz = vec![0.0; sh.n * sh.c];
+    for nn in 0..sh.n {
+        for cc in 0..sh.c {
+            let t: f64 = (0..sh.hw())
+                .map(|p| xd[sh.offset(x.layout(), nn, cc, p)].abs())
+                .sum();
+            mz[nn * sh.c + cc] = t / sh.hw() as f64;
+        }
+    }
+    mz
+}
+
 /// f32's unit roundoff.
 const UNIT: f64 = f32::EPSILON as f64 / 2.0;
 
@@ -164,7 +170,7 @@ pub const KINK_MARGIN: f64 = 16.0;
 
 /// The kinks of the excitation's functions: the ReLU's at 0 (h), the hard sigmoid's at -3 and 3
 /// (a). SiLU and the sigmoid are smooth.
-fn kinks(w: &SeWeights) -> (&'static [f64], &'static [f64]) {
+pub(crate) fn kinks(w: &SeWeights) -> (&'static [f64], &'static [f64]) {
     let h: &'static [f64] = match w.config.activation {
         Activation::Relu => &[0.0],
         Activation::Silu => &[],
@@ -194,7 +200,7 @@ fn rounding_bounds<T: Element>(w: &SeWeights, x: &Tensor<T>, saved: &SeSaved) ->
     let sh = x.shape();
     let cfg = w.config;
     let (n, c, d, hw) = (sh.n, sh.c, cfg.hidden, sh.hw());
-    let (mz, _, _) = forward_magnitudes(w, x);
+    let mz = pooled_magnitudes(x);
     let bias = |b: &Option<Vec<f32>>, i: usize| b.as_ref().map_or(0.0, |b| (b[i] as f64).abs());
     let ez: Vec<f64> = mz.iter().map(|m| gamma(hw + 2) * m).collect();
     let mut eh = vec![0.0; n * d];
@@ -271,79 +277,102 @@ pub fn kink_distance<T: Element>(w: &SeWeights, x: &Tensor<T>) -> Result<f64> {
 /// their own rounding error of 0 (pooled means that cancel, as with one channel whose few
 /// pixels sum to almost nothing). Draw another `x` then.
 pub fn weights_off_kinks<T: Element>(mut w: SeWeights, x: &Tensor<T>) -> Result<SeWeights> {
-    let sh = x.shape();
-    let (n, c, d) = (sh.n, sh.c, w.config.hidden);
+    let n = x.shape().n;
     let (hk, ak) = kinks(&w);
-    // The change that puts `v` twice the margin from the kink it is near, if it is near one.
-    let shift = |v: f64, e: f64, ks: &[f64]| {
-        ks.iter()
-            .find(|&&k| (v - k).abs() < KINK_MARGIN * e)
-            .map(|&k| {
-                let side = if v >= k { 1.0 } else { -1.0 };
-                k + side * 2.0 * KINK_MARGIN * e - v
-            })
-    };
-    let stuck = |what: String| {
-        Err(crate::error::Error::Config(format!(
-            "{what} is within its rounding error of a kink and no weight can move it: draw \
-             another input"
-        )))
-    };
     for _ in 0..16 {
-        let mut moved = false;
         let saved = reference::forward(&w, x, None)?.saved;
         let e = rounding_bounds(&w, x, &saved);
-        // Moving a weight by t moves its sum by t v and the sum's error bound by |t| (its
-        // input's error + (k + 1) u |v|): of use only where v stands well clear of its own error.
-        let clear = |v: f64, err: f64, k: usize| {
-            v.abs() > 4.0 * KINK_MARGIN * (err + gamma(k + 1) * v.abs())
+        let hidden = Layer {
+            what: "h of hidden unit",
+            values: &saved.h,
+            bounds: &e.h,
+            inputs: &saved.z,
+            input_bounds: &e.z,
+            kinks: hk,
         };
-        for nn in 0..n {
-            for j in 0..d {
-                let Some(dh) = shift(saved.h[nn * d + j], e.h[nn * d + j], hk) else {
-                    continue;
-                };
-                let (cm, zm) = argmax_abs(&saved.z[nn * c..(nn + 1) * c]);
-                if clear(zm, e.z[nn * c + cm], c) {
-                    w.w1[j * c + cm] += (dh / zm) as f32;
-                } else if let Some(b1) = w.b1.as_mut() {
-                    b1[j] += dh as f32;
-                } else {
-                    return stuck(format!("h of sample {nn}, hidden unit {j}"));
-                }
-                moved = true;
-            }
-        }
-        if moved {
+        if nudge(&hidden, n, &mut w.w1, w.b1.as_deref_mut())? {
             continue; // h changed: u, a and their bounds are stale
         }
-        for nn in 0..n {
-            let u: Vec<f64> = saved.h[nn * d..(nn + 1) * d]
-                .iter()
-                .map(|&h| w.config.activation.apply(h))
-                .collect();
-            for cc in 0..c {
-                let Some(da) = shift(saved.a[nn * c + cc], e.a[nn * c + cc], ak) else {
-                    continue;
-                };
-                let (jm, um) = argmax_abs(&u);
-                if clear(um, e.u[nn * d + jm], d) {
-                    w.w2[cc * d + jm] += (da / um) as f32;
-                } else if let Some(b2) = w.b2.as_mut() {
-                    b2[cc] += da as f32;
-                } else {
-                    return stuck(format!("a of sample {nn}, channel {cc}"));
-                }
-                moved = true;
-            }
-        }
-        if !moved {
+        let u: Vec<f64> = saved
+            .h
+            .iter()
+            .map(|&h| w.config.activation.apply(h))
+            .collect();
+        let gate = Layer {
+            what: "a of channel",
+            values: &saved.a,
+            bounds: &e.a,
+            inputs: &u,
+            input_bounds: &e.u,
+            kinks: ak,
+        };
+        if !nudge(&gate, n, &mut w.w2, w.b2.as_deref_mut())? {
             return Ok(w);
         }
     }
     Err(crate::error::Error::Config(
         "could not move the excitation's values off their kinks in 16 rounds".into(),
     ))
+}
+
+/// One fully connected layer of the excitation, as [`nudge`] sees it: outputs `[n][o]` with
+/// their rounding-error bounds, inputs `[n][k]` with theirs, and the outputs' kinks.
+struct Layer<'a> {
+    what: &'static str,
+    values: &'a [f64],
+    bounds: &'a [f64],
+    inputs: &'a [f64],
+    input_bounds: &'a [f64],
+    kinks: &'a [f64],
+}
+
+/// For every output of `layer` within [`KINK_MARGIN`] bounds of a kink, moves the weight
+/// (`weights`, `[o][k]`) facing the sample's largest input, or else the output's bias, so the
+/// output lands twice the margin from the kink on its side. Whether anything moved; an error
+/// where nothing can.
+fn nudge(
+    layer: &Layer,
+    n: usize,
+    weights: &mut [f32],
+    mut bias: Option<&mut [f32]>,
+) -> Result<bool> {
+    let (o, k) = (layer.values.len() / n, layer.inputs.len() / n);
+    let mut moved = false;
+    for nn in 0..n {
+        let inputs = &layer.inputs[nn * k..(nn + 1) * k];
+        let (im, vm) = argmax_abs(inputs);
+        // Moving a weight by t moves its sum by t v and the sum's error bound by |t| (its
+        // input's error + gamma(k + 1) |v|): of use only where v stands well clear of its own
+        // error.
+        let weight_moves = vm.abs()
+            > 4.0 * KINK_MARGIN * (layer.input_bounds[nn * k + im] + gamma(k + 1) * vm.abs());
+        for j in 0..o {
+            let (v, e) = (layer.values[nn * o + j], layer.bounds[nn * o + j]);
+            let Some(&kink) = layer
+                .kinks
+                .iter()
+                .find(|&&kink| (v - kink).abs() < KINK_MARGIN * e)
+            else {
+                continue;
+            };
+            // The change that puts v twice the margin from the kink, on its side.
+            let side = if v >= kink { 1.0 } else { -1.0 };
+            let dv = kink + side * 2.0 * KINK_MARGIN * e - v;
+            if weight_moves {
+                weights[j * k + im] += (dv / vm) as f32;
+            } else if let Some(b) = bias.as_deref_mut() {
+                b[j] += dv as f32;
+            } else {
+                return Err(crate::error::Error::Config(format!(
+                    "{} {j} of sample {nn} is within its rounding error of a kink and no \
+                     weight can move it: draw another input",
+                    layer.what
+                )));
+            }
+            moved = true;
+        }
+    }
+    Ok(moved)
 }
 
 /// An input from [`input`] and `w` moved off the kinks on it ([`weights_off_kinks`]): the

@@ -134,7 +134,9 @@ pub fn clear_of_kinks(
     x: &Tensor<f64>,
     residual: Option<&Tensor<f64>>,
 ) -> Result<bool> {
-    use super::{Activation, Gate};
+    use super::Gate;
+    let (hk, ak) = super::check::kinks(w);
+    let near = |v: f64, ks: &[f64], step: f64| ks.iter().any(|k| (v - k).abs() <= 4.0 * step);
     let saved = forward(w, x, residual)?.saved;
     let cfg = w.config;
     let sh = x.shape();
@@ -158,10 +160,7 @@ pub fn clear_of_kinks(
         // an x step; a by a W2 / b2 step times u, or by W2 times the move of one u (|act'| <= 1.1).
         let dh = wstep * zmax + w1max * xstep;
         let da = wstep * umax + w2max * 1.1 * dh;
-        if cfg.activation == Activation::Relu && h.iter().any(|v| v.abs() <= 4.0 * dh) {
-            return Ok(false);
-        }
-        if cfg.gate == Gate::HardSigmoid && a.iter().any(|v| (v.abs() - 3.0).abs() <= 4.0 * da) {
+        if h.iter().any(|&v| near(v, hk, dh)) || a.iter().any(|&v| near(v, ak, da)) {
             return Ok(false);
         }
         if let Some(r) = residual {
@@ -172,7 +171,7 @@ pub fn clear_of_kinks(
                     let xv = x.data()[i];
                     let t = s * xv + r.data()[i];
                     let dt = xv.abs() * gate_slope * da + (s.abs() + 1.0) * xstep;
-                    if t.abs() <= 4.0 * dt {
+                    if near(t, &[0.0], dt) {
                         return Ok(false);
                     }
                 }
